@@ -1,0 +1,41 @@
+"""shmarena: a shared-memory allocator service for Python processes on one host.
+
+    client = shmarena.connect()          # the daemon named "default"
+    buf = client.alloc(65536)            # zero-copy Buffer; buf.view, buf.handle
+    other = client.attach(buf.handle)    # the same bytes, from any process
+
+This module is the public API, re-exported; nothing else lives here.
+"""
+
+__version__ = "0.1.0"
+
+from shmarena.client.buffer import Buffer, Handle
+from shmarena.client.client import Client, Owner, Recycled, connect
+from shmarena.errors import (
+    DaemonStartError,
+    DaemonUnavailable,
+    InvalidRequest,
+    OutOfMemory,
+    ProtocolError,
+    ShmArenaError,
+    StaleHandle,
+    UnknownOwner,
+)
+
+__all__ = [
+    "Buffer",
+    "Client",
+    "DaemonStartError",
+    "DaemonUnavailable",
+    "Handle",
+    "InvalidRequest",
+    "OutOfMemory",
+    "Owner",
+    "ProtocolError",
+    "Recycled",
+    "ShmArenaError",
+    "StaleHandle",
+    "UnknownOwner",
+    "__version__",
+    "connect",
+]

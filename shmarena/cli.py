@@ -1,0 +1,440 @@
+"""The `shmarena` command: the daemon, the admin commands and the demo.
+
+Every admin command goes through the client library (one way to do a thing).
+Exit codes: 0 ok, 1 refused by the daemon or check failed, 2 usage,
+3 daemon unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from shmarena import __version__
+from shmarena.client.client import Client
+from shmarena.config import (
+    DEFAULT_LEASE_S,
+    DEFAULT_MIN_BLOCK_BYTES,
+    DEFAULT_SIZE_BYTES,
+    check_arena_size,
+    check_min_block,
+    format_size,
+    parse_size,
+    resolve_name,
+    runtime_dir,
+    socket_path,
+)
+from shmarena.errors import DaemonStartError, DaemonUnavailable, ShmArenaError
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --name and --runtime-dir are accepted before or after the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--name",
+        default=argparse.SUPPRESS,
+        help="daemon name (default: $SHMARENA_NAME, else 'default')",
+    )
+    common.add_argument(
+        "--runtime-dir",
+        default=argparse.SUPPRESS,
+        help="directory of the socket and lock (default: $SHMARENA_RUNTIME_DIR, "
+        "else $XDG_RUNTIME_DIR/shmarena, else /tmp/shmarena-UID)",
+    )
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="seconds to wait for the daemon (default 5)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="shmarena",
+        description="A shared-memory allocator service for Python processes on one host.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"shmarena {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+
+    daemon = add(
+        "daemon",
+        "run the daemon in the foreground (Ctrl-C or SIGTERM stop it cleanly)",
+    )
+    daemon.add_argument(
+        "--size", type=_size_arg, default=DEFAULT_SIZE_BYTES, help="arena size (default 1G)"
+    )
+    daemon.add_argument(
+        "--min-block",
+        type=_size_arg,
+        default=DEFAULT_MIN_BLOCK_BYTES,
+        help="smallest block, a power of two from 64 bytes (default 4K)",
+    )
+    daemon.add_argument(
+        "--lease",
+        type=float,
+        default=DEFAULT_LEASE_S,
+        help="seconds of silence after which a client that cannot be watched by "
+        f"pidfd is reclaimed (default {DEFAULT_LEASE_S:g})",
+    )
+    daemon.add_argument(
+        "--detach",
+        action="store_true",
+        help="start in the background and return once the daemon answers",
+    )
+
+    for command, text in (
+        ("status", "one screen: pid, uptime, size, used, free, largest free, owners, clients"),
+        ("stats", "everything, including free blocks per order (like /proc/buddyinfo)"),
+        ("owners", "per owner: name, scope, session/pid, blocks, bytes, age"),
+        ("clients", "connected sessions: pid, since, blocks, bytes"),
+    ):
+        cmd = add(command, text)
+        cmd.add_argument("--json", action="store_true", help="print JSON for scripts")
+    recycle = add("recycle", "recycle one owner: free every block it holds")
+    recycle.add_argument("owner", help="owner name (see `shmarena owners`)")
+    add("check", "verify the allocator's invariants in the running daemon; exit 1 if broken")
+    add("shutdown", "stop the daemon cleanly")
+
+    demo = add(
+        "demo",
+        "run a small producer/consumer pipeline through the arena and report "
+        "throughput, latency and leaks (starts a temporary daemon if none runs)",
+    )
+    demo.add_argument("--producers", type=int, default=3, help="producer processes (default 3)")
+    demo.add_argument(
+        "--batches", type=int, default=20, help="batches per producer (default 20)"
+    )
+    demo.add_argument(
+        "--frames", type=int, default=8, help="frames per batch (default 8)"
+    )
+    demo.add_argument(
+        "--frame-size", type=_size_arg, default=1 << 20, help="bytes per frame (default 1M)"
+    )
+    demo.add_argument(
+        "--size",
+        type=_size_arg,
+        default=256 << 20,
+        help="arena size of the temporary daemon (default 256M)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.name = getattr(args, "name", None)
+    args.runtime_dir = getattr(args, "runtime_dir", None)
+    args.timeout = getattr(args, "timeout", 5.0)
+    try:
+        args.name = resolve_name(args.name, os.environ)
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.run_dir = args.runtime_dir or runtime_dir(os.environ, os.getuid())
+    handler = COMMANDS[args.command]
+    try:
+        return handler(args)
+    except DaemonUnavailable as exc:
+        print(f"shmarena: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except ShmArenaError as exc:
+        print(f"shmarena: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- daemon -------------------------------------------------------------------
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    try:
+        check_min_block(args.min_block)
+        check_arena_size(args.size, args.min_block)
+    except ValueError as exc:
+        print(f"shmarena daemon: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.detach:
+        return _detach(args)
+    from shmarena.daemon.server import DaemonOptions, run_daemon
+
+    options = DaemonOptions(
+        name=args.name,
+        run_dir=args.run_dir,
+        size_bytes=args.size,
+        min_block_bytes=args.min_block,
+        lease_s=args.lease,
+    )
+    try:
+        run_daemon(options)
+    except DaemonStartError as exc:
+        print(f"shmarena daemon: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def _detach(args: argparse.Namespace) -> int:
+    """Start the daemon as a new session leader and wait until it answers."""
+    command = [
+        sys.executable,
+        "-m",
+        "shmarena",
+        "daemon",
+        "--name",
+        args.name,
+        "--runtime-dir",
+        args.run_dir,
+        "--size",
+        str(args.size),
+        "--min-block",
+        str(args.min_block),
+        "--lease",
+        str(args.lease),
+    ]
+    os.makedirs(args.run_dir, mode=0o700, exist_ok=True)
+    log_path = os.path.join(args.run_dir, f"{args.name}.log")
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + max(args.timeout, 10.0)
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            with open(log_path, errors="replace") as f:
+                tail = f.read()[-2000:]
+            print(f"shmarena daemon failed to start:\n{tail}", file=sys.stderr)
+            return EXIT_REFUSED
+        try:
+            with Client(args.name, runtime_dir=args.run_dir, timeout_s=1.0) as client:
+                client.ping()
+        except DaemonUnavailable:
+            time.sleep(0.05)
+            continue
+        print(f"shmarena daemon {args.name!r} running, pid {process.pid}, log {log_path}")
+        return EXIT_OK
+    print(
+        f"shmarena daemon (pid {process.pid}) did not answer within "
+        f"{max(args.timeout, 10.0):g} s; see {log_path}",
+        file=sys.stderr,
+    )
+    return EXIT_UNREACHABLE
+
+
+# -- admin --------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.name, runtime_dir=args.run_dir, timeout_s=args.timeout, label="cli")
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f} %" if whole else "-"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        stats = client.stats()
+    if args.json:
+        _print_json(stats)
+        return EXIT_OK
+    size = stats["size_bytes"]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("daemon", f"{stats['name']!r}, pid {stats['pid']}, up {_age(stats['uptime_s'])}"),
+        ("arena", f"{format_size(size)} at /dev/shm{stats['shm_name']}"),
+        ("used", f"{format_size(stats['used_bytes'])} ({_pct(stats['used_bytes'], size)})"
+         f" in {stats['live_blocks']} blocks"),
+        ("free", f"{format_size(stats['free_bytes'])} ({_pct(stats['free_bytes'], size)})"),
+        ("largest free", format_size(stats["largest_free_bytes"])),
+        ("owners", str(stats["owners"])),
+        ("clients", str(stats["sessions"])),
+    ]
+    if stats.get("retained_only_blocks"):
+        rows.append(
+            (
+                "held by readers",
+                f"{format_size(stats['retained_only_bytes'])} in "
+                f"{stats['retained_only_blocks']} freed but retained blocks",
+            )
+        )
+    for key, value in rows:
+        table.add_row(key, value)
+    _console().print(table)
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        stats = client.stats()
+    if args.json:
+        _print_json(stats)
+        return EXIT_OK
+    console = _console()
+    table = Table(title=f"arena {stats['name']!r}", show_header=True)
+    table.add_column("stat")
+    table.add_column("value", justify="right")
+    for key in sorted(stats):
+        value = stats[key]
+        if isinstance(value, dict):
+            continue
+        shown = format_size(value) if key.endswith("_bytes") else str(value)
+        table.add_row(key, shown)
+    for key, value in sorted(stats.get("counters", {}).items()):
+        table.add_row(f"counters.{key}", str(value))
+    console.print(table)
+    orders = Table(title="free blocks per order (like /proc/buddyinfo)")
+    orders.add_column("order", justify="right")
+    orders.add_column("block size", justify="right")
+    orders.add_column("free blocks", justify="right")
+    for order, count in sorted(stats["free_blocks_by_order"].items(), key=lambda i: int(i[0])):
+        orders.add_row(order, format_size(stats["min_block_bytes"] << int(order)), str(count))
+    console.print(orders)
+    return EXIT_OK
+
+
+def cmd_owners(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        rows = client.list_owners()
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    table = Table(title=f"owners of {args.name!r}")
+    for column, justify in (
+        ("name", "left"),
+        ("scope", "left"),
+        ("session", "right"),
+        ("pid", "right"),
+        ("blocks", "right"),
+        ("bytes", "right"),
+        ("age", "right"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        pid = str(row["pid"]) + ("" if row.get("alive", True) else " (gone)")
+        table.add_row(
+            row["name"],
+            row["scope"],
+            str(row["session"]),
+            pid,
+            str(row["blocks"]),
+            format_size(row["bytes"]),
+            _age(row["age_s"]),
+        )
+    _console().print(table)
+    return EXIT_OK
+
+
+def cmd_clients(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        rows = [r for r in client.list_clients() if r["session"] != client.session]
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    table = Table(title=f"clients of {args.name!r}")
+    for column in ("session", "pid", "label", "since", "watch", "owners", "blocks", "bytes"):
+        table.add_column(column)
+    for row in rows:
+        since = datetime.fromtimestamp(row["since"]).strftime("%H:%M:%S")
+        table.add_row(
+            str(row["session"]),
+            str(row["pid"]),
+            row["label"],
+            f"{since} ({_age(row['age_s'])})",
+            row["watch"],
+            str(row["owners"]),
+            str(row["blocks"]),
+            format_size(row["bytes"]),
+        )
+    _console().print(table)
+    return EXIT_OK
+
+
+def cmd_recycle(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        result = client.recycle(args.owner)
+    print(f"recycled {args.owner!r}: {result.blocks} blocks, {format_size(result.bytes)}")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        problems = client.check()
+    if problems:
+        for problem in problems:
+            print(f"BROKEN: {problem}")
+        return EXIT_REFUSED
+    print("ok: allocator and ledger invariants hold")
+    return EXIT_OK
+
+
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    client = _client(args)
+    pid = client.info.get("pid")
+    client.shutdown()
+    print(f"shmarena daemon {args.name!r} (pid {pid}) is stopping")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from shmarena.demo import run_demo
+
+    return run_demo(args)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "daemon": cmd_daemon,
+    "status": cmd_status,
+    "stats": cmd_stats,
+    "owners": cmd_owners,
+    "clients": cmd_clients,
+    "recycle": cmd_recycle,
+    "check": cmd_check,
+    "shutdown": cmd_shutdown,
+    "demo": cmd_demo,
+}
+
+__all__ = ["main", "build_parser", "socket_path"]

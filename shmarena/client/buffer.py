@@ -1,0 +1,110 @@
+"""Buffer: a zero-copy view of one block of the arena, plus its Handle.
+
+A Buffer is a slice of the one mapping of the arena this process holds, so
+making one costs no system call. `view` is exactly the requested size. After
+`free()` the Buffer's own view is released, so using it raises instead of
+silently touching memory that may belong to someone else by then (views the
+caller derived from it cannot be revoked: drop them first).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from shmarena.protocol import Handle
+
+if TYPE_CHECKING:
+    from shmarena.client.client import Client
+
+__all__ = ["Buffer", "Handle"]
+
+
+class Buffer:
+    """One block of the arena as a writable memoryview.
+
+    `handle` names it for other processes (`client.attach(handle)`). Free it
+    with `free()` (or `client.free(buf)`, or by recycling its owner); an
+    attached, retained Buffer is let go with `release()`.
+    """
+
+    __slots__ = ("_client", "handle", "_view", "_state")
+
+    # _state: "owned" (allocated here), "attached" (no reference), "retained",
+    # or "done" (freed or released)
+
+    def __init__(self, client: Client, handle: Handle, view: memoryview, state: str) -> None:
+        self._client = client
+        self.handle = handle
+        self._view = view
+        self._state = state
+
+    @property
+    def view(self) -> memoryview:
+        """Writable memoryview of exactly `size` bytes, shared with every
+        process that attaches the same handle."""
+        return self._view
+
+    @property
+    def size(self) -> int:
+        return self.handle.size
+
+    @property
+    def offset(self) -> int:
+        return self.handle.offset
+
+    @property
+    def retained(self) -> bool:
+        return self._state == "retained"
+
+    def ndarray(self, shape: Any = None, dtype: Any = "uint8") -> Any:
+        """A numpy array over the same bytes (no copy). `shape` defaults to as
+        many items of `dtype` as fit. Needs numpy (`pip install shmarena[numpy]`)."""
+        try:
+            import numpy as np
+        except ImportError:
+            raise ImportError(
+                "Buffer.ndarray needs numpy: pip install 'shmarena[numpy]'"
+            ) from None
+        dt = np.dtype(dtype)
+        if shape is None:
+            return np.frombuffer(self._view, dtype=dt, count=self.size // dt.itemsize)
+        shape_t = (shape,) if isinstance(shape, int) else tuple(shape)
+        count = 1
+        for dim in shape_t:
+            count *= dim
+        if count * dt.itemsize > self.size:
+            raise ValueError(
+                f"shape {shape_t} of {dt} needs {count * dt.itemsize} bytes, "
+                f"the buffer has {self.size}"
+            )
+        return np.frombuffer(self._view, dtype=dt, count=count).reshape(shape_t)
+
+    def free(self) -> None:
+        """Give the block back (one request). StaleHandle if it was freed or
+        recycled already."""
+        self._client.free(self)
+
+    def release(self) -> None:
+        """Drop this process's reference on an attached block (see
+        `Client.attach(handle, retain=True)`)."""
+        self._client.release(self)
+
+    def _done(self) -> None:
+        self._state = "done"
+        try:
+            self._view.release()
+        except BufferError:
+            pass  # the caller still holds a view made from ours
+
+    def __enter__(self) -> Buffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._state == "owned":
+            self.free()
+        elif self._state == "retained":
+            self.release()
+
+    def __repr__(self) -> str:
+        h = self.handle
+        return f"<shmarena.Buffer {self._state} offset={h.offset:#x} size={h.size}>"

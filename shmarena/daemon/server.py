@@ -1,0 +1,326 @@
+"""The daemon's I/O loop: ZeroMQ ROUTER, pidfds, signals, timers. Decides nothing.
+
+Every request frame goes to `Service.handle` and its reply goes back to the
+peer that sent it. Around that the server does what the pure service cannot:
+it owns the runtime dir, the lock file, the arena and the socket; it watches
+each client's pid with a pidfd so a dead client's blocks come back at once;
+it runs the lease timer for clients it cannot watch; and it stops cleanly on
+SIGTERM, SIGINT or a shutdown request, removing socket, lock and arena.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import signal
+import stat
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from shmarena import __version__
+from shmarena.config import (
+    DEFAULT_LEASE_S,
+    DEFAULT_MIN_BLOCK_BYTES,
+    DEFAULT_SIZE_BYTES,
+    format_size,
+    lock_path,
+    shm_name,
+    socket_path,
+)
+from shmarena.daemon.service import ArenaInfo, Service
+from shmarena.errors import DaemonStartError
+from shmarena.protocol import MAX_FRAME_BYTES
+from shmarena.shm.arena import Arena, shm_path
+
+# Unix socket paths are limited to 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+@dataclass
+class DaemonOptions:
+    name: str
+    run_dir: str
+    size_bytes: int = DEFAULT_SIZE_BYTES
+    min_block_bytes: int = DEFAULT_MIN_BLOCK_BYTES
+    lease_s: float = DEFAULT_LEASE_S
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat: when the process started, in clock ticks
+    since boot. With the pid it names one process for the life of the host."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def prepare_runtime_dir(run_dir: str) -> None:
+    """Create the runtime dir 0700 if missing; refuse one that others can enter."""
+    try:
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise DaemonStartError(f"cannot create runtime dir {run_dir}: {exc.strerror}") from None
+    st = os.stat(run_dir)
+    if st.st_uid != os.getuid():
+        raise DaemonStartError(
+            f"runtime dir {run_dir} belongs to uid {st.st_uid}, not to this user "
+            f"({os.getuid()}); set SHMARENA_RUNTIME_DIR to a directory of your own"
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(run_dir, 0o700)
+
+
+class Server:
+    def __init__(self, options: DaemonOptions, log: Callable[[str], None] | None = None) -> None:
+        self.options = options
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.socket_path = socket_path(options.run_dir, options.name)
+        self.lock_path = lock_path(options.run_dir, options.name)
+        self.shm_name = shm_name(options.name)
+        self.lock_fd: int | None = None
+        self.arena: Arena | None = None
+        self.context: zmq.Context[Any] | None = None
+        self.router: zmq.Socket[Any] | None = None
+        self.service: Service | None = None
+        self.pidfds: dict[int, int] = {}  # fd -> session id
+        self.session_fds: dict[int, int] = {}  # session id -> fd
+        self.poller = zmq.Poller()
+        self._stop_signal: int | None = None
+        self._wake_r = self._wake_w = -1
+
+    # -- start -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Take the name, create the arena, bind the socket. On failure,
+        everything already made is removed again and DaemonStartError raised."""
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        opts = self.options
+        if len(self.socket_path) > MAX_SOCKET_PATH:
+            raise DaemonStartError(
+                f"socket path {self.socket_path} is {len(self.socket_path)} bytes, over the "
+                f"{MAX_SOCKET_PATH}-byte limit of Unix sockets; use a shorter "
+                "SHMARENA_RUNTIME_DIR or --name"
+            )
+        prepare_runtime_dir(opts.run_dir)
+        self._take_lock()
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+            self.log(f"removed stale socket {self.socket_path}")
+        started_at = time.time()
+        self.arena = Arena.create(self.shm_name, opts.size_bytes)
+        epoch = secrets.randbits(52) | 1
+        info = ArenaInfo(
+            name=opts.name,
+            epoch=epoch,
+            size_bytes=opts.size_bytes,
+            min_block_bytes=opts.min_block_bytes,
+            shm_name=self.shm_name,
+            pid=os.getpid(),
+            started_at=started_at,
+            socket_path=self.socket_path,
+            lease_s=opts.lease_s,
+            version=__version__,
+        )
+        self.service = Service(info, watch=self._watch)
+        self.context = zmq.Context()
+        router = self.context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        router.setsockopt(zmq.SNDHWM, 100_000)
+        router.setsockopt(zmq.RCVHWM, 100_000)
+        old_umask = os.umask(0o177)
+        try:
+            router.bind(f"ipc://{self.socket_path}")
+        finally:
+            os.umask(old_umask)
+        self.router = router
+        self.poller.register(router, zmq.POLLIN)
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DaemonStartError(
+                f"a shmarena daemon named {self.options.name!r} is already running "
+                f"(pid {holder}, lock {self.lock_path}); stop it with "
+                f"`shmarena --name {self.options.name} shutdown` or pick another --name",
+                pid=holder,
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.lock_fd = fd
+
+    # -- liveness ----------------------------------------------------------
+
+    def _watch(self, session_id: int, pid: int, start_ticks: int) -> bool:
+        """Watch a client pid with a pidfd, if it is the process that said hello.
+
+        The pidfd is opened first and the start time checked after, so the
+        pidfd cannot refer to a newer process that reused the pid.
+        """
+        try:
+            fd = os.pidfd_open(pid)
+        except (OSError, AttributeError):
+            return False  # gone already, another pid namespace, or no pidfd support
+        if process_start_ticks(pid) != start_ticks:
+            os.close(fd)
+            return False
+        self.pidfds[fd] = session_id
+        self.session_fds[session_id] = fd
+        self.poller.register(fd, zmq.POLLIN)
+        return True
+
+    def _unwatch(self, session_id: int) -> None:
+        fd = self.session_fds.pop(session_id, None)
+        if fd is not None:
+            self.pidfds.pop(fd, None)
+            self.poller.unregister(fd)
+            os.close(fd)
+
+    # -- loop --------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Serve until SIGTERM/SIGINT or a shutdown request."""
+        assert self.router is not None and self.service is not None
+        self._install_signals()
+        router, service = self.router, self.service
+        recv, send = router.recv, router.send
+        NOBLOCK, SNDMORE, RCVMORE = zmq.NOBLOCK, zmq.SNDMORE, zmq.RCVMORE
+        getsockopt = router.getsockopt
+        tick_ms = int(max(0.1, min(1.0, self.options.lease_s / 4)) * 1000)
+        next_expire = time.monotonic()
+        opts = self.options
+        self.log(
+            f"shmarena daemon {opts.name!r} (pid {os.getpid()}) serving "
+            f"{format_size(opts.size_bytes)} at {shm_path(self.shm_name)}, "
+            f"socket {self.socket_path}"
+        )
+        while self._stop_signal is None and not service.stopping:
+            events = dict(self.poller.poll(tick_ms))
+            if events.get(router):
+                while True:  # drain everything pending per wake-up
+                    try:
+                        peer = recv(NOBLOCK)
+                    except zmq.Again:
+                        break
+                    payload = recv()
+                    extra = 0
+                    while getsockopt(RCVMORE):
+                        recv()
+                        extra += 1
+                    if extra:
+                        payload = b"\xc1"  # never valid msgpack: gets a protocol error
+                    reply = service.handle(peer, payload, time.time())
+                    self._sync_watches()
+                    send(peer, SNDMORE)
+                    send(reply)
+                    if service.stopping:
+                        break
+            for fd in [fd for fd in events if isinstance(fd, int) and fd in self.pidfds]:
+                session_id = self.pidfds[fd]
+                self._unwatch(session_id)
+                freed = service.reclaim(session_id)
+                self.log(
+                    f"client session {session_id} exited: reclaimed {freed.blocks} blocks, "
+                    f"{format_size(freed.bytes)}"
+                )
+            if self._wake_r in events:
+                self._drain_wake()
+            if time.monotonic() >= next_expire:
+                next_expire = time.monotonic() + tick_ms / 1000
+                for session_id in service.expire(time.time()):
+                    self._unwatch(session_id)
+                    self.log(f"client session {session_id} lease expired: reclaimed")
+        why = signal.Signals(self._stop_signal).name if self._stop_signal else "shutdown request"
+        self.log(f"shmarena daemon {opts.name!r} stopping ({why})")
+
+    def _sync_watches(self) -> None:
+        """Close the pidfds of sessions the service ended (bye)."""
+        assert self.service is not None
+        sessions = self.service.ledger.sessions
+        for session_id in [s for s in self.session_fds if s not in sessions]:
+            self._unwatch(session_id)
+
+    def _install_signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w)
+        self.poller.register(self._wake_r, zmq.POLLIN)
+
+        def on_signal(signum: int, frame: object) -> None:
+            self._stop_signal = signum
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- stop --------------------------------------------------------------
+
+    def close(self) -> None:
+        """Remove everything the daemon made: socket, arena, lock. Idempotent."""
+        if self.router is not None:
+            self.router.close(linger=0)
+            self.router = None
+        if self.context is not None:
+            self.context.term()
+            self.context = None
+        for session_id in list(self.session_fds):
+            self._unwatch(session_id)
+        if self.arena is not None:
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+            self.arena.close(unlink=True)
+            self.arena = None
+        if self.lock_fd is not None:
+            try:
+                os.unlink(self.lock_path)
+            except FileNotFoundError:
+                pass
+            os.close(self.lock_fd)
+            self.lock_fd = None
+        if self._wake_w >= 0:
+            signal.set_wakeup_fd(-1)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+
+
+def run_daemon(options: DaemonOptions, ready: Callable[[Server], None] | None = None) -> None:
+    """Start, serve in this very process, stop cleanly."""
+    server = Server(options)
+    server.start()
+    try:
+        if ready is not None:
+            ready(server)
+        server.serve()
+    finally:
+        server.close()

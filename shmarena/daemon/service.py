@@ -1,0 +1,354 @@
+"""The daemon's behaviour: one request frame in, one reply frame out. Pure.
+
+`Service.handle` decodes a frame, checks it against the protocol schema, runs
+it against the ledger and encodes the reply. It is the ONE place where an
+exception becomes an error reply: whatever bytes arrive, it returns a reply
+(or nothing, for frames that are not worth one) and never raises, and a
+refused request leaves the state as it was.
+
+Everything the service needs from the outside world is handed in: the
+current time on each call, and a `watch` callable that the server provides to
+start watching a client's pid (it answers whether it could). The server calls
+`end_session` when a watched process dies and `expire` on a timer for the
+sessions it cannot watch.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from shmarena.errors import InvalidRequest, ProtocolError, ShmArenaError
+from shmarena.protocol import (
+    PROTOCOL_VERSION,
+    REPLY_CACHE_ENTRIES,
+    Handle,
+    Op,
+    Request,
+    decode,
+    encode,
+    error_reply,
+    ok_reply,
+    parse_request,
+)
+from shmarena.daemon.ledger import DETACHED, Block, Freed, Ledger
+from shmarena.shm.buddy import Buddy
+
+# watch(session_id, pid, start_ticks) -> True when the server can tell the
+# moment that process dies (pidfd), False when the session must live on a lease.
+Watch = Callable[[int, int, int], bool]
+
+
+def _no_watch(session_id: int, pid: int, start_ticks: int) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class ArenaInfo:
+    """What the daemon was started with; reported by hello and stats."""
+
+    name: str
+    epoch: int
+    size_bytes: int
+    min_block_bytes: int
+    shm_name: str
+    pid: int
+    started_at: float
+    socket_path: str = ""
+    lease_s: float = 10.0
+    version: str = ""
+
+
+@dataclass
+class _Counters:
+    requests: int = 0
+    errors: int = 0
+    allocs: int = 0
+    frees: int = 0
+    recycles: int = 0
+    sessions_opened: int = 0
+    sessions_reclaimed: int = 0
+    reclaimed_bytes: int = 0
+
+
+class Service:
+    def __init__(self, info: ArenaInfo, watch: Watch = _no_watch) -> None:
+        self.info = info
+        self.ledger = Ledger(info.name, info.epoch, Buddy(info.size_bytes, info.min_block_bytes))
+        self.watch = watch
+        self.peers: dict[bytes, int] = {}  # zmq routing id -> session id
+        self.session_peer: dict[int, bytes] = {}
+        self.replies: dict[int, OrderedDict[int, bytes]] = {}  # session -> rid -> reply
+        self.counters = _Counters()
+        self.stopping = False
+        self._dispatch: dict[Op, Callable[[int, Request, float], list[Any]]] = {
+            Op.BYE: self._bye,
+            Op.PING: self._ping,
+            Op.ALLOC: self._alloc,
+            Op.ALLOC_MANY: self._alloc_many,
+            Op.FREE: self._free,
+            Op.OWNER: self._owner,
+            Op.RECYCLE: self._recycle,
+            Op.RETAIN: self._retain,
+            Op.RELEASE: self._release,
+            Op.STATS: self._stats,
+            Op.OWNERS: self._owners,
+            Op.CLIENTS: self._clients,
+            Op.CHECK: self._check,
+            Op.SHUTDOWN: self._shutdown,
+        }
+
+    # -- the one entry point -----------------------------------------------
+
+    def handle(self, peer: bytes, payload: bytes, now: float) -> bytes:
+        """The reply frame for one request frame. Never raises."""
+        self.counters.requests += 1
+        request_id: Any = None
+        session_id = self.peers.get(peer)
+        try:
+            request = parse_request(decode(payload))
+            request_id = request.request_id
+            if session_id is not None:
+                cache = self.replies[session_id]
+                cached = cache.get(request_id)
+                if cached is not None:
+                    return cached
+                self.ledger.sessions[session_id].last_seen = now
+            if request.op is Op.HELLO:
+                reply = self._hello(peer, request, now)
+                session_id = self.peers[peer]
+            elif session_id is None:
+                raise ProtocolError(
+                    f"{request.op.name.lower()} before hello: every session starts with "
+                    "hello (protocol version, pid, start time)"
+                )
+            else:
+                reply = self._dispatch[request.op](session_id, request, now)
+        except ShmArenaError as error:
+            self.counters.errors += 1
+            reply = error_reply(request_id, error)
+        except Exception as error:  # a bug of ours: report it, keep serving
+            self.counters.errors += 1
+            reply = error_reply(
+                request_id,
+                ShmArenaError(f"internal error in the daemon: {type(error).__name__}: {error}"),
+            )
+        frame = encode(reply)
+        if session_id is not None and request_id is not None and session_id in self.replies:
+            cache = self.replies[session_id]
+            cache[request_id] = frame
+            if len(cache) > REPLY_CACHE_ENTRIES:
+                cache.popitem(last=False)
+        return frame
+
+    # -- sessions ----------------------------------------------------------
+
+    def _hello(self, peer: bytes, request: Request, now: float) -> list[Any]:
+        version, pid, start_ticks, label = request.args
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"client speaks protocol {version}, this daemon speaks {PROTOCOL_VERSION}; "
+                "use a client and daemon from the same shmarena release",
+                client_version=version,
+                daemon_version=PROTOCOL_VERSION,
+            )
+        if pid <= 0:
+            raise InvalidRequest(f"hello: pid must be positive, got {pid}")
+        session_id = self.peers.get(peer)
+        if session_id is None:
+            session = self.ledger.open_session(pid, start_ticks, label[:200], now, False)
+            session_id = session.id
+            self.peers[peer] = session_id
+            self.session_peer[session_id] = peer
+            self.replies[session_id] = OrderedDict()
+            self.counters.sessions_opened += 1
+            session.watched = bool(self.watch(session_id, pid, start_ticks))
+        session = self.ledger.sessions[session_id]
+        info = self.info
+        return ok_reply(
+            request.request_id,
+            {
+                "session": session_id,
+                "name": info.name,
+                "epoch": info.epoch,
+                "size_bytes": info.size_bytes,
+                "min_block_bytes": info.min_block_bytes,
+                "segments": [[info.shm_name, info.size_bytes]],
+                "pid": info.pid,
+                "protocol": PROTOCOL_VERSION,
+                "watched": session.watched,
+                "lease_s": info.lease_s,
+                "version": info.version,
+            },
+        )
+
+    def end_session(self, session_id: int) -> Freed:
+        """The session is over (bye, process died, lease expired): reclaim it."""
+        freed = self.ledger.end_session(session_id)
+        peer = self.session_peer.pop(session_id, None)
+        if peer is not None:
+            self.peers.pop(peer, None)
+        self.replies.pop(session_id, None)
+        return freed
+
+    def expire(self, now: float) -> list[int]:
+        """End the unwatched sessions silent for longer than the lease."""
+        limit = now - self.info.lease_s
+        ended = [
+            s.id for s in self.ledger.sessions.values() if not s.watched and s.last_seen < limit
+        ]
+        for session_id in ended:
+            self.reclaim(session_id)
+        return ended
+
+    def reclaim(self, session_id: int) -> Freed:
+        """End a session whose process is gone, counting what came back."""
+        freed = self.end_session(session_id)
+        self.counters.sessions_reclaimed += 1
+        self.counters.reclaimed_bytes += freed.bytes
+        return freed
+
+    def _bye(self, session_id: int, request: Request, now: float) -> list[Any]:
+        freed = self.end_session(session_id)
+        return ok_reply(request.request_id, [freed.blocks, freed.bytes])
+
+    def _ping(self, session_id: int, request: Request, now: float) -> list[Any]:
+        return ok_reply(request.request_id, now)
+
+    # -- blocks and owners -------------------------------------------------
+
+    def _wire(self, block: Block) -> list[int]:
+        return [self.info.epoch, 0, block.offset, block.size, block.generation]
+
+    def _alloc(self, session_id: int, request: Request, now: float) -> list[Any]:
+        size, owner, detached = request.args
+        block = self.ledger.alloc(session_id, size, owner, detached, now)
+        self.counters.allocs += 1
+        return ok_reply(request.request_id, self._wire(block))
+
+    def _alloc_many(self, session_id: int, request: Request, now: float) -> list[Any]:
+        sizes, owner, detached = request.args
+        blocks = self.ledger.alloc_many(session_id, sizes, owner, detached, now)
+        self.counters.allocs += len(blocks)
+        return ok_reply(request.request_id, [self._wire(b) for b in blocks])
+
+    def _free(self, session_id: int, request: Request, now: float) -> list[Any]:
+        handles: list[Handle] = request.args[0]
+        freed = self.ledger.free(handles)
+        self.counters.frees += freed.blocks
+        return ok_reply(request.request_id, [freed.blocks, freed.bytes])
+
+    def _owner(self, session_id: int, request: Request, now: float) -> list[Any]:
+        name, detached = request.args
+        owner = self.ledger.open_owner(name, session_id, detached, now)
+        return ok_reply(request.request_id, self._owner_row(owner, now))
+
+    def _recycle(self, session_id: int, request: Request, now: float) -> list[Any]:
+        freed = self.ledger.recycle(request.args[0])
+        self.counters.recycles += 1
+        return ok_reply(request.request_id, [freed.blocks, freed.bytes])
+
+    def _retain(self, session_id: int, request: Request, now: float) -> list[Any]:
+        return ok_reply(request.request_id, self.ledger.retain(session_id, request.args[0]))
+
+    def _release(self, session_id: int, request: Request, now: float) -> list[Any]:
+        return ok_reply(request.request_id, self.ledger.release(session_id, request.args[0]))
+
+    def _shutdown(self, session_id: int, request: Request, now: float) -> list[Any]:
+        self.stopping = True
+        return ok_reply(request.request_id, None)
+
+    # -- introspection -----------------------------------------------------
+
+    def stats(self, now: float) -> dict[str, Any]:
+        """Everything about the arena in one snapshot (the keys are documented
+        in README.md, "stats keys")."""
+        ledger, buddy, info = self.ledger, self.ledger.buddy, self.info
+        retained_only = ledger.retained_only()
+        largest = buddy.largest_free_bytes()
+        free = buddy.free_bytes
+        return {
+            "name": info.name,
+            "pid": info.pid,
+            "epoch": info.epoch,
+            "version": info.version,
+            "protocol": PROTOCOL_VERSION,
+            "shm_name": info.shm_name,
+            "socket": info.socket_path,
+            "started_at": info.started_at,
+            "uptime_s": round(now - info.started_at, 3),
+            "size_bytes": info.size_bytes,
+            "used_bytes": ledger.owned_bytes,
+            "requested_bytes": ledger.requested_bytes,
+            "retained_only_bytes": sum(b.carved for b in retained_only),
+            "retained_only_blocks": len(retained_only),
+            "free_bytes": free,
+            "largest_free_bytes": largest,
+            "min_block_bytes": info.min_block_bytes,
+            "live_blocks": len(ledger.blocks) - len(retained_only),
+            "owners": len(ledger.owners),
+            "sessions": len(ledger.sessions),
+            "fragmentation": round(1 - largest / free, 4) if free else 0.0,
+            "free_blocks_by_order": {
+                str(order): count for order, count in buddy.free_blocks_by_order().items()
+            },
+            "generation": ledger.generation,
+            "lease_s": info.lease_s,
+            "counters": dict(vars(self.counters)),
+        }
+
+    def _stats(self, session_id: int, request: Request, now: float) -> list[Any]:
+        return ok_reply(request.request_id, self.stats(now))
+
+    def _owner_row(self, owner: Any, now: float) -> dict[str, Any]:
+        return {
+            "name": owner.name,
+            "scope": owner.scope,
+            "session": owner.session_id,
+            "pid": owner.pid,
+            "alive": owner.session_id in self.ledger.sessions,
+            "blocks": len(owner.blocks),
+            "bytes": owner.bytes,
+            "age_s": round(now - owner.created_at, 3),
+        }
+
+    def _owners(self, session_id: int, request: Request, now: float) -> list[Any]:
+        rows = [self._owner_row(o, now) for o in self.ledger.owners.values()]
+        rows.sort(key=lambda r: (r["scope"] != DETACHED, -r["bytes"], r["name"]))
+        return ok_reply(request.request_id, rows)
+
+    def _clients(self, session_id: int, request: Request, now: float) -> list[Any]:
+        ledger = self.ledger
+        rows = []
+        for session in ledger.sessions.values():
+            owners = [ledger.owners[n] for n in session.owners if n in ledger.owners]
+            rows.append(
+                {
+                    "session": session.id,
+                    "pid": session.pid,
+                    "label": session.label,
+                    "since": session.since,
+                    "age_s": round(now - session.since, 3),
+                    "watch": "pidfd" if session.watched else "lease",
+                    "owners": len(owners),
+                    "blocks": sum(len(o.blocks) for o in owners),
+                    "bytes": sum(o.bytes for o in owners),
+                    "retained": len(session.retained),
+                }
+            )
+        return ok_reply(request.request_id, rows)
+
+    def check(self) -> list[str]:
+        problems = self.ledger.check()
+        for peer, session_id in self.peers.items():
+            if self.session_peer.get(session_id) != peer:
+                problems.append(f"peer map disagrees for session {session_id}")
+        for session_id in self.peers.values():
+            if session_id not in self.ledger.sessions:
+                problems.append(f"peer of ended session {session_id} still mapped")
+        return problems
+
+    def _check(self, session_id: int, request: Request, now: float) -> list[Any]:
+        return ok_reply(request.request_id, self.check())

@@ -1,0 +1,144 @@
+"""Every error shmarena can raise, and the table that carries them over the wire.
+
+Each class is named for who caused the failure: the caller passed something
+wrong (`InvalidRequest`, `StaleHandle`), the arena cannot satisfy a request
+(`OutOfMemory`), the daemon is not there (`DaemonUnavailable`), or the two ends
+do not understand each other (`ProtocolError`). `ShmArenaError` is the base and
+is never raised itself.
+
+The daemon turns an exception into an error reply in exactly one place
+(`daemon/service.py`), the client turns an error reply back into an exception
+in exactly one place (`client/transport.py`); both go through `to_wire` and
+`from_wire` below. This module is pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ShmArenaError(Exception):
+    """Base of every shmarena error. Catch this to catch them all.
+
+    `details` holds the figures behind the message (sizes, names, pids) so a
+    program can act on them without parsing text.
+    """
+
+    code = "error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: dict[str, Any] = details
+
+
+class OutOfMemory(ShmArenaError, MemoryError):
+    """The arena has no free block large enough for the request.
+
+    The message says how much was asked, the largest free block and the free
+    total, and whether the arena is full or merely fragmented. Free buffers,
+    recycle an owner (`shmarena owners` shows who holds what), or start the
+    daemon with a larger `--size`.
+    """
+
+    code = "out_of_memory"
+
+    @property
+    def requested_bytes(self) -> int:
+        return int(self.details.get("requested_bytes", 0))
+
+    @property
+    def largest_free_bytes(self) -> int:
+        return int(self.details.get("largest_free_bytes", 0))
+
+    @property
+    def free_bytes(self) -> int:
+        return int(self.details.get("free_bytes", 0))
+
+
+class StaleHandle(ShmArenaError):
+    """The handle no longer names a live block.
+
+    It was freed already (double free), its owner was recycled, or it comes
+    from another epoch of the arena (the daemon was restarted). The bytes it
+    pointed at may belong to someone else now: stop using the buffer.
+    """
+
+    code = "stale_handle"
+
+
+class InvalidRequest(ShmArenaError):
+    """The request itself is wrong: a bad size, an unknown owner, a name clash.
+
+    Nothing was changed in the daemon. The message says what was asked and
+    what is allowed.
+    """
+
+    code = "invalid_request"
+
+
+class UnknownOwner(InvalidRequest):
+    """The named owner does not exist (never created, or already recycled).
+
+    `shmarena owners` lists the owners that do exist.
+    """
+
+    code = "unknown_owner"
+
+
+class DaemonUnavailable(ShmArenaError):
+    """No daemon answered at the socket path within the timeout.
+
+    Start one with `shmarena daemon --name NAME` (or check `--name`,
+    `SHMARENA_NAME` and `SHMARENA_RUNTIME_DIR`); the message names the socket
+    path that was tried.
+    """
+
+    code = "daemon_unavailable"
+
+
+class ProtocolError(ShmArenaError):
+    """A message could not be understood: malformed bytes, wrong shape, or a
+    protocol version the other end does not speak. Upgrade the side that is
+    older; a client and daemon from the same release always agree."""
+
+    code = "protocol"
+
+
+class DaemonStartError(ShmArenaError):
+    """The daemon could not start: another daemon holds the name, `/dev/shm`
+    is too small, or the runtime directory is unusable. The message says which
+    and what to do; nothing is left behind."""
+
+    code = "daemon_start"
+
+
+_BY_CODE: dict[str, type[ShmArenaError]] = {
+    cls.code: cls
+    for cls in (
+        ShmArenaError,
+        OutOfMemory,
+        StaleHandle,
+        InvalidRequest,
+        UnknownOwner,
+        DaemonUnavailable,
+        ProtocolError,
+        DaemonStartError,
+    )
+}
+
+
+def to_wire(error: ShmArenaError) -> tuple[str, str, dict[str, Any]]:
+    """(code, message, details) of an error, ready to pack."""
+    return error.code, error.message, dict(error.details)
+
+
+def from_wire(code: object, message: object, details: object) -> ShmArenaError:
+    """The exception for an error reply; unknown codes become the base class
+    so an older client still gets the daemon's message."""
+    cls = _BY_CODE.get(code, ShmArenaError) if isinstance(code, str) else ShmArenaError
+    text = message if isinstance(message, str) else repr(message)
+    extra = details if isinstance(details, dict) else {}
+    error = cls(text)
+    error.details = {str(k): v for k, v in extra.items()}
+    return error

@@ -1,0 +1,261 @@
+"""Every message shmarena sends, its shape and its limits, in one place. Pure.
+
+Transport: the daemon binds a ZeroMQ ROUTER at ``ipc://<runtime dir>/<name>.sock``,
+clients connect a DEALER. Each message is ONE frame of msgpack holding a short
+array:
+
+    request:      [op, request_id, arg, ...]
+    ok reply:     [0, request_id, result, ...]
+    error reply:  [1, request_id, code, message, details]
+
+``request_id`` is a per-session counter chosen by the client; a reply carries
+the id of the request it answers. A retried request (same id) is answered from
+a small per-session reply cache and never executed twice.
+
+The first request of a session must be HELLO (protocol version, pid, process
+start time in clock ticks since boot). A version the daemon does not speak gets
+a ``protocol`` error naming both versions.
+
+Requests, in the order of ``Op`` (arguments after the request id):
+
+    HELLO      version:int, pid:int, start_ticks:int, label:str
+               -> info:map  (see Service._hello for the keys)
+    BYE        -> [blocks, bytes] recycled with the session
+    PING       -> now:float               (also serves as heartbeat)
+    ALLOC      size:int, owner:str|nil, detached:bool -> handle
+    ALLOC_MANY sizes:[int], owner:str|nil, detached:bool -> [handle] (all or none)
+    FREE       handles:[handle]           -> [blocks, bytes]  (all or none)
+    OWNER      name:str, detached:bool    -> owner:map
+    RECYCLE    name:str                   -> [blocks, bytes]
+    RETAIN     handles:[handle]           -> count
+    RELEASE    handles:[handle]           -> count
+    STATS      -> map       OWNERS -> [map]     CLIENTS -> [map]
+    CHECK      -> [problem:str]  (empty when healthy)
+    SHUTDOWN   -> nil, then the daemon stops
+
+A handle travels as ``[epoch, segment, offset, size, generation]``.
+
+Evolving the protocol: a new optional argument goes at the end of a request
+and gets a default here, so older clients keep working; a new result goes in a
+map (maps may gain keys freely; readers ignore keys they do not know). Anything
+else (a changed meaning, a removed argument) bumps ``PROTOCOL_VERSION``.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any, NamedTuple
+
+import msgpack
+
+from shmarena.errors import InvalidRequest, ProtocolError, ShmArenaError, to_wire
+
+PROTOCOL_VERSION = 1
+
+# Limits. Frames above MAX_FRAME_BYTES are dropped by ZeroMQ (ZMQ_MAXMSGSIZE)
+# before they reach Python.
+MAX_FRAME_BYTES = 1 << 20
+MAX_BATCH = 4096
+MAX_OWNER_NAME = 200
+MAX_LABEL = 200
+MAX_SIZE_BYTES = 1 << 62
+REPLY_CACHE_ENTRIES = 256
+
+OK = 0
+ERR = 1
+
+
+class Op(IntEnum):
+    HELLO = 1
+    BYE = 2
+    PING = 3
+    ALLOC = 10
+    ALLOC_MANY = 11
+    FREE = 12
+    OWNER = 13
+    RECYCLE = 14
+    RETAIN = 15
+    RELEASE = 16
+    STATS = 20
+    OWNERS = 21
+    CLIENTS = 22
+    CHECK = 23
+    SHUTDOWN = 24
+
+
+class Handle(NamedTuple):
+    """Names one block of one arena: small, hashable, picklable, and useless
+    in another epoch. Pass it to any process of the same host; that process
+    calls ``client.attach(handle)`` to see the same bytes."""
+
+    epoch: int
+    segment: int
+    offset: int
+    size: int
+    generation: int
+
+
+# Argument kinds, checked by `parse_request`.
+INT = "int"
+STR = "str"
+OPT_STR = "str or nil"
+BOOL = "bool"
+INTS = "list of int"
+HANDLES = "list of handles"
+
+# op -> ((argument name, kind, default or REQUIRED), ...). A trailing argument
+# with a default may be omitted by older clients.
+REQUIRED = object()
+SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
+    Op.HELLO: (
+        ("version", INT, REQUIRED),
+        ("pid", INT, REQUIRED),
+        ("start_ticks", INT, REQUIRED),
+        ("label", STR, ""),
+    ),
+    Op.BYE: (),
+    Op.PING: (),
+    Op.ALLOC: (("size", INT, REQUIRED), ("owner", OPT_STR, None), ("detached", BOOL, False)),
+    Op.ALLOC_MANY: (
+        ("sizes", INTS, REQUIRED),
+        ("owner", OPT_STR, None),
+        ("detached", BOOL, False),
+    ),
+    Op.FREE: (("handles", HANDLES, REQUIRED),),
+    Op.OWNER: (("name", STR, REQUIRED), ("detached", BOOL, False)),
+    Op.RECYCLE: (("name", STR, REQUIRED),),
+    Op.RETAIN: (("handles", HANDLES, REQUIRED),),
+    Op.RELEASE: (("handles", HANDLES, REQUIRED),),
+    Op.STATS: (),
+    Op.OWNERS: (),
+    Op.CLIENTS: (),
+    Op.CHECK: (),
+    Op.SHUTDOWN: (),
+}
+
+
+class Request(NamedTuple):
+    op: Op
+    request_id: int
+    args: tuple[Any, ...]
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int
+
+
+def _check_arg(op: Op, name: str, kind: str, value: Any) -> Any:
+    ok: bool
+    if kind == INT:
+        ok = _is_int(value)
+    elif kind == STR:
+        ok = isinstance(value, str)
+    elif kind == OPT_STR:
+        ok = value is None or isinstance(value, str)
+    elif kind == BOOL:
+        ok = isinstance(value, bool)
+    elif kind == INTS:
+        ok = isinstance(value, list) and len(value) <= MAX_BATCH and all(map(_is_int, value))
+        if ok:
+            return value
+    elif kind == HANDLES:
+        ok = isinstance(value, list) and len(value) <= MAX_BATCH
+        if ok:
+            return [parse_handle(op, item) for item in value]
+    else:  # pragma: no cover - a schema typo
+        raise AssertionError(kind)
+    if not ok:
+        shown = type(value).__name__
+        if kind in (INTS, HANDLES) and isinstance(value, list) and len(value) > MAX_BATCH:
+            shown = f"a list of {len(value)} items (at most {MAX_BATCH} per request)"
+        raise InvalidRequest(
+            f"{op.name.lower()}: argument {name!r} must be {kind}, got {shown}",
+            op=op.name.lower(),
+            argument=name,
+        )
+    return value
+
+
+def parse_handle(op: Op, value: Any) -> Handle:
+    """A Handle from its wire form, or InvalidRequest naming what was wrong."""
+    if isinstance(value, list) and len(value) == 5 and all(map(_is_int, value)):
+        return Handle(*value)
+    raise InvalidRequest(
+        f"{op.name.lower()}: a handle is [epoch, segment, offset, size, generation] "
+        f"as five integers, got {value!r:.80}",
+        op=op.name.lower(),
+    )
+
+
+def parse_request(message: Any) -> Request:
+    """Check a decoded message against SCHEMAS.
+
+    Raises ProtocolError when it is not a request at all (no id to answer)
+    and InvalidRequest when the op or its arguments are wrong.
+    """
+    if not isinstance(message, list) or len(message) < 2:
+        raise ProtocolError(
+            "a request is an array [op, request_id, args...]; "
+            f"got {type(message).__name__} {message!r:.60}"
+        )
+    op_code, request_id = message[0], message[1]
+    if not _is_int(request_id):
+        raise ProtocolError(f"request id must be an integer, got {request_id!r:.40}")
+    if not _is_int(op_code) or op_code not in Op._value2member_map_:
+        raise InvalidRequest(f"unknown op {op_code!r:.40}", op=repr(op_code)[:40])
+    op = Op(op_code)
+    schema = SCHEMAS[op]
+    given = message[2:]
+    if len(given) > len(schema):
+        raise InvalidRequest(
+            f"{op.name.lower()} takes at most {len(schema)} arguments, got {len(given)}",
+            op=op.name.lower(),
+        )
+    args = []
+    for index, (name, kind, default) in enumerate(schema):
+        if index < len(given):
+            args.append(_check_arg(op, name, kind, given[index]))
+        elif default is REQUIRED:
+            raise InvalidRequest(
+                f"{op.name.lower()}: missing argument {name!r}", op=op.name.lower()
+            )
+        else:
+            args.append(default)
+    return Request(op, request_id, tuple(args))
+
+
+def decode(payload: bytes) -> Any:
+    """One frame to a Python value, or ProtocolError. Never executes anything:
+    msgpack has no code objects, and extension types are refused."""
+    try:
+        return msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=False,
+            ext_hook=_refuse_ext,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises many kinds; all mean "not a message"
+        raise ProtocolError(f"undecodable frame ({type(exc).__name__}: {exc})"[:200]) from None
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack extension type {code} is not part of the protocol")
+
+
+def encode(message: Any) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def ok_reply(request_id: int, *result: Any) -> list[Any]:
+    return [OK, request_id, *result]
+
+
+def error_reply(request_id: int, error: ShmArenaError) -> list[Any]:
+    code, message, details = to_wire(error)
+    return [ERR, request_id, code, message, details]
+
+
+def handle_to_wire(handle: Handle) -> list[int]:
+    return list(handle)

@@ -1,0 +1,132 @@
+"""The admin commands, run as a user would, against a real daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import Daemon, subprocess_env, unique_name, wait_for
+
+REQUIRED_STATS = {
+    "name", "pid", "epoch", "size_bytes", "used_bytes", "free_bytes", "largest_free_bytes",
+    "min_block_bytes", "live_blocks", "owners", "sessions", "free_blocks_by_order",
+}
+
+
+def test_stats_json_has_the_documented_keys(daemon: Daemon) -> None:
+    client = daemon.client()
+    client.alloc(5 * 4096)
+    stats = json.loads(daemon.cli("stats", "--json", check=True).stdout)
+    assert REQUIRED_STATS <= set(stats)
+    assert stats["used_bytes"] == 5 * 4096
+    assert stats["live_blocks"] == 1
+    assert stats["name"] == daemon.name
+    assert stats == {**client.stats(), "uptime_s": stats["uptime_s"], "counters": stats["counters"],
+                     "sessions": stats["sessions"]}
+    by_order = stats["free_blocks_by_order"]
+    # 64 MiB minus 5 pages leaves free buddies of 1, 2, 8, ... pages
+    assert by_order["0"] == 1 and by_order["1"] == 1 and by_order["2"] == 0
+
+
+def test_human_output_reads_sizes(daemon: Daemon) -> None:
+    daemon.client().alloc(3 << 20)
+    status = daemon.cli("status", check=True).stdout
+    assert "64 MiB" in status and "3 MiB" in status and str(daemon.proc.pid) in status
+    stats = daemon.cli("stats", check=True).stdout
+    assert "buddyinfo" in stats and "largest_free_bytes" in stats
+
+
+def test_name_before_or_after_the_command(daemon: Daemon) -> None:
+    env = dict(daemon.env)
+    del env["SHMARENA_NAME"]
+    for args in (["--name", daemon.name, "check"], ["check", "--name", daemon.name]):
+        result = subprocess.run(
+            [sys.executable, "-m", "shmarena", *args], env=env, capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("ok")
+
+
+def test_clients_lists_sessions(daemon: Daemon) -> None:
+    client = daemon.client(label="worker-1")
+    client.alloc(8192)
+    rows = json.loads(daemon.cli("clients", "--json", check=True).stdout)
+    (row,) = [r for r in rows if r["session"] == client.session]
+    assert row["pid"] == os.getpid() and row["blocks"] == 1 and row["bytes"] == 8192
+    assert {"session", "pid", "since", "blocks", "bytes"} <= set(row)
+
+
+def test_recycle_unknown_owner_exits_1_naming_it(daemon: Daemon) -> None:
+    result = daemon.cli("recycle", "no-such-owner")
+    assert result.returncode == 1
+    assert "no-such-owner" in result.stderr
+
+
+def test_unreachable_daemon_exits_3_naming_the_socket(run_dir: str) -> None:
+    name = unique_name()
+    result = subprocess.run(
+        [sys.executable, "-m", "shmarena", "status"],
+        env=subprocess_env(run_dir, name),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 3
+    assert os.path.join(run_dir, f"{name}.sock") in result.stderr
+
+
+def test_usage_error_exits_2(daemon: Daemon) -> None:
+    assert daemon.cli("frobnicate").returncode == 2
+    assert daemon.cli("daemon", "--size", "lots").returncode == 2
+
+
+def test_shutdown_stops_the_daemon_and_cleans_up(daemon: Daemon) -> None:
+    result = daemon.cli("shutdown", check=True)
+    assert str(daemon.proc.pid) in result.stdout
+    assert daemon.proc.wait(timeout=10) == 0
+    daemon.assert_clean()
+
+
+def test_sigterm_stops_cleanly(daemon: Daemon) -> None:
+    daemon.client().alloc(4096)
+    daemon.proc.terminate()
+    assert daemon.proc.wait(timeout=10) == 0
+    daemon.assert_clean()
+
+
+def test_second_daemon_refuses_and_names_the_pid(daemon: Daemon) -> None:
+    result = daemon.cli("daemon", "--size", "16M")
+    assert result.returncode == 1
+    assert f"pid {daemon.proc.pid}" in result.stderr and "already running" in result.stderr
+    assert daemon.client().ping()
+
+
+def test_detach_returns_once_the_daemon_answers(run_dir: str) -> None:
+    name = unique_name()
+    env = subprocess_env(run_dir, name)
+    result = subprocess.run(
+        [sys.executable, "-m", "shmarena", "daemon", "--size", "8M", "--detach"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    try:
+        check = subprocess.run(
+            [sys.executable, "-m", "shmarena", "check"], env=env, capture_output=True, text=True
+        )
+        assert check.returncode == 0
+    finally:
+        subprocess.run([sys.executable, "-m", "shmarena", "shutdown"], env=env, timeout=30)
+    wait_for(lambda: not os.path.exists(f"/dev/shm/shmarena-{name}"), what="arena removed")
+    assert not os.path.exists(os.path.join(run_dir, f"{name}.sock"))
+
+
+def test_stale_socket_and_arena_are_cleaned_at_start(make_daemon, run_dir: str) -> None:
+    name = unique_name()
+    first = make_daemon(name=name)
+    first.proc.kill()  # leaves socket, lock file and arena behind
+    first.proc.wait()
+    assert os.path.exists(first.socket_path) and os.path.exists(first.shm_path)
+    second = make_daemon(name=name)
+    assert "removed stale socket" in second.stop()
+    second.assert_clean()

@@ -1,0 +1,292 @@
+"""A real daemon, real shared memory, real ZeroMQ, real client processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import time
+
+import pytest
+
+import shmarena
+from tests.conftest import Daemon, wait_for
+
+# A child process that attaches a handle read from stdin, checks what A wrote,
+# writes its own answer into the same bytes, and says so.
+READER = r"""
+import pickle, sys
+import shmarena
+handle = pickle.loads(bytes.fromhex(sys.stdin.readline()))
+client = shmarena.connect()
+buf = client.attach(handle)
+assert bytes(buf.view[:11]) == b"from-A-1234", bytes(buf.view[:11])
+buf.view[:11] = b"from-B-5678"
+print("written", flush=True)
+sys.stdin.readline()
+client.close()
+"""
+
+
+def test_two_processes_see_the_same_bytes(daemon: Daemon, client: shmarena.Client) -> None:
+    buf = client.alloc(1 << 20)
+    buf.view[:11] = b"from-A-1234"
+    reader = daemon.python(READER, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert reader.stdin and reader.stdout
+    reader.stdin.write(pickle.dumps(buf.handle).hex() + "\n")
+    reader.stdin.flush()
+    assert reader.stdout.readline().strip() == "written"
+    assert bytes(buf.view[:11]) == b"from-B-5678"
+    reader.stdin.write("\n")
+    reader.stdin.close()
+    assert reader.wait(timeout=30) == 0
+    buf.free()
+
+
+def test_numpy_view_shares_bytes(client: shmarena.Client) -> None:
+    np = pytest.importorskip("numpy")
+    buf = client.alloc(4096 * 8)
+    array = buf.ndarray((64, 64), np.float64)
+    array[:] = 2.5
+    again = client.attach(buf.handle).ndarray((64, 64), "float64")
+    assert float(again.sum()) == 2.5 * 64 * 64
+    del array, again
+    buf.free()
+
+
+def test_exact_fit_five_pages_use_five_pages(client: shmarena.Client) -> None:
+    before = client.stats()["used_bytes"]
+    buf = client.alloc(5 * 4096)
+    assert client.stats()["used_bytes"] - before == 5 * 4096
+    buf.free()
+    stats = client.stats()
+    assert stats["used_bytes"] == before
+    assert stats["free_bytes"] == stats["largest_free_bytes"] == stats["size_bytes"]
+
+
+def test_recycle_frees_exactly_that_owner(client: shmarena.Client) -> None:
+    with client.owner("batch-a") as a:
+        a_bufs = a.alloc_many([4096, 8192, 12288])
+        b = client.owner("batch-b")
+        b_buf = b.alloc(65536)
+        b_buf.view[:4] = b"keep"
+        assert client.recycle("batch-a") == shmarena.Recycled(3, 24576)
+    owners = {o["name"]: o for o in client.list_owners()}
+    assert "batch-a" not in owners
+    assert owners["batch-b"]["blocks"] == 1 and owners["batch-b"]["bytes"] == 65536
+    assert bytes(b_buf.view[:4]) == b"keep"
+    with pytest.raises(shmarena.StaleHandle):
+        a_bufs[0].free()
+    with pytest.raises(shmarena.UnknownOwner, match="batch-a"):
+        client.recycle("batch-a")
+    b.recycle()
+    assert client.stats()["used_bytes"] == 0
+
+
+def test_owner_context_recycles_on_exit(client: shmarena.Client) -> None:
+    with client.owner("frames") as frames:
+        frames.alloc_many([65536] * 4)
+        assert client.stats()["used_bytes"] == 4 * 65536
+    assert client.stats()["used_bytes"] == 0
+    assert all(o["name"] != "frames" for o in client.list_owners())
+
+
+def test_detached_owner_survives_its_creator(daemon: Daemon, client: shmarena.Client) -> None:
+    code = (
+        "import shmarena\n"
+        "c = shmarena.connect()\n"
+        "c.owner('kept', detached=True).alloc_many([4096] * 3)\n"
+        "c.alloc(4096)\n"  # session scope: goes with the process
+        "c.close()\n"
+    )
+    assert daemon.python(code).wait(timeout=30) == 0
+    result = daemon.cli("owners", "--json", check=True)
+    rows = json.loads(result.stdout)
+    assert [(r["name"], r["scope"], r["blocks"], r["bytes"]) for r in rows] == [
+        ("kept", "detached", 3, 3 * 4096)
+    ]
+    assert {"name", "scope", "pid", "blocks", "bytes", "age_s"} <= set(rows[0])
+    table = daemon.cli("owners", check=True).stdout
+    assert "kept" in table and "detached" in table
+    assert daemon.cli("recycle", "kept", check=True).stdout.startswith("recycled 'kept': 3 blocks")
+    assert client.stats()["used_bytes"] == 0
+
+
+RETAINER = r"""
+import pickle, sys
+import shmarena
+handle = pickle.loads(bytes.fromhex(sys.stdin.readline()))
+client = shmarena.connect()
+buf = client.attach(handle, retain=True)
+print("retained", flush=True)
+if sys.stdin.readline().strip() == "release":
+    assert bytes(buf.view[:6]) == b"frame0"
+    buf.release()
+    print("released", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("reader_ends_by", ["release", "sigkill"])
+def test_retained_block_survives_owner_recycle(
+    daemon: Daemon, client: shmarena.Client, reader_ends_by: str
+) -> None:
+    batch = client.owner("batch-r")
+    buf = batch.alloc(4096)
+    buf.view[:6] = b"frame0"
+    reader = daemon.python(RETAINER, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert reader.stdin and reader.stdout
+    reader.stdin.write(pickle.dumps(buf.handle).hex() + "\n")
+    reader.stdin.flush()
+    assert reader.stdout.readline().strip() == "retained"
+
+    assert batch.recycle() == shmarena.Recycled(1, 4096)
+    stats = client.stats()
+    assert stats["used_bytes"] == 0
+    assert stats["retained_only_bytes"] == 4096
+    assert stats["free_bytes"] == stats["size_bytes"] - 4096
+    # Nobody else can be handed those bytes while the reader holds them.
+    others = client.alloc_many([4096] * 8)
+    assert all(o.offset != buf.offset for o in others)
+    client.free(others)
+
+    if reader_ends_by == "release":
+        reader.stdin.write("release\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline().strip() == "released"
+    else:
+        reader.send_signal(signal.SIGKILL)
+    wait_for(
+        lambda: client.stats()["free_bytes"] == client.stats()["size_bytes"],
+        what="retained block to return",
+    )
+    reader.stdin.close()
+    reader.wait(timeout=30)
+    assert client.check() == []
+
+
+HOLDER = r"""
+import shmarena, sys
+client = shmarena.connect()
+client.alloc_many([65536] * 16)
+client.owner("held").alloc_many([1 << 20] * 4)
+client.owner("survives", detached=True).alloc(4096)
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_sigkilled_client_blocks_come_back(daemon: Daemon, client: shmarena.Client) -> None:
+    holder = daemon.python(HOLDER, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout
+    assert holder.stdout.readline().strip() == "holding"
+    held = 16 * 65536 + 4 * (1 << 20)
+    assert client.stats()["used_bytes"] == held + 4096
+    killed_at = time.monotonic()
+    holder.send_signal(signal.SIGKILL)
+    wait_for(lambda: client.stats()["used_bytes"] == 4096, what="session bytes to return")
+    reclaim_s = time.monotonic() - killed_at
+    print(f"\nreclaimed {held} bytes {reclaim_s * 1000:.1f} ms after SIGKILL")
+    holder.wait(timeout=10)
+    assert holder.stdin
+    holder.stdin.close()
+    owners = [o["name"] for o in client.list_owners()]
+    assert owners == ["survives"]
+    assert client.stats()["counters"]["sessions_reclaimed"] >= 1
+    client.recycle("survives")
+    assert client.check() == []
+
+
+def test_double_free_and_stale_handles(client: shmarena.Client) -> None:
+    buf = client.alloc(4096)
+    handle = buf.handle
+    buf.free()
+    with pytest.raises(shmarena.StaleHandle, match="double free"):
+        client.free(handle)
+    with pytest.raises(shmarena.StaleHandle, match="epoch"):
+        client.attach(handle._replace(epoch=handle.epoch + 1))
+    with pytest.raises(shmarena.StaleHandle):
+        client.free(handle._replace(epoch=handle.epoch + 1))
+    with pytest.raises(ValueError):
+        buf.view[0]  # the Buffer's own view is released on free
+    assert client.check() == []
+
+
+def test_out_of_memory_is_a_memory_error_with_figures(client: shmarena.Client) -> None:
+    size = client.stats()["size_bytes"]
+    with pytest.raises(MemoryError) as info:
+        client.alloc(size + 1)
+    error = info.value
+    assert isinstance(error, shmarena.OutOfMemory)
+    assert error.requested_bytes == size + 1
+    assert error.largest_free_bytes == size == error.free_bytes
+    assert "largest free block 64 MiB" in str(error)
+
+
+@pytest.mark.parametrize("size", [0, -1, 2.5, "4096", True])
+def test_bad_sizes_are_invalid_requests(client: shmarena.Client, size: object) -> None:
+    with pytest.raises(shmarena.InvalidRequest):
+        client.alloc(size)  # type: ignore[arg-type]
+
+
+def test_huge_size_is_out_of_memory(client: shmarena.Client) -> None:
+    with pytest.raises(shmarena.OutOfMemory):
+        client.alloc(2**62)
+
+
+def test_session_owner_is_private_to_its_session(
+    daemon: Daemon, client: shmarena.Client
+) -> None:
+    client.owner("mine")
+    other = daemon.client()
+    with pytest.raises(shmarena.InvalidRequest, match="belongs to session"):
+        other.owner("mine")
+
+
+def test_fork_child_gets_its_own_session(client: shmarena.Client) -> None:
+    buf = client.alloc(4096)
+    buf.view[:2] = b"pa"
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: must not touch the parent's socket
+        code = 1
+        try:
+            child_buf = client.alloc(4096)
+            child_buf.view[:2] = bytes(buf.view[:2])
+            ok = client.session != 0 and bytes(child_buf.view[:2]) == b"pa"
+            os.write(write, f"{client.session} {int(ok)}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    child_session, ok = os.read(read, 100).decode().split()
+    os.close(read)
+    assert os.waitstatus_to_exitcode(status) == 0 and ok == "1"
+    assert int(child_session) != client.session
+    # The parent's client still works, and the child's block went with it.
+    wait_for(lambda: client.stats()["used_bytes"] == 4096, what="child's block to return")
+    buf.free()
+
+
+def test_threads_share_one_client(client: shmarena.Client) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(200):
+                client.alloc(4096).free()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert client.stats()["used_bytes"] == 0
