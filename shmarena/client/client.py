@@ -273,7 +273,7 @@ class Client:
         handles = [_handle_of(item) for item in items]
         if not handles:
             return Recycled(0, 0)
-        blocks, freed = self._request(Op.FREE, [list(h) for h in handles])
+        ((blocks, freed),) = self._request(Op.FREE, [list(h) for h in handles])
         for item in items:
             if isinstance(item, Buffer):
                 item._done()
@@ -333,7 +333,7 @@ class Client:
 
         UnknownOwner if there is no owner of that name.
         """
-        blocks, freed = self._request(Op.RECYCLE, name)
+        ((blocks, freed),) = self._request(Op.RECYCLE, name)
         return Recycled(blocks, freed)
 
     # -- introspection -----------------------------------------------------

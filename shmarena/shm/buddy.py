@@ -1,0 +1,237 @@
+"""A buddy allocator over integer offsets. Pure: no I/O, no owners, no sessions.
+
+Theory of operation
+===================
+The arena is cut into blocks of ``min_block << k`` bytes, k being the block's
+*order* (0 = the minimum block). A block of order k at offset B is named by
+its *number* n = B >> (k + min_shift). Its buddy, the other half of the block
+of order k + 1 it was split from, is found by flipping the lowest bit of n,
+and the parent is n >> 1:
+
+    min_block 4 KiB (min_shift 12), block at 0x6000, order 0: n = 6
+    buddy   n ^ 1 = 7  -> offset 7 << 12 = 0x7000
+    parent  n >> 1 = 3 of order 1 -> offset 3 << 13 = 0x6000
+
+Free blocks are kept as one set of numbers per order. Allocating an order
+pops a block from the first non-empty set at or above it and splits it down,
+keeping the left half each time and freeing the right one. Freeing looks the
+buddy up in its order's set; while it is free too, the two merge and the
+search moves up one order (eager coalescing).
+
+Exact fit
+---------
+A request is rounded up to a whole number of minimum blocks, c. When c is
+not a power of two the allocator takes the smallest block of 2**k >= c
+minimum blocks, keeps its head of c blocks and gives the tail back as free
+buddies, as Linux's ``alloc_pages_exact`` does: at most one minimum block is
+wasted per allocation, not up to half. The head is the binary decomposition
+of c laid out largest first (c = 5 -> a piece of 4 blocks then a piece of 1),
+each piece naturally aligned, so `free` finds the pieces again from the
+offset and c alone and coalescing stays complete.
+
+Arena sizes need not be powers of two: the initial free blocks are the binary
+decomposition of the arena, largest first, and a block never merges with a
+buddy that would reach past the arena's end (that buddy is never free).
+
+`check()` verifies, from scratch: blocks aligned and inside the arena, no
+overlaps between any two blocks, free + used == size, the byte counter right,
+and no two free buddies left unmerged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+
+class Buddy:
+    def __init__(self, size_bytes: int, min_block_bytes: int = 4096) -> None:
+        if (
+            type(min_block_bytes) is not int
+            or min_block_bytes < 64
+            or min_block_bytes & (min_block_bytes - 1)
+        ):
+            raise ValueError(
+                f"min block must be a power of two of at least 64 bytes, got {min_block_bytes!r}"
+            )
+        if type(size_bytes) is not int or size_bytes <= 0 or size_bytes % min_block_bytes:
+            raise ValueError(
+                f"arena size must be a positive multiple of the min block ({min_block_bytes}), "
+                f"got {size_bytes!r}"
+            )
+        self.size_bytes = size_bytes
+        self.min_block_bytes = min_block_bytes
+        self.min_shift = min_block_bytes.bit_length() - 1
+        units = size_bytes >> self.min_shift
+        self.max_order = units.bit_length() - 1
+        self.free_sets: list[set[int]] = [set() for _ in range(self.max_order + 1)]
+        self.used_bytes = 0
+        # offset -> carved size in minimum blocks
+        self.live: dict[int, int] = {}
+        start = 0
+        for order in range(self.max_order, -1, -1):
+            if units >> order & 1:
+                self.free_sets[order].add(start >> order)
+                start += 1 << order
+
+    # -- sizes ---------------------------------------------------------------
+
+    @property
+    def free_bytes(self) -> int:
+        return self.size_bytes - self.used_bytes
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def carved_bytes(self, size_bytes: int) -> int:
+        """The request rounded up to a whole number of minimum blocks."""
+        mask = self.min_block_bytes - 1
+        return (size_bytes + mask) & ~mask
+
+    # -- alloc / free ----------------------------------------------------------
+
+    def alloc(self, size_bytes: int) -> int | None:
+        """Offset of a new allocation of at least `size_bytes` (exact fit), or
+        None when no free block is large enough."""
+        if type(size_bytes) is not int or size_bytes <= 0:
+            raise ValueError(f"allocation size must be a positive int, got {size_bytes!r}")
+        shift = self.min_shift
+        units = (size_bytes + (1 << shift) - 1) >> shift
+        order = (units - 1).bit_length()
+        free_sets = self.free_sets
+        found = order
+        top = self.max_order
+        while found <= top and not free_sets[found]:
+            found += 1
+        if found > top:
+            return None
+        n = free_sets[found].pop()
+        while found > order:  # split down, keeping the left half
+            found -= 1
+            n <<= 1
+            free_sets[found].add(n | 1)
+        # n is now a block of `order` units-number; offset in minimum blocks:
+        start = n << order
+        spare = (1 << order) - units
+        if spare:
+            # Keep the head of `units` blocks; free the tail [start+units, start+2**order)
+            # as naturally aligned pieces, smallest at the end: walk down from order-1.
+            position = start + units
+            end = start + (1 << order)
+            while position < end:
+                piece = (position & -position).bit_length() - 1  # alignment of position
+                while position + (1 << piece) > end:
+                    piece -= 1
+                free_sets[piece].add(position >> piece)
+                position += 1 << piece
+        offset = start << shift
+        self.live[offset] = units
+        self.used_bytes += units << shift
+        return offset
+
+    def free(self, offset: int) -> int:
+        """Free the allocation that starts at `offset`; returns its carved bytes.
+
+        ValueError (and no change) when no allocation starts there.
+        """
+        units = self.live.pop(offset, None)
+        if units is None:
+            raise ValueError(f"no allocation starts at offset {offset!r}")
+        shift = self.min_shift
+        position = offset >> shift
+        free_sets = self.free_sets
+        top = self.max_order
+        # The head pieces: binary decomposition of units, largest first.
+        remaining = units
+        while remaining:
+            order = remaining.bit_length() - 1
+            remaining ^= 1 << order
+            n = position >> order
+            position += 1 << order
+            while order < top:
+                buddies = free_sets[order]
+                if n ^ 1 in buddies:
+                    buddies.remove(n ^ 1)
+                    n >>= 1
+                    order += 1
+                else:
+                    break
+            free_sets[order].add(n)
+        self.used_bytes -= units << shift
+        return units << shift
+
+    # -- reading ---------------------------------------------------------------
+
+    def allocation_bytes(self, offset: int) -> int | None:
+        units = self.live.get(offset)
+        return None if units is None else units << self.min_shift
+
+    def allocations(self) -> Iterator[tuple[int, int]]:
+        shift = self.min_shift
+        for offset, units in self.live.items():
+            yield offset, units << shift
+
+    def largest_free_bytes(self) -> int:
+        for order in range(self.max_order, -1, -1):
+            if self.free_sets[order]:
+                return self.min_block_bytes << order
+        return 0
+
+    def free_blocks_by_order(self) -> dict[int, int]:
+        return {order: len(blocks) for order, blocks in enumerate(self.free_sets)}
+
+    def fragmentation_index(self, size_bytes: int) -> float | None:
+        """Linux's extfrag_index for the order a request needs: None when it
+        would succeed; near 0 the arena is short of memory, near 1 the free
+        memory is there but in blocks too small (fragmentation)."""
+        units = max(1, (size_bytes + self.min_block_bytes - 1) >> self.min_shift)
+        order = (units - 1).bit_length()
+        if order <= self.max_order and any(self.free_sets[order:]):
+            return None
+        total_blocks = sum(len(s) for s in self.free_sets)
+        if not total_blocks:
+            return 0.0
+        requested = self.min_block_bytes << order
+        index = 1 - (1 + self.free_bytes / requested) / total_blocks
+        return min(1.0, max(0.0, index))
+
+    def check(self) -> list[str]:
+        """Every invariant, verified from scratch; [] when healthy."""
+        problems: list[str] = []
+        shift = self.min_shift
+        spans: list[tuple[int, int, str]] = []
+        free_total = 0
+        for order, blocks in enumerate(self.free_sets):
+            size = self.min_block_bytes << order
+            for n in blocks:
+                start = n * size
+                spans.append((start, start + size, f"free order {order}"))
+                free_total += size
+                if start + size > self.size_bytes:
+                    problems.append(f"free block {start:#x} of order {order} passes the arena end")
+                if order < self.max_order and (n ^ 1) in blocks:
+                    parent_end = (n >> 1) * 2 * size + 2 * size
+                    if parent_end <= self.size_bytes:
+                        problems.append(
+                            f"free buddies {start:#x} and {(n ^ 1) * size:#x} of order {order} "
+                            "were not merged"
+                        )
+        used_total = 0
+        for offset, units in self.live.items():
+            size = units << shift
+            used_total += size
+            if offset % self.min_block_bytes or offset < 0 or offset + size > self.size_bytes:
+                problems.append(f"allocation {offset:#x} of {size} bytes is misplaced")
+            spans.append((offset, offset + size, "allocation"))
+        spans.sort()
+        for (a_start, a_end, a_kind), (b_start, b_end, b_kind) in zip(spans, spans[1:]):
+            if b_start < a_end:
+                problems.append(
+                    f"{a_kind} [{a_start:#x}, {a_end:#x}) overlaps {b_kind} [{b_start:#x}, {b_end:#x})"
+                )
+        if used_total != self.used_bytes:
+            problems.append(f"used byte counter {self.used_bytes} != sum of allocations {used_total}")
+        if free_total + used_total != self.size_bytes:
+            problems.append(
+                f"free {free_total} + used {used_total} != arena size {self.size_bytes}"
+            )
+        return problems
