@@ -123,12 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         "throughput, latency and leaks (starts a temporary daemon if none runs)",
     )
     demo.add_argument("--producers", type=int, default=3, help="producer processes (default 3)")
-    demo.add_argument(
-        "--batches", type=int, default=20, help="batches per producer (default 20)"
-    )
-    demo.add_argument(
-        "--frames", type=int, default=8, help="frames per batch (default 8)"
-    )
+    demo.add_argument("--batches", type=int, default=20, help="batches per producer (default 20)")
+    demo.add_argument("--frames", type=int, default=8, help="frames per batch (default 8)")
     demo.add_argument(
         "--frame-size", type=_size_arg, default=1 << 20, help="bytes per frame (default 1M)"
     )
@@ -286,12 +282,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = [
         ("daemon", f"{stats['name']!r}, pid {stats['pid']}, up {_age(stats['uptime_s'])}"),
         ("arena", f"{format_size(size)} at /dev/shm{stats['shm_name']}"),
-        ("used", f"{format_size(stats['used_bytes'])} ({_pct(stats['used_bytes'], size)})"
-         f" in {stats['live_blocks']} blocks"),
+        (
+            "used",
+            f"{format_size(stats['used_bytes'])} ({_pct(stats['used_bytes'], size)})"
+            f" in {stats['live_blocks']} blocks",
+        ),
         ("free", f"{format_size(stats['free_bytes'])} ({_pct(stats['free_bytes'], size)})"),
         ("largest free", format_size(stats["largest_free_bytes"])),
         ("owners", str(stats["owners"])),
-        ("clients", str(stats["sessions"])),
+        ("clients", f"{stats['sessions'] - 1} (not counting this command)"),
     ]
     if stats.get("retained_only_blocks"):
         rows.append(

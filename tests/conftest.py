@@ -141,11 +141,15 @@ class Daemon:
 
     def assert_clean(self) -> None:
         leftovers = [p for p in (self.socket_path, self.shm_path) if os.path.exists(p)]
-        leftovers += [
-            os.path.join(self.run_dir, f)
-            for f in os.listdir(self.run_dir)
-            if f.startswith(self.name) and not f.endswith(".log")
-        ] if os.path.isdir(self.run_dir) else []
+        leftovers += (
+            [
+                os.path.join(self.run_dir, f)
+                for f in os.listdir(self.run_dir)
+                if f.startswith(self.name) and not f.endswith(".log")
+            ]
+            if os.path.isdir(self.run_dir)
+            else []
+        )
         assert not leftovers, f"daemon {self.name} left behind: {leftovers}"
 
 

@@ -62,9 +62,7 @@ class Buffer:
         try:
             import numpy as np
         except ImportError:
-            raise ImportError(
-                "Buffer.ndarray needs numpy: pip install 'shmarena[numpy]'"
-            ) from None
+            raise ImportError("Buffer.ndarray needs numpy: pip install 'shmarena[numpy]'") from None
         dt = np.dtype(dtype)
         if shape is None:
             return np.frombuffer(self._view, dtype=dt, count=self.size // dt.itemsize)

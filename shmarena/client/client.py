@@ -295,8 +295,11 @@ class Client:
                 handle=list(handle),
             )
         size_bytes = int(self.info["size_bytes"])
-        if handle.segment != 0 or handle.offset < 0 or handle.size <= 0 or (
-            handle.offset + handle.size > size_bytes
+        if (
+            handle.segment != 0
+            or handle.offset < 0
+            or handle.size <= 0
+            or (handle.offset + handle.size > size_bytes)
         ):
             raise InvalidRequest(
                 f"handle {tuple(handle)} lies outside the arena of {size_bytes} bytes"

@@ -216,7 +216,7 @@ class Ledger:
                 raise self._out_of_memory(size, sum(sizes) if len(sizes) > 1 else None)
             offsets.append(offset)
         result = []
-        for offset, size in zip(offsets, sizes):
+        for offset, size in zip(offsets, sizes, strict=True):
             self.generation += 1
             carved = buddy.allocation_bytes(offset) or 0
             block = Block(offset, size, carved, self.generation, owner.name)

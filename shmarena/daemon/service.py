@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from shmarena.daemon.ledger import DETACHED, Block, Freed, Ledger
 from shmarena.errors import InvalidRequest, ProtocolError, ShmArenaError
 from shmarena.protocol import (
     PROTOCOL_VERSION,
@@ -33,7 +34,6 @@ from shmarena.protocol import (
     ok_reply,
     parse_request,
 )
-from shmarena.daemon.ledger import DETACHED, Block, Freed, Ledger
 from shmarena.shm.buddy import Buddy
 
 # watch(session_id, pid, start_ticks) -> True when the server can tell the

@@ -94,8 +94,7 @@ def remove_stale(shm_name: str) -> bool:
         return False
     except posix_ipc.PermissionsError:
         raise DaemonStartError(
-            f"{shm_path(shm_name)} exists and belongs to another user; "
-            "pick another --name"
+            f"{shm_path(shm_name)} exists and belongs to another user; pick another --name"
         ) from None
     try:
         fcntl.flock(shm.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -121,7 +120,8 @@ def _no_space_message(shm_name: str, size_bytes: int, exc: OSError) -> str:
     mount = os.path.dirname(shm_path(shm_name))
     try:
         st = os.statvfs(mount)
-        free = f"{format_size(st.f_bavail * st.f_frsize)} free of {format_size(st.f_blocks * st.f_frsize)}"
+        available, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        free = f"{format_size(available)} free of {format_size(total)}"
     except OSError:
         free = "free space unknown"
     reason = "not enough space" if exc.errno == errno.ENOSPC else os.strerror(exc.errno or 0)

@@ -41,6 +41,7 @@ and no two free buddies left unmerged.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import pairwise
 
 
 class Buddy:
@@ -223,13 +224,16 @@ class Buddy:
                 problems.append(f"allocation {offset:#x} of {size} bytes is misplaced")
             spans.append((offset, offset + size, "allocation"))
         spans.sort()
-        for (a_start, a_end, a_kind), (b_start, b_end, b_kind) in zip(spans, spans[1:]):
+        for (a_start, a_end, a_kind), (b_start, b_end, b_kind) in pairwise(spans):
             if b_start < a_end:
                 problems.append(
-                    f"{a_kind} [{a_start:#x}, {a_end:#x}) overlaps {b_kind} [{b_start:#x}, {b_end:#x})"
+                    f"{a_kind} [{a_start:#x}, {a_end:#x}) overlaps "
+                    f"{b_kind} [{b_start:#x}, {b_end:#x})"
                 )
         if used_total != self.used_bytes:
-            problems.append(f"used byte counter {self.used_bytes} != sum of allocations {used_total}")
+            problems.append(
+                f"used byte counter {self.used_bytes} != sum of allocations {used_total}"
+            )
         if free_total + used_total != self.size_bytes:
             problems.append(
                 f"free {free_total} + used {used_total} != arena size {self.size_bytes}"

@@ -10,8 +10,18 @@ import sys
 from tests.conftest import Daemon, subprocess_env, unique_name, wait_for
 
 REQUIRED_STATS = {
-    "name", "pid", "epoch", "size_bytes", "used_bytes", "free_bytes", "largest_free_bytes",
-    "min_block_bytes", "live_blocks", "owners", "sessions", "free_blocks_by_order",
+    "name",
+    "pid",
+    "epoch",
+    "size_bytes",
+    "used_bytes",
+    "free_bytes",
+    "largest_free_bytes",
+    "min_block_bytes",
+    "live_blocks",
+    "owners",
+    "sessions",
+    "free_blocks_by_order",
 }
 
 
@@ -23,8 +33,12 @@ def test_stats_json_has_the_documented_keys(daemon: Daemon) -> None:
     assert stats["used_bytes"] == 5 * 4096
     assert stats["live_blocks"] == 1
     assert stats["name"] == daemon.name
-    assert stats == {**client.stats(), "uptime_s": stats["uptime_s"], "counters": stats["counters"],
-                     "sessions": stats["sessions"]}
+    assert stats == {
+        **client.stats(),
+        "uptime_s": stats["uptime_s"],
+        "counters": stats["counters"],
+        "sessions": stats["sessions"],
+    }
     by_order = stats["free_blocks_by_order"]
     # 64 MiB minus 5 pages leaves free buddies of 1, 2, 8, ... pages
     assert by_order["0"] == 1 and by_order["1"] == 1 and by_order["2"] == 0
@@ -107,7 +121,10 @@ def test_detach_returns_once_the_daemon_answers(run_dir: str) -> None:
     env = subprocess_env(run_dir, name)
     result = subprocess.run(
         [sys.executable, "-m", "shmarena", "daemon", "--size", "8M", "--detach"],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     try:

@@ -236,9 +236,7 @@ def test_huge_size_is_out_of_memory(client: shmarena.Client) -> None:
         client.alloc(2**62)
 
 
-def test_session_owner_is_private_to_its_session(
-    daemon: Daemon, client: shmarena.Client
-) -> None:
+def test_session_owner_is_private_to_its_session(daemon: Daemon, client: shmarena.Client) -> None:
     client.owner("mine")
     other = daemon.client()
     with pytest.raises(shmarena.InvalidRequest, match="belongs to session"):

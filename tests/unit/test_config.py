@@ -7,7 +7,14 @@ from shmarena.config import format_size, parse_size, resolve_name, runtime_dir
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("65536", 65536), ("4K", 4096), ("4KiB", 4096), ("1G", 1 << 30), ("1.5M", 3 << 19), (512, 512)],
+    [
+        ("65536", 65536),
+        ("4K", 4096),
+        ("4KiB", 4096),
+        ("1G", 1 << 30),
+        ("1.5M", 3 << 19),
+        (512, 512),
+    ],
 )
 def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected

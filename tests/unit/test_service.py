@@ -194,7 +194,8 @@ def test_unwatched_session_expires_after_lease() -> None:
 
 
 @pytest.mark.parametrize(
-    "size", [0, -1, 2**63 - 1, 1 << 40],
+    "size",
+    [0, -1, 2**63 - 1, 1 << 40],
 )
 def test_bad_sizes_get_error_replies(size: int) -> None:
     service = make_service()
@@ -225,15 +226,22 @@ def test_random_bytes_never_crash_or_change_state(payload: bytes) -> None:
 
 
 values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8)
-    | st.binary(max_size=8) | st.floats(allow_nan=False),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=8)
+    | st.binary(max_size=8)
+    | st.floats(allow_nan=False),
     lambda inner: st.lists(inner, max_size=5),
     max_leaves=12,
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(op=st.sampled_from([int(o) for o in Op if o not in (Op.SHUTDOWN, Op.BYE)]), args=st.lists(values, max_size=4))
+@given(
+    op=st.sampled_from([int(o) for o in Op if o not in (Op.SHUTDOWN, Op.BYE)]),
+    args=st.lists(values, max_size=4),
+)
 def test_wrong_typed_arguments_get_error_replies(op: int, args: list) -> None:
     service = make_service()
     peer = Peer(service, b"a")
