@@ -329,8 +329,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     orders.add_column("order", justify="right")
     orders.add_column("block size", justify="right")
     orders.add_column("free blocks", justify="right")
+    orders.add_column("extfrag index", justify="right")
+    extfrag = stats.get("extfrag_index_by_order", {})
     for order, count in sorted(stats["free_blocks_by_order"].items(), key=lambda i: int(i[0])):
-        orders.add_row(order, format_size(stats["min_block_bytes"] << int(order)), str(count))
+        index = extfrag.get(order, -1.0)
+        orders.add_row(
+            order,
+            format_size(stats["min_block_bytes"] << int(order)),
+            str(count),
+            "-" if index < 0 else f"{index:.3f}",
+        )
     console.print(orders)
     return EXIT_OK
 

@@ -153,6 +153,20 @@ class Daemon:
         assert not leftovers, f"daemon {self.name} left behind: {leftovers}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_in_dev_shm() -> Iterator[None]:
+    """After the whole run: no arena of a test daemon is left in /dev/shm."""
+    before = set(os.listdir("/dev/shm"))
+    yield
+    ours = f"shmarena-t-{os.getpid()}-"
+    left = [
+        f
+        for f in set(os.listdir("/dev/shm")) - before
+        if f.startswith(("shmarena-t-", "shmarena-demo-")) and (ours in f or "demo" in f)
+    ]
+    assert not left, f"the test run left these in /dev/shm: {left}"
+
+
 @pytest.fixture
 def run_dir() -> Iterator[str]:
     # Short, so the ipc socket path stays under the 107-byte limit.

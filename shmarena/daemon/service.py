@@ -73,6 +73,11 @@ class _Counters:
     reclaimed_bytes: int = 0
 
 
+def _extfrag(index: float | None) -> float:
+    """Linux's convention: -1 for an order that can be allocated now."""
+    return -1.0 if index is None else round(index, 3)
+
+
 class Service:
     def __init__(self, info: ArenaInfo, watch: Watch = _no_watch) -> None:
         self.info = info
@@ -293,6 +298,10 @@ class Service:
             "fragmentation": round(1 - largest / free, 4) if free else 0.0,
             "free_blocks_by_order": {
                 str(order): count for order, count in buddy.free_blocks_by_order().items()
+            },
+            "extfrag_index_by_order": {
+                str(order): _extfrag(buddy.fragmentation_index(info.min_block_bytes << order))
+                for order in range(buddy.max_order + 1)
             },
             "generation": ledger.generation,
             "lease_s": info.lease_s,

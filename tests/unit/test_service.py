@@ -151,6 +151,18 @@ def test_fragmented_arena_is_told_apart_from_full() -> None:
     peer.ok(Op.FREE, handles[::2])
     code, message = peer.err(Op.ALLOC, 2 * MIN)
     assert code == "out_of_memory" and "fragmented" in message
+    extfrag = service.stats(0.0)["extfrag_index_by_order"]
+    assert extfrag["0"] == -1.0  # single pages can still be had
+    assert extfrag["5"] > 0.9  # 32 pages are free in total, but not in one block
+
+
+def test_full_arena_is_not_called_fragmented() -> None:
+    service = make_service(size=64 * MIN)
+    peer = Peer(service, b"a")
+    peer.ok(Op.ALLOC_MANY, [MIN] * 63)
+    code, message = peer.err(Op.ALLOC, 2 * MIN)
+    assert code == "out_of_memory" and "is full" in message
+    assert 0 <= service.stats(0.0)["extfrag_index_by_order"]["1"] < 0.1
 
 
 def test_alloc_many_is_all_or_nothing() -> None:
