@@ -37,6 +37,14 @@ def wait_for(
         time.sleep(interval_s)
 
 
+def can_unshare(*flags: str) -> bool:
+    """Whether `unshare FLAGS true` works here (root, or user namespaces allowed)."""
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", *flags, "true"], capture_output=True)
+    return probe.returncode == 0
+
+
 def unique_name(prefix: str = "t") -> str:
     return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import can_unshare, wait_for
 
 IN_OTHER_PID_NAMESPACE = r"""
 import sys, shmarena
@@ -21,16 +20,10 @@ sys.stdin.read()
 """
 
 
-def can_unshare_pid() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    probe = subprocess.run(
-        ["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True
-    )
-    return probe.returncode == 0
-
-
-@pytest.mark.skipif(not can_unshare_pid(), reason="needs unshare --pid (root or user namespaces)")
+@pytest.mark.skipif(
+    not can_unshare("--pid", "--fork", "--mount-proc"),
+    reason="needs unshare --pid (root or user namespaces)",
+)
 def test_client_in_other_pid_namespace_heartbeats_then_is_reclaimed(make_daemon) -> None:
     lease_s = 0.5
     daemon = make_daemon(extra=["--lease", str(lease_s)])

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, subprocess_env, unique_name
+from tests.conftest import REPO, can_unshare, subprocess_env, unique_name
 
 
 def run_daemon(run_dir: str, name: str, *args: str, prefix: list[str] | None = None):
@@ -41,16 +41,10 @@ def test_size_larger_than_dev_shm_fails_at_start(run_dir: str) -> None:
     assert_nothing_left(run_dir, name)
 
 
-def can_unshare() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    probe = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "true"], capture_output=True
-    )
-    return probe.returncode == 0
-
-
-@pytest.mark.skipif(not can_unshare(), reason="needs unshare --mount (root or user namespaces)")
+@pytest.mark.skipif(
+    not can_unshare("--mount", "--propagation", "private"),
+    reason="needs unshare --mount (root or user namespaces)",
+)
 def test_small_dev_shm_in_private_mount_namespace(run_dir: str) -> None:
     name = unique_name()
     script = (
