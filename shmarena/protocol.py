@@ -60,6 +60,7 @@ MAX_OWNER_NAME = 200
 MAX_LABEL = 200
 MAX_SIZE_BYTES = 1 << 62
 REPLY_CACHE_ENTRIES = 256
+MAX_PID = 1 << 22  # Linux's PID_MAX_LIMIT
 
 OK = 0
 ERR = 1
@@ -132,6 +133,13 @@ SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
     Op.CHECK: (),
     Op.SHUTDOWN: (),
 }
+
+
+# Ops that change state: their replies are kept for retries with the same id.
+# The others are safe to run again and may have large replies, so are not kept.
+MUTATING_OPS = frozenset(
+    {Op.ALLOC, Op.ALLOC_MANY, Op.FREE, Op.OWNER, Op.RECYCLE, Op.RETAIN, Op.RELEASE}
+)
 
 
 class Request(NamedTuple):

@@ -182,7 +182,7 @@ class Server:
         """
         try:
             fd = os.pidfd_open(pid)
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, OverflowError, ValueError):
             return False  # gone already, another pid namespace, or no pidfd support
         if process_start_ticks(pid) != start_ticks:
             os.close(fd)

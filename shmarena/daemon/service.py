@@ -23,6 +23,8 @@ from typing import Any
 from shmarena.daemon.ledger import DETACHED, Block, Freed, Ledger
 from shmarena.errors import InvalidRequest, ProtocolError, ShmArenaError
 from shmarena.protocol import (
+    MAX_PID,
+    MUTATING_OPS,
     PROTOCOL_VERSION,
     REPLY_CACHE_ENTRIES,
     Handle,
@@ -111,15 +113,18 @@ class Service:
         """The reply frame for one request frame. Never raises."""
         self.counters.requests += 1
         request_id: Any = None
+        keep = False
         session_id = self.peers.get(peer)
         try:
             request = parse_request(decode(payload))
             request_id = request.request_id
-            if session_id is not None:
+            keep = request.op in MUTATING_OPS
+            if session_id is not None and keep:
                 cache = self.replies[session_id]
                 cached = cache.get(request_id)
                 if cached is not None:
                     return cached
+            if session_id is not None:
                 self.ledger.sessions[session_id].last_seen = now
             if request.op is Op.HELLO:
                 reply = self._hello(peer, request, now)
@@ -141,7 +146,7 @@ class Service:
                 ShmArenaError(f"internal error in the daemon: {type(error).__name__}: {error}"),
             )
         frame = encode(reply)
-        if session_id is not None and request_id is not None and session_id in self.replies:
+        if keep and session_id is not None and session_id in self.replies:
             cache = self.replies[session_id]
             cache[request_id] = frame
             if len(cache) > REPLY_CACHE_ENTRIES:
@@ -159,8 +164,8 @@ class Service:
                 client_version=version,
                 daemon_version=PROTOCOL_VERSION,
             )
-        if pid <= 0:
-            raise InvalidRequest(f"hello: pid must be positive, got {pid}")
+        if not 0 < pid <= MAX_PID:
+            raise InvalidRequest(f"hello: pid must be in 1..{MAX_PID}, got {pid}")
         session_id = self.peers.get(peer)
         if session_id is None:
             session = self.ledger.open_session(pid, start_ticks, label[:200], now, False)
