@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import Daemon, subprocess_env, unique_name, wait_for
 
@@ -102,9 +105,10 @@ def test_shutdown_stops_the_daemon_and_cleans_up(daemon: Daemon) -> None:
     daemon.assert_clean()
 
 
-def test_sigterm_stops_cleanly(daemon: Daemon) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly(daemon: Daemon, signum: int) -> None:
     daemon.client().alloc(4096)
-    daemon.proc.terminate()
+    daemon.proc.send_signal(signum)
     assert daemon.proc.wait(timeout=10) == 0
     daemon.assert_clean()
 

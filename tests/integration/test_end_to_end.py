@@ -288,3 +288,29 @@ def test_threads_share_one_client(client: shmarena.Client) -> None:
         t.join()
     assert errors == []
     assert client.stats()["used_bytes"] == 0
+
+
+def test_silent_daemon_raises_daemon_unavailable_then_recovers(daemon: Daemon) -> None:
+    client = daemon.client(timeout_s=0.3)
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(shmarena.DaemonUnavailable, match=daemon.socket_path):
+            client.stats()
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    # The late reply to stats() is told apart from the reply to this call.
+    assert isinstance(wait_for(lambda: _ping_or_none(client), what="daemon to answer"), float)
+    assert client.stats()["sessions"] >= 1
+
+
+def _ping_or_none(client: shmarena.Client) -> float | None:
+    try:
+        return client.ping()
+    except shmarena.DaemonUnavailable:
+        return None
+
+
+def test_connect_without_daemon_names_the_socket(run_dir: str) -> None:
+    with pytest.raises(shmarena.DaemonUnavailable, match=f"{run_dir}/nobody.sock"):
+        shmarena.connect("nobody", runtime_dir=run_dir)
