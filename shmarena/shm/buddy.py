@@ -65,7 +65,7 @@ class Buddy:
         units = size_bytes >> self.min_shift
         self.max_order = units.bit_length() - 1
         self.free_sets: list[set[int]] = [set() for _ in range(self.max_order + 1)]
-        self.used_bytes = 0
+        self.used_units = 0  # minimum blocks held by live allocations
         # offset -> carved size in minimum blocks
         self.live: dict[int, int] = {}
         start = 0
@@ -77,8 +77,12 @@ class Buddy:
     # -- sizes ---------------------------------------------------------------
 
     @property
+    def used_bytes(self) -> int:
+        return self.used_units << self.min_shift
+
+    @property
     def free_bytes(self) -> int:
-        return self.size_bytes - self.used_bytes
+        return self.size_bytes - (self.used_units << self.min_shift)
 
     def __len__(self) -> int:
         return len(self.live)
@@ -93,29 +97,26 @@ class Buddy:
     def alloc(self, size_bytes: int) -> int | None:
         """Offset of a new allocation of at least `size_bytes` (exact fit), or
         None when no free block is large enough."""
-        if type(size_bytes) is not int or size_bytes <= 0:
+        if size_bytes.__class__ is not int or size_bytes <= 0:
             raise ValueError(f"allocation size must be a positive int, got {size_bytes!r}")
-        shift = self.min_shift
-        units = (size_bytes + (1 << shift) - 1) >> shift
+        units = ((size_bytes - 1) >> self.min_shift) + 1
         order = (units - 1).bit_length()
         free_sets = self.free_sets
         found = order
-        top = self.max_order
-        while found <= top and not free_sets[found]:
-            found += 1
-        if found > top:
+        try:
+            while not free_sets[found]:
+                found += 1
+        except IndexError:  # past the top order: nothing large enough
             return None
         n = free_sets[found].pop()
         while found > order:  # split down, keeping the left half
             found -= 1
             n <<= 1
             free_sets[found].add(n | 1)
-        # n is now a block of `order` units-number; offset in minimum blocks:
-        start = n << order
-        spare = (1 << order) - units
-        if spare:
-            # Keep the head of `units` blocks; free the tail [start+units, start+2**order)
-            # as naturally aligned pieces, smallest at the end: walk down from order-1.
+        start = n << order  # in minimum blocks
+        if units != 1 << order:
+            # Exact fit: keep the head of `units` blocks, free the tail up to
+            # start + 2**order as naturally aligned pieces.
             position = start + units
             end = start + (1 << order)
             while position < end:
@@ -124,9 +125,9 @@ class Buddy:
                     piece -= 1
                 free_sets[piece].add(position >> piece)
                 position += 1 << piece
-        offset = start << shift
+        offset = start << self.min_shift
         self.live[offset] = units
-        self.used_bytes += units << shift
+        self.used_units += units
         return offset
 
     def free(self, offset: int) -> int:
@@ -137,11 +138,12 @@ class Buddy:
         units = self.live.pop(offset, None)
         if units is None:
             raise ValueError(f"no allocation starts at offset {offset!r}")
-        shift = self.min_shift
-        position = offset >> shift
+        self.used_units -= units
         free_sets = self.free_sets
         top = self.max_order
-        # The head pieces: binary decomposition of units, largest first.
+        position = offset >> self.min_shift
+        # The head pieces: binary decomposition of units, largest first (one
+        # piece when units is a power of two).
         remaining = units
         while remaining:
             order = remaining.bit_length() - 1
@@ -150,15 +152,15 @@ class Buddy:
             position += 1 << order
             while order < top:
                 buddies = free_sets[order]
-                if n ^ 1 in buddies:
-                    buddies.remove(n ^ 1)
+                buddy = n ^ 1
+                if buddy in buddies:
+                    buddies.remove(buddy)
                     n >>= 1
                     order += 1
                 else:
                     break
             free_sets[order].add(n)
-        self.used_bytes -= units << shift
-        return units << shift
+        return units << self.min_shift
 
     # -- reading ---------------------------------------------------------------
 
