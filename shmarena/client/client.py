@@ -12,6 +12,7 @@ touched from the child.
 
 from __future__ import annotations
 
+import atexit
 import mmap
 import os
 import threading
@@ -47,7 +48,19 @@ def _after_fork_in_child() -> None:
         client._forked()
 
 
+def _close_all_at_exit() -> None:
+    """Close this process's sockets before the interpreter tears zmq down, so
+    a normal exit prints no ResourceWarning. No bye: the daemon's pidfd sees
+    the exit and reclaims the session anyway."""
+    for client in list(_CLIENTS):
+        client._stop_heartbeat.set()
+        transport = client._transport
+        if transport is not None and client._pid == os.getpid():
+            transport.close(wait_s=0.1)
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_all_at_exit)
 
 
 def _own_start_ticks() -> int:

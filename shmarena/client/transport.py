@@ -75,10 +75,16 @@ class Transport:
                     return reply[2:]
                 raise from_wire(*(reply[2:5] + [None] * (5 - len(reply))))
 
-    def close(self) -> None:
-        with self.lock:
+    def close(self, wait_s: float | None = None) -> None:
+        """Close the socket (pending messages are dropped). With `wait_s`, give
+        up instead if another thread holds the socket that long (at exit)."""
+        if not self.lock.acquire(timeout=-1 if wait_s is None else wait_s):
+            return
+        try:
             if self.closed:
                 return
             self.closed = True
             self.socket.close(linger=0)
             self.context.term()
+        finally:
+            self.lock.release()

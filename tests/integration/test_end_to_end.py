@@ -7,6 +7,7 @@ import os
 import pickle
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -314,3 +315,15 @@ def _ping_or_none(client: shmarena.Client) -> float | None:
 def test_connect_without_daemon_names_the_socket(run_dir: str) -> None:
     with pytest.raises(shmarena.DaemonUnavailable, match=f"{run_dir}/nobody.sock"):
         shmarena.connect("nobody", runtime_dir=run_dir)
+
+
+def test_client_exit_without_close_is_quiet_and_reclaimed(
+    daemon: Daemon, client: shmarena.Client
+) -> None:
+    code = "import shmarena\nc = shmarena.connect()\nc.alloc(4096).view[:1] = b'x'\n"
+    child = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        env=daemon.env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert child.returncode == 0 and child.stderr == ""
+    wait_for(lambda: client.stats()["used_bytes"] == 0, what="the exited client's block")
