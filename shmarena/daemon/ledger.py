@@ -325,6 +325,10 @@ class Ledger:
             figures += f" (fragmentation index {index if index is not None else 0:.2f})"
         else:
             state = "full"
+        top = sorted(self.owners.values(), key=lambda o: o.bytes, reverse=True)[:3]
+        holders = ", ".join(f"{o.name} {format_size(o.bytes)}" for o in top if o.bytes)
+        if holders:
+            figures += f"; largest owners: {holders}"
         return OutOfMemory(
             f"arena {self.name!r} is {state}: {figures}; free buffers, recycle an owner "
             "(`shmarena owners` shows who holds what) or start the daemon with a larger --size",
@@ -333,6 +337,7 @@ class Ledger:
             free_bytes=free,
             fragmentation_index=index,
             state=state,
+            top_owners=[[o.name, o.bytes] for o in top if o.bytes],
         )
 
     # -- reading -------------------------------------------------------------

@@ -159,9 +159,11 @@ def test_fragmented_arena_is_told_apart_from_full() -> None:
 def test_full_arena_is_not_called_fragmented() -> None:
     service = make_service(size=64 * MIN)
     peer = Peer(service, b"a")
-    peer.ok(Op.ALLOC_MANY, [MIN] * 63)
+    peer.ok(Op.ALLOC_MANY, [MIN] * 60, "big", False)
+    peer.ok(Op.ALLOC_MANY, [MIN] * 3, "small", False)
     code, message = peer.err(Op.ALLOC, 2 * MIN)
     assert code == "out_of_memory" and "is full" in message
+    assert "largest owners: big 240 KiB, small 12 KiB" in message
     assert 0 <= service.stats(0.0)["extfrag_index_by_order"]["1"] < 0.1
 
 
