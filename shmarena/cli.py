@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -250,6 +250,17 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.name, runtime_dir=args.run_dir, timeout_s=args.timeout, label="cli")
 
 
+def _query(args: argparse.Namespace, ask: Callable[[Client], Any]) -> Any:
+    """Ask the daemon through the client library; with --json print the
+    answer and return None, else return it for a table."""
+    with _client(args) as client:
+        data = ask(client)
+    if args.json:
+        _print_json(data)
+        return None
+    return data
+
+
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 
@@ -272,10 +283,8 @@ def _pct(part: int, whole: int) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        stats = client.stats()
-    if args.json:
-        _print_json(stats)
+    stats = _query(args, Client.stats)
+    if stats is None:
         return EXIT_OK
     size = stats["size_bytes"]
     table = Table(show_header=False, box=None, pad_edge=False)
@@ -309,10 +318,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        stats = client.stats()
-    if args.json:
-        _print_json(stats)
+    stats = _query(args, Client.stats)
+    if stats is None:
         return EXIT_OK
     console = _console()
     table = Table(title=f"arena {stats['name']!r}", show_header=True)
@@ -345,60 +352,61 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_owners(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        rows = client.list_owners()
-    if args.json:
-        _print_json(rows)
-        return EXIT_OK
-    table = Table(title=f"owners of {args.name!r}")
-    for column, justify in (
-        ("name", "left"),
-        ("scope", "left"),
-        ("session", "right"),
-        ("pid", "right"),
-        ("blocks", "right"),
-        ("bytes", "right"),
-        ("age", "right"),
-    ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+def _print_table(
+    title: str, columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[str]]
+) -> None:
+    table = Table(title=title)
+    for name, justify in columns:
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for row in rows:
-        pid = str(row["pid"]) + ("" if row.get("alive", True) else " (gone)")
-        table.add_row(
+        table.add_row(*row)
+    _console().print(table)
+
+
+def cmd_owners(args: argparse.Namespace) -> int:
+    rows = _query(args, Client.list_owners)
+    if rows is None:
+        return EXIT_OK
+    columns = [("name", "left"), ("scope", "left")] + [
+        (name, "right") for name in ("session", "pid", "blocks", "bytes", "age")
+    ]
+    cells = (
+        (
             row["name"],
             row["scope"],
             str(row["session"]),
-            pid,
+            str(row["pid"]) + ("" if row.get("alive", True) else " (gone)"),
             str(row["blocks"]),
             format_size(row["bytes"]),
             _age(row["age_s"]),
         )
-    _console().print(table)
+        for row in rows
+    )
+    _print_table(f"owners of {args.name!r}", columns, cells)
     return EXIT_OK
 
 
 def cmd_clients(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        rows = [r for r in client.list_clients() if r["session"] != client.session]
-    if args.json:
-        _print_json(rows)
+    rows = _query(
+        args, lambda client: [r for r in client.list_clients() if r["session"] != client.session]
+    )
+    if rows is None:
         return EXIT_OK
-    table = Table(title=f"clients of {args.name!r}")
-    for column in ("session", "pid", "label", "since", "watch", "owners", "blocks", "bytes"):
-        table.add_column(column)
-    for row in rows:
-        since = datetime.fromtimestamp(row["since"]).strftime("%H:%M:%S")
-        table.add_row(
+    names = ("session", "pid", "label", "since", "watch", "owners", "blocks", "bytes")
+    cells = (
+        (
             str(row["session"]),
             str(row["pid"]),
             row["label"],
-            f"{since} ({_age(row['age_s'])})",
+            f"{datetime.fromtimestamp(row['since']):%H:%M:%S} ({_age(row['age_s'])})",
             row["watch"],
             str(row["owners"]),
             str(row["blocks"]),
             format_size(row["bytes"]),
         )
-    _console().print(table)
+        for row in rows
+    )
+    _print_table(f"clients of {args.name!r}", [(n, "left") for n in names], cells)
     return EXIT_OK
 
 

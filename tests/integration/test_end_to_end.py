@@ -31,13 +31,20 @@ client.close()
 """
 
 
+def start_reader(daemon: Daemon, code: str, handle: shmarena.Handle) -> subprocess.Popen[str]:
+    """A child process running `code`, with `handle` pickled on its stdin."""
+    reader = daemon.python(code, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert reader.stdin and reader.stdout
+    reader.stdin.write(pickle.dumps(handle).hex() + "\n")
+    reader.stdin.flush()
+    return reader
+
+
 def test_two_processes_see_the_same_bytes(daemon: Daemon, client: shmarena.Client) -> None:
     buf = client.alloc(1 << 20)
     buf.view[:11] = b"from-A-1234"
-    reader = daemon.python(READER, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    reader = start_reader(daemon, READER, buf.handle)
     assert reader.stdin and reader.stdout
-    reader.stdin.write(pickle.dumps(buf.handle).hex() + "\n")
-    reader.stdin.flush()
     assert reader.stdout.readline().strip() == "written"
     assert bytes(buf.view[:11]) == b"from-B-5678"
     reader.stdin.write("\n")
@@ -137,10 +144,8 @@ def test_retained_block_survives_owner_recycle(
     batch = client.owner("batch-r")
     buf = batch.alloc(4096)
     buf.view[:6] = b"frame0"
-    reader = daemon.python(RETAINER, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    reader = start_reader(daemon, RETAINER, buf.handle)
     assert reader.stdin and reader.stdout
-    reader.stdin.write(pickle.dumps(buf.handle).hex() + "\n")
-    reader.stdin.flush()
     assert reader.stdout.readline().strip() == "retained"
 
     assert batch.recycle() == shmarena.Recycled(1, 4096)
