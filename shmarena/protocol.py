@@ -7,6 +7,7 @@ array:
     request:      [op, request_id, arg, ...]
     ok reply:     [0, request_id, result, ...]
     error reply:  [1, request_id, code, message, details]
+    late error:   [2, request_id, code, message, details]   (of a one-way request)
 
 ``request_id`` is a per-session counter chosen by the client; a reply carries
 the id of the request it answers. A retried request (same id) is answered from
@@ -25,15 +26,41 @@ Requests, in the order of ``Op`` (arguments after the request id):
     ALLOC      size:int, owner:str|nil, detached:bool -> handle
     ALLOC_MANY sizes:[int], owner:str|nil, detached:bool -> [handle] (all or none)
     FREE       handles:[handle]           -> [blocks, bytes]  (all or none)
-    OWNER      name:str, detached:bool    -> owner:map
+    OWNER      name:str, detached:bool    -> owner:map (its "id" names it in ASSIGN events)
     RECYCLE    name:str                   -> [blocks, bytes]
     RETAIN     handles:[handle]           -> count
     RELEASE    handles:[handle]           -> count
+    FILL       fills:[int], mark:int, sizes:[int], owner:str|nil, detached:bool
+               -> [[offset] per fill, [handle] per size, notices:[int]]
+               Cache refill: `fills` is flat (class_bytes, count, need) triples;
+               `need` blocks of each class are required (all or none, with the
+               `sizes` allocated directly), up to `count` are taken if they fit.
+               `mark` is a generation of this session's space that is newer than
+               any it handed out before: the new cache blocks start there.
+    POST       events:[int]               one-way: no reply unless refused
+               Cache bookkeeping and frees, flat (see EVENTS below).
+    SYNC       -> notices:[int]           everything sent before is applied
     STATS      -> map       OWNERS -> [map]     CLIENTS -> [map]
     CHECK      -> [problem:str]  (empty when healthy)
     SHUTDOWN   -> nil, then the daemon stops
 
 A handle travels as ``[epoch, segment, offset, size, generation]``.
+
+Generations: the daemon numbers its own allocations from 1 up, below
+``1 << GEN_SHIFT``. A client cache numbers the blocks it hands out itself, in
+the space of its session: ``(session << GEN_SHIFT) | counter``. So handles
+made by a cache without a round trip never collide with anybody else's.
+
+EVENTS, the body of POST, one flat list of integers, applied in order:
+
+    ASSIGN    offset, size, generation, owner_id   a cached block handed out
+    UNASSIGN  offset, generation                   ... and given back to the cache
+    FREE      epoch, segment, offset, size, generation   free by handle
+    DRAIN     offset                               a cached block back to the arena
+
+Notices (in FILL, SYNC and RECYCLE replies) are flat ``offset, generation``
+pairs: blocks of this session's cache that went back to it through somebody
+else (a free by handle, a recycle, the last release of a retained block).
 
 Evolving the protocol: a new optional argument goes at the end of a request
 and gets a default here, so older clients keep working; a new result goes in a
@@ -62,8 +89,20 @@ MAX_SIZE_BYTES = 1 << 62
 REPLY_CACHE_ENTRIES = 256
 MAX_PID = 1 << 22  # Linux's PID_MAX_LIMIT
 
+MAX_EVENTS = 1 << 16  # integers in one POST
+MAX_FILLS = 64  # classes in one FILL
+GEN_SHIFT = 40
+MAX_SESSIONS = (1 << 23) - 1  # so a session's generations fit in 64 bits
+
 OK = 0
 ERR = 1
+LATE_ERR = 2
+
+ASSIGN = 1
+UNASSIGN = 2
+FREE_EVENT = 3
+DRAIN = 4
+EVENT_LENGTH = {ASSIGN: 5, UNASSIGN: 3, FREE_EVENT: 6, DRAIN: 2}
 
 
 class Op(IntEnum):
@@ -77,6 +116,9 @@ class Op(IntEnum):
     RECYCLE = 14
     RETAIN = 15
     RELEASE = 16
+    FILL = 17
+    POST = 18
+    SYNC = 19
     STATS = 20
     OWNERS = 21
     CLIENTS = 22
@@ -103,6 +145,7 @@ OPT_STR = "str or nil"
 BOOL = "bool"
 INTS = "list of int"
 HANDLES = "list of handles"
+EVENTS = "flat list of events"
 
 # op -> ((argument name, kind, default or REQUIRED), ...). A trailing argument
 # with a default may be omitted by older clients.
@@ -127,6 +170,15 @@ SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
     Op.RECYCLE: (("name", STR, REQUIRED),),
     Op.RETAIN: (("handles", HANDLES, REQUIRED),),
     Op.RELEASE: (("handles", HANDLES, REQUIRED),),
+    Op.FILL: (
+        ("fills", INTS, REQUIRED),
+        ("mark", INT, 0),
+        ("sizes", INTS, []),
+        ("owner", OPT_STR, None),
+        ("detached", BOOL, False),
+    ),
+    Op.POST: (("events", EVENTS, REQUIRED),),
+    Op.SYNC: (),
     Op.STATS: (),
     Op.OWNERS: (),
     Op.CLIENTS: (),
@@ -138,8 +190,19 @@ SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
 # Ops that change state: their replies are kept for retries with the same id.
 # The others are safe to run again and may have large replies, so are not kept.
 MUTATING_OPS = frozenset(
-    {Op.ALLOC, Op.ALLOC_MANY, Op.FREE, Op.OWNER, Op.RECYCLE, Op.RETAIN, Op.RELEASE}
+    {
+        Op.ALLOC,
+        Op.ALLOC_MANY,
+        Op.FREE,
+        Op.OWNER,
+        Op.RECYCLE,
+        Op.RETAIN,
+        Op.RELEASE,
+        Op.FILL,
+    }
 )
+# Ops that get no reply when they succeed; a refusal comes back as LATE_ERR.
+ONE_WAY_OPS = frozenset({Op.POST})
 
 
 class Request(NamedTuple):
@@ -170,12 +233,17 @@ def _check_arg(op: Op, name: str, kind: str, value: Any) -> Any:
         ok = isinstance(value, list) and len(value) <= MAX_BATCH
         if ok:
             return [parse_handle(op, item) for item in value]
+    elif kind == EVENTS:
+        if isinstance(value, list) and len(value) <= MAX_EVENTS and all(map(_is_int, value)):
+            return parse_events(value)
+        ok = False
     else:  # pragma: no cover - a schema typo
         raise AssertionError(kind)
     if not ok:
         shown = type(value).__name__
-        if kind in (INTS, HANDLES) and isinstance(value, list) and len(value) > MAX_BATCH:
-            shown = f"a list of {len(value)} items (at most {MAX_BATCH} per request)"
+        limit = MAX_EVENTS if kind == EVENTS else MAX_BATCH
+        if kind in (INTS, HANDLES, EVENTS) and isinstance(value, list) and len(value) > limit:
+            shown = f"a list of {len(value)} items (at most {limit} per request)"
         raise InvalidRequest(
             f"{op.name.lower()}: argument {name!r} must be {kind}, got {shown}",
             op=op.name.lower(),
@@ -193,6 +261,26 @@ def parse_handle(op: Op, value: Any) -> Handle:
         f"as five integers, got {value!r:.80}",
         op=op.name.lower(),
     )
+
+
+def parse_events(flat: list[int]) -> list[tuple[int, ...]]:
+    """Split a POST body into events, or InvalidRequest; nothing is applied
+    unless the whole body is well formed."""
+    events = []
+    index, end = 0, len(flat)
+    while index < end:
+        kind = flat[index]
+        length = EVENT_LENGTH.get(kind)
+        if length is None or index + length > end:
+            what = "unknown event kind" if length is None else "truncated event"
+            raise InvalidRequest(
+                f"post: {what} {kind} at position {index} of {end}; nothing was applied",
+                op="post",
+                position=index,
+            )
+        events.append(tuple(flat[index : index + length]))
+        index += length
+    return events
 
 
 def parse_request(message: Any) -> Request:

@@ -128,9 +128,20 @@ class Daemon:
         )
 
     def stop(self) -> str:
+        errors = []
         for c in self.clients:
-            c.close()
+            try:
+                c.close()
+            except Exception as error:  # stop the daemon anyway, then report
+                errors.append(error)
         self.clients.clear()
+        try:
+            return self._stop_process()
+        finally:
+            if errors:
+                pytest.fail(f"closing a client of {self.name} raised {errors[0]!r}")
+
+    def _stop_process(self) -> str:
         out = ""
         if self.proc is None or self.stopped:
             return out

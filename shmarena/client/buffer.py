@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from shmarena.protocol import Handle
 
 if TYPE_CHECKING:
+    from shmarena.client.cache import Cache
     from shmarena.client.client import Client
 
 __all__ = ["Buffer", "Handle"]
@@ -27,16 +28,54 @@ class Buffer:
     attached, retained Buffer is let go with `release()`.
     """
 
-    __slots__ = ("_client", "handle", "_view", "_state")
+    __slots__ = (
+        "_client",
+        "_offset",
+        "_size",
+        "_gen",
+        "_view",
+        "_state",
+        "_cache",
+        "_escaped",
+        "_handle",
+    )
 
     # _state: "owned" (allocated here), "attached" (no reference), "retained",
-    # or "done" (freed or released)
+    # or "done" (freed or released). _cache: the client cache it came from, if
+    # any. _escaped: its handle was read, so another process may know it.
 
-    def __init__(self, client: Client, handle: Handle, view: memoryview, state: str) -> None:
+    def __init__(
+        self,
+        client: Client,
+        offset: int,
+        size: int,
+        gen: int,
+        view: memoryview,
+        state: str,
+        cache: Cache | None,
+    ) -> None:
         self._client = client
-        self.handle = handle
+        self._offset = offset
+        self._size = size
+        self._gen = gen
         self._view = view
         self._state = state
+        self._cache = cache
+        self._escaped = cache is None
+        self._handle: Handle | None = None
+
+    @property
+    def handle(self) -> Handle:
+        """Names this block for other processes (`client.attach(handle)`)."""
+        handle = self._handle
+        if handle is None:
+            if not self._escaped:
+                self._escaped = True
+                self._cache.escape(self._offset)  # type: ignore[union-attr]
+            handle = self._handle = Handle(
+                self._client.epoch, 0, self._offset, self._size, self._gen
+            )
+        return handle
 
     @property
     def view(self) -> memoryview:
@@ -46,11 +85,11 @@ class Buffer:
 
     @property
     def size(self) -> int:
-        return self.handle.size
+        return self._size
 
     @property
     def offset(self) -> int:
-        return self.handle.offset
+        return self._offset
 
     @property
     def retained(self) -> bool:
@@ -63,19 +102,25 @@ class Buffer:
             import numpy as np
         except ImportError:
             raise ImportError("Buffer.ndarray needs numpy: pip install 'shmarena[numpy]'") from None
+        if self._state == "done":
+            raise ValueError("the buffer was freed or released: it has no bytes to view")
         dt = np.dtype(dtype)
         if shape is None:
-            return np.frombuffer(self._view, dtype=dt, count=self.size // dt.itemsize)
-        shape_t = (shape,) if isinstance(shape, int) else tuple(shape)
-        count = 1
-        for dim in shape_t:
-            count *= dim
-        if count * dt.itemsize > self.size:
-            raise ValueError(
-                f"shape {shape_t} of {dt} needs {count * dt.itemsize} bytes, "
-                f"the buffer has {self.size}"
-            )
-        return np.frombuffer(self._view, dtype=dt, count=count).reshape(shape_t)
+            count = self._size // dt.itemsize
+            shape_t: tuple[int, ...] = (count,)
+        else:
+            shape_t = (shape,) if isinstance(shape, int) else tuple(shape)
+            count = 1
+            for dim in shape_t:
+                count *= dim
+            if count * dt.itemsize > self._size:
+                raise ValueError(
+                    f"shape {shape_t} of {dt} needs {count * dt.itemsize} bytes, "
+                    f"the buffer has {self._size}"
+                )
+        start = self._offset
+        raw = self._client._ndarray_base()[start : start + count * dt.itemsize]
+        return raw.view(dt).reshape(shape_t)
 
     def free(self) -> None:
         """Give the block back (one request). StaleHandle if it was freed or
@@ -104,5 +149,4 @@ class Buffer:
             self.release()
 
     def __repr__(self) -> str:
-        h = self.handle
-        return f"<shmarena.Buffer {self._state} offset={h.offset:#x} size={h.size}>"
+        return f"<shmarena.Buffer {self._state} offset={self._offset:#x} size={self._size}>"

@@ -16,11 +16,13 @@ import atexit
 import mmap
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from shmarena.client.buffer import Buffer
+from shmarena.client.cache import FLUSH_DELAY_S, Cache
 from shmarena.client.transport import Transport
 from shmarena.config import (
     DEFAULT_TIMEOUT_S,
@@ -28,12 +30,20 @@ from shmarena.config import (
     runtime_dir,
     socket_path,
 )
-from shmarena.errors import DaemonUnavailable, InvalidRequest, StaleHandle, UnknownOwner
-from shmarena.protocol import PROTOCOL_VERSION, Handle, Op
+from shmarena.errors import (
+    DaemonUnavailable,
+    InvalidRequest,
+    OutOfMemory,
+    StaleHandle,
+    UnknownOwner,
+)
+from shmarena.protocol import GEN_SHIFT, MAX_BATCH, PROTOCOL_VERSION, Handle, Op
 from shmarena.shm.arena import map_segment
 
 # (shm name, epoch) -> (mapping, memoryview of all of it), one per process.
 _MAPPINGS: dict[tuple[str, int], tuple[mmap.mmap, memoryview]] = {}
+# (shm name, epoch) -> numpy uint8 array over all of it, made on first use.
+_ARRAYS: dict[tuple[str, int], Any] = {}
 _MAPPINGS_LOCK = threading.Lock()
 _CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
 # Transports inherited across fork(): kept referenced so they are never
@@ -56,7 +66,9 @@ def _close_all_at_exit() -> None:
         client._stop_heartbeat.set()
         transport = client._transport
         if transport is not None and client._pid == os.getpid():
-            transport.close(wait_s=0.1)
+            # Frees of other processes' blocks may still be queued: send them.
+            transport.close(wait_s=0.1, linger_s=0.5)
+        client._flush_wake.set()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -88,16 +100,22 @@ class Owner:
     `shmarena recycle NAME`).
     """
 
-    def __init__(self, client: Client, name: str, detached: bool) -> None:
+    def __init__(self, client: Client, name: str, detached: bool, owner_id: int) -> None:
         self.client = client
         self.name = name
         self.detached = detached
+        self.id = owner_id
 
     def alloc(self, size: int) -> Buffer:
-        return self.client._alloc(size, self.name, self.detached)
+        """Like `Client.alloc`, into this owner. A detached owner's buffers are
+        registered with the daemon before this returns (one round trip), so
+        they outlive this process even if it is killed the next instant."""
+        if self.detached:
+            return self.client._alloc(size, self.name, True)
+        return self.client._alloc_cached(size, self.id, self.name)
 
     def alloc_many(self, sizes: Sequence[int]) -> list[Buffer]:
-        return self.client._alloc_many(sizes, self.name, self.detached)
+        return self.client._alloc_many(sizes, self.name, self.detached, self.id)
 
     def recycle(self) -> Recycled:
         return self.client.recycle(self.name)
@@ -124,6 +142,16 @@ class Client:
     $SHMARENA_RUNTIME_DIR, else $XDG_RUNTIME_DIR/shmarena, else
     /tmp/shmarena-<uid>. Every call waits at most `timeout_s` for the daemon,
     then raises DaemonUnavailable.
+
+    With `cache=True` (the default) sizes up to 1 MiB (less for small arenas)
+    come from a per-process cache without a round trip, and what the daemon
+    must know follows in batches: `stats()` and `shmarena owners` are exact
+    after any call that waits for the daemon (`sync()`, `stats()`, an alloc
+    that misses the cache ...) and at most a few milliseconds behind
+    otherwise. With `cache=False` every alloc asks the daemon. Frees of blocks
+    that are not in this process's cache are sent without waiting, in both
+    modes; a refusal (a double free, say) is raised by `sync()` or the next
+    call that talks to the daemon (a cache hit does not).
     """
 
     def __init__(
@@ -133,12 +161,14 @@ class Client:
         runtime_dir: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         label: str = "",
+        cache: bool = True,
     ) -> None:
         self.name = resolve_name(name, os.environ)
         self.runtime_dir = runtime_dir or _default_runtime_dir()
         self.socket_path = socket_path(self.runtime_dir, self.name)
         self.timeout_s = timeout_s
         self.label = label
+        self.cache_enabled = cache
         self._lock = threading.Lock()
         self._transport: Transport | None = None
         self._heartbeat: threading.Thread | None = None
@@ -147,6 +177,10 @@ class Client:
         self.session = 0
         self.epoch = 0
         self._arena_view: memoryview | None = None
+        self._arena_key: tuple[str, int] = ("", 0)
+        self._cache: Cache | None = None
+        self._flush_wake = threading.Event()
+        self._flusher: threading.Thread | None = None
         self._pid = os.getpid()
         self._closed = False
         self._connect()
@@ -160,14 +194,25 @@ class Client:
             (info,) = transport.request(
                 Op.HELLO, PROTOCOL_VERSION, os.getpid(), _own_start_ticks(), self.label
             )
-            self._arena_view = _map(info["segments"][0][0], info["epoch"], info["size_bytes"])
+            self._arena_key = (info["segments"][0][0], info["epoch"])
+            self._arena_view = _map(*self._arena_key, info["size_bytes"])
         except BaseException:
             transport.close()
             raise
-        self._transport = transport
         self.info = info
         self.session = info["session"]
         self.epoch = info["epoch"]
+        cache = Cache(
+            self.session,
+            self.epoch,
+            int(info["min_block_bytes"]),
+            int(info["size_bytes"]),
+            self._wake_flusher,
+            enabled=self.cache_enabled,
+        )
+        transport.pending = cache.take_events
+        self._cache = cache
+        self._transport = transport
         if not info.get("watched", True):
             self._start_heartbeat(float(info.get("lease_s", 10.0)))
 
@@ -189,11 +234,40 @@ class Client:
         thread.start()
         self._heartbeat = thread
 
+    def _wake_flusher(self) -> None:
+        """Called (under the cache lock) when bookkeeping starts to queue up."""
+        self._flush_wake.set()
+        if self._flusher is None:
+            thread = threading.Thread(target=self._flush_loop, name="shmarena-flush", daemon=True)
+            self._flusher = thread
+            thread.start()
+
+    def _flush_loop(self) -> None:
+        """Send queued bookkeeping at most FLUSH_DELAY_S after it started to
+        queue, so the daemon's picture is never far behind an idle process."""
+        wake = self._flush_wake
+        while True:
+            wake.wait()
+            if self._closed or self._pid != os.getpid():
+                return
+            time.sleep(FLUSH_DELAY_S)  # let a burst gather into one message
+            wake.clear()
+            transport = self._transport
+            if transport is None:
+                continue
+            try:
+                transport.flush()
+            except Exception:
+                pass  # the next call that waits for the daemon reports it
+
     def _forked(self) -> None:
         if self._transport is not None:
             _ABANDONED.append(self._transport)
         self._transport = None
         self._heartbeat = None
+        self._cache = None  # the parent's: its blocks are the parent session's
+        self._flusher = None
+        self._flush_wake = threading.Event()
         self._lock = threading.Lock()
 
     def _request(self, op: Op, *args: Any, timeout_s: float | None = None) -> list[Any]:
@@ -224,14 +298,17 @@ class Client:
             return
         self._closed = True
         self._stop_heartbeat.set()
-        transport, self._transport = self._transport, None
+        self._flush_wake.set()
+        transport = self._transport
         if transport is None or self._pid != os.getpid():
+            self._transport = None
             return
         try:
-            transport.request(Op.BYE, timeout_s=min(self.timeout_s, 2.0))
+            transport.request(Op.BYE, timeout_s=min(self.timeout_s, 2.0), late=False)
         except DaemonUnavailable:
             pass
         finally:
+            self._transport = None
             transport.close()
 
     def __enter__(self) -> Client:
@@ -240,16 +317,19 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _ndarray_base(self) -> Any:
+        return _ndarray_base(self._arena_key)
+
     def __repr__(self) -> str:
         return f"<shmarena.Client {self.name!r} session={self.session} epoch={self.epoch}>"
 
     # -- buffers -----------------------------------------------------------
 
     def _buffer(self, wire: list[int], state: str) -> Buffer:
-        handle = Handle(*wire)
+        _, _, offset, size, gen = wire
         assert self._arena_view is not None
-        view = self._arena_view[handle.offset : handle.offset + handle.size]
-        return Buffer(self, handle, view, state)
+        view = self._arena_view[offset : offset + size]
+        return Buffer(self, offset, size, gen, view, state, None)
 
     def alloc(self, size: int) -> Buffer:
         """A buffer of exactly `size` bytes, owned by this session.
@@ -257,40 +337,174 @@ class Client:
         Raises OutOfMemory (a MemoryError) when no free block is large enough;
         its message gives the largest free block and the free total.
         """
+        cache = self._cache
+        if cache is not None and type(size) is int and 0 < size <= cache.max_bytes:
+            cls = cache.classes.get(size) or cache.class_of(size)
+            got = cache.take(size, cls, 0)
+            if got is not None:
+                offset = got[0]
+                view = self._arena_view[offset : offset + size]  # type: ignore[index]
+                return Buffer(self, offset, size, got[1], view, "owned", cache)
+            return self._alloc_miss(size, cls, 0, None)
         return self._alloc(size, None, False)
 
     def alloc_many(self, sizes: Sequence[int]) -> list[Buffer]:
-        """Several buffers in one round trip; all or none."""
-        return self._alloc_many(sizes, None, False)
+        """Several buffers; all or none, one round trip at most."""
+        return self._alloc_many(sizes, None, False, 0)
+
+    def _alloc_cached(self, size: int, owner_id: int, owner: str | None) -> Buffer:
+        cache = self._cache
+        if cache is not None and type(size) is int and 0 < size <= cache.max_bytes:
+            cls = cache.class_of(size)
+            got = cache.take(size, cls, owner_id)
+            if got is not None:
+                offset = got[0]
+                view = self._arena_view[offset : offset + size]  # type: ignore[index]
+                return Buffer(self, offset, size, got[1], view, "owned", cache)
+            return self._alloc_miss(size, cls, owner_id, owner)
+        return self._alloc(size, owner, False)
+
+    def _alloc_miss(self, size: int, cls: int, owner_id: int, owner: str | None) -> Buffer:
+        """Refill the class (one round trip), then take from it."""
+        while True:
+            cache = self._cache
+            if cache is None:  # forked: the next request opens our own session
+                return self._alloc(size, owner, False)
+            self._refill(cache, [cls, cache.batch(cls), 1], [], owner)
+            got = cache.take(size, cls, owner_id)
+            if got is not None:  # else another thread took them first: again
+                offset = got[0]
+                view = self._arena_view[offset : offset + size]  # type: ignore[index]
+                return Buffer(self, offset, size, got[1], view, "owned", cache)
+
+    def _refill(
+        self, cache: Cache, fills: list[int], sizes: list[int], owner: str | None
+    ) -> list[list[int]]:
+        """One FILL round trip; on OutOfMemory, give the cache's other blocks
+        back to the arena and try once more with just what is needed."""
+        try:
+            taken, direct, notices = self._request(Op.FILL, fills, cache.mark(), sizes, owner)
+        except OutOfMemory:
+            if not cache.drain_all():
+                raise
+            needed = [
+                n for i in range(0, len(fills), 3) for n in (fills[i], fills[i + 2], fills[i + 2])
+            ]
+            taken, direct, notices = self._request(Op.FILL, needed, cache.mark(), sizes, owner)
+        cache.notice(notices)
+        for i, offsets in enumerate(taken):
+            cache.add(fills[3 * i], offsets)
+        return direct  # type: ignore[no-any-return]
 
     def _alloc(self, size: int, owner: str | None, detached: bool) -> Buffer:
         _check_size(size)
         (wire,) = self._request(Op.ALLOC, size, owner, detached)
         return self._buffer(wire, "owned")
 
-    def _alloc_many(self, sizes: Sequence[int], owner: str | None, detached: bool) -> list[Buffer]:
+    def _alloc_many(
+        self, sizes: Sequence[int], owner: str | None, detached: bool, owner_id: int
+    ) -> list[Buffer]:
         sizes = list(sizes)
         for size in sizes:
             _check_size(size)
         if not sizes:
             return []
-        (wires,) = self._request(Op.ALLOC_MANY, sizes, owner, detached)
-        return [self._buffer(w, "owned") for w in wires]
+        if len(sizes) > MAX_BATCH:
+            raise InvalidRequest(
+                f"alloc_many takes at most {MAX_BATCH} sizes per call, got {len(sizes)}"
+            )
+        cache = self._cache
+        if cache is None or detached or not cache.max_bytes:
+            (wires,) = self._request(Op.ALLOC_MANY, sizes, owner, detached)
+            return [self._buffer(w, "owned") for w in wires]
+        # Count what the cache lacks per class; one FILL brings it, together
+        # with the sizes too large for the cache; then every cached size hits.
+        wanted: dict[int, int] = {}
+        large = []
+        for size in sizes:
+            if size <= cache.max_bytes:
+                cls = cache.class_of(size)
+                wanted[cls] = wanted.get(cls, 0) + 1
+            else:
+                large.append(size)
+        fills: list[int] = []
+        for cls, count in wanted.items():
+            missing = cache.missing(cls, count)
+            if missing:
+                fills += (cls, min(4096, missing + cache.batch(cls)), missing)
+        direct: list[list[int]] = []
+        if fills or large:
+            direct = self._refill(cache, fills, large, owner)
+        buffers = []
+        direct_iter = iter(direct)
+        for size in sizes:
+            if size > cache.max_bytes:
+                buffers.append(self._buffer(next(direct_iter), "owned"))
+            else:
+                buffers.append(self._alloc_cached(size, owner_id, owner))
+        return buffers
 
     def free(self, target: Buffer | Handle | Iterable[Buffer | Handle]) -> Recycled:
-        """Free one buffer or handle, or many in one request (all or none).
+        """Free one buffer or handle, or many at once.
 
-        StaleHandle when one was freed or recycled already; then nothing is freed.
+        A buffer from this process's cache goes back to it at once. Any other
+        block is freed by the daemon, without waiting for its answer: a refusal
+        (StaleHandle: it was freed or recycled already) is raised by the next
+        call. Buffers are all checked before any is freed. Returns the number
+        of blocks and bytes (as carved) given back.
         """
         items = [target] if isinstance(target, (Buffer, Handle)) else list(target)
-        handles = [_handle_of(item) for item in items]
-        if not handles:
-            return Recycled(0, 0)
-        ((blocks, freed),) = self._request(Op.FREE, [list(h) for h in handles])
+        seen = set()
         for item in items:
             if isinstance(item, Buffer):
-                item._done()
-        return Recycled(blocks, freed)
+                if item._state == "done":
+                    raise StaleHandle(
+                        f"buffer at offset {item._offset:#x} was freed or released already "
+                        "(double free); nothing was freed"
+                    )
+                if id(item) in seen:
+                    raise StaleHandle(
+                        "the same buffer appears twice in one free; nothing was freed"
+                    )
+                seen.add(id(item))
+        total = 0
+        for item in items:
+            if isinstance(item, Buffer):
+                total += self._free_buffer(item)
+            else:
+                total += self._free_handle(_as_handle(item))
+        return Recycled(len(items), total)
+
+    def _free_buffer(self, buf: Buffer) -> int:
+        if buf._state == "done":
+            raise StaleHandle(
+                f"buffer at offset {buf._offset:#x} was freed or released already "
+                "(double free); nothing was freed"
+            )
+        cache = buf._cache
+        if cache is not None and cache is self._cache:
+            carved = cache.give(buf._offset, buf._gen, buf._size, buf._escaped)
+        else:
+            carved = self._post_free((self.epoch, 0, buf._offset, buf._size, buf._gen))
+        buf._done()
+        return carved
+
+    def _free_handle(self, handle: Handle) -> int:
+        cache = self._cache
+        if cache is not None and handle.generation >> GEN_SHIFT == self.session:
+            # Made by this very cache: it knows whether the block is still out.
+            return cache.give(handle.offset, handle.generation, handle.size, escaped=True)
+        return self._post_free(tuple(handle))  # type: ignore[arg-type]
+
+    def _post_free(self, handle: tuple[int, int, int, int, int]) -> int:
+        cache = self._cache
+        if cache is None:  # forked: open our own session first
+            self._request(Op.PING)
+            cache = self._cache
+            assert cache is not None
+        cache.post_free(handle)
+        unit = cache.min_block
+        return -(-handle[3] // unit) * unit
 
     def attach(self, handle: Handle, retain: bool = False) -> Buffer:
         """A Buffer over the block `handle` names, allocated by any process.
@@ -341,15 +555,17 @@ class Client:
         """The owner `name`, created now if needed (it shows in `shmarena owners`
         at once). As a context manager, leaving the block recycles a
         session-scoped owner."""
-        self._request(Op.OWNER, name, detached)
-        return Owner(self, name, detached)
+        (row,) = self._request(Op.OWNER, name, detached)
+        return Owner(self, name, detached, int(row.get("id", 0)))
 
     def recycle(self, name: str) -> Recycled:
         """Free every block the owner holds, in one call, and remove the owner.
 
         UnknownOwner if there is no owner of that name.
         """
-        ((blocks, freed),) = self._request(Op.RECYCLE, name)
+        (blocks, freed), notices = self._request(Op.RECYCLE, name)
+        if self._cache is not None:
+            self._cache.notice(notices)
         return Recycled(blocks, freed)
 
     # -- introspection -----------------------------------------------------
@@ -374,6 +590,17 @@ class Client:
         (problems,) = self._request(Op.CHECK)
         return list(problems)
 
+    def sync(self) -> None:
+        """Wait until the daemon has applied everything this client did so far
+        (cache hand-outs, frees sent without waiting). Raises a refusal of any
+        of them, as the exception the daemon gave."""
+        (notices,) = self._request(Op.SYNC)
+        cache, transport = self._cache, self._transport
+        if cache is not None:
+            cache.notice(notices)
+        if transport is not None:
+            transport.raise_late()
+
     def ping(self) -> float:
         (now,) = self._request(Op.PING)
         return float(now)
@@ -393,9 +620,11 @@ def connect(
     runtime_dir: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     label: str = "",
+    cache: bool = True,
 ) -> Client:
-    """Connect to the daemon `name` (see `Client`)."""
-    return Client(name, runtime_dir=runtime_dir, timeout_s=timeout_s, label=label)
+    """Connect to the daemon `name` (see `Client`; `cache=False` sends every
+    alloc to the daemon)."""
+    return Client(name, runtime_dir=runtime_dir, timeout_s=timeout_s, label=label, cache=cache)
 
 
 def _default_runtime_dir() -> str:
@@ -411,6 +640,17 @@ def _map(shm_name: str, epoch: int, size_bytes: int) -> memoryview:
             found = (mapping, memoryview(mapping))
             _MAPPINGS[key] = found
         return found[1]
+
+
+def _ndarray_base(key: tuple[str, int]) -> Any:
+    """One numpy uint8 array over the whole mapping, per process: slicing it
+    is several times cheaper than np.frombuffer per buffer."""
+    base = _ARRAYS.get(key)
+    if base is None:
+        import numpy as np
+
+        base = _ARRAYS[key] = np.frombuffer(_MAPPINGS[key][0], dtype=np.uint8)
+    return base
 
 
 def _check_size(size: int) -> None:

@@ -1,21 +1,32 @@
-"""One DEALER socket to the daemon: request ids, timeouts, and the ONE place
-where an error reply becomes an exception.
+"""One DEALER socket to the daemon: request ids, timeouts, one-way posts, and
+the ONE place where an error reply becomes an exception.
 
 A Transport is safe to share between threads (one request at a time, under a
 lock). It belongs to the process that made it: after fork() the client makes
 a new one instead of touching this one (see client.py).
+
+One-way requests (POST: batched bookkeeping and frees) get no reply when they
+succeed. A refusal comes back later as a LATE_ERR reply; it is kept and raised
+by the next request, before that request is sent, so the refusal is never
+mistaken for the answer to something else and no result is lost to it.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import zmq
 
-from shmarena.errors import DaemonUnavailable, ProtocolError, from_wire
-from shmarena.protocol import MAX_FRAME_BYTES, OK, Op, decode, encode
+from shmarena.errors import DaemonUnavailable, ProtocolError, ShmArenaError, from_wire
+from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, OK, Op, decode
+
+
+def _no_events() -> list[list[int]]:
+    return []
 
 
 class Transport:
@@ -39,24 +50,33 @@ class Transport:
         self.lock = threading.Lock()
         self.next_id = 1
         self.closed = False
+        self.packer = msgpack.Packer(use_bin_type=True)
+        # Called under the lock before anything is sent: bookkeeping that must
+        # reach the daemon first (the client's cache events), as POST bodies.
+        self.pending: Callable[[], list[list[int]]] = _no_events
+        self.late: list[ShmArenaError] = []
 
-    def request(self, op: Op, *args: Any, timeout_s: float | None = None) -> list[Any]:
+    def request(
+        self, op: Op, *args: Any, timeout_s: float | None = None, late: bool = True
+    ) -> list[Any]:
         """Send one request and wait for its reply; returns the result items.
 
         Raises the daemon's error as its exception class, or DaemonUnavailable
-        when no reply comes within the timeout.
+        when no reply comes within the timeout. First, unless `late` is False,
+        raises the refusal of an earlier one-way request, if one came back.
         """
         timeout = self.timeout_s if timeout_s is None else timeout_s
         with self.lock:
-            if self.closed:
-                raise DaemonUnavailable(
-                    f"this client of daemon {self.name!r} is closed; connect again",
-                    socket_path=self.socket_path,
-                )
+            self._check_open()
+            sock = self.socket
+            if late:
+                if sock.poll(0, zmq.POLLIN):
+                    self._collect(sock)
+                self._raise_late()
+            self._send_pending()
             request_id = self.next_id
             self.next_id += 1
-            sock = self.socket
-            sock.send(encode([int(op), request_id, *args]))
+            sock.send(self.packer.pack([int(op), request_id, *args]))
             deadline_ms = timeout * 1000
             while True:
                 if not sock.poll(max(0, int(deadline_ms)), zmq.POLLIN):
@@ -70,21 +90,83 @@ class Transport:
                 if not isinstance(reply, list) or len(reply) < 2:
                     raise ProtocolError(f"malformed reply from the daemon: {reply!r:.80}")
                 if reply[1] != request_id:
-                    continue  # a late reply to an earlier request that timed out
+                    self._keep_if_late(reply)
+                    continue  # or a late reply to an earlier request that timed out
                 if reply[0] == OK:
                     return reply[2:]
-                raise from_wire(*(reply[2:5] + [None] * (5 - len(reply))))
+                raise _error(reply)
 
-    def close(self, wait_s: float | None = None) -> None:
-        """Close the socket (pending messages are dropped). With `wait_s`, give
-        up instead if another thread holds the socket that long (at exit)."""
+    def flush(self) -> None:
+        """Send the pending bookkeeping now, without waiting for anything."""
+        with self.lock:
+            if not self.closed:
+                self._send_pending()
+
+    def raise_late(self) -> None:
+        """Raise a refusal of an earlier one-way request, if one came back."""
+        with self.lock:
+            if not self.closed and self.socket.poll(0, zmq.POLLIN):
+                self._collect(self.socket)
+            self._raise_late()
+
+    def _send_pending(self) -> None:
+        for events in self.pending():
+            request_id = self.next_id
+            self.next_id += 1
+            self.socket.send(self.packer.pack([int(Op.POST), request_id, events]))
+
+    def _collect(self, sock: zmq.Socket[Any]) -> None:
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reply = decode(frame)
+            if isinstance(reply, list) and len(reply) >= 2:
+                self._keep_if_late(reply)
+
+    def _keep_if_late(self, reply: list[Any]) -> None:
+        if reply[0] == LATE_ERR:
+            self.late.append(_error(reply))
+
+    def _raise_late(self) -> None:
+        if self.late:
+            first, rest = self.late[0], len(self.late) - 1
+            self.late.clear()
+            if rest:
+                first.message = f"{first.message} (and {rest} more refusals)"
+                first.args = (first.message,)
+            raise first
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise DaemonUnavailable(
+                f"this client of daemon {self.name!r} is closed; connect again",
+                socket_path=self.socket_path,
+            )
+
+    def close(self, wait_s: float | None = None, linger_s: float = 0.0) -> None:
+        """Close the socket. With `linger_s`, first send the pending
+        bookkeeping and give it that long to leave. With `wait_s`, give up
+        instead if another thread holds the socket that long (at exit)."""
         if not self.lock.acquire(timeout=-1 if wait_s is None else wait_s):
             return
         try:
             if self.closed:
                 return
             self.closed = True
-            self.socket.close(linger=0)
+            linger = 0
+            if linger_s > 0:
+                try:
+                    self._send_pending()
+                    linger = int(linger_s * 1000)
+                except zmq.ZMQError:
+                    pass
+            self.socket.close(linger=linger)
             self.context.term()
         finally:
             self.lock.release()
+
+
+def _error(reply: list[Any]) -> ShmArenaError:
+    return from_wire(*(reply[2:5] + [None] * (5 - len(reply))))

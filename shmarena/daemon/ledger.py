@@ -13,6 +13,14 @@ disagree: every live allocation in the buddy is exactly one `Block` here.
 - A *retain* is a reader's reference on a block. Freeing or recycling a
   retained block takes it away from its owner at once, but the memory goes
   back to the buddy only when the last retaining session releases it or ends.
+- A *cached* block sits in a client's cache: carved from the buddy and held by
+  that session, but handed to no owner yet. The client hands cached blocks out
+  without asking, numbering them in its session's generation space, and tells
+  the ledger afterwards in batches (`apply_events`). A block that came from a
+  session's cache goes back to that cache, not to the buddy, whenever it is
+  let go while the session lives (the session learns of it from a *notice*);
+  so a client can never be left holding a block the ledger gave to someone
+  else. When the session ends, its cache goes back to the buddy.
 
 Time comes in as ``now`` (seconds since the epoch); nothing here reads a clock.
 Errors are raised as `shmarena.errors` exceptions; the service turns them into
@@ -26,7 +34,17 @@ from dataclasses import dataclass, field
 
 from shmarena.config import format_size
 from shmarena.errors import InvalidRequest, OutOfMemory, StaleHandle, UnknownOwner
-from shmarena.protocol import MAX_OWNER_NAME, MAX_SIZE_BYTES, Handle
+from shmarena.protocol import (
+    ASSIGN,
+    DRAIN,
+    FREE_EVENT,
+    GEN_SHIFT,
+    MAX_FILLS,
+    MAX_OWNER_NAME,
+    MAX_SIZE_BYTES,
+    UNASSIGN,
+    Handle,
+)
 from shmarena.shm.buddy import Buddy
 
 SESSION = "session"
@@ -34,14 +52,16 @@ DETACHED = "detached"
 IMPLICIT_PREFIX = "session-"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Block:
     offset: int
-    size: int  # bytes the user asked for
+    size: int  # bytes the user asked for (the class size while cached)
     carved: int  # bytes the allocator holds for it (size rounded up to min block)
     generation: int
-    owner: str | None  # None once freed/recycled while still retained
-    retainers: dict[int, int] = field(default_factory=dict)  # session id -> count
+    owner: str | None  # None while cached, or once freed/recycled while still retained
+    retainers: dict[int, int] | None = None  # session id -> count
+    cache_session: int = 0  # the session whose cache it came from, 0 for none
+    cached: bool = False  # sitting in that cache right now
 
 
 @dataclass(eq=False)
@@ -66,6 +86,10 @@ class Session:
     watched: bool  # True: a pidfd tells us when it dies; False: lease
     owners: set[str] = field(default_factory=set)
     retained: set[int] = field(default_factory=set)  # offsets of blocks it retains
+    cached: set[int] = field(default_factory=set)  # offsets of blocks in its cache
+    notices: list[int] = field(default_factory=list)  # flat offset, generation pairs
+    owner_ids: list[str] = field(default_factory=list)  # id -> owner name, for ASSIGN
+    cached_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,6 +109,7 @@ class Ledger:
         self.generation = 0
         self.requested_bytes = 0  # bytes asked for by the blocks owners hold
         self.owned_bytes = 0  # carved bytes of blocks owners hold
+        self.cached_bytes = 0  # carved bytes sitting in client caches
         self._next_session = 1
 
     # -- sessions ------------------------------------------------------------
@@ -93,6 +118,7 @@ class Ledger:
         self, pid: int, start_ticks: int, label: str, now: float, watched: bool
     ) -> Session:
         session = Session(self._next_session, pid, start_ticks, label, now, now, watched)
+        session.owner_ids.append(implicit_owner(session.id))
         self._next_session += 1
         self.sessions[session.id] = session
         return session
@@ -112,10 +138,12 @@ class Ledger:
                 freed += result.bytes
         for offset in list(session.retained):
             block = self.blocks.get(offset)
-            if block is not None:
+            if block is not None and block.retainers:
                 block.retainers.pop(session_id, None)
                 self._maybe_release(block)
         session.retained.clear()
+        for offset in list(session.cached):
+            self._drain(session, self.blocks[offset])
         return Freed(blocks, freed)
 
     def session(self, session_id: int) -> Session:
@@ -228,9 +256,9 @@ class Ledger:
             result.append(block)
         return result
 
-    def free(self, handles: Iterable[Handle]) -> Freed:
+    def free(self, handles: Iterable[Handle], now: float = 0.0) -> Freed:
         """Free blocks by handle, all or none: every handle is checked first."""
-        blocks = [self.lookup(h, for_free=True) for h in handles]
+        blocks = [self.lookup(h, for_free=True, now=now) for h in handles]
         if len({id(b) for b in blocks}) != len(blocks):
             raise StaleHandle("the same handle appears twice in one free; nothing was freed")
         freed = 0
@@ -241,10 +269,12 @@ class Ledger:
                 self._disown(block, owner)
         return Freed(len(blocks), freed)
 
-    def retain(self, session_id: int, handles: Iterable[Handle]) -> int:
+    def retain(self, session_id: int, handles: Iterable[Handle], now: float = 0.0) -> int:
         session = self.sessions[session_id]
-        blocks = [self.lookup(h, for_free=True) for h in handles]
+        blocks = [self.lookup(h, for_free=True, now=now) for h in handles]
         for block in blocks:
+            if block.retainers is None:
+                block.retainers = {}
             block.retainers[session_id] = block.retainers.get(session_id, 0) + 1
             session.retained.add(block.offset)
         return len(blocks)
@@ -253,13 +283,14 @@ class Ledger:
         session = self.sessions[session_id]
         blocks = [self.lookup(h, for_free=False) for h in handles]
         for block in blocks:
-            if session_id not in block.retainers:
+            if not block.retainers or session_id not in block.retainers:
                 raise InvalidRequest(
                     f"session {session_id} releases block {block.offset:#x} "
                     "that it does not retain; nothing was released",
                     offset=block.offset,
                 )
         for block in blocks:
+            assert block.retainers is not None
             count = block.retainers[session_id] - 1
             if count:
                 block.retainers[session_id] = count
@@ -269,11 +300,16 @@ class Ledger:
                 self._maybe_release(block)
         return len(blocks)
 
-    def lookup(self, handle: Handle, for_free: bool) -> Block:
+    def lookup(self, handle: Handle, for_free: bool, now: float = 0.0) -> Block:
         """The block a handle names, or StaleHandle saying why it is not live.
 
         `for_free`: the block must still belong to an owner (not only be kept
         alive by readers after its owner let go).
+
+        A handle a client cache made may arrive (from another process) before
+        that client's report of it: the handle itself proves the hand-out, so
+        the block is assigned here and then to the session's own owner; the
+        report, when it comes, finds it done.
         """
         if handle.epoch != self.epoch:
             raise StaleHandle(
@@ -282,6 +318,10 @@ class Ledger:
                 handle=list(handle),
             )
         block = self.blocks.get(handle.offset) if handle.segment == 0 else None
+        if block is not None and block.cached and self._may_assign(block, handle.generation):
+            if 0 < handle.size <= block.carved:
+                session = self.sessions[block.cache_session]
+                self._assign(session, block, handle.size, handle.generation, 0, now)
         if block is None or block.generation != handle.generation or block.size != handle.size:
             raise StaleHandle(
                 f"no live block at offset {handle.offset:#x} with generation "
@@ -289,26 +329,229 @@ class Ledger:
                 "free)",
                 handle=list(handle),
             )
-        if for_free and block.owner is None:
+        if block.cached or (for_free and block.owner is None):
             raise StaleHandle(
-                f"block at offset {handle.offset:#x} was already freed by its owner; "
-                f"it stays mapped only while {len(block.retainers)} reader(s) retain it",
+                f"block at offset {handle.offset:#x} was already freed by its owner"
+                + (
+                    f"; it stays mapped only while {len(block.retainers)} reader(s) retain it"
+                    if block.retainers
+                    else ""
+                ),
                 handle=list(handle),
             )
         return block
 
-    def _disown(self, block: Block, owner: Owner) -> None:
+    def _disown(self, block: Block, owner: Owner, notify: bool = True) -> None:
         del owner.blocks[block.offset]
         owner.bytes -= block.carved
         self.owned_bytes -= block.carved
         self.requested_bytes -= block.size
         block.owner = None
-        self._maybe_release(block)
+        self._maybe_release(block, notify)
 
-    def _maybe_release(self, block: Block) -> None:
-        if block.owner is None and not block.retainers:
+    def _maybe_release(self, block: Block, notify: bool = True) -> None:
+        """A block nobody holds any more goes back where it came from: the
+        cache of its (living) session, else the buddy."""
+        if block.owner is not None or block.retainers:
+            return
+        session = self.sessions.get(block.cache_session) if block.cache_session else None
+        if session is None:
             del self.blocks[block.offset]
             self.buddy.free(block.offset)
+            return
+        block.cached = True
+        block.size = block.carved
+        session.cached.add(block.offset)
+        session.cached_bytes += block.carved
+        self.cached_bytes += block.carved
+        if notify:
+            session.notices += (block.offset, block.generation)
+
+    # -- client caches -------------------------------------------------------
+
+    def fill(
+        self,
+        session_id: int,
+        fills: list[int],
+        mark: int,
+        sizes: list[int],
+        owner_name: str | None,
+        detached: bool,
+        now: float,
+    ) -> tuple[list[list[int]], list[Block]]:
+        """Refill a client cache (and allocate `sizes` directly, as alloc_many).
+
+        `fills` is flat (class_bytes, count, need) triples: `need` blocks of each
+        class are required, together with `sizes`, all or none; more, up to
+        `count`, are carved if they fit. New cached blocks start at generation
+        `mark`, which must lie in the session's space.
+        """
+        session = self.sessions[session_id]
+        triples = self._check_fills(session_id, fills, mark)
+        buddy = self.buddy
+        taken: list[list[int]] = []
+        for class_bytes, count, need in triples:
+            offsets: list[int] = []
+            taken.append(offsets)
+            for _ in range(count):
+                offset = buddy.alloc(class_bytes)
+                if offset is None:
+                    break
+                offsets.append(offset)
+            if len(offsets) < need:
+                for group in taken:
+                    for offset in group:
+                        buddy.free(offset)
+                raise self._out_of_memory(class_bytes, class_bytes * need if need > 1 else None)
+        try:
+            direct = self.alloc_many(session_id, sizes, owner_name, detached, now) if sizes else []
+        except BaseException:
+            for group in taken:
+                for offset in group:
+                    buddy.free(offset)
+            raise
+        for (class_bytes, _, _), offsets in zip(triples, taken, strict=True):
+            for offset in offsets:
+                block = Block(offset, class_bytes, class_bytes, mark, None, None, session_id, True)
+                self.blocks[offset] = block
+                session.cached.add(offset)
+            session.cached_bytes += class_bytes * len(offsets)
+            self.cached_bytes += class_bytes * len(offsets)
+        return taken, direct
+
+    def _check_fills(self, session_id: int, fills: list[int], mark: int) -> list[tuple[int, ...]]:
+        if len(fills) % 3 or len(fills) > 3 * MAX_FILLS:
+            raise InvalidRequest(
+                f"fill: fills must be (class_bytes, count, need) triples, at most {MAX_FILLS}, "
+                f"got {len(fills)} integers",
+                op="fill",
+            )
+        if mark >> GEN_SHIFT != session_id:
+            raise InvalidRequest(
+                f"fill: mark {mark} is not in the generation space of session {session_id}",
+                op="fill",
+            )
+        triples = [tuple(fills[i : i + 3]) for i in range(0, len(fills), 3)]
+        unit = self.buddy.min_block_bytes
+        for class_bytes, count, need in triples:
+            if (
+                class_bytes <= 0
+                or class_bytes % unit
+                or class_bytes > self.buddy.size_bytes
+                or not 0 <= need <= count <= 4096
+            ):
+                raise InvalidRequest(
+                    f"fill: class of {class_bytes} bytes x {count} (need {need}) is not a "
+                    f"multiple of the {unit}-byte block, or out of range",
+                    op="fill",
+                )
+        return triples
+
+    def owner_id(self, session_id: int, name: str) -> int:
+        """The number ASSIGN events of this session use for owner `name`."""
+        ids = self.sessions[session_id].owner_ids
+        try:
+            return ids.index(name)
+        except ValueError:
+            ids.append(name)
+            return len(ids) - 1
+
+    def take_notices(self, session_id: int) -> list[int]:
+        session = self.sessions[session_id]
+        notices, session.notices = session.notices, []
+        return notices
+
+    def apply_events(self, session_id: int, events: list[tuple[int, ...]], now: float) -> list[str]:
+        """Apply a client's batched bookkeeping, in order. Each event stands on
+        its own: one that does not fit is skipped and reported, the others are
+        applied (they describe what already happened in the client)."""
+        session = self.sessions[session_id]
+        problems: list[str] = []
+        for event in events:
+            kind = event[0]
+            try:
+                if kind == ASSIGN:
+                    self._event_assign(session, event, now)
+                elif kind == UNASSIGN:
+                    self._event_unassign(session, event)
+                elif kind == FREE_EVENT:
+                    self.free([Handle(*event[1:])], now)
+                elif kind == DRAIN:
+                    block = self.blocks.get(event[1])
+                    if block is None or not block.cached or block.cache_session != session.id:
+                        raise StaleHandle(f"drain: no block of this cache at {event[1]:#x}")
+                    self._drain(session, block)
+            except (StaleHandle, InvalidRequest) as error:
+                problems.append(str(error))
+        return problems
+
+    def _may_assign(self, block: Block, generation: int) -> bool:
+        return generation >> GEN_SHIFT == block.cache_session and generation > block.generation
+
+    def _event_assign(self, session: Session, event: tuple[int, ...], now: float) -> None:
+        _, offset, size, generation, owner_id = event
+        block = self.blocks.get(offset)
+        if block is None or block.cache_session != session.id:
+            raise StaleHandle(f"assign: no block of this session's cache at {offset:#x}")
+        if block.cached:
+            if self._may_assign(block, generation):
+                if not 0 < size <= block.carved:
+                    raise InvalidRequest(f"assign: size {size} does not fit block {offset:#x}")
+                self._assign(session, block, size, generation, owner_id, now)
+            # else: already handed out and given back through another process
+            return
+        if block.generation == generation and block.owner is not None:
+            # Assigned already by a handle that arrived first: move it to its owner.
+            if 0 <= owner_id < len(session.owner_ids):
+                wanted = session.owner_ids[owner_id]
+                if wanted != block.owner:
+                    current = self.owners[block.owner]
+                    del current.blocks[offset]
+                    current.bytes -= block.carved
+                    target = self.open_owner(wanted, session.id, False, now)
+                    target.blocks[offset] = block
+                    target.bytes += block.carved
+                    block.owner = wanted
+            return
+        if block.generation >= generation:
+            return  # handed out and let go before this report arrived
+        raise StaleHandle(f"assign: block {offset:#x} is not in this session's cache")
+
+    def _assign(
+        self, session: Session, block: Block, size: int, generation: int, owner_id: int, now: float
+    ) -> None:
+        if not 0 <= owner_id < len(session.owner_ids):
+            raise InvalidRequest(f"assign: unknown owner id {owner_id}")
+        owner = self.open_owner(session.owner_ids[owner_id], session.id, False, now)
+        session.cached.discard(block.offset)
+        session.cached_bytes -= block.carved
+        self.cached_bytes -= block.carved
+        block.cached = False
+        block.size = size
+        block.generation = generation
+        block.owner = owner.name
+        owner.blocks[block.offset] = block
+        owner.bytes += block.carved
+        self.owned_bytes += block.carved
+        self.requested_bytes += size
+
+    def _event_unassign(self, session: Session, event: tuple[int, ...]) -> None:
+        _, offset, generation = event
+        block = self.blocks.get(offset)
+        if block is None or block.cache_session != session.id or block.generation != generation:
+            raise StaleHandle(f"unassign: block {offset:#x} generation {generation} is not live")
+        if block.cached:
+            return  # it came back through another process first (recycle, free by handle)
+        if block.owner is None:
+            raise StaleHandle(f"unassign: block {offset:#x} was freed already")
+        self._disown(block, self.owners[block.owner], notify=False)
+
+    def _drain(self, session: Session, block: Block) -> None:
+        session.cached.discard(block.offset)
+        session.cached_bytes -= block.carved
+        self.cached_bytes -= block.carved
+        del self.blocks[block.offset]
+        self.buddy.free(block.offset)
 
     def _out_of_memory(self, size: int, batch_total: int | None) -> OutOfMemory:
         buddy = self.buddy
@@ -343,7 +586,7 @@ class Ledger:
     # -- reading -------------------------------------------------------------
 
     def retained_only(self) -> list[Block]:
-        return [b for b in self.blocks.values() if b.owner is None]
+        return [b for b in self.blocks.values() if b.owner is None and not b.cached]
 
     def check(self) -> list[str]:
         """Every invariant between ledger and buddy; empty when healthy."""
@@ -363,14 +606,31 @@ class Ledger:
                     problems.append(f"block {offset:#x} of owner {owner.name!r} is misfiled")
         if owned != self.owned_bytes:
             problems.append(f"owned bytes {self.owned_bytes} != sum over owners {owned}")
+        cached = 0
         for block in self.blocks.values():
             if live.get(block.offset) != block.carved:
                 problems.append(f"block {block.offset:#x} carved size disagrees with buddy")
-            if block.owner is None and not block.retainers:
+            if block.cached:
+                cached += block.carved
+                session = self.sessions.get(block.cache_session)
+                if session is None or block.offset not in session.cached:
+                    problems.append(f"cached block {block.offset:#x} is in no living cache")
+                if block.owner is not None or block.retainers:
+                    problems.append(f"cached block {block.offset:#x} is also held")
+            elif block.owner is None and not block.retainers:
                 problems.append(f"block {block.offset:#x} has neither owner nor retainer")
-            for sid in block.retainers:
+            for sid in block.retainers or ():
                 if sid not in self.sessions:
                     problems.append(f"block {block.offset:#x} retained by ended session {sid}")
+        if cached != self.cached_bytes:
+            problems.append(f"cached bytes {self.cached_bytes} != sum over cached blocks {cached}")
+        if sum(s.cached_bytes for s in self.sessions.values()) != cached:
+            problems.append("cached bytes per session do not add up")
+        for session in self.sessions.values():
+            for offset in session.cached:
+                block = self.blocks.get(offset)
+                if block is None or not block.cached or block.cache_session != session.id:
+                    problems.append(f"session {session.id} caches {offset:#x} it does not hold")
         return problems
 
 

@@ -233,9 +233,10 @@ class Server:
                     if extra:
                         payload = b"\xc1"  # never valid msgpack: gets a protocol error
                     reply = service.handle(peer, payload, time.time())
+                    if reply:  # a one-way request that succeeded gets none
+                        send(peer, SNDMORE)
+                        send(reply)
                     self._sync_watches()
-                    send(peer, SNDMORE)
-                    send(reply)
                     if service.stopping:
                         break
             for fd in [fd for fd in events if isinstance(fd, int) and fd in self.pidfds]:

@@ -21,10 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from shmarena.daemon.ledger import DETACHED, Block, Freed, Ledger
-from shmarena.errors import InvalidRequest, ProtocolError, ShmArenaError
+from shmarena.errors import InvalidRequest, ProtocolError, ShmArenaError, StaleHandle
 from shmarena.protocol import (
+    LATE_ERR,
     MAX_PID,
+    MAX_SESSIONS,
     MUTATING_OPS,
+    ONE_WAY_OPS,
     PROTOCOL_VERSION,
     REPLY_CACHE_ENTRIES,
     Handle,
@@ -70,9 +73,17 @@ class _Counters:
     allocs: int = 0
     frees: int = 0
     recycles: int = 0
+    fills: int = 0
+    filled_blocks: int = 0
+    posts: int = 0
+    events: int = 0
+    late_errors: int = 0
     sessions_opened: int = 0
     sessions_reclaimed: int = 0
     reclaimed_bytes: int = 0
+
+
+ONE_WAY = frozenset(int(op) for op in ONE_WAY_OPS)
 
 
 def _extfrag(index: float | None) -> float:
@@ -100,6 +111,9 @@ class Service:
             Op.RECYCLE: self._recycle,
             Op.RETAIN: self._retain,
             Op.RELEASE: self._release,
+            Op.FILL: self._fill,
+            Op.POST: self._post,
+            Op.SYNC: self._sync,
             Op.STATS: self._stats,
             Op.OWNERS: self._owners,
             Op.CLIENTS: self._clients,
@@ -110,13 +124,20 @@ class Service:
     # -- the one entry point -----------------------------------------------
 
     def handle(self, peer: bytes, payload: bytes, now: float) -> bytes:
-        """The reply frame for one request frame. Never raises."""
+        """The reply frame for one request frame (empty: send nothing, for a
+        one-way request that succeeded). Never raises."""
         self.counters.requests += 1
         request_id: Any = None
-        keep = False
+        keep = one_way = False
         session_id = self.peers.get(peer)
         try:
-            request = parse_request(decode(payload))
+            message = decode(payload)
+            # Known before the checks, so even a malformed one-way request
+            # gets its refusal as a late error.
+            one_way = (
+                isinstance(message, list) and bool(message) and type(message[0]) is int
+            ) and message[0] in ONE_WAY
+            request = parse_request(message)
             request_id = request.request_id
             keep = request.op in MUTATING_OPS
             if session_id is not None and keep:
@@ -145,6 +166,11 @@ class Service:
                 request_id,
                 ShmArenaError(f"internal error in the daemon: {type(error).__name__}: {error}"),
             )
+        if one_way:
+            if not reply:
+                return b""
+            self.counters.late_errors += 1
+            reply[0] = LATE_ERR
         frame = encode(reply)
         if keep and session_id is not None and session_id in self.replies:
             cache = self.replies[session_id]
@@ -166,6 +192,11 @@ class Service:
             )
         if not 0 < pid <= MAX_PID:
             raise InvalidRequest(f"hello: pid must be in 1..{MAX_PID}, got {pid}")
+        if peer not in self.peers and self.ledger._next_session > MAX_SESSIONS:
+            raise ShmArenaError(
+                f"daemon {self.info.name!r} has opened {MAX_SESSIONS} sessions since it "
+                "started, its limit; restart it"
+            )
         session_id = self.peers.get(peer)
         if session_id is None:
             session = self.ledger.open_session(pid, start_ticks, label[:200], now, False)
@@ -246,22 +277,55 @@ class Service:
 
     def _free(self, session_id: int, request: Request, now: float) -> list[Any]:
         handles: list[Handle] = request.args[0]
-        freed = self.ledger.free(handles)
+        freed = self.ledger.free(handles, now)
         self.counters.frees += freed.blocks
         return ok_reply(request.request_id, [freed.blocks, freed.bytes])
 
     def _owner(self, session_id: int, request: Request, now: float) -> list[Any]:
         name, detached = request.args
         owner = self.ledger.open_owner(name, session_id, detached, now)
-        return ok_reply(request.request_id, self._owner_row(owner, now))
+        row = self._owner_row(owner, now)
+        row["id"] = self.ledger.owner_id(session_id, name)
+        return ok_reply(request.request_id, row)
 
     def _recycle(self, session_id: int, request: Request, now: float) -> list[Any]:
         freed = self.ledger.recycle(request.args[0])
         self.counters.recycles += 1
-        return ok_reply(request.request_id, [freed.blocks, freed.bytes])
+        notices = self.ledger.take_notices(session_id)
+        return ok_reply(request.request_id, [freed.blocks, freed.bytes], notices)
+
+    def _fill(self, session_id: int, request: Request, now: float) -> list[Any]:
+        fills, mark, sizes, owner, detached = request.args
+        taken, direct = self.ledger.fill(session_id, fills, mark, sizes, owner, detached, now)
+        self.counters.fills += 1
+        self.counters.filled_blocks += sum(map(len, taken))
+        self.counters.allocs += len(direct)
+        return ok_reply(
+            request.request_id,
+            taken,
+            [self._wire(b) for b in direct],
+            self.ledger.take_notices(session_id),
+        )
+
+    def _post(self, session_id: int, request: Request, now: float) -> list[Any]:
+        events = request.args[0]
+        self.counters.posts += 1
+        self.counters.events += len(events)
+        problems = self.ledger.apply_events(session_id, events, now)
+        if not problems:
+            return []
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise StaleHandle(
+            f"{len(problems)} of {len(events)} frees or hand-outs this client sent without "
+            f"waiting were refused: {problems[0]}{more}",
+            problems=problems[:20],
+        )
+
+    def _sync(self, session_id: int, request: Request, now: float) -> list[Any]:
+        return ok_reply(request.request_id, self.ledger.take_notices(session_id))
 
     def _retain(self, session_id: int, request: Request, now: float) -> list[Any]:
-        return ok_reply(request.request_id, self.ledger.retain(session_id, request.args[0]))
+        return ok_reply(request.request_id, self.ledger.retain(session_id, request.args[0], now))
 
     def _release(self, session_id: int, request: Request, now: float) -> list[Any]:
         return ok_reply(request.request_id, self.ledger.release(session_id, request.args[0]))
@@ -292,12 +356,16 @@ class Service:
             "size_bytes": info.size_bytes,
             "used_bytes": ledger.owned_bytes,
             "requested_bytes": ledger.requested_bytes,
+            "cached_bytes": ledger.cached_bytes,
+            "cached_blocks": sum(len(s.cached) for s in ledger.sessions.values()),
             "retained_only_bytes": sum(b.carved for b in retained_only),
             "retained_only_blocks": len(retained_only),
             "free_bytes": free,
             "largest_free_bytes": largest,
             "min_block_bytes": info.min_block_bytes,
-            "live_blocks": len(ledger.blocks) - len(retained_only),
+            "live_blocks": len(ledger.blocks)
+            - len(retained_only)
+            - sum(len(s.cached) for s in ledger.sessions.values()),
             "owners": len(ledger.owners),
             "sessions": len(ledger.sessions),
             "fragmentation": round(1 - largest / free, 4) if free else 0.0,
@@ -350,6 +418,8 @@ class Service:
                     "blocks": sum(len(o.blocks) for o in owners),
                     "bytes": sum(o.bytes for o in owners),
                     "retained": len(session.retained),
+                    "cached_blocks": len(session.cached),
+                    "cached_bytes": session.cached_bytes,
                 }
             )
         return ok_reply(request.request_id, rows)

@@ -64,11 +64,13 @@ def test_numpy_view_shares_bytes(client: shmarena.Client) -> None:
     buf.free()
 
 
-def test_exact_fit_five_pages_use_five_pages(client: shmarena.Client) -> None:
+def test_exact_fit_five_pages_use_five_pages(daemon: Daemon) -> None:
+    client = daemon.client(cache=False)  # the daemon's own fit, no cache classes
     before = client.stats()["used_bytes"]
     buf = client.alloc(5 * 4096)
     assert client.stats()["used_bytes"] - before == 5 * 4096
     buf.free()
+    client.sync()  # the free was sent without waiting
     stats = client.stats()
     assert stats["used_bytes"] == before
     assert stats["free_bytes"] == stats["largest_free_bytes"] == stats["size_bytes"]
@@ -152,7 +154,7 @@ def test_retained_block_survives_owner_recycle(
     stats = client.stats()
     assert stats["used_bytes"] == 0
     assert stats["retained_only_bytes"] == 4096
-    assert stats["free_bytes"] == stats["size_bytes"] - 4096
+    assert stats["free_bytes"] + stats["cached_bytes"] == stats["size_bytes"] - 4096
     # Nobody else can be handed those bytes while the reader holds them.
     others = client.alloc_many([4096] * 8)
     assert all(o.offset != buf.offset for o in others)
@@ -164,10 +166,15 @@ def test_retained_block_survives_owner_recycle(
         assert reader.stdout.readline().strip() == "released"
     else:
         reader.send_signal(signal.SIGKILL)
+    # It goes back to the cache it came from (this client's), not to the arena.
     wait_for(
-        lambda: client.stats()["free_bytes"] == client.stats()["size_bytes"],
+        lambda: client.stats()["retained_only_bytes"] == 0,
         what="retained block to return",
     )
+    stats = client.stats()
+    assert stats["free_bytes"] + stats["cached_bytes"] == stats["size_bytes"]
+    client.sync()  # brings the daemon's notice: the cache hands it out next
+    assert client.alloc(4096).offset == buf.offset
     reader.stdin.close()
     reader.wait(timeout=30)
     assert client.check() == []
@@ -211,10 +218,22 @@ def test_double_free_and_stale_handles(client: shmarena.Client) -> None:
     buf.free()
     with pytest.raises(shmarena.StaleHandle, match="double free"):
         client.free(handle)
+    with pytest.raises(shmarena.StaleHandle, match="double free"):
+        buf.free()
     with pytest.raises(shmarena.StaleHandle, match="epoch"):
         client.attach(handle._replace(epoch=handle.epoch + 1))
-    with pytest.raises(shmarena.StaleHandle):
-        client.free(handle._replace(epoch=handle.epoch + 1))
+    # A block the daemon handed out directly is freed without waiting: the
+    # refusal of a second free comes with the next call.
+    big = client.alloc(4 << 20)
+    big_handle = big.handle
+    big.free()
+    client.free(big_handle)
+    with pytest.raises(shmarena.StaleHandle, match="double free"):
+        client.sync()
+    client.free(handle._replace(epoch=handle.epoch + 1, generation=1))
+    client.stats()  # its refusal arrives while this call waits ...
+    with pytest.raises(shmarena.StaleHandle, match="epoch"):
+        client.list_owners()  # ... and is raised by the next one, before it is sent
     with pytest.raises(ValueError):
         buf.view[0]  # the Buffer's own view is released on free
     assert client.check() == []

@@ -1,0 +1,261 @@
+"""The per-process fast path: size classes, batched refill and drain, and
+batched bookkeeping. No I/O here: the client does the round trips.
+
+Sizes up to `max_bytes` are served from free lists of *size classes*. A class
+is a whole number of minimum blocks: up to 8 minimum blocks every multiple,
+above that 8 classes per power of two, so a class exceeds the size it serves
+by less than 1/8 (12.5 %) beyond the page rounding every allocation pays.
+
+A hit is a list pop (alloc) or push (free) under a lock, plus a few dict
+operations; nothing is sent. What the daemon must know (which owner a block
+went to, that it came back) queues up as *events* and leaves in batches
+(`take_events`), before any synchronous request of the client and at the
+latest `FLUSH_DELAY_S` after the first one queued (the client's flusher thread).
+
+Two shortcuts keep the daemon's work small without making it wrong:
+- a block handed out and given back before the next flush, whose handle never
+  left the process (nobody read `Buffer.handle`), is never reported at all;
+  the daemon's state after the flush is the same either way;
+- a block whose handle did leave goes back to the cache only when the daemon
+  says so (a *notice*), because another process may still retain it.
+
+Generations of the blocks this cache hands out are numbered in the session's
+own space (``session << GEN_SHIFT | counter``), so no round trip is needed to
+get one and no other process can make the same.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+
+from shmarena.errors import StaleHandle
+from shmarena.protocol import (
+    ASSIGN,
+    DRAIN,
+    EVENT_LENGTH,
+    FREE_EVENT,
+    GEN_SHIFT,
+    UNASSIGN,
+)
+
+CACHE_MAX_BYTES = 1 << 20  # largest size served from the cache
+BATCH_BYTES = 2 << 20  # what one refill of a class aims to carve
+MAX_BATCH_BLOCKS = 64
+FLUSH_DELAY_S = 0.005  # bookkeeping reaches the daemon this long after it happened, at most
+FLUSH_AT = 4096  # queued integers that trigger a flush at once
+POST_CHUNK = 16384  # integers per POST message (well under MAX_EVENTS and the frame limit)
+
+
+def size_class(size: int, min_block: int) -> int:
+    """The class that serves `size`: page rounding up to 8 minimum blocks, then
+    8 classes per power of two."""
+    if size <= 8 * min_block:
+        return -(-size // min_block) * min_block
+    step = 1 << ((size - 1).bit_length() - 4)
+    return -(-size // step) * step
+
+
+def split_events(flat: list[int], limit: int = POST_CHUNK) -> list[list[int]]:
+    """Cut a flat event list into POST bodies of at most `limit` integers,
+    at event boundaries."""
+    chunks: list[list[int]] = []
+    start = index = 0
+    end = len(flat)
+    while index < end:
+        step = EVENT_LENGTH[flat[index]]
+        if index + step - start > limit:
+            chunks.append(flat[start:index])
+            start = index
+        index += step
+    if start < end:
+        chunks.append(flat[start:end])
+    return chunks
+
+
+class Cache:
+    def __init__(
+        self,
+        session: int,
+        epoch: int,
+        min_block: int,
+        arena_bytes: int,
+        wake: Callable[[], None],
+        enabled: bool = True,
+    ) -> None:
+        self.session = session
+        self.epoch = epoch
+        self.min_block = min_block
+        # Small arenas (tests, tight budgets) get a small cache: at most 1/64 of
+        # the arena per refill, and nothing above that is cached.
+        self.batch_bytes = max(min_block, min(BATCH_BYTES, arena_bytes // 64))
+        # Disabled: nothing is served from here; the queue still carries the
+        # one-way frees.
+        self.max_bytes = min(CACHE_MAX_BYTES, self.batch_bytes) if enabled else 0
+        self.lock = threading.Lock()
+        self.lists: dict[int, list[int]] = {}  # class bytes -> free offsets
+        self.home: dict[int, int] = {}  # offset -> class, for every block of this cache
+        self.assigned: dict[int, int] = {}  # offset -> generation, handed out here
+        self.awaiting: dict[int, int] = {}  # offset -> generation, freed, daemon to confirm
+        self.fresh: dict[int, tuple[int, int, int]] = {}  # unreported: size, gen, owner id
+        self.pending: list[int] = []  # events in order
+        self.dirty = False
+        self.wake = wake
+        self.classes: dict[int, int] = {}  # size -> class, memo
+        self._gens = itertools.count((session << GEN_SHIFT) + 1)
+        self.hits = self.misses = 0
+
+    # -- sizes ---------------------------------------------------------------
+
+    def class_of(self, size: int) -> int:
+        cls = self.classes.get(size)
+        if cls is None:
+            cls = size_class(size, self.min_block)
+            if len(self.classes) < 65536:
+                self.classes[size] = cls
+        return cls
+
+    def batch(self, cls: int) -> int:
+        return max(1, min(MAX_BATCH_BLOCKS, self.batch_bytes // cls))
+
+    def mark(self) -> int:
+        """A generation newer than any handed out so far (for a refill)."""
+        return next(self._gens)
+
+    def missing(self, cls: int, count: int) -> int:
+        return max(0, count - len(self.lists.get(cls, ())))
+
+    # -- the hot path --------------------------------------------------------
+
+    def take(self, size: int, cls: int, owner_id: int) -> tuple[int, int] | None:
+        """(offset, generation) of a block for `size`, or None on a miss."""
+        with self.lock:
+            free = self.lists.get(cls)
+            if not free:
+                self.misses += 1
+                return None
+            offset = free.pop()
+            gen = next(self._gens)
+            self.assigned[offset] = gen
+            self.fresh[offset] = (size, gen, owner_id)
+            self.hits += 1
+            if not self.dirty:
+                self.dirty = True
+                self.wake()
+        return offset, gen
+
+    def give(self, offset: int, gen: int, size: int, escaped: bool) -> int:
+        """Take back a block handed out here; its class bytes. StaleHandle if
+        it is not out under that generation (freed or recycled already)."""
+        with self.lock:
+            if self.assigned.get(offset) != gen:
+                raise StaleHandle(
+                    f"block at offset {offset:#x} (generation {gen}) was freed or its owner "
+                    "recycled already (double free or use after free); nothing was freed",
+                    offset=offset,
+                    generation=gen,
+                )
+            del self.assigned[offset]
+            cls = self.home[offset]
+            if escaped:
+                # Another process may hold the handle (and a retain): the
+                # daemon frees it and tells us when the block is ours again.
+                self._report(offset)
+                self.awaiting[offset] = gen
+                self.pending += (FREE_EVENT, self.epoch, 0, offset, size, gen)
+            else:
+                if self.fresh.pop(offset, None) is None:
+                    self.pending += (UNASSIGN, offset, gen)
+                self._push(cls, offset)
+            if not self.dirty:
+                self.dirty = True
+                self.wake()
+        return cls
+
+    def post_free(self, handle: tuple[int, int, int, int, int]) -> None:
+        """Queue a free by handle of a block that is not this cache's."""
+        with self.lock:
+            self.pending += (FREE_EVENT, *handle)
+            if not self.dirty:
+                self.dirty = True
+                self.wake()
+
+    def escape(self, offset: int) -> None:
+        """The block's handle is leaving this process: its hand-out must be
+        reported, never folded away."""
+        with self.lock:
+            self._report(offset)
+
+    def _report(self, offset: int) -> None:
+        entry = self.fresh.pop(offset, None)
+        if entry is not None:
+            self.pending += (ASSIGN, offset, *entry)
+
+    def _push(self, cls: int, offset: int) -> None:
+        free = self.lists.setdefault(cls, [])
+        free.append(offset)
+        if len(free) > 2 * self.batch(cls):
+            # Give the coldest back (pops take from the end).
+            extra = len(free) - self.batch(cls)
+            for offset in free[:extra]:
+                del self.home[offset]
+                self.pending += (DRAIN, offset)
+            del free[:extra]
+
+    # -- what the daemon said ------------------------------------------------
+
+    def add(self, cls: int, offsets: list[int]) -> None:
+        with self.lock:
+            for offset in offsets:
+                self.home[offset] = cls
+            self.lists.setdefault(cls, []).extend(offsets)
+
+    def notice(self, flat: list[int]) -> None:
+        """Blocks the daemon put back into this cache (freed or recycled
+        through someone else, or released by the last reader)."""
+        if not flat:
+            return
+        with self.lock:
+            for i in range(0, len(flat) - 1, 2):
+                offset, gen = flat[i], flat[i + 1]
+                if self.assigned.get(offset) == gen:
+                    del self.assigned[offset]
+                elif self.awaiting.get(offset) == gen:
+                    del self.awaiting[offset]
+                else:
+                    continue
+                cls = self.home.get(offset)
+                if cls is not None:
+                    self._push(cls, offset)
+
+    def drain_all(self) -> int:
+        """Queue every free cached block for return to the arena; bytes queued."""
+        with self.lock:
+            total = 0
+            for cls, free in self.lists.items():
+                for offset in free:
+                    del self.home[offset]
+                    self.pending += (DRAIN, offset)
+                total += cls * len(free)
+                free.clear()
+            if total and not self.dirty:
+                self.dirty = True
+                self.wake()
+            return total
+
+    def take_events(self) -> list[list[int]]:
+        """Everything to report, as POST bodies, in order; the queue is empty after."""
+        with self.lock:
+            self.dirty = False
+            if not self.pending and not self.fresh:
+                return []
+            flat = self.pending
+            self.pending = []
+            for offset, (size, gen, owner_id) in self.fresh.items():
+                flat += (ASSIGN, offset, size, gen, owner_id)
+            self.fresh.clear()
+        return split_events(flat)
+
+    def cached_bytes(self) -> int:
+        return sum(cls * len(free) for cls, free in self.lists.items())
