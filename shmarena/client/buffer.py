@@ -36,13 +36,13 @@ class Buffer:
         "_view",
         "_state",
         "_cache",
-        "_escaped",
         "_handle",
     )
 
     # _state: "owned" (allocated here), "attached" (no reference), "retained",
     # or "done" (freed or released). _cache: the client cache it came from, if
-    # any. _escaped: its handle was read, so another process may know it.
+    # any. _handle: made when first read; from then on another process may
+    # know the block.
 
     def __init__(
         self,
@@ -61,7 +61,6 @@ class Buffer:
         self._view = view
         self._state = state
         self._cache = cache
-        self._escaped = cache is None
         self._handle: Handle | None = None
 
     @property
@@ -69,12 +68,10 @@ class Buffer:
         """Names this block for other processes (`client.attach(handle)`)."""
         handle = self._handle
         if handle is None:
-            if not self._escaped:
-                self._escaped = True
-                self._cache.escape(self._offset)  # type: ignore[union-attr]
-            handle = self._handle = Handle(
-                self._client.epoch, 0, self._offset, self._size, self._gen
-            )
+            if self._cache is not None:
+                self._cache.escape(self._offset)
+            handle = Handle(self._client.epoch, 0, self._offset, self._size, self._gen)
+            self._handle = handle
         return handle
 
     @property
@@ -123,9 +120,14 @@ class Buffer:
         return raw.view(dt).reshape(shape_t)
 
     def free(self) -> None:
-        """Give the block back (one request). StaleHandle if it was freed or
-        recycled already."""
-        self._client.free(self)
+        """Give the block back: to this process's cache if it came from there
+        (no message), else to the daemon without waiting. StaleHandle if it was
+        freed or recycled already."""
+        cache = self._cache
+        if cache is not None and cache.client is not None:
+            cache.take_back(self)
+        else:
+            self._client._free_buffer(self)
 
     def release(self) -> None:
         """Drop this process's reference on an attached block (see

@@ -29,7 +29,9 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from shmarena.client.buffer import Buffer
 from shmarena.errors import StaleHandle
 from shmarena.protocol import (
     ASSIGN,
@@ -39,6 +41,9 @@ from shmarena.protocol import (
     GEN_SHIFT,
     UNASSIGN,
 )
+
+if TYPE_CHECKING:
+    from shmarena.client.client import Client
 
 CACHE_MAX_BYTES = 1 << 20  # largest size served from the cache
 BATCH_BYTES = 2 << 20  # what one refill of a class aims to carve
@@ -82,6 +87,8 @@ class Cache:
         min_block: int,
         arena_bytes: int,
         wake: Callable[[], None],
+        client: Client,
+        view: memoryview,
         enabled: bool = True,
     ) -> None:
         self.session = session
@@ -95,6 +102,7 @@ class Cache:
         self.max_bytes = min(CACHE_MAX_BYTES, self.batch_bytes) if enabled else 0
         self.lock = threading.Lock()
         self.lists: dict[int, list[int]] = {}  # class bytes -> free offsets
+        self.high: dict[int, int] = {}  # class bytes -> length that triggers a drain
         self.home: dict[int, int] = {}  # offset -> class, for every block of this cache
         self.assigned: dict[int, int] = {}  # offset -> generation, handed out here
         self.awaiting: dict[int, int] = {}  # offset -> generation, freed, daemon to confirm
@@ -102,9 +110,11 @@ class Cache:
         self.pending: list[int] = []  # events in order
         self.dirty = False
         self.wake = wake
+        self.client = client
+        self.view = view  # the whole arena
         self.classes: dict[int, int] = {}  # size -> class, memo
         self._gens = itertools.count((session << GEN_SHIFT) + 1)
-        self.hits = self.misses = 0
+        self.misses = 0
 
     # -- sizes ---------------------------------------------------------------
 
@@ -128,8 +138,10 @@ class Cache:
 
     # -- the hot path --------------------------------------------------------
 
-    def take(self, size: int, cls: int, owner_id: int) -> tuple[int, int] | None:
-        """(offset, generation) of a block for `size`, or None on a miss."""
+    def hand_out(self, size: int, owner_id: int) -> Buffer | None:
+        """A Buffer of `size` bytes from the free list of its class, or None
+        on a miss. The hot path: keep it short."""
+        cls = self.classes.get(size) or self.class_of(size)
         with self.lock:
             free = self.lists.get(cls)
             if not free:
@@ -139,23 +151,56 @@ class Cache:
             gen = next(self._gens)
             self.assigned[offset] = gen
             self.fresh[offset] = (size, gen, owner_id)
-            self.hits += 1
             if not self.dirty:
                 self.dirty = True
                 self.wake()
-        return offset, gen
+        view = self.view[offset : offset + size]
+        return Buffer(self.client, offset, size, gen, view, "owned", self)
+
+    def take_back(self, buf: Buffer) -> int:
+        """Free a Buffer this cache handed out; its class bytes. The hot path
+        of free: a block whose handle never left the process goes straight
+        back on its free list."""
+        if buf._handle is not None:  # its handle may be elsewhere
+            cls = self.give(buf._offset, buf._gen, buf._size, True)
+            buf._done()
+            return cls
+        offset = buf._offset
+        with self.lock:
+            if self.assigned.get(offset) != buf._gen or buf._state != "owned":
+                raise self._stale(offset, buf._gen)
+            del self.assigned[offset]
+            if self.fresh.pop(offset, None) is None:
+                self.pending += (UNASSIGN, offset, buf._gen)
+                if not self.dirty:
+                    self.dirty = True
+                    self.wake()
+            cls = self.home[offset]
+            free = self.lists[cls]
+            free.append(offset)
+            if len(free) > self.high[cls]:
+                self._drain_cold(cls)
+            buf._state = "done"
+        try:
+            buf._view.release()
+        except BufferError:
+            pass  # the caller still holds a view made from ours
+        return cls
+
+    def _stale(self, offset: int, gen: int) -> StaleHandle:
+        return StaleHandle(
+            f"block at offset {offset:#x} (generation {gen}) was freed or its owner "
+            "recycled already (double free or use after free); nothing was freed",
+            offset=offset,
+            generation=gen,
+        )
 
     def give(self, offset: int, gen: int, size: int, escaped: bool) -> int:
         """Take back a block handed out here; its class bytes. StaleHandle if
         it is not out under that generation (freed or recycled already)."""
         with self.lock:
             if self.assigned.get(offset) != gen:
-                raise StaleHandle(
-                    f"block at offset {offset:#x} (generation {gen}) was freed or its owner "
-                    "recycled already (double free or use after free); nothing was freed",
-                    offset=offset,
-                    generation=gen,
-                )
+                raise self._stale(offset, gen)
             del self.assigned[offset]
             cls = self.home[offset]
             if escaped:
@@ -193,15 +238,22 @@ class Cache:
             self.pending += (ASSIGN, offset, *entry)
 
     def _push(self, cls: int, offset: int) -> None:
-        free = self.lists.setdefault(cls, [])
+        free = self.lists[cls]
         free.append(offset)
-        if len(free) > 2 * self.batch(cls):
-            # Give the coldest back (pops take from the end).
-            extra = len(free) - self.batch(cls)
-            for offset in free[:extra]:
-                del self.home[offset]
-                self.pending += (DRAIN, offset)
-            del free[:extra]
+        if len(free) > self.high[cls]:
+            self._drain_cold(cls)
+
+    def _drain_cold(self, cls: int) -> None:
+        """Give the coldest blocks of a class back (pops take from the end)."""
+        free = self.lists[cls]
+        extra = len(free) - self.batch(cls)
+        for offset in free[:extra]:
+            del self.home[offset]
+            self.pending += (DRAIN, offset)
+        del free[:extra]
+        if not self.dirty:
+            self.dirty = True
+            self.wake()
 
     # -- what the daemon said ------------------------------------------------
 
@@ -209,7 +261,10 @@ class Cache:
         with self.lock:
             for offset in offsets:
                 self.home[offset] = cls
-            self.lists.setdefault(cls, []).extend(offsets)
+            if cls not in self.lists:
+                self.lists[cls] = []
+                self.high[cls] = 2 * self.batch(cls)
+            self.lists[cls].extend(offsets)
 
     def notice(self, flat: list[int]) -> None:
         """Blocks the daemon put back into this cache (freed or recycled

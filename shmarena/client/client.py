@@ -208,6 +208,8 @@ class Client:
             int(info["min_block_bytes"]),
             int(info["size_bytes"]),
             self._wake_flusher,
+            self,
+            self._arena_view,
             enabled=self.cache_enabled,
         )
         transport.pending = cache.take_events
@@ -265,6 +267,8 @@ class Client:
             _ABANDONED.append(self._transport)
         self._transport = None
         self._heartbeat = None
+        if self._cache is not None:
+            self._cache.client = None  # type: ignore[assignment]
         self._cache = None  # the parent's: its blocks are the parent session's
         self._flusher = None
         self._flush_wake = threading.Event()
@@ -339,13 +343,7 @@ class Client:
         """
         cache = self._cache
         if cache is not None and type(size) is int and 0 < size <= cache.max_bytes:
-            cls = cache.classes.get(size) or cache.class_of(size)
-            got = cache.take(size, cls, 0)
-            if got is not None:
-                offset = got[0]
-                view = self._arena_view[offset : offset + size]  # type: ignore[index]
-                return Buffer(self, offset, size, got[1], view, "owned", cache)
-            return self._alloc_miss(size, cls, 0, None)
+            return cache.hand_out(size, 0) or self._alloc_miss(size, 0, None)
         return self._alloc(size, None, False)
 
     def alloc_many(self, sizes: Sequence[int]) -> list[Buffer]:
@@ -355,27 +353,20 @@ class Client:
     def _alloc_cached(self, size: int, owner_id: int, owner: str | None) -> Buffer:
         cache = self._cache
         if cache is not None and type(size) is int and 0 < size <= cache.max_bytes:
-            cls = cache.class_of(size)
-            got = cache.take(size, cls, owner_id)
-            if got is not None:
-                offset = got[0]
-                view = self._arena_view[offset : offset + size]  # type: ignore[index]
-                return Buffer(self, offset, size, got[1], view, "owned", cache)
-            return self._alloc_miss(size, cls, owner_id, owner)
+            return cache.hand_out(size, owner_id) or self._alloc_miss(size, owner_id, owner)
         return self._alloc(size, owner, False)
 
-    def _alloc_miss(self, size: int, cls: int, owner_id: int, owner: str | None) -> Buffer:
+    def _alloc_miss(self, size: int, owner_id: int, owner: str | None) -> Buffer:
         """Refill the class (one round trip), then take from it."""
         while True:
             cache = self._cache
             if cache is None:  # forked: the next request opens our own session
                 return self._alloc(size, owner, False)
+            cls = cache.class_of(size)
             self._refill(cache, [cls, cache.batch(cls), 1], [], owner)
-            got = cache.take(size, cls, owner_id)
-            if got is not None:  # else another thread took them first: again
-                offset = got[0]
-                view = self._arena_view[offset : offset + size]  # type: ignore[index]
-                return Buffer(self, offset, size, got[1], view, "owned", cache)
+            buf = cache.hand_out(size, owner_id)
+            if buf is not None:  # else another thread took them first: again
+                return buf
 
     def _refill(
         self, cache: Cache, fills: list[int], sizes: list[int], owner: str | None
@@ -483,9 +474,8 @@ class Client:
             )
         cache = buf._cache
         if cache is not None and cache is self._cache:
-            carved = cache.give(buf._offset, buf._gen, buf._size, buf._escaped)
-        else:
-            carved = self._post_free((self.epoch, 0, buf._offset, buf._size, buf._gen))
+            return cache.take_back(buf)
+        carved = self._post_free((self.epoch, 0, buf._offset, buf._size, buf._gen))
         buf._done()
         return carved
 
