@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 CACHE_MAX_BYTES = 1 << 20  # largest size served from the cache
 BATCH_BYTES = 2 << 20  # what one refill of a class aims to carve
 MAX_BATCH_BLOCKS = 64
+MAX_CACHED_BYTES = 64 << 20  # free bytes one process's cache holds at most (or 1/16 arena)
 FLUSH_DELAY_S = 0.005  # bookkeeping reaches the daemon this long after it happened, at most
 FLUSH_AT = 4096  # queued integers that trigger a flush at once
 POST_CHUNK = 16384  # integers per POST message (well under MAX_EVENTS and the frame limit)
@@ -100,6 +101,9 @@ class Cache:
         # Disabled: nothing is served from here; the queue still carries the
         # one-way frees.
         self.max_bytes = min(CACHE_MAX_BYTES, self.batch_bytes) if enabled else 0
+        # Free bytes the cache may sit on before it gives the coldest back.
+        self.cap = max(4 * self.batch_bytes, min(MAX_CACHED_BYTES, arena_bytes // 16))
+        self.free_bytes = 0
         self.lock = threading.Lock()
         self.lists: dict[int, list[int]] = {}  # class bytes -> free offsets
         self.high: dict[int, int] = {}  # class bytes -> length that triggers a drain
@@ -148,6 +152,7 @@ class Cache:
                 self.misses += 1
                 return None
             offset = free.pop()
+            self.free_bytes -= cls
             gen = next(self._gens)
             self.assigned[offset] = gen
             self.fresh[offset] = (size, gen, owner_id)
@@ -178,7 +183,8 @@ class Cache:
             cls = self.home[offset]
             free = self.lists[cls]
             free.append(offset)
-            if len(free) > self.high[cls]:
+            self.free_bytes += cls
+            if len(free) > self.high[cls] or self.free_bytes > self.cap:
                 self._drain_cold(cls)
             buf._state = "done"
         try:
@@ -240,17 +246,26 @@ class Cache:
     def _push(self, cls: int, offset: int) -> None:
         free = self.lists[cls]
         free.append(offset)
-        if len(free) > self.high[cls]:
+        self.free_bytes += cls
+        if len(free) > self.high[cls] or self.free_bytes > self.cap:
             self._drain_cold(cls)
 
     def _drain_cold(self, cls: int) -> None:
-        """Give the coldest blocks of a class back (pops take from the end)."""
-        free = self.lists[cls]
-        extra = len(free) - self.batch(cls)
-        for offset in free[:extra]:
-            del self.home[offset]
-            self.pending += (DRAIN, offset)
-        del free[:extra]
+        """Give the coldest blocks of a class back (pops take from the end):
+        down to one batch; and when the whole cache holds more than its cap,
+        every class down to half a batch."""
+        classes = [cls] if self.free_bytes <= self.cap else list(self.lists)
+        for each in classes:
+            free = self.lists[each]
+            keep = self.batch(each) if self.free_bytes <= self.cap else self.batch(each) // 2
+            extra = len(free) - keep
+            if extra <= 0:
+                continue
+            for offset in free[:extra]:
+                del self.home[offset]
+                self.pending += (DRAIN, offset)
+            del free[:extra]
+            self.free_bytes -= each * extra
         if not self.dirty:
             self.dirty = True
             self.wake()
@@ -265,6 +280,7 @@ class Cache:
                 self.lists[cls] = []
                 self.high[cls] = 2 * self.batch(cls)
             self.lists[cls].extend(offsets)
+            self.free_bytes += cls * len(offsets)
 
     def notice(self, flat: list[int]) -> None:
         """Blocks the daemon put back into this cache (freed or recycled
@@ -294,6 +310,7 @@ class Cache:
                     self.pending += (DRAIN, offset)
                 total += cls * len(free)
                 free.clear()
+            self.free_bytes = 0
             if total and not self.dirty:
                 self.dirty = True
                 self.wake()
@@ -313,4 +330,4 @@ class Cache:
         return split_events(flat)
 
     def cached_bytes(self) -> int:
-        return sum(cls * len(free) for cls, free in self.lists.items())
+        return self.free_bytes

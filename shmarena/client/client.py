@@ -321,6 +321,12 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def cache_max_bytes(self) -> int:
+        """The largest size served from this process's cache (0: no cache)."""
+        cache = self._cache
+        return cache.max_bytes if cache is not None else 0
+
     def _ndarray_base(self) -> Any:
         return _ndarray_base(self._arena_key)
 
@@ -389,8 +395,19 @@ class Client:
 
     def _alloc(self, size: int, owner: str | None, detached: bool) -> Buffer:
         _check_size(size)
-        (wire,) = self._request(Op.ALLOC, size, owner, detached)
+        (wire,) = self._request_room(Op.ALLOC, size, owner, detached)
         return self._buffer(wire, "owned")
+
+    def _request_room(self, op: Op, *args: Any) -> list[Any]:
+        """An allocating request; on OutOfMemory, give this process's cached
+        blocks back to the arena and try once more."""
+        try:
+            return self._request(op, *args)
+        except OutOfMemory:
+            cache = self._cache
+            if cache is None or not cache.drain_all():
+                raise
+            return self._request(op, *args)
 
     def _alloc_many(
         self, sizes: Sequence[int], owner: str | None, detached: bool, owner_id: int
@@ -406,7 +423,7 @@ class Client:
             )
         cache = self._cache
         if cache is None or detached or not cache.max_bytes:
-            (wires,) = self._request(Op.ALLOC_MANY, sizes, owner, detached)
+            (wires,) = self._request_room(Op.ALLOC_MANY, sizes, owner, detached)
             return [self._buffer(w, "owned") for w in wires]
         # Count what the cache lacks per class; one FILL brings it, together
         # with the sizes too large for the cache; then every cached size hits.

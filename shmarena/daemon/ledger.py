@@ -568,6 +568,8 @@ class Ledger:
             figures += f" (fragmentation index {index if index is not None else 0:.2f})"
         else:
             state = "full"
+        if self.cached_bytes:
+            figures += f"; {format_size(self.cached_bytes)} more sit unused in client caches"
         top = sorted(self.owners.values(), key=lambda o: o.bytes, reverse=True)[:3]
         holders = ", ".join(f"{o.name} {format_size(o.bytes)}" for o in top if o.bytes)
         if holders:

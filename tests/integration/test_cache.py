@@ -1,0 +1,161 @@
+"""The per-process cache against a real daemon: hits send nothing, the
+daemon's accounting is exact after any synchronous call and catches up by
+itself, and a killed process's cache comes back."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+
+import pytest
+
+import shmarena
+from shmarena.client.cache import size_class
+from tests.conftest import Daemon, wait_for
+
+
+def round_trips(client: shmarena.Client) -> int:
+    """Requests the daemon has answered (this stats call included); one-way
+    posts of bookkeeping are not round trips."""
+    counters = client.stats()["counters"]
+    return int(counters["requests"] - counters["posts"])
+
+
+def carved(client: shmarena.Client, size: int) -> int:
+    """What a buffer of `size` holds in the arena: its cache class, or pages."""
+    unit = int(client.info["min_block_bytes"])
+    if size <= client.cache_max_bytes:
+        return size_class(size, unit)
+    return -(-size // unit) * unit
+
+
+def test_cache_hits_send_nothing(client: shmarena.Client) -> None:
+    for size in (100, 4096, 65536, 70000):
+        client.alloc(size).free()  # the first of each class fills it
+    client.sync()
+    before = round_trips(client)
+    for _ in range(2000):
+        for size in (100, 4096, 65536, 70000):
+            client.alloc(size).free()
+    client.sync()
+    # The stats call and the sync; 8000 hand-outs and frees cost no message.
+    assert round_trips(client) - before == 2
+
+
+def test_alloc_many_is_one_round_trip_at_most(client: shmarena.Client) -> None:
+    sizes = [random.Random(1).choice([512, 4096, 30000, 65536, 300000, 3 << 20]) for _ in range(64)]
+    client.sync()
+    before = round_trips(client)
+    buffers = client.alloc_many(sizes)
+    assert [b.size for b in buffers] == sizes
+    assert round_trips(client) - before == 2  # one FILL (misses and large sizes together) + stats
+    before = round_trips(client)
+    again = client.alloc_many([s for s in sizes if s <= client.cache_max_bytes][:8])
+    assert round_trips(client) - before <= 2
+    client.free(buffers + again)
+
+
+def test_accounting_is_exact_after_sync(daemon: Daemon, client: shmarena.Client) -> None:
+    rng = random.Random(7)
+    batch = client.owner("batch")
+    live: dict[int, tuple[shmarena.Buffer, str]] = {}
+    implicit = f"session-{client.session}"
+    for step in range(3000):
+        if live and (len(live) > 40 or rng.random() < 0.45):
+            key = rng.choice(list(live))
+            buf, _ = live.pop(key)
+            if rng.random() < 0.1:
+                buf.handle  # noqa: B018 - a handle that left: freed through the daemon
+            buf.free()
+        else:
+            size = int(2 ** rng.uniform(6, 21))
+            owner = batch if rng.random() < 0.3 else client
+            buf = owner.alloc(size)
+            live[id(buf)] = (buf, "batch" if owner is batch else implicit)
+        if step % 500 == 499:
+            client.sync()
+            stats = client.stats()
+            assert stats["requested_bytes"] == sum(b.size for b, _ in live.values())
+            assert stats["used_bytes"] == sum(carved(client, b.size) for b, _ in live.values())
+            assert (
+                stats["used_bytes"] + stats["cached_bytes"] + stats["free_bytes"]
+                == (stats["size_bytes"])
+            )
+            rows = {r["name"]: r for r in client.list_owners()}
+            for name in ("batch", implicit):
+                mine = [b for b, o in live.values() if o == name]
+                assert rows.get(name, {"blocks": 0})["blocks"] == len(mine)
+    assert client.check() == []
+
+
+def test_bookkeeping_reaches_the_daemon_without_a_call(daemon: Daemon) -> None:
+    worker, watcher = daemon.client(), daemon.client()
+    worker.alloc(4096).free()  # fills the class
+    worker.sync()
+    held = [worker.alloc(4096) for _ in range(10)]  # hits: nothing sent yet
+    # The worker makes no further call; its flusher reports within milliseconds.
+    wait_for(
+        lambda: watcher.stats()["used_bytes"] == 10 * 4096,
+        timeout_s=5,
+        what="the worker's hand-outs to show in stats",
+    )
+    worker.free(held)
+    wait_for(lambda: watcher.stats()["used_bytes"] == 0, timeout_s=5, what="the frees to show")
+
+
+def test_a_consumers_free_returns_the_block_to_the_producers_cache(daemon: Daemon) -> None:
+    producer, consumer = daemon.client(), daemon.client()
+    buf = producer.alloc(65536)
+    buf.view[:5] = b"hello"
+    seen = consumer.attach(buf.handle)
+    assert bytes(seen.view[:5]) == b"hello"
+    consumer.free(buf.handle)  # the consumer frees what the producer made
+    consumer.sync()
+    stats = consumer.stats()
+    assert stats["used_bytes"] == 0
+    assert stats["cached_bytes"] == producer.stats()["cached_bytes"] > 0
+    producer.sync()  # the producer learns its block is back ...
+    assert producer.alloc(65536).offset == buf.offset  # ... and hands it out again
+    with pytest.raises(shmarena.StaleHandle, match="double free"):
+        buf.free()  # the producer's own Buffer is stale now
+
+
+KILLED = r"""
+import shmarena, sys
+client = shmarena.connect()
+keep = [client.alloc(s) for s in (100, 5000, 65536, 1 << 20, 3 << 20)]
+for _ in range(50):
+    client.alloc(4096).free()
+client.sync()
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_process_cache_comes_back(daemon: Daemon, client: shmarena.Client) -> None:
+    proc = daemon.python(KILLED, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout and proc.stdout.readline().strip() == "holding"
+    stats = client.stats()
+    assert stats["cached_bytes"] > 0 and stats["used_bytes"] > 0
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    wait_for(
+        lambda: client.stats()["free_bytes"] == client.stats()["size_bytes"],
+        what="the killed process's buffers and cache to return",
+    )
+    assert proc.stdin is not None
+    proc.stdin.close()
+    assert client.check() == []
+
+
+def test_without_the_cache_every_alloc_asks_the_daemon(daemon: Daemon) -> None:
+    client = daemon.client(cache=False)
+    assert client.cache_max_bytes == 0
+    client.sync()
+    before = round_trips(client)
+    for _ in range(5):
+        client.alloc(4096).free()
+    client.sync()
+    assert round_trips(client) - before >= 5 + 1
+    assert client.stats()["cached_bytes"] == 0
