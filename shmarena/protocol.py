@@ -344,6 +344,12 @@ def encode(message: Any) -> bytes:
     return msgpack.packb(message, use_bin_type=True)
 
 
+def encoder() -> Any:
+    """A reusable `encode` for a hot loop: one Packer, 2-3x cheaper per
+    message than `encode` (which builds a Packer each call). Not thread-safe."""
+    return msgpack.Packer(use_bin_type=True).pack
+
+
 def ok_reply(request_id: int, *result: Any) -> list[Any]:
     return [OK, request_id, *result]
 

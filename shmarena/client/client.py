@@ -148,7 +148,11 @@ class Client:
     must know follows in batches: `stats()` and `shmarena owners` are exact
     after any call that waits for the daemon (`sync()`, `stats()`, an alloc
     that misses the cache ...) and at most a few milliseconds behind
-    otherwise. With `cache=False` every alloc asks the daemon. Frees of blocks
+    otherwise. With `cache=False` every alloc asks the daemon.
+
+    `populate=True` maps every page of the arena when this process first
+    connects (MAP_POPULATE: about 0.1-0.2 ms per MiB, once), so no buffer pays
+    a page fault on first touch later (2-4 us per 4 KiB page otherwise). Frees of blocks
     that are not in this process's cache are sent without waiting, in both
     modes; a refusal (a double free, say) is raised by `sync()` or the next
     call that talks to the daemon (a cache hit does not).
@@ -162,6 +166,7 @@ class Client:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         label: str = "",
         cache: bool = True,
+        populate: bool = False,
     ) -> None:
         self.name = resolve_name(name, os.environ)
         self.runtime_dir = runtime_dir or _default_runtime_dir()
@@ -169,6 +174,7 @@ class Client:
         self.timeout_s = timeout_s
         self.label = label
         self.cache_enabled = cache
+        self.populate = populate
         self._lock = threading.Lock()
         self._transport: Transport | None = None
         self._heartbeat: threading.Thread | None = None
@@ -195,7 +201,7 @@ class Client:
                 Op.HELLO, PROTOCOL_VERSION, os.getpid(), _own_start_ticks(), self.label
             )
             self._arena_key = (info["segments"][0][0], info["epoch"])
-            self._arena_view = _map(*self._arena_key, info["size_bytes"])
+            self._arena_view = _map(*self._arena_key, info["size_bytes"], self.populate)
         except BaseException:
             transport.close()
             raise
@@ -628,22 +634,30 @@ def connect(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     label: str = "",
     cache: bool = True,
+    populate: bool = False,
 ) -> Client:
     """Connect to the daemon `name` (see `Client`; `cache=False` sends every
-    alloc to the daemon)."""
-    return Client(name, runtime_dir=runtime_dir, timeout_s=timeout_s, label=label, cache=cache)
+    alloc to the daemon; `populate=True` maps every page of the arena up front)."""
+    return Client(
+        name,
+        runtime_dir=runtime_dir,
+        timeout_s=timeout_s,
+        label=label,
+        cache=cache,
+        populate=populate,
+    )
 
 
 def _default_runtime_dir() -> str:
     return runtime_dir(os.environ, os.getuid())
 
 
-def _map(shm_name: str, epoch: int, size_bytes: int) -> memoryview:
+def _map(shm_name: str, epoch: int, size_bytes: int, populate: bool) -> memoryview:
     key = (shm_name, epoch)
     with _MAPPINGS_LOCK:
         found = _MAPPINGS.get(key)
         if found is None:
-            mapping = map_segment(shm_name, size_bytes)
+            mapping = map_segment(shm_name, size_bytes, populate)
             found = (mapping, memoryview(mapping))
             _MAPPINGS[key] = found
         return found[1]

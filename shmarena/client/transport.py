@@ -18,11 +18,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import zmq
 
 from shmarena.errors import DaemonUnavailable, ProtocolError, ShmArenaError, from_wire
-from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, OK, Op, decode
+from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, OK, Op, decode, encoder
 
 
 def _no_events() -> list[list[int]]:
@@ -50,7 +49,7 @@ class Transport:
         self.lock = threading.Lock()
         self.next_id = 1
         self.closed = False
-        self.packer = msgpack.Packer(use_bin_type=True)
+        self.encode = encoder()
         # Called under the lock before anything is sent: bookkeeping that must
         # reach the daemon first (the client's cache events), as POST bodies.
         self.pending: Callable[[], list[list[int]]] = _no_events
@@ -76,7 +75,7 @@ class Transport:
             self._send_pending()
             request_id = self.next_id
             self.next_id += 1
-            sock.send(self.packer.pack([int(op), request_id, *args]))
+            sock.send(self.encode([int(op), request_id, *args]))
             deadline_ms = timeout * 1000
             while True:
                 if not sock.poll(max(0, int(deadline_ms)), zmq.POLLIN):
@@ -113,7 +112,7 @@ class Transport:
         for events in self.pending():
             request_id = self.next_id
             self.next_id += 1
-            self.socket.send(self.packer.pack([int(Op.POST), request_id, events]))
+            self.socket.send(self.encode([int(Op.POST), request_id, events]))
 
     def _collect(self, sock: zmq.Socket[Any]) -> None:
         while True:

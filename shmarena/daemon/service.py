@@ -34,7 +34,7 @@ from shmarena.protocol import (
     Op,
     Request,
     decode,
-    encode,
+    encoder,
     error_reply,
     ok_reply,
     parse_request,
@@ -101,6 +101,7 @@ class Service:
         self.replies: dict[int, OrderedDict[int, bytes]] = {}  # session -> rid -> reply
         self.counters = _Counters()
         self.stopping = False
+        self._encode = encoder()
         self._dispatch: dict[Op, Callable[[int, Request, float], list[Any]]] = {
             Op.BYE: self._bye,
             Op.PING: self._ping,
@@ -171,7 +172,7 @@ class Service:
                 return b""
             self.counters.late_errors += 1
             reply[0] = LATE_ERR
-        frame = encode(reply)
+        frame = self._encode(reply)
         if keep and session_id is not None and session_id in self.replies:
             cache = self.replies[session_id]
             cache[request_id] = frame

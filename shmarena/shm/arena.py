@@ -132,9 +132,13 @@ def _no_space_message(shm_name: str, size_bytes: int, exc: OSError) -> str:
     )
 
 
-def map_segment(shm_name: str, size_bytes: int) -> mmap.mmap:
+def map_segment(shm_name: str, size_bytes: int, populate: bool = False) -> mmap.mmap:
     """Map an existing segment read-write (for clients). Errors name the path
-    and, for permissions, its mode and owner."""
+    and, for permissions, its mode and owner.
+
+    `populate` maps every page at once (MAP_POPULATE): about 0.1-0.2 ms per MiB
+    up front (the daemon's fallocate has already allocated the pages), after
+    which a first touch costs tens of nanoseconds instead of 2-4 us per page."""
     try:
         shm = posix_ipc.SharedMemory(shm_name)
     except posix_ipc.ExistentialError:
@@ -149,7 +153,8 @@ def map_segment(shm_name: str, size_bytes: int) -> mmap.mmap:
             raise ShmArenaError(
                 f"arena {shm_path(shm_name)} is {actual} bytes, the daemon said {size_bytes}"
             )
-        return mmap.mmap(shm.fd, size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        return mmap.mmap(shm.fd, size_bytes, flags, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         shm.close_fd()
 

@@ -159,3 +159,11 @@ def test_without_the_cache_every_alloc_asks_the_daemon(daemon: Daemon) -> None:
     client.sync()
     assert round_trips(client) - before >= 5 + 1
     assert client.stats()["cached_bytes"] == 0
+
+
+def test_populate_maps_the_arena_up_front(daemon: Daemon) -> None:
+    client = daemon.client(populate=True)
+    buf = client.alloc(1 << 20)
+    buf.view[-3:] = b"end"
+    assert bytes(client.attach(buf.handle).view[-3:]) == b"end"
+    buf.free()
