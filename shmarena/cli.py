@@ -298,6 +298,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{format_size(stats['used_bytes'])} ({_pct(stats['used_bytes'], size)})"
             f" in {stats['live_blocks']} blocks",
         ),
+        (
+            "cached",
+            f"{format_size(stats['cached_bytes'])} ({_pct(stats['cached_bytes'], size)})"
+            f" in {stats['cached_blocks']} blocks held by client caches",
+        ),
         ("free", f"{format_size(stats['free_bytes'])} ({_pct(stats['free_bytes'], size)})"),
         ("largest free", format_size(stats["largest_free_bytes"])),
         ("owners", str(stats["owners"])),
@@ -392,7 +397,7 @@ def cmd_clients(args: argparse.Namespace) -> int:
     )
     if rows is None:
         return EXIT_OK
-    names = ("session", "pid", "label", "since", "watch", "owners", "blocks", "bytes")
+    names = ("session", "pid", "label", "since", "watch", "owners", "blocks", "bytes", "cached")
     cells = (
         (
             str(row["session"]),
@@ -403,6 +408,7 @@ def cmd_clients(args: argparse.Namespace) -> int:
             str(row["owners"]),
             str(row["blocks"]),
             format_size(row["bytes"]),
+            format_size(row.get("cached_bytes", 0)),
         )
         for row in rows
     )
