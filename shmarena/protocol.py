@@ -77,7 +77,7 @@ import msgpack
 
 from shmarena.errors import InvalidRequest, ProtocolError, ShmArenaError, to_wire
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # Limits. Frames above MAX_FRAME_BYTES are dropped by ZeroMQ (ZMQ_MAXMSGSIZE)
 # before they reach Python.
