@@ -297,20 +297,24 @@ def parse_request(message: Any) -> Request:
     op_code, request_id = message[0], message[1]
     if not _is_int(request_id):
         raise ProtocolError(f"request id must be an integer, got {request_id!r:.40}")
-    if not _is_int(op_code) or op_code not in Op._value2member_map_:
+    op = _OPS.get(op_code) if _is_int(op_code) else None
+    if op is None:
         raise InvalidRequest(f"unknown op {op_code!r:.40}", op=repr(op_code)[:40])
-    op = Op(op_code)
-    schema = SCHEMAS[op]
-    given = message[2:]
-    if len(given) > len(schema):
+    plan = _PLANS[op]
+    given = len(message) - 2
+    if given > len(plan):
         raise InvalidRequest(
-            f"{op.name.lower()} takes at most {len(schema)} arguments, got {len(given)}",
+            f"{op.name.lower()} takes at most {len(plan)} arguments, got {given}",
             op=op.name.lower(),
         )
     args = []
-    for index, (name, kind, default) in enumerate(schema):
-        if index < len(given):
-            args.append(_check_arg(op, name, kind, given[index]))
+    for index, (name, kind, default, simple) in enumerate(plan):
+        if index < given:
+            value = message[index + 2]
+            if type(value) in simple:  # the common case, without a call
+                args.append(value)
+            else:
+                args.append(_check_arg(op, name, kind, value))
         elif default is REQUIRED:
             raise InvalidRequest(
                 f"{op.name.lower()}: missing argument {name!r}", op=op.name.lower()
@@ -318,6 +322,21 @@ def parse_request(message: Any) -> Request:
         else:
             args.append(default)
     return Request(op, request_id, tuple(args))
+
+
+_OPS = {int(op): op for op in Op}
+# Exact types that pass a kind's check as they are; anything else goes
+# through `_check_arg` (which also handles the lists).
+_SIMPLE: dict[str, tuple[type, ...]] = {
+    INT: (int,),
+    STR: (str,),
+    OPT_STR: (str, type(None)),
+    BOOL: (bool,),
+}
+_PLANS = {
+    op: tuple((name, kind, default, _SIMPLE.get(kind, ())) for name, kind, default in schema)
+    for op, schema in SCHEMAS.items()
+}
 
 
 def decode(payload: bytes) -> Any:
