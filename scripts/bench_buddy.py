@@ -1,4 +1,4 @@
-"""Cost of the pure-Python buddy allocator: one alloc + one free per step.
+"""Cost of the pure-Python arena allocators: one alloc + one free per step.
 
 Measures the steady state with 1 000 and with 1 000 000 live blocks, for
 "mixed" sizes (4 KiB .. 1 MiB log-uniform, so most requests take the exact-fit
@@ -10,6 +10,7 @@ arena of address space is fine.
     python scripts/bench_buddy.py            # full run
     python scripts/bench_buddy.py --quick    # fewer steps
     python scripts/bench_buddy.py --json out.json
+    python scripts/bench_buddy.py --allocator buddy    # the buddy instead of extents
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shmarena.shm.buddy import Buddy  # noqa: E402
+from shmarena.shm.extents import Extents  # noqa: E402
+
+ALLOCATORS = {"extents": Extents, "buddy": Buddy}
 
 BATCH = 100  # steps timed together, so the timer's own cost stays small
 
@@ -44,9 +48,9 @@ def sizes(rng: random.Random, count: int, kind: str) -> list[int]:
     return [int(2 ** rng.uniform(12, 20)) for _ in range(count)]
 
 
-def measure(live_blocks: int, steps: int, seed: int, kind: str) -> dict[str, Any]:
+def measure(live_blocks: int, steps: int, seed: int, kind: str, allocator: str) -> dict[str, Any]:
     rng = random.Random(seed)
-    buddy = Buddy(1 << 46)  # 64 TiB of offsets
+    buddy = ALLOCATORS[allocator](1 << 46)  # 64 TiB of offsets
     rss_before = rss_bytes()
     live = [buddy.alloc(size) for size in sizes(rng, live_blocks, kind)]
     rss_after = rss_bytes()
@@ -81,10 +85,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer steps")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--allocator", choices=sorted(ALLOCATORS), default="extents")
     args = parser.parse_args()
     steps = 50_000 if args.quick else 500_000
+    print(f"allocator: {args.allocator}")
     results = [
-        measure(live, steps, args.seed, kind)
+        measure(live, steps, args.seed, kind, args.allocator)
         for kind in ("mixed", "pow2")
         for live in (1_000, 1_000_000)
     ]
@@ -106,7 +112,11 @@ def main() -> int:
         print(f"ratio 1M / 1k live blocks, {kind} sizes (median): {ratio:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": results, "ratio_1m_over_1k": ratios}, f, indent=2)
+            json.dump(
+                {"allocator": args.allocator, "results": results, "ratio_1m_over_1k": ratios},
+                f,
+                indent=2,
+            )
     return 0
 
 

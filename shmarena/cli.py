@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="smallest block, a power of two from 64 bytes (default 4K)",
     )
     daemon.add_argument(
+        "--allocator",
+        choices=("extents", "buddy"),
+        default="extents",
+        help="how the arena is carved: 'extents' (default: any free run, neighbours "
+        "joined at once; 99%% of the arena usable under churn) or 'buddy' "
+        "(power-of-two aligned blocks)",
+    )
+    daemon.add_argument(
         "--lease",
         type=float,
         default=DEFAULT_LEASE_S,
@@ -183,6 +191,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         size_bytes=args.size,
         min_block_bytes=args.min_block,
         lease_s=args.lease,
+        allocator=args.allocator,
     )
     try:
         run_daemon(options)
@@ -209,6 +218,8 @@ def _detach(args: argparse.Namespace) -> int:
         str(args.min_block),
         "--lease",
         str(args.lease),
+        "--allocator",
+        args.allocator,
     ]
     os.makedirs(args.run_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(args.run_dir, f"{args.name}.log")
@@ -339,7 +350,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for key, value in sorted(stats.get("counters", {}).items()):
         table.add_row(f"counters.{key}", str(value))
     console.print(table)
-    orders = Table(title="free blocks per order (like /proc/buddyinfo)")
+    orders = Table(
+        title="free blocks per order (like /proc/buddyinfo; order k: at least k's size, "
+        "under twice that)"
+    )
     orders.add_column("order", justify="right")
     orders.add_column("block size", justify="right")
     orders.add_column("free blocks", justify="right")

@@ -1,7 +1,7 @@
 """Who holds what: sessions, owners, blocks and their generations. Pure.
 
-The ledger is the only writer of the buddy allocator, so the two can never
-disagree: every live allocation in the buddy is exactly one `Block` here.
+The ledger is the only writer of the arena's allocator (`space`), so the two
+can never disagree: every live allocation there is exactly one `Block` here.
 
 - A *session* is one connected client process. Blocks it allocates without
   naming an owner go to its implicit owner ``session-<id>``, made on first use.
@@ -12,15 +12,15 @@ disagree: every live allocation in the buddy is exactly one `Block` here.
   allocation) makes stale handles and double frees detectable.
 - A *retain* is a reader's reference on a block. Freeing or recycling a
   retained block takes it away from its owner at once, but the memory goes
-  back to the buddy only when the last retaining session releases it or ends.
-- A *cached* block sits in a client's cache: carved from the buddy and held by
+  back to the arena only when the last retaining session releases it or ends.
+- A *cached* block sits in a client's cache: carved from the arena and held by
   that session, but handed to no owner yet. The client hands cached blocks out
   without asking, numbering them in its session's generation space, and tells
   the ledger afterwards in batches (`apply_events`). A block that came from a
-  session's cache goes back to that cache, not to the buddy, whenever it is
+  session's cache goes back to that cache, not to the arena, whenever it is
   let go while the session lives (the session learns of it from a *notice*);
   so a client can never be left holding a block the ledger gave to someone
-  else. When the session ends, its cache goes back to the buddy.
+  else. When the session ends, its cache goes back to the arena.
 
 Time comes in as ``now`` (seconds since the epoch); nothing here reads a clock.
 Errors are raised as `shmarena.errors` exceptions; the service turns them into
@@ -46,6 +46,7 @@ from shmarena.protocol import (
     Handle,
 )
 from shmarena.shm.buddy import Buddy
+from shmarena.shm.extents import Extents
 
 SESSION = "session"
 DETACHED = "detached"
@@ -99,10 +100,10 @@ class Freed:
 
 
 class Ledger:
-    def __init__(self, name: str, epoch: int, buddy: Buddy) -> None:
+    def __init__(self, name: str, epoch: int, space: Buddy | Extents) -> None:
         self.name = name
         self.epoch = epoch
-        self.buddy = buddy
+        self.space = space  # the allocator of offsets: Extents, or Buddy
         self.sessions: dict[int, Session] = {}
         self.owners: dict[str, Owner] = {}
         self.blocks: dict[int, Block] = {}  # offset -> block, live or retained-only
@@ -231,13 +232,13 @@ class Ledger:
         name = owner_name if owner_name is not None else implicit_owner(session_id)
         existed = name in self.owners
         owner = self.open_owner(name, session_id, detached and owner_name is not None, now)
-        buddy = self.buddy
+        space = self.space
         offsets: list[int] = []
         for size in sizes:
-            offset = buddy.alloc(size)
+            offset = space.alloc(size)
             if offset is None:
                 for taken in offsets:
-                    buddy.free(taken)
+                    space.free(taken)
                 if not existed:  # a refused request leaves no trace
                     del self.owners[name]
                     self.sessions[session_id].owners.discard(name)
@@ -246,7 +247,7 @@ class Ledger:
         result = []
         for offset, size in zip(offsets, sizes, strict=True):
             self.generation += 1
-            carved = buddy.allocation_bytes(offset) or 0
+            carved = space.allocation_bytes(offset) or 0
             block = Block(offset, size, carved, self.generation, owner.name)
             self.blocks[offset] = block
             owner.blocks[offset] = block
@@ -351,13 +352,13 @@ class Ledger:
 
     def _maybe_release(self, block: Block, notify: bool = True) -> None:
         """A block nobody holds any more goes back where it came from: the
-        cache of its (living) session, else the buddy."""
+        cache of its (living) session, else the arena."""
         if block.owner is not None or block.retainers:
             return
         session = self.sessions.get(block.cache_session) if block.cache_session else None
         if session is None:
             del self.blocks[block.offset]
-            self.buddy.free(block.offset)
+            self.space.free(block.offset)
             return
         block.cached = True
         block.size = block.carved
@@ -388,27 +389,27 @@ class Ledger:
         """
         session = self.sessions[session_id]
         triples = self._check_fills(session_id, fills, mark)
-        buddy = self.buddy
+        space = self.space
         taken: list[list[int]] = []
         for class_bytes, count, need in triples:
             offsets: list[int] = []
             taken.append(offsets)
             for _ in range(count):
-                offset = buddy.alloc(class_bytes)
+                offset = space.alloc(class_bytes)
                 if offset is None:
                     break
                 offsets.append(offset)
             if len(offsets) < need:
                 for group in taken:
                     for offset in group:
-                        buddy.free(offset)
+                        space.free(offset)
                 raise self._out_of_memory(class_bytes, class_bytes * need if need > 1 else None)
         try:
             direct = self.alloc_many(session_id, sizes, owner_name, detached, now) if sizes else []
         except BaseException:
             for group in taken:
                 for offset in group:
-                    buddy.free(offset)
+                    space.free(offset)
             raise
         for (class_bytes, _, _), offsets in zip(triples, taken, strict=True):
             for offset in offsets:
@@ -432,12 +433,12 @@ class Ledger:
                 op="fill",
             )
         triples = [tuple(fills[i : i + 3]) for i in range(0, len(fills), 3)]
-        unit = self.buddy.min_block_bytes
+        unit = self.space.min_block_bytes
         for class_bytes, count, need in triples:
             if (
                 class_bytes <= 0
                 or class_bytes % unit
-                or class_bytes > self.buddy.size_bytes
+                or class_bytes > self.space.size_bytes
                 or not 0 <= need <= count <= 4096
             ):
                 raise InvalidRequest(
@@ -551,19 +552,19 @@ class Ledger:
         session.cached_bytes -= block.carved
         self.cached_bytes -= block.carved
         del self.blocks[block.offset]
-        self.buddy.free(block.offset)
+        self.space.free(block.offset)
 
     def _out_of_memory(self, size: int, batch_total: int | None) -> OutOfMemory:
-        buddy = self.buddy
-        largest = buddy.largest_free_bytes()
-        free = buddy.free_bytes
-        index = buddy.fragmentation_index(size)
+        space = self.space
+        largest = space.largest_free_bytes()
+        free = space.free_bytes
+        index = space.fragmentation_index(size)
         batch = f" (in a batch of {format_size(batch_total)})" if batch_total else ""
         figures = (
             f"asked {format_size(size)}{batch}, largest free block {format_size(largest)}, "
             f"free {format_size(free)} in total"
         )
-        if free >= buddy.carved_bytes(size):
+        if free >= space.carved_bytes(size):
             state = "fragmented"
             figures += f" (fragmentation index {index if index is not None else 0:.2f})"
         else:
@@ -591,12 +592,12 @@ class Ledger:
         return [b for b in self.blocks.values() if b.owner is None and not b.cached]
 
     def check(self) -> list[str]:
-        """Every invariant between ledger and buddy; empty when healthy."""
-        problems = list(self.buddy.check())
-        live = dict(self.buddy.allocations())
+        """Every invariant between ledger and allocator; empty when healthy."""
+        problems = list(self.space.check())
+        live = dict(self.space.allocations())
         if set(live) != set(self.blocks):
             problems.append(
-                f"ledger has {len(self.blocks)} blocks, buddy has {len(live)} allocations"
+                f"ledger has {len(self.blocks)} blocks, the allocator {len(live)} allocations"
             )
         owned = 0
         for owner in self.owners.values():
@@ -611,7 +612,7 @@ class Ledger:
         cached = 0
         for block in self.blocks.values():
             if live.get(block.offset) != block.carved:
-                problems.append(f"block {block.offset:#x} carved size disagrees with buddy")
+                problems.append(f"block {block.offset:#x} carved size disagrees with the allocator")
             if block.cached:
                 cached += block.carved
                 session = self.sessions.get(block.cache_session)

@@ -49,6 +49,7 @@ class DaemonOptions:
     size_bytes: int = DEFAULT_SIZE_BYTES
     min_block_bytes: int = DEFAULT_MIN_BLOCK_BYTES
     lease_s: float = DEFAULT_LEASE_S
+    allocator: str = "extents"
 
 
 def process_start_ticks(pid: int) -> int | None:
@@ -138,6 +139,7 @@ class Server:
             started_at=started_at,
             socket_path=self.socket_path,
             lease_s=opts.lease_s,
+            allocator=opts.allocator,
             version=__version__,
         )
         self.service = Service(info, watch=self._watch)

@@ -40,6 +40,9 @@ from shmarena.protocol import (
     parse_request,
 )
 from shmarena.shm.buddy import Buddy
+from shmarena.shm.extents import Extents
+
+ALLOCATORS = {"extents": Extents, "buddy": Buddy}
 
 # watch(session_id, pid, start_ticks) -> True when the server can tell the
 # moment that process dies (pidfd), False when the session must live on a lease.
@@ -64,6 +67,7 @@ class ArenaInfo:
     socket_path: str = ""
     lease_s: float = 10.0
     version: str = ""
+    allocator: str = "extents"
 
 
 @dataclass
@@ -94,7 +98,8 @@ def _extfrag(index: float | None) -> float:
 class Service:
     def __init__(self, info: ArenaInfo, watch: Watch = _no_watch) -> None:
         self.info = info
-        self.ledger = Ledger(info.name, info.epoch, Buddy(info.size_bytes, info.min_block_bytes))
+        space = ALLOCATORS[info.allocator](info.size_bytes, info.min_block_bytes)
+        self.ledger = Ledger(info.name, info.epoch, space)
         self.watch = watch
         self.peers: dict[bytes, int] = {}  # zmq routing id -> session id
         self.session_peer: dict[int, bytes] = {}
@@ -340,7 +345,7 @@ class Service:
     def stats(self, now: float) -> dict[str, Any]:
         """Everything about the arena in one snapshot (the keys are documented
         in README.md, "stats keys")."""
-        ledger, buddy, info = self.ledger, self.ledger.buddy, self.info
+        ledger, buddy, info = self.ledger, self.ledger.space, self.info
         retained_only = ledger.retained_only()
         largest = buddy.largest_free_bytes()
         free = buddy.free_bytes
@@ -355,6 +360,7 @@ class Service:
             "started_at": info.started_at,
             "uptime_s": round(now - info.started_at, 3),
             "size_bytes": info.size_bytes,
+            "allocator": info.allocator,
             "used_bytes": ledger.owned_bytes,
             "requested_bytes": ledger.requested_bytes,
             "cached_bytes": ledger.cached_bytes,

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -42,6 +43,18 @@ def test_stats_json_has_the_documented_keys(daemon: Daemon) -> None:
         "counters": stats["counters"],
         "sessions": stats["sessions"],
     }
+    by_order = stats["free_blocks_by_order"]
+    # 64 MiB minus 5 pages is one free run of 16379 pages: order 13 (8192..16383)
+    assert {k: v for k, v in by_order.items() if v} == {"13": 1}
+    assert stats["allocator"] == "extents"
+
+
+def test_buddy_allocator_on_request(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon(extra=["--allocator", "buddy"])
+    client = daemon.client(cache=False)
+    client.alloc(5 * 4096)
+    stats = client.stats()
+    assert stats["allocator"] == "buddy" and stats["used_bytes"] == 5 * 4096
     by_order = stats["free_blocks_by_order"]
     # 64 MiB minus 5 pages leaves free buddies of 1, 2, 8, ... pages
     assert by_order["0"] == 1 and by_order["1"] == 1 and by_order["2"] == 0

@@ -14,15 +14,17 @@ from hypothesis.stateful import (
 )
 
 from shmarena.shm.buddy import Buddy
+from shmarena.shm.extents import Extents
 
 
 class BuddyMachine(RuleBasedStateMachine):
     size_bytes = 1 << 20
     min_block = 4096
+    allocator: type[Buddy] | type[Extents] = Buddy
 
     def __init__(self) -> None:
         super().__init__()
-        self.buddy = Buddy(self.size_bytes, self.min_block)
+        self.buddy = self.allocator(self.size_bytes, self.min_block)
         self.model: dict[int, int] = {}  # offset -> asked size
 
     blocks = Bundle("blocks")
@@ -55,7 +57,11 @@ class BuddyMachine(RuleBasedStateMachine):
             self.buddy.free(offset)
         self.model.clear()
         assert self.buddy.free_bytes == self.size_bytes
-        assert self.buddy.largest_free_bytes() == self.buddy.min_block_bytes << self.buddy.max_order
+        if self.allocator is Extents:  # one free run: the whole arena
+            assert self.buddy.largest_free_bytes() == self.size_bytes
+        else:  # the largest power-of-two block
+            whole = self.buddy.min_block_bytes << self.buddy.max_order
+            assert self.buddy.largest_free_bytes() == whole
 
     @invariant()
     def invariants_hold(self) -> None:
@@ -71,7 +77,19 @@ class OddArenaMachine(BuddyMachine):
     min_block = 64
 
 
+class ExtentsMachine(BuddyMachine):
+    allocator = Extents
+
+
+class OddExtentsMachine(OddArenaMachine):
+    allocator = Extents
+
+
 TestBuddy = BuddyMachine.TestCase
 TestBuddy.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
 TestOddArena = OddArenaMachine.TestCase
 TestOddArena.settings = settings(max_examples=50, stateful_step_count=50, deadline=None)
+TestExtents = ExtentsMachine.TestCase
+TestExtents.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
+TestOddExtents = OddExtentsMachine.TestCase
+TestOddExtents.settings = settings(max_examples=50, stateful_step_count=50, deadline=None)
