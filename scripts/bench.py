@@ -1,0 +1,1638 @@
+"""Benchmark shmarena against its alternatives and its own floors, side by side.
+
+What it measures (one run, five sections):
+
+1. alloc+free latency per pair at 4 KiB, 64 KiB, 1 MiB and 16 MiB for a cached
+   client (cache=True), an uncached client (cache=False: every call is a round
+   trip to the daemon), multiprocessing.shared_memory (create, close, unlink),
+   and the transport floor: one raw ZeroMQ DEALER -> ROUTER round trip of a
+   30-byte message to an echo process.
+2. aggregate cached alloc+free throughput at 64 KiB with one and with two
+   client processes started together (each its own client).
+3. handing a numpy array of 1, 16 and 256 MiB from this process (the producer)
+   to a consumer process, which makes an array over the data, reads one element
+   and acks with one byte: a shmarena handle, a shared_memory segment name, the
+   array itself through a multiprocessing.Queue (a pickled copy), and the token
+   floor (8 bytes through the same Pipe / Queue, plus the ack).
+4. memory efficiency of a fresh 1 GiB arena (uncached): log-uniform requests of
+   4 KiB .. 4 MiB (fixed seed) until the first OutOfMemory, then ten rounds of
+   "free a random half of the live buffers, refill until OutOfMemory".
+5. scale: 64 KiB alloc+free latency (cached and uncached) with 1 000 and with
+   1 000 000 live blocks (100 000 with --quick) in the daemon, and the daemon's
+   RSS at both. Two daemons started alike (256 MiB, min block 64 B) hold the
+   two states side by side, so that both are measured interleaved.
+
+How to run it (from the repository root, in a venv with shmarena installed):
+
+    python scripts/bench.py                       # full run: about a minute
+    python scripts/bench.py --quick               # under a minute, every section
+    python scripts/bench.py --rounds 8            # more rounds, less noise
+    python scripts/bench.py --json run.json       # every figure as one JSON object
+    python scripts/bench.py --save-baseline base.json
+    python scripts/bench.py --compare base.json --threshold 10
+
+The script starts its own daemons (`python -m shmarena daemon --detach`, names
+`bench-<pid>-<n>`, runtime dirs from mkdtemp) and stops them at the end, also
+on errors and Ctrl-C; afterwards nothing of it is left in /dev/shm.
+
+How to read it:
+
+- The machine it runs on may be noisy (absolute latencies can move 2-5x
+  between runs), so every measurement is interleaved: R rounds, and in every
+  round a chunk of every variant, so that noise hits all variants alike; the
+  samples of a variant are pooled over the rounds. Trust ratios between
+  variants of one run more than absolute microseconds.
+- "median" is the typical cost, "p99" the tail, both in microseconds of the
+  pooled samples. The cheap variants (cached, shared_memory) are timed 20
+  pairs per sample and divided, so the clock's own cost does not dominate;
+  their p99 is therefore the p99 of 20-pair means (a smoothed tail).
+- "x faster" ratios: higher is better. "x floor" ratios: lower is better, 1.0
+  means as cheap as the bare transport. Every ratio in the JSON says which way
+  is better.
+- Every chunk also stops after a time budget (at least 5 samples), so a slow
+  variant gets fewer samples; the tables and the JSON give the counts.
+- The "targets" table says met / missed for each goal; a missed target does
+  not change the exit status.
+- --compare FILE compares only ratio figures (never absolute times) with a
+  saved run and exits 1 when one got worse by more than --threshold percent.
+  Compare full runs: --quick ratios of an unchanged tree can move by tens of
+  percent on a noisy machine.
+
+Exit status: 0 done, 1 a ratio regressed (--compare), 2 the benchmark failed
+or could not clean up after itself, 130 interrupted (143 on SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnContext, SpawnProcess
+from multiprocessing.shared_memory import SharedMemory
+from multiprocessing.synchronize import Barrier
+from typing import Any
+
+import msgpack
+import numpy as np
+import posix_ipc
+import zmq
+from rich.console import Console
+from rich.table import Table
+
+# Benchmark the working copy this script belongs to, even without an install.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import shmarena  # noqa: E402
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+SEED = 20240611  # memory-efficiency request sizes; the churn victims use SEED + 1
+LATENCY_SIZES = (4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB)
+HANDOFF_SIZES = (1 * MiB, 16 * MiB, 256 * MiB)
+THROUGHPUT_SIZE = 64 * KiB
+SCALE_SIZE = 64 * KiB
+SCALE_SMALL = 1_000
+FLOOR_MESSAGE = b"f" * 30  # the transport floor's message: 30 bytes
+TOKEN = b"tok12345"  # the handoff floor's token: 8 bytes
+ACK, NACK = b"\x01", b"\x00"
+CHEAP_BATCH = 20  # pairs per sample for the cheap variants
+MIN_SAMPLES_PER_CHUNK = 5  # a chunk stops at its time budget, but never before this
+MAX_BATCH = 4096  # the daemon's limit of sizes / handles per request
+EFFICIENCY_CHUNK = 32  # sizes per alloc_many while filling the arena
+CHURN_ROUNDS = 10
+CHILD_TIMEOUT_S = 120.0  # longest wait for any child process' answer
+HIGHER, LOWER = "higher", "lower"  # which way a ratio is better
+
+# Rich wraps at 80 columns when the output is not a terminal: give the tables room.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+
+
+# -- plan ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of everything to do: the full run or --quick."""
+
+    quick: bool
+    rounds: int
+    warmup: int  # untimed pairs (or handoffs) per variant before the first round
+    latency_samples: int  # samples per chunk, sections 1 and 5
+    chunk_budget_s: float  # a chunk stops after this long (and MIN_SAMPLES_PER_CHUNK)
+    throughput_trial_s: float  # wanted length of one single-client trial
+    throughput_trials: int  # trials per client count per round
+    handoff_samples: int  # Pipe handoffs per chunk
+    queue_samples: dict[int, int]  # Queue handoffs per chunk, by array size
+    scale_blocks: int  # live blocks of the big scale daemon
+
+    @staticmethod
+    def make(quick: bool, rounds: int | None) -> Plan:
+        if quick:
+            return Plan(
+                quick=True,
+                rounds=rounds or 3,
+                warmup=10,
+                latency_samples=50,
+                chunk_budget_s=0.08,
+                throughput_trial_s=0.1,
+                throughput_trials=1,
+                handoff_samples=30,
+                queue_samples={1 * MiB: 4, 16 * MiB: 2, 256 * MiB: 1},
+                scale_blocks=100_000,
+            )
+        return Plan(
+            quick=False,
+            rounds=rounds or 5,
+            warmup=50,
+            latency_samples=200,
+            chunk_budget_s=0.4,
+            throughput_trial_s=0.3,
+            throughput_trials=2,
+            handoff_samples=100,
+            queue_samples={1 * MiB: 20, 16 * MiB: 4, 256 * MiB: 1},
+            scale_blocks=1_000_000,
+        )
+
+
+# -- small helpers ---------------------------------------------------------------
+
+
+def size_label(size: int) -> str:
+    """4096 -> "4KiB", 1048576 -> "1MiB" (used in table rows and JSON keys)."""
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return f"{size}B"
+
+
+def count_label(count: int) -> str:
+    """1000 -> "1k", 100000 -> "100k", 1000000 -> "1M"."""
+    if count % 1_000_000 == 0:
+        return f"{count // 1_000_000}M"
+    if count % 1_000 == 0:
+        return f"{count // 1_000}k"
+    return str(count)
+
+
+def fmt_us(value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    if value < 10:
+        return f"{value:.2f}"
+    if value < 1000:
+        return f"{value:.1f}"
+    return f"{value:,.0f}"
+
+
+def fmt_ratio(value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{value:.3g}×" if value < 100 else f"{value:,.0f}×"
+
+
+def safe_div(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+def summarize(samples_us: Sequence[float]) -> dict[str, float | int]:
+    """Median and p99 (numpy's linear interpolation) of pooled samples, in µs."""
+    if not samples_us:
+        return {"median_us": math.nan, "p99_us": math.nan, "samples": 0}
+    values = np.asarray(samples_us, dtype=np.float64)
+    return {
+        "median_us": float(np.median(values)),
+        "p99_us": float(np.percentile(values, 99)),
+        "samples": int(values.size),
+    }
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No garbage collection pauses inside timed loops (as timeit does)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C / SIGTERM while a cleanup step runs, so a second Ctrl-C
+    cannot leave a daemon or a segment behind; they take effect after it.
+
+    This swaps the Python-level handlers rather than blocking the signals:
+    blocking (pthread_sigmask) would only cover the main thread, and a signal
+    taken by any other thread (zmq's I/O threads, a Queue's feeder) still
+    raises KeyboardInterrupt in the main thread."""
+    caught: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        caught.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in caught[:1]:
+            handler = previous[signal.Signals(signum)]
+            if callable(handler):  # default_int_handler or _on_sigterm: raises
+                handler(signum, None)
+
+
+CLEANUP_PROBLEMS: list[str] = []
+
+
+def cleanup(step: Callable[..., object], *args: Any) -> Callable[[], None]:
+    """A cleanup callback for an ExitStack: runs `step` with signals deferred
+    and records (instead of raising) what went wrong, so the other cleanups
+    still run."""
+
+    def run() -> None:
+        with signals_deferred():
+            try:
+                step(*args)
+            except Exception as exc:  # reported at the end, with the others
+                CLEANUP_PROBLEMS.append(f"{getattr(step, '__qualname__', step)}: {exc!r}")
+
+    return run
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so every finally block runs."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def recv_within(conn: Connection, timeout_s: float, what: str) -> Any:
+    """conn.recv(), or RuntimeError naming `what` when nothing comes in time."""
+    if not conn.poll(timeout_s):
+        raise RuntimeError(f"{what} did not answer within {timeout_s:g} s")
+    return conn.recv()
+
+
+def tell(send: Callable[[Any], object], message: Any) -> None:
+    """Send a stop message to a child that may be gone already (then the
+    join / terminate / kill of stop_process ends it anyway)."""
+    with contextlib.suppress(OSError, ValueError):
+        send(message)
+
+
+def ignore_sigint() -> None:
+    """In child processes: Ctrl-C is the parent's business; it stops us cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# -- daemons -------------------------------------------------------------------
+
+
+class Daemon:
+    """One shmarena daemon started for this run, with its own runtime dir."""
+
+    serial = 0
+
+    def __init__(self, size: str, min_block: str) -> None:
+        Daemon.serial += 1
+        self.name = f"bench-{os.getpid()}-{Daemon.serial}"
+        self.size = size
+        self.min_block = min_block
+        self.run_dir = tempfile.mkdtemp(prefix="shmb-")
+        self.pid: int | None = None
+
+    @property
+    def shm_path(self) -> str:
+        return f"/dev/shm/shmarena-{self.name}"
+
+    def _command(self, *args: str) -> list[str]:
+        """`python -m shmarena --name NAME --runtime-dir DIR ARGS...`"""
+        return [
+            sys.executable,
+            "-m",
+            "shmarena",
+            "--name",
+            self.name,
+            "--runtime-dir",
+            self.run_dir,
+            *args,
+        ]
+
+    def start(self) -> None:
+        command = self._command(
+            "daemon", "--size", self.size, "--min-block", self.min_block, "--detach"
+        )
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"daemon {self.name} did not start (exit {done.returncode}): "
+                f"{done.stderr.strip() or done.stdout.strip()}"
+            )
+        client = self.connect(cache=False)
+        try:
+            self.pid = int(client.info["pid"])
+        finally:
+            client.close()
+
+    def connect(self, cache: bool) -> shmarena.Client:
+        return shmarena.connect(self.name, runtime_dir=self.run_dir, cache=cache)
+
+    def rss_bytes(self) -> int:
+        """The daemon's VmRSS."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _alive(self, pid: int) -> bool:
+        """Alive, not a zombie, and still a shmarena daemon of this name (so
+        a recycled pid is never signalled)."""
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, IndexError):
+            return False
+        return state != b"Z" and self.name.encode() in cmdline.split(b"\0")
+
+    def _find_pid(self) -> int | None:
+        """The pid of this daemon when start() did not learn it (it failed or
+        timed out): the process whose command line is `... shmarena daemon
+        --name NAME ...` with this run's unique NAME."""
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"daemon" in args and b"--name" in args:
+                index = args.index(b"--name")
+                if args[index + 1 : index + 2] == [self.name.encode()]:
+                    return int(entry)
+        return None
+
+    def _wait_gone(self, pid: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self._alive(pid):
+                return True
+            time.sleep(0.02)
+        return not self._alive(pid)
+
+    def stop(self) -> None:
+        """Shut the daemon down (CLI, then SIGTERM, then SIGKILL), make sure its
+        arena is gone from /dev/shm, and remove the runtime dir."""
+        pid = self.pid if self.pid is not None else self._find_pid()
+        if pid is not None and self._alive(pid):
+            try:
+                done = subprocess.run(self._command("shutdown"), capture_output=True, timeout=60)
+                asked = done.returncode == 0
+            except subprocess.TimeoutExpired:
+                asked = False
+            # `shutdown` returns before the daemon has exited: wait for it, then
+            # insist. SIGTERM stops it cleanly too; SIGKILL is the last resort.
+            polite_s = 30.0 if asked else 0.0
+            for sig, wait_s in ((None, polite_s), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+                if sig is not None and self._alive(pid):
+                    os.kill(pid, sig)
+                if self._wait_gone(pid, wait_s):
+                    break
+            else:
+                CLEANUP_PROBLEMS.append(f"daemon {self.name} (pid {pid}) would not exit")
+        if os.path.exists(self.shm_path):  # only if the daemon died without cleaning up
+            with contextlib.suppress(posix_ipc.ExistentialError):
+                posix_ipc.unlink_shared_memory(f"/shmarena-{self.name}")
+            CLEANUP_PROBLEMS.append(f"had to unlink {self.shm_path} for the daemon")
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def started_daemon(stack: contextlib.ExitStack, size: str, min_block: str) -> Daemon:
+    """Start a daemon whose shutdown is registered on `stack` first. Ctrl-C
+    waits until the start is over (a second or so): interrupted half-way, the
+    `--detach` command would be killed but not the daemon it had spawned."""
+    daemon = Daemon(size, min_block)
+    stack.callback(cleanup(daemon.stop))
+    with signals_deferred():
+        daemon.start()
+    return daemon
+
+
+def connected(stack: contextlib.ExitStack, daemon: Daemon, cache: bool) -> shmarena.Client:
+    client = daemon.connect(cache)
+    stack.callback(cleanup(client.close))
+    return client
+
+
+# -- child processes -----------------------------------------------------------
+
+
+def stop_process(process: SpawnProcess, timeout_s: float = 5.0) -> None:
+    """Join; terminate and kill if it does not end by itself."""
+    if process.pid is None:  # never started
+        return
+    process.join(timeout_s)
+    if process.is_alive():
+        process.terminate()
+        process.join(2.0)
+    if process.is_alive():
+        process.kill()
+        process.join(2.0)
+
+
+def started_process(
+    stack: contextlib.ExitStack,
+    ctx: SpawnContext,
+    target: Callable[..., None],
+    args: tuple[Any, ...],
+    name: str,
+) -> SpawnProcess:
+    process = ctx.Process(target=target, args=args, name=name, daemon=True)
+    stack.callback(cleanup(stop_process, process))  # first, so no window is left open
+    with signals_deferred():  # started, or not at all
+        process.start()
+    return process
+
+
+def _echo_server(endpoint: str, ready: Connection) -> None:
+    """The transport floor's server: a ROUTER that echoes each message back,
+    handling the two frames (peer id, message) by hand."""
+    ignore_sigint()
+    context = zmq.Context()
+    s = context.socket(zmq.ROUTER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.bind(endpoint)
+    ready.send_bytes(ACK)
+    try:
+        while True:
+            ident = s.recv()
+            m = s.recv()
+            s.send(ident, zmq.SNDMORE)
+            s.send(m)
+            if m == b"stop":
+                break
+    finally:
+        s.close(linger=0)
+        context.term()
+
+
+def _throughput_worker(
+    conn: Connection,
+    name: str,
+    run_dir: str,
+    size: int,
+    barriers: dict[int, Barrier],
+) -> None:
+    """One client process of section 2: warm up on request, then run timed
+    trials of N cached alloc+free pairs, started together through a barrier."""
+    ignore_sigint()
+    gc.disable()
+    clock = time.perf_counter_ns
+    client = shmarena.connect(name, runtime_dir=run_dir, cache=True)
+    alloc = client.alloc
+    try:
+        conn.send(("ready", os.getpid()))
+        while True:
+            message = conn.recv()
+            if message[0] == "stop":
+                break
+            if message[0] == "warm":  # ("warm", seconds) -> pairs per second
+                start = clock()
+                end = start + int(message[1] * 1e9)
+                pairs = 0
+                while clock() < end:
+                    for _ in range(10):
+                        alloc(size).free()
+                    pairs += 10
+                client.sync()
+                conn.send(pairs / ((clock() - start) / 1e9))
+            elif message[0] == "run":  # ("run", clients, pairs) -> (start_ns, end_ns)
+                _, clients, pairs = message
+                barriers[clients].wait(timeout=CHILD_TIMEOUT_S)
+                start = clock()
+                for _ in range(pairs):
+                    alloc(size).free()
+                client.sync()  # "all done" includes the daemon applying every free
+                conn.send((start, clock()))
+    finally:
+        client.close()
+
+
+def _pipe_consumer(conn: Connection, name: str, run_dir: str) -> None:
+    """The consumer of the Pipe handoffs: turn what arrives into a numpy array
+    over the data, read its last element, ack with one byte."""
+    ignore_sigint()
+    client = shmarena.connect(name, runtime_dir=run_dir, cache=True)
+    try:
+        conn.send_bytes(ACK)
+        while True:
+            kind, payload, count, expected = conn.recv()
+            if kind == "stop":
+                break
+            if kind == "shmarena":
+                array = client.attach(shmarena.Handle(*payload)).ndarray((count,), np.float64)
+                ok = bool(array[-1] == expected)
+                del array
+            elif kind == "shared_memory":
+                segment = SharedMemory(name=payload)
+                array = np.ndarray((count,), dtype=np.float64, buffer=segment.buf)
+                ok = bool(array[-1] == expected)
+                del array  # the array holds an export of segment.buf: drop it first
+                segment.close()
+            else:  # the token floor
+                ok = payload == TOKEN
+            conn.send_bytes(ACK if ok else NACK)
+    finally:
+        client.close()
+
+
+def _queue_consumer(inbox: Any, outbox: Any) -> None:
+    """The consumer of the Queue handoffs: the array (or the token) arrives
+    pickled; read the last element, ack with one byte."""
+    ignore_sigint()
+    outbox.put(ACK)
+    while True:
+        kind, payload, expected = inbox.get()
+        if kind == "stop":
+            break
+        ok = payload == TOKEN if kind == "token" else bool(payload[-1] == expected)
+        del payload
+        outbox.put(ACK if ok else NACK)
+
+
+# -- interleaved measurement ------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """One thing to time. `run(n)` does n operations (pairs, handoffs); one
+    sample times `batch` of them and records the mean per operation in µs."""
+
+    key: str
+    run: Callable[[int], None]
+    batch: int = 1
+    per_chunk: int = 50  # samples per chunk (a chunk also stops at the time budget)
+    warmup: int = 10
+    after: Callable[[], None] | None = None  # after each chunk, untimed (e.g. sync)
+    samples: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float | int]:
+        return {**summarize(self.samples), "ops_per_sample": self.batch}
+
+
+def timed_chunk(variant: Variant, budget_s: float) -> None:
+    clock = time.perf_counter_ns
+    run, batch, out = variant.run, variant.batch, variant.samples
+    minimum = min(MIN_SAMPLES_PER_CHUNK, variant.per_chunk)
+    deadline = clock() + int(budget_s * 1e9)
+    for done in range(1, variant.per_chunk + 1):
+        t0 = clock()
+        run(batch)
+        t1 = clock()
+        out.append((t1 - t0) / batch / 1e3)
+        if t1 > deadline and done >= minimum:
+            break
+    if variant.after is not None:
+        variant.after()
+
+
+def interleave(variants: Sequence[Variant], rounds: int, budget_s: float) -> None:
+    """Warm every variant up, then run `rounds` rounds of one chunk of every
+    variant. The order rotates from round to round, so no variant always runs
+    first or right after the same neighbour."""
+    with gc_paused():
+        for variant in variants:
+            if variant.warmup:
+                variant.run(variant.warmup)
+            if variant.after is not None:
+                variant.after()
+        for r in range(rounds):
+            shift = r * len(variants) // max(1, rounds)
+            for variant in [*variants[shift:], *variants[:shift]]:
+                timed_chunk(variant, budget_s)
+
+
+def alloc_free(client: shmarena.Client, size: int) -> Callable[[int], None]:
+    def run(count: int) -> None:
+        alloc = client.alloc
+        for _ in range(count):
+            alloc(size).free()
+
+    return run
+
+
+def shm_create_unlink(size: int) -> Callable[[int], None]:
+    def run(count: int) -> None:
+        segment: SharedMemory | None = None
+        try:
+            for _ in range(count):
+                segment = SharedMemory(create=True, size=size)
+                segment.close()
+                segment.unlink()
+                segment = None
+        finally:
+            if segment is not None:  # interrupted between create and unlink
+                with contextlib.suppress(Exception):
+                    segment.close()
+                with contextlib.suppress(Exception):
+                    segment.unlink()
+
+    return run
+
+
+def zmq_round_trip(dealer: zmq.Socket[Any]) -> Callable[[int], None]:
+    def run(count: int) -> None:
+        send, recv = dealer.send, dealer.recv
+        for _ in range(count):
+            send(FLOOR_MESSAGE)
+            recv()
+
+    return run
+
+
+def pipe_handoff(conn: Connection, message: tuple[Any, ...]) -> Callable[[int], None]:
+    def run(count: int) -> None:
+        send, recv_bytes = conn.send, conn.recv_bytes
+        for _ in range(count):
+            send(message)
+            if recv_bytes() != ACK:
+                raise RuntimeError(f"the consumer could not read {message[0]} data")
+
+    return run
+
+
+def queue_handoff(inbox: Any, outbox: Any, message: tuple[Any, ...]) -> Callable[[int], None]:
+    def run(count: int) -> None:
+        put, get = inbox.put, outbox.get
+        for _ in range(count):
+            put(message)
+            if get(timeout=CHILD_TIMEOUT_S) != ACK:
+                raise RuntimeError(f"the consumer could not read the queued {message[0]}")
+
+    return run
+
+
+# -- the report ------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    value: float
+    op: str  # "<=" or ">="
+    limit: float
+    unit: str  # how to show value and limit: "µs", "×" or "" (a fraction)
+
+    @property
+    def met(self) -> bool:
+        if math.isnan(self.value):
+            return False
+        return self.value <= self.limit if self.op == "<=" else self.value >= self.limit
+
+    def shown(self, value: float) -> str:
+        if self.unit == "µs":
+            return f"{fmt_us(value)} µs"
+        if self.unit == "×":
+            return fmt_ratio(value)
+        return "-" if math.isnan(value) else f"{value:.4f}"
+
+
+@dataclass
+class Report:
+    """Every figure of the run, ready for JSON: sections, ratios, targets."""
+
+    sections: dict[str, Any] = field(default_factory=dict)
+    ratios: dict[str, dict[str, Any]] = field(default_factory=dict)
+    targets: list[Target] = field(default_factory=list)
+
+    def ratio(self, key: str, value: float, better: str, meaning: str) -> float:
+        self.ratios[key] = {"value": value, "better": better, "meaning": meaning}
+        return value
+
+    def target(self, name: str, value: float, op: str, limit: float, unit: str) -> None:
+        self.targets.append(Target(name, value, op, limit, unit))
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "loadavg_at_start": list(os.getloadavg()),
+        "versions": {
+            "shmarena": shmarena.__version__,
+            "numpy": np.__version__,
+            "pyzmq": zmq.pyzmq_version(),
+            "libzmq": zmq.zmq_version(),
+            "msgpack": ".".join(map(str, msgpack.version)),
+        },
+    }
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    with contextlib.suppress(OSError):
+        with open("/proc/meminfo") as f:
+            info["mem_total_bytes"] = int(f.readline().split()[1]) * 1024
+    # GIT_OPTIONAL_LOCKS=0: a read-only look, never touching the index.
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
+        )
+        if done.returncode == 0:
+            info["git"] = done.stdout.strip()
+    return info
+
+
+def new_table(title: str, *columns: str) -> Table:
+    """A table whose first column is left aligned and the others right aligned;
+    a column named with a leading "<" is left aligned too."""
+    table = Table(title=title, title_justify="left")
+    for index, column in enumerate(columns):
+        left = index == 0 or column.startswith("<")
+        table.add_column(column.lstrip("<"), justify="left" if left else "right")
+    return table
+
+
+def note(text: str) -> None:
+    console.print(f"[dim]{text}[/dim]")
+
+
+# -- section 1: alloc+free latency -------------------------------------------------
+
+
+def section_latency(
+    plan: Plan, daemon: Daemon, ctx: SpawnContext, scratch: str, report: Report
+) -> None:
+    note("1/5 alloc+free latency: cached, uncached, shared_memory, transport floor")
+    with contextlib.ExitStack() as stack:
+        cached = connected(stack, daemon, cache=True)
+        uncached = connected(stack, daemon, cache=False)
+
+        # The transport floor: an echo ROUTER in its own process, our DEALER.
+        endpoint = f"ipc://{scratch}/echo.sock"
+        ready_parent, ready_child = ctx.Pipe(duplex=False)
+        echo = started_process(stack, ctx, _echo_server, (endpoint, ready_child), "bench-echo")
+        ready_child.close()
+        if not ready_parent.poll(CHILD_TIMEOUT_S):
+            raise RuntimeError("the echo server did not start")
+        ready_parent.recv_bytes()
+        zctx: zmq.Context[Any] = zmq.Context()
+        stack.callback(cleanup(zctx.term))  # runs after the socket is closed
+        dealer = zctx.socket(zmq.DEALER)
+        stack.callback(cleanup(dealer.close, 0))
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.RCVTIMEO, int(CHILD_TIMEOUT_S * 1000))
+        dealer.connect(endpoint)
+
+        def stop_echo() -> None:
+            if echo.is_alive():
+                dealer.send(b"stop", zmq.NOBLOCK)
+                if dealer.poll(2000):
+                    dealer.recv()
+
+        stack.callback(cleanup(stop_echo))
+
+        def variant(
+            key: str, run: Callable[[int], None], batch: int, after: Callable[[], None] | None
+        ) -> Variant:
+            return Variant(key, run, batch, plan.latency_samples, plan.warmup, after)
+
+        variants: list[Variant] = []
+        for size in LATENCY_SIZES:
+            label = size_label(size)
+            variants += [
+                variant(f"cached@{label}", alloc_free(cached, size), CHEAP_BATCH, cached.sync),
+                variant(f"uncached@{label}", alloc_free(uncached, size), 1, uncached.sync),
+                variant(f"shared_memory@{label}", shm_create_unlink(size), CHEAP_BATCH, None),
+            ]
+        variants.append(variant("floor", zmq_round_trip(dealer), 1, None))
+        interleave(variants, plan.rounds, plan.chunk_budget_s)
+
+    by_key = {v.key: v.summary() for v in variants}
+    floor = by_key["floor"]
+    table = new_table(
+        f"1. alloc+free latency per pair ({plan.rounds} interleaved rounds)",
+        "size",
+        "<variant",
+        "pairs/sample",
+        "samples",
+        "median µs",
+        "p99 µs",
+        "<ratio",
+    )
+    results: dict[str, Any] = {"floor": floor, "sizes": {}}
+    for size in LATENCY_SIZES:
+        label = size_label(size)
+        row = {name: by_key[f"{name}@{label}"] for name in ("cached", "uncached", "shared_memory")}
+        results["sizes"][label] = row
+        faster = report.ratio(
+            f"latency.cached_vs_shared_memory@{label}",
+            safe_div(row["shared_memory"]["median_us"], row["cached"]["median_us"]),
+            HIGHER,
+            "x times faster: shared_memory median / cached median",
+        )
+        over_floor = report.ratio(
+            f"latency.uncached_over_floor@{label}",
+            safe_div(row["uncached"]["median_us"], floor["median_us"]),
+            LOWER,
+            "multiple of the floor: uncached median / ZeroMQ round-trip median",
+        )
+        ratios = {
+            "cached": f"{fmt_ratio(faster)} faster than shared_memory",
+            "uncached": f"{fmt_ratio(over_floor)} floor",
+            "shared_memory": "",
+        }
+        for name, figures in row.items():
+            table.add_row(
+                label,
+                name,
+                str(figures["ops_per_sample"]),
+                str(figures["samples"]),
+                fmt_us(figures["median_us"]),
+                fmt_us(figures["p99_us"]),
+                ratios[name],
+            )
+        table.add_section()
+    table.add_row(
+        "30 B",
+        "transport floor (ZeroMQ round trip)",
+        "1",
+        str(floor["samples"]),
+        fmt_us(floor["median_us"]),
+        fmt_us(floor["p99_us"]),
+        "",
+    )
+    console.print(table)
+    report.sections["latency"] = results
+
+    at64 = results["sizes"]["64KiB"]
+    report.target("cached 64 KiB alloc+free median", at64["cached"]["median_us"], "<=", 3, "µs")
+    report.target(
+        "cached vs shared_memory at 64 KiB (x faster)",
+        report.ratios["latency.cached_vs_shared_memory@64KiB"]["value"],
+        ">=",
+        30,
+        "×",
+    )
+    for label in ("4KiB", "64KiB"):
+        report.target(
+            f"uncached over the floor at {label.replace('KiB', ' KiB')}",
+            report.ratios[f"latency.uncached_over_floor@{label}"]["value"],
+            "<=",
+            1.3,
+            "×",
+        )
+
+
+# -- section 2: throughput with 1 and 2 client processes ---------------------------------
+
+
+def section_throughput(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Report) -> None:
+    note("2/5 cached alloc+free throughput with 1 and 2 client processes")
+    barriers = {1: ctx.Barrier(1), 2: ctx.Barrier(2)}
+    trials: dict[int, list[float]] = {1: [], 2: []}
+    with contextlib.ExitStack() as stack:
+        conns: list[Connection] = []
+        for index in range(2):
+            parent, child = ctx.Pipe()
+            started_process(
+                stack,
+                ctx,
+                _throughput_worker,
+                (child, daemon.name, daemon.run_dir, THROUGHPUT_SIZE, barriers),
+                f"bench-worker-{index}",
+            )
+            child.close()
+            stack.callback(cleanup(tell, parent.send, ("stop",)))
+            conns.append(parent)
+        for index, conn in enumerate(conns):
+            recv_within(conn, CHILD_TIMEOUT_S, f"throughput worker {index}")
+        # Warm up one worker at a time; the first one's rate sizes the trials so a
+        # single-client trial lasts about plan.throughput_trial_s.
+        rates = []
+        for index, conn in enumerate(conns):
+            conn.send(("warm", 0.2 if plan.quick else 0.5))
+            rates.append(float(recv_within(conn, CHILD_TIMEOUT_S, f"worker {index} warm-up")))
+        pairs = max(50, int(rates[0] * plan.throughput_trial_s))
+
+        for r in range(plan.rounds):
+            for _ in range(plan.throughput_trials):
+                for clients in (1, 2) if r % 2 == 0 else (2, 1):
+                    for conn in conns[:clients]:
+                        conn.send(("run", clients, pairs))
+                    spans = [
+                        recv_within(conn, CHILD_TIMEOUT_S, "throughput worker")
+                        for conn in conns[:clients]
+                    ]
+                    start = min(s for s, _ in spans)
+                    end = max(e for _, e in spans)
+                    trials[clients].append(clients * pairs / ((end - start) / 1e9))
+
+    table = new_table(
+        f"2. cached alloc+free throughput at 64 KiB ({pairs} pairs per client per trial)",
+        "clients",
+        "trials",
+        "median ops/s",
+        "min ops/s",
+        "max ops/s",
+        "µs per op",
+        "<ratio",
+    )
+    results: dict[str, Any] = {"pairs_per_client": pairs, "warmup_rates": rates}
+    medians = {c: float(np.median(trials[c])) for c in trials}
+    ratio = report.ratio(
+        "throughput.2_clients_over_1",
+        safe_div(medians[2], medians[1]),
+        HIGHER,
+        "x aggregate throughput: 2 client processes / 1 (median ops/s)",
+    )
+    for clients in (1, 2):
+        values = trials[clients]
+        results[f"{clients}_clients"] = {
+            "median_ops_per_s": medians[clients],
+            "min_ops_per_s": min(values),
+            "max_ops_per_s": max(values),
+            "trials": len(values),
+            "ops_per_s": values,
+        }
+        table.add_row(
+            str(clients),
+            str(len(values)),
+            f"{medians[clients]:,.0f}",
+            f"{min(values):,.0f}",
+            f"{max(values):,.0f}",
+            fmt_us(1e6 / medians[clients]),
+            f"{fmt_ratio(ratio)} one client" if clients == 2 else "",
+        )
+    console.print(table)
+    report.sections["throughput"] = results
+    report.target("2 clients over 1 client (aggregate)", ratio, ">=", 1.7, "×")
+
+
+# -- section 3: producer -> consumer handoff ----------------------------------------------
+
+
+def section_handoff(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Report) -> None:
+    note("3/5 producer -> consumer handoff of 1, 16, 256 MiB numpy arrays")
+    with contextlib.ExitStack() as stack:
+        # The consumers: one on a duplex Pipe, one on a pair of Queues. Cleanup
+        # runs last-registered first: stop message, then join, then close.
+        conn, child = ctx.Pipe()
+        started_process(
+            stack, ctx, _pipe_consumer, (child, daemon.name, daemon.run_dir), "bench-pipe-consumer"
+        )
+        child.close()
+        stack.callback(cleanup(tell, conn.send, ("stop", None, 0, 0.0)))
+        inbox, outbox = ctx.Queue(), ctx.Queue()
+
+        def close_queues() -> None:
+            # The consumer is gone by now: nothing still queued is wanted, so do
+            # not wait for the feeder threads to push it into the pipes.
+            for queue in (inbox, outbox):
+                queue.cancel_join_thread()
+                queue.close()
+
+        stack.callback(cleanup(close_queues))
+        started_process(stack, ctx, _queue_consumer, (inbox, outbox), "bench-queue-consumer")
+        stack.callback(cleanup(tell, inbox.put, ("stop", None, 0.0)))
+        if not conn.poll(CHILD_TIMEOUT_S) or conn.recv_bytes() != ACK:
+            raise RuntimeError("the pipe consumer did not start")
+        if outbox.get(timeout=CHILD_TIMEOUT_S) != ACK:
+            raise RuntimeError("the queue consumer did not start")
+
+        producer = connected(stack, daemon, cache=True)
+        variants: list[Variant] = [
+            Variant(
+                "pipe_token",
+                pipe_handoff(conn, ("token", TOKEN, 0, 0.0)),
+                per_chunk=plan.handoff_samples,
+                warmup=plan.warmup,
+            ),
+            Variant(
+                "queue_token",
+                queue_handoff(inbox, outbox, ("token", TOKEN, 0.0)),
+                per_chunk=plan.handoff_samples,
+                warmup=plan.warmup,
+            ),
+        ]
+        for size in HANDOFF_SIZES:
+            label = size_label(size)
+            count = size // 8
+            expected = float(count - 1)  # the last element of arange(count)
+            # Every array is created and filled once, outside the timing.
+            buf = producer.alloc(size)
+            stack.callback(cleanup(buf.free))
+            buf.ndarray((count,), np.float64)[:] = np.arange(count, dtype=np.float64)
+            with signals_deferred():  # no Ctrl-C between creating and registering
+                segment = SharedMemory(create=True, size=size)
+                stack.callback(cleanup(segment.unlink))
+                stack.callback(cleanup(segment.close))
+            view = np.ndarray((count,), dtype=np.float64, buffer=segment.buf)
+            view[:] = np.arange(count, dtype=np.float64)
+            del view  # segment.close() needs every export of segment.buf gone
+            plain = np.arange(count, dtype=np.float64)
+            variants += [
+                Variant(
+                    f"shmarena@{label}",
+                    pipe_handoff(conn, ("shmarena", tuple(buf.handle), count, expected)),
+                    per_chunk=plan.handoff_samples,
+                    warmup=plan.warmup,
+                ),
+                Variant(
+                    f"shared_memory@{label}",
+                    pipe_handoff(conn, ("shared_memory", segment.name, count, expected)),
+                    per_chunk=plan.handoff_samples,
+                    warmup=plan.warmup,
+                ),
+                Variant(
+                    f"queue@{label}",
+                    queue_handoff(inbox, outbox, ("array", plain, expected)),
+                    per_chunk=plan.queue_samples[size],
+                    warmup=1,
+                ),
+            ]
+        interleave(variants, plan.rounds, plan.chunk_budget_s)
+
+    by_key = {v.key: v.summary() for v in variants}
+    floors = {"pipe": by_key["pipe_token"], "queue": by_key["queue_token"]}
+    table = new_table(
+        f"3. handoff producer -> consumer, round trip ({plan.rounds} interleaved rounds)",
+        "size",
+        "<variant",
+        "samples",
+        "median µs",
+        "p99 µs",
+        "over token floor",
+    )
+    results: dict[str, Any] = {
+        "floor_pipe_token": floors["pipe"],
+        "floor_queue_token": floors["queue"],
+        "sizes": {},
+    }
+    for size in HANDOFF_SIZES:
+        label = size_label(size)
+        row: dict[str, Any] = {}
+        for name, floor_kind in (
+            ("shmarena", "pipe"),
+            ("shared_memory", "pipe"),
+            ("queue", "queue"),
+        ):
+            figures = dict(by_key[f"{name}@{label}"])
+            figures["over_floor"] = report.ratio(
+                f"handoff.{name}_over_floor@{label}",
+                safe_div(figures["median_us"], floors[floor_kind]["median_us"]),
+                LOWER,
+                f"multiple of the token floor: {name} median / {floor_kind} token median",
+            )
+            row[name] = figures
+            table.add_row(
+                label,
+                name if name != "queue" else "Queue (pickled copy)",
+                str(figures["samples"]),
+                fmt_us(figures["median_us"]),
+                fmt_us(figures["p99_us"]),
+                fmt_ratio(figures["over_floor"]),
+            )
+        report.ratio(
+            f"handoff.queue_vs_shmarena@{label}",
+            safe_div(row["queue"]["median_us"], row["shmarena"]["median_us"]),
+            HIGHER,
+            "x times faster: Queue median / shmarena median",
+        )
+        results["sizes"][label] = row
+        table.add_section()
+    for kind, text in (
+        ("pipe", "token floor: 8 B via Pipe"),
+        ("queue", "token floor: 8 B via Queue"),
+    ):
+        table.add_row(
+            "8 B",
+            text,
+            str(floors[kind]["samples"]),
+            fmt_us(floors[kind]["median_us"]),
+            fmt_us(floors[kind]["p99_us"]),
+            "1×",
+        )
+    console.print(table)
+    big, small = size_label(HANDOFF_SIZES[-1]), size_label(HANDOFF_SIZES[0])
+    flat = report.ratio(
+        "handoff.shmarena_256MiB_over_1MiB",
+        safe_div(
+            report.ratios[f"handoff.shmarena_over_floor@{big}"]["value"],
+            report.ratios[f"handoff.shmarena_over_floor@{small}"]["value"],
+        ),
+        LOWER,
+        "shmarena's over-floor ratio at 256 MiB / at 1 MiB (1.0: size does not matter)",
+    )
+    versus_queue = report.ratios[f"handoff.queue_vs_shmarena@{big}"]["value"]
+    console.print(
+        f"shmarena handoff, over-floor ratio 256 MiB / 1 MiB: {fmt_ratio(flat)}; "
+        f"Queue time / shmarena time at 256 MiB: {fmt_ratio(versus_queue)}"
+    )
+    report.sections["handoff"] = results
+    report.target("handoff 256 MiB over 1 MiB (over the token floor)", flat, "<=", 1.2, "×")
+    report.target("shmarena vs Queue at 256 MiB (x faster)", versus_queue, ">=", 1000, "×")
+
+
+# -- section 4: memory efficiency ------------------------------------------------------------
+
+
+class SizeStream:
+    """Request sizes, log-uniform between 4 KiB and 4 MiB, from a fixed seed.
+    Sizes drawn for a batch but not used are given back, so the sequence of
+    requests is exactly the one a one-at-a-time loop would make."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.pending: deque[int] = deque()
+
+    def take(self, count: int) -> list[int]:
+        out = [self.pending.popleft() for _ in range(min(count, len(self.pending)))]
+        out += [int(2 ** self.rng.uniform(12, 22)) for _ in range(count - len(out))]
+        return out
+
+    def give_back(self, sizes: Sequence[int]) -> None:
+        self.pending.extendleft(reversed(sizes))
+
+
+def fill_until_oom(client: shmarena.Client, stream: SizeStream, live: list[shmarena.Buffer]) -> int:
+    """Allocate the stream's sizes until the first OutOfMemory; returns the
+    size that failed. alloc_many is all-or-none, so when a batch fails its
+    sizes are retried one at a time up to the first failure."""
+    while True:
+        sizes = stream.take(EFFICIENCY_CHUNK)
+        try:
+            live.extend(client.alloc_many(sizes))
+            continue
+        except shmarena.OutOfMemory:
+            pass
+        for index, size in enumerate(sizes):
+            try:
+                live.append(client.alloc(size))
+            except shmarena.OutOfMemory:
+                stream.give_back(sizes[index + 1 :])
+                return size
+        # The batch failed but every single alloc succeeded (the batch's rollback
+        # may leave free blocks in another order): keep filling.
+
+
+def section_memory(plan: Plan, report: Report) -> None:
+    note("4/5 memory efficiency of a fresh 1 GiB arena (uncached), then 10 rounds of churn")
+    phases: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        daemon = started_daemon(stack, "1G", "4K")
+        client = connected(stack, daemon, cache=False)
+        stream = SizeStream(SEED)
+        churn = random.Random(SEED + 1)
+        live: list[shmarena.Buffer] = []
+        arena = int(client.info["size_bytes"])
+
+        def record(phase: str, failed: int) -> None:
+            stats = client.stats()
+            requested = sum(b.size for b in live)
+            if requested != stats["requested_bytes"]:
+                raise RuntimeError(
+                    f"the daemon counts {stats['requested_bytes']} requested bytes, "
+                    f"the benchmark holds {requested}"
+                )
+            phases.append(
+                {
+                    "phase": phase,
+                    "live_buffers": len(live),
+                    "requested_bytes": requested,
+                    "efficiency": requested / arena,
+                    "used_bytes": stats["used_bytes"],
+                    "largest_free_bytes": stats["largest_free_bytes"],
+                    "free_bytes": stats["free_bytes"],
+                    "failed_request_bytes": failed,
+                }
+            )
+
+        with gc_paused():
+            record("first failure", fill_until_oom(client, stream, live))
+            for round_index in range(1, CHURN_ROUNDS + 1):
+                victims = set(churn.sample(range(len(live)), len(live) // 2))
+                freeing = [b for i, b in enumerate(live) if i in victims]
+                live = [b for i, b in enumerate(live) if i not in victims]
+                for start in range(0, len(freeing), MAX_BATCH):  # one request in practice
+                    client.free(freeing[start : start + MAX_BATCH])
+                record(f"churn {round_index}", fill_until_oom(client, stream, live))
+
+    table = new_table(
+        "4. memory efficiency: bytes requested and obtained / arena size (1 GiB, min block 4 KiB)",
+        "<phase",
+        "live buffers",
+        "requested MiB",
+        "efficiency",
+        "carved MiB",
+        "largest free",
+        "failed request",
+    )
+    for phase in phases:
+        table.add_row(
+            phase["phase"],
+            str(phase["live_buffers"]),
+            f"{phase['requested_bytes'] / MiB:,.1f}",
+            f"{phase['efficiency']:.4f}",
+            f"{phase['used_bytes'] / MiB:,.1f}",
+            size_label(phase["largest_free_bytes"]) if phase["largest_free_bytes"] else "0",
+            f"{phase['failed_request_bytes'] / KiB:,.0f} KiB",
+        )
+    console.print(table)
+    first = phases[0]["efficiency"]
+    after = [p["efficiency"] for p in phases[1:]]
+    report.sections["memory"] = {
+        "seed": SEED,
+        "arena_bytes": arena,
+        "phases": phases,
+        "first_failure": first,
+        "churn_min": min(after),
+        "churn_last": after[-1],
+    }
+    report.ratio("memory.efficiency_first_failure", first, HIGHER, "fraction of the arena")
+    report.ratio("memory.efficiency_churn_min", min(after), HIGHER, "fraction of the arena")
+    report.ratio("memory.efficiency_churn_last", after[-1], HIGHER, "fraction of the arena")
+    console.print(
+        f"efficiency at first failure {first:.4f}; after churn: min {min(after):.4f}, "
+        f"last {after[-1]:.4f}"
+    )
+    report.target("memory efficiency at first failure", first, ">=", 0.98, "")
+    report.target(
+        "memory efficiency after churn (minimum of 10 rounds)", min(after), ">=", 0.90, ""
+    )
+
+
+# -- section 5: scale ------------------------------------------------------------------------
+
+
+def hold_blocks(client: shmarena.Client, count: int) -> list[shmarena.Buffer]:
+    """`count` live 64-byte blocks, made 4096 per request."""
+    held: list[shmarena.Buffer] = []
+    while len(held) < count:
+        held.extend(client.alloc_many([64] * min(MAX_BATCH, count - len(held))))
+    return held
+
+
+def release_blocks(client: shmarena.Client, held: list[shmarena.Buffer]) -> None:
+    """Free what hold_blocks made, 4096 per request, so that closing the client
+    does not ask the daemon to recycle a million blocks in one request."""
+    for start in range(0, len(held), MAX_BATCH):
+        client.free(held[start : start + MAX_BATCH])
+    held.clear()
+
+
+def section_scale(plan: Plan, report: Report) -> None:
+    big = plan.scale_blocks
+    small_label, big_label = count_label(SCALE_SMALL), count_label(big)
+    quick_note = " (--quick: 100 000 live blocks instead of 1 000 000)" if plan.quick else ""
+    note(f"5/5 scale: 64 KiB alloc+free with {SCALE_SMALL:,} and {big:,} live blocks{quick_note}")
+    # Two daemons side by side (256 MiB, min block 64 B), one holding 1 000 live
+    # blocks and one holding `big`, so both states are measured interleaved.
+    variants: list[Variant] = []
+    rss: dict[str, int] = {}
+    live_blocks: dict[str, int] = {}
+    with contextlib.ExitStack() as stack, gc_paused():
+        for label, count in ((small_label, SCALE_SMALL), (big_label, big)):
+            daemon = started_daemon(stack, "256M", "64")
+            holder = connected(stack, daemon, cache=False)
+            held = hold_blocks(holder, count)
+            stack.callback(cleanup(release_blocks, holder, held))
+            stats = holder.stats()
+            live_blocks[label] = int(stats["live_blocks"])
+            rss[label] = daemon.rss_bytes()
+            for cache in (True, False):
+                client = connected(stack, daemon, cache=cache)
+                name = "cached" if cache else "uncached"
+                variants.append(
+                    Variant(
+                        f"{name}@{label}",
+                        alloc_free(client, SCALE_SIZE),
+                        batch=CHEAP_BATCH if cache else 1,
+                        per_chunk=plan.latency_samples,
+                        warmup=plan.warmup,
+                        after=client.sync,
+                    )
+                )
+        interleave(variants, plan.rounds, plan.chunk_budget_s)
+
+    by_key = {v.key: v.summary() for v in variants}
+    table = new_table(
+        f"5. scale: 64 KiB alloc+free, daemons with {SCALE_SMALL:,} and {big:,} live blocks"
+        + (" (--quick)" if plan.quick else ""),
+        "live blocks",
+        "<variant",
+        "samples",
+        "median µs",
+        "p99 µs",
+        "<ratio",
+    )
+    results: dict[str, Any] = {
+        "live_blocks": live_blocks,
+        "daemon_rss_bytes": rss,
+        "big_count": big,
+        "latency": by_key,
+    }
+    for name in ("cached", "uncached"):
+        ratio = report.ratio(
+            f"scale.{name}_latency_{big_label}_over_{small_label}",
+            safe_div(
+                by_key[f"{name}@{big_label}"]["median_us"],
+                by_key[f"{name}@{small_label}"]["median_us"],
+            ),
+            LOWER,
+            f"{name} median with {big:,} live blocks / with {SCALE_SMALL:,}",
+        )
+        for label in (small_label, big_label):
+            figures = by_key[f"{name}@{label}"]
+            table.add_row(
+                f"{live_blocks[label]:,}",
+                name,
+                str(figures["samples"]),
+                fmt_us(figures["median_us"]),
+                fmt_us(figures["p99_us"]),
+                f"{fmt_ratio(ratio)} the {SCALE_SMALL:,}-block latency"
+                if label == big_label
+                else "",
+            )
+        table.add_section()
+        report.target(
+            f"scale {name}: latency {big_label} over {small_label}", ratio, "<=", 1.5, "×"
+        )
+    rss_ratio = report.ratio(
+        f"scale.rss_{big_label}_over_{small_label}",
+        safe_div(rss[big_label], rss[small_label]),
+        LOWER,
+        f"daemon VmRSS with {big:,} live blocks / with {SCALE_SMALL:,}",
+    )
+    for label in (small_label, big_label):
+        table.add_row(
+            f"{live_blocks[label]:,}",
+            "daemon RSS",
+            "",
+            f"{rss[label] / MiB:,.1f} MiB",
+            "",
+            f"{fmt_ratio(rss_ratio)}" if label == big_label else "",
+        )
+    console.print(table)
+    report.sections["scale"] = results
+
+
+# -- targets and comparison -----------------------------------------------------------------
+
+
+def print_targets(report: Report) -> None:
+    table = new_table("targets", "<target", "measured", "goal", "<status")
+    for target in report.targets:
+        table.add_row(
+            target.name,
+            target.shown(target.value),
+            f"{target.op} {target.shown(target.limit)}",
+            "[green]met[/green]" if target.met else "[red]missed[/red]",
+        )
+    console.print(table)
+
+
+def as_float(value: Any) -> float:
+    """A figure from JSON: null (a NaN when it was written) back to NaN."""
+    return math.nan if value is None else float(value)
+
+
+def compare(old: dict[str, Any], new: dict[str, Any], threshold: float) -> bool:
+    """Print every ratio of `old` next to `new`; True when one got worse by
+    more than `threshold` percent (in the direction the ratio says is worse)."""
+    if old.get("options", {}).get("quick") != new["options"]["quick"]:
+        note("note: the baseline and this run differ in --quick")
+    table = new_table(
+        f"ratios vs baseline (worse by more than {threshold:g} % fails)",
+        "<ratio",
+        "<better",
+        "old",
+        "new",
+        "change",
+        "<verdict",
+    )
+    regressed = False
+    old_ratios: dict[str, Any] = old.get("ratios", {})
+    for key in sorted(set(old_ratios) | set(new["ratios"])):
+        if key not in new["ratios"]:
+            gone = as_float(old_ratios[key]["value"])
+            table.add_row(key, old_ratios[key]["better"], f"{gone:.4g}", "-", "", "gone")
+            continue
+        entry = new["ratios"][key]
+        if key not in old_ratios:
+            table.add_row(key, entry["better"], "-", f"{entry['value']:.4g}", "", "new")
+            continue
+        before, after = as_float(old_ratios[key]["value"]), as_float(entry["value"])
+        if math.isnan(before) or math.isnan(after) or before == 0:
+            table.add_row(key, entry["better"], f"{before:.4g}", f"{after:.4g}", "", "n/a")
+            continue
+        change = (after - before) / abs(before) * 100
+        worse = change < -threshold if entry["better"] == HIGHER else change > threshold
+        improved = change > threshold if entry["better"] == HIGHER else change < -threshold
+        regressed |= worse
+        verdict = "[red]WORSE[/red]" if worse else "[green]better[/green]" if improved else "ok"
+        table.add_row(
+            key, entry["better"], f"{before:.4g}", f"{after:.4g}", f"{change:+.1f} %", verdict
+        )
+    console.print(table)
+    return regressed
+
+
+def jsonable(value: Any) -> Any:
+    """The document with NaN / infinity as null, so any JSON reader takes it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def leftovers(names: Sequence[str]) -> list[str]:
+    """Entries of /dev/shm this run may have made that are still there."""
+    try:
+        present = os.listdir("/dev/shm")
+    except OSError:
+        return []
+    return [entry for entry in present if any(entry.startswith(n) for n in names)]
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").splitlines()[0],
+        epilog="exit status: 0 done, 1 a ratio regressed (--compare), 2 failed, 130 interrupted",
+    )
+    parser.add_argument("--quick", action="store_true", help="under a minute: fewer samples")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5, --quick 3)")
+    parser.add_argument("--json", metavar="FILE", help="write every figure as JSON to FILE")
+    parser.add_argument("--save-baseline", metavar="FILE", help="write the JSON to FILE too")
+    parser.add_argument("--compare", metavar="FILE", help="compare ratios with a saved run")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=10.0,
+        help="percent by which a ratio may get worse before --compare fails (default 10)",
+    )
+    parser.add_argument(
+        "--only",
+        metavar="SECTIONS",
+        help=f"run only these sections, comma-separated: {', '.join(SECTIONS)} "
+        "(targets of the others are not reported)",
+    )
+    args = parser.parse_args(argv)
+    args.sections = SECTIONS if not args.only else tuple(args.only.split(","))
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; pick from {SECTIONS}")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.compare:  # fail now, not after minutes of benchmarking
+        try:
+            with open(args.compare) as f:
+                args.baseline = json.load(f)
+        except (OSError, ValueError) as exc:
+            parser.error(f"cannot read the baseline {args.compare}: {exc}")
+        if not isinstance(args.baseline, dict) or "ratios" not in args.baseline:
+            parser.error(f"{args.compare} is not a saved run of this benchmark (no ratios)")
+    return args
+
+
+SECTIONS = ("latency", "throughput", "handoff", "memory", "scale")
+
+
+def run_all(plan: Plan, report: Report, sections: Sequence[str] = SECTIONS) -> None:
+    ctx = mp.get_context("spawn")
+    if {"latency", "throughput", "handoff"} & set(sections):
+        with contextlib.ExitStack() as stack:
+            scratch = tempfile.mkdtemp(prefix="shmb-")
+            stack.callback(cleanup(shutil.rmtree, scratch, True))
+            main_daemon = started_daemon(stack, "1G", "4K")
+            if "latency" in sections:
+                section_latency(plan, main_daemon, ctx, scratch, report)
+            if "throughput" in sections:
+                section_throughput(plan, main_daemon, ctx, report)
+            if "handoff" in sections:
+                section_handoff(plan, main_daemon, ctx, report)
+    if "memory" in sections:
+        section_memory(plan, report)
+    if "scale" in sections:
+        section_scale(plan, report)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = Plan.make(args.quick, args.rounds)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    report = Report()
+    machine = machine_info()
+    started = time.monotonic()
+    status = 0
+    console.print(
+        f"shmarena bench: {'--quick, ' if plan.quick else ''}{plan.rounds} rounds, "
+        f"{machine['cpu_count']} CPUs, Python {machine['python']}, kernel {machine['kernel']}"
+    )
+    try:
+        run_all(plan, report, args.sections)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        status = 130
+    except Terminated:
+        console.print("[red]terminated[/red]")
+        status = 143
+    except Exception:
+        traceback.print_exc()
+        console.print("[red]the benchmark failed[/red]")
+        status = 2
+    elapsed = time.monotonic() - started
+
+    left = leftovers([f"shmarena-bench-{os.getpid()}-"])
+    for problem in CLEANUP_PROBLEMS + [f"left in /dev/shm: {e}" for e in left]:
+        console.print(f"[red]cleanup: {problem}[/red]")
+    if status:
+        return status
+    if CLEANUP_PROBLEMS or left:
+        return 2
+
+    print_targets(report)
+    console.print(f"total time {elapsed:.1f} s")
+    document = {
+        "benchmark": "shmarena scripts/bench.py",
+        "schema": 1,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "duration_s": round(elapsed, 3),
+        "machine": machine,
+        "options": {
+            "quick": plan.quick,
+            "rounds": plan.rounds,
+            "threshold_pct": args.threshold,
+            "seed": SEED,
+            "plan": {key: value for key, value in vars(plan).items()},
+        },
+        "sections": report.sections,
+        "ratios": report.ratios,
+        "targets": [
+            {
+                "name": t.name,
+                "value": t.value,
+                "op": t.op,
+                "limit": t.limit,
+                "unit": t.unit,
+                "met": t.met,
+            }
+            for t in report.targets
+        ],
+    }
+    for path in filter(None, (args.json, args.save_baseline)):
+        with open(path, "w") as f:
+            json.dump(jsonable(document), f, indent=2, sort_keys=True)
+            f.write("\n")
+        note(f"wrote {path}")
+    if args.compare and compare(args.baseline, document, args.threshold):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
