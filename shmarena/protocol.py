@@ -1,8 +1,11 @@
 """Every message shmarena sends, its shape and its limits, in one place. Pure.
 
 Transport: the daemon binds a ZeroMQ ROUTER at ``ipc://<runtime dir>/<name>.sock``,
-clients connect a DEALER. Each message is ONE frame of msgpack holding a short
-array:
+clients connect a DEALER. Each request is one frame of msgpack holding a short
+array; a message may carry up to MAX_FRAMES requests, handled in order (a
+client sends its queued one-way posts in the same message as the request that
+follows them: one wake-up of the daemon instead of two). Each reply is a
+message of one frame:
 
     request:      [op, request_id, arg, ...]
     ok reply:     [0, request_id, result, ...]
@@ -90,6 +93,7 @@ REPLY_CACHE_ENTRIES = 256
 MAX_PID = 1 << 22  # Linux's PID_MAX_LIMIT
 
 MAX_EVENTS = 1 << 16  # integers in one POST
+MAX_FRAMES = 16  # requests in one ZeroMQ message (a client's posts, then its request)
 MAX_FILLS = 64  # classes in one FILL
 GEN_SHIFT = 40
 MAX_SESSIONS = (1 << 23) - 1  # so a session's generations fit in 64 bits

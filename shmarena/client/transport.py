@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 
 from shmarena.errors import DaemonUnavailable, ProtocolError, ShmArenaError, from_wire
-from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, OK, Op, decode, encoder
+from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, MAX_FRAMES, OK, Op, decode, encoder
 
 
 def _no_events() -> list[list[int]]:
@@ -54,6 +54,7 @@ class Transport:
         # reach the daemon first (the client's cache events), as POST bodies.
         self.pending: Callable[[], list[list[int]]] = _no_events
         self.late: list[ShmArenaError] = []
+        self.rcvtimeo = -1
 
     def request(
         self, op: Op, *args: Any, timeout_s: float | None = None, late: bool = True
@@ -72,20 +73,25 @@ class Transport:
                 if sock.poll(0, zmq.POLLIN):
                     self._collect(sock)
                 self._raise_late()
-            self._send_pending()
+            self._send_pending(more=True)
             request_id = self.next_id
             self.next_id += 1
             sock.send(self.encode([int(op), request_id, *args]))
-            deadline_ms = timeout * 1000
+            timeout_ms = max(1, int(timeout * 1000))
+            if timeout_ms != self.rcvtimeo:  # a blocking recv wakes faster than a poll
+                sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+                self.rcvtimeo = timeout_ms
             while True:
-                if not sock.poll(max(0, int(deadline_ms)), zmq.POLLIN):
+                try:
+                    frame = sock.recv()
+                except zmq.Again:
                     raise DaemonUnavailable(
                         f"daemon {self.name!r} did not answer {op.name.lower()} within "
                         f"{timeout:g} s at {self.socket_path}; is it running "
                         "(`shmarena status`)?",
                         socket_path=self.socket_path,
-                    )
-                reply = decode(sock.recv())
+                    ) from None
+                reply = decode(frame)
                 if not isinstance(reply, list) or len(reply) < 2:
                     raise ProtocolError(f"malformed reply from the daemon: {reply!r:.80}")
                 if reply[1] != request_id:
@@ -108,11 +114,22 @@ class Transport:
                 self._collect(self.socket)
             self._raise_late()
 
-    def _send_pending(self) -> None:
+    def _send_pending(self, more: bool = False) -> None:
+        """Send the queued posts; with `more`, the last of them go as the first
+        frames of the message whose final frame the caller sends next."""
+        frames = []
         for events in self.pending():
-            request_id = self.next_id
+            frames.append(self.encode([int(Op.POST), self.next_id, events]))
             self.next_id += 1
-            self.socket.send(self.encode([int(Op.POST), request_id, events]))
+        send = self.socket.send
+        room = MAX_FRAMES - 1 if more else MAX_FRAMES  # the daemon's limit per message
+        while len(frames) > room:  # rare: a very large backlog
+            group, frames = frames[:MAX_FRAMES], frames[MAX_FRAMES:]
+            for frame in group[:-1]:
+                send(frame, zmq.SNDMORE)
+            send(group[-1])
+        for index, frame in enumerate(frames):
+            send(frame, zmq.SNDMORE if more or index < len(frames) - 1 else 0)
 
     def _collect(self, sock: zmq.Socket[Any]) -> None:
         while True:

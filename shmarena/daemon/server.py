@@ -35,7 +35,7 @@ from shmarena.config import (
 )
 from shmarena.daemon.service import ArenaInfo, Service
 from shmarena.errors import DaemonStartError
-from shmarena.protocol import MAX_FRAME_BYTES
+from shmarena.protocol import MAX_FRAME_BYTES, MAX_FRAMES
 from shmarena.shm.arena import Arena, shm_path
 
 # Unix socket paths are limited to 108 bytes including the terminating NUL.
@@ -227,18 +227,23 @@ class Server:
                         peer = recv(NOBLOCK)
                     except zmq.Again:
                         break
-                    payload = recv()
-                    extra = 0
+                    # A message may carry several requests (a client's queued
+                    # one-way posts, then its request): handled in order.
+                    payloads = [recv()]
                     while getsockopt(RCVMORE):
-                        recv()
-                        extra += 1
-                    if extra:
-                        payload = b"\xc1"  # never valid msgpack: gets a protocol error
-                    reply = service.handle(peer, payload, time.time())
-                    if reply:  # a one-way request that succeeded gets none
-                        send(peer, SNDMORE)
-                        send(reply)
-                    self._sync_watches()
+                        frame = recv()
+                        if len(payloads) <= MAX_FRAMES:
+                            payloads.append(frame)
+                    if len(payloads) > MAX_FRAMES:
+                        payloads = [b"\xc1"]  # never valid msgpack: gets a protocol error
+                    now = time.time()
+                    for payload in payloads:
+                        reply = service.handle(peer, payload, now)
+                        if reply:  # a one-way request that succeeded gets none
+                            send(peer, SNDMORE)
+                            send(reply)
+                    if len(self.session_fds) != len(service.ledger.sessions):
+                        self._sync_watches()
                     if service.stopping:
                         break
             for fd in [fd for fd in events if isinstance(fd, int) and fd in self.pidfds]:
