@@ -108,9 +108,11 @@ class Cache:
         self.lists: dict[int, list[int]] = {}  # class bytes -> free offsets
         self.high: dict[int, int] = {}  # class bytes -> length that triggers a drain
         self.home: dict[int, int] = {}  # offset -> class, for every block of this cache
-        self.assigned: dict[int, int] = {}  # offset -> generation, handed out here
+        # offset -> [generation, size, owner id, class, reported], for every
+        # block handed out here and not given back yet
+        self.out: dict[int, list[int]] = {}
+        self.unreported: list[int] = []  # offsets handed out since the last flush
         self.awaiting: dict[int, int] = {}  # offset -> generation, freed, daemon to confirm
-        self.fresh: dict[int, tuple[int, int, int]] = {}  # unreported: size, gen, owner id
         self.pending: list[int] = []  # events in order
         self.dirty = False
         self.wake = wake
@@ -154,33 +156,37 @@ class Cache:
             offset = free.pop()
             self.free_bytes -= cls
             gen = next(self._gens)
-            self.assigned[offset] = gen
-            self.fresh[offset] = (size, gen, owner_id)
+            self.out[offset] = [gen, size, owner_id, cls, False]
+            self.unreported.append(offset)
             if not self.dirty:
                 self.dirty = True
                 self.wake()
-        view = self.view[offset : offset + size]
-        return Buffer(self.client, offset, size, gen, view, "owned", self)
+        return Buffer(
+            self.client, offset, size, gen, self.view[offset : offset + size], "owned", self
+        )
 
     def take_back(self, buf: Buffer) -> int:
         """Free a Buffer this cache handed out; its class bytes. The hot path
         of free: a block whose handle never left the process goes straight
-        back on its free list."""
+        back on its free list, and if the daemon never heard of it, it never
+        will."""
         if buf._handle is not None:  # its handle may be elsewhere
             cls = self.give(buf._offset, buf._gen, buf._size, True)
             buf._done()
             return cls
         offset = buf._offset
         with self.lock:
-            if self.assigned.get(offset) != buf._gen or buf._state != "owned":
+            entry = self.out.pop(offset, None)
+            if entry is None or entry[0] != buf._gen or buf._state != "owned":
+                if entry is not None:
+                    self.out[offset] = entry
                 raise self._stale(offset, buf._gen)
-            del self.assigned[offset]
-            if self.fresh.pop(offset, None) is None:
-                self.pending += (UNASSIGN, offset, buf._gen)
+            if entry[4]:  # reported: report its return too
+                self.pending += (UNASSIGN, offset, entry[0])
                 if not self.dirty:
                     self.dirty = True
                     self.wake()
-            cls = self.home[offset]
+            cls = entry[3]
             free = self.lists[cls]
             free.append(offset)
             self.free_bytes += cls
@@ -205,18 +211,20 @@ class Cache:
         """Take back a block handed out here; its class bytes. StaleHandle if
         it is not out under that generation (freed or recycled already)."""
         with self.lock:
-            if self.assigned.get(offset) != gen:
+            entry = self.out.get(offset)
+            if entry is None or entry[0] != gen:
                 raise self._stale(offset, gen)
-            del self.assigned[offset]
-            cls = self.home[offset]
+            cls = entry[3]
             if escaped:
                 # Another process may hold the handle (and a retain): the
                 # daemon frees it and tells us when the block is ours again.
                 self._report(offset)
+                del self.out[offset]
                 self.awaiting[offset] = gen
                 self.pending += (FREE_EVENT, self.epoch, 0, offset, size, gen)
             else:
-                if self.fresh.pop(offset, None) is None:
+                del self.out[offset]
+                if entry[4]:
                     self.pending += (UNASSIGN, offset, gen)
                 self._push(cls, offset)
             if not self.dirty:
@@ -239,9 +247,10 @@ class Cache:
             self._report(offset)
 
     def _report(self, offset: int) -> None:
-        entry = self.fresh.pop(offset, None)
-        if entry is not None:
-            self.pending += (ASSIGN, offset, *entry)
+        entry = self.out.get(offset)
+        if entry is not None and not entry[4]:
+            entry[4] = True
+            self.pending += (ASSIGN, offset, entry[1], entry[0], entry[2])
 
     def _push(self, cls: int, offset: int) -> None:
         free = self.lists[cls]
@@ -290,8 +299,9 @@ class Cache:
         with self.lock:
             for i in range(0, len(flat) - 1, 2):
                 offset, gen = flat[i], flat[i + 1]
-                if self.assigned.get(offset) == gen:
-                    del self.assigned[offset]
+                entry = self.out.get(offset)
+                if entry is not None and entry[0] == gen:
+                    del self.out[offset]
                 elif self.awaiting.get(offset) == gen:
                     del self.awaiting[offset]
                 else:
@@ -320,13 +330,17 @@ class Cache:
         """Everything to report, as POST bodies, in order; the queue is empty after."""
         with self.lock:
             self.dirty = False
-            if not self.pending and not self.fresh:
+            if not self.pending and not self.unreported:
                 return []
             flat = self.pending
             self.pending = []
-            for offset, (size, gen, owner_id) in self.fresh.items():
-                flat += (ASSIGN, offset, size, gen, owner_id)
-            self.fresh.clear()
+            out = self.out
+            for offset in self.unreported:
+                entry = out.get(offset)
+                if entry is not None and not entry[4]:  # still out, not reported
+                    entry[4] = True
+                    flat += (ASSIGN, offset, entry[1], entry[0], entry[2])
+            self.unreported.clear()
         return split_events(flat)
 
     def cached_bytes(self) -> int:
