@@ -54,7 +54,11 @@ How to read it:
 - The "targets" table says met / missed for each goal; a missed target does
   not change the exit status.
 - --compare FILE compares only ratio figures (never absolute times) with a
-  saved run and exits 1 when one got worse by more than --threshold percent.
+  saved run and exits 1 when one got worse by more than --threshold percent
+  and beyond the noise of the two runs: a ratio measured round by round is a
+  regression only if the ranges of its per-round values no longer overlap
+  (shown as "noise" otherwise). Deterministic figures (memory efficiency,
+  RSS) and single-trial ones are judged by the threshold alone.
   Compare full runs: --quick ratios of an unchanged tree can move by tens of
   percent on a noisy machine.
 
@@ -67,6 +71,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -601,15 +606,21 @@ class Variant:
     warmup: int = 10
     after: Callable[[], None] | None = None  # after each chunk, untimed (e.g. sync)
     samples: list[float] = field(default_factory=list)
+    chunk_starts: list[int] = field(default_factory=list)  # where each round's chunk begins
 
-    def summary(self) -> dict[str, float | int]:
-        return {**summarize(self.samples), "ops_per_sample": self.batch}
+    def summary(self) -> dict[str, Any]:
+        bounds = [*self.chunk_starts, len(self.samples)]
+        rounds = [
+            float(np.median(self.samples[a:b])) for a, b in itertools.pairwise(bounds) if b > a
+        ]
+        return {**summarize(self.samples), "ops_per_sample": self.batch, "round_medians": rounds}
 
 
 def timed_chunk(variant: Variant, budget_s: float) -> None:
     clock = time.perf_counter_ns
     run, batch, out = variant.run, variant.batch, variant.samples
     minimum = min(MIN_SAMPLES_PER_CHUNK, variant.per_chunk)
+    variant.chunk_starts.append(len(out))
     deadline = clock() + int(budget_s * 1e9)
     for done in range(1, variant.per_chunk + 1):
         t0 = clock()
@@ -731,12 +742,34 @@ class Report:
     ratios: dict[str, dict[str, Any]] = field(default_factory=dict)
     targets: list[Target] = field(default_factory=list)
 
-    def ratio(self, key: str, value: float, better: str, meaning: str) -> float:
-        self.ratios[key] = {"value": value, "better": better, "meaning": meaning}
+    def ratio(
+        self,
+        key: str,
+        value: float,
+        better: str,
+        meaning: str,
+        rounds: Sequence[float] | None = None,
+    ) -> float:
+        """Record a ratio; `rounds`: the same ratio in each interleaved round
+        (its spread is the run's own noise, which --compare takes into account)."""
+        entry: dict[str, Any] = {"value": value, "better": better, "meaning": meaning}
+        if rounds:
+            entry["rounds"] = list(rounds)
+        self.ratios[key] = entry
         return value
 
     def target(self, name: str, value: float, op: str, limit: float, unit: str) -> None:
         self.targets.append(Target(name, value, op, limit, unit))
+
+
+def round_ratios(numerator: dict[str, Any], denominator: dict[str, Any]) -> list[float]:
+    """A ratio of two variants, round by round (from their per-round medians)."""
+    return divide_each(numerator.get("round_medians", ()), denominator.get("round_medians", ()))
+
+
+def divide_each(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
+    # Every variant runs one chunk per round, so the lists are equally long.
+    return [safe_div(a, b) for a, b in zip(numerators, denominators, strict=False)]
 
 
 def machine_info() -> dict[str, Any]:
@@ -868,12 +901,14 @@ def section_latency(
             safe_div(row["shared_memory"]["median_us"], row["cached"]["median_us"]),
             HIGHER,
             "x times faster: shared_memory median / cached median",
+            round_ratios(row["shared_memory"], row["cached"]),
         )
         over_floor = report.ratio(
             f"latency.uncached_over_floor@{label}",
             safe_div(row["uncached"]["median_us"], floor["median_us"]),
             LOWER,
             "multiple of the floor: uncached median / ZeroMQ round-trip median",
+            round_ratios(row["uncached"], floor),
         )
         ratios = {
             "cached": f"{fmt_ratio(faster)} faster than shared_memory",
@@ -1121,6 +1156,7 @@ def section_handoff(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Repor
                 safe_div(figures["median_us"], floors[floor_kind]["median_us"]),
                 LOWER,
                 f"multiple of the token floor: {name} median / {floor_kind} token median",
+                round_ratios(figures, floors[floor_kind]),
             )
             row[name] = figures
             table.add_row(
@@ -1136,6 +1172,7 @@ def section_handoff(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Repor
             safe_div(row["queue"]["median_us"], row["shmarena"]["median_us"]),
             HIGHER,
             "x times faster: Queue median / shmarena median",
+            round_ratios(row["queue"], row["shmarena"]),
         )
         results["sizes"][label] = row
         table.add_section()
@@ -1161,6 +1198,10 @@ def section_handoff(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Repor
         ),
         LOWER,
         "shmarena's over-floor ratio at 256 MiB / at 1 MiB (1.0: size does not matter)",
+        divide_each(
+            report.ratios[f"handoff.shmarena_over_floor@{big}"].get("rounds", ()),
+            report.ratios[f"handoff.shmarena_over_floor@{small}"].get("rounds", ()),
+        ),
     )
     versus_queue = report.ratios[f"handoff.queue_vs_shmarena@{big}"]["value"]
     console.print(
@@ -1379,6 +1420,7 @@ def section_scale(plan: Plan, report: Report) -> None:
             ),
             LOWER,
             f"{name} median with {big:,} live blocks / with {SCALE_SMALL:,}",
+            round_ratios(by_key[f"{name}@{big_label}"], by_key[f"{name}@{small_label}"]),
         )
         for label in (small_label, big_label):
             figures = by_key[f"{name}@{label}"]
@@ -1467,13 +1509,32 @@ def compare(old: dict[str, Any], new: dict[str, Any], threshold: float) -> bool:
         change = (after - before) / abs(before) * 100
         worse = change < -threshold if entry["better"] == HIGHER else change > threshold
         improved = change > threshold if entry["better"] == HIGHER else change < -threshold
+        verdict = "[green]better[/green]" if improved else "ok"
+        if worse and within_noise(old_ratios[key], entry):
+            worse, verdict = False, "[yellow]noise[/yellow]"
+        elif worse:
+            verdict = "[red]WORSE[/red]"
         regressed |= worse
-        verdict = "[red]WORSE[/red]" if worse else "[green]better[/green]" if improved else "ok"
         table.add_row(
             key, entry["better"], f"{before:.4g}", f"{after:.4g}", f"{change:+.1f} %", verdict
         )
     console.print(table)
     return regressed
+
+
+def within_noise(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a ratio's change is inside the runs' own noise: the ranges of
+    its per-round values in the two runs overlap. A real regression moves the
+    whole range; noise on a busy machine moves single rounds."""
+    old_rounds = [as_float(v) for v in old.get("rounds") or ()]
+    new_rounds = [as_float(v) for v in new.get("rounds") or ()]
+    old_rounds = [v for v in old_rounds if math.isfinite(v)]
+    new_rounds = [v for v in new_rounds if math.isfinite(v)]
+    if len(old_rounds) < 2 or len(new_rounds) < 2:
+        return False  # no spread known: the threshold alone decides
+    if new["better"] == HIGHER:
+        return max(new_rounds) >= min(old_rounds)
+    return min(new_rounds) <= max(old_rounds)
 
 
 def jsonable(value: Any) -> Any:

@@ -10,6 +10,8 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "shmarena"
 PURE_MODULES = [
     "shm/buddy.py",
+    "shm/extents.py",
+    "client/cache.py",
     "daemon/ledger.py",
     "daemon/service.py",
     "protocol.py",
