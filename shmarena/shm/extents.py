@@ -31,7 +31,7 @@ from itertools import pairwise
 
 SUB_BITS = 3  # 8 bins per power of two
 SUB = 1 << SUB_BITS
-SCAN = 8  # extents of the own bin looked at for the best fit
+SCAN = 2  # extents of the own bin looked at for the best fit
 
 
 def _bin(units: int) -> int:
