@@ -70,7 +70,7 @@ class Transport:
             self._check_open()
             sock = self.socket
             if late:
-                if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # cheaper than sock.poll(0)
+                if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # cheaper than poll(0)
                     self._collect(sock)
                 self._raise_late()
             self._send_pending(more=True)
@@ -110,7 +110,7 @@ class Transport:
     def raise_late(self) -> None:
         """Raise a refusal of an earlier one-way request, if one came back."""
         with self.lock:
-            if not self.closed and self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not self.closed and int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 self._collect(self.socket)
             self._raise_late()
 

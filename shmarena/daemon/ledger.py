@@ -45,8 +45,7 @@ from shmarena.protocol import (
     UNASSIGN,
     Handle,
 )
-from shmarena.shm.buddy import Buddy
-from shmarena.shm.extents import Extents
+from shmarena.shm.space import Space
 
 SESSION = "session"
 DETACHED = "detached"
@@ -100,7 +99,7 @@ class Freed:
 
 
 class Ledger:
-    def __init__(self, name: str, epoch: int, space: Buddy | Extents) -> None:
+    def __init__(self, name: str, epoch: int, space: Space) -> None:
         self.name = name
         self.epoch = epoch
         self.space = space  # the allocator of offsets: Extents, or Buddy
@@ -631,8 +630,8 @@ class Ledger:
             problems.append("cached bytes per session do not add up")
         for session in self.sessions.values():
             for offset in session.cached:
-                block = self.blocks.get(offset)
-                if block is None or not block.cached or block.cache_session != session.id:
+                held = self.blocks.get(offset)
+                if held is None or not held.cached or held.cache_session != session.id:
                     problems.append(f"session {session.id} caches {offset:#x} it does not hold")
         return problems
 

@@ -40,66 +40,28 @@ and no two free buddies left unmerged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from itertools import pairwise
+from shmarena.shm.space import Space
 
 
-class Buddy:
+class Buddy(Space):
+    kind = "buddy"
+
     def __init__(self, size_bytes: int, min_block_bytes: int = 4096) -> None:
-        if (
-            type(min_block_bytes) is not int
-            or min_block_bytes < 64
-            or min_block_bytes & (min_block_bytes - 1)
-        ):
-            raise ValueError(
-                f"min block must be a power of two of at least 64 bytes, got {min_block_bytes!r}"
-            )
-        if type(size_bytes) is not int or size_bytes <= 0 or size_bytes % min_block_bytes:
-            raise ValueError(
-                f"arena size must be a positive multiple of the min block ({min_block_bytes}), "
-                f"got {size_bytes!r}"
-            )
-        self.size_bytes = size_bytes
-        self.min_block_bytes = min_block_bytes
-        self.min_shift = min_block_bytes.bit_length() - 1
-        units = size_bytes >> self.min_shift
-        self.max_order = units.bit_length() - 1
+        super().__init__(size_bytes, min_block_bytes)
+        units = self.units
         self.free_sets: list[set[int]] = [set() for _ in range(self.max_order + 1)]
-        self.used_units = 0  # minimum blocks held by live allocations
-        # offset -> carved size in minimum blocks
-        self.live: dict[int, int] = {}
         start = 0
         for order in range(self.max_order, -1, -1):
             if units >> order & 1:
                 self.free_sets[order].add(start >> order)
                 start += 1 << order
 
-    # -- sizes ---------------------------------------------------------------
-
-    @property
-    def used_bytes(self) -> int:
-        return self.used_units << self.min_shift
-
-    @property
-    def free_bytes(self) -> int:
-        return self.size_bytes - (self.used_units << self.min_shift)
-
-    def __len__(self) -> int:
-        return len(self.live)
-
-    def carved_bytes(self, size_bytes: int) -> int:
-        """The request rounded up to a whole number of minimum blocks."""
-        mask = self.min_block_bytes - 1
-        return (size_bytes + mask) & ~mask
-
     # -- alloc / free ----------------------------------------------------------
 
     def alloc(self, size_bytes: int) -> int | None:
         """Offset of a new allocation of at least `size_bytes` (exact fit), or
         None when no free block is large enough."""
-        if size_bytes.__class__ is not int or size_bytes <= 0:
-            raise ValueError(f"allocation size must be a positive int, got {size_bytes!r}")
-        units = ((size_bytes - 1) >> self.min_shift) + 1
+        units = self._units(size_bytes)
         order = (units - 1).bit_length()
         free_sets = self.free_sets
         found = order
@@ -164,15 +126,6 @@ class Buddy:
 
     # -- reading ---------------------------------------------------------------
 
-    def allocation_bytes(self, offset: int) -> int | None:
-        units = self.live.get(offset)
-        return None if units is None else units << self.min_shift
-
-    def allocations(self) -> Iterator[tuple[int, int]]:
-        shift = self.min_shift
-        for offset, units in self.live.items():
-            yield offset, units << shift
-
     def largest_free_bytes(self) -> int:
         for order in range(self.max_order, -1, -1):
             if self.free_sets[order]:
@@ -200,15 +153,12 @@ class Buddy:
     def check(self) -> list[str]:
         """Every invariant, verified from scratch; [] when healthy."""
         problems: list[str] = []
-        shift = self.min_shift
         spans: list[tuple[int, int, str]] = []
-        free_total = 0
         for order, blocks in enumerate(self.free_sets):
             size = self.min_block_bytes << order
             for n in blocks:
                 start = n * size
                 spans.append((start, start + size, f"free order {order}"))
-                free_total += size
                 if start + size > self.size_bytes:
                     problems.append(f"free block {start:#x} of order {order} passes the arena end")
                 if order < self.max_order and (n ^ 1) in blocks:
@@ -218,26 +168,4 @@ class Buddy:
                             f"free buddies {start:#x} and {(n ^ 1) * size:#x} of order {order} "
                             "were not merged"
                         )
-        used_total = 0
-        for offset, units in self.live.items():
-            size = units << shift
-            used_total += size
-            if offset % self.min_block_bytes or offset < 0 or offset + size > self.size_bytes:
-                problems.append(f"allocation {offset:#x} of {size} bytes is misplaced")
-            spans.append((offset, offset + size, "allocation"))
-        spans.sort()
-        for (a_start, a_end, a_kind), (b_start, b_end, b_kind) in pairwise(spans):
-            if b_start < a_end:
-                problems.append(
-                    f"{a_kind} [{a_start:#x}, {a_end:#x}) overlaps "
-                    f"{b_kind} [{b_start:#x}, {b_end:#x})"
-                )
-        if used_total != self.used_bytes:
-            problems.append(
-                f"used byte counter {self.used_bytes} != sum of allocations {used_total}"
-            )
-        if free_total + used_total != self.size_bytes:
-            problems.append(
-                f"free {free_total} + used {used_total} != arena size {self.size_bytes}"
-            )
-        return problems
+        return problems + self._check_spans(spans)

@@ -26,8 +26,7 @@ independent of the arena size; no split or merge cascade.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from itertools import pairwise
+from shmarena.shm.space import Space
 
 SUB_BITS = 3  # 8 bins per power of two
 SUB = 1 << SUB_BITS
@@ -42,56 +41,19 @@ def _bin(units: int) -> int:
     return (top - SUB_BITS + 1) * SUB + ((units >> (top - SUB_BITS)) & (SUB - 1))
 
 
-class Extents:
+class Extents(Space):
     """Free-extent allocator over ``size_bytes`` of offsets; the same interface
     as `Buddy`."""
 
     kind = "extents"
 
     def __init__(self, size_bytes: int, min_block_bytes: int = 4096) -> None:
-        if (
-            type(min_block_bytes) is not int
-            or min_block_bytes < 64
-            or min_block_bytes & (min_block_bytes - 1)
-        ):
-            raise ValueError(
-                f"min block must be a power of two of at least 64 bytes, got {min_block_bytes!r}"
-            )
-        if type(size_bytes) is not int or size_bytes <= 0 or size_bytes % min_block_bytes:
-            raise ValueError(
-                f"arena size must be a positive multiple of the min block ({min_block_bytes}), "
-                f"got {size_bytes!r}"
-            )
-        self.size_bytes = size_bytes
-        self.min_block_bytes = min_block_bytes
-        self.min_shift = min_block_bytes.bit_length() - 1
-        self.units = size_bytes >> self.min_shift
-        self.max_order = self.units.bit_length() - 1
+        super().__init__(size_bytes, min_block_bytes)
         self.bins: list[set[int]] = [set() for _ in range(_bin(self.units) + 1)]
         self.mask = 0  # bit b set: bins[b] is not empty
         self.free_start: dict[int, int] = {}
         self.free_end: dict[int, int] = {}
-        self.live: dict[int, int] = {}  # offset -> units
-        self.used_units = 0
         self._add(0, self.units)
-
-    # -- sizes ---------------------------------------------------------------
-
-    @property
-    def used_bytes(self) -> int:
-        return self.used_units << self.min_shift
-
-    @property
-    def free_bytes(self) -> int:
-        return (self.units - self.used_units) << self.min_shift
-
-    def __len__(self) -> int:
-        return len(self.live)
-
-    def carved_bytes(self, size_bytes: int) -> int:
-        """The request rounded up to a whole number of minimum blocks."""
-        mask = self.min_block_bytes - 1
-        return (size_bytes + mask) & ~mask
 
     # -- free extents ----------------------------------------------------------
 
@@ -116,9 +78,7 @@ class Extents:
     def alloc(self, size_bytes: int) -> int | None:
         """Offset of a new allocation of `size_bytes` rounded up to whole
         minimum blocks, or None when no free extent is long enough."""
-        if size_bytes.__class__ is not int or size_bytes <= 0:
-            raise ValueError(f"allocation size must be a positive int, got {size_bytes!r}")
-        units = ((size_bytes - 1) >> self.min_shift) + 1
+        units = self._units(size_bytes)
         b = _bin(units)
         free_start = self.free_start
         higher = self.mask >> (b + 1)
@@ -173,15 +133,6 @@ class Extents:
 
     # -- reading ---------------------------------------------------------------
 
-    def allocation_bytes(self, offset: int) -> int | None:
-        units = self.live.get(offset)
-        return None if units is None else units << self.min_shift
-
-    def allocations(self) -> Iterator[tuple[int, int]]:
-        shift = self.min_shift
-        for offset, units in self.live.items():
-            yield offset, units << shift
-
     def largest_free_bytes(self) -> int:
         if not self.mask:
             return 0
@@ -213,8 +164,6 @@ class Extents:
         """Every invariant, verified from scratch; [] when healthy."""
         problems: list[str] = []
         shift = self.min_shift
-        spans: list[tuple[int, int, str]] = []
-        free_units = 0
         mask = 0
         for b, members in enumerate(self.bins):
             if members:
@@ -225,8 +174,8 @@ class Extents:
                     problems.append(f"free extent at unit {start} is in the wrong bin {b}")
         if mask != self.mask:
             problems.append("the bin mask disagrees with the bins")
+        spans: list[tuple[int, int, str]] = []
         for start, length in self.free_start.items():
-            free_units += length
             spans.append((start << shift, (start + length) << shift, "free extent"))
             if self.free_end.get(start + length) != start:
                 problems.append(f"free extent at unit {start} is missing from the end map")
@@ -236,30 +185,4 @@ class Extents:
                 problems.append(f"free extents at units {start} and {start + length} not joined")
         if len(self.free_end) != len(self.free_start):
             problems.append("start and end maps of free extents differ in size")
-        used_units = 0
-        for offset, units in self.live.items():
-            used_units += units
-            if (
-                offset % self.min_block_bytes
-                or offset < 0
-                or offset + (units << shift) > (self.size_bytes)
-            ):
-                problems.append(f"allocation {offset:#x} of {units << shift} bytes is misplaced")
-            spans.append((offset, offset + (units << shift), "allocation"))
-        spans.sort()
-        for (a_start, a_end, a_kind), (b_start, b_end, b_kind) in pairwise(spans):
-            if b_start < a_end:
-                problems.append(
-                    f"{a_kind} [{a_start:#x}, {a_end:#x}) overlaps "
-                    f"{b_kind} [{b_start:#x}, {b_end:#x})"
-                )
-        if used_units != self.used_units:
-            problems.append(
-                f"used unit counter {self.used_units} != sum of allocations {used_units}"
-            )
-        if free_units + used_units != self.units:
-            problems.append(
-                f"free {free_units << shift} + used {used_units << shift} != arena size "
-                f"{self.size_bytes}"
-            )
-        return problems
+        return problems + self._check_spans(spans)

@@ -11,6 +11,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "shmarena"
 PURE_MODULES = [
     "shm/buddy.py",
     "shm/extents.py",
+    "shm/space.py",
     "client/cache.py",
     "daemon/ledger.py",
     "daemon/service.py",
