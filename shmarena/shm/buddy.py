@@ -87,20 +87,14 @@ class Buddy(Space):
                     piece -= 1
                 free_sets[piece].add(position >> piece)
                 position += 1 << piece
-        offset = start << self.min_shift
-        self.live[offset] = units
-        self.used_units += units
-        return offset
+        return self._record(start, units)
 
     def free(self, offset: int) -> int:
         """Free the allocation that starts at `offset`; returns its carved bytes.
 
         ValueError (and no change) when no allocation starts there.
         """
-        units = self.live.pop(offset, None)
-        if units is None:
-            raise ValueError(f"no allocation starts at offset {offset!r}")
-        self.used_units -= units
+        units = self._forget(offset)
         free_sets = self.free_sets
         top = self.max_order
         position = offset >> self.min_shift

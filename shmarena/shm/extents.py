@@ -103,20 +103,14 @@ class Extents(Space):
         self._remove(start, length)
         if length > units:
             self._add(start + units, length - units)
-        offset = start << self.min_shift
-        self.live[offset] = units
-        self.used_units += units
-        return offset
+        return self._record(start, units)
 
     def free(self, offset: int) -> int:
         """Free the allocation that starts at `offset`; returns its bytes.
 
         ValueError (and no change) when no allocation starts there.
         """
-        units = self.live.pop(offset, None)
-        if units is None:
-            raise ValueError(f"no allocation starts at offset {offset!r}")
-        self.used_units -= units
+        units = self._forget(offset)
         start = offset >> self.min_shift
         length = units
         before = self.free_end.get(start)

@@ -59,6 +59,21 @@ class Space:
             raise ValueError(f"allocation size must be a positive int, got {size_bytes!r}")
         return ((size_bytes - 1) >> self.min_shift) + 1
 
+    def _record(self, start: int, units: int) -> int:
+        """Note a new allocation of `units` at unit `start`; its offset."""
+        offset = start << self.min_shift
+        self.live[offset] = units
+        self.used_units += units
+        return offset
+
+    def _forget(self, offset: int) -> int:
+        """Drop the allocation at `offset` from the table; its units."""
+        units = self.live.pop(offset, None)
+        if units is None:
+            raise ValueError(f"no allocation starts at offset {offset!r}")
+        self.used_units -= units
+        return units
+
     # -- what each allocator provides ------------------------------------------
 
     def alloc(self, size_bytes: int) -> int | None:
