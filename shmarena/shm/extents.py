@@ -84,26 +84,42 @@ class Extents(Space):
         higher = self.mask >> (b + 1)
         start = -1
         if self.mask >> b & 1:  # the own bin: lengths near `units`, maybe shorter
-            best = seen = 0
-            for candidate in self.bins[b]:
-                length = free_start[candidate]
-                if length >= units and (not best or length < best):
-                    start, best = candidate, length
-                    if length == units:
-                        break
-                seen += 1
-                if seen >= SCAN and (start >= 0 or higher):
-                    break  # good enough, or a longer extent is at hand anyway
+            start = self._fit_in_bin(b, units, everything=not higher)
         if start < 0:
             if not higher:
                 return None
             b += (higher & -higher).bit_length()
-            start = next(iter(self.bins[b]))
+            # set.pop() starts where the last pop ended; iterating from the
+            # table's start would walk over every slot emptied by removals.
+            start = self.bins[b].pop()
+            self.bins[b].add(start)
         length = free_start[start]
         self._remove(start, length)
         if length > units:
             self._add(start + units, length - units)
         return self._record(start, units)
+
+    def _fit_in_bin(self, b: int, units: int, everything: bool) -> int:
+        """The shortest of SCAN extents of bin `b` that holds `units` (all of
+        them when `everything`), or -1. Sampled with pop(), put back after."""
+        members, free_start = self.bins[b], self.free_start
+        start, best = -1, 0
+        looked = []
+        for _ in range(min(SCAN, len(members))):
+            candidate = members.pop()
+            looked.append(candidate)
+            length = free_start[candidate]
+            if length >= units and (not best or length < best):
+                start, best = candidate, length
+                if length == units:
+                    break
+        members.update(looked)
+        if start < 0 and everything:  # the last chance before OutOfMemory: look at all
+            for candidate in members:
+                length = free_start[candidate]
+                if length >= units and (not best or length < best):
+                    start, best = candidate, length
+        return start
 
     def free(self, offset: int) -> int:
         """Free the allocation that starts at `offset`; returns its bytes.
