@@ -167,3 +167,19 @@ def test_populate_maps_the_arena_up_front(daemon: Daemon) -> None:
     buf.view[-3:] = b"end"
     assert bytes(client.attach(buf.handle).view[-3:]) == b"end"
     buf.free()
+
+
+def test_recycling_an_own_owner_refills_the_cache(client: shmarena.Client) -> None:
+    client.alloc(65536).free()  # the class is filled once: 16 blocks in a 64 MiB arena
+    with client.owner("frame-batch") as batch:
+        first = {batch.alloc(65536).offset for _ in range(12)}
+    # Leaving the block recycled the owner; its blocks came back to this
+    # process's cache with the reply, so the next 12 need no refill (only 4
+    # would be left otherwise).
+    before = round_trips(client)
+    with client.owner("frame-batch") as batch:
+        second = {batch.alloc(65536).offset for _ in range(12)}
+    assert len(second & first) >= 8
+    # one OWNER and one RECYCLE round trip, and this stats call: no FILL
+    assert round_trips(client) - before == 3
+    assert client.stats()["counters"]["fills"] == 1
