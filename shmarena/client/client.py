@@ -234,7 +234,7 @@ class Client:
                 if transport is None:
                     return
                 try:
-                    transport.request(Op.PING)
+                    transport.request(Op.PING, late=False)  # refusals wait for the user
                 except Exception:
                     pass  # the next real call reports what is wrong
 
