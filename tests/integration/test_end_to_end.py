@@ -279,6 +279,9 @@ def test_fork_child_gets_its_own_session(client: shmarena.Client) -> None:
             child_buf = client.alloc(4096)
             child_buf.view[:2] = bytes(buf.view[:2])
             ok = client.session != 0 and bytes(child_buf.view[:2]) == b"pa"
+            # Its second alloc comes from a cache of its own, never the parent's.
+            again = client.alloc(4096)
+            ok = ok and again.offset not in (buf.offset, child_buf.offset)
             os.write(write, f"{client.session} {int(ok)}".encode())
             code = 0
         finally:
@@ -299,20 +302,37 @@ def test_threads_share_one_client(client: shmarena.Client) -> None:
 
     errors: list[BaseException] = []
 
-    def work() -> None:
+    kept: list[shmarena.Buffer] = []
+
+    def work(seed: int) -> None:
         try:
-            for _ in range(200):
-                client.alloc(4096).free()
+            for i in range(300):
+                buf = client.alloc(4096 * (1 + (seed + i) % 5))  # cached classes, shared
+                buf.view[:8] = seed.to_bytes(8, "little")
+                if i % 50 == 0:
+                    buf.handle  # noqa: B018 - some escape: freed through the daemon
+                if i % 30 == 0:
+                    kept.append(buf)  # some stay out
+                else:
+                    assert bytes(buf.view[:8]) == seed.to_bytes(8, "little")  # nobody else's
+                    buf.free()
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(8)]
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert errors == []
+    assert len({b.offset for b in kept}) == len(kept)  # no block handed out twice
+    client.sync()
+    stats = client.stats()
+    assert stats["used_bytes"] == sum(-(-b.size // 4096) * 4096 for b in kept)
+    client.free(kept)
+    client.sync()
     assert client.stats()["used_bytes"] == 0
+    assert client.check() == []
 
 
 def test_silent_daemon_raises_daemon_unavailable_then_recovers(daemon: Daemon) -> None:
