@@ -26,10 +26,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shmarena.shm.buddy import Buddy  # noqa: E402
-from shmarena.shm.extents import Extents  # noqa: E402
-
-ALLOCATORS = {"extents": Extents, "buddy": Buddy}
+from shmarena.daemon.service import ALLOCATORS  # noqa: E402
 
 BATCH = 100  # steps timed together, so the timer's own cost stays small
 

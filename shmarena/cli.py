@@ -34,6 +34,7 @@ from shmarena.config import (
     runtime_dir,
     socket_path,
 )
+from shmarena.daemon.service import ALLOCATORS
 from shmarena.errors import DaemonStartError, DaemonUnavailable, ShmArenaError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     daemon.add_argument(
         "--allocator",
-        choices=("extents", "buddy"),
+        choices=tuple(ALLOCATORS),
         default="extents",
         help="how the arena is carved: 'extents' (default: any free run, neighbours "
         "joined at once; 99%% of the arena usable under churn) or 'buddy' "

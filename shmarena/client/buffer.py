@@ -124,7 +124,7 @@ class Buffer:
         (no message), else to the daemon without waiting. StaleHandle if it was
         freed or recycled already."""
         cache = self._cache
-        if cache is not None and cache.client is not None:
+        if cache is not None and cache is self._client._cache:  # not the parent's, after fork
             cache.take_back(self)
         else:
             self._client._free_buffer(self)

@@ -50,7 +50,6 @@ BATCH_BYTES = 2 << 20  # what one refill of a class aims to carve
 MAX_BATCH_BLOCKS = 64
 MAX_CACHED_BYTES = 64 << 20  # free bytes one process's cache holds at most (or 1/16 arena)
 FLUSH_DELAY_S = 0.005  # bookkeeping reaches the daemon this long after it happened, at most
-FLUSH_AT = 4096  # queued integers that trigger a flush at once
 POST_CHUNK = 16384  # integers per POST message (well under MAX_EVENTS and the frame limit)
 
 
@@ -107,12 +106,12 @@ class Cache:
         self.lock = threading.Lock()
         self.lists: dict[int, list[int]] = {}  # class bytes -> free offsets
         self.high: dict[int, int] = {}  # class bytes -> length that triggers a drain
-        self.home: dict[int, int] = {}  # offset -> class, for every block of this cache
         # offset -> [generation, size, owner id, class, reported], for every
         # block handed out here and not given back yet
         self.out: dict[int, list[int]] = {}
         self.unreported: list[int] = []  # offsets handed out since the last flush
-        self.awaiting: dict[int, int] = {}  # offset -> generation, freed, daemon to confirm
+        # offset -> (generation, class): freed through the daemon, back on its word
+        self.awaiting: dict[int, tuple[int, int]] = {}
         self.pending: list[int] = []  # events in order
         self.dirty = False
         self.wake = wake
@@ -120,7 +119,6 @@ class Cache:
         self.view = view  # the whole arena
         self.classes: dict[int, int] = {}  # size -> class, memo
         self._gens = itertools.count((session << GEN_SHIFT) + 1)
-        self.misses = 0
 
     # -- sizes ---------------------------------------------------------------
 
@@ -151,7 +149,6 @@ class Cache:
         with self.lock:
             free = self.lists.get(cls)
             if not free:
-                self.misses += 1
                 return None
             offset = free.pop()
             self.free_bytes -= cls
@@ -159,8 +156,7 @@ class Cache:
             self.out[offset] = [gen, size, owner_id, cls, False]
             self.unreported.append(offset)
             if not self.dirty:
-                self.dirty = True
-                self.wake()
+                self._queued()
         return Buffer(
             self.client, offset, size, gen, self.view[offset : offset + size], "owned", self
         )
@@ -171,7 +167,7 @@ class Cache:
         back on its free list, and if the daemon never heard of it, it never
         will."""
         if buf._handle is not None:  # its handle may be elsewhere
-            cls = self.give(buf._offset, buf._gen, buf._size, True)
+            cls = self.free_through_daemon(buf._offset, buf._gen, buf._size)
             buf._done()
             return cls
         offset = buf._offset
@@ -184,14 +180,9 @@ class Cache:
             if entry[4]:  # reported: report its return too
                 self.pending += (UNASSIGN, offset, entry[0])
                 if not self.dirty:
-                    self.dirty = True
-                    self.wake()
+                    self._queued()
             cls = entry[3]
-            free = self.lists[cls]
-            free.append(offset)
-            self.free_bytes += cls
-            if len(free) > self.high[cls] or self.free_bytes > self.cap:
-                self._drain_cold(cls)
+            self._push(cls, offset)
             buf._state = "done"
         try:
             buf._view.release()
@@ -207,38 +198,34 @@ class Cache:
             generation=gen,
         )
 
-    def give(self, offset: int, gen: int, size: int, escaped: bool) -> int:
-        """Take back a block handed out here; its class bytes. StaleHandle if
-        it is not out under that generation (freed or recycled already)."""
+    def free_through_daemon(self, offset: int, gen: int, size: int) -> int:
+        """Free a block handed out here whose handle may be in another process
+        (which may retain it): the daemon frees it and, once nobody holds it,
+        gives it back with a notice. Its class bytes; StaleHandle if it is not
+        out under that generation (freed or recycled already)."""
         with self.lock:
             entry = self.out.get(offset)
             if entry is None or entry[0] != gen:
                 raise self._stale(offset, gen)
-            cls = entry[3]
-            if escaped:
-                # Another process may hold the handle (and a retain): the
-                # daemon frees it and tells us when the block is ours again.
-                self._report(offset)
-                del self.out[offset]
-                self.awaiting[offset] = gen
-                self.pending += (FREE_EVENT, self.epoch, 0, offset, size, gen)
-            else:
-                del self.out[offset]
-                if entry[4]:
-                    self.pending += (UNASSIGN, offset, gen)
-                self._push(cls, offset)
+            self._report(offset)
+            del self.out[offset]
+            self.awaiting[offset] = (gen, entry[3])
+            self.pending += (FREE_EVENT, self.epoch, 0, offset, size, gen)
             if not self.dirty:
-                self.dirty = True
-                self.wake()
-        return cls
+                self._queued()
+        return entry[3]
+
+    def _queued(self) -> None:
+        """The first event since the last flush: the flusher must know."""
+        self.dirty = True
+        self.wake()
 
     def post_free(self, handle: tuple[int, int, int, int, int]) -> None:
         """Queue a free by handle of a block that is not this cache's."""
         with self.lock:
             self.pending += (FREE_EVENT, *handle)
             if not self.dirty:
-                self.dirty = True
-                self.wake()
+                self._queued()
 
     def escape(self, offset: int) -> None:
         """The block's handle is leaving this process: its hand-out must be
@@ -271,20 +258,16 @@ class Cache:
             if extra <= 0:
                 continue
             for offset in free[:extra]:
-                del self.home[offset]
                 self.pending += (DRAIN, offset)
             del free[:extra]
             self.free_bytes -= each * extra
         if not self.dirty:
-            self.dirty = True
-            self.wake()
+            self._queued()
 
     # -- what the daemon said ------------------------------------------------
 
     def add(self, cls: int, offsets: list[int]) -> None:
         with self.lock:
-            for offset in offsets:
-                self.home[offset] = cls
             if cls not in self.lists:
                 self.lists[cls] = []
                 self.high[cls] = 2 * self.batch(cls)
@@ -302,13 +285,9 @@ class Cache:
                 entry = self.out.get(offset)
                 if entry is not None and entry[0] == gen:
                     del self.out[offset]
-                elif self.awaiting.get(offset) == gen:
-                    del self.awaiting[offset]
-                else:
-                    continue
-                cls = self.home.get(offset)
-                if cls is not None:
-                    self._push(cls, offset)
+                    self._push(entry[3], offset)
+                elif self.awaiting.get(offset, (0, 0))[0] == gen:
+                    self._push(self.awaiting.pop(offset)[1], offset)
 
     def drain_all(self) -> int:
         """Queue every free cached block for return to the arena; bytes queued."""
@@ -316,14 +295,12 @@ class Cache:
             total = 0
             for cls, free in self.lists.items():
                 for offset in free:
-                    del self.home[offset]
                     self.pending += (DRAIN, offset)
                 total += cls * len(free)
                 free.clear()
             self.free_bytes = 0
             if total and not self.dirty:
-                self.dirty = True
-                self.wake()
+                self._queued()
             return total
 
     def take_events(self) -> list[list[int]]:
@@ -342,6 +319,3 @@ class Cache:
                     flat += (ASSIGN, offset, entry[1], entry[0], entry[2])
             self.unreported.clear()
         return split_events(flat)
-
-    def cached_bytes(self) -> int:
-        return self.free_bytes

@@ -279,8 +279,6 @@ class Client:
             _ABANDONED.append(self._transport)
         self._transport = None
         self._heartbeat = None
-        if self._cache is not None:
-            self._cache.client = None  # type: ignore[assignment]
         self._cache = None  # the parent's: its blocks are the parent session's
         self._flusher = None
         self._flush_wake = threading.Event()
@@ -389,17 +387,9 @@ class Client:
     def _refill(
         self, cache: Cache, fills: list[int], sizes: list[int], owner: str | None
     ) -> list[list[int]]:
-        """One FILL round trip; on OutOfMemory, give the cache's other blocks
-        back to the arena and try once more with just what is needed."""
-        try:
-            taken, direct, notices = self._request(Op.FILL, fills, cache.mark(), sizes, owner)
-        except OutOfMemory:
-            if not cache.drain_all():
-                raise
-            needed = [
-                n for i in range(0, len(fills), 3) for n in (fills[i], fills[i + 2], fills[i + 2])
-            ]
-            taken, direct, notices = self._request(Op.FILL, needed, cache.mark(), sizes, owner)
+        """One FILL round trip (two when the arena is full, see `_request_room`:
+        the daemon takes what is needed and only as many more as fit)."""
+        taken, direct, notices = self._request_room(Op.FILL, fills, cache.mark(), sizes, owner)
         cache.notice(notices)
         for i, offsets in enumerate(taken):
             cache.add(fills[3 * i], offsets)
@@ -478,10 +468,7 @@ class Client:
         for item in items:
             if isinstance(item, Buffer):
                 if item._state == "done":
-                    raise StaleHandle(
-                        f"buffer at offset {item._offset:#x} was freed or released already "
-                        "(double free); nothing was freed"
-                    )
+                    raise _freed_already(item)
                 if id(item) in seen:
                     raise StaleHandle(
                         "the same buffer appears twice in one free; nothing was freed"
@@ -497,10 +484,7 @@ class Client:
 
     def _free_buffer(self, buf: Buffer) -> int:
         if buf._state == "done":
-            raise StaleHandle(
-                f"buffer at offset {buf._offset:#x} was freed or released already "
-                "(double free); nothing was freed"
-            )
+            raise _freed_already(buf)
         cache = buf._cache
         if cache is not None and cache is self._cache:
             return cache.take_back(buf)
@@ -512,7 +496,7 @@ class Client:
         cache = self._cache
         if cache is not None and handle.generation >> GEN_SHIFT == self.session:
             # Made by this very cache: it knows whether the block is still out.
-            return cache.give(handle.offset, handle.generation, handle.size, escaped=True)
+            return cache.free_through_daemon(handle.offset, handle.generation, handle.size)
         return self._post_free(tuple(handle))  # type: ignore[arg-type]
 
     def _post_free(self, handle: tuple[int, int, int, int, int]) -> int:
@@ -678,6 +662,13 @@ def _ndarray_base(key: tuple[str, int]) -> Any:
 
         base = _ARRAYS[key] = np.frombuffer(_MAPPINGS[key][0], dtype=np.uint8)
     return base
+
+
+def _freed_already(buf: Buffer) -> StaleHandle:
+    return StaleHandle(
+        f"buffer at offset {buf._offset:#x} was freed or released already "
+        "(double free); nothing was freed"
+    )
 
 
 def _check_size(size: int) -> None:

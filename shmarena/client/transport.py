@@ -70,8 +70,6 @@ class Transport:
             self._check_open()
             sock = self.socket
             if late:
-                if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # cheaper than poll(0)
-                    self._collect(sock)
                 self._raise_late()
             self._send_pending(more=True)
             request_id = self.next_id
@@ -110,9 +108,8 @@ class Transport:
     def raise_late(self) -> None:
         """Raise a refusal of an earlier one-way request, if one came back."""
         with self.lock:
-            if not self.closed and int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                self._collect(self.socket)
-            self._raise_late()
+            if not self.closed:
+                self._raise_late()
 
     def _send_pending(self, more: bool = False) -> None:
         """Send the queued posts; with `more`, the last of them go as the first
@@ -131,7 +128,12 @@ class Transport:
         for index, frame in enumerate(frames):
             send(frame, zmq.SNDMORE if more or index < len(frames) - 1 else 0)
 
-    def _collect(self, sock: zmq.Socket[Any]) -> None:
+    def _collect(self) -> None:
+        """Read what already came in (refusals of one-way requests, late
+        replies to requests that timed out), without waiting."""
+        sock = self.socket
+        if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # cheaper than poll(0)
+            return
         while True:
             try:
                 frame = sock.recv(zmq.NOBLOCK)
@@ -146,6 +148,7 @@ class Transport:
             self.late.append(_error(reply))
 
     def _raise_late(self) -> None:
+        self._collect()
         if self.late:
             first, rest = self.late[0], len(self.late) - 1
             self.late.clear()

@@ -109,7 +109,6 @@ class Ledger:
         self.generation = 0
         self.requested_bytes = 0  # bytes asked for by the blocks owners hold
         self.owned_bytes = 0  # carved bytes of blocks owners hold
-        self.cached_bytes = 0  # carved bytes sitting in client caches
         self._next_session = 1
 
     # -- sessions ------------------------------------------------------------
@@ -247,12 +246,9 @@ class Ledger:
         for offset, size in zip(offsets, sizes, strict=True):
             self.generation += 1
             carved = space.allocation_bytes(offset) or 0
-            block = Block(offset, size, carved, self.generation, owner.name)
+            block = Block(offset, size, carved, self.generation, None)
             self.blocks[offset] = block
-            owner.blocks[offset] = block
-            owner.bytes += carved
-            self.owned_bytes += carved
-            self.requested_bytes += size
+            self._own(block, owner)
             result.append(block)
         return result
 
@@ -341,12 +337,22 @@ class Ledger:
             )
         return block
 
-    def _disown(self, block: Block, owner: Owner, notify: bool = True) -> None:
+    def _own(self, block: Block, owner: Owner) -> None:
+        owner.blocks[block.offset] = block
+        owner.bytes += block.carved
+        self.owned_bytes += block.carved
+        self.requested_bytes += block.size
+        block.owner = owner.name
+
+    def _unown(self, block: Block, owner: Owner) -> None:
         del owner.blocks[block.offset]
         owner.bytes -= block.carved
         self.owned_bytes -= block.carved
         self.requested_bytes -= block.size
         block.owner = None
+
+    def _disown(self, block: Block, owner: Owner, notify: bool = True) -> None:
+        self._unown(block, owner)
         self._maybe_release(block, notify)
 
     def _maybe_release(self, block: Block, notify: bool = True) -> None:
@@ -359,11 +365,8 @@ class Ledger:
             del self.blocks[block.offset]
             self.space.free(block.offset)
             return
-        block.cached = True
         block.size = block.carved
-        session.cached.add(block.offset)
-        session.cached_bytes += block.carved
-        self.cached_bytes += block.carved
+        self._cache_in(session, block)
         if notify:
             session.notices += (block.offset, block.generation)
 
@@ -390,6 +393,12 @@ class Ledger:
         triples = self._check_fills(session_id, fills, mark)
         space = self.space
         taken: list[list[int]] = []
+
+        def give_back() -> None:
+            for group in taken:
+                for offset in group:
+                    space.free(offset)
+
         for class_bytes, count, need in triples:
             offsets: list[int] = []
             taken.append(offsets)
@@ -399,24 +408,18 @@ class Ledger:
                     break
                 offsets.append(offset)
             if len(offsets) < need:
-                for group in taken:
-                    for offset in group:
-                        space.free(offset)
+                give_back()
                 raise self._out_of_memory(class_bytes, class_bytes * need if need > 1 else None)
         try:
             direct = self.alloc_many(session_id, sizes, owner_name, detached, now) if sizes else []
         except BaseException:
-            for group in taken:
-                for offset in group:
-                    space.free(offset)
+            give_back()
             raise
         for (class_bytes, _, _), offsets in zip(triples, taken, strict=True):
             for offset in offsets:
-                block = Block(offset, class_bytes, class_bytes, mark, None, None, session_id, True)
+                block = Block(offset, class_bytes, class_bytes, mark, None, None, session_id)
                 self.blocks[offset] = block
-                session.cached.add(offset)
-            session.cached_bytes += class_bytes * len(offsets)
-            self.cached_bytes += class_bytes * len(offsets)
+                self._cache_in(session, block)
         return taken, direct
 
     def _check_fills(self, session_id: int, fills: list[int], mark: int) -> list[tuple[int, ...]]:
@@ -505,13 +508,8 @@ class Ledger:
             if 0 <= owner_id < len(session.owner_ids):
                 wanted = session.owner_ids[owner_id]
                 if wanted != block.owner:
-                    current = self.owners[block.owner]
-                    del current.blocks[offset]
-                    current.bytes -= block.carved
-                    target = self.open_owner(wanted, session.id, False, now)
-                    target.blocks[offset] = block
-                    target.bytes += block.carved
-                    block.owner = wanted
+                    self._unown(block, self.owners[block.owner])
+                    self._own(block, self.open_owner(wanted, session.id, False, now))
             return
         if block.generation >= generation:
             return  # handed out and let go before this report arrived
@@ -523,17 +521,10 @@ class Ledger:
         if not 0 <= owner_id < len(session.owner_ids):
             raise InvalidRequest(f"assign: unknown owner id {owner_id}")
         owner = self.open_owner(session.owner_ids[owner_id], session.id, False, now)
-        session.cached.discard(block.offset)
-        session.cached_bytes -= block.carved
-        self.cached_bytes -= block.carved
-        block.cached = False
+        self._cache_out(session, block)
         block.size = size
         block.generation = generation
-        block.owner = owner.name
-        owner.blocks[block.offset] = block
-        owner.bytes += block.carved
-        self.owned_bytes += block.carved
-        self.requested_bytes += size
+        self._own(block, owner)
 
     def _event_unassign(self, session: Session, event: tuple[int, ...]) -> None:
         _, offset, generation = event
@@ -547,11 +538,24 @@ class Ledger:
         self._disown(block, self.owners[block.owner], notify=False)
 
     def _drain(self, session: Session, block: Block) -> None:
-        session.cached.discard(block.offset)
-        session.cached_bytes -= block.carved
-        self.cached_bytes -= block.carved
+        self._cache_out(session, block)
         del self.blocks[block.offset]
         self.space.free(block.offset)
+
+    def _cache_in(self, session: Session, block: Block) -> None:
+        block.cached = True
+        session.cached.add(block.offset)
+        session.cached_bytes += block.carved
+
+    def _cache_out(self, session: Session, block: Block) -> None:
+        block.cached = False
+        session.cached.discard(block.offset)
+        session.cached_bytes -= block.carved
+
+    @property
+    def cached_bytes(self) -> int:
+        """Carved bytes sitting in client caches."""
+        return sum(s.cached_bytes for s in self.sessions.values())
 
     def _out_of_memory(self, size: int, batch_total: int | None) -> OutOfMemory:
         space = self.space
@@ -625,9 +629,9 @@ class Ledger:
                 if sid not in self.sessions:
                     problems.append(f"block {block.offset:#x} retained by ended session {sid}")
         if cached != self.cached_bytes:
-            problems.append(f"cached bytes {self.cached_bytes} != sum over cached blocks {cached}")
-        if sum(s.cached_bytes for s in self.sessions.values()) != cached:
-            problems.append("cached bytes per session do not add up")
+            problems.append(
+                f"cached bytes per session {self.cached_bytes} != sum over blocks {cached}"
+            )
         for session in self.sessions.values():
             for offset in session.cached:
                 held = self.blocks.get(offset)

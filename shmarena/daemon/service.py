@@ -87,9 +87,6 @@ class _Counters:
     reclaimed_bytes: int = 0
 
 
-ONE_WAY = frozenset(int(op) for op in ONE_WAY_OPS)
-
-
 def _extfrag(index: float | None) -> float:
     """Linux's convention: -1 for an order that can be allocated now."""
     return -1.0 if index is None else round(index, 3)
@@ -142,7 +139,7 @@ class Service:
             # gets its refusal as a late error.
             one_way = (
                 isinstance(message, list) and bool(message) and type(message[0]) is int
-            ) and message[0] in ONE_WAY
+            ) and message[0] in ONE_WAY_OPS
             request = parse_request(message)
             request_id = request.request_id
             keep = request.op in MUTATING_OPS
@@ -347,6 +344,7 @@ class Service:
         in README.md, "stats keys")."""
         ledger, buddy, info = self.ledger, self.ledger.space, self.info
         retained_only = ledger.retained_only()
+        cached_blocks = sum(len(s.cached) for s in ledger.sessions.values())
         largest = buddy.largest_free_bytes()
         free = buddy.free_bytes
         return {
@@ -364,15 +362,13 @@ class Service:
             "used_bytes": ledger.owned_bytes,
             "requested_bytes": ledger.requested_bytes,
             "cached_bytes": ledger.cached_bytes,
-            "cached_blocks": sum(len(s.cached) for s in ledger.sessions.values()),
+            "cached_blocks": cached_blocks,
             "retained_only_bytes": sum(b.carved for b in retained_only),
             "retained_only_blocks": len(retained_only),
             "free_bytes": free,
             "largest_free_bytes": largest,
             "min_block_bytes": info.min_block_bytes,
-            "live_blocks": len(ledger.blocks)
-            - len(retained_only)
-            - sum(len(s.cached) for s in ledger.sessions.values()),
+            "live_blocks": len(ledger.blocks) - len(retained_only) - cached_blocks,
             "owners": len(ledger.owners),
             "sessions": len(ledger.sessions),
             "fragmentation": round(1 - largest / free, 4) if free else 0.0,

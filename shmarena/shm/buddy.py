@@ -44,8 +44,6 @@ from shmarena.shm.space import Space
 
 
 class Buddy(Space):
-    kind = "buddy"
-
     def __init__(self, size_bytes: int, min_block_bytes: int = 4096) -> None:
         super().__init__(size_bytes, min_block_bytes)
         units = self.units

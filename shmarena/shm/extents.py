@@ -45,8 +45,6 @@ class Extents(Space):
     """Free-extent allocator over ``size_bytes`` of offsets; the same interface
     as `Buddy`."""
 
-    kind = "extents"
-
     def __init__(self, size_bytes: int, min_block_bytes: int = 4096) -> None:
         super().__init__(size_bytes, min_block_bytes)
         self.bins: list[set[int]] = [set() for _ in range(_bin(self.units) + 1)]
