@@ -47,6 +47,16 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _fraction_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --name and --runtime-dir are accepted before or after the subcommand.
     common = argparse.ArgumentParser(add_help=False)
@@ -110,9 +120,34 @@ def build_parser() -> argparse.ArgumentParser:
         f"pidfd is reclaimed (default {DEFAULT_LEASE_S:g})",
     )
     daemon.add_argument(
+        "--group",
+        metavar="G",
+        help="let members of group G (name or gid) use the daemon: runtime dir 0750, "
+        "socket and arena 0660, all owned by G (default: this user only, 0700/0600)",
+    )
+    daemon.add_argument(
         "--detach",
         action="store_true",
         help="start in the background and return once the daemon answers",
+    )
+    debug = daemon.add_argument_group("fault injection (for testing clients; never in production)")
+    debug.add_argument(
+        "--debug-drop-replies",
+        type=_fraction_arg,
+        default=0.0,
+        metavar="P",
+        help="drop this fraction (0..1) of replies; clients resend after --retry and are "
+        "answered from the reply cache",
+    )
+    debug.add_argument(
+        "--debug-delay-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="hold each reply back by a random 0..MS milliseconds",
+    )
+    debug.add_argument(
+        "--debug-seed", type=int, default=None, help="seed for the two options above"
     )
 
     for command, text in (
@@ -193,6 +228,10 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         min_block_bytes=args.min_block,
         lease_s=args.lease,
         allocator=args.allocator,
+        group=args.group,
+        debug_drop_replies=args.debug_drop_replies,
+        debug_delay_ms=args.debug_delay_ms,
+        debug_seed=args.debug_seed,
     )
     try:
         run_daemon(options)
@@ -222,6 +261,17 @@ def _detach(args: argparse.Namespace) -> int:
         "--allocator",
         args.allocator,
     ]
+    if args.group is not None:
+        command += ["--group", args.group]
+    if args.debug_drop_replies or args.debug_delay_ms:
+        command += [
+            "--debug-drop-replies",
+            str(args.debug_drop_replies),
+            "--debug-delay-ms",
+            str(args.debug_delay_ms),
+        ]
+        if args.debug_seed is not None:
+            command += ["--debug-seed", str(args.debug_seed)]
     os.makedirs(args.run_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(args.run_dir, f"{args.name}.log")
     with open(log_path, "ab") as log:

@@ -15,6 +15,10 @@ DEFAULT_SIZE_BYTES = 1 << 30
 DEFAULT_MIN_BLOCK_BYTES = 4096
 SMALLEST_MIN_BLOCK_BYTES = 64
 DEFAULT_TIMEOUT_S = 5.0
+# An unanswered request is sent again (same id) after this long. Replies are
+# not lost on a live ipc connection; a resend matters when the daemon was
+# restarted or is running with --debug-drop-replies.
+DEFAULT_RETRY_S = 1.0
 # A session whose process cannot be watched with a pidfd is ended when it has
 # sent nothing for this long; its client heartbeats at a third of it.
 DEFAULT_LEASE_S = 10.0

@@ -67,6 +67,22 @@ class StaleHandle(ShmArenaError):
     code = "stale_handle"
 
 
+class SessionLost(StaleHandle):
+    """The daemon no longer knows this client's session, so every buffer and
+    session-scoped owner the client held is gone.
+
+    Either the daemon was restarted (a new arena: old buffers still read the
+    old memory but no longer share it with anyone) or, for a client the daemon
+    could not watch by pid, the session's heartbeat lease ran out (a stopped
+    process, say) and its blocks were reclaimed. The call that finds this out
+    raises it once; the client opens a new session on its next call, or at
+    once with `client.reconnect()`. `details["reason"]` is "restarted",
+    "lease_expired" or "ended".
+    """
+
+    code = "session_lost"
+
+
 class InvalidRequest(ShmArenaError):
     """The request itself is wrong: a bad size, an unknown owner, a name clash.
 
@@ -119,6 +135,7 @@ _BY_CODE: dict[str, type[ShmArenaError]] = {
         ShmArenaError,
         OutOfMemory,
         StaleHandle,
+        SessionLost,
         InvalidRequest,
         UnknownOwner,
         DaemonUnavailable,

@@ -18,12 +18,17 @@ a small per-session reply cache and never executed twice.
 
 The first request of a session must be HELLO (protocol version, pid, process
 start time in clock ticks since boot). A version the daemon does not speak gets
-a ``protocol`` error naming both versions.
+a ``protocol`` error naming both versions. Any other request from a socket the
+daemon has no session for (a restarted daemon, a session ended by its lease)
+gets a ``session_lost`` error saying which; the client then says hello again.
 
 Requests, in the order of ``Op`` (arguments after the request id):
 
-    HELLO      version:int, pid:int, start_ticks:int, label:str
+    HELLO      version:int, pid:int, start_ticks:int, label:str, resume:[int]
                -> info:map  (see Service._hello for the keys)
+               `resume` is [session, token] from an earlier hello of this same
+               process: the daemon binds this socket to that session again if
+               it still exists (info "resumed": true), else opens a new one.
     BYE        -> [blocks, bytes] recycled with the session
     PING       -> now:float               (also serves as heartbeat)
     ALLOC      size:int, owner:str|nil, detached:bool -> handle
@@ -160,6 +165,7 @@ SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
         ("pid", INT, REQUIRED),
         ("start_ticks", INT, REQUIRED),
         ("label", STR, ""),
+        ("resume", INTS, []),
     ),
     Op.BYE: (),
     Op.PING: (),
@@ -203,6 +209,7 @@ MUTATING_OPS = frozenset(
         Op.RETAIN,
         Op.RELEASE,
         Op.FILL,
+        Op.SYNC,  # its reply hands over notices: a repeat must get the same ones
     }
 )
 # Ops that get no reply when they succeed; a refusal comes back as LATE_ERR.

@@ -30,6 +30,7 @@ class Buffer:
 
     __slots__ = (
         "_client",
+        "_epoch",
         "_offset",
         "_size",
         "_gen",
@@ -47,6 +48,7 @@ class Buffer:
     def __init__(
         self,
         client: Client,
+        epoch: int,
         offset: int,
         size: int,
         gen: int,
@@ -55,6 +57,7 @@ class Buffer:
         cache: Cache | None,
     ) -> None:
         self._client = client
+        self._epoch = epoch
         self._offset = offset
         self._size = size
         self._gen = gen
@@ -70,7 +73,7 @@ class Buffer:
         if handle is None:
             if self._cache is not None:
                 self._cache.escape(self._offset)
-            handle = Handle(self._client.epoch, 0, self._offset, self._size, self._gen)
+            handle = Handle(self._epoch, 0, self._offset, self._size, self._gen)
             self._handle = handle
         return handle
 

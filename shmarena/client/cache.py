@@ -158,7 +158,14 @@ class Cache:
             if not self.dirty:
                 self._queued()
         return Buffer(
-            self.client, offset, size, gen, self.view[offset : offset + size], "owned", self
+            self.client,
+            self.epoch,
+            offset,
+            size,
+            gen,
+            self.view[offset : offset + size],
+            "owned",
+            self,
         )
 
     def take_back(self, buf: Buffer) -> int:

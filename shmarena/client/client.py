@@ -25,6 +25,7 @@ from shmarena.client.buffer import Buffer
 from shmarena.client.cache import FLUSH_DELAY_S, Cache
 from shmarena.client.transport import Transport
 from shmarena.config import (
+    DEFAULT_RETRY_S,
     DEFAULT_TIMEOUT_S,
     resolve_name,
     runtime_dir,
@@ -34,6 +35,8 @@ from shmarena.errors import (
     DaemonUnavailable,
     InvalidRequest,
     OutOfMemory,
+    SessionLost,
+    ShmArenaError,
     StaleHandle,
     UnknownOwner,
 )
@@ -167,11 +170,13 @@ class Client:
         label: str = "",
         cache: bool = True,
         populate: bool = False,
+        retry_s: float = DEFAULT_RETRY_S,
     ) -> None:
         self.name = resolve_name(name, os.environ)
         self.runtime_dir = runtime_dir or _default_runtime_dir()
         self.socket_path = socket_path(self.runtime_dir, self.name)
         self.timeout_s = timeout_s
+        self.retry_s = retry_s
         self.label = label
         self.cache_enabled = cache
         self.populate = populate
@@ -189,16 +194,26 @@ class Client:
         self._flusher: threading.Thread | None = None
         self._pid = os.getpid()
         self._closed = False
+        # A SessionLost found by the heartbeat thread, raised by the next call.
+        self._pending_loss: SessionLost | None = None
+        self._alive_at = 0.0  # monotonic time of the last reply (lease mode only)
         self._connect()
         _CLIENTS.add(self)
 
     # -- session -----------------------------------------------------------
 
-    def _connect(self) -> None:
-        transport = Transport(self.socket_path, self.name, self.timeout_s)
+    def _connect(self, resume: list[int] | None = None) -> None:
+        """Open a socket and say hello: a new session, or with `resume`
+        ([session, token]) the same session again if the daemon still has it."""
+        transport = Transport(self.socket_path, self.name, self.timeout_s, self.retry_s)
         try:
             (info,) = transport.request(
-                Op.HELLO, PROTOCOL_VERSION, os.getpid(), _own_start_ticks(), self.label
+                Op.HELLO,
+                PROTOCOL_VERSION,
+                os.getpid(),
+                _own_start_ticks(),
+                self.label,
+                resume or [],
             )
             self._arena_key = (info["segments"][0][0], info["epoch"])
             self._arena_view = _map(*self._arena_key, info["size_bytes"], self.populate)
@@ -208,6 +223,13 @@ class Client:
         self.info = info
         self.session = info["session"]
         self.epoch = info["epoch"]
+        self._token = int(info.get("token", 0))
+        if info.get("resumed") and self._cache is not None:
+            self._transport = transport  # same session: the cache is still ours
+            transport.pending = self._cache.take_events
+            if not info.get("watched", True):
+                self._start_heartbeat(float(info.get("lease_s", 10.0)))
+            return
         cache = Cache(
             self.session,
             self.epoch,
@@ -223,10 +245,23 @@ class Client:
         self._transport = transport
         if not info.get("watched", True):
             self._start_heartbeat(float(info.get("lease_s", 10.0)))
+        else:  # the class's own methods: no lease to check on the hot path
+            self.__dict__.pop("alloc", None)
+            self.__dict__.pop("_alloc_cached", None)
 
     def _start_heartbeat(self, lease_s: float) -> None:
+        """For a session the daemon cannot watch by pid: ping every third of
+        the lease, and check the session before each cache hit when the last
+        reply is older than half the lease (after a SIGSTOP, say), so a
+        process whose lease ran out never hands out a reclaimed block."""
+        self._stop_heartbeat.set()
         self._stop_heartbeat = stop = threading.Event()
         interval = max(0.05, lease_s / 3)
+        self._alive_at = time.monotonic()
+        self.alloc = self._lease_checked(type(self).alloc, lease_s)  # type: ignore[method-assign]
+        self._alloc_cached = self._lease_checked(  # type: ignore[method-assign]
+            type(self)._alloc_cached, lease_s
+        )
 
         def beat() -> None:
             while not stop.wait(interval):
@@ -235,6 +270,10 @@ class Client:
                     return
                 try:
                     transport.request(Op.PING, late=False)  # refusals wait for the user
+                    self._alive_at = time.monotonic()
+                except SessionLost as error:
+                    self._lose_session(transport, error, stash=True)
+                    return
                 except Exception:
                     pass  # the next real call reports what is wrong
 
@@ -284,11 +323,75 @@ class Client:
         self._flush_wake = threading.Event()
         self._lock = threading.Lock()
 
+    def _lease_checked(self, method: Any, lease_s: float) -> Any:
+        def checked(*args: Any) -> Any:
+            if time.monotonic() - self._alive_at > lease_s / 2:
+                self._request(Op.PING)  # SessionLost if the lease ran out meanwhile
+            return method(self, *args)
+
+        return checked
+
     def _request(self, op: Op, *args: Any, timeout_s: float | None = None) -> list[Any]:
-        transport = self._transport
-        if transport is None or self._pid != os.getpid():
-            transport = self._reconnect_after_fork()
-        return transport.request(op, *args, timeout_s=timeout_s)
+        while True:
+            if self._pending_loss is not None:
+                error, self._pending_loss = self._pending_loss, None
+                raise error
+            transport = self._transport
+            if transport is None or self._pid != os.getpid():
+                transport = self._reconnect_after_fork()
+            try:
+                result = transport.request(op, *args, timeout_s=timeout_s)
+            except SessionLost as error:
+                self._lose_session(transport, error)
+                raise
+            except DaemonUnavailable:
+                if transport.closed and not self._closed and self._transport is not transport:
+                    continue  # another thread found the session lost meanwhile
+                raise
+            self._alive_at = time.monotonic()
+            return result
+
+    def _lose_session(self, transport: Transport, error: SessionLost, stash: bool = False) -> None:
+        """The daemon has no session for us (restarted, or our lease ran out):
+        forget the session, its cache and its socket; the next call opens a
+        new session. With `stash`, the next call raises `error` first."""
+        with self._lock:
+            if not stash:
+                self._pending_loss = None  # the caller raises the news itself
+            if self._transport is not transport:
+                return  # another thread got there first
+            self._transport = None
+            self._cache = None  # its blocks are gone; its Buffers refuse a free
+            self._stop_heartbeat.set()
+            if stash:
+                self._pending_loss = error
+        transport.close()
+
+    def reconnect(self) -> None:
+        """Open a new socket to the daemon now: the same session if the daemon
+        still has it (say, after DaemonUnavailable from a daemon that was only
+        slow), else a new one (after a restart, or a lease that ran out)."""
+        with self._lock:
+            if self._closed:
+                raise DaemonUnavailable(
+                    f"this client of daemon {self.name!r} is closed; connect again",
+                    socket_path=self.socket_path,
+                )
+            old, self._transport = self._transport, None
+            self._pending_loss = None
+            self._stop_heartbeat.set()
+            resume = None
+            if old is not None and self._pid == os.getpid():
+                resume = [self.session, self._token]
+                old.close()
+            else:
+                self._cache = None
+                self._pid = os.getpid()
+            try:
+                self._connect(resume)
+            except BaseException:
+                self._cache = None
+                raise
 
     def _reconnect_after_fork(self) -> Transport:
         with self._lock:
@@ -319,8 +422,8 @@ class Client:
             return
         try:
             transport.request(Op.BYE, timeout_s=min(self.timeout_s, 2.0), late=False)
-        except DaemonUnavailable:
-            pass
+        except ShmArenaError:
+            pass  # gone already (daemon unreachable or restarted, session lost)
         finally:
             self._transport = None
             transport.close()
@@ -349,7 +452,7 @@ class Client:
         _, _, offset, size, gen = wire
         assert self._arena_view is not None
         view = self._arena_view[offset : offset + size]
-        return Buffer(self, offset, size, gen, view, state, None)
+        return Buffer(self, self.epoch, offset, size, gen, view, state, None)
 
     def alloc(self, size: int) -> Buffer:
         """A buffer of exactly `size` bytes, owned by this session.
@@ -466,6 +569,12 @@ class Client:
         items = [target] if isinstance(target, (Buffer, Handle)) else list(target)
         seen = set()
         for item in items:
+            if not isinstance(item, Buffer):
+                epoch = _as_handle(item).epoch
+                if epoch != self.epoch:
+                    raise _other_epoch(epoch, self.epoch, "free")
+            elif item._epoch != self.epoch:
+                raise _other_epoch(item._epoch, self.epoch, "free")
             if isinstance(item, Buffer):
                 if item._state == "done":
                     raise _freed_already(item)
@@ -485,6 +594,8 @@ class Client:
     def _free_buffer(self, buf: Buffer) -> int:
         if buf._state == "done":
             raise _freed_already(buf)
+        if buf._epoch != self.epoch:
+            raise _other_epoch(buf._epoch, self.epoch, "free")
         cache = buf._cache
         if cache is not None and cache is self._cache:
             return cache.take_back(buf)
@@ -519,11 +630,7 @@ class Client:
         """
         handle = _as_handle(handle)
         if handle.epoch != self.epoch:
-            raise StaleHandle(
-                f"handle is from arena epoch {handle.epoch}, the daemon serves epoch "
-                f"{self.epoch}: it was restarted and that block no longer exists",
-                handle=list(handle),
-            )
+            raise _other_epoch(handle.epoch, self.epoch, "attach")
         size_bytes = int(self.info["size_bytes"])
         if (
             handle.segment != 0
@@ -602,7 +709,11 @@ class Client:
         if cache is not None:
             cache.notice(notices)
         if transport is not None:
-            transport.raise_late()
+            try:
+                transport.raise_late()
+            except SessionLost as error:
+                self._lose_session(transport, error)
+                raise
 
     def ping(self) -> float:
         (now,) = self._request(Op.PING)
@@ -625,6 +736,7 @@ def connect(
     label: str = "",
     cache: bool = True,
     populate: bool = False,
+    retry_s: float = DEFAULT_RETRY_S,
 ) -> Client:
     """Connect to the daemon `name` (see `Client`; `cache=False` sends every
     alloc to the daemon; `populate=True` maps every page of the arena up front)."""
@@ -635,6 +747,7 @@ def connect(
         label=label,
         cache=cache,
         populate=populate,
+        retry_s=retry_s,
     )
 
 
@@ -668,6 +781,16 @@ def _freed_already(buf: Buffer) -> StaleHandle:
     return StaleHandle(
         f"buffer at offset {buf._offset:#x} was freed or released already "
         "(double free); nothing was freed"
+    )
+
+
+def _other_epoch(epoch: int, current: int, what: str) -> StaleHandle:
+    return StaleHandle(
+        f"{what}: the block is from arena epoch {epoch}, the daemon serves epoch {current}: "
+        "it was restarted since and that block no longer exists (its bytes are no longer "
+        "shared with anyone); nothing was done",
+        epoch=epoch,
+        daemon_epoch=current,
     )
 
 

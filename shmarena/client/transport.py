@@ -14,13 +14,24 @@ mistaken for the answer to something else and no result is lost to it.
 from __future__ import annotations
 
 import os
+import re
+import signal
+import stat
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import zmq
 
-from shmarena.errors import DaemonUnavailable, ProtocolError, ShmArenaError, from_wire
+from shmarena.config import DEFAULT_RETRY_S
+from shmarena.errors import (
+    DaemonUnavailable,
+    ProtocolError,
+    SessionLost,
+    ShmArenaError,
+    from_wire,
+)
 from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, MAX_FRAMES, OK, Op, decode, encoder
 
 
@@ -28,18 +39,53 @@ def _no_events() -> list[list[int]]:
     return []
 
 
+# Fault injection for tests (see README, "Fault injection"): with
+# SHMARENA_FAULT=POINT:OP[#N] this process SIGKILLs itself at POINT of its
+# Nth request of kind OP (default the first). POINT is before_send (nothing
+# sent yet), after_send (sent, reply not read) or after_reply (the daemon
+# acted and answered; the caller never sees it). OP is an op name in lower
+# case (alloc, alloc_many, fill, free, owner, recycle, sync, ...) or post
+# for the one-way bookkeeping messages.
+FAULT_POINTS = ("before_send", "after_send", "after_reply")
+
+
+def _parse_fault(text: str | None) -> list[Any] | None:
+    if not text:
+        return None
+    match = re.fullmatch(r"\s*(\w+):(\w+)(?:#(\d+))?\s*", text)
+    if not match or match.group(1) not in FAULT_POINTS:
+        raise ValueError(
+            f"SHMARENA_FAULT={text!r} is not POINT:OP[#N] with POINT one of "
+            f"{', '.join(FAULT_POINTS)}; unset it unless you are testing shmarena"
+        )
+    point, op, nth = match.groups()
+    return [point, op.lower(), int(nth or 1)]
+
+
+_FAULT = _parse_fault(os.environ.get("SHMARENA_FAULT"))
+
+
+def _fault(point: str, op: str) -> None:
+    """Kill this process if the fault hook names this point of this op."""
+    fault = _FAULT
+    if fault is None or fault[0] != point or fault[1] != op:
+        return
+    if point == "before_send":  # count each request once, at its first point
+        fault[2] -= 1
+    if fault[2] <= 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Transport:
-    def __init__(self, socket_path: str, name: str, timeout_s: float) -> None:
+    def __init__(
+        self, socket_path: str, name: str, timeout_s: float, retry_s: float = DEFAULT_RETRY_S
+    ) -> None:
         self.socket_path = socket_path
         self.name = name
         self.timeout_s = timeout_s
-        if not os.path.exists(socket_path):
-            raise DaemonUnavailable(
-                f"no shmarena daemon named {name!r}: socket {socket_path} does not exist; "
-                f"start one with `shmarena daemon --name {name}` (or check --name, "
-                "SHMARENA_NAME and SHMARENA_RUNTIME_DIR)",
-                socket_path=socket_path,
-            )
+        self.retry_s = retry_s
+        self.resent = 0
+        check_reachable(socket_path, name)
         self.context: zmq.Context[Any] = zmq.Context()
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -61,6 +107,8 @@ class Transport:
     ) -> list[Any]:
         """Send one request and wait for its reply; returns the result items.
 
+        An unanswered request is sent again (same id) every `retry_s`: the
+        daemon answers a repeat from its reply cache, so it never runs twice.
         Raises the daemon's error as its exception class, or DaemonUnavailable
         when no reply comes within the timeout. First, unless `late` is False,
         raises the refusal of an earlier one-way request, if one came back.
@@ -74,27 +122,42 @@ class Transport:
             self._send_pending(more=True)
             request_id = self.next_id
             self.next_id += 1
-            sock.send(self.encode([int(op), request_id, *args]))
-            timeout_ms = max(1, int(timeout * 1000))
-            if timeout_ms != self.rcvtimeo:  # a blocking recv wakes faster than a poll
-                sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
-                self.rcvtimeo = timeout_ms
+            frame = self.encode([int(op), request_id, *args])
+            if _FAULT is not None:
+                _fault("before_send", op.name.lower())
+            sock.send(frame)
+            if _FAULT is not None:
+                _fault("after_send", op.name.lower())
+            wait_ms = max(1, int(min(timeout, self.retry_s) * 1000))
+            if wait_ms != self.rcvtimeo:  # a blocking recv wakes faster than a poll
+                sock.setsockopt(zmq.RCVTIMEO, wait_ms)
+                self.rcvtimeo = wait_ms
+            deadline = 0.0
             while True:
                 try:
-                    frame = sock.recv()
+                    reply_frame = sock.recv()
                 except zmq.Again:
-                    raise DaemonUnavailable(
-                        f"daemon {self.name!r} did not answer {op.name.lower()} within "
-                        f"{timeout:g} s at {self.socket_path}; is it running "
-                        "(`shmarena status`)?",
-                        socket_path=self.socket_path,
-                    ) from None
-                reply = decode(frame)
+                    now = time.monotonic()
+                    if not deadline:  # first miss: only now is the clock worth reading
+                        deadline = now - wait_ms / 1000 + timeout
+                    if now >= deadline:
+                        raise DaemonUnavailable(
+                            f"daemon {self.name!r} did not answer {op.name.lower()} within "
+                            f"{timeout:g} s at {self.socket_path}; is it running "
+                            "(`shmarena status`)?",
+                            socket_path=self.socket_path,
+                        ) from None
+                    self.resent += 1
+                    sock.send(frame)  # the same id: a repeat is answered, not re-run
+                    continue
+                reply = decode(reply_frame)
                 if not isinstance(reply, list) or len(reply) < 2:
                     raise ProtocolError(f"malformed reply from the daemon: {reply!r:.80}")
                 if reply[1] != request_id:
                     self._keep_if_late(reply)
                     continue  # or a late reply to an earlier request that timed out
+                if _FAULT is not None:
+                    _fault("after_reply", op.name.lower())
                 if reply[0] == OK:
                     return reply[2:]
                 raise _error(reply)
@@ -118,6 +181,8 @@ class Transport:
         for events in self.pending():
             frames.append(self.encode([int(Op.POST), self.next_id, events]))
             self.next_id += 1
+        if _FAULT is not None and frames:
+            _fault("before_send", "post")
         send = self.socket.send
         room = MAX_FRAMES - 1 if more else MAX_FRAMES  # the daemon's limit per message
         while len(frames) > room:  # rare: a very large backlog
@@ -127,6 +192,8 @@ class Transport:
             send(group[-1])
         for index, frame in enumerate(frames):
             send(frame, zmq.SNDMORE if more or index < len(frames) - 1 else 0)
+        if _FAULT is not None and frames and not more:
+            _fault("after_send", "post")
 
     def _collect(self) -> None:
         """Read what already came in (refusals of one-way requests, late
@@ -150,6 +217,11 @@ class Transport:
     def _raise_late(self) -> None:
         self._collect()
         if self.late:
+            # A lost session explains every other refusal: it goes first.
+            lost = [e for e in self.late if isinstance(e, SessionLost)]
+            if lost:
+                self.late.clear()
+                raise lost[0]
             first, rest = self.late[0], len(self.late) - 1
             self.late.clear()
             if rest:
@@ -185,6 +257,44 @@ class Transport:
             self.context.term()
         finally:
             self.lock.release()
+
+
+def check_reachable(socket_path: str, name: str) -> None:
+    """DaemonUnavailable, saying why, unless the socket exists and this process
+    may connect to it (a refused permission would otherwise look like a
+    daemon that never answers)."""
+    run_dir = os.path.dirname(socket_path)
+    if not os.access(run_dir, os.X_OK) and os.path.isdir(run_dir):
+        raise DaemonUnavailable(
+            f"cannot reach daemon {name!r}: permission denied on its runtime dir "
+            f"{run_dir} ({_describe(run_dir)}; this process runs as uid {os.getuid()}, "
+            f"gid {os.getgid()}); run as the daemon's user, or start the daemon with "
+            "--group G and run as a member of G",
+            socket_path=socket_path,
+        )
+    if not os.path.exists(socket_path):
+        raise DaemonUnavailable(
+            f"no shmarena daemon named {name!r}: socket {socket_path} does not exist; "
+            f"start one with `shmarena daemon --name {name}` (or check --name, "
+            "SHMARENA_NAME and SHMARENA_RUNTIME_DIR)",
+            socket_path=socket_path,
+        )
+    if not os.access(socket_path, os.W_OK):
+        raise DaemonUnavailable(
+            f"cannot reach daemon {name!r}: permission denied on its socket {socket_path} "
+            f"({_describe(socket_path)}; this process runs as uid {os.getuid()}, gid "
+            f"{os.getgid()}); run as the daemon's user, or start the daemon with --group G "
+            "and run as a member of G",
+            socket_path=socket_path,
+        )
+
+
+def _describe(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"cannot stat: {exc.strerror}"
+    return f"mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid}, group gid {st.st_gid}"
 
 
 def _error(reply: list[Any]) -> ShmArenaError:

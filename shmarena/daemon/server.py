@@ -11,7 +11,10 @@ SIGTERM, SIGINT or a shutdown request, removing socket, lock and arena.
 from __future__ import annotations
 
 import fcntl
+import grp
+import heapq
 import os
+import random
 import secrets
 import signal
 import stat
@@ -35,7 +38,7 @@ from shmarena.config import (
 )
 from shmarena.daemon.service import ArenaInfo, Service
 from shmarena.errors import DaemonStartError
-from shmarena.protocol import MAX_FRAME_BYTES, MAX_FRAMES
+from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, MAX_FRAMES
 from shmarena.shm.arena import Arena, shm_path
 
 # Unix socket paths are limited to 108 bytes including the terminating NUL.
@@ -50,6 +53,26 @@ class DaemonOptions:
     min_block_bytes: int = DEFAULT_MIN_BLOCK_BYTES
     lease_s: float = DEFAULT_LEASE_S
     allocator: str = "extents"
+    # --group: the group whose members may use the daemon (name or gid), or None
+    group: str | None = None
+    # Fault injection for tests: drop this fraction of replies (never late
+    # errors), and hold each reply back by up to this many milliseconds.
+    debug_drop_replies: float = 0.0
+    debug_delay_ms: float = 0.0
+    debug_seed: int | None = None
+
+
+def resolve_group(group: str) -> int:
+    """The gid of a group given by name or number, or DaemonStartError."""
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        pass
+    if group.isdigit():
+        return int(group)
+    raise DaemonStartError(
+        f"--group {group!r}: no such group (see /etc/group, or give a numeric gid)"
+    )
 
 
 def process_start_ticks(pid: int) -> int | None:
@@ -68,8 +91,11 @@ def process_start_ticks(pid: int) -> int | None:
         return None
 
 
-def prepare_runtime_dir(run_dir: str) -> None:
-    """Create the runtime dir 0700 if missing; refuse one that others can enter."""
+def prepare_runtime_dir(run_dir: str, gid: int | None = None) -> None:
+    """Create the runtime dir 0700 if missing; refuse one of another user.
+
+    Its mode is set to 0700, or with a group to 0750 owned by that group:
+    members may enter it to reach the socket, but not create or remove files."""
     try:
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
     except OSError as exc:
@@ -80,8 +106,11 @@ def prepare_runtime_dir(run_dir: str) -> None:
             f"runtime dir {run_dir} belongs to uid {st.st_uid}, not to this user "
             f"({os.getuid()}); set SHMARENA_RUNTIME_DIR to a directory of your own"
         )
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(run_dir, 0o700)
+    mode = 0o700 if gid is None else 0o750
+    if gid is not None and st.st_gid != gid:
+        os.chown(run_dir, -1, gid)
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(run_dir, mode)
 
 
 class Server:
@@ -101,6 +130,9 @@ class Server:
         self.poller = zmq.Poller()
         self._stop_signal: int | None = None
         self._wake_r = self._wake_w = -1
+        self.gid = resolve_group(options.group) if options.group is not None else None
+        self._debug = random.Random(options.debug_seed)
+        self._held: list[tuple[float, int, bytes, bytes]] = []  # delayed replies (debug)
 
     # -- start -------------------------------------------------------------
 
@@ -121,13 +153,13 @@ class Server:
                 f"{MAX_SOCKET_PATH}-byte limit of Unix sockets; use a shorter "
                 "SHMARENA_RUNTIME_DIR or --name"
             )
-        prepare_runtime_dir(opts.run_dir)
+        prepare_runtime_dir(opts.run_dir, self.gid)
         self._take_lock()
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
             self.log(f"removed stale socket {self.socket_path}")
         started_at = time.time()
-        self.arena = Arena.create(self.shm_name, opts.size_bytes)
+        self.arena = Arena.create(self.shm_name, opts.size_bytes, gid=self.gid)
         epoch = secrets.randbits(52) | 1
         info = ArenaInfo(
             name=opts.name,
@@ -142,18 +174,20 @@ class Server:
             allocator=opts.allocator,
             version=__version__,
         )
-        self.service = Service(info, watch=self._watch)
+        self.service = Service(info, watch=self._watch, new_token=lambda: secrets.randbits(63))
         self.context = zmq.Context()
         router = self.context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         router.setsockopt(zmq.SNDHWM, 100_000)
         router.setsockopt(zmq.RCVHWM, 100_000)
-        old_umask = os.umask(0o177)
+        old_umask = os.umask(0o177 if self.gid is None else 0o117)
         try:
             router.bind(f"ipc://{self.socket_path}")
         finally:
             os.umask(old_umask)
+        if self.gid is not None:
+            os.chown(self.socket_path, -1, self.gid)
         self.router = router
         self.poller.register(router, zmq.POLLIN)
 
@@ -214,13 +248,26 @@ class Server:
         tick_ms = int(max(0.1, min(1.0, self.options.lease_s / 4)) * 1000)
         next_expire = time.monotonic()
         opts = self.options
+        debugging = opts.debug_drop_replies > 0 or opts.debug_delay_ms > 0
+        if debugging:
+            self.log(
+                f"DEBUG: dropping {opts.debug_drop_replies:.0%} of replies, delaying each "
+                f"by up to {opts.debug_delay_ms:g} ms (fault injection; never in production)"
+            )
         self.log(
             f"shmarena daemon {opts.name!r} (pid {os.getpid()}) serving "
             f"{format_size(opts.size_bytes)} at {shm_path(self.shm_name)}, "
             f"socket {self.socket_path}"
         )
         while self._stop_signal is None and not service.stopping:
-            events = dict(self.poller.poll(tick_ms))
+            wait_ms = tick_ms
+            if self._held:
+                self._send_held()
+                if self._held:
+                    wait_ms = min(
+                        wait_ms, max(0, int((self._held[0][0] - time.monotonic()) * 1000))
+                    )
+            events = dict(self.poller.poll(wait_ms))
             if events.get(router):
                 while True:  # drain everything pending per wake-up
                     try:
@@ -239,9 +286,16 @@ class Server:
                     now = time.time()
                     for payload in payloads:
                         reply = service.handle(peer, payload, now)
-                        if reply:  # a one-way request that succeeded gets none
+                        if not reply:  # a one-way request that succeeded gets none
+                            continue
+                        if debugging:
+                            self._debug_send(peer, reply)
+                            continue
+                        try:
                             send(peer, SNDMORE)
                             send(reply)
+                        except zmq.ZMQError as error:  # never fatal: the peer may be gone
+                            self.log(f"reply to a client dropped: {error}")
                     if len(self.session_fds) != len(service.ledger.sessions):
                         self._sync_watches()
                     if service.stopping:
@@ -249,7 +303,7 @@ class Server:
             for fd in [fd for fd in events if isinstance(fd, int) and fd in self.pidfds]:
                 session_id = self.pidfds[fd]
                 self._unwatch(session_id)
-                freed = service.reclaim(session_id)
+                freed = service.reclaim(session_id, "exited", time.time())
                 self.log(
                     f"client session {session_id} exited: reclaimed {freed.blocks} blocks, "
                     f"{format_size(freed.bytes)}"
@@ -263,6 +317,27 @@ class Server:
                     self.log(f"client session {session_id} lease expired: reclaimed")
         why = signal.Signals(self._stop_signal).name if self._stop_signal else "shutdown request"
         self.log(f"shmarena daemon {opts.name!r} stopping ({why})")
+
+    def _debug_send(self, peer: bytes, reply: bytes) -> None:
+        """Send a reply the way --debug-drop-replies/--debug-delay-ms say:
+        maybe not at all (late errors always go), maybe later."""
+        opts, rng = self.options, self._debug
+        late_error = len(reply) > 1 and reply[1] == LATE_ERR
+        if not late_error and rng.random() < opts.debug_drop_replies:
+            return
+        due = time.monotonic() + rng.random() * opts.debug_delay_ms / 1000
+        heapq.heappush(self._held, (due, rng.getrandbits(32), peer, reply))
+        self._send_held()
+
+    def _send_held(self) -> None:
+        assert self.router is not None
+        now = time.monotonic()
+        while self._held and self._held[0][0] <= now:
+            _, _, peer, reply = heapq.heappop(self._held)
+            try:
+                self.router.send_multipart([peer, reply])
+            except zmq.ZMQError:
+                pass
 
     def _sync_watches(self) -> None:
         """Close the pidfds of sessions the service ended (bye)."""

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from shmarena.daemon.ledger import DETACHED, Block, Freed, Ledger
-from shmarena.errors import InvalidRequest, ProtocolError, ShmArenaError, StaleHandle
+from shmarena.errors import (
+    InvalidRequest,
+    ProtocolError,
+    SessionLost,
+    ShmArenaError,
+    StaleHandle,
+)
 from shmarena.protocol import (
     LATE_ERR,
     MAX_PID,
@@ -51,6 +57,11 @@ Watch = Callable[[int, int, int], bool]
 
 def _no_watch(session_id: int, pid: int, start_ticks: int) -> bool:
     return False
+
+
+# Peers whose session ended are remembered (bounded) so that their next
+# request learns why, instead of a bare "say hello first".
+ENDED_PEERS = 4096
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,12 @@ def _extfrag(index: float | None) -> float:
 
 
 class Service:
-    def __init__(self, info: ArenaInfo, watch: Watch = _no_watch) -> None:
+    def __init__(
+        self,
+        info: ArenaInfo,
+        watch: Watch = _no_watch,
+        new_token: Callable[[], int] | None = None,
+    ) -> None:
         self.info = info
         space = ALLOCATORS[info.allocator](info.size_bytes, info.min_block_bytes)
         self.ledger = Ledger(info.name, info.epoch, space)
@@ -101,6 +117,11 @@ class Service:
         self.peers: dict[bytes, int] = {}  # zmq routing id -> session id
         self.session_peer: dict[int, bytes] = {}
         self.replies: dict[int, OrderedDict[int, bytes]] = {}  # session -> rid -> reply
+        # session -> secret a client shows to resume it from a new socket; the
+        # server hands in a random source, the default is for tests.
+        self.tokens: dict[int, int] = {}
+        self._new_token = new_token or (lambda: (info.epoch * 0x9E3779B97F4A7C15) % (1 << 63))
+        self.ended: OrderedDict[bytes, tuple[int, str, float]] = OrderedDict()
         self.counters = _Counters()
         self.stopping = False
         self._encode = encoder()
@@ -154,10 +175,7 @@ class Service:
                 reply = self._hello(peer, request, now)
                 session_id = self.peers[peer]
             elif session_id is None:
-                raise ProtocolError(
-                    f"{request.op.name.lower()} before hello: every session starts with "
-                    "hello (protocol version, pid, start time)"
-                )
+                raise self._no_session(peer, request, now)
             else:
                 reply = self._dispatch[request.op](session_id, request, now)
         except ShmArenaError as error:
@@ -185,7 +203,7 @@ class Service:
     # -- sessions ----------------------------------------------------------
 
     def _hello(self, peer: bytes, request: Request, now: float) -> list[Any]:
-        version, pid, start_ticks, label = request.args
+        version, pid, start_ticks, label, resume = request.args
         if version != PROTOCOL_VERSION:
             raise ProtocolError(
                 f"client speaks protocol {version}, this daemon speaks {PROTOCOL_VERSION}; "
@@ -201,12 +219,17 @@ class Service:
                 "started, its limit; restart it"
             )
         session_id = self.peers.get(peer)
+        resumed = False
+        if session_id is None and len(resume) == 2:
+            session_id = self._resume(peer, resume, pid, start_ticks, now)
+            resumed = session_id is not None
         if session_id is None:
             session = self.ledger.open_session(pid, start_ticks, label[:200], now, False)
             session_id = session.id
             self.peers[peer] = session_id
             self.session_peer[session_id] = peer
             self.replies[session_id] = OrderedDict()
+            self.tokens[session_id] = self._new_token()
             self.counters.sessions_opened += 1
             session.watched = bool(self.watch(session_id, pid, start_ticks))
         session = self.ledger.sessions[session_id]
@@ -225,16 +248,76 @@ class Service:
                 "watched": session.watched,
                 "lease_s": info.lease_s,
                 "version": info.version,
+                "token": self.tokens[session_id],
+                "resumed": resumed,
             },
         )
 
-    def end_session(self, session_id: int) -> Freed:
+    def _resume(
+        self, peer: bytes, resume: list[int], pid: int, start_ticks: int, now: float
+    ) -> int | None:
+        """Bind a new socket of a client to its existing session, if the
+        session is alive and the token, pid and start time are the ones it
+        said hello with; else None (the caller opens a new session)."""
+        session_id, token = resume
+        session = self.ledger.sessions.get(session_id)
+        if (
+            session is None
+            or self.tokens.get(session_id) != token
+            or (session.pid, session.start_ticks) != (pid, start_ticks)
+        ):
+            return None
+        old = self.session_peer.get(session_id)
+        if old is not None:
+            self.peers.pop(old, None)
+            self.ended[old] = (session_id, "moved", now)
+        self.peers[peer] = session_id
+        self.session_peer[session_id] = peer
+        self.ended.pop(peer, None)
+        return session_id
+
+    def _no_session(self, peer: bytes, request: Request, now: float) -> SessionLost:
+        """The error for a request from a socket without a session."""
+        op = request.op.name.lower()
+        info = self.info
+        gone = self.ended.get(peer)
+        if gone is not None:
+            session_id, reason, when = gone
+            why = {
+                "lease_expired": f"its lease of {info.lease_s:g} s ran out (no request or "
+                "heartbeat came; was the process stopped?)",
+                "ended": "it ended (bye)",
+                "moved": "its process reconnected it from another socket",
+            }.get(reason, reason)
+            return SessionLost(
+                f"{op}: session {session_id} of daemon {info.name!r} is gone: {why}, "
+                f"{now - when:.1f} s ago, and its blocks were reclaimed; every buffer of it "
+                "may belong to someone else now. The client opens a new session on its "
+                "next call",
+                reason=reason,
+                session=session_id,
+                epoch=info.epoch,
+            )
+        return SessionLost(
+            f"{op}: daemon {info.name!r} (pid {info.pid}, epoch {info.epoch}) has no session "
+            "for this client: it was restarted since the client said hello, so the client's "
+            "buffers are gone (they no longer share memory with anyone). The client opens "
+            "a new session on its next call",
+            reason="restarted",
+            epoch=info.epoch,
+        )
+
+    def end_session(self, session_id: int, reason: str = "ended", now: float = 0.0) -> Freed:
         """The session is over (bye, process died, lease expired): reclaim it."""
         freed = self.ledger.end_session(session_id)
         peer = self.session_peer.pop(session_id, None)
         if peer is not None:
             self.peers.pop(peer, None)
+            self.ended[peer] = (session_id, reason, now)
+            if len(self.ended) > ENDED_PEERS:
+                self.ended.popitem(last=False)
         self.replies.pop(session_id, None)
+        self.tokens.pop(session_id, None)
         return freed
 
     def expire(self, now: float) -> list[int]:
@@ -244,18 +327,18 @@ class Service:
             s.id for s in self.ledger.sessions.values() if not s.watched and s.last_seen < limit
         ]
         for session_id in ended:
-            self.reclaim(session_id)
+            self.reclaim(session_id, "lease_expired", now)
         return ended
 
-    def reclaim(self, session_id: int) -> Freed:
+    def reclaim(self, session_id: int, reason: str = "exited", now: float = 0.0) -> Freed:
         """End a session whose process is gone, counting what came back."""
-        freed = self.end_session(session_id)
+        freed = self.end_session(session_id, reason, now)
         self.counters.sessions_reclaimed += 1
         self.counters.reclaimed_bytes += freed.bytes
         return freed
 
     def _bye(self, session_id: int, request: Request, now: float) -> list[Any]:
-        freed = self.end_session(session_id)
+        freed = self.end_session(session_id, "ended", now)
         return ok_reply(request.request_id, [freed.blocks, freed.bytes])
 
     def _ping(self, session_id: int, request: Request, now: float) -> list[Any]:

@@ -41,10 +41,11 @@ class Arena:
     mapping: mmap.mmap
 
     @classmethod
-    def create(cls, shm_name: str, size_bytes: int, mode: int = 0o600) -> Arena:
+    def create(cls, shm_name: str, size_bytes: int, gid: int | None = None) -> Arena:
         """Create the segment (removing one left by a dead daemon), fallocate it
-        in full, lock it and map it. DaemonStartError says what went wrong;
-        nothing is left behind on failure."""
+        in full, lock it and map it. Mode 0600, or 0660 owned by group `gid`.
+        DaemonStartError says what went wrong; nothing is left behind on failure."""
+        mode = 0o600 if gid is None else 0o660
         remove_stale(shm_name)
         try:
             shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, mode=mode, size=0)
@@ -55,6 +56,8 @@ class Arena:
             ) from None
         fd = shm.fd
         try:
+            if gid is not None:
+                os.fchown(fd, -1, gid)
             os.fchmod(fd, mode)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             try:

@@ -178,7 +178,7 @@ def test_alloc_many_is_all_or_nothing() -> None:
 def test_request_before_hello_is_refused() -> None:
     service = make_service()
     reply = decode(service.handle(b"x", encode([int(Op.STATS), 1]), 0.0))
-    assert reply[0] == ERR and reply[2] == "protocol" and "hello" in reply[3]
+    assert reply[0] == ERR and reply[2] == "session_lost" and "no session" in reply[3]
 
 
 def test_wrong_protocol_version_names_both() -> None:
@@ -205,6 +205,34 @@ def test_unwatched_session_expires_after_lease() -> None:
     assert service.expire(peer.now + 5) == []
     assert service.expire(peer.now + 11) == [peer.session]
     assert used(service) == 0
+    # The stopped client comes back: told its lease ran out, not "say hello".
+    code, message = peer.err(Op.ALLOC, MIN)
+    assert code == "session_lost" and "lease" in message and str(peer.session) in message
+    assert used(service) == 0
+
+
+def test_hello_resumes_a_living_session_from_a_new_socket_only_with_its_token() -> None:
+    service = make_service()
+    peer = Peer(service, b"a", pid=1234)
+    (handle,) = peer.ok(Op.ALLOC, MIN)
+    token = service.tokens[peer.session]
+    # A wrong token or another pid gets a new session; the old one keeps its block.
+    for pid, wrong in ((1234, token + 1), (999, token)):
+        intruder = Peer.__new__(Peer)
+        intruder.service, intruder.ident, intruder.rid, intruder.now = service, b"i", 0, 1.0
+        (info,) = intruder.ok(Op.HELLO, PROTOCOL_VERSION, pid, 5, "t", [peer.session, wrong])
+        assert not info["resumed"] and info["session"] != peer.session
+        service.end_session(info["session"])
+    # The right token from a new socket: the same session, its reply cache included.
+    again = Peer.__new__(Peer)
+    again.service, again.ident, again.rid, again.now = service, b"b", peer.rid, 1.0
+    (info,) = again.ok(Op.HELLO, PROTOCOL_VERSION, 1234, 5, "t", [peer.session, token])
+    assert info["resumed"] and info["session"] == peer.session
+    assert again.ok(Op.FREE, [handle]) == [[1, MIN]]
+    assert used(service) == 0
+    # The old socket no longer speaks for the session.
+    assert peer.err(Op.STATS)[0] == "session_lost"
+    assert service.check() == []
 
 
 @pytest.mark.parametrize(
