@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shmarena.client.buffer import Buffer
 from shmarena.errors import StaleHandle
@@ -40,6 +40,7 @@ from shmarena.protocol import (
     FREE_EVENT,
     GEN_SHIFT,
     UNASSIGN,
+    Op,
 )
 
 if TYPE_CHECKING:
@@ -295,6 +296,22 @@ class Cache:
                     self._push(entry[3], offset)
                 elif self.awaiting.get(offset, (0, 0))[0] == gen:
                     self._push(self.awaiting.pop(offset)[1], offset)
+
+    def orphan(self, op: Op, args: tuple[Any, ...], result: list[Any]) -> None:
+        """The answer to an allocating request the caller gave up on (it timed
+        out, the daemon was only slow) came after all: give its blocks back.
+        Called by the transport, under its lock: only queues events."""
+        if op is Op.FILL:
+            taken, direct, notices = result
+            fills = args[0]
+            for i, offsets in enumerate(taken):
+                self.add(fills[3 * i], offsets)  # this session's cache blocks: keep them
+            self.notice(notices)
+            handles = direct
+        else:
+            handles = result if op is Op.ALLOC else result[0]
+        for handle in handles:
+            self.post_free(tuple(handle))  # type: ignore[arg-type]
 
     def drain_all(self) -> int:
         """Queue every free cached block for return to the arena; bytes queued."""

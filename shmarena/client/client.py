@@ -241,6 +241,7 @@ class Client:
             enabled=self.cache_enabled,
         )
         transport.pending = cache.take_events
+        transport.orphan = cache.orphan
         self._cache = cache
         self._transport = transport
         if not info.get("watched", True):

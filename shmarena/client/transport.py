@@ -39,6 +39,17 @@ def _no_events() -> list[list[int]]:
     return []
 
 
+def _no_orphans(op: Op, args: tuple[Any, ...], result: list[Any]) -> None:
+    pass
+
+
+# Requests whose result holds memory: if the answer comes after the caller
+# gave up (DaemonUnavailable from a daemon that was only slow), the result is
+# handed to `Transport.orphan` so the memory is given back, not leaked.
+ALLOCATING_OPS = frozenset({Op.ALLOC, Op.ALLOC_MANY, Op.FILL})
+MAX_ORPHANS = 256
+
+
 # Fault injection for tests (see README, "Fault injection"): with
 # SHMARENA_FAULT=POINT:OP[#N] this process SIGKILLs itself at POINT of its
 # Nth request of kind OP (default the first). POINT is before_send (nothing
@@ -101,6 +112,10 @@ class Transport:
         self.pending: Callable[[], list[list[int]]] = _no_events
         self.late: list[ShmArenaError] = []
         self.rcvtimeo = -1
+        # request id -> (op, args) of allocating requests given up on; and what
+        # to do with their results should they come after all.
+        self.given_up: dict[int, tuple[Op, tuple[Any, ...]]] = {}
+        self.orphan: Callable[[Op, tuple[Any, ...], list[Any]], None] = _no_orphans
 
     def request(
         self, op: Op, *args: Any, timeout_s: float | None = None, late: bool = True
@@ -141,10 +156,14 @@ class Transport:
                     if not deadline:  # first miss: only now is the clock worth reading
                         deadline = now - wait_ms / 1000 + timeout
                     if now >= deadline:
+                        if op in ALLOCATING_OPS:
+                            self.given_up[request_id] = (op, args)
+                            if len(self.given_up) > MAX_ORPHANS:
+                                del self.given_up[next(iter(self.given_up))]
                         raise DaemonUnavailable(
                             f"daemon {self.name!r} did not answer {op.name.lower()} within "
-                            f"{timeout:g} s at {self.socket_path}; is it running "
-                            "(`shmarena status`)?",
+                            f"{timeout:g} s at {self.socket_path}; "
+                            + (_refusing(self.socket_path) or "is it running (`shmarena status`)?"),
                             socket_path=self.socket_path,
                         ) from None
                     self.resent += 1
@@ -213,6 +232,10 @@ class Transport:
     def _keep_if_late(self, reply: list[Any]) -> None:
         if reply[0] == LATE_ERR:
             self.late.append(_error(reply))
+        elif self.given_up:
+            request = self.given_up.pop(reply[1], None)
+            if request is not None and reply[0] == OK:
+                self.orphan(request[0], request[1], reply[2:])
 
     def _raise_late(self) -> None:
         self._collect()
@@ -272,6 +295,9 @@ def check_reachable(socket_path: str, name: str) -> None:
             "--group G and run as a member of G",
             socket_path=socket_path,
         )
+    refusing = _refusing(socket_path)
+    if refusing:
+        raise DaemonUnavailable(refusing, socket_path=socket_path)
     if not os.path.exists(socket_path):
         raise DaemonUnavailable(
             f"no shmarena daemon named {name!r}: socket {socket_path} does not exist; "
@@ -287,6 +313,15 @@ def check_reachable(socket_path: str, name: str) -> None:
             "and run as a member of G",
             socket_path=socket_path,
         )
+
+
+def _refusing(socket_path: str) -> str:
+    """Why the daemon does not take new clients now, if it said so."""
+    try:
+        with open(socket_path + ".refusing") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _describe(path: str) -> str:

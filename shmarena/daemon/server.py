@@ -15,6 +15,7 @@ import grp
 import heapq
 import os
 import random
+import resource
 import secrets
 import signal
 import stat
@@ -43,6 +44,29 @@ from shmarena.shm.arena import Arena, shm_path
 
 # Unix socket paths are limited to 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one; the limit now in force.
+    Each client costs the daemon two descriptors (its connection, a pidfd)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return int(min(soft, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return int(hard)
+    except (OSError, ValueError):
+        return int(soft)
+
+
+def open_fds() -> int:
+    """Descriptors this process has open (the limit when it cannot tell)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # minus the one listdir used
+    except OSError:
+        return 1 << 30
 
 
 @dataclass
@@ -132,6 +156,15 @@ class Server:
         self._wake_r = self._wake_w = -1
         self.gid = resolve_group(options.group) if options.group is not None else None
         self._debug = random.Random(options.debug_seed)
+        # libzmq aborts the process when accept() fails with EMFILE, so the
+        # daemon stops listening while fewer than `fd_reserve` descriptors are
+        # left (existing clients go on), and listens again once twice that many
+        # are free. New clients meanwhile read why in `refusing_path`.
+        self.fd_limit = raise_fd_limit()
+        self.fd_reserve = max(8, self.fd_limit // 4)
+        self.listening = False
+        self.refusing_path = self.socket_path + ".refusing"
+        self.monitor: zmq.Socket[Any] | None = None
         self._held: list[tuple[float, int, bytes, bytes]] = []  # delayed replies (debug)
 
     # -- start -------------------------------------------------------------
@@ -181,15 +214,11 @@ class Server:
         router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         router.setsockopt(zmq.SNDHWM, 100_000)
         router.setsockopt(zmq.RCVHWM, 100_000)
-        old_umask = os.umask(0o177 if self.gid is None else 0o117)
-        try:
-            router.bind(f"ipc://{self.socket_path}")
-        finally:
-            os.umask(old_umask)
-        if self.gid is not None:
-            os.chown(self.socket_path, -1, self.gid)
         self.router = router
+        self._listen()
         self.poller.register(router, zmq.POLLIN)
+        self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.poller.register(self.monitor, zmq.POLLIN)
 
     def _take_lock(self) -> None:
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -210,12 +239,52 @@ class Server:
 
     # -- liveness ----------------------------------------------------------
 
+    def _listen(self) -> None:
+        assert self.router is not None
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+        old_umask = os.umask(0o177 if self.gid is None else 0o117)
+        try:
+            self.router.bind(f"ipc://{self.socket_path}")
+        finally:
+            os.umask(old_umask)
+        if self.gid is not None:
+            os.chown(self.socket_path, -1, self.gid)
+        self.listening = True
+        try:
+            os.unlink(self.refusing_path)
+        except FileNotFoundError:
+            pass
+
+    def _check_fds(self) -> None:
+        """Stop or resume listening by the descriptors left (see __init__)."""
+        assert self.router is not None
+        free = self.fd_limit - open_fds()
+        if self.listening and free < self.fd_reserve:
+            reason = (
+                f"daemon {self.options.name!r} (pid {os.getpid()}) is not accepting new "
+                f"clients: {self.fd_limit - free} of its {self.fd_limit} file descriptors are "
+                "in use (two per client); it accepts again when clients leave. Raise its limit "
+                "(`ulimit -n` / LimitNOFILE=) to serve more clients at once"
+            )
+            with open(self.refusing_path, "w") as f:
+                f.write(reason + "\n")
+            self.router.unbind(f"ipc://{self.socket_path}")
+            os.unlink(self.socket_path)
+            self.listening = False
+            self.log(reason)
+        elif not self.listening and free >= 2 * self.fd_reserve:
+            self._listen()
+            self.log(f"accepting new clients again ({free} file descriptors free)")
+
     def _watch(self, session_id: int, pid: int, start_ticks: int) -> bool:
         """Watch a client pid with a pidfd, if it is the process that said hello.
 
         The pidfd is opened first and the start time checked after, so the
         pidfd cannot refer to a newer process that reused the pid.
         """
+        if self.fd_limit - open_fds() < self.fd_reserve:
+            return False  # keep the last descriptors for connections: lease instead
         try:
             fd = os.pidfd_open(pid)
         except (OSError, AttributeError, OverflowError, ValueError):
@@ -308,6 +377,12 @@ class Server:
                     f"client session {session_id} exited: reclaimed {freed.blocks} blocks, "
                     f"{format_size(freed.bytes)}"
                 )
+                if not self.listening:
+                    self._check_fds()
+            if self.monitor is not None and self.monitor in events:
+                while self.monitor.poll(0):
+                    self.monitor.recv_multipart()
+                self._check_fds()
             if self._wake_r in events:
                 self._drain_wake()
             if time.monotonic() >= next_expire:
@@ -368,6 +443,13 @@ class Server:
 
     def close(self) -> None:
         """Remove everything the daemon made: socket, arena, lock. Idempotent."""
+        if self.monitor is not None:
+            self.monitor.close(linger=0)
+            self.monitor = None
+        try:
+            os.unlink(self.refusing_path)
+        except FileNotFoundError:
+            pass
         if self.router is not None:
             self.router.close(linger=0)
             self.router = None

@@ -4,7 +4,9 @@ and the accounting stays exact."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 from collections.abc import Callable
 
 import pytest
@@ -97,3 +99,29 @@ def test_ten_thousand_operations_at_thirty_percent_drop(
     make_daemon: Callable[..., Daemon], cache: bool
 ) -> None:
     test_dropped_replies_are_retried_never_run_twice(make_daemon, cache, ops=10_000)
+
+
+def test_answers_that_come_after_the_caller_gave_up_are_given_back(daemon: Daemon) -> None:
+    """A daemon that is only slow (here: stopped) answers after the client's
+    timeout; the blocks in those answers go back, they do not leak."""
+    client = daemon.client(timeout_s=1.0, retry_s=0.1)
+    assert daemon.proc is not None
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(shmarena.DaemonUnavailable):
+            client.alloc(2 << 20)  # straight from the daemon
+        with pytest.raises(shmarena.DaemonUnavailable):
+            client.alloc(4096)  # a cache refill
+        with pytest.raises(shmarena.DaemonUnavailable):
+            client.alloc_many([3 << 20, 8192])
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    client.sync()  # the late answers come in before this one ...
+    client.sync()  # ... and the frees they caused have been applied after this one
+    stats = client.stats()
+    assert stats["used_bytes"] == 0 and stats["requested_bytes"] == 0
+    assert stats["counters"]["allocs"] >= 2  # they did run, once each
+    buf = client.alloc(4096)  # the refill's blocks are the cache's again
+    assert client.stats()["counters"]["fills"] == stats["counters"]["fills"]
+    buf.free()
+    assert client.check() == []
