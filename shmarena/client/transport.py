@@ -55,8 +55,9 @@ MAX_ORPHANS = 256
 # Nth request of kind OP (default the first). POINT is before_send (nothing
 # sent yet), after_send (sent, reply not read) or after_reply (the daemon
 # acted and answered; the caller never sees it). OP is an op name in lower
-# case (alloc, alloc_many, fill, free, owner, recycle, sync, ...) or post
-# for the one-way bookkeeping messages.
+# case (hello, alloc, alloc_many, fill, owner, recycle, sync, ...) or post
+# for the one-way messages that carry cache bookkeeping and frees (points
+# before_send, and after_send for a post sent on its own by the flusher).
 FAULT_POINTS = ("before_send", "after_send", "after_reply")
 
 
@@ -79,11 +80,11 @@ _FAULT = _parse_fault(os.environ.get("SHMARENA_FAULT"))
 def _fault(point: str, op: str) -> None:
     """Kill this process if the fault hook names this point of this op."""
     fault = _FAULT
-    if fault is None or fault[0] != point or fault[1] != op:
+    if fault is None or fault[1] != op:
         return
     if point == "before_send":  # count each request once, at its first point
         fault[2] -= 1
-    if fault[2] <= 0:
+    if fault[0] == point and fault[2] <= 0:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -56,3 +56,92 @@ def test_client_in_other_pid_namespace_heartbeats_then_is_reclaimed(make_daemon)
     child.wait(timeout=10)
     wait_for(lambda: client.stats()["used_bytes"] == 0, what="lease to expire")
     assert client.check() == []
+
+
+# A client the daemon watches with a pidfd: holds blocks filled with a byte per
+# block, and on "work" checks them, refills them, allocates and frees more.
+WATCHED_HOLDER = r"""
+import sys, shmarena
+client = shmarena.connect()
+bufs = client.alloc_many([4096, 65536, 2 << 20])
+bufs.append(client.owner("held").alloc(3 << 20))
+for i, buf in enumerate(bufs):
+    buf.view[:] = bytes([i + 1]) * buf.size
+client.sync()
+print(client.info["watched"], flush=True)
+for line in sys.stdin:
+    ok = all(bytes(b.view) == bytes([i + 1]) * b.size for i, b in enumerate(bufs))
+    for i, buf in enumerate(bufs):
+        buf.view[:] = bytes([i + 11]) * buf.size
+    ok = ok and all(bytes(b.view) == bytes([i + 11]) * b.size for i, b in enumerate(bufs))
+    more = [client.alloc(size) for size in (4096, 24576, 65536, 4 << 20)]
+    for buf in more:
+        buf.view[:] = b"m" * buf.size
+    ok = ok and all(bytes(b.view) == b"m" * b.size for b in more)
+    client.free(more)
+    client.sync()
+    print("ok" if ok else "bad", flush=True)
+"""
+
+
+def _process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    return data[data.rfind(b")") + 2 :].split()[0].decode()
+
+
+def test_stopped_client_watched_by_pidfd_keeps_its_blocks(make_daemon) -> None:
+    """Policy: a stopped process is alive. Its pidfd says it has not exited,
+    and the lease applies only to sessions the daemon cannot watch; so a
+    client SIGSTOPped for longer than three leases keeps every block, and
+    after SIGCONT it goes on using them and allocating as before."""
+    lease_s = 0.5
+    daemon = make_daemon(extra=["--lease", str(lease_s)])
+    client = daemon.client()
+    child = daemon.python(WATCHED_HOLDER, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout and child.stdin
+        assert child.stdout.readline().strip() == "True"  # watched by pidfd
+        (row,) = [r for r in client.list_clients() if r["pid"] == child.pid]
+        assert row["watch"] == "pidfd"
+        stats = client.stats()
+        held = (stats["used_bytes"], stats["cached_bytes"], stats["counters"]["sessions_reclaimed"])
+        assert held[0] == 4096 + 65536 + (2 << 20) + (3 << 20)
+
+        child.send_signal(signal.SIGSTOP)
+        wait_for(lambda: _process_state(child.pid) == "T", what="the client to stop")
+        stopped_at = time.monotonic()
+
+        def three_leases_with_nothing_reclaimed() -> bool:
+            stats = client.stats()
+            now = (
+                stats["used_bytes"],
+                stats["cached_bytes"],
+                stats["counters"]["sessions_reclaimed"],
+            )
+            assert now == held, "a stopped client lost blocks"
+            return time.monotonic() - stopped_at > 3 * lease_s
+
+        wait_for(three_leases_with_nothing_reclaimed, what="three leases to pass")
+        assert [r["session"] for r in client.list_clients() if r["pid"] == child.pid] == [
+            row["session"]
+        ]
+
+        child.send_signal(signal.SIGCONT)
+        child.stdin.write("work\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "ok"
+        assert client.stats()["used_bytes"] == held[0]  # what it allocated after, it freed
+        child.stdin.close()  # the child leaves its loop and exits without close()
+        assert child.wait(timeout=30) == 0
+        wait_for(
+            lambda: sum(map(client.stats().get, ("used_bytes", "cached_bytes"))) == 0,
+            what="the exited client's blocks to come back",
+        )
+        assert client.check() == []
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=10)
+        if child.stdout:
+            child.stdout.close()
