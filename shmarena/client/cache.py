@@ -258,19 +258,27 @@ class Cache:
         """Give the coldest blocks of a class back (pops take from the end):
         down to one batch; and when the whole cache holds more than its cap,
         every class down to half a batch."""
-        classes = [cls] if self.free_bytes <= self.cap else list(self.lists)
-        for each in classes:
-            free = self.lists[each]
-            keep = self.batch(each) if self.free_bytes <= self.cap else self.batch(each) // 2
-            extra = len(free) - keep
-            if extra <= 0:
-                continue
-            for offset in free[:extra]:
-                self.pending += (DRAIN, offset)
-            del free[:extra]
-            self.free_bytes -= each * extra
+        over = self.free_bytes > self.cap
+        for each in list(self.lists) if over else [cls]:
+            self._drain_class(each, self.batch(each) // 2 if over else self.batch(each))
+        # Still over (many classes in use): empty the others, largest first.
+        for each in sorted(self.lists, reverse=True):
+            if self.free_bytes <= self.cap:
+                break
+            if each != cls:
+                self._drain_class(each, 0)
         if not self.dirty:
             self._queued()
+
+    def _drain_class(self, cls: int, keep: int) -> None:
+        free = self.lists[cls]
+        extra = len(free) - keep
+        if extra <= 0:
+            return
+        for offset in free[:extra]:
+            self.pending += (DRAIN, offset)
+        del free[:extra]
+        self.free_bytes -= cls * extra
 
     # -- what the daemon said ------------------------------------------------
 
@@ -281,6 +289,8 @@ class Cache:
                 self.high[cls] = 2 * self.batch(cls)
             self.lists[cls].extend(offsets)
             self.free_bytes += cls * len(offsets)
+            if self.free_bytes > self.cap:
+                self._drain_cold(cls)
 
     def notice(self, flat: list[int]) -> None:
         """Blocks the daemon put back into this cache (freed or recycled

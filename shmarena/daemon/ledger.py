@@ -314,9 +314,23 @@ class Ledger:
                 handle=list(handle),
             )
         block = self.blocks.get(handle.offset) if handle.segment == 0 else None
-        if block is not None and block.cached and self._may_assign(block, handle.generation):
-            if 0 < handle.size <= block.carved:
-                session = self.sessions[block.cache_session]
+        if (
+            block is not None
+            and self._may_assign(block, handle.generation)
+            and 0 < handle.size <= block.carved
+        ):
+            session = self.sessions[block.cache_session]
+            if (
+                not block.cached
+                and block.owner is not None
+                and not block.retainers
+                and block.generation >> GEN_SHIFT == session.id
+            ):
+                # An earlier hand-out of this cache block was reported, its
+                # return (UNASSIGN) and this newer hand-out are still on the
+                # way: the newer handle proves the return. Apply it now.
+                self._disown(block, self.owners[block.owner], notify=False)
+            if block.cached:
                 self._assign(session, block, handle.size, handle.generation, 0, now)
         if block is None or block.generation != handle.generation or block.size != handle.size:
             raise StaleHandle(
@@ -529,6 +543,12 @@ class Ledger:
     def _event_unassign(self, session: Session, event: tuple[int, ...]) -> None:
         _, offset, generation = event
         block = self.blocks.get(offset)
+        if (
+            block is not None
+            and block.cache_session == session.id
+            and block.generation > generation
+        ):
+            return  # a handle of a newer hand-out came first and applied this (see lookup)
         if block is None or block.cache_session != session.id or block.generation != generation:
             raise StaleHandle(f"unassign: block {offset:#x} generation {generation} is not live")
         if block.cached:

@@ -42,6 +42,8 @@ from shmarena.errors import DaemonStartError
 from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, MAX_FRAMES
 from shmarena.shm.arena import Arena, shm_path
 
+# Messages handled per wake-up of the loop before pidfds and timers get a turn.
+MESSAGES_PER_WAKE = 32
 # Unix socket paths are limited to 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 
@@ -338,7 +340,9 @@ class Server:
                     )
             events = dict(self.poller.poll(wait_ms))
             if events.get(router):
-                while True:  # drain everything pending per wake-up
+                # Drain what is pending, up to a bound: a steady stream of
+                # requests must not starve the pidfds, signals and timers.
+                for _ in range(MESSAGES_PER_WAKE):
                     try:
                         peer = recv(NOBLOCK)
                     except zmq.Again:

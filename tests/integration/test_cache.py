@@ -183,3 +183,22 @@ def test_recycling_an_own_owner_refills_the_cache(client: shmarena.Client) -> No
     # one OWNER and one RECYCLE round trip, and this stats call: no FILL
     assert round_trips(client) - before == 3
     assert client.stats()["counters"]["fills"] == 1
+
+
+def test_a_cache_never_holds_more_than_its_cap(make_daemon) -> None:
+    """Many size classes in use at once: the cache gives the coldest back so
+    what it holds free stays within 1/16 of the arena."""
+    daemon = make_daemon(size="256M")
+    client = daemon.client()
+    cap = (256 << 20) // 16
+    sizes = sorted({size_class(s, 4096) for s in range(4096, 1 << 20, 20_000)})
+    assert len(sizes) > 20  # each refill carves up to 2 MiB: far more than the cap
+    for _ in range(3):
+        bufs = [client.alloc(size) for size in sizes]
+        for buf in bufs:
+            buf.free()
+        client.sync()
+        (row,) = client.list_clients()
+        assert row["cached_bytes"] <= cap, (row["cached_bytes"], cap)
+    stats = client.stats()
+    assert stats["used_bytes"] == 0 and client.check() == []

@@ -204,3 +204,29 @@ def test_split_events_keeps_events_whole() -> None:
     assert all(len(c) <= 20 for c in chunks)
     for chunk in chunks:
         assert chunk[0] in (ASSIGN, UNASSIGN, FREE_EVENT, DRAIN)
+
+
+def test_a_handle_of_a_newer_hand_out_overtakes_the_report_of_the_return() -> None:
+    """The cache reported a hand-out (g2), took the block back and handed it out
+    again (g3); both reports are on the way when another process retains g3."""
+    service = make_service()
+    writer, reader = Peer(service, b"w"), Peer(service, b"r")
+    offset = filled(writer)[0]
+    assert post(writer, ASSIGN, offset, 100, gen(writer, 2), 0) is None
+    handle = [EPOCH, 0, offset, 100, gen(writer, 3)]
+    assert reader.ok(Op.RETAIN, [handle]) == [1]
+    assert stats(service)["requested_bytes"] == 100
+    # The reports arrive: nothing is refused, and the accounting is right.
+    assert (
+        post(writer, UNASSIGN, offset, gen(writer, 2), ASSIGN, offset, 100, gen(writer, 3), 0)
+        is None
+    )
+    s = stats(service)
+    assert s["requested_bytes"] == 100 and s["used_bytes"] == MIN
+    # An older generation is still refused.
+    stale = [EPOCH, 0, offset, 100, gen(writer, 2)]
+    assert reader.err(Op.RETAIN, [stale])[0] == "stale_handle"
+    assert reader.ok(Op.RELEASE, [handle]) == [1]
+    assert writer.ok(Op.FREE, [handle]) == [[1, MIN]]
+    assert stats(service)["requested_bytes"] == 0
+    assert service.check() == []
