@@ -213,7 +213,7 @@ class Cache:
         out under that generation (freed or recycled already)."""
         with self.lock:
             entry = self.out.get(offset)
-            if entry is None or entry[0] != gen:
+            if entry is None or entry[0] != gen or entry[1] != size:
                 raise self._stale(offset, gen)
             self._report(offset)
             del self.out[offset]

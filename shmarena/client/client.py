@@ -607,6 +607,8 @@ class Client:
     def _free_handle(self, handle: Handle) -> int:
         cache = self._cache
         if cache is not None and handle.generation >> GEN_SHIFT == self.session:
+            if handle.segment != 0:
+                raise StaleHandle(f"no block in segment {handle.segment}; nothing was freed")
             # Made by this very cache: it knows whether the block is still out.
             return cache.free_through_daemon(handle.offset, handle.generation, handle.size)
         return self._post_free(tuple(handle))  # type: ignore[arg-type]

@@ -254,9 +254,11 @@ class Ledger:
 
     def free(self, handles: Iterable[Handle], now: float = 0.0) -> Freed:
         """Free blocks by handle, all or none: every handle is checked first."""
-        blocks = [self.lookup(h, for_free=True, now=now) for h in handles]
-        if len({id(b) for b in blocks}) != len(blocks):
+        handles = list(handles)
+        found = [self._find(h, for_free=True) for h in handles]
+        if len({id(b) for b, _ in found}) != len(found):
             raise StaleHandle("the same handle appears twice in one free; nothing was freed")
+        blocks = self._settle_all(found, handles, now)
         freed = 0
         for block in blocks:
             owner = self.owners[block.owner] if block.owner is not None else None
@@ -267,7 +269,8 @@ class Ledger:
 
     def retain(self, session_id: int, handles: Iterable[Handle], now: float = 0.0) -> int:
         session = self.sessions[session_id]
-        blocks = [self.lookup(h, for_free=True, now=now) for h in handles]
+        handles = list(handles)
+        blocks = self._settle_all([self._find(h, for_free=True) for h in handles], handles, now)
         for block in blocks:
             if block.retainers is None:
                 block.retainers = {}
@@ -307,6 +310,24 @@ class Ledger:
         the block is assigned here and then to the session's own owner; the
         report, when it comes, finds it done.
         """
+        block, early = self._find(handle, for_free)
+        if early:
+            self._settle(block, handle, now)
+        return block
+
+    def _settle_all(
+        self, found: list[tuple[Block, bool]], handles: list[Handle], now: float
+    ) -> list[Block]:
+        """After every handle of a request was found valid: apply the early
+        hand-outs among them (see `lookup`)."""
+        for (block, early), handle in zip(found, handles, strict=True):
+            if early:
+                self._settle(block, handle, now)
+        return [block for block, _ in found]
+
+    def _find(self, handle: Handle, for_free: bool) -> tuple[Block, bool]:
+        """`lookup` without changing anything: the block, and whether the
+        handle is an early one whose hand-out must be applied first."""
         if handle.epoch != self.epoch:
             raise StaleHandle(
                 f"handle is from arena epoch {handle.epoch}, this daemon serves epoch "
@@ -314,24 +335,8 @@ class Ledger:
                 handle=list(handle),
             )
         block = self.blocks.get(handle.offset) if handle.segment == 0 else None
-        if (
-            block is not None
-            and self._may_assign(block, handle.generation)
-            and 0 < handle.size <= block.carved
-        ):
-            session = self.sessions[block.cache_session]
-            if (
-                not block.cached
-                and block.owner is not None
-                and not block.retainers
-                and block.generation >> GEN_SHIFT == session.id
-            ):
-                # An earlier hand-out of this cache block was reported, its
-                # return (UNASSIGN) and this newer hand-out are still on the
-                # way: the newer handle proves the return. Apply it now.
-                self._disown(block, self.owners[block.owner], notify=False)
-            if block.cached:
-                self._assign(session, block, handle.size, handle.generation, 0, now)
+        if block is not None and self._early(block, handle):
+            return block, True
         if block is None or block.generation != handle.generation or block.size != handle.size:
             raise StaleHandle(
                 f"no live block at offset {handle.offset:#x} with generation "
@@ -349,7 +354,32 @@ class Ledger:
                 ),
                 handle=list(handle),
             )
-        return block
+        return block, False
+
+    def _early(self, block: Block, handle: Handle) -> bool:
+        """Whether `handle` is a newer hand-out of a cache block than the daemon
+        has heard of: the block is in its session's cache, or its earlier
+        hand-out was reported and the return (UNASSIGN) is still on the way."""
+        if (
+            not self._may_assign(block, handle.generation)
+            or block.cache_session not in self.sessions
+            or not 0 < handle.size <= block.carved
+        ):
+            return False
+        if block.cached:
+            return True
+        return (
+            block.owner is not None
+            and not block.retainers
+            and block.generation >> GEN_SHIFT == block.cache_session
+        )
+
+    def _settle(self, block: Block, handle: Handle, now: float) -> None:
+        session = self.sessions[block.cache_session]
+        if not block.cached:
+            assert block.owner is not None
+            self._disown(block, self.owners[block.owner], notify=False)
+        self._assign(session, block, handle.size, handle.generation, 0, now)
 
     def _own(self, block: Block, owner: Owner) -> None:
         owner.blocks[block.offset] = block
@@ -503,7 +533,11 @@ class Ledger:
         return problems
 
     def _may_assign(self, block: Block, generation: int) -> bool:
-        return generation >> GEN_SHIFT == block.cache_session and generation > block.generation
+        return (
+            bool(block.cache_session)
+            and generation >> GEN_SHIFT == block.cache_session
+            and generation > block.generation
+        )
 
     def _event_assign(self, session: Session, event: tuple[int, ...], now: float) -> None:
         _, offset, size, generation, owner_id = event

@@ -157,10 +157,12 @@ class Service:
         try:
             message = decode(payload)
             # Known before the checks, so even a malformed one-way request
-            # gets its refusal as a late error.
-            one_way = (
-                isinstance(message, list) and bool(message) and type(message[0]) is int
-            ) and message[0] in ONE_WAY_OPS
+            # gets its refusal as a late error, and a request with a bad
+            # argument its refusal under its own id.
+            if isinstance(message, list) and message:
+                one_way = type(message[0]) is int and message[0] in ONE_WAY_OPS
+                if len(message) >= 2 and type(message[1]) is int:
+                    request_id = message[1]
             request = parse_request(message)
             request_id = request.request_id
             keep = request.op in MUTATING_OPS
