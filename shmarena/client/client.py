@@ -804,10 +804,25 @@ def _check_size(size: int) -> None:
 
 def _as_handle(value: Any) -> Handle:
     if isinstance(value, Handle):
-        return value
-    if isinstance(value, (tuple, list)) and len(value) == 5:
-        return Handle(*(int(v) for v in value))
-    raise InvalidRequest(f"not a shmarena handle: {value!r:.80}")
+        handle = value
+    elif isinstance(value, (tuple, list)) and len(value) == 5:
+        handle = Handle(*(int(v) for v in value))
+    else:
+        raise InvalidRequest(f"not a shmarena handle: {value!r:.80}")
+    bad = [
+        f"{name} {field:#x}"
+        for name, field in zip(Handle._fields, handle, strict=True)
+        if not (type(field) is int and -_HANDLE_FIELD_LIMIT <= field < 2 * _HANDLE_FIELD_LIMIT)
+    ]
+    if bad:  # it could not even be sent: the daemon would refuse it anyway
+        raise InvalidRequest(
+            f"not a shmarena handle: {', '.join(bad)} does not fit in 64 bits; nothing was done",
+            handle=[repr(f)[:40] for f in handle],
+        )
+    return handle
+
+
+_HANDLE_FIELD_LIMIT = 1 << 63
 
 
 def _handle_of(item: Buffer | Handle) -> Handle:

@@ -337,7 +337,15 @@ class Ledger:
         block = self.blocks.get(handle.offset) if handle.segment == 0 else None
         if block is not None and self._early(block, handle):
             return block, True
-        if block is None or block.generation != handle.generation or block.size != handle.size:
+        if block is not None and block.generation == handle.generation:
+            if block.size != handle.size:
+                raise StaleHandle(
+                    f"handle names {handle.size} bytes at offset {handle.offset:#x}, the live "
+                    f"block there has {block.size}: not a handle the daemon gave out; "
+                    "nothing was done",
+                    handle=list(handle),
+                )
+        if block is None or block.generation != handle.generation:
             raise StaleHandle(
                 f"no live block at offset {handle.offset:#x} with generation "
                 f"{handle.generation}: it was freed or recycled (double free or use after "

@@ -303,8 +303,9 @@ class Service:
         return SessionLost(
             f"{op}: daemon {info.name!r} (pid {info.pid}, epoch {info.epoch}) has no session "
             "for this client: it was restarted since the client said hello, so the client's "
-            "buffers are gone (they no longer share memory with anyone). The client opens "
-            "a new session on its next call",
+            "buffers are gone (they no longer share memory with anyone), or it dropped this "
+            "client's connection (a frame over the size limit). The client opens a new "
+            "session on its next call",
             reason="restarted",
             epoch=info.epoch,
         )
