@@ -260,7 +260,9 @@ class Cache:
         every class down to half a batch."""
         over = self.free_bytes > self.cap
         for each in list(self.lists) if over else [cls]:
-            self._drain_class(each, self.batch(each) // 2 if over else self.batch(each))
+            keep = self.batch(each) // 2 if over else self.batch(each)
+            # The class at hand keeps a block: a refill must serve its miss.
+            self._drain_class(each, max(1, keep) if each == cls else keep)
         # Still over (many classes in use): empty the others, largest first.
         for each in sorted(self.lists, reverse=True):
             if self.free_bytes <= self.cap:
