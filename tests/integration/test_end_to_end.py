@@ -230,9 +230,11 @@ def test_double_free_and_stale_handles(client: shmarena.Client) -> None:
     client.free(big_handle)
     with pytest.raises(shmarena.StaleHandle, match="double free"):
         client.sync()
-    client.free(handle._replace(epoch=handle.epoch + 1, generation=1))
-    client.stats()  # its refusal arrives while this call waits ...
     with pytest.raises(shmarena.StaleHandle, match="epoch"):
+        client.free(handle._replace(epoch=handle.epoch + 1, generation=1))  # known at once
+    client.free(big_handle._replace(generation=big_handle.generation + 7))
+    client.stats()  # its refusal arrives while this call waits ...
+    with pytest.raises(shmarena.StaleHandle, match="double free"):
         client.list_owners()  # ... and is raised by the next one, before it is sent
     with pytest.raises(ValueError):
         buf.view[0]  # the Buffer's own view is released on free
