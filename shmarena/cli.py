@@ -136,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_fraction_arg,
         default=0.0,
         metavar="P",
-        help="drop this fraction (0..1) of replies; clients resend after --retry and are "
-        "answered from the reply cache",
+        help="drop this fraction (0..1) of replies; clients resend after retry_s "
+        "(shmarena.connect(retry_s=...)) and are answered from the reply cache",
     )
     debug.add_argument(
         "--debug-delay-ms",

@@ -77,8 +77,8 @@ class SessionLost(StaleHandle):
     process, say) and its blocks were reclaimed. The call that finds this out
     raises it once; the client opens a new session on its next call, or at
     once with `client.reconnect()`. `details["reason"]` is "restarted",
-    "lease_expired" or "ended".
-    """
+    "lease_expired", "ended" (it said bye) or "moved" (another socket of the
+    same process resumed it)."""
 
     code = "session_lost"
 

@@ -144,7 +144,10 @@ class Client:
     `name` defaults to $SHMARENA_NAME, else "default"; `runtime_dir` to
     $SHMARENA_RUNTIME_DIR, else $XDG_RUNTIME_DIR/shmarena, else
     /tmp/shmarena-<uid>. Every call waits at most `timeout_s` for the daemon,
-    then raises DaemonUnavailable.
+    then raises DaemonUnavailable; a request still unanswered after `retry_s`
+    is sent again with the same id (the daemon answers a repeat from its reply
+    cache, never runs it twice). After the daemon was restarted, one call
+    raises SessionLost and the next connects again (see `reconnect`).
 
     With `cache=True` (the default) sizes up to 1 MiB (less for small arenas)
     come from a per-process cache without a round trip, and what the daemon
@@ -227,6 +230,7 @@ class Client:
         if info.get("resumed") and self._cache is not None:
             self._transport = transport  # same session: the cache is still ours
             transport.pending = self._cache.take_events
+            transport.orphan = self._cache.orphan
             if not info.get("watched", True):
                 self._start_heartbeat(float(info.get("lease_s", 10.0)))
             return
