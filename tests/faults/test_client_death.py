@@ -29,11 +29,6 @@ victim only after that (it reads the exit status with waitid(WNOWAIT)), so
 meanwhile its pid cannot go to another process, and a hello it sent just
 before dying (hello at after_send) still names it, is watched by pidfd and is
 reclaimed at once rather than after a lease.
-
-Until the hook fires at after_send and after_reply (the `hook_fires` probe:
-it does not in the shmarena of this writing, see the reason of the marks),
-those cases are expected failures (strict), and the kill cycles leave them
-out with a warning.
 """
 
 from __future__ import annotations
@@ -51,7 +46,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -257,19 +251,6 @@ def arena() -> Iterator[Arena]:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def hook_fires(arena: Arena) -> dict[str, bool]:
-    """Whether SHMARENA_FAULT kills a real client at each point (a client that
-    connects and pings once, with the hook on its first ping)."""
-    fires = {}
-    for point in POINTS:
-        env = dict(arena.daemon.env, SHMARENA_FAULT=f"{point}:ping")
-        code = "import shmarena\nshmarena.connect().ping()\n"
-        result = subprocess.run([sys.executable, "-c", code], env=env, timeout=60)
-        fires[point] = result.returncode == -signal.SIGKILL
-    return fires
-
-
 @dataclass
 class Victim:
     proc: subprocess.Popen[str]
@@ -413,18 +394,8 @@ def _ids(case: tuple[str, str]) -> str:
 
 
 @pytest.mark.parametrize("case", KILL_POINTS, ids=_ids)
-def test_victim_killed_at_a_fault_point(
-    arena: Arena, hook_fires: dict[str, bool], request: pytest.FixtureRequest, case: tuple
-) -> None:
+def test_victim_killed_at_a_fault_point(arena: Arena, case: tuple) -> None:
     point, op = case
-    if not hook_fires[point]:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason=f"shmarena bug: SHMARENA_FAULT never fires at {point} "
-                "(transport._fault returns before counting unless POINT is before_send)",
-            )
-        )
     reclaim_ms = kill_cycle(arena, op, point)
     print(f"\nFIGURE: killed at {point} of {op}: sessions gone {reclaim_ms:.1f} ms after death")
 
@@ -439,17 +410,10 @@ def test_victim_killed_in_an_alloc_free_loop(arena: Arena) -> None:
     print(f"\nFIGURE: killed in a loop: sessions gone {reclaim_ms:.1f} ms after death")
 
 
-def run_cycles(arena: Arena, hook_fires: dict[str, bool], count: int, seed: int) -> None:
+def run_cycles(arena: Arena, count: int, seed: int) -> None:
     rng = random.Random(seed)
     cases = [("idle", None), ("loop", None)]
-    cases += [(op, point) for point, op in KILL_POINTS if hook_fires[point]]
-    skipped = sorted({point for point, _ in KILL_POINTS if not hook_fires[point]})
-    if skipped:
-        warnings.warn(
-            f"kill cycles leave out the points {skipped}: SHMARENA_FAULT does not fire "
-            "there (shmarena bug in transport._fault)",
-            stacklevel=2,
-        )
+    cases += [(op, point) for point, op in KILL_POINTS]
     client = arena.client
     base = client.stats()
     times = []
@@ -474,10 +438,10 @@ def run_cycles(arena: Arena, hook_fires: dict[str, bool], count: int, seed: int)
     )
 
 
-def test_kill_cycles(arena: Arena, hook_fires: dict[str, bool]) -> None:
-    run_cycles(arena, hook_fires, count=20, seed=20)
+def test_kill_cycles(arena: Arena) -> None:
+    run_cycles(arena, count=20, seed=20)
 
 
 @pytest.mark.slow
-def test_kill_cycles_long(arena: Arena, hook_fires: dict[str, bool]) -> None:
-    run_cycles(arena, hook_fires, count=300, seed=21)
+def test_kill_cycles_long(arena: Arena) -> None:
+    run_cycles(arena, count=300, seed=21)
