@@ -227,23 +227,18 @@ class Client:
         self.session = info["session"]
         self.epoch = info["epoch"]
         self._token = int(info.get("token", 0))
-        if info.get("resumed") and self._cache is not None:
-            self._transport = transport  # same session: the cache is still ours
-            transport.pending = self._cache.take_events
-            transport.orphan = self._cache.orphan
-            if not info.get("watched", True):
-                self._start_heartbeat(float(info.get("lease_s", 10.0)))
-            return
-        cache = Cache(
-            self.session,
-            self.epoch,
-            int(info["min_block_bytes"]),
-            int(info["size_bytes"]),
-            self._wake_flusher,
-            self,
-            self._arena_view,
-            enabled=self.cache_enabled,
-        )
+        cache = self._cache
+        if cache is None or not info.get("resumed"):  # a new session: a new cache
+            cache = Cache(
+                self.session,
+                self.epoch,
+                int(info["min_block_bytes"]),
+                int(info["size_bytes"]),
+                self._wake_flusher,
+                self,
+                self._arena_view,
+                enabled=self.cache_enabled,
+            )
         transport.pending = cache.take_events
         transport.orphan = cache.orphan
         self._cache = cache

@@ -63,6 +63,14 @@ def raise_fd_limit() -> int:
         return int(soft)
 
 
+def remove(path: str) -> None:
+    """Unlink `path` if it is there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def open_fds() -> int:
     """Descriptors this process has open (the limit when it cannot tell)."""
     try:
@@ -243,8 +251,6 @@ class Server:
 
     def _listen(self) -> None:
         assert self.router is not None
-        if os.path.exists(self.socket_path):
-            os.unlink(self.socket_path)
         old_umask = os.umask(0o177 if self.gid is None else 0o117)
         try:
             self.router.bind(f"ipc://{self.socket_path}")
@@ -253,10 +259,7 @@ class Server:
         if self.gid is not None:
             os.chown(self.socket_path, -1, self.gid)
         self.listening = True
-        try:
-            os.unlink(self.refusing_path)
-        except FileNotFoundError:
-            pass
+        remove(self.refusing_path)
 
     def _check_fds(self) -> None:
         """Stop or resume listening by the descriptors left (see __init__)."""
@@ -272,7 +275,7 @@ class Server:
             with open(self.refusing_path, "w") as f:
                 f.write(reason + "\n")
             self.router.unbind(f"ipc://{self.socket_path}")
-            os.unlink(self.socket_path)
+            remove(self.socket_path)  # so clients read why instead of timing out
             self.listening = False
             self.log(reason)
         elif not self.listening and free >= 2 * self.fd_reserve:
@@ -450,10 +453,7 @@ class Server:
         if self.monitor is not None:
             self.monitor.close(linger=0)
             self.monitor = None
-        try:
-            os.unlink(self.refusing_path)
-        except FileNotFoundError:
-            pass
+        remove(self.refusing_path)
         if self.router is not None:
             self.router.close(linger=0)
             self.router = None
@@ -463,17 +463,11 @@ class Server:
         for session_id in list(self.session_fds):
             self._unwatch(session_id)
         if self.arena is not None:
-            try:
-                os.unlink(self.socket_path)
-            except FileNotFoundError:
-                pass
+            remove(self.socket_path)
             self.arena.close(unlink=True)
             self.arena = None
         if self.lock_fd is not None:
-            try:
-                os.unlink(self.lock_path)
-            except FileNotFoundError:
-                pass
+            remove(self.lock_path)
             os.close(self.lock_fd)
             self.lock_fd = None
         if self._wake_w >= 0:
