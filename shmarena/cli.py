@@ -36,6 +36,7 @@ from shmarena.config import (
 )
 from shmarena.daemon.service import ALLOCATORS
 from shmarena.errors import DaemonStartError, DaemonUnavailable, ShmArenaError
+from shmarena.shm.journal import CRASH_POINTS, CrashPoints
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -96,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
         "run the daemon in the foreground (Ctrl-C or SIGTERM stop it cleanly)",
     )
     daemon.add_argument(
-        "--size", type=_size_arg, default=DEFAULT_SIZE_BYTES, help="arena size (default 1G)"
+        "--size",
+        type=_size_arg,
+        default=None,
+        help="arena size (default 1G; with --backing, the size of the file's arena)",
     )
     daemon.add_argument(
         "--min-block",
@@ -126,6 +130,29 @@ def build_parser() -> argparse.ArgumentParser:
         "socket and arena 0660, all owned by G (default: this user only, 0700/0600)",
     )
     daemon.add_argument(
+        "--backing",
+        metavar="PATH",
+        help="keep the arena in this file (any file system; a DAX mount for persistent "
+        "memory): it and its allocation table (PATH.table) survive restarts and crashes. "
+        "Made with --size if missing; never removed by the daemon",
+    )
+    daemon.add_argument(
+        "--durability",
+        choices=("none", "batch", "sync"),
+        default="batch",
+        help="with --backing: 'batch' (default) writes and syncs each loop wake-up's changes "
+        "before its replies go out; 'sync' does so for each request; 'none' writes the "
+        "table only at a clean stop (after a crash the arena starts empty)",
+    )
+    daemon.add_argument(
+        "--grace",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="with --backing: seconds the sessions recovered after a restart wait for "
+        "their clients to come back before they are reclaimed (default 15)",
+    )
+    daemon.add_argument(
         "--detach",
         action="store_true",
         help="start in the background and return once the daemon answers",
@@ -149,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     debug.add_argument(
         "--debug-seed", type=int, default=None, help="seed for the two options above"
     )
+    debug.add_argument(
+        "--debug-crash-at",
+        metavar="POINT[#N]",
+        help="SIGKILL the daemon the Nth time (default 1st) it reaches POINT of the "
+        "table's persistence path: " + ", ".join(CRASH_POINTS),
+    )
+    debug.add_argument(
+        "--debug-compact-bytes",
+        type=_size_arg,
+        default=None,
+        metavar="SIZE",
+        help="rewrite the table's journal once it grows past SIZE (default 8M)",
+    )
 
     for command, text in (
         ("status", "one screen: pid, uptime, size, used, free, largest free, owners, clients"),
@@ -162,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     recycle.add_argument("owner", help="owner name (see `shmarena owners`)")
     add("check", "verify the allocator's invariants in the running daemon; exit 1 if broken")
     add("shutdown", "stop the daemon cleanly")
+    inspect = add(
+        "inspect",
+        "read a --backing file and its table without a daemon: header, owners, blocks; "
+        "verify the table and the allocator's invariants; exit 1 on any inconsistency",
+    )
+    inspect.add_argument("path", help="the backing file (its table is PATH.table)")
+    inspect.add_argument("--json", action="store_true", help="print JSON for scripts")
+    inspect.add_argument(
+        "--blocks", action="store_true", help="list every block (default: owners only)"
+    )
 
     demo = add(
         "demo",
@@ -211,9 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
+    if args.size is None and args.backing is None:
+        args.size = DEFAULT_SIZE_BYTES
     try:
         check_min_block(args.min_block)
-        check_arena_size(args.size, args.min_block)
+        if args.size is not None:
+            check_arena_size(args.size, args.min_block)
+        CrashPoints(args.debug_crash_at)
     except ValueError as exc:
         print(f"shmarena daemon: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -229,10 +283,16 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         lease_s=args.lease,
         allocator=args.allocator,
         group=args.group,
+        backing=args.backing,
+        durability=args.durability,
+        grace_s=args.grace,
         debug_drop_replies=args.debug_drop_replies,
         debug_delay_ms=args.debug_delay_ms,
         debug_seed=args.debug_seed,
+        debug_crash_at=args.debug_crash_at,
     )
+    if args.debug_compact_bytes is not None:
+        options.compact_bytes = args.debug_compact_bytes
     try:
         run_daemon(options)
     except DaemonStartError as exc:
@@ -252,8 +312,6 @@ def _detach(args: argparse.Namespace) -> int:
         args.name,
         "--runtime-dir",
         args.run_dir,
-        "--size",
-        str(args.size),
         "--min-block",
         str(args.min_block),
         "--lease",
@@ -261,8 +319,13 @@ def _detach(args: argparse.Namespace) -> int:
         "--allocator",
         args.allocator,
     ]
+    if args.size is not None:
+        command += ["--size", str(args.size)]
     if args.group is not None:
         command += ["--group", args.group]
+    if args.backing is not None:
+        command += ["--backing", os.path.abspath(args.backing)]
+        command += ["--durability", args.durability, "--grace", str(args.grace)]
     if args.debug_drop_replies or args.debug_delay_ms:
         command += [
             "--debug-drop-replies",
@@ -354,7 +417,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     table.add_column()
     rows = [
         ("daemon", f"{stats['name']!r}, pid {stats['pid']}, up {_age(stats['uptime_s'])}"),
-        ("arena", f"{format_size(size)} at /dev/shm{stats['shm_name']}"),
+        (
+            "arena",
+            f"{format_size(size)} in {stats['backing']} ({stats['backing_fs']}"
+            f"{', DAX' if stats['dax'] else ''}), durability {stats['durability']}"
+            if stats.get("backing")
+            else f"{format_size(size)} at /dev/shm{stats['shm_name']}",
+        ),
         (
             "used",
             f"{format_size(stats['used_bytes'])} ({_pct(stats['used_bytes'], size)})"
@@ -507,6 +576,68 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from shmarena.daemon.store import inspect_file
+
+    report, problems = inspect_file(args.path)
+    if args.json:
+        _print_json({**report, "problems": problems})
+        return EXIT_REFUSED if problems else EXIT_OK
+    console = _console()
+    header = report.get("header")
+    if header:
+        console.print(
+            f"arena file {report['path']}: format {header['format']}, "
+            f"{format_size(header['size_bytes'])} from byte {header['data_offset']}, "
+            f"min block {format_size(header['min_block_bytes'])}, {header['allocator']}, "
+            f"identity {header['identity']}, made for {header['name']!r} "
+            f"{datetime.fromtimestamp(header['created_at']):%Y-%m-%d %H:%M:%S}"
+        )
+    if "epoch" in report:
+        console.print(
+            f"table: epoch {report['epoch']}, generation {report['generation']}, "
+            f"{report['records']} records in {format_size(report['journal_bytes'])}, last "
+            f"written by a daemon with durability {report['durability'] or '?'}"
+            f"{', stopped cleanly' if report['clean'] else ''}"
+        )
+    if "used_bytes" in report:
+        size = header["size_bytes"] if header else 0
+        console.print(
+            f"used {format_size(report['used_bytes'])} ({_pct(report['used_bytes'], size)}), "
+            f"cached {format_size(report['cached_bytes'])}, free "
+            f"{format_size(report['free_bytes'])}, largest free "
+            f"{format_size(report['largest_free_bytes'])}; {len(report['blocks'])} blocks, "
+            f"{len(report['owners'])} owners, {len(report['sessions'])} sessions"
+        )
+        _print_table(
+            "owners",
+            [("name", "left"), ("scope", "left"), ("session", "right"), ("pid", "right"),
+             ("blocks", "right"), ("bytes", "right")],
+            [
+                [o["name"], o["scope"], str(o["session"]), str(o["pid"]), str(o["blocks"]),
+                 format_size(o["bytes"])]
+                for o in report["owners"]
+            ],
+        )  # fmt: skip
+        if args.blocks:
+            _print_table(
+                "blocks",
+                [("offset", "right"), ("size", "right"), ("generation", "right"),
+                 ("owner", "left")],
+                [
+                    [f"{b['offset']:#x}", str(b["size"]), str(b["generation"]),
+                     b["owner"] or ("(cached)" if b["cached"] else "(retained)")]
+                    for b in report["blocks"]
+                ],
+            )  # fmt: skip
+    for note in report.get("notes", []):
+        console.print(f"note: {note}")
+    for problem in problems:
+        console.print(f"PROBLEM: {problem}")
+    console.print("inspect: " + (f"{len(problems)} problem(s)" if problems else "ok"))
+    return EXIT_REFUSED if problems else EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from shmarena.demo import run_demo
 
@@ -523,6 +654,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": cmd_check,
     "shutdown": cmd_shutdown,
     "demo": cmd_demo,
+    "inspect": cmd_inspect,
 }
 
 __all__ = ["main", "build_parser", "socket_path"]

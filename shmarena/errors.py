@@ -121,6 +121,14 @@ class ProtocolError(ShmArenaError):
     code = "protocol"
 
 
+class Resend(ShmArenaError):
+    """The daemon missed requests of this session (it was restarted and they
+    were lost with it): `details["seen"]` is the last one it applied. The
+    client's transport sends the rest again by itself; users never see this."""
+
+    code = "resend"
+
+
 class DaemonStartError(ShmArenaError):
     """The daemon could not start: another daemon holds the name, `/dev/shm`
     is too small, or the runtime directory is unusable. The message says which
@@ -140,6 +148,7 @@ _BY_CODE: dict[str, type[ShmArenaError]] = {
         UnknownOwner,
         DaemonUnavailable,
         ProtocolError,
+        Resend,
         DaemonStartError,
     )
 }

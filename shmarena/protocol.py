@@ -85,7 +85,7 @@ import msgpack
 
 from shmarena.errors import InvalidRequest, ProtocolError, ShmArenaError, to_wire
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # Limits. Frames above MAX_FRAME_BYTES are dropped by ZeroMQ (ZMQ_MAXMSGSIZE)
 # before they reach Python.
@@ -214,6 +214,13 @@ MUTATING_OPS = frozenset(
 )
 # Ops that get no reply when they succeed; a refusal comes back as LATE_ERR.
 ONE_WAY_OPS = frozenset({Op.POST})
+# Requests that change state are numbered 1, 2, 3 ... per session, in the
+# order the client sends them; the daemon applies each number once and in
+# order (see Service.handle), so a repeat is answered and not run again, and
+# frames lost with a crashed daemon are noticed and sent again. Other requests
+# carry ids with FREE_ID_BIT set, outside that sequence.
+SEQUENCED_OPS = MUTATING_OPS | ONE_WAY_OPS
+FREE_ID_BIT = 1 << 62
 
 
 class Request(NamedTuple):

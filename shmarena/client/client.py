@@ -42,6 +42,7 @@ from shmarena.errors import (
 )
 from shmarena.protocol import GEN_SHIFT, MAX_BATCH, PROTOCOL_VERSION, Handle, Op
 from shmarena.shm.arena import map_segment
+from shmarena.shm.backing import map_file
 
 # (shm name, epoch) -> (mapping, memoryview of all of it), one per process.
 _MAPPINGS: dict[tuple[str, int], tuple[mmap.mmap, memoryview]] = {}
@@ -205,10 +206,13 @@ class Client:
 
     # -- session -----------------------------------------------------------
 
-    def _connect(self, resume: list[int] | None = None) -> None:
+    def _connect(self, resume: list[int] | None = None, old: Transport | None = None) -> None:
         """Open a socket and say hello: a new session, or with `resume`
-        ([session, token]) the same session again if the daemon still has it."""
-        transport = Transport(self.socket_path, self.name, self.timeout_s, self.retry_s)
+        ([session, token]) the same session again if the daemon still has it
+        (numbering requests on from the `old` socket's)."""
+        transport = Transport(
+            self.socket_path, self.name, self.timeout_s, self.retry_s, follow=old
+        )
         try:
             (info,) = transport.request(
                 Op.HELLO,
@@ -218,8 +222,10 @@ class Client:
                 self.label,
                 resume or [],
             )
-            self._arena_key = (info["segments"][0][0], info["epoch"])
-            self._arena_view = _map(*self._arena_key, info["size_bytes"], self.populate)
+            segment = info["segments"][0]
+            self._arena_key = (segment[0], info["epoch"])
+            offset = segment[2] if len(segment) > 2 else None  # a file: [path, size, offset]
+            self._arena_view = _map(*self._arena_key, info["size_bytes"], self.populate, offset)
         except BaseException:
             transport.close()
             raise
@@ -228,6 +234,8 @@ class Client:
         self.epoch = info["epoch"]
         self._token = int(info.get("token", 0))
         cache = self._cache
+        if not info.get("resumed"):
+            transport.next_id, transport.unconfirmed = 1, []  # a new session counts anew
         if cache is None or not info.get("resumed"):  # a new session: a new cache
             cache = Cache(
                 self.session,
@@ -385,10 +393,11 @@ class Client:
                 resume = [self.session, self._token]
                 old.close()
             else:
+                old = None
                 self._cache = None
                 self._pid = os.getpid()
             try:
-                self._connect(resume)
+                self._connect(resume, old)
             except BaseException:
                 self._cache = None
                 raise
@@ -757,12 +766,19 @@ def _default_runtime_dir() -> str:
     return runtime_dir(os.environ, os.getuid())
 
 
-def _map(shm_name: str, epoch: int, size_bytes: int, populate: bool) -> memoryview:
+def _map(
+    shm_name: str, epoch: int, size_bytes: int, populate: bool, offset: int | None = None
+) -> memoryview:
+    """The process's one mapping of an arena: a shm segment by name, or with
+    an `offset` a backing file (by path) from there."""
     key = (shm_name, epoch)
     with _MAPPINGS_LOCK:
         found = _MAPPINGS.get(key)
         if found is None:
-            mapping = map_segment(shm_name, size_bytes, populate)
+            if offset is not None:
+                mapping = map_file(shm_name, size_bytes, offset, populate)
+            else:
+                mapping = map_segment(shm_name, size_bytes, populate)
             found = (mapping, memoryview(mapping))
             _MAPPINGS[key] = found
         return found[1]

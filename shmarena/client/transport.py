@@ -28,11 +28,22 @@ from shmarena.config import DEFAULT_RETRY_S
 from shmarena.errors import (
     DaemonUnavailable,
     ProtocolError,
+    Resend,
     SessionLost,
     ShmArenaError,
     from_wire,
 )
-from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, MAX_FRAMES, OK, Op, decode, encoder
+from shmarena.protocol import (
+    FREE_ID_BIT,
+    LATE_ERR,
+    MAX_FRAME_BYTES,
+    MAX_FRAMES,
+    OK,
+    SEQUENCED_OPS,
+    Op,
+    decode,
+    encoder,
+)
 
 
 def _no_events() -> list[list[int]]:
@@ -48,6 +59,11 @@ def _no_orphans(op: Op, args: tuple[Any, ...], result: list[Any]) -> None:
 # handed to `Transport.orphan` so the memory is given back, not leaked.
 ALLOCATING_OPS = frozenset({Op.ALLOC, Op.ALLOC_MANY, Op.FILL})
 MAX_ORPHANS = 256
+# Frames of state-changing requests are kept until a reply shows the daemon
+# has them (see Transport.unconfirmed); past this many, a flush asks for one.
+MAX_UNCONFIRMED = 256
+# Times one request may be asked to send missed frames again before giving up.
+MAX_RESENDS = 8
 
 
 # Fault injection for tests (see README, "Fault injection"): with
@@ -90,7 +106,12 @@ def _fault(point: str, op: str) -> None:
 
 class Transport:
     def __init__(
-        self, socket_path: str, name: str, timeout_s: float, retry_s: float = DEFAULT_RETRY_S
+        self,
+        socket_path: str,
+        name: str,
+        timeout_s: float,
+        retry_s: float = DEFAULT_RETRY_S,
+        follow: Transport | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.name = name
@@ -100,12 +121,27 @@ class Transport:
         check_reachable(socket_path, name)
         self.context: zmq.Context[Any] = zmq.Context()
         sock = self.context.socket(zmq.DEALER)
+        # A routing id of our own, secret like a token: a daemon that restarts
+        # on a persistent arena knows this socket again when it reconnects.
+        self.routing_id = b"\x01" + os.urandom(15)
+        sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES * 64)
         sock.connect(f"ipc://{socket_path}")
         self.socket = sock
         self.lock = threading.Lock()
+        # State-changing requests are numbered 1, 2, ... per session (the
+        # daemon applies each number once, in order); others use free ids.
+        # Sent frames stay in `unconfirmed` until a reply shows the daemon
+        # applied them: a daemon restarted from a persistent table may have
+        # lost the last ones, and asks for them again (Resend).
         self.next_id = 1
+        self.next_free = FREE_ID_BIT
+        self.unconfirmed: list[tuple[int, bytes]] = []
+        if follow is not None:  # the same session from a new socket
+            self.next_id = follow.next_id
+            self.unconfirmed = list(follow.unconfirmed)
+        self.resends = 0
         self.closed = False
         self.encode = encoder()
         # Called under the lock before anything is sent: bookkeeping that must
@@ -136,9 +172,15 @@ class Transport:
             if late:
                 self._raise_late()
             self._send_pending(more=True)
-            request_id = self.next_id
-            self.next_id += 1
-            frame = self.encode([int(op), request_id, *args])
+            if op in SEQUENCED_OPS:
+                request_id = self.next_id
+                self.next_id += 1
+                frame = self.encode([int(op), request_id, *args])
+                self.unconfirmed.append((request_id, frame))
+            else:
+                request_id = self.next_free
+                self.next_free += 1
+                frame = self.encode([int(op), request_id, *args])
             if _FAULT is not None:
                 _fault("before_send", op.name.lower())
             sock.send(frame)
@@ -176,6 +218,11 @@ class Transport:
                 if reply[1] != request_id:
                     self._keep_if_late(reply)
                     continue  # or a late reply to an earlier request that timed out
+                if reply[0] != OK and len(reply) > 2 and reply[2] == Resend.code:
+                    self._resend(reply)
+                    continue
+                self.unconfirmed.clear()  # the daemon answers in order: it has all of them
+                self.resends = 0
                 if _FAULT is not None:
                     _fault("after_reply", op.name.lower())
                 if reply[0] == OK:
@@ -183,10 +230,36 @@ class Transport:
                 raise _error(reply)
 
     def flush(self) -> None:
-        """Send the pending bookkeeping now, without waiting for anything."""
+        """Send the pending bookkeeping now, without waiting for anything
+        (unless many frames wait for confirmation: then a ping confirms them)."""
         with self.lock:
-            if not self.closed:
-                self._send_pending()
+            if self.closed:
+                return
+            self._send_pending()
+            confirm = len(self.unconfirmed) > MAX_UNCONFIRMED
+        if confirm:
+            self.request(Op.PING, late=False)
+
+    def _resend(self, reply: list[Any]) -> None:
+        """The daemon lost frames (it restarted): send again, in order, every
+        unconfirmed frame after the last one it applied."""
+        error = _error(reply)
+        seen = error.details.get("seen")
+        self.resends += 1
+        if not isinstance(seen, int) or self.resends > MAX_RESENDS * 4:
+            raise ProtocolError(f"the daemon keeps asking for lost requests: {error}")
+        if seen >= self.next_id - 1:
+            return  # it has every one of them
+        missing = [frame for rid, frame in self.unconfirmed if rid > seen]
+        if not self.unconfirmed or self.unconfirmed[0][0] > seen + 1:
+            raise SessionLost(
+                f"the daemon {self.name!r} lost requests {seen + 1}.. of this session that "
+                "this client no longer has; the session cannot go on. The client opens a "
+                "new session on its next call",
+                reason="restarted",
+            )
+        for frame in missing:
+            self.socket.send(frame)
 
     def raise_late(self) -> None:
         """Raise a refusal of an earlier one-way request, if one came back."""
@@ -199,8 +272,10 @@ class Transport:
         frames of the message whose final frame the caller sends next."""
         frames = []
         for events in self.pending():
-            frames.append(self.encode([int(Op.POST), self.next_id, events]))
+            frame = self.encode([int(Op.POST), self.next_id, events])
+            self.unconfirmed.append((self.next_id, frame))
             self.next_id += 1
+            frames.append(frame)
         if _FAULT is not None and frames:
             _fault("before_send", "post")
         send = self.socket.send
@@ -232,6 +307,9 @@ class Transport:
 
     def _keep_if_late(self, reply: list[Any]) -> None:
         if reply[0] == LATE_ERR:
+            if len(reply) > 2 and reply[2] == Resend.code:
+                self._resend(reply)
+                return
             self.late.append(_error(reply))
         elif self.given_up:
             request = self.given_up.pop(reply[1], None)
@@ -300,6 +378,10 @@ def check_reachable(socket_path: str, name: str) -> None:
     if refusing:
         raise DaemonUnavailable(refusing, socket_path=socket_path)
     if not os.path.exists(socket_path):
+        # It may have stopped listening just now (and said why since).
+        refusing = _refusing(socket_path)
+        if refusing:
+            raise DaemonUnavailable(refusing, socket_path=socket_path)
         raise DaemonUnavailable(
             f"no shmarena daemon named {name!r}: socket {socket_path} does not exist; "
             f"start one with `shmarena daemon --name {name}` (or check --name, "

@@ -92,6 +92,22 @@ class Session:
     cached_bytes: int = 0
 
 
+@dataclass
+class Changes:
+    """What changed since the last `take_changes`: the keys of blocks, owners
+    and sessions to write again (or as gone, when no longer there), and new
+    owner ids as (session, index, name). A persistent daemon writes these to
+    its journal; the others just drop them."""
+
+    blocks: set[int] = field(default_factory=set)
+    owners: set[str] = field(default_factory=set)
+    sessions: set[int] = field(default_factory=set)
+    owner_ids: list[tuple[int, int, str]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.blocks or self.owners or self.sessions or self.owner_ids)
+
+
 @dataclass(frozen=True)
 class Freed:
     blocks: int
@@ -110,6 +126,11 @@ class Ledger:
         self.requested_bytes = 0  # bytes asked for by the blocks owners hold
         self.owned_bytes = 0  # carved bytes of blocks owners hold
         self._next_session = 1
+        self.changes = Changes()
+
+    def take_changes(self) -> Changes:
+        changes, self.changes = self.changes, Changes()
+        return changes
 
     # -- sessions ------------------------------------------------------------
 
@@ -120,6 +141,7 @@ class Ledger:
         session.owner_ids.append(implicit_owner(session.id))
         self._next_session += 1
         self.sessions[session.id] = session
+        self.changes.sessions.add(session.id)
         return session
 
     def end_session(self, session_id: int) -> Freed:
@@ -128,6 +150,7 @@ class Ledger:
         session = self.sessions.pop(session_id, None)
         if session is None:
             return Freed(0, 0)
+        self.changes.sessions.add(session_id)
         blocks = freed = 0
         for name in sorted(session.owners):
             owner = self.owners.get(name)
@@ -139,6 +162,7 @@ class Ledger:
             block = self.blocks.get(offset)
             if block is not None and block.retainers:
                 block.retainers.pop(session_id, None)
+                self.changes.blocks.add(offset)
                 self._maybe_release(block)
         session.retained.clear()
         for offset in list(session.cached):
@@ -189,6 +213,7 @@ class Ledger:
     def _create_owner(self, name: str, scope: str, session: Session, now: float) -> Owner:
         owner = Owner(name, scope, session.id, session.pid, now)
         self.owners[name] = owner
+        self.changes.owners.add(name)
         session.owners.add(name)
         return owner
 
@@ -201,6 +226,7 @@ class Ledger:
                 "`shmarena owners` lists the owners that exist",
                 owner=name,
             )
+        self.changes.owners.add(name)
         creator = self.sessions.get(owner.session_id)
         if creator is not None:
             creator.owners.discard(name)
@@ -276,6 +302,7 @@ class Ledger:
                 block.retainers = {}
             block.retainers[session_id] = block.retainers.get(session_id, 0) + 1
             session.retained.add(block.offset)
+            self.changes.blocks.add(block.offset)
         return len(blocks)
 
     def release(self, session_id: int, handles: Iterable[Handle]) -> int:
@@ -290,6 +317,7 @@ class Ledger:
                 )
         for block in blocks:
             assert block.retainers is not None
+            self.changes.blocks.add(block.offset)
             count = block.retainers[session_id] - 1
             if count:
                 block.retainers[session_id] = count
@@ -390,6 +418,7 @@ class Ledger:
         self._assign(session, block, handle.size, handle.generation, 0, now)
 
     def _own(self, block: Block, owner: Owner) -> None:
+        self.changes.blocks.add(block.offset)
         owner.blocks[block.offset] = block
         owner.bytes += block.carved
         self.owned_bytes += block.carved
@@ -397,6 +426,7 @@ class Ledger:
         block.owner = owner.name
 
     def _unown(self, block: Block, owner: Owner) -> None:
+        self.changes.blocks.add(block.offset)
         del owner.blocks[block.offset]
         owner.bytes -= block.carved
         self.owned_bytes -= block.carved
@@ -414,6 +444,7 @@ class Ledger:
             return
         session = self.sessions.get(block.cache_session) if block.cache_session else None
         if session is None:
+            self.changes.blocks.add(block.offset)
             del self.blocks[block.offset]
             self.space.free(block.offset)
             return
@@ -421,6 +452,7 @@ class Ledger:
         self._cache_in(session, block)
         if notify:
             session.notices += (block.offset, block.generation)
+            self.changes.sessions.add(session.id)
 
     # -- client caches -------------------------------------------------------
 
@@ -509,11 +541,14 @@ class Ledger:
             return ids.index(name)
         except ValueError:
             ids.append(name)
+            self.changes.owner_ids.append((session_id, len(ids) - 1, name))
             return len(ids) - 1
 
     def take_notices(self, session_id: int) -> list[int]:
         session = self.sessions[session_id]
         notices, session.notices = session.notices, []
+        if notices:
+            self.changes.sessions.add(session_id)
         return notices
 
     def apply_events(self, session_id: int, events: list[tuple[int, ...]], now: float) -> list[str]:
@@ -605,11 +640,13 @@ class Ledger:
         self.space.free(block.offset)
 
     def _cache_in(self, session: Session, block: Block) -> None:
+        self.changes.blocks.add(block.offset)
         block.cached = True
         session.cached.add(block.offset)
         session.cached_bytes += block.carved
 
     def _cache_out(self, session: Session, block: Block) -> None:
+        self.changes.blocks.add(block.offset)
         block.cached = False
         session.cached.discard(block.offset)
         session.cached_bytes -= block.carved

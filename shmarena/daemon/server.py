@@ -38,9 +38,11 @@ from shmarena.config import (
     socket_path,
 )
 from shmarena.daemon.service import ArenaInfo, Service
+from shmarena.daemon.store import DEFAULT_COMPACT_BYTES, Store, new_epoch
 from shmarena.errors import DaemonStartError
 from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, MAX_FRAMES
 from shmarena.shm.arena import Arena, shm_path
+from shmarena.shm.journal import CrashPoints
 
 # Messages handled per wake-up of the loop before pidfds and timers get a turn.
 MESSAGES_PER_WAKE = 32
@@ -83,12 +85,20 @@ def open_fds() -> int:
 class DaemonOptions:
     name: str
     run_dir: str
-    size_bytes: int = DEFAULT_SIZE_BYTES
+    size_bytes: int | None = DEFAULT_SIZE_BYTES  # None: a backing file's own size
     min_block_bytes: int = DEFAULT_MIN_BLOCK_BYTES
     lease_s: float = DEFAULT_LEASE_S
     allocator: str = "extents"
     # --group: the group whose members may use the daemon (name or gid), or None
     group: str | None = None
+    # --backing: the arena lives in this file and survives restarts; with
+    # --durability none|batch|sync and --grace seconds for recovered sessions.
+    backing: str | None = None
+    durability: str = "batch"
+    grace_s: float = 15.0
+    compact_bytes: int = DEFAULT_COMPACT_BYTES
+    # Tests: SIGKILL the daemon at a named point of the persistence path.
+    debug_crash_at: str | None = None
     # Fault injection for tests: drop this fraction of replies (never late
     # errors), and hold each reply back by up to this many milliseconds.
     debug_drop_replies: float = 0.0
@@ -156,6 +166,8 @@ class Server:
         self.shm_name = shm_name(options.name)
         self.lock_fd: int | None = None
         self.arena: Arena | None = None
+        self.store: Store | None = None
+        self.crash = CrashPoints(options.debug_crash_at)
         self.context: zmq.Context[Any] | None = None
         self.router: zmq.Socket[Any] | None = None
         self.service: Service | None = None
@@ -176,6 +188,7 @@ class Server:
         self.refusing_path = self.socket_path + ".refusing"
         self.monitor: zmq.Socket[Any] | None = None
         self._held: list[tuple[float, int, bytes, bytes]] = []  # delayed replies (debug)
+        self._served = False  # the table was written at start: a clean stop may write it
 
     # -- start -------------------------------------------------------------
 
@@ -202,22 +215,40 @@ class Server:
             os.unlink(self.socket_path)
             self.log(f"removed stale socket {self.socket_path}")
         started_at = time.time()
-        self.arena = Arena.create(self.shm_name, opts.size_bytes, gid=self.gid)
-        epoch = secrets.randbits(52) | 1
+        state = None
+        if opts.backing is not None:
+            self.store, state = Store.open(
+                opts.backing, opts.size_bytes, opts.min_block_bytes, opts.allocator,
+                opts.name, opts.durability, self.gid, self.crash, opts.compact_bytes, self.log,
+            )  # fmt: skip
+            header = self.store.backing.header
+            size_bytes, min_block = header.data_bytes, header.min_block_bytes
+            epoch = state.epoch
+        else:
+            assert opts.size_bytes is not None
+            self.arena = Arena.create(self.shm_name, opts.size_bytes, gid=self.gid)
+            size_bytes, min_block, epoch = opts.size_bytes, opts.min_block_bytes, new_epoch()
+        store = self.store
         info = ArenaInfo(
             name=opts.name,
             epoch=epoch,
-            size_bytes=opts.size_bytes,
-            min_block_bytes=opts.min_block_bytes,
-            shm_name=self.shm_name,
+            size_bytes=size_bytes,
+            min_block_bytes=min_block,
+            shm_name=self.shm_name if store is None else "",
             pid=os.getpid(),
             started_at=started_at,
             socket_path=self.socket_path,
             lease_s=opts.lease_s,
             allocator=opts.allocator,
             version=__version__,
+            backing=os.path.abspath(opts.backing) if opts.backing else "",
+            data_offset=store.backing.header.data_offset if store else 0,
+            durability=opts.durability if store else "",
+            grace_s=opts.grace_s,
         )
         self.service = Service(info, watch=self._watch, new_token=lambda: secrets.randbits(63))
+        if store is not None and state is not None:
+            self._recover(store, state, started_at)
         self.context = zmq.Context()
         router = self.context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
@@ -229,6 +260,49 @@ class Server:
         self.poller.register(router, zmq.POLLIN)
         self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.poller.register(self.monitor, zmq.POLLIN)
+
+    def _recover(self, store: Store, state: Any, now: float) -> None:
+        """Load the table into the service; reclaim sessions whose process is
+        gone; watch the others while they have `grace_s` to come back."""
+        assert self.service is not None
+        service = self.service
+        ledger, links = store.build(state, self.options.name, self.options.allocator, now)
+        service.adopt(ledger, links, now)
+        for note in store.recovered.notes:
+            self.log(note)
+        if store.recovered.reset:
+            self.log(store.recovered.reset)
+        for session_id, session in list(ledger.sessions.items()):
+            if process_start_ticks(session.pid) != session.start_ticks:
+                freed = service.reclaim(session_id, "exited", now)
+                self.log(
+                    f"recovered session {session_id} (pid {session.pid}) has exited: "
+                    f"reclaimed {freed.blocks} blocks, {format_size(freed.bytes)}"
+                )
+                continue
+            session.watched = self._watch(session_id, session.pid, session.start_ticks)
+        store.begin(service, self.options.backing or "")
+        self._served = True
+        ledger.take_changes()
+        service.extra_stats = store.stats
+        self.log(store.describe())
+
+    def _commit(self) -> None:
+        """Make this wake-up's changes durable (a file-backed arena), or
+        forget them (a shm arena keeps no table)."""
+        assert self.service is not None
+        if self.store is None:
+            self.service.ledger.take_changes()
+            return
+        try:
+            self.store.commit(self.service)
+        except OSError:
+            self.log(
+                f"{self.store.failed}; the daemon stops without answering the requests that "
+                "depend on it. Free space or fix the file system and start it again: the "
+                "table recovers to the last acknowledged change"
+            )
+            raise
 
     def _take_lock(self) -> None:
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -323,18 +397,24 @@ class Server:
         next_expire = time.monotonic()
         opts = self.options
         debugging = opts.debug_drop_replies > 0 or opts.debug_delay_ms > 0
+        # With a durable table, replies wait until what they acknowledge is
+        # written: per wake-up (batch) or per request (sync).
+        durable = self.store is not None and opts.durability != "none"
+        each = self.store is not None and opts.durability == "sync"
+        outbox: list[tuple[bytes, bytes]] = []
         if debugging:
             self.log(
                 f"DEBUG: dropping {opts.debug_drop_replies:.0%} of replies, delaying each "
                 f"by up to {opts.debug_delay_ms:g} ms (fault injection; never in production)"
             )
+        info = service.info
+        where = info.backing or shm_path(self.shm_name)
         self.log(
             f"shmarena daemon {opts.name!r} (pid {os.getpid()}) serving "
-            f"{format_size(opts.size_bytes)} at {shm_path(self.shm_name)}, "
-            f"socket {self.socket_path}"
+            f"{format_size(info.size_bytes)} at {where}, socket {self.socket_path}"
         )
         while self._stop_signal is None and not service.stopping:
-            wait_ms = tick_ms
+            wait_ms = tick_ms if not service.recovering else min(tick_ms, 50)
             if self._held:
                 self._send_held()
                 if self._held:
@@ -362,7 +442,12 @@ class Server:
                     now = time.time()
                     for payload in payloads:
                         reply = service.handle(peer, payload, now)
+                        if each:
+                            self._commit()
                         if not reply:  # a one-way request that succeeded gets none
+                            continue
+                        if durable:
+                            outbox.append((peer, reply))
                             continue
                         if debugging:
                             self._debug_send(peer, reply)
@@ -376,6 +461,17 @@ class Server:
                         self._sync_watches()
                     if service.stopping:
                         break
+                self._commit()
+                for peer, reply in outbox:
+                    if debugging:
+                        self._debug_send(peer, reply)
+                        continue
+                    try:
+                        send(peer, SNDMORE)
+                        send(reply)
+                    except zmq.ZMQError as error:
+                        self.log(f"reply to a client dropped: {error}")
+                outbox.clear()
             for fd in [fd for fd in events if isinstance(fd, int) and fd in self.pidfds]:
                 session_id = self.pidfds[fd]
                 self._unwatch(session_id)
@@ -386,19 +482,47 @@ class Server:
                 )
                 if not self.listening:
                     self._check_fds()
+                self._commit()
             if self.monitor is not None and self.monitor in events:
                 while self.monitor.poll(0):
                     self.monitor.recv_multipart()
                 self._check_fds()
             if self._wake_r in events:
                 self._drain_wake()
+            if service.recovering:
+                self._probe_recovering()
             if time.monotonic() >= next_expire:
                 next_expire = time.monotonic() + tick_ms / 1000
                 for session_id in service.expire(time.time()):
                     self._unwatch(session_id)
-                    self.log(f"client session {session_id} lease expired: reclaimed")
+                    self.log(f"client session {session_id} expired: reclaimed")
+                self._commit()
         why = signal.Signals(self._stop_signal).name if self._stop_signal else "shutdown request"
         self.log(f"shmarena daemon {opts.name!r} stopping ({why})")
+
+    def _probe_recovering(self) -> None:
+        """Is the client of a recovered session back? Its socket reconnects by
+        itself with the same routing id; a send that the router accepts for
+        that id (ROUTER_MANDATORY refuses ids with no connection) says so. The
+        message tells the client which of its requests the daemon has, so it
+        sends any lost ones again before its next one."""
+        assert self.router is not None and self.service is not None
+        router, service = self.router, self.service
+        now = time.time()
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        try:
+            for session_id in list(service.recovering):
+                peer = service.session_peer.get(session_id)
+                if not peer:
+                    continue
+                try:
+                    router.send_multipart([peer, service.resend_note(session_id)], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    continue  # not connected (yet)
+                service.connected(peer, now)
+                self.log(f"recovered session {session_id} resumed: its client is back")
+        finally:
+            router.setsockopt(zmq.ROUTER_MANDATORY, 0)
 
     def _debug_send(self, peer: bytes, reply: bytes) -> None:
         """Send a reply the way --debug-drop-replies/--debug-delay-ms say:
@@ -462,6 +586,13 @@ class Server:
             self.context = None
         for session_id in list(self.session_fds):
             self._unwatch(session_id)
+        if self.store is not None:
+            remove(self.socket_path)
+            try:
+                self.store.close(self.service if self.service and self._served else None)
+            except OSError as exc:
+                self.log(f"final snapshot of the allocation table failed: {exc}")
+            self.store = None
         if self.arena is not None:
             remove(self.socket_path)
             self.arena.close(unlink=True)

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from shmarena.daemon.ledger import DETACHED, Block, Freed, Ledger
+from shmarena.daemon.table import Link
 from shmarena.errors import (
     InvalidRequest,
     ProtocolError,
+    Resend,
     SessionLost,
     ShmArenaError,
     StaleHandle,
@@ -36,6 +38,7 @@ from shmarena.protocol import (
     ONE_WAY_OPS,
     PROTOCOL_VERSION,
     REPLY_CACHE_ENTRIES,
+    SEQUENCED_OPS,
     Handle,
     Op,
     Request,
@@ -79,6 +82,19 @@ class ArenaInfo:
     lease_s: float = 10.0
     version: str = ""
     allocator: str = "extents"
+    # A file-backed arena: the file, where the arena starts in it, and how
+    # changes are kept (none, batch or sync); "" for a shm arena.
+    backing: str = ""
+    data_offset: int = 0
+    durability: str = ""
+    grace_s: float = 0.0  # how long recovered sessions wait for their client
+
+    @property
+    def segment(self) -> list[Any]:
+        """How a client maps the arena: [shm name, size] or [path, size, offset]."""
+        if self.backing:
+            return [self.backing, self.size_bytes, self.data_offset]
+        return [self.shm_name, self.size_bytes]
 
 
 @dataclass
@@ -95,6 +111,7 @@ class _Counters:
     late_errors: int = 0
     sessions_opened: int = 0
     sessions_reclaimed: int = 0
+    sessions_resumed: int = 0
     reclaimed_bytes: int = 0
 
 
@@ -122,6 +139,11 @@ class Service:
         self.tokens: dict[int, int] = {}
         self._new_token = new_token or (lambda: (info.epoch * 0x9E3779B97F4A7C15) % (1 << 63))
         self.ended: OrderedDict[bytes, tuple[int, str, float]] = OrderedDict()
+        self.seen: dict[int, int] = {}  # session -> last sequenced request id applied
+        # Sessions recovered from a persistent table, until their client is
+        # back: session -> deadline (see adopt).
+        self.recovering: dict[int, float] = {}
+        self.extra_stats: Callable[[], dict[str, Any]] = dict
         self.counters = _Counters()
         self.stopping = False
         self._encode = encoder()
@@ -159,20 +181,40 @@ class Service:
             # Known before the checks, so even a malformed one-way request
             # gets its refusal as a late error, and a request with a bad
             # argument its refusal under its own id.
+            sequenced = False
             if isinstance(message, list) and message:
                 one_way = type(message[0]) is int and message[0] in ONE_WAY_OPS
+                sequenced = type(message[0]) is int and message[0] in SEQUENCED_OPS
                 if len(message) >= 2 and type(message[1]) is int:
                     request_id = message[1]
+            if session_id is not None:
+                if session_id in self.recovering:
+                    self._resumed(session_id)
+                self.ledger.sessions[session_id].last_seen = now
+                if sequenced and type(request_id) is int:
+                    # Each number once, in order: a repeat gets the reply it
+                    # got before, a skipped number is asked for again.
+                    seen = self.seen[session_id]
+                    if request_id <= seen:
+                        cached = self.replies[session_id].get(request_id)
+                        if cached is not None or one_way:
+                            return cached or b""
+                        raise ProtocolError(
+                            f"request {request_id} was applied already and its reply is "
+                            "no longer kept; nothing was done",
+                            request_id=request_id,
+                        )
+                    if request_id != seen + 1:
+                        raise Resend(
+                            f"requests {seen + 1}..{request_id - 1} of this session never "
+                            "reached the daemon (was it restarted?); send them again",
+                            seen=seen,
+                        )
+                    self.seen[session_id] = request_id
+                    self.ledger.changes.sessions.add(session_id)
             request = parse_request(message)
             request_id = request.request_id
             keep = request.op in MUTATING_OPS
-            if session_id is not None and keep:
-                cache = self.replies[session_id]
-                cached = cache.get(request_id)
-                if cached is not None:
-                    return cached
-            if session_id is not None:
-                self.ledger.sessions[session_id].last_seen = now
             if request.op is Op.HELLO:
                 reply = self._hello(peer, request, now)
                 session_id = self.peers[peer]
@@ -189,6 +231,8 @@ class Service:
                 request_id,
                 ShmArenaError(f"internal error in the daemon: {type(error).__name__}: {error}"),
             )
+        if reply and reply[0] != 0 and reply[2] == Resend.code:
+            keep = False  # it was not applied: the repeat must be
         if one_way:
             if not reply:
                 return b""
@@ -232,6 +276,7 @@ class Service:
             self.session_peer[session_id] = peer
             self.replies[session_id] = OrderedDict()
             self.tokens[session_id] = self._new_token()
+            self.seen[session_id] = 0
             self.counters.sessions_opened += 1
             session.watched = bool(self.watch(session_id, pid, start_ticks))
         session = self.ledger.sessions[session_id]
@@ -244,7 +289,7 @@ class Service:
                 "epoch": info.epoch,
                 "size_bytes": info.size_bytes,
                 "min_block_bytes": info.min_block_bytes,
-                "segments": [[info.shm_name, info.size_bytes]],
+                "segments": [info.segment],
                 "pid": info.pid,
                 "protocol": PROTOCOL_VERSION,
                 "watched": session.watched,
@@ -276,7 +321,65 @@ class Service:
         self.peers[peer] = session_id
         self.session_peer[session_id] = peer
         self.ended.pop(peer, None)
+        self.ledger.changes.sessions.add(session_id)  # its new peer is kept
+        if session_id in self.recovering:
+            self._resumed(session_id)
         return session_id
+
+    # -- sessions recovered after a restart --------------------------------
+
+    def link(self, session_id: int) -> Link:
+        """What a persistent table keeps of a session beyond the ledger."""
+        replies = self.replies.get(session_id)
+        last = next(reversed(replies.items())) if replies else None
+        return Link(
+            self.tokens.get(session_id, 0),
+            self.session_peer.get(session_id, b""),
+            self.seen.get(session_id, 0),
+            last,
+        )
+
+    def links(self) -> dict[int, Link]:
+        return {sid: self.link(sid) for sid in self.ledger.sessions}
+
+    def adopt(self, ledger: Ledger, links: dict[int, Link], now: float) -> None:
+        """Take over a ledger recovered from a persistent table. Its sessions
+        wait `info.grace_s` for their clients: a client whose socket comes
+        back (same routing id), or that says hello with the session's token,
+        resumes it; `expire` reclaims the others."""
+        self.ledger = ledger
+        for session_id, link in links.items():
+            if link.peer:
+                self.peers[link.peer] = session_id
+                self.session_peer[session_id] = link.peer
+            self.tokens[session_id] = link.token
+            self.seen[session_id] = link.seen
+            self.replies[session_id] = OrderedDict([link.reply] if link.reply else [])
+            self.recovering[session_id] = now + self.info.grace_s
+
+    def connected(self, peer: bytes, now: float) -> None:
+        """A client socket (re)connected: a recovered session is back."""
+        session_id = self.peers.get(peer)
+        if session_id is not None and session_id in self.recovering:
+            self._resumed(session_id)
+            self.ledger.sessions[session_id].last_seen = now
+
+    def resend_note(self, session_id: int) -> bytes:
+        """A message for a recovered session's client: the last of its
+        requests this daemon has applied (it sends the later ones again)."""
+        seen = self.seen.get(session_id, 0)
+        error = Resend(
+            f"daemon {self.info.name!r} was restarted; it has this session's requests "
+            f"up to {seen}",
+            seen=seen,
+        )
+        reply = error_reply(0, error)
+        reply[0] = LATE_ERR
+        return self._encode(reply)
+
+    def _resumed(self, session_id: int) -> None:
+        del self.recovering[session_id]
+        self.counters.sessions_resumed += 1
 
     def _no_session(self, peer: bytes, request: Request, now: float) -> SessionLost:
         """The error for a request from a socket without a session."""
@@ -290,6 +393,8 @@ class Service:
                 "heartbeat came; was the process stopped?)",
                 "ended": "it ended (bye)",
                 "moved": "its process reconnected it from another socket",
+                "not_resumed": "the daemon was restarted and the client did not come back "
+                f"within the grace period of {info.grace_s:g} s",
             }.get(reason, reason)
             return SessionLost(
                 f"{op}: session {session_id} of daemon {info.name!r} is gone: {why}, "
@@ -321,17 +426,24 @@ class Service:
                 self.ended.popitem(last=False)
         self.replies.pop(session_id, None)
         self.tokens.pop(session_id, None)
+        self.seen.pop(session_id, None)
+        self.recovering.pop(session_id, None)
         return freed
 
     def expire(self, now: float) -> list[int]:
         """End the unwatched sessions silent for longer than the lease."""
         limit = now - self.info.lease_s
         ended = [
-            s.id for s in self.ledger.sessions.values() if not s.watched and s.last_seen < limit
+            s.id
+            for s in self.ledger.sessions.values()
+            if not s.watched and s.last_seen < limit and s.id not in self.recovering
         ]
         for session_id in ended:
             self.reclaim(session_id, "lease_expired", now)
-        return ended
+        late = [sid for sid, deadline in self.recovering.items() if deadline <= now]
+        for session_id in late:
+            self.reclaim(session_id, "not_resumed", now)
+        return ended + late
 
     def reclaim(self, session_id: int, reason: str = "exited", now: float = 0.0) -> Freed:
         """End a session whose process is gone, counting what came back."""
@@ -467,7 +579,9 @@ class Service:
             },
             "generation": ledger.generation,
             "lease_s": info.lease_s,
+            "recovering_sessions": len(self.recovering),
             "counters": dict(vars(self.counters)),
+            **self.extra_stats(),
         }
 
     def _stats(self, session_id: int, request: Request, now: float) -> list[Any]:

@@ -54,6 +54,22 @@ class Buddy(Space):
                 self.free_sets[order].add(start >> order)
                 start += 1 << order
 
+    def _set_free(self, gaps: list[tuple[int, int]]) -> None:
+        """Each gap as the largest naturally aligned pieces, left to right: two
+        free buddies are always adjacent, so they land in one gap, where the
+        greedy choice would have taken their parent instead."""
+        for members in self.free_sets:
+            members.clear()
+        for position, end in gaps:
+            while position < end:
+                order = min(self.max_order, (position & -position).bit_length() - 1)
+                if position == 0:
+                    order = self.max_order
+                while position + (1 << order) > end:
+                    order -= 1
+                self.free_sets[order].add(position >> order)
+                position += 1 << order
+
     # -- alloc / free ----------------------------------------------------------
 
     def alloc(self, size_bytes: int) -> int | None:

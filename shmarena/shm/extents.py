@@ -71,6 +71,15 @@ class Extents(Space):
         if not members:
             self.mask &= ~(1 << b)
 
+    def _set_free(self, gaps: list[tuple[int, int]]) -> None:
+        for members in self.bins:
+            members.clear()
+        self.mask = 0
+        self.free_start.clear()
+        self.free_end.clear()
+        for start, end in gaps:
+            self._add(start, end - start)
+
     # -- alloc / free ----------------------------------------------------------
 
     def alloc(self, size_bytes: int) -> int | None:

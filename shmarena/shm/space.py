@@ -9,7 +9,7 @@ free-space half of `check`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import pairwise
 
 
@@ -95,6 +95,45 @@ class Space:
         raise NotImplementedError
 
     def check(self) -> list[str]:
+        raise NotImplementedError
+
+    # -- restoring -----------------------------------------------------------
+
+    def restore(self, allocations: Iterable[tuple[int, int]]) -> None:
+        """Replace the whole state by exactly these (offset, carved bytes)
+        allocations, everything else free (fully coalesced). ValueError, with
+        no change, when one is misaligned, outside the arena or overlaps."""
+        table: dict[int, int] = {}
+        for offset, carved in sorted(allocations):
+            if (
+                offset < 0
+                or carved <= 0
+                or offset % self.min_block_bytes
+                or carved % self.min_block_bytes
+                or offset + carved > self.size_bytes
+            ):
+                raise ValueError(
+                    f"allocation {offset:#x} of {carved} bytes does not fit an arena of "
+                    f"{self.size_bytes} bytes in {self.min_block_bytes}-byte blocks"
+                )
+            table[offset] = carved >> self.min_shift
+        gaps: list[tuple[int, int]] = []
+        position = 0
+        for offset, units in table.items():
+            start = offset >> self.min_shift
+            if start < position:
+                raise ValueError(f"allocation {offset:#x} overlaps the one before it")
+            if start > position:
+                gaps.append((position, start))
+            position = start + units
+        if position < self.units:
+            gaps.append((position, self.units))
+        self._set_free(gaps)
+        self.live = table
+        self.used_units = sum(table.values())
+
+    def _set_free(self, gaps: list[tuple[int, int]]) -> None:
+        """Make exactly these [start, end) unit ranges the free space."""
         raise NotImplementedError
 
     # -- reading -------------------------------------------------------------

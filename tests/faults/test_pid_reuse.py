@@ -228,7 +228,7 @@ sock.recv()
 print(f"connected {os.getpid()} {ticks}", flush=True)
 sys.stdin.readline()
 sock.send(msgpack.packb([int(Op.HELLO), 1, PROTOCOL_VERSION, os.getpid(), ticks, "A-raw"]))
-sock.send(msgpack.packb([int(Op.ALLOC), 2, 65536, None, False]))
+sock.send(msgpack.packb([int(Op.ALLOC), 1, 65536, None, False]))  # state changes count from 1
 started = time.monotonic()
 sock.close(linger=5000)
 context.term()

@@ -10,7 +10,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shmarena.daemon.service import ArenaInfo, Service
-from shmarena.protocol import ERR, LATE_ERR, OK, PROTOCOL_VERSION, Op, decode, encode
+from shmarena.protocol import (
+    ERR,
+    FREE_ID_BIT,
+    LATE_ERR,
+    OK,
+    PROTOCOL_VERSION,
+    SEQUENCED_OPS,
+    Op,
+    decode,
+    encode,
+)
 
 EPOCH = 77
 MIN = 4096
@@ -28,13 +38,19 @@ class Peer:
     def __init__(self, service: Service, ident: bytes, pid: int = 1000) -> None:
         self.service = service
         self.ident = ident
-        self.rid = 0
+        self.rid = 0  # state-changing requests count 1, 2, ... per session
+        self.free_rid = FREE_ID_BIT  # the others take ids outside that sequence
         self.now = 100.0
         self.session = self.ok(Op.HELLO, PROTOCOL_VERSION, pid, 5, "t")[0]["session"]
 
     def raw(self, op: Op, *args: object) -> list:
-        self.rid += 1
-        return decode(self.service.handle(self.ident, encode([int(op), self.rid, *args]), self.now))
+        if op in SEQUENCED_OPS:
+            self.rid += 1
+            rid = self.rid
+        else:
+            self.free_rid += 1
+            rid = self.free_rid
+        return decode(self.service.handle(self.ident, encode([int(op), rid, *args]), self.now))
 
     def ok(self, op: Op, *args: object) -> list:
         reply = self.raw(op, *args)
@@ -190,12 +206,35 @@ def test_wrong_protocol_version_names_both() -> None:
 def test_retried_request_is_answered_from_cache_not_executed_twice() -> None:
     service = make_service()
     peer = Peer(service, b"a")
-    frame = encode([int(Op.ALLOC), 50, MIN])
+    frame = encode([int(Op.ALLOC), 1, MIN])
     first = service.handle(b"a", frame, 0.0)
     second = service.handle(b"a", frame, 0.0)
-    assert first == second
+    assert first == second and decode(first)[0] == OK
     assert used(service) == MIN
     assert peer.session
+
+
+def test_requests_apply_in_sequence_a_gap_is_asked_for_and_repeats_skip() -> None:
+    service = make_service()
+    peer = Peer(service, b"a")
+    alloc = encode([int(Op.ALLOC), 1, MIN])
+    assert decode(service.handle(b"a", alloc, 0.0))[0] == OK
+    # Number 3 before 2: not applied, the reply says what the daemon has.
+    late = decode(service.handle(b"a", encode([int(Op.ALLOC), 3, MIN]), 0.0))
+    assert late[2] == "resend" and late[4] == {"seen": 1}
+    assert used(service) == MIN
+    # A one-way request with a gap gets the same as a late error.
+    gap_post = decode(service.handle(b"a", encode([int(Op.POST), 4, []]), 0.0))
+    assert gap_post[0] == LATE_ERR and gap_post[2] == "resend"
+    # 2 then 3 again: both applied, once each; repeats are answered, not run.
+    assert decode(service.handle(b"a", encode([int(Op.ALLOC), 2, MIN]), 0.0))[0] == OK
+    assert decode(service.handle(b"a", encode([int(Op.ALLOC), 3, MIN]), 0.0))[0] == OK
+    assert service.handle(b"a", encode([int(Op.POST), 4, []]), 0.0) == b""
+    assert service.handle(b"a", encode([int(Op.POST), 4, []]), 0.0) == b""
+    assert decode(service.handle(b"a", encode([int(Op.ALLOC), 3, MIN]), 0.0))[0] == OK
+    assert used(service) == 3 * MIN
+    assert service.seen[peer.session] == 4
+    assert service.check() == []
 
 
 def test_unwatched_session_expires_after_lease() -> None:
@@ -220,12 +259,14 @@ def test_hello_resumes_a_living_session_from_a_new_socket_only_with_its_token() 
     for pid, wrong in ((1234, token + 1), (999, token)):
         intruder = Peer.__new__(Peer)
         intruder.service, intruder.ident, intruder.rid, intruder.now = service, b"i", 0, 1.0
+        intruder.free_rid = FREE_ID_BIT
         (info,) = intruder.ok(Op.HELLO, PROTOCOL_VERSION, pid, 5, "t", [peer.session, wrong])
         assert not info["resumed"] and info["session"] != peer.session
         service.end_session(info["session"])
     # The right token from a new socket: the same session, its reply cache included.
     again = Peer.__new__(Peer)
     again.service, again.ident, again.rid, again.now = service, b"b", peer.rid, 1.0
+    again.free_rid = FREE_ID_BIT
     (info,) = again.ok(Op.HELLO, PROTOCOL_VERSION, 1234, 5, "t", [peer.session, token])
     assert info["resumed"] and info["session"] == peer.session
     assert again.ok(Op.FREE, [handle]) == [[1, MIN]]

@@ -1,0 +1,338 @@
+"""Keeping a file-backed arena's table on disk: recovery at start, a commit
+per group of changes, compaction, the final snapshot. I/O; the server calls
+it, `table` says what the records mean.
+
+Durability (`--durability`):
+- ``batch`` (default): the changes of one loop wake-up (up to
+  MESSAGES_PER_WAKE messages) go out as one journal frame and one
+  `fdatasync`, before any reply of that wake-up is sent;
+- ``sync``: the same per request: each reply waits for its own frame;
+- ``none``: nothing is written while serving, only a snapshot at a clean
+  stop. After a crash the table is unknown: the next start begins empty, with
+  a new epoch, and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shmarena.config import format_size
+from shmarena.daemon.ledger import Ledger
+from shmarena.daemon.service import ALLOCATORS, Service
+from shmarena.daemon.table import OPEN, Link, State, build, delta, snapshot
+from shmarena.daemon.table import inspect as table_inspect
+from shmarena.errors import DaemonStartError
+from shmarena.shm.backing import Backing, discard, mount_of, open_backing, publish, table_path
+from shmarena.shm.journal import CrashPoints, Journal, scan
+
+DURABILITY = ("none", "batch", "sync")
+DEFAULT_COMPACT_BYTES = 8 << 20  # journal size past which it is rewritten
+
+
+def new_epoch() -> int:
+    return secrets.randbits(52) | 1
+
+
+@dataclass
+class Recovered:
+    """What a start found in the files, for the log and `stats`."""
+
+    created: bool = False
+    reset: str = ""  # why the table was started afresh, or ""
+    blocks: int = 0
+    owners: int = 0
+    sessions: int = 0
+    torn_bytes: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class Store:
+    def __init__(
+        self,
+        backing: Backing,
+        journal: Journal,
+        mode: str,
+        compact_bytes: int,
+        log: Callable[[str], None],
+    ) -> None:
+        self.backing = backing
+        self.journal = journal
+        self.mode = mode
+        self.compact_bytes = compact_bytes
+        self.log = log
+        self.failed = ""  # why writing failed; nothing more is written then
+        self.recovered = Recovered()
+        self.mount, self.fstype, self.dax = mount_of(backing.path)
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        size_bytes: int | None,
+        min_block_bytes: int,
+        allocator: str,
+        name: str,
+        mode: str,
+        gid: int | None,
+        crash: CrashPoints,
+        compact_bytes: int,
+        log: Callable[[str], None],
+    ) -> tuple[Store, State]:
+        """Open (or make) the backing file and read its table. DaemonStartError,
+        with both files untouched, when they cannot be used."""
+        if mode not in DURABILITY:
+            raise DaemonStartError(
+                f"--durability {mode!r}: must be one of {', '.join(DURABILITY)}"
+            )
+        backing = open_backing(path, size_bytes, min_block_bytes, allocator, name, gid)
+        journal = Journal(
+            table_path(backing.path), backing.header.identity, mode != "none", crash
+        )
+        store = cls(backing, journal, mode, compact_bytes, log)
+        try:
+            state = store._read()
+        except BaseException:
+            discard(backing)
+            raise
+        return store, state
+
+    def _read(self) -> State:
+        started = time.monotonic()
+        found = self.recovered
+        if self.backing.created:
+            found.created = True
+            return State(epoch=new_epoch(), valid=True)
+        path = table_path(self.backing.path)
+        result = scan(path)
+        if result.identity != self.backing.header.identity:
+            raise DaemonStartError(
+                f"allocation table {path} belongs to another arena than "
+                f"{self.backing.path} (identity differs); both were left untouched"
+            )
+        state = State()
+        try:
+            for record in result.records:
+                state.apply(record)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DaemonStartError(
+                f"allocation table {path} is damaged ({exc}); both files were left "
+                f"untouched; `shmarena inspect {self.backing.path}` shows more"
+            ) from None
+        found.torn_bytes = result.torn_bytes
+        if result.torn_bytes:
+            found.notes.append(
+                f"dropped a torn journal tail of {result.torn_bytes} bytes "
+                f"({result.problem}): a write a crash cut short, never acknowledged"
+            )
+        if not state.valid:
+            found.reset = (
+                "the last daemon ran with --durability none and did not stop cleanly, so "
+                "its allocations were not kept; the arena starts empty with a new epoch "
+                "(handles from before are refused)"
+            )
+            state = State(epoch=new_epoch(), generation=state.generation, valid=True)
+        found.seconds = time.monotonic() - started
+        return state
+
+    def build(self, state: State, name: str, allocator: str, now: float) -> tuple[Ledger, dict[int, Link]]:
+        """The ledger the table describes, checked; DaemonStartError if it is inconsistent."""
+        header = self.backing.header
+        space = ALLOCATORS[allocator](header.data_bytes, header.min_block_bytes)
+        try:
+            ledger, links = build(state, name, space, now)
+        except (ValueError, TypeError, KeyError) as exc:
+            problems = [str(exc)]
+        else:
+            problems = ledger.check()
+        if problems:
+            raise DaemonStartError(
+                f"the allocation table of {self.backing.path} is inconsistent: "
+                f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                + f"; both files were left untouched; `shmarena inspect {self.backing.path}` "
+                "lists every problem"
+            )
+        found = self.recovered
+        found.blocks, found.owners, found.sessions = (
+            len(ledger.blocks), len(ledger.owners), len(ledger.sessions),
+        )  # fmt: skip
+        return ledger, links
+
+    def begin(self, service: Service, final_path: str) -> None:
+        """Write the table as it stands now (dropping any torn tail) and, for
+        a new file, move it to its name. Then the daemon may serve."""
+        try:
+            self.journal.rewrite(self._snapshot(service, clean=False))
+            if self.backing.created:
+                publish(self.backing, os.path.abspath(final_path))
+                self.journal.path = table_path(self.backing.path)
+            if self.mode == "none":
+                self.journal.append({"k": OPEN, "mode": "none"})
+        except BaseException:
+            discard(self.backing)
+            raise
+
+    def _snapshot(self, service: Service, clean: bool) -> dict[str, Any]:
+        return snapshot(service.ledger, service.links(), {"clean": clean, "mode": self.mode})
+
+    def commit(self, service: Service) -> None:
+        """Write what changed since the last commit (nothing in mode none).
+        An error here is fatal to the daemon: the caller stops it."""
+        changes = service.ledger.take_changes()
+        if not changes or self.mode == "none" or self.failed:
+            return
+        try:
+            self.journal.append(delta(service.ledger, service.link, changes))
+            journal = self.journal
+            if journal.bytes > self.compact_bytes and journal.bytes > 4 * journal.snapshot_bytes:
+                journal.rewrite(self._snapshot(service, clean=False))
+        except OSError as exc:
+            self.failed = (
+                f"writing the allocation table {self.journal.path} failed: {exc.strerror}"
+            )
+            raise
+
+    def close(self, service: Service | None) -> None:
+        """A clean stop: the final snapshot (in every mode), then close."""
+        try:
+            if service is not None and not self.failed:
+                self.journal.rewrite(self._snapshot(service, clean=True))
+        finally:
+            self.journal.close()
+            self.backing.close()
+
+    def stats(self) -> dict[str, Any]:
+        found, journal = self.recovered, self.journal
+        return {
+            "backing": self.backing.path,
+            "backing_fs": self.fstype,
+            "backing_mount": self.mount,
+            "dax": self.dax,
+            "durability": self.mode,
+            "journal_bytes": journal.bytes,
+            "journal_commits": journal.appends,
+            "journal_syncs": journal.syncs,
+            "recovered": {
+                "created": found.created,
+                "reset": found.reset,
+                "blocks": found.blocks,
+                "owners": found.owners,
+                "sessions": found.sessions,
+                "torn_bytes": found.torn_bytes,
+                "seconds": round(found.seconds, 4),
+            },
+        }
+
+    def describe(self) -> str:
+        header = self.backing.header
+        found = self.recovered
+        where = f"{self.backing.path} ({self.fstype}{', DAX' if self.dax else ''})"
+        if found.created:
+            what = f"made a new {format_size(header.data_bytes)} arena in {where}"
+        else:
+            what = (
+                f"recovered {where}: {found.blocks} blocks, {found.owners} owners, "
+                f"{found.sessions} sessions waiting to resume, in {found.seconds * 1000:.1f} ms"
+            )
+        return f"{what}; durability {self.mode}"
+
+
+def inspect_file(path: str) -> tuple[dict[str, Any], list[str]]:
+    """Read a backing file and its table without a daemon (and without
+    changing either): a report, and every inconsistency found (empty when
+    the table is sound). A file that cannot be read at all is a problem too."""
+    from shmarena.shm.backing import read_header
+
+    report: dict[str, Any] = {"path": os.path.abspath(path), "notes": []}
+    try:
+        header = read_header(path)
+    except DaemonStartError as exc:
+        return report, [str(exc)]
+    report["header"] = {
+        "format": header.format,
+        "data_offset": header.data_offset,
+        "size_bytes": header.data_bytes,
+        "min_block_bytes": header.min_block_bytes,
+        "allocator": header.allocator,
+        "identity": header.identity.hex(),
+        "created_at": header.created_at,
+        "name": header.name,
+    }
+    try:
+        result = scan(table_path(path))
+    except DaemonStartError as exc:
+        return report, [str(exc)]
+    if result.identity != header.identity:
+        return report, [f"table {table_path(path)} belongs to another arena (identity differs)"]
+    state = State()
+    try:
+        for record in result.records:
+            state.apply(record)
+    except (ValueError, KeyError, TypeError) as exc:
+        return report, [f"table record {state.records} is damaged: {exc}"]
+    report.update(
+        epoch=state.epoch,
+        generation=state.generation,
+        records=state.records,
+        journal_bytes=result.good_bytes,
+        torn_bytes=result.torn_bytes,
+        clean=state.clean,
+        durability=state.mode,
+    )
+    if result.torn_bytes:
+        report["notes"].append(
+            f"torn tail of {result.torn_bytes} bytes ({result.problem}): a write a crash cut "
+            "short, never acknowledged; a daemon drops it at start"
+        )
+    if not state.valid:
+        report["notes"].append(
+            "the table was not kept: the last daemon ran with --durability none and did not "
+            "stop cleanly; a daemon starts this arena empty with a new epoch"
+        )
+        return report, []
+    ledger, problems = table_inspect(
+        state, header.name, lambda: ALLOCATORS[header.allocator](
+            header.data_bytes, header.min_block_bytes
+        ), time.time(),
+    )  # fmt: skip
+    if ledger is not None:
+        space = ledger.space
+        report.update(
+            used_bytes=ledger.owned_bytes,
+            cached_bytes=ledger.cached_bytes,
+            free_bytes=space.free_bytes,
+            largest_free_bytes=space.largest_free_bytes(),
+            owners=[
+                {
+                    "name": o.name,
+                    "scope": o.scope,
+                    "session": o.session_id,
+                    "pid": o.pid,
+                    "blocks": len(o.blocks),
+                    "bytes": o.bytes,
+                }
+                for o in ledger.owners.values()
+            ],
+            sessions=[
+                {"session": s.id, "pid": s.pid, "label": s.label, "cached_blocks": len(s.cached)}
+                for s in ledger.sessions.values()
+            ],
+            blocks=[
+                {
+                    "offset": b.offset,
+                    "size": b.size,
+                    "carved": b.carved,
+                    "generation": b.generation,
+                    "owner": b.owner,
+                    "cached": b.cached,
+                    "retainers": sorted(b.retainers or ()),
+                }
+                for b in sorted(ledger.blocks.values(), key=lambda b: b.offset)
+            ],
+        )
+    return report, problems

@@ -1,0 +1,354 @@
+"""A file that holds an arena across daemon runs (`--backing PATH`). I/O only.
+
+Layout: one header page, then the arena's bytes (clients map the file from
+`data_offset`, so block offsets are the same as in a shm arena). The header
+is written once, when the file is made, and names the file for what it is:
+
+    magic "SHMARENA", format, header size, data offset, data size,
+    min block, allocator, identity (16 random bytes), creation time, the
+    daemon name it was made for, and a CRC-32 of all of it.
+
+Which blocks are allocated lives in the journal next to it (`PATH.table`,
+see journal.py), which repeats the identity, so a table is never read
+against another arena's bytes.
+
+A file is made under a temporary name and renamed into place only once its
+header, its full size (`posix_fallocate`) and its table are on disk: a crash
+while making one leaves no half-made arena at PATH. A file at PATH that is
+not exactly what the header says (torn, foreign, truncated, of another
+format, size or block size) is refused with `DaemonStartError` and not
+written to.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+
+from shmarena.config import format_size
+from shmarena.errors import DaemonStartError
+
+MAGIC = b"SHMARENA"
+FORMAT = 1
+HEADER_BYTES = 4096
+# magic, format, header bytes, data offset, data bytes, min block, allocator,
+# identity, created at, name; then the CRC-32 of those bytes.
+_LAYOUT = struct.Struct("<8sIIQQQ16s16sd64s")
+_CRC = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class Header:
+    data_offset: int
+    data_bytes: int
+    min_block_bytes: int
+    allocator: str
+    identity: bytes
+    created_at: float
+    name: str
+    format: int = FORMAT
+
+    def pack(self) -> bytes:
+        body = _LAYOUT.pack(
+            MAGIC,
+            self.format,
+            HEADER_BYTES,
+            self.data_offset,
+            self.data_bytes,
+            self.min_block_bytes,
+            self.allocator.encode()[:16],
+            self.identity,
+            self.created_at,
+            self.name.encode()[:64],
+        )
+        page = body + _CRC.pack(zlib.crc32(body))
+        return page + bytes(HEADER_BYTES - len(page))
+
+
+class NotAnArena(ValueError):
+    """The bytes are not a header this release can use; the message says why."""
+
+
+def parse_header(page: bytes, file_bytes: int) -> Header:
+    """The header of a backing file, or NotAnArena saying what is wrong."""
+    if len(page) < _LAYOUT.size + _CRC.size:
+        raise NotAnArena(
+            f"it is {file_bytes} bytes, too short for a shmarena header "
+            f"({HEADER_BYTES} bytes)"
+        )
+    body = page[: _LAYOUT.size]
+    fields = _LAYOUT.unpack(body)
+    magic, fmt, header_bytes, data_offset, data_bytes, min_block, alloc, ident, created, name = (
+        fields
+    )
+    if magic != MAGIC:
+        raise NotAnArena(f"it does not start with {MAGIC.decode()!r} (found {magic!r})")
+    (crc,) = _CRC.unpack_from(page, _LAYOUT.size)
+    if crc != zlib.crc32(body):
+        raise NotAnArena(
+            "its header checksum does not match (a torn or damaged header)"
+        )
+    if fmt != FORMAT:
+        raise NotAnArena(
+            f"it has format {fmt}, this shmarena reads format {FORMAT}; "
+            "use the release that made it"
+        )
+    if header_bytes != HEADER_BYTES or data_offset < HEADER_BYTES or data_offset % 4096:
+        raise NotAnArena(f"its header says data starts at {data_offset}, which is not valid")
+    if file_bytes != data_offset + data_bytes:
+        raise NotAnArena(
+            f"it is {file_bytes} bytes, its header says {data_offset + data_bytes} "
+            f"(header {data_offset} + arena {data_bytes}): truncated or extended"
+        )
+    return Header(
+        data_offset,
+        data_bytes,
+        min_block,
+        alloc.rstrip(b"\0").decode(errors="replace"),
+        ident,
+        created,
+        name.rstrip(b"\0").decode(errors="replace"),
+        fmt,
+    )
+
+
+def table_path(path: str) -> str:
+    return path + ".table"
+
+
+@dataclass
+class Backing:
+    """An open backing file, flocked by this daemon."""
+
+    path: str
+    fd: int
+    header: Header
+    created: bool  # made by this start (else found and checked)
+
+    @property
+    def segment(self) -> list[object]:
+        """How clients map it: [path, size, offset]."""
+        return [self.path, self.header.data_bytes, self.header.data_offset]
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def read_header(path: str) -> Header:
+    """The header of the file at `path` (no lock taken), or DaemonStartError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DaemonStartError(f"cannot open backing file {path}: {exc.strerror}") from None
+    try:
+        return _check(path, fd)
+    finally:
+        os.close(fd)
+
+
+def _check(path: str, fd: int) -> Header:
+    size = os.fstat(fd).st_size
+    try:
+        return parse_header(os.pread(fd, HEADER_BYTES, 0), size)
+    except NotAnArena as exc:
+        raise DaemonStartError(
+            f"backing file {path} is not a usable shmarena arena: {exc}. It was left "
+            "untouched; give another --backing path, or remove the file if it is yours "
+            "and holds nothing you need"
+        ) from None
+
+
+def open_backing(
+    path: str,
+    size_bytes: int | None,
+    min_block_bytes: int,
+    allocator: str,
+    name: str,
+    gid: int | None = None,
+) -> Backing:
+    """Open the backing file at `path`, making it (with its empty table, by
+    `make_table(path, header)`) if there is none. `size_bytes` None means
+    "whatever the file has"; anything else must match a file that exists."""
+    path = os.path.abspath(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return _create(path, size_bytes, min_block_bytes, allocator, name, gid)
+    except OSError as exc:
+        raise DaemonStartError(f"cannot open backing file {path}: {exc.strerror}") from None
+    try:
+        _lock(path, fd)
+        header = _check(path, fd)
+        wanted = {
+            "--size": (size_bytes, header.data_bytes),
+            "--min-block": (min_block_bytes, header.min_block_bytes),
+            "--allocator": (allocator, header.allocator),
+        }
+        for option, (asked, found) in wanted.items():
+            if asked is not None and asked != found:
+                shown = format_size(found) if isinstance(found, int) else found
+                asked_shown = format_size(asked) if isinstance(asked, int) else asked
+                raise DaemonStartError(
+                    f"backing file {path} holds an arena with {option} {shown}, "
+                    f"the daemon was started with {option} {asked_shown}; start it with "
+                    f"{option} {shown} (or leave the option out), or use another file. "
+                    "The file was left untouched"
+                )
+    except BaseException:
+        os.close(fd)
+        raise
+    return Backing(path, fd, header, created=False)
+
+
+def _lock(path: str, fd: int) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise DaemonStartError(
+            f"backing file {path} is in use by another shmarena daemon; stop it first "
+            "(`shmarena --name NAME shutdown`) or use another file"
+        ) from None
+
+
+def _create(
+    path: str,
+    size_bytes: int | None,
+    min_block_bytes: int,
+    allocator: str,
+    name: str,
+    gid: int | None,
+) -> Backing:
+    if size_bytes is None:
+        raise DaemonStartError(
+            f"backing file {path} does not exist; give --size to make a new arena there"
+        )
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise DaemonStartError(
+            f"cannot make backing file {path}: directory {directory} does not exist"
+        )
+    header = Header(
+        HEADER_BYTES, size_bytes, min_block_bytes, allocator, uuid.uuid4().bytes,
+        time.time(), name,
+    )  # fmt: skip
+    temp = f"{path}.making-{os.getpid()}"
+    mode = 0o600 if gid is None else 0o660
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        if gid is not None:
+            os.fchown(fd, -1, gid)
+            os.fchmod(fd, mode)
+        try:
+            os.posix_fallocate(fd, 0, HEADER_BYTES + size_bytes)
+        except OSError as exc:
+            raise DaemonStartError(_no_space(path, size_bytes, exc)) from None
+        os.pwrite(fd, header.pack(), 0)
+        os.fsync(fd)
+        _lock(temp, fd)
+    except BaseException:
+        os.close(fd)
+        _unlink(temp)
+        raise
+    return Backing(temp, fd, header, created=True)
+
+
+def publish(backing: Backing, path: str) -> None:
+    """Move a just-made file (and its table) to its real name, durably."""
+    from shmarena.shm.journal import fsync_dir  # the table is named after the file
+
+    os.rename(table_path(backing.path), table_path(path))
+    os.rename(backing.path, path)
+    fsync_dir(os.path.dirname(path))
+    backing.path = path
+
+
+def discard(backing: Backing) -> None:
+    """Remove a file made by this start that never went into service."""
+    if backing.created and ".making-" in backing.path:
+        _unlink(table_path(backing.path))
+        _unlink(backing.path)
+    backing.close()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _no_space(path: str, size_bytes: int, exc: OSError) -> str:
+    directory = os.path.dirname(path)
+    try:
+        st = os.statvfs(directory)
+        free = f"{format_size(st.f_bavail * st.f_frsize)} free"
+    except OSError:
+        free = "free space unknown"
+    reason = "not enough space" if exc.errno == errno.ENOSPC else os.strerror(exc.errno or 0)
+    return (
+        f"cannot size backing file {path} to {format_size(size_bytes)}: {reason} in "
+        f"{directory} ({free}); use a smaller --size or another directory"
+    )
+
+
+def mount_of(path: str) -> tuple[str, str, bool]:
+    """(mount point, filesystem type, DAX) of the mount holding `path`, read
+    from /proc/self/mountinfo; DAX when its options say dax (or dax=always)."""
+    real = os.path.realpath(path)
+    best = ("/", "unknown", False)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return best
+    length = -1
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) < 6 or len(tail) < 3:
+            continue
+        point = fields[4].replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > length:
+            options = set(fields[5].split(",")) | set(tail[2].split(","))
+            dax = "dax" in options or "dax=always" in options
+            best, length = (point, tail[0], dax), len(point)
+    return best
+
+
+def map_file(path: str, size_bytes: int, offset: int, populate: bool = False) -> object:
+    """Map a backing file's arena (for clients), like `arena.map_segment`."""
+    import mmap
+
+    from shmarena.errors import ShmArenaError
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ShmArenaError(f"backing file {path} does not exist; is the daemon running?") from None
+    except PermissionError:
+        st = os.stat(path)
+        raise ShmArenaError(
+            f"permission denied mapping {path} (mode {oct(st.st_mode & 0o777)}, owned by uid "
+            f"{st.st_uid}, this process runs as uid {os.getuid()}); run as the daemon's user, "
+            "or start the daemon with --group"
+        ) from None
+    try:
+        actual = os.fstat(fd).st_size
+        if actual < offset + size_bytes:
+            raise ShmArenaError(
+                f"backing file {path} is {actual} bytes, the daemon said {offset + size_bytes}"
+            )
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        return mmap.mmap(fd, size_bytes, flags, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+    finally:
+        os.close(fd)

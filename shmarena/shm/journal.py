@@ -1,0 +1,239 @@
+"""The persistent allocation table of a file-backed arena: an append-only
+journal of checksummed records next to the arena file (`PATH.table`). I/O only;
+what the records say is `shmarena.daemon.table`'s business.
+
+A journal file is a sequence of frames, each ``"SHJR" | length u32 | crc32
+u32 | msgpack payload``. The first frame names the arena (format, identity);
+the second is a snapshot of the whole table; every later one a delta of
+what changed since. `append` adds one frame with one `write` and, unless
+durability is ``none``, an `fdatasync` before the caller sends any reply
+that depends on it.
+
+A crash can tear only the frame being appended: reading stops at the first
+frame whose length runs past the end or whose checksum is wrong, and reports
+the bytes after it as a torn tail (never acknowledged, so never needed).
+Compaction writes a fresh journal (header + snapshot) under a temporary
+name, syncs it, and renames it over the old one: either file alone is a
+complete table, so a crash at any moment leaves one of them in place.
+
+Crash points (`--debug-crash-at POINT[#N]`) kill the daemon with SIGKILL at
+the Nth time it reaches POINT, for tests of exactly these claims.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from shmarena.errors import DaemonStartError
+
+FRAME_MAGIC = b"SHJR"
+_FRAME = struct.Struct("<4sII")
+TABLE_FORMAT = 1
+MAX_RECORD_BYTES = 1 << 30
+
+CRASH_POINTS = (
+    "commit.before_write",  # changes made in memory, nothing written
+    "commit.mid_write",  # half of the frame written
+    "commit.after_write",  # frame written, not yet synced
+    "commit.after_sync",  # synced, replies not yet sent
+    "snapshot.mid_write",  # half of the new journal written
+    "snapshot.before_rename",  # new journal complete and synced, old one still in place
+    "snapshot.after_rename",  # new journal in place, directory not yet synced
+)
+
+
+def fsync_dir(directory: str) -> None:
+    fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CrashPoints:
+    """Kill this process at the Nth arrival at a named point (tests only)."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.point, self.count = "", 0
+        if spec:
+            point, _, nth = spec.partition("#")
+            if point not in CRASH_POINTS or (nth and not nth.isdigit()):
+                raise ValueError(
+                    f"--debug-crash-at {spec!r}: not POINT[#N] with POINT one of "
+                    + ", ".join(CRASH_POINTS)
+                )
+            self.point, self.count = point, int(nth or 1)
+
+    def reach(self, point: str) -> None:
+        if point == self.point:
+            self.count -= 1
+            if self.count <= 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+def encode_frame(record: Any) -> bytes:
+    payload = msgpack.packb(record, use_bin_type=True)
+    return _FRAME.pack(FRAME_MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+@dataclass
+class Scan:
+    """What reading a journal found."""
+
+    identity: bytes
+    records: list[Any]
+    good_bytes: int  # length of the intact prefix
+    torn_bytes: int  # bytes after it (a frame a crash cut short)
+    problem: str  # why reading stopped early, or ""
+
+
+def _frames(data: bytes) -> Iterator[tuple[int, Any | None, str]]:
+    """(end offset, record, problem) per frame; record None ends the scan."""
+    position = 0
+    while position < len(data):
+        if len(data) - position < _FRAME.size:
+            yield position, None, "a frame header cut short"
+            return
+        magic, length, crc = _FRAME.unpack_from(data, position)
+        start = position + _FRAME.size
+        if magic != FRAME_MAGIC or length > MAX_RECORD_BYTES:
+            yield position, None, f"no frame at byte {position}"
+            return
+        if start + length > len(data):
+            yield position, None, f"a frame at byte {position} cut short"
+            return
+        payload = data[start : start + length]
+        if zlib.crc32(payload) != crc:
+            yield position, None, f"a frame at byte {position} with a wrong checksum"
+            return
+        try:
+            record = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        except Exception as exc:
+            yield position, None, f"a frame at byte {position} that does not decode: {exc}"
+            return
+        position = start + length
+        yield position, record, ""
+
+
+def scan(path: str) -> Scan:
+    """Read a journal file. DaemonStartError when it is missing or does not
+    even start like one; a damaged tail is reported in the result."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise DaemonStartError(
+            f"allocation table {path} is missing, so which blocks are allocated is unknown; "
+            "the arena file was left untouched. Restore the table, or remove both files to "
+            "start afresh"
+        ) from None
+    records: list[Any] = []
+    good, problem = 0, ""
+    identity = b""
+    for end, record, why in _frames(data):
+        if record is None:
+            problem = why
+            break
+        if not records:
+            if (
+                not isinstance(record, dict)
+                or record.get("k") != "head"
+                or record.get("format") != TABLE_FORMAT
+            ):
+                raise DaemonStartError(
+                    f"{path} is not a shmarena allocation table of format {TABLE_FORMAT}; "
+                    "it was left untouched"
+                )
+            identity = bytes(record.get("identity", b""))
+        records.append(record)
+        good = end
+    if not records:
+        raise DaemonStartError(
+            f"allocation table {path} is empty or unreadable ({problem or 'no frames'}); "
+            "the files were left untouched"
+        )
+    return Scan(identity, records[1:], good, len(data) - good, problem)
+
+
+class Journal:
+    """The open journal a daemon appends to."""
+
+    def __init__(self, path: str, identity: bytes, sync: bool, crash: CrashPoints) -> None:
+        self.path = path
+        self.identity = identity
+        self.sync = sync  # fdatasync after each append
+        self.crash = crash
+        self.fd = -1
+        self.bytes = 0
+        self.appends = 0
+        self.syncs = 0
+        self.snapshot_bytes = 0
+
+    def rewrite(self, snapshot: Any, directory_sync: bool = True) -> None:
+        """Start a fresh journal holding only `snapshot` (compaction)."""
+        data = encode_frame(
+            {"k": "head", "format": TABLE_FORMAT, "identity": self.identity}
+        ) + encode_frame(snapshot)
+        temp = self.path + ".new"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            st = os.fstat(self.fd) if self.fd >= 0 else None
+            if st is not None:
+                os.fchmod(fd, st.st_mode & 0o777)
+                os.fchown(fd, -1, st.st_gid)
+            half = len(data) // 2
+            _write_all(fd, data[:half])
+            self.crash.reach("snapshot.mid_write")
+            _write_all(fd, data[half:])
+            os.fsync(fd)
+            self.crash.reach("snapshot.before_rename")
+        except BaseException:
+            os.close(fd)
+            raise
+        os.rename(temp, self.path)
+        self.crash.reach("snapshot.after_rename")
+        if directory_sync:
+            fsync_dir(os.path.dirname(self.path))
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = fd
+        os.lseek(fd, 0, os.SEEK_END)
+        self.bytes = self.snapshot_bytes = len(data)
+
+    def append(self, record: Any) -> None:
+        frame = encode_frame(record)
+        self.crash.reach("commit.before_write")
+        if self.crash.point == "commit.mid_write":
+            half = len(frame) // 2
+            _write_all(self.fd, frame[:half])
+            self.crash.reach("commit.mid_write")
+            _write_all(self.fd, frame[half:])
+        else:
+            _write_all(self.fd, frame)
+        self.crash.reach("commit.after_write")
+        if self.sync:
+            os.fdatasync(self.fd)
+            self.syncs += 1
+        self.crash.reach("commit.after_sync")
+        self.bytes += len(frame)
+        self.appends += 1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
