@@ -321,11 +321,12 @@ class Daemon:
 
     serial = 0
 
-    def __init__(self, size: str, min_block: str) -> None:
+    def __init__(self, size: str, min_block: str, extra: Sequence[str] = ()) -> None:
         Daemon.serial += 1
         self.name = f"bench-{os.getpid()}-{Daemon.serial}"
         self.size = size
         self.min_block = min_block
+        self.extra = list(extra)  # more daemon options (--backing ...)
         self.run_dir = tempfile.mkdtemp(prefix="shmb-")
         self.pid: int | None = None
 
@@ -348,7 +349,7 @@ class Daemon:
 
     def start(self) -> None:
         command = self._command(
-            "daemon", "--size", self.size, "--min-block", self.min_block, "--detach"
+            "daemon", "--size", self.size, "--min-block", self.min_block, *self.extra, "--detach"
         )
         done = subprocess.run(command, capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
@@ -438,11 +439,13 @@ class Daemon:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def started_daemon(stack: contextlib.ExitStack, size: str, min_block: str) -> Daemon:
+def started_daemon(
+    stack: contextlib.ExitStack, size: str, min_block: str, extra: Sequence[str] = ()
+) -> Daemon:
     """Start a daemon whose shutdown is registered on `stack` first. Ctrl-C
     waits until the start is over (a second or so): interrupted half-way, the
     `--detach` command would be killed but not the daemon it had spawned."""
-    daemon = Daemon(size, min_block)
+    daemon = Daemon(size, min_block, extra)
     stack.callback(cleanup(daemon.stop))
     with signals_deferred():
         daemon.start()
@@ -834,7 +837,7 @@ def note(text: str) -> None:
 def section_latency(
     plan: Plan, daemon: Daemon, ctx: SpawnContext, scratch: str, report: Report
 ) -> None:
-    note("1/5 alloc+free latency: cached, uncached, shared_memory, transport floor")
+    note("1/6 alloc+free latency: cached, uncached, shared_memory, transport floor")
     with contextlib.ExitStack() as stack:
         cached = connected(stack, daemon, cache=True)
         uncached = connected(stack, daemon, cache=False)
@@ -961,7 +964,7 @@ def section_latency(
 
 
 def section_throughput(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Report) -> None:
-    note("2/5 cached alloc+free throughput with 1 and 2 client processes")
+    note("2/6 cached alloc+free throughput with 1 and 2 client processes")
     barriers = {1: ctx.Barrier(1), 2: ctx.Barrier(2)}
     trials: dict[int, list[float]] = {1: [], 2: []}
     with contextlib.ExitStack() as stack:
@@ -1046,7 +1049,7 @@ def section_throughput(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Re
 
 
 def section_handoff(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Report) -> None:
-    note("3/5 producer -> consumer handoff of 1, 16, 256 MiB numpy arrays")
+    note("3/6 producer -> consumer handoff of 1, 16, 256 MiB numpy arrays")
     with contextlib.ExitStack() as stack:
         # The consumers: one on a duplex Pipe, one on a pair of Queues. Cleanup
         # runs last-registered first: stop message, then join, then close.
@@ -1256,7 +1259,7 @@ def fill_until_oom(client: shmarena.Client, stream: SizeStream, live: list[shmar
 
 
 def section_memory(plan: Plan, report: Report) -> None:
-    note("4/5 memory efficiency of a fresh 1 GiB arena (uncached), then 10 rounds of churn")
+    note("4/6 memory efficiency of a fresh 1 GiB arena (uncached), then 10 rounds of churn")
     phases: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         daemon = started_daemon(stack, "1G", "4K")
@@ -1364,7 +1367,7 @@ def section_scale(plan: Plan, report: Report) -> None:
     big = plan.scale_blocks
     small_label, big_label = count_label(SCALE_SMALL), count_label(big)
     quick_note = " (--quick: 100 000 live blocks instead of 1 000 000)" if plan.quick else ""
-    note(f"5/5 scale: 64 KiB alloc+free with {SCALE_SMALL:,} and {big:,} live blocks{quick_note}")
+    note(f"5/6 scale: 64 KiB alloc+free with {SCALE_SMALL:,} and {big:,} live blocks{quick_note}")
     # Two daemons side by side (256 MiB, min block 64 B), one holding 1 000 live
     # blocks and one holding `big`, so both states are measured interleaved.
     variants: list[Variant] = []
@@ -1458,6 +1461,94 @@ def section_scale(plan: Plan, report: Report) -> None:
 
 
 # -- targets and comparison -----------------------------------------------------------------
+
+
+# -- section 6: the cost of a persistent table -------------------------------------------
+
+PERSIST_SIZE = 64 * KiB
+
+
+def section_persist(plan: Plan, report: Report) -> None:
+    """Alloc+free against daemons whose arena is a backing file, by
+    durability: none (the table is written only at a clean stop), batch (one
+    journal write + fdatasync per loop wake-up, before its replies) and sync
+    (per request). The files lie on tmpfs, so the figures are the cost of the
+    bookkeeping and the system calls; `batch-disk` puts one on the disk of
+    the scratch dir (ext4 here), where fdatasync waits for the device."""
+    note("6/6 persistent backing: alloc+free by durability (tmpfs files, one on disk)")
+    modes = {"none": "/dev/shm", "batch": "/dev/shm", "sync": "/dev/shm", "batch-disk": None}
+    with contextlib.ExitStack() as stack:
+        clients: dict[str, tuple[shmarena.Client, shmarena.Client]] = {}
+        for mode, where in modes.items():
+            folder = tempfile.mkdtemp(prefix=f"shmb-backing-{os.getpid()}-", dir=where)
+            stack.callback(cleanup(shutil.rmtree, folder, True))
+            durability = mode.split("-")[0]
+            extra = ["--backing", os.path.join(folder, "arena"), "--durability", durability]
+            daemon = started_daemon(stack, "256M", "4K", extra)
+            clients[mode] = (connected(stack, daemon, True), connected(stack, daemon, False))
+        variants: list[Variant] = []
+        for mode, (cached, uncached) in clients.items():
+            variants += [
+                Variant(
+                    f"cached@{mode}", alloc_free(cached, PERSIST_SIZE), CHEAP_BATCH,
+                    plan.latency_samples, plan.warmup, cached.sync,
+                ),
+                Variant(
+                    f"uncached@{mode}", alloc_free(uncached, PERSIST_SIZE), 1,
+                    plan.latency_samples, plan.warmup, uncached.sync,
+                ),
+            ]  # fmt: skip
+        interleave(variants, plan.rounds, plan.chunk_budget_s)
+        syncs = {mode: c[1].stats()["journal_syncs"] for mode, c in clients.items()}
+    by_key = {v.key: v.summary() for v in variants}
+    table = new_table(
+        f"6. alloc+free of {size_label(PERSIST_SIZE)} on a backing file, by durability "
+        f"({plan.rounds} interleaved rounds)",
+        "durability",
+        "<path",
+        "samples",
+        "median µs",
+        "p99 µs",
+        "<vs none",
+    )
+    results: dict[str, Any] = {}
+    for mode in modes:
+        for path in ("cached", "uncached"):
+            row = by_key[f"{path}@{mode}"]
+            results[f"{path}@{mode}"] = row
+            base = by_key[f"{path}@none"]
+            shown = ""
+            if mode != "none":
+                ratio = report.ratio(
+                    f"persist.{path}_{mode}_over_none",
+                    safe_div(row["median_us"], base["median_us"]),
+                    LOWER,
+                    f"multiple of durability none: {path} median with {mode} / with none",
+                    round_ratios(row, base),
+                )
+                shown = f"{fmt_ratio(ratio)} of none"
+            table.add_row(
+                mode, path, str(row["samples"]), fmt_us(row["median_us"]),
+                fmt_us(row["p99_us"]), shown,
+            )  # fmt: skip
+        table.add_section()
+    console.print(table)
+    results["journal_syncs"] = syncs
+    report.sections["persist"] = results
+    report.target(
+        "uncached alloc+free, batch durability on tmpfs (x none)",
+        report.ratios["persist.uncached_batch_over_none"]["value"],
+        "<=",
+        2.0,
+        "×",
+    )
+    report.target(
+        "cached alloc+free, batch durability on tmpfs (x none)",
+        report.ratios["persist.cached_batch_over_none"]["value"],
+        "<=",
+        1.15,
+        "×",
+    )
 
 
 def print_targets(report: Report) -> None:
@@ -1600,7 +1691,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-SECTIONS = ("latency", "throughput", "handoff", "memory", "scale")
+SECTIONS = ("latency", "throughput", "handoff", "memory", "scale", "persist")
 
 
 def run_all(plan: Plan, report: Report, sections: Sequence[str] = SECTIONS) -> None:
@@ -1620,6 +1711,8 @@ def run_all(plan: Plan, report: Report, sections: Sequence[str] = SECTIONS) -> N
         section_memory(plan, report)
     if "scale" in sections:
         section_scale(plan, report)
+    if "persist" in sections:
+        section_persist(plan, report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1648,7 +1741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = 2
     elapsed = time.monotonic() - started
 
-    left = leftovers([f"shmarena-bench-{os.getpid()}-"])
+    left = leftovers([f"shmarena-bench-{os.getpid()}-", f"shmb-backing-{os.getpid()}-"])
     for problem in CLEANUP_PROBLEMS + [f"left in /dev/shm: {e}" for e in left]:
         console.print(f"[red]cleanup: {problem}[/red]")
     if status:

@@ -105,13 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument(
         "--min-block",
         type=_size_arg,
-        default=DEFAULT_MIN_BLOCK_BYTES,
-        help="smallest block, a power of two from 64 bytes (default 4K)",
+        default=None,
+        help="smallest block, a power of two from 64 bytes (default 4K; with an existing "
+        "--backing file, the file's)",
     )
     daemon.add_argument(
         "--allocator",
         choices=tuple(ALLOCATORS),
-        default="extents",
+        default=None,
         help="how the arena is carved: 'extents' (default: any free run, neighbours "
         "joined at once; 99%% of the arena usable under churn) or 'buddy' "
         "(power-of-two aligned blocks)",
@@ -261,12 +262,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    if args.size is None and args.backing is None:
-        args.size = DEFAULT_SIZE_BYTES
+    if args.backing is None:  # a backing file that exists has its own
+        args.size = DEFAULT_SIZE_BYTES if args.size is None else args.size
+        args.min_block = DEFAULT_MIN_BLOCK_BYTES if args.min_block is None else args.min_block
+        args.allocator = args.allocator or "extents"
     try:
-        check_min_block(args.min_block)
+        if args.min_block is not None:
+            check_min_block(args.min_block)
         if args.size is not None:
-            check_arena_size(args.size, args.min_block)
+            check_arena_size(args.size, args.min_block or DEFAULT_MIN_BLOCK_BYTES)
         CrashPoints(args.debug_crash_at)
     except ValueError as exc:
         print(f"shmarena daemon: {exc}", file=sys.stderr)
@@ -312,13 +316,13 @@ def _detach(args: argparse.Namespace) -> int:
         args.name,
         "--runtime-dir",
         args.run_dir,
-        "--min-block",
-        str(args.min_block),
         "--lease",
         str(args.lease),
-        "--allocator",
-        args.allocator,
     ]
+    if args.min_block is not None:
+        command += ["--min-block", str(args.min_block)]
+    if args.allocator is not None:
+        command += ["--allocator", args.allocator]
     if args.size is not None:
         command += ["--size", str(args.size)]
     if args.group is not None:

@@ -210,9 +210,7 @@ class Client:
         """Open a socket and say hello: a new session, or with `resume`
         ([session, token]) the same session again if the daemon still has it
         (numbering requests on from the `old` socket's)."""
-        transport = Transport(
-            self.socket_path, self.name, self.timeout_s, self.retry_s, follow=old
-        )
+        transport = Transport(self.socket_path, self.name, self.timeout_s, self.retry_s, follow=old)
         try:
             (info,) = transport.request(
                 Op.HELLO,

@@ -62,8 +62,6 @@ MAX_ORPHANS = 256
 # Frames of state-changing requests are kept until a reply shows the daemon
 # has them (see Transport.unconfirmed); past this many, a flush asks for one.
 MAX_UNCONFIRMED = 256
-# Times one request may be asked to send missed frames again before giving up.
-MAX_RESENDS = 8
 
 
 # Fault injection for tests (see README, "Fault injection"): with
@@ -117,7 +115,6 @@ class Transport:
         self.name = name
         self.timeout_s = timeout_s
         self.retry_s = retry_s
-        self.resent = 0
         check_reachable(socket_path, name)
         self.context: zmq.Context[Any] = zmq.Context()
         sock = self.context.socket(zmq.DEALER)
@@ -141,7 +138,8 @@ class Transport:
         if follow is not None:  # the same session from a new socket
             self.next_id = follow.next_id
             self.unconfirmed = list(follow.unconfirmed)
-        self.resends = 0
+        self.resent = 0  # requests sent again: unanswered ones, and lost ones
+        self._resent_after: tuple[int, float] = (-1, 0.0)  # (seen, when) of the last Resend
         self.closed = False
         self.encode = encoder()
         # Called under the lock before anything is sent: bookkeeping that must
@@ -222,7 +220,6 @@ class Transport:
                     self._resend(reply)
                     continue
                 self.unconfirmed.clear()  # the daemon answers in order: it has all of them
-                self.resends = 0
                 if _FAULT is not None:
                     _fault("after_reply", op.name.lower())
                 if reply[0] == OK:
@@ -245,11 +242,17 @@ class Transport:
         unconfirmed frame after the last one it applied."""
         error = _error(reply)
         seen = error.details.get("seen")
-        self.resends += 1
-        if not isinstance(seen, int) or self.resends > MAX_RESENDS * 4:
-            raise ProtocolError(f"the daemon keeps asking for lost requests: {error}")
+        if not isinstance(seen, int):
+            raise ProtocolError(f"malformed resend request from the daemon: {error}")
         if seen >= self.next_id - 1:
             return  # it has every one of them
+        # Every frame after a gap is refused with the same request; answer
+        # them once (again after retry_s, should the frames be lost again).
+        now = time.monotonic()
+        last_seen, last_time = self._resent_after
+        if seen == last_seen and now - last_time < self.retry_s:
+            return
+        self._resent_after = (seen, now)
         missing = [frame for rid, frame in self.unconfirmed if rid > seen]
         if not self.unconfirmed or self.unconfirmed[0][0] > seen + 1:
             raise SessionLost(
@@ -260,6 +263,7 @@ class Transport:
             )
         for frame in missing:
             self.socket.send(frame)
+        self.resent += len(missing)
 
     def raise_late(self) -> None:
         """Raise a refusal of an earlier one-way request, if one came back."""

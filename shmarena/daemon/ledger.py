@@ -139,6 +139,7 @@ class Ledger:
     ) -> Session:
         session = Session(self._next_session, pid, start_ticks, label, now, now, watched)
         session.owner_ids.append(implicit_owner(session.id))
+        self.changes.owner_ids.append((session.id, 0, session.owner_ids[0]))
         self._next_session += 1
         self.sessions[session.id] = session
         self.changes.sessions.add(session.id)

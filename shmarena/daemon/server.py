@@ -86,9 +86,9 @@ class DaemonOptions:
     name: str
     run_dir: str
     size_bytes: int | None = DEFAULT_SIZE_BYTES  # None: a backing file's own size
-    min_block_bytes: int = DEFAULT_MIN_BLOCK_BYTES
+    min_block_bytes: int | None = DEFAULT_MIN_BLOCK_BYTES  # None: a backing file's own
     lease_s: float = DEFAULT_LEASE_S
-    allocator: str = "extents"
+    allocator: str | None = "extents"  # None: a backing file's own
     # --group: the group whose members may use the daemon (name or gid), or None
     group: str | None = None
     # --backing: the arena lives in this file and survives restarts; with
@@ -223,11 +223,13 @@ class Server:
             )  # fmt: skip
             header = self.store.backing.header
             size_bytes, min_block = header.data_bytes, header.min_block_bytes
-            epoch = state.epoch
+            epoch, allocator = state.epoch, header.allocator
         else:
             assert opts.size_bytes is not None
             self.arena = Arena.create(self.shm_name, opts.size_bytes, gid=self.gid)
-            size_bytes, min_block, epoch = opts.size_bytes, opts.min_block_bytes, new_epoch()
+            size_bytes, epoch = opts.size_bytes, new_epoch()
+            min_block = opts.min_block_bytes or DEFAULT_MIN_BLOCK_BYTES
+            allocator = opts.allocator or "extents"
         store = self.store
         info = ArenaInfo(
             name=opts.name,
@@ -239,7 +241,7 @@ class Server:
             started_at=started_at,
             socket_path=self.socket_path,
             lease_s=opts.lease_s,
-            allocator=opts.allocator,
+            allocator=allocator,
             version=__version__,
             backing=os.path.abspath(opts.backing) if opts.backing else "",
             data_offset=store.backing.header.data_offset if store else 0,
@@ -266,7 +268,7 @@ class Server:
         gone; watch the others while they have `grace_s` to come back."""
         assert self.service is not None
         service = self.service
-        ledger, links = store.build(state, self.options.name, self.options.allocator, now)
+        ledger, links = store.build(state, self.options.name, now)
         service.adopt(ledger, links, now)
         for note in store.recovered.notes:
             self.log(note)

@@ -369,8 +369,7 @@ class Service:
         requests this daemon has applied (it sends the later ones again)."""
         seen = self.seen.get(session_id, 0)
         error = Resend(
-            f"daemon {self.info.name!r} was restarted; it has this session's requests "
-            f"up to {seen}",
+            f"daemon {self.info.name!r} was restarted; it has this session's requests up to {seen}",
             seen=seen,
         )
         reply = error_reply(0, error)

@@ -75,8 +75,8 @@ class Store:
         cls,
         path: str,
         size_bytes: int | None,
-        min_block_bytes: int,
-        allocator: str,
+        min_block_bytes: int | None,
+        allocator: str | None,
         name: str,
         mode: str,
         gid: int | None,
@@ -87,13 +87,9 @@ class Store:
         """Open (or make) the backing file and read its table. DaemonStartError,
         with both files untouched, when they cannot be used."""
         if mode not in DURABILITY:
-            raise DaemonStartError(
-                f"--durability {mode!r}: must be one of {', '.join(DURABILITY)}"
-            )
+            raise DaemonStartError(f"--durability {mode!r}: must be one of {', '.join(DURABILITY)}")
         backing = open_backing(path, size_bytes, min_block_bytes, allocator, name, gid)
-        journal = Journal(
-            table_path(backing.path), backing.header.identity, mode != "none", crash
-        )
+        journal = Journal(table_path(backing.path), backing.header.identity, mode != "none", crash)
         store = cls(backing, journal, mode, compact_bytes, log)
         try:
             state = store._read()
@@ -124,6 +120,12 @@ class Store:
                 f"allocation table {path} is damaged ({exc}); both files were left "
                 f"untouched; `shmarena inspect {self.backing.path}` shows more"
             ) from None
+        if not state.snapshots:
+            raise DaemonStartError(
+                f"allocation table {path} holds no complete snapshot ({result.problem or 'none'}"
+                "); a daemon always writes one before serving, so the table is damaged. Both "
+                "files were left untouched; restore the table from a backup"
+            )
         found.torn_bytes = result.torn_bytes
         if result.torn_bytes:
             found.notes.append(
@@ -140,10 +142,10 @@ class Store:
         found.seconds = time.monotonic() - started
         return state
 
-    def build(self, state: State, name: str, allocator: str, now: float) -> tuple[Ledger, dict[int, Link]]:
-        """The ledger the table describes, checked; DaemonStartError if it is inconsistent."""
+    def build(self, state: State, name: str, now: float) -> tuple[Ledger, dict[int, Link]]:
+        """The ledger the table describes, checked (DaemonStartError if not)."""
         header = self.backing.header
-        space = ALLOCATORS[allocator](header.data_bytes, header.min_block_bytes)
+        space = ALLOCATORS[header.allocator](header.data_bytes, header.min_block_bytes)
         try:
             ledger, links = build(state, name, space, now)
         except (ValueError, TypeError, KeyError) as exc:
@@ -153,7 +155,8 @@ class Store:
         if problems:
             raise DaemonStartError(
                 f"the allocation table of {self.backing.path} is inconsistent: "
-                f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                f"{problems[0]}"
+                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
                 + f"; both files were left untouched; `shmarena inspect {self.backing.path}` "
                 "lists every problem"
             )
@@ -192,9 +195,7 @@ class Store:
             if journal.bytes > self.compact_bytes and journal.bytes > 4 * journal.snapshot_bytes:
                 journal.rewrite(self._snapshot(service, clean=False))
         except OSError as exc:
-            self.failed = (
-                f"writing the allocation table {self.journal.path} failed: {exc.strerror}"
-            )
+            self.failed = f"writing the allocation table {self.journal.path} failed: {exc.strerror}"
             raise
 
     def close(self, service: Service | None) -> None:
@@ -269,6 +270,10 @@ def inspect_file(path: str) -> tuple[dict[str, Any], list[str]]:
         return report, [str(exc)]
     if result.identity != header.identity:
         return report, [f"table {table_path(path)} belongs to another arena (identity differs)"]
+    if not result.records or not any(
+        isinstance(r, dict) and r.get("k") == "snap" for r in result.records
+    ):
+        return report, [f"table {table_path(path)} holds no complete snapshot: it is damaged"]
     state = State()
     try:
         for record in result.records:

@@ -87,9 +87,7 @@ def delta(ledger: Ledger, link: Callable[[int], Link], changes: Changes) -> dict
         "k": DELTA,
         "gen": ledger.generation,
         "next": ledger._next_session,
-        "b": [
-            block_image(blocks[k]) if k in blocks else [k] for k in sorted(changes.blocks)
-        ],
+        "b": [block_image(blocks[k]) if k in blocks else [k] for k in sorted(changes.blocks)],
         "o": [owner_image(owners[k]) if k in owners else [k] for k in sorted(changes.owners)],
         "s": [
             session_image(sessions[k], link(k)) if k in sessions else [k]
@@ -117,6 +115,7 @@ class State:
     clean: bool = False  # the last snapshot was written by a clean stop
     mode: str = ""  # durability of the run that wrote the last records
     records: int = 0
+    snapshots: int = 0
 
     def apply(self, record: dict[str, Any]) -> None:
         """Fold one record in. ValueError for one that is not a table record."""
@@ -128,6 +127,7 @@ class State:
             self.epoch = int(record["epoch"])
             self.blocks, self.owners, self.sessions, self.owner_ids = {}, {}, {}, {}
             self.valid = True
+            self.snapshots += 1
             self.clean = bool(record.get("clean", False))
             self.mode = str(record.get("mode", ""))
         elif kind == DELTA:
@@ -168,9 +168,7 @@ class State:
 # -- building a ledger -------------------------------------------------------------
 
 
-def build(
-    state: State, name: str, space: Space, now: float
-) -> tuple[Ledger, dict[int, Link]]:
+def build(state: State, name: str, space: Space, now: float) -> tuple[Ledger, dict[int, Link]]:
     """The ledger a state describes, with `space` restored to its blocks, and
     the service's per-session links. ValueError when the images do not fit
     together (the caller refuses the file); run `Ledger.check` after."""
@@ -211,11 +209,11 @@ def build(
             if sid in ledger.sessions:
                 ledger.sessions[sid].retained.add(offset)
         if cached:
-            session = ledger.sessions.get(cache_session)
-            if session is None:
+            holder = ledger.sessions.get(cache_session)
+            if holder is None:
                 raise ValueError(f"cached block {offset:#x} belongs to no session")
-            session.cached.add(offset)
-            session.cached_bytes += carved
+            holder.cached.add(offset)
+            holder.cached_bytes += carved
     ledger.take_changes()
     return ledger, links
 

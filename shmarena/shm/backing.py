@@ -12,7 +12,7 @@ Which blocks are allocated lives in the journal next to it (`PATH.table`,
 see journal.py), which repeats the identity, so a table is never read
 against another arena's bytes.
 
-A file is made under a temporary name and renamed into place only once its
+A file is made under a temporary name (PATH.making) and renamed into place only once its
 header, its full size (`posix_fallocate`) and its table are on disk: a crash
 while making one leaves no half-made arena at PATH. A file at PATH that is
 not exactly what the header says (torn, foreign, truncated, of another
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import struct
 import time
@@ -31,8 +32,8 @@ import uuid
 import zlib
 from dataclasses import dataclass
 
-from shmarena.config import format_size
-from shmarena.errors import DaemonStartError
+from shmarena.config import DEFAULT_MIN_BLOCK_BYTES, format_size
+from shmarena.errors import DaemonStartError, ShmArenaError
 
 MAGIC = b"SHMARENA"
 FORMAT = 1
@@ -79,8 +80,7 @@ def parse_header(page: bytes, file_bytes: int) -> Header:
     """The header of a backing file, or NotAnArena saying what is wrong."""
     if len(page) < _LAYOUT.size + _CRC.size:
         raise NotAnArena(
-            f"it is {file_bytes} bytes, too short for a shmarena header "
-            f"({HEADER_BYTES} bytes)"
+            f"it is {file_bytes} bytes, too short for a shmarena header ({HEADER_BYTES} bytes)"
         )
     body = page[: _LAYOUT.size]
     fields = _LAYOUT.unpack(body)
@@ -91,9 +91,7 @@ def parse_header(page: bytes, file_bytes: int) -> Header:
         raise NotAnArena(f"it does not start with {MAGIC.decode()!r} (found {magic!r})")
     (crc,) = _CRC.unpack_from(page, _LAYOUT.size)
     if crc != zlib.crc32(body):
-        raise NotAnArena(
-            "its header checksum does not match (a torn or damaged header)"
-        )
+        raise NotAnArena("its header checksum does not match (a torn or damaged header)")
     if fmt != FORMAT:
         raise NotAnArena(
             f"it has format {fmt}, this shmarena reads format {FORMAT}; "
@@ -170,8 +168,8 @@ def _check(path: str, fd: int) -> Header:
 def open_backing(
     path: str,
     size_bytes: int | None,
-    min_block_bytes: int,
-    allocator: str,
+    min_block_bytes: int | None,
+    allocator: str | None,
     name: str,
     gid: int | None = None,
 ) -> Backing:
@@ -222,8 +220,8 @@ def _lock(path: str, fd: int) -> None:
 def _create(
     path: str,
     size_bytes: int | None,
-    min_block_bytes: int,
-    allocator: str,
+    min_block_bytes: int | None,
+    allocator: str | None,
     name: str,
     gid: int | None,
 ) -> Backing:
@@ -237,10 +235,12 @@ def _create(
             f"cannot make backing file {path}: directory {directory} does not exist"
         )
     header = Header(
-        HEADER_BYTES, size_bytes, min_block_bytes, allocator, uuid.uuid4().bytes,
+        HEADER_BYTES, size_bytes, min_block_bytes or DEFAULT_MIN_BLOCK_BYTES,
+        allocator or "extents", uuid.uuid4().bytes,
         time.time(), name,
     )  # fmt: skip
-    temp = f"{path}.making-{os.getpid()}"
+    temp = f"{path}.making"
+    _remove_stale_temp(temp)
     mode = 0o600 if gid is None else 0o660
     fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
@@ -261,6 +261,21 @@ def _create(
     return Backing(temp, fd, header, created=True)
 
 
+def _remove_stale_temp(temp: str) -> None:
+    """A file half made by a start that crashed is removed; one that another
+    starting daemon holds (flocked) is not."""
+    try:
+        fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        _lock(temp, fd)
+    finally:
+        os.close(fd)
+    _unlink(table_path(temp))
+    _unlink(temp)
+
+
 def publish(backing: Backing, path: str) -> None:
     """Move a just-made file (and its table) to its real name, durably."""
     from shmarena.shm.journal import fsync_dir  # the table is named after the file
@@ -273,7 +288,7 @@ def publish(backing: Backing, path: str) -> None:
 
 def discard(backing: Backing) -> None:
     """Remove a file made by this start that never went into service."""
-    if backing.created and ".making-" in backing.path:
+    if backing.created and backing.path.endswith(".making"):
         _unlink(table_path(backing.path))
         _unlink(backing.path)
     backing.close()
@@ -325,11 +340,8 @@ def mount_of(path: str) -> tuple[str, str, bool]:
     return best
 
 
-def map_file(path: str, size_bytes: int, offset: int, populate: bool = False) -> object:
+def map_file(path: str, size_bytes: int, offset: int, populate: bool = False) -> mmap.mmap:
     """Map a backing file's arena (for clients), like `arena.map_segment`."""
-    import mmap
-
-    from shmarena.errors import ShmArenaError
 
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)

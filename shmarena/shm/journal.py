@@ -123,6 +123,20 @@ def _frames(data: bytes) -> Iterator[tuple[int, Any | None, str]]:
         yield position, record, ""
 
 
+def _intact_frame_after(data: bytes, position: int) -> int | None:
+    """The offset of a well-formed frame (magic, length, checksum) somewhere
+    after `position`, or None."""
+    start = data.find(FRAME_MAGIC, position + 1)
+    while start != -1:
+        if len(data) - start >= _FRAME.size:
+            _, length, crc = _FRAME.unpack_from(data, start)
+            end = start + _FRAME.size + length
+            if end <= len(data) and zlib.crc32(data[start + _FRAME.size : end]) == crc:
+                return start
+        start = data.find(FRAME_MAGIC, start + 1)
+    return None
+
+
 def scan(path: str) -> Scan:
     """Read a journal file. DaemonStartError when it is missing or does not
     even start like one; a damaged tail is reported in the result."""
@@ -141,6 +155,14 @@ def scan(path: str) -> Scan:
     for end, record, why in _frames(data):
         if record is None:
             problem = why
+            later = _intact_frame_after(data, end)
+            if later is not None:
+                raise DaemonStartError(
+                    f"allocation table {path} is damaged: {why}, but an intact frame follows "
+                    f"at byte {later}; a crash tears only the last frame, so this is damage "
+                    "(disk, or an edit), not a torn write. Both files were left untouched; "
+                    "restore the table from a backup"
+                )
             break
         if not records:
             if (

@@ -105,6 +105,8 @@ class Space:
         no change, when one is misaligned, outside the arena or overlaps."""
         table: dict[int, int] = {}
         for offset, carved in sorted(allocations):
+            if offset in table:
+                raise ValueError(f"two allocations start at offset {offset:#x}")
             if (
                 offset < 0
                 or carved <= 0

@@ -1,0 +1,258 @@
+"""What the persistence tests share: a restartable daemon on a backing file,
+the random-workload driver (driver.py) as a child process, and the model of
+acknowledged operations that every recovered table must match."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import queue
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import shmarena
+from tests.conftest import subprocess_env, wait_for
+
+DRIVER = os.path.join(os.path.dirname(__file__), "driver.py")
+STAMP = struct.Struct("<QQ")
+# Sessions recovered after a restart wait this long for their client. The
+# test process's own short-lived clients (the "is it up" pings) may be among
+# them: their process lives on, their socket is gone, so they wait it out.
+GRACE_S = 3.0
+Block = tuple[int, int, int]  # offset, size, generation
+
+
+@dataclass
+class Arena:
+    """A daemon named `name` serving the backing file `path`, started again
+    and again (each start may be told to crash itself)."""
+
+    name: str
+    run_dir: str
+    path: str
+    size: str = "256M"
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def env(self) -> dict[str, str]:
+        return subprocess_env(self.run_dir, self.name)
+
+    def start(self, *extra: str, expect_up: bool = True) -> bool:
+        """Start the daemon; True once it answers, False if it died first
+        (a crash point reached while starting)."""
+        log = open(os.path.join(self.run_dir, f"{self.name}.log"), "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shmarena", "daemon", "--backing", self.path,
+             "--size", self.size, "--grace", str(GRACE_S), *extra],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        self.starts += 1
+
+        def up_or_dead() -> str | None:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                return "dead"
+            try:
+                with shmarena.connect(self.name, runtime_dir=self.run_dir, timeout_s=0.5) as c:
+                    c.ping()
+                return "up"
+            except shmarena.DaemonUnavailable:
+                return None
+
+        state = wait_for(up_or_dead, timeout_s=30, what=f"daemon {self.name} to answer or die")
+        if expect_up and state != "up":
+            raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+        return state == "up"
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def wait_dead(self, timeout_s: float = 60) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
+
+    def stop(self) -> None:
+        """A clean stop (SIGTERM); nothing of the daemon's but the backing
+        file and its table may remain."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=30)
+        assert code == 0, f"daemon exit {code}:\n{self.log()}"
+        for suffix in (".sock", ".lock"):
+            leftover = os.path.join(self.run_dir, self.name + suffix)
+            assert not os.path.exists(leftover), leftover
+
+    def log(self) -> str:
+        try:
+            with open(os.path.join(self.run_dir, f"{self.name}.log"), errors="replace") as f:
+                return f.read()[-4000:]
+        except OSError:
+            return ""
+
+    def inspect(self) -> dict[str, Any]:
+        result = subprocess.run(
+            [sys.executable, "-m", "shmarena", "inspect", self.path, "--json"],
+            env=self.env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        report = json.loads(result.stdout)
+        assert (result.returncode == 0) == (not report["problems"]), result
+        return report
+
+    def stamps_ok(self, blocks: set[Block], data_offset: int) -> list[str]:
+        """Problems with the 16 stamp bytes each block starts with."""
+        problems = []
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            for offset, size, gen in sorted(blocks):
+                if size < STAMP.size:
+                    continue
+                found = STAMP.unpack_from(m, data_offset + offset)
+                if found != (gen, offset):
+                    problems.append(f"block {offset:#x} gen {gen}: stamp reads {found}")
+        return problems
+
+
+class Driver:
+    """driver.py as a child process; its lines are read as they come."""
+
+    def __init__(self, arena: Arena, seed: int, ops: int) -> None:
+        self.stop_path = os.path.join(arena.run_dir, f"{arena.name}.stop-driver")
+        self.proc = subprocess.Popen(
+            [sys.executable, DRIVER, str(seed), str(ops), self.stop_path],
+            env=arena.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.seen: list[dict[str, Any]] = []
+        self.taken = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(json.loads(line))
+
+    def take(self) -> list[dict[str, Any]]:
+        """Every line not taken before (lines read by done_count or
+        wait_line included)."""
+        while True:
+            try:
+                self.seen.append(self.lines.get_nowait())
+            except queue.Empty:
+                break
+        new, self.taken = self.seen[self.taken :], len(self.seen)
+        return new
+
+    def wait_line(self, key: str, timeout_s: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None and self.lines.empty():
+                raise AssertionError(f"driver exited with {self.proc.returncode}")
+            try:
+                line = self.lines.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            if key in line:
+                return line
+        raise AssertionError(f"driver said no {key!r} within {timeout_s} s")
+
+    def done_count(self) -> int:
+        while True:
+            try:
+                self.seen.append(self.lines.get_nowait())
+            except queue.Empty:
+                break
+        return sum(1 for line in self.seen if "done" in line)
+
+    def finish(self) -> dict[str, Any]:
+        """Stop starting operations; the driver's last line."""
+        with open(self.stop_path, "w"):
+            pass
+        self.done_count()  # read what came
+        ended = [line for line in self.seen if "end" in line]
+        return ended[0] if ended else self.wait_line("end")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+@dataclass
+class Model:
+    """The blocks of owners m-0..m-7 as acknowledged operations left them."""
+
+    owners: dict[int, set[Block]] = field(default_factory=dict)
+    pending: dict[str, Any] | None = None  # begun, not (yet) acknowledged
+    acknowledged: int = 0
+
+    def feed(self, lines: list[dict[str, Any]]) -> None:
+        for line in lines:
+            if "begin" in line:
+                self.pending = line
+            elif "done" in line:
+                self.acknowledged += 1
+                self.pending = None
+                self._apply(line, self.owners)
+
+    @staticmethod
+    def _apply(line: dict[str, Any], owners: dict[int, set[Block]]) -> None:
+        held = owners.setdefault(line["owner"], set())
+        if line["op"] == "alloc":
+            held.update((h[2], h[3], h[4]) for h in line["handles"])
+        elif line["op"] == "free":
+            held.difference_update((h[2], h[3], h[4]) for h in line["handles"])
+        elif line["op"] == "recycle":
+            held.clear()
+
+    def compare(self, report: dict[str, Any]) -> list[str]:
+        """Problems with a table (inspect --json) against the model: every
+        acknowledged block present, nothing else, except what the one pending
+        operation may or may not have done."""
+        table: dict[int, set[Block]] = {}
+        for b in report.get("blocks", []):
+            owner = b["owner"] or ""
+            if owner.startswith("m-"):
+                table.setdefault(int(owner[2:]), set()).add(
+                    (b["offset"], b["size"], b["generation"])
+                )
+        problems = list(report.get("problems", []))
+        for k in set(table) | set(self.owners):
+            found, want = table.get(k, set()), self.owners.get(k, set())
+            if found == want:
+                continue
+            if not self._pending_explains(k, found, want):
+                problems.append(
+                    f"owner m-{k}: table has {len(found)} blocks, model {len(want)}; missing "
+                    f"{sorted(want - found)[:3]}, extra {sorted(found - want)[:3]}; pending "
+                    f"{self.pending}"
+                )
+        return problems
+
+    def _pending_explains(self, k: int, found: set[Block], want: set[Block]) -> bool:
+        line = self.pending
+        if line is None or line["owner"] != k:
+            return False
+        if line["op"] == "alloc":
+            extra = found - want
+            return want <= found and Counter(s for _, s, _ in extra) == Counter(line["sizes"])
+        if line["op"] == "free":
+            return found == want - {(h[2], h[3], h[4]) for h in line["handles"]}
+        if line["op"] == "recycle":
+            return not found
+        return False
+
+    def blocks(self) -> set[Block]:
+        return set().union(*self.owners.values()) if self.owners else set()
