@@ -1,6 +1,6 @@
 """Benchmark shmarena against its alternatives and its own floors, side by side.
 
-What it measures (one run, five sections):
+What it measures (one run, six sections):
 
 1. alloc+free latency per pair at 4 KiB, 64 KiB, 1 MiB and 16 MiB for a cached
    client (cache=True), an uncached client (cache=False: every call is a round
@@ -21,6 +21,10 @@ What it measures (one run, five sections):
    1 000 000 live blocks (100 000 with --quick) in the daemon, and the daemon's
    RSS at both. Two daemons started alike (256 MiB, min block 64 B) hold the
    two states side by side, so that both are measured interleaved.
+6. persist: 64 KiB alloc+free (cached and uncached) against daemons whose
+   arena is a backing file, by --durability: none, batch and sync on tmpfs,
+   and batch on the disk of the temp dir ("batch-disk", where fdatasync waits
+   for the device); ratios to none.
 
 How to run it (from the repository root, in a venv with shmarena installed):
 

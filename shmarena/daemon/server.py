@@ -39,7 +39,7 @@ from shmarena.config import (
 )
 from shmarena.daemon.service import ArenaInfo, Service
 from shmarena.daemon.store import DEFAULT_COMPACT_BYTES, Store, new_epoch
-from shmarena.errors import DaemonStartError
+from shmarena.errors import DaemonStartError, ShmArenaError
 from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, MAX_FRAMES
 from shmarena.shm.arena import Arena, shm_path
 from shmarena.shm.journal import CrashPoints
@@ -299,12 +299,11 @@ class Server:
         try:
             self.store.commit(self.service)
         except OSError:
-            self.log(
+            raise ShmArenaError(
                 f"{self.store.failed}; the daemon stops without answering the requests that "
                 "depend on it. Free space or fix the file system and start it again: the "
                 "table recovers to the last acknowledged change"
-            )
-            raise
+            ) from None
 
     def _take_lock(self) -> None:
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -404,6 +403,17 @@ class Server:
         durable = self.store is not None and opts.durability != "none"
         each = self.store is not None and opts.durability == "sync"
         outbox: list[tuple[bytes, bytes]] = []
+
+        def deliver(peer: bytes, reply: bytes) -> None:
+            if debugging:
+                self._debug_send(peer, reply)
+                return
+            try:
+                send(peer, SNDMORE)
+                send(reply)
+            except zmq.ZMQError as error:  # never fatal: the peer may be gone
+                self.log(f"reply to a client dropped: {error}")
+
         if debugging:
             self.log(
                 f"DEBUG: dropping {opts.debug_drop_replies:.0%} of replies, delaying each "
@@ -450,29 +460,15 @@ class Server:
                             continue
                         if durable:
                             outbox.append((peer, reply))
-                            continue
-                        if debugging:
-                            self._debug_send(peer, reply)
-                            continue
-                        try:
-                            send(peer, SNDMORE)
-                            send(reply)
-                        except zmq.ZMQError as error:  # never fatal: the peer may be gone
-                            self.log(f"reply to a client dropped: {error}")
+                        else:
+                            deliver(peer, reply)
                     if len(self.session_fds) != len(service.ledger.sessions):
                         self._sync_watches()
                     if service.stopping:
                         break
                 self._commit()
                 for peer, reply in outbox:
-                    if debugging:
-                        self._debug_send(peer, reply)
-                        continue
-                    try:
-                        send(peer, SNDMORE)
-                        send(reply)
-                    except zmq.ZMQError as error:
-                        self.log(f"reply to a client dropped: {error}")
+                    deliver(peer, reply)
                 outbox.clear()
             for fd in [fd for fd in events if isinstance(fd, int) and fd in self.pidfds]:
                 session_id = self.pidfds[fd]

@@ -121,17 +121,26 @@ def _unlink_quietly(shm_name: str) -> None:
 
 def _no_space_message(shm_name: str, size_bytes: int, exc: OSError) -> str:
     mount = os.path.dirname(shm_path(shm_name))
+    return no_space_message(
+        f"arena {shm_path(shm_name)}", mount, size_bytes, exc,
+        f"start the daemon with a smaller --size, free space in {mount}, "
+        "or enlarge the mount (docker: --shm-size)",
+    )  # fmt: skip
+
+
+def no_space_message(what: str, directory: str, size_bytes: int, exc: OSError, advice: str) -> str:
+    """Why `what` could not be given `size_bytes` in `directory`, with the free
+    space there, and what to do."""
     try:
-        st = os.statvfs(mount)
+        st = os.statvfs(directory)
         available, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
         free = f"{format_size(available)} free of {format_size(total)}"
     except OSError:
         free = "free space unknown"
     reason = "not enough space" if exc.errno == errno.ENOSPC else os.strerror(exc.errno or 0)
     return (
-        f"cannot size arena {shm_path(shm_name)} to {format_size(size_bytes)}: {reason} on "
-        f"{mount} ({free}); start the daemon with a smaller --size, free space in {mount}, "
-        "or enlarge the mount (docker: --shm-size)"
+        f"cannot size {what} to {format_size(size_bytes)}: {reason} on {directory} ({free}); "
+        f"{advice}"
     )
 
 

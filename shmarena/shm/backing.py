@@ -22,7 +22,6 @@ written to.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import mmap
 import os
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 
 from shmarena.config import DEFAULT_MIN_BLOCK_BYTES, format_size
 from shmarena.errors import DaemonStartError, ShmArenaError
+from shmarena.shm.arena import no_space_message
 
 MAGIC = b"SHMARENA"
 FORMAT = 1
@@ -302,17 +302,10 @@ def _unlink(path: str) -> None:
 
 
 def _no_space(path: str, size_bytes: int, exc: OSError) -> str:
-    directory = os.path.dirname(path)
-    try:
-        st = os.statvfs(directory)
-        free = f"{format_size(st.f_bavail * st.f_frsize)} free"
-    except OSError:
-        free = "free space unknown"
-    reason = "not enough space" if exc.errno == errno.ENOSPC else os.strerror(exc.errno or 0)
-    return (
-        f"cannot size backing file {path} to {format_size(size_bytes)}: {reason} in "
-        f"{directory} ({free}); use a smaller --size or another directory"
-    )
+    return no_space_message(
+        f"backing file {path}", os.path.dirname(path), size_bytes, exc,
+        "use a smaller --size or another directory",
+    )  # fmt: skip
 
 
 def mount_of(path: str) -> tuple[str, str, bool]:
