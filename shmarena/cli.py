@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--size",
         type=_size_arg,
         default=None,
-        help="arena size (default 1G; with --backing, the size of the file's arena)",
+        help="arena size (default 1G; with an existing --backing file, the file's)",
     )
     daemon.add_argument(
         "--min-block",

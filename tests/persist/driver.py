@@ -29,8 +29,10 @@ STAMP = struct.Struct("<QQ")
 
 
 def stamp(buf: shmarena.Buffer) -> None:
+    """The block's first 16 bytes name it (blocks under 16 bytes go unstamped)."""
     handle = buf.handle
-    buf.view[: STAMP.size] = STAMP.pack(handle.generation, handle.offset)
+    if handle.size >= STAMP.size:
+        buf.view[: STAMP.size] = STAMP.pack(handle.generation, handle.offset)
 
 
 def say(**fields: object) -> None:

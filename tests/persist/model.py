@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import queue
+import select
 import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -125,69 +124,103 @@ class Arena:
 
 
 class Driver:
-    """driver.py as a child process; its lines are read as they come."""
+    """driver.py as a child process. Its lines are read from the pipe
+    without a thread, so that `freeze` can tell when every line it wrote
+    has been read."""
 
     def __init__(self, arena: Arena, seed: int, ops: int) -> None:
         self.stop_path = os.path.join(arena.run_dir, f"{arena.name}.stop-driver")
         self.proc = subprocess.Popen(
             [sys.executable, DRIVER, str(seed), str(ops), self.stop_path],
-            env=arena.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=arena.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )  # fmt: skip
-        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
+        assert self.proc.stdout is not None
+        self.fd = self.proc.stdout.fileno()
+        os.set_blocking(self.fd, False)
+        self.partial = b""
         self.seen: list[dict[str, Any]] = []
         self.taken = 0
-        threading.Thread(target=self._read, daemon=True).start()
+        self.ends = 0
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(json.loads(line))
-
-    def take(self) -> list[dict[str, Any]]:
-        """Every line not taken before (lines read by done_count or
-        wait_line included)."""
+    def pump(self, wait_s: float = 0.0) -> None:
+        """Read what the pipe holds (waiting up to `wait_s` for something)."""
+        if wait_s and not select.select([self.fd], [], [], wait_s)[0]:
+            return
         while True:
             try:
-                self.seen.append(self.lines.get_nowait())
-            except queue.Empty:
-                break
+                chunk = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if not chunk:
+                return
+            *lines, self.partial = (self.partial + chunk).split(b"\n")
+            for line in lines:
+                record = json.loads(line)
+                self.seen.append(record)
+                self.ends += "end" in record
+
+    def take(self) -> list[dict[str, Any]]:
+        """Every line not taken before."""
+        self.pump()
         new, self.taken = self.seen[self.taken :], len(self.seen)
         return new
 
+    def freeze(self) -> None:
+        """Stop the driver (SIGSTOP) and read every line it wrote: each is one
+        write() of a whole line, so once it is stopped the pipe holds them all."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        wait_for(lambda: _state(self.proc.pid) in ("T", "t", "Z", ""), what="the driver to stop")
+        self.pump()
+        assert not self.partial, self.partial
+
+    def thaw(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
     def wait_line(self, key: str, timeout_s: float = 120) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
+        checked = 0
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None and self.lines.empty():
-                raise AssertionError(f"driver exited with {self.proc.returncode}")
-            try:
-                line = self.lines.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            self.seen.append(line)
-            if key in line:
-                return line
+            for line in self.seen[checked:]:
+                if key in line:
+                    return line
+            checked = len(self.seen)
+            if self.proc.poll() is not None:
+                self.pump()
+                if not any(key in line for line in self.seen[checked:]):
+                    raise AssertionError(f"driver exited with {self.proc.returncode}")
+            self.pump(0.1)
         raise AssertionError(f"driver said no {key!r} within {timeout_s} s")
 
     def done_count(self) -> int:
-        while True:
-            try:
-                self.seen.append(self.lines.get_nowait())
-            except queue.Empty:
-                break
+        if self.proc.poll() is not None:
+            self.pump()
+            if not self.ends:
+                raise AssertionError(f"driver exited with {self.proc.returncode}")
+        self.pump()
         return sum(1 for line in self.seen if "done" in line)
 
     def finish(self) -> dict[str, Any]:
         """Stop starting operations; the driver's last line."""
         with open(self.stop_path, "w"):
             pass
-        self.done_count()  # read what came
-        ended = [line for line in self.seen if "end" in line]
-        return ended[0] if ended else self.wait_line("end")
+        return self.wait_line("end")
 
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=30)
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return ""
 
 
 @dataclass
