@@ -12,15 +12,26 @@ message of one frame:
     error reply:  [1, request_id, code, message, details]
     late error:   [2, request_id, code, message, details]   (of a one-way request)
 
-``request_id`` is a per-session counter chosen by the client; a reply carries
-the id of the request it answers. A retried request (same id) is answered from
-a small per-session reply cache and never executed twice.
+``request_id`` is chosen by the client; a reply carries the id of the request
+it answers. Requests that change state (SEQUENCED_OPS: the mutating ones and
+POST) are numbered 1, 2, 3 ... per session, in sending order; the others
+carry ids with FREE_ID_BIT set. The daemon applies each sequence number once
+and in order: a repeat (a retry after `retry_s`, or a frame sent again after
+a restart) is answered from a small per-session reply cache (POST: dropped),
+never executed twice; a number beyond the next one gets a ``resend`` error
+whose details hold ``seen``, the last number applied, and the client sends
+its unconfirmed frames after that one again. A daemon with a persistent
+table keeps ``seen`` and the last reply across restarts.
 
 The first request of a session must be HELLO (protocol version, pid, process
 start time in clock ticks since boot). A version the daemon does not speak gets
 a ``protocol`` error naming both versions. Any other request from a socket the
 daemon has no session for (a restarted daemon, a session ended by its lease)
 gets a ``session_lost`` error saying which; the client then says hello again.
+A daemon restarted on a persistent arena knows a client socket again by its
+routing id (chosen at random by the client, kept in the table), so a running
+client goes on in its session without a new hello; a ``resend`` late error
+with request id 0 tells it which of its requests the daemon has.
 
 Requests, in the order of ``Op`` (arguments after the request id):
 
