@@ -78,10 +78,6 @@ class Arena:
         self.proc.kill()
         self.proc.wait(timeout=30)
 
-    def wait_dead(self, timeout_s: float = 60) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout=timeout_s)
-
     def stop(self) -> None:
         """A clean stop (SIGTERM); nothing of the daemon's but the backing
         file and its table may remain."""

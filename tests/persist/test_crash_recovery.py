@@ -119,7 +119,15 @@ def crash_point_cycles(arena: Arena, point: str, reps: int) -> None:
                 expect_up=False,
             )  # fmt: skip
             crashed_at_start += not up
-            assert arena.wait_dead() == -signal.SIGKILL, arena.log()  # by its own hand
+            # Read the driver's lines meanwhile: a full pipe would stop it.
+            assert arena.proc is not None
+            proc = arena.proc
+            wait_for(
+                lambda proc=proc: driver.pump(0.05) or proc.poll() is not None,
+                timeout_s=180,
+                what=f"the daemon to reach {point}#{nth}",
+            )
+            assert proc.returncode == -signal.SIGKILL, arena.log()  # by its own hand
             problems += after_death(arena, driver, model)
             deaths += 1
             violations += len(problems)
