@@ -211,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", help="the backing file (its table is PATH.table)")
     inspect.add_argument("--json", action="store_true", help="print JSON for scripts")
     inspect.add_argument(
-        "--blocks", action="store_true", help="list every block (default: owners only)"
+        "--blocks",
+        action="store_true",
+        help="list every block (default: only when there are at most 100)",
     )
 
     demo = add(
@@ -580,6 +582,9 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+INSPECT_BLOCKS = 100  # blocks inspect lists without --blocks
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from shmarena.daemon.store import inspect_file
 
@@ -623,7 +628,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 for o in report["owners"]
             ],
         )  # fmt: skip
-        if args.blocks:
+        blocks_shown = args.blocks or len(report["blocks"]) <= INSPECT_BLOCKS
+        if not blocks_shown:
+            console.print(f"({len(report['blocks'])} blocks; `--blocks` lists them all)")
+        if blocks_shown:
             _print_table(
                 "blocks",
                 [("offset", "right"), ("size", "right"), ("generation", "right"),

@@ -240,6 +240,12 @@ class Store:
                 f"recovered {where}: {found.blocks} blocks, {found.owners} owners, "
                 f"{found.sessions} sessions waiting to resume, in {found.seconds * 1000:.1f} ms"
             )
+        if self.mode == "none":
+            return (
+                f"{what}; durability none: the allocation table is written only at a clean "
+                "stop; if this daemon crashes, the next start cannot trust it and begins "
+                "with an empty arena and a new epoch"
+            )
         return f"{what}; durability {self.mode}"
 
 
