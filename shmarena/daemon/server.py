@@ -275,7 +275,11 @@ class Server:
         if store.recovered.reset:
             self.log(store.recovered.reset)
         for session_id, session in list(ledger.sessions.items()):
-            if process_start_ticks(session.pid) != session.start_ticks:
+            # A session that was watched by pidfd names a process of this pid
+            # namespace: if that is gone, so is the client. One on a lease may
+            # come from another namespace (its pid means nothing here): it has
+            # the grace, then its lease.
+            if session.watched and process_start_ticks(session.pid) != session.start_ticks:
                 freed = service.reclaim(session_id, "exited", now)
                 self.log(
                     f"recovered session {session_id} (pid {session.pid}) has exited: "
