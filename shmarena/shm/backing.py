@@ -310,22 +310,27 @@ def _no_space(path: str, size_bytes: int, exc: OSError) -> str:
 
 def mount_of(path: str) -> tuple[str, str, bool]:
     """(mount point, filesystem type, DAX) of the mount holding `path`, read
-    from /proc/self/mountinfo; DAX when its options say dax (or dax=always)."""
-    real = os.path.realpath(path)
-    best = ("/", "unknown", False)
+    from /proc/self/mountinfo."""
     try:
         with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
+            text = f.read()
     except OSError:
-        return best
-    length = -1
-    for line in lines:
+        return ("/", "unknown", False)
+    return parse_mountinfo(text, os.path.realpath(path))
+
+
+def parse_mountinfo(text: str, real_path: str) -> tuple[str, str, bool]:
+    """The longest mount point of `text` (mountinfo lines) holding
+    `real_path`: (point, fs type, DAX); DAX when its mount or super options
+    say ``dax`` or ``dax=always`` (ext4 and xfs on persistent memory)."""
+    best, length = ("/", "unknown", False), -1
+    for line in text.splitlines():
         left, _, right = line.partition(" - ")
         fields, tail = left.split(), right.split()
         if len(fields) < 6 or len(tail) < 3:
             continue
         point = fields[4].replace("\\040", " ")
-        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        inside = real_path == point or real_path.startswith(point.rstrip("/") + "/")
         if inside and len(point) > length:
             options = set(fields[5].split(",")) | set(tail[2].split(","))
             dax = "dax" in options or "dax=always" in options
