@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument(
         "--durability",
         choices=("none", "batch", "sync"),
-        default="batch",
+        default=None,
         help="with --backing: 'batch' (default) writes and syncs each loop wake-up's changes "
         "before its replies go out; 'sync' does so for each request; 'none' writes the "
         "table only at a clean stop (after a crash the arena starts empty)",
@@ -264,6 +264,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
+    if args.backing is None and args.durability is not None:
+        print(
+            f"shmarena daemon: --durability {args.durability} needs --backing PATH: a shm arena "
+            "keeps no table (it is gone when the daemon stops)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    args.durability = args.durability or "batch"
     if args.backing is None:  # a backing file that exists has its own
         args.size = DEFAULT_SIZE_BYTES if args.size is None else args.size
         args.min_block = DEFAULT_MIN_BLOCK_BYTES if args.min_block is None else args.min_block

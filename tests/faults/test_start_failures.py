@@ -72,6 +72,13 @@ def test_bad_min_block_is_a_usage_error(run_dir: str) -> None:
     assert_nothing_left(run_dir, name)
 
 
+def test_durability_without_a_backing_file_is_a_usage_error(run_dir: str) -> None:
+    name = unique_name()
+    result = run_daemon(run_dir, name, "--size", "8M", "--durability", "sync")
+    assert result.returncode == 2 and "--durability sync needs --backing" in result.stderr
+    assert_nothing_left(run_dir, name)
+
+
 def test_too_long_socket_path_is_refused(tmp_path) -> None:
     deep = tmp_path / ("d" * 100)
     name = unique_name()
