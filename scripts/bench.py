@@ -109,6 +109,8 @@ from rich.table import Table
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import shmarena  # noqa: E402
+from shmarena.config import shm_name  # noqa: E402
+from shmarena.shm.arena import shm_path  # noqa: E402
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -336,7 +338,7 @@ class Daemon:
 
     @property
     def shm_path(self) -> str:
-        return f"/dev/shm/shmarena-{self.name}"
+        return shm_path(shm_name(self.name))
 
     def _command(self, *args: str) -> list[str]:
         """`python -m shmarena --name NAME --runtime-dir DIR ARGS...`"""
@@ -438,7 +440,7 @@ class Daemon:
                 CLEANUP_PROBLEMS.append(f"daemon {self.name} (pid {pid}) would not exit")
         if os.path.exists(self.shm_path):  # only if the daemon died without cleaning up
             with contextlib.suppress(posix_ipc.ExistentialError):
-                posix_ipc.unlink_shared_memory(f"/shmarena-{self.name}")
+                posix_ipc.unlink_shared_memory(shm_name(self.name))
             CLEANUP_PROBLEMS.append(f"had to unlink {self.shm_path} for the daemon")
         shutil.rmtree(self.run_dir, ignore_errors=True)
 

@@ -656,11 +656,16 @@ class Soak:
 
     @property
     def socket_path(self) -> str:
-        return os.path.join(self.run_dir, f"{self.name}.sock")
+        from shmarena.config import socket_path
+
+        return socket_path(self.run_dir, self.name)
 
     @property
     def shm_path(self) -> str:
-        return f"/dev/shm/shmarena-{self.name}"
+        from shmarena.config import shm_name
+        from shmarena.shm.arena import shm_path
+
+        return shm_path(shm_name(self.name))
 
     def cli_command(self, *args: str) -> list[str]:
         return [

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 import shmarena
+from shmarena.config import shm_name, socket_path
+from shmarena.shm.arena import shm_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,15 +75,16 @@ class Daemon:
 
     @property
     def socket_path(self) -> str:
-        return os.path.join(self.run_dir, f"{self.name}.sock")
+        return socket_path(self.run_dir, self.name)
 
     @property
     def shm_path(self) -> str:
-        return f"/dev/shm/shmarena-{self.name}"
+        return shm_path(shm_name(self.name))
 
     def start(self) -> Daemon:
+        size = ["--size", self.size] if self.size else []  # "": a backing file's own
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shmarena", "daemon", "--size", self.size, *self.extra],
+            [sys.executable, "-m", "shmarena", "daemon", *size, *self.extra],
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

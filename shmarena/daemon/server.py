@@ -39,6 +39,7 @@ from shmarena.config import (
 )
 from shmarena.daemon.service import ArenaInfo, Service
 from shmarena.daemon.store import DEFAULT_COMPACT_BYTES, Store, new_epoch
+from shmarena.daemon.table import State
 from shmarena.errors import DaemonStartError, ShmArenaError
 from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, MAX_FRAMES
 from shmarena.shm.arena import Arena, shm_path
@@ -263,7 +264,7 @@ class Server:
         self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.poller.register(self.monitor, zmq.POLLIN)
 
-    def _recover(self, store: Store, state: Any, now: float) -> None:
+    def _recover(self, store: Store, state: State, now: float) -> None:
         """Load the table into the service; reclaim sessions whose process is
         gone; watch the others while they have `grace_s` to come back."""
         assert self.service is not None

@@ -231,8 +231,6 @@ class Service:
                 request_id,
                 ShmArenaError(f"internal error in the daemon: {type(error).__name__}: {error}"),
             )
-        if reply and reply[0] != 0 and reply[2] == Resend.code:
-            keep = False  # it was not applied: the repeat must be
         if one_way:
             if not reply:
                 return b""

@@ -27,8 +27,16 @@ from shmarena.daemon.service import ALLOCATORS, Service
 from shmarena.daemon.table import OPEN, Link, State, build, delta, snapshot
 from shmarena.daemon.table import inspect as table_inspect
 from shmarena.errors import DaemonStartError
-from shmarena.shm.backing import Backing, discard, mount_of, open_backing, publish, table_path
-from shmarena.shm.journal import CrashPoints, Journal, scan
+from shmarena.shm.backing import (
+    Backing,
+    discard,
+    mount_of,
+    open_backing,
+    publish,
+    read_header,
+    table_path,
+)
+from shmarena.shm.journal import CrashPoints, Journal, Scan, scan
 
 DURABILITY = ("none", "batch", "sync")
 DEFAULT_COMPACT_BYTES = 8 << 20  # journal size past which it is rewritten
@@ -104,28 +112,7 @@ class Store:
         if self.backing.created:
             found.created = True
             return State(epoch=new_epoch(), valid=True)
-        path = table_path(self.backing.path)
-        result = scan(path)
-        if result.identity != self.backing.header.identity:
-            raise DaemonStartError(
-                f"allocation table {path} belongs to another arena than "
-                f"{self.backing.path} (identity differs); both were left untouched"
-            )
-        state = State()
-        try:
-            for record in result.records:
-                state.apply(record)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DaemonStartError(
-                f"allocation table {path} is damaged ({exc}); both files were left "
-                f"untouched; `shmarena inspect {self.backing.path}` shows more"
-            ) from None
-        if not state.snapshots:
-            raise DaemonStartError(
-                f"allocation table {path} holds no complete snapshot ({result.problem or 'none'}"
-                "); a daemon always writes one before serving, so the table is damaged. Both "
-                "files were left untouched; restore the table from a backup"
-            )
+        state, result = read_table(self.backing.path, self.backing.header.identity)
         found.torn_bytes = result.torn_bytes
         if result.torn_bytes:
             found.notes.append(
@@ -249,12 +236,39 @@ class Store:
         return f"{what}; durability {self.mode}"
 
 
+def read_table(path: str, identity: bytes) -> tuple[State, Scan]:
+    """The table of the arena file `path` folded into a State, and what the
+    scan found. DaemonStartError when it is missing, belongs to another
+    arena, or is damaged in a way no crash produces."""
+    table = table_path(path)
+    result = scan(table)
+    if result.identity != identity:
+        raise DaemonStartError(
+            f"allocation table {table} belongs to another arena than {path} (identity "
+            "differs); both were left untouched"
+        )
+    state = State()
+    try:
+        for record in result.records:
+            state.apply(record)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DaemonStartError(
+            f"allocation table {table} is damaged ({exc}); both files were left "
+            f"untouched; `shmarena inspect {path}` shows more"
+        ) from None
+    if not state.snapshots:
+        raise DaemonStartError(
+            f"allocation table {table} holds no complete snapshot ({result.problem or 'none'}"
+            "); a daemon always writes one before serving, so the table is damaged. Both "
+            "files were left untouched; restore the table from a backup"
+        )
+    return state, result
+
+
 def inspect_file(path: str) -> tuple[dict[str, Any], list[str]]:
     """Read a backing file and its table without a daemon (and without
     changing either): a report, and every inconsistency found (empty when
     the table is sound). A file that cannot be read at all is a problem too."""
-    from shmarena.shm.backing import read_header
-
     report: dict[str, Any] = {"path": os.path.abspath(path), "notes": []}
     try:
         header = read_header(path)
@@ -271,21 +285,9 @@ def inspect_file(path: str) -> tuple[dict[str, Any], list[str]]:
         "name": header.name,
     }
     try:
-        result = scan(table_path(path))
+        state, result = read_table(path, header.identity)
     except DaemonStartError as exc:
         return report, [str(exc)]
-    if result.identity != header.identity:
-        return report, [f"table {table_path(path)} belongs to another arena (identity differs)"]
-    if not result.records or not any(
-        isinstance(r, dict) and r.get("k") == "snap" for r in result.records
-    ):
-        return report, [f"table {table_path(path)} holds no complete snapshot: it is damaged"]
-    state = State()
-    try:
-        for record in result.records:
-            state.apply(record)
-    except (ValueError, KeyError, TypeError) as exc:
-        return report, [f"table record {state.records} is damaged: {exc}"]
     report.update(
         epoch=state.epoch,
         generation=state.generation,

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from shmarena.config import DEFAULT_MIN_BLOCK_BYTES, format_size
 from shmarena.errors import DaemonStartError, ShmArenaError
 from shmarena.shm.arena import no_space_message
+from shmarena.shm.journal import fsync_dir
 
 MAGIC = b"SHMARENA"
 FORMAT = 1
@@ -128,11 +129,6 @@ class Backing:
     fd: int
     header: Header
     created: bool  # made by this start (else found and checked)
-
-    @property
-    def segment(self) -> list[object]:
-        """How clients map it: [path, size, offset]."""
-        return [self.path, self.header.data_bytes, self.header.data_offset]
 
     def close(self) -> None:
         try:
@@ -278,8 +274,6 @@ def _remove_stale_temp(temp: str) -> None:
 
 def publish(backing: Backing, path: str) -> None:
     """Move a just-made file (and its table) to its real name, durably."""
-    from shmarena.shm.journal import fsync_dir  # the table is named after the file
-
     os.rename(table_path(backing.path), table_path(path))
     os.rename(backing.path, path)
     fsync_dir(os.path.dirname(path))

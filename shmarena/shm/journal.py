@@ -199,7 +199,7 @@ class Journal:
         self.syncs = 0
         self.snapshot_bytes = 0
 
-    def rewrite(self, snapshot: Any, directory_sync: bool = True) -> None:
+    def rewrite(self, snapshot: Any) -> None:
         """Start a fresh journal holding only `snapshot` (compaction)."""
         data = encode_frame(
             {"k": "head", "format": TABLE_FORMAT, "identity": self.identity}
@@ -222,8 +222,7 @@ class Journal:
             raise
         os.rename(temp, self.path)
         self.crash.reach("snapshot.after_rename")
-        if directory_sync:
-            fsync_dir(os.path.dirname(self.path))
+        fsync_dir(os.path.dirname(self.path))
         if self.fd >= 0:
             os.close(self.fd)
         self.fd = fd

@@ -136,7 +136,7 @@ class Driver:
         self.partial = b""
         self.seen: list[dict[str, Any]] = []
         self.taken = 0
-        self.ends = 0
+        self.ends = self.dones = 0  # lines with "end", with "done"
 
     def pump(self, wait_s: float = 0.0) -> None:
         """Read what the pipe holds (waiting up to `wait_s` for something)."""
@@ -154,6 +154,7 @@ class Driver:
                 record = json.loads(line)
                 self.seen.append(record)
                 self.ends += "end" in record
+                self.dones += "done" in record
 
     def take(self) -> list[dict[str, Any]]:
         """Every line not taken before."""
@@ -193,7 +194,7 @@ class Driver:
             if not self.ends:
                 raise AssertionError(f"driver exited with {self.proc.returncode}")
         self.pump()
-        return sum(1 for line in self.seen if "done" in line)
+        return self.dones
 
     def finish(self) -> dict[str, Any]:
         """Stop starting operations; the driver's last line."""

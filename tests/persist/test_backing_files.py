@@ -32,20 +32,8 @@ OWNER = "kept"
 
 
 class BackedDaemon(Daemon):
-    """A conftest Daemon that may start without --size (an existing backing
-    file knows its own size); make_daemon always passes one."""
-
-    def start(self) -> BackedDaemon:
-        size = ["--size", self.size] if self.size else []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shmarena", "daemon", *size, *self.extra],
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        wait_for(self._answers, timeout_s=20, what=f"daemon {self.name} to answer")
-        return self
+    """A conftest Daemon that can also be killed and inspected. With size ""
+    it starts without --size (an existing backing file knows its own)."""
 
     def kill(self) -> None:
         """SIGKILL: no final snapshot, socket and lock stay behind. The test's
