@@ -154,6 +154,43 @@ def build_parser() -> argparse.ArgumentParser:
         "their clients to come back before they are reclaimed (default 15)",
     )
     daemon.add_argument(
+        "--numa-node",
+        type=int,
+        metavar="N",
+        help="bind the arena's pages to NUMA node N before any is touched, pre-fault them, "
+        "and run the daemon on N's CPUs; `stats` shows where the pages are, read back from "
+        "the kernel",
+    )
+    daemon.add_argument(
+        "--numa-interleave",
+        action="store_true",
+        help="spread the arena's pages over every NUMA node with memory",
+    )
+    daemon.add_argument(
+        "--hugepages",
+        action="store_true",
+        help="back the arena with huge pages: a hugetlbfs mount with enough free pages, "
+        "else transparent huge pages where the kernel allows them for shared memory; "
+        "refuses to start, saying what to change, when neither is possible",
+    )
+    daemon.add_argument(
+        "--max-size",
+        type=_size_arg,
+        default=None,
+        metavar="SIZE",
+        help="let the arena grow past --size, by segments, up to SIZE in all: when a request "
+        "finds no room, a segment as large as the arena is added (larger if the request "
+        "needs it), and clients map it when they first meet it",
+    )
+    daemon.add_argument(
+        "--shrink-after",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="with --max-size: release an added segment once it has been empty for S "
+        "seconds (default 30; 0 keeps them)",
+    )
+    daemon.add_argument(
         "--detach",
         action="store_true",
         help="start in the background and return once the daemon answers",
@@ -276,6 +313,10 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         args.size = DEFAULT_SIZE_BYTES if args.size is None else args.size
         args.min_block = DEFAULT_MIN_BLOCK_BYTES if args.min_block is None else args.min_block
         args.allocator = args.allocator or "extents"
+    refused = _daemon_combination(args)
+    if refused:
+        print(f"shmarena daemon: {refused}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         if args.min_block is not None:
             check_min_block(args.min_block)
@@ -300,6 +341,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         backing=args.backing,
         durability=args.durability,
         grace_s=args.grace,
+        numa_node=args.numa_node,
+        numa_interleave=args.numa_interleave,
+        hugepages=args.hugepages,
+        max_size_bytes=args.max_size,
+        shrink_after_s=args.shrink_after,
         debug_drop_replies=args.debug_drop_replies,
         debug_delay_ms=args.debug_delay_ms,
         debug_seed=args.debug_seed,
@@ -313,6 +359,32 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         print(f"shmarena daemon: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     return EXIT_OK
+
+
+def _daemon_combination(args: argparse.Namespace) -> str:
+    """Why these daemon options cannot go together ("" when they can)."""
+    if args.numa_node is not None and args.numa_interleave:
+        return "--numa-node and --numa-interleave exclude each other: bind to one node or spread"
+    if args.backing is not None:
+        for given, option in (
+            (args.numa_node is not None or args.numa_interleave, "--numa-node/--numa-interleave"),
+            (args.hugepages, "--hugepages"),
+            (args.max_size is not None, "--max-size"),
+        ):
+            if given:
+                return (
+                    f"{option} applies to shm arenas, not to a --backing file: its pages are "
+                    "the file system's (a DAX file's node is its device's), and it keeps its "
+                    "size; leave the option out, or drop --backing"
+                )
+    if args.max_size is not None and args.max_size < (args.size or 0):
+        return (
+            f"--max-size {format_size(args.max_size)} is below --size {format_size(args.size)}; "
+            "the arena starts at --size and grows up to --max-size"
+        )
+    if args.shrink_after < 0:
+        return f"--shrink-after must be 0 or more seconds, got {args.shrink_after:g}"
+    return ""
 
 
 def _detach(args: argparse.Namespace) -> int:
@@ -337,6 +409,14 @@ def _detach(args: argparse.Namespace) -> int:
         command += ["--size", str(args.size)]
     if args.group is not None:
         command += ["--group", args.group]
+    if args.numa_node is not None:
+        command += ["--numa-node", str(args.numa_node)]
+    if args.numa_interleave:
+        command += ["--numa-interleave"]
+    if args.hugepages:
+        command += ["--hugepages"]
+    if args.max_size is not None:
+        command += ["--max-size", str(args.max_size), "--shrink-after", str(args.shrink_after)]
     if args.backing is not None:
         command += ["--backing", os.path.abspath(args.backing)]
         command += ["--durability", args.durability, "--grace", str(args.grace)]

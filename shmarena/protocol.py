@@ -62,8 +62,12 @@ Requests, in the order of ``Op`` (arguments after the request id):
     STATS      -> map       OWNERS -> [map]     CLIENTS -> [map]
     CHECK      -> [problem:str]  (empty when healthy)
     SHUTDOWN   -> nil, then the daemon stops
+    SEGMENTS   -> [map]   the arena's segments now: index, size, and where
+                          to map it (``shm``: a name, or ``path`` and ``offset``)
 
 A handle travels as ``[epoch, segment, offset, size, generation]``.
+Everywhere else (FILL results, EVENTS, notices) a block is named by its
+*address*, ``segment << 40 | offset``: segment 0's addresses are its offsets.
 
 Generations: the daemon numbers its own allocations from 1 up, below
 ``1 << GEN_SHIFT``. A client cache numbers the blocks it hands out itself, in
@@ -72,12 +76,12 @@ made by a cache without a round trip never collide with anybody else's.
 
 EVENTS, the body of POST, one flat list of integers, applied in order:
 
-    ASSIGN    offset, size, generation, owner_id   a cached block handed out
-    UNASSIGN  offset, generation                   ... and given back to the cache
+    ASSIGN    address, size, generation, owner_id   a cached block handed out
+    UNASSIGN  address, generation                  ... and given back to the cache
     FREE      epoch, segment, offset, size, generation   free by handle
-    DRAIN     offset                               a cached block back to the arena
+    DRAIN     address                              a cached block back to the arena
 
-Notices (in FILL, SYNC and RECYCLE replies) are flat ``offset, generation``
+Notices (in FILL, SYNC and RECYCLE replies) are flat ``address, generation``
 pairs: blocks of this session's cache that went back to it through somebody
 else (a free by handle, a recycle, the last release of a retained block).
 
@@ -96,7 +100,7 @@ import msgpack
 
 from shmarena.errors import InvalidRequest, ProtocolError, ShmArenaError, to_wire
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 # Limits. Frames above MAX_FRAME_BYTES are dropped by ZeroMQ (ZMQ_MAXMSGSIZE)
 # before they reach Python.
@@ -144,6 +148,7 @@ class Op(IntEnum):
     CLIENTS = 22
     CHECK = 23
     SHUTDOWN = 24
+    SEGMENTS = 25
 
 
 class Handle(NamedTuple):
@@ -205,6 +210,7 @@ SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
     Op.CLIENTS: (),
     Op.CHECK: (),
     Op.SHUTDOWN: (),
+    Op.SEGMENTS: (),
 }
 
 

@@ -4,6 +4,7 @@ runtime dir per test, and a check afterwards that it left nothing behind
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
@@ -163,6 +164,7 @@ class Daemon:
 
     def assert_clean(self) -> None:
         leftovers = [p for p in (self.socket_path, self.shm_path) if os.path.exists(p)]
+        leftovers += glob.glob(glob.escape(self.shm_path) + ".*")  # added segments
         leftovers += (
             [
                 os.path.join(self.run_dir, f)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from shmarena.protocol import Handle
+from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT
 
 if TYPE_CHECKING:
     from shmarena.client.cache import Cache
@@ -73,7 +74,10 @@ class Buffer:
         if handle is None:
             if self._cache is not None:
                 self._cache.escape(self._offset)
-            handle = Handle(self._epoch, 0, self._offset, self._size, self._gen)
+            address = self._offset
+            handle = Handle(
+                self._epoch, address >> SEGMENT_SHIFT, address & OFFSET_MASK, self._size, self._gen
+            )
             self._handle = handle
         return handle
 
@@ -89,7 +93,13 @@ class Buffer:
 
     @property
     def offset(self) -> int:
-        return self._offset
+        """Where the block starts in its segment."""
+        return self._offset & OFFSET_MASK
+
+    @property
+    def segment(self) -> int:
+        """The arena segment the block lies in (0 unless the arena grew)."""
+        return self._offset >> SEGMENT_SHIFT
 
     @property
     def retained(self) -> bool:
@@ -118,8 +128,9 @@ class Buffer:
                     f"shape {shape_t} of {dt} needs {count * dt.itemsize} bytes, "
                     f"the buffer has {self._size}"
                 )
-        start = self._offset
-        raw = self._client._ndarray_base()[start : start + count * dt.itemsize]
+        start = self._offset & OFFSET_MASK
+        base = self._client._ndarray_base(self._offset >> SEGMENT_SHIFT)
+        raw = base[start : start + count * dt.itemsize]
         return raw.view(dt).reshape(shape_t)
 
     def free(self) -> None:
@@ -154,4 +165,5 @@ class Buffer:
             self.release()
 
     def __repr__(self) -> str:
-        return f"<shmarena.Buffer {self._state} offset={self._offset:#x} size={self._size}>"
+        where = f"segment={self.segment} " if self.segment else ""
+        return f"<shmarena.Buffer {self._state} {where}offset={self.offset:#x} size={self._size}>"

@@ -42,6 +42,7 @@ from shmarena.protocol import (
     UNASSIGN,
     Op,
 )
+from shmarena.shm.segments import SEGMENT_SHIFT, SEGMENT_SPAN
 
 if TYPE_CHECKING:
     from shmarena.client.client import Client
@@ -117,7 +118,7 @@ class Cache:
         self.dirty = False
         self.wake = wake
         self.client = client
-        self.view = view  # the whole arena
+        self.view = view  # segment 0; the client maps the others
         self.classes: dict[int, int] = {}  # size -> class, memo
         self._gens = itertools.count((session << GEN_SHIFT) + 1)
 
@@ -158,16 +159,11 @@ class Cache:
             self.unreported.append(offset)
             if not self.dirty:
                 self._queued()
-        return Buffer(
-            self.client,
-            self.epoch,
-            offset,
-            size,
-            gen,
-            self.view[offset : offset + size],
-            "owned",
-            self,
-        )
+        if offset < SEGMENT_SPAN:  # segment 0
+            view = self.view[offset : offset + size]
+        else:
+            view = self.client._view_at(offset, size)
+        return Buffer(self.client, self.epoch, offset, size, gen, view, "owned", self)
 
     def take_back(self, buf: Buffer) -> int:
         """Free a Buffer this cache handed out; its class bytes. The hot path
@@ -198,9 +194,13 @@ class Cache:
             pass  # the caller still holds a view made from ours
         return cls
 
-    def _stale(self, offset: int, gen: int) -> StaleHandle:
+    def _stale(self, offset: int, gen: int, raw: bool = False) -> StaleHandle:
+        """`offset` is an address, or with `raw` a handle's offset as given."""
+        where = f"offset {offset:#x}"
+        if offset >= SEGMENT_SPAN and not raw:
+            where = f"offset {offset & (SEGMENT_SPAN - 1):#x} of segment {offset >> SEGMENT_SHIFT}"
         return StaleHandle(
-            f"block at offset {offset:#x} (generation {gen}) was freed or its owner "
+            f"block at {where} (generation {gen}) was freed or its owner "
             "recycled already (double free or use after free); nothing was freed",
             offset=offset,
             generation=gen,
@@ -218,7 +218,8 @@ class Cache:
             self._report(offset)
             del self.out[offset]
             self.awaiting[offset] = (gen, entry[3])
-            self.pending += (FREE_EVENT, self.epoch, 0, offset, size, gen)
+            segment, local = offset >> SEGMENT_SHIFT, offset & (SEGMENT_SPAN - 1)
+            self.pending += (FREE_EVENT, self.epoch, segment, local, size, gen)
             if not self.dirty:
                 self._queued()
         return entry[3]

@@ -43,6 +43,7 @@ from shmarena.errors import (
 from shmarena.protocol import GEN_SHIFT, MAX_BATCH, PROTOCOL_VERSION, Handle, Op
 from shmarena.shm.arena import map_segment
 from shmarena.shm.backing import map_file
+from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT
 
 # (shm name, epoch) -> (mapping, memoryview of all of it), one per process.
 _MAPPINGS: dict[tuple[str, int], tuple[mmap.mmap, memoryview]] = {}
@@ -191,8 +192,13 @@ class Client:
         self.info: dict[str, Any] = {}
         self.session = 0
         self.epoch = 0
-        self._arena_view: memoryview | None = None
+        self._arena_view: memoryview | None = None  # segment 0
         self._arena_key: tuple[str, int] = ("", 0)
+        # Segments: index -> where to map it (from the daemon), and the views
+        # and mapping keys of those this client has mapped so far.
+        self._segment_info: dict[int, dict[str, Any]] = {}
+        self._views: dict[int, memoryview] = {}
+        self._keys: dict[int, tuple[str, int]] = {}
         self._cache: Cache | None = None
         self._flush_wake = threading.Event()
         self._flusher: threading.Thread | None = None
@@ -220,16 +226,19 @@ class Client:
                 self.label,
                 resume or [],
             )
-            segment = info["segments"][0]
-            self._arena_key = (segment[0], info["epoch"])
-            offset = segment[2] if len(segment) > 2 else None  # a file: [path, size, offset]
-            self._arena_view = _map(*self._arena_key, info["size_bytes"], self.populate, offset)
+            segments = {int(s["index"]): s for s in info["segments"]}
+            first = segments[0]
+            key = (_locator(first), info["epoch"])
+            view = _map(key, first, self.populate)
         except BaseException:
             transport.close()
             raise
         self.info = info
         self.session = info["session"]
         self.epoch = info["epoch"]
+        self._segment_info = segments
+        self._arena_key, self._arena_view = key, view
+        self._views, self._keys = {0: view}, {0: key}
         self._token = int(info.get("token", 0))
         cache = self._cache
         if not info.get("resumed"):
@@ -239,7 +248,7 @@ class Client:
                 self.session,
                 self.epoch,
                 int(info["min_block_bytes"]),
-                int(info["size_bytes"]),
+                int(first["size"]),
                 self._wake_flusher,
                 self,
                 self._arena_view,
@@ -447,8 +456,48 @@ class Client:
         cache = self._cache
         return cache.max_bytes if cache is not None else 0
 
-    def _ndarray_base(self) -> Any:
-        return _ndarray_base(self._arena_key)
+    def _ndarray_base(self, segment: int = 0) -> Any:
+        if segment not in self._keys:
+            self._segment_view(segment)
+        return _ndarray_base(self._keys[segment])
+
+    # -- segments ----------------------------------------------------------
+
+    def _segment_view(self, segment: int) -> memoryview:
+        """The view of a segment, mapped the first time it is met. The
+        daemon says where it lives (one round trip per new segment)."""
+        view = self._views.get(segment)
+        if view is not None:
+            return view
+        with self._lock:
+            where = self._segment_info.get(segment)
+        if where is None:
+            (rows,) = self._request(Op.SEGMENTS)
+            with self._lock:
+                self._segment_info = {int(row["index"]): row for row in rows}
+                where = self._segment_info.get(segment)
+            _unmap_released(self.epoch, {_locator(row) for row in rows})
+        if where is None:
+            raise StaleHandle(
+                f"segment {segment} of arena {self.name!r} (epoch {self.epoch}) does not exist: "
+                "it was released after it stood empty, or never made; the block is gone",
+                segment=segment,
+            )
+        key = (_locator(where), self.epoch)
+        view = _map(key, where, self.populate)
+        with self._lock:
+            self._views[segment], self._keys[segment] = view, key
+        return view
+
+    def _view_at(self, address: int, size: int) -> memoryview:
+        """The bytes [address, address + size) of the arena (see segments.address)."""
+        offset = address & OFFSET_MASK
+        return self._segment_view(address >> SEGMENT_SHIFT)[offset : offset + size]
+
+    def segments(self) -> list[dict[str, Any]]:
+        """The arena's segments now: index, size and where each lives."""
+        (rows,) = self._request(Op.SEGMENTS)
+        return list(rows)
 
     def __repr__(self) -> str:
         return f"<shmarena.Client {self.name!r} session={self.session} epoch={self.epoch}>"
@@ -456,10 +505,10 @@ class Client:
     # -- buffers -----------------------------------------------------------
 
     def _buffer(self, wire: list[int], state: str) -> Buffer:
-        _, _, offset, size, gen = wire
-        assert self._arena_view is not None
-        view = self._arena_view[offset : offset + size]
-        return Buffer(self, self.epoch, offset, size, gen, view, state, None)
+        _, segment, offset, size, gen = wire
+        view = self._segment_view(segment)[offset : offset + size]
+        address = segment << SEGMENT_SHIFT | offset
+        return Buffer(self, self.epoch, address, size, gen, view, state, None)
 
     def alloc(self, size: int) -> Buffer:
         """A buffer of exactly `size` bytes, owned by this session.
@@ -500,6 +549,10 @@ class Client:
         """One FILL round trip (two when the arena is full, see `_request_room`:
         the daemon takes what is needed and only as many more as fit)."""
         taken, direct, notices = self._request_room(Op.FILL, fills, cache.mark(), sizes, owner)
+        for offsets in taken:  # map new segments before their blocks are handed out
+            if offsets and max(offsets) >> SEGMENT_SHIFT not in self._views:
+                for segment in {o >> SEGMENT_SHIFT for o in offsets}:
+                    self._segment_view(segment)
         cache.notice(notices)
         for i, offsets in enumerate(taken):
             cache.add(fills[3 * i], offsets)
@@ -606,17 +659,19 @@ class Client:
         cache = buf._cache
         if cache is not None and cache is self._cache:
             return cache.take_back(buf)
-        carved = self._post_free((self.epoch, 0, buf._offset, buf._size, buf._gen))
+        segment, offset = buf._offset >> SEGMENT_SHIFT, buf._offset & OFFSET_MASK
+        carved = self._post_free((self.epoch, segment, offset, buf._size, buf._gen))
         buf._done()
         return carved
 
     def _free_handle(self, handle: Handle) -> int:
         cache = self._cache
         if cache is not None and handle.generation >> GEN_SHIFT == self.session:
-            if handle.segment != 0:
-                raise StaleHandle(f"no block in segment {handle.segment}; nothing was freed")
+            if not 0 <= handle.offset <= OFFSET_MASK or handle.segment < 0:
+                raise cache._stale(handle.offset, handle.generation, raw=True)
             # Made by this very cache: it knows whether the block is still out.
-            return cache.free_through_daemon(handle.offset, handle.generation, handle.size)
+            address = handle.segment << SEGMENT_SHIFT | handle.offset
+            return cache.free_through_daemon(address, handle.generation, handle.size)
         return self._post_free(tuple(handle))  # type: ignore[arg-type]
 
     def _post_free(self, handle: tuple[int, int, int, int, int]) -> int:
@@ -640,15 +695,20 @@ class Client:
         handle = _as_handle(handle)
         if handle.epoch != self.epoch:
             raise _other_epoch(handle.epoch, self.epoch, "attach")
-        size_bytes = int(self.info["size_bytes"])
-        if (
-            handle.segment != 0
-            or handle.offset < 0
-            or handle.size <= 0
-            or (handle.offset + handle.size > size_bytes)
-        ):
+        try:
+            view = self._segment_view(handle.segment) if handle.segment >= 0 else None
+        except StaleHandle:
+            view = None
+        if view is None:
+            sizes = {k: int(v["size"]) for k, v in self._segment_info.items()}
             raise InvalidRequest(
-                f"handle {tuple(handle)} lies outside the arena of {size_bytes} bytes"
+                f"handle {tuple(handle)} names segment {handle.segment}, which arena "
+                f"{self.name!r} does not have: its segments (index: bytes) are {sizes}"
+            )
+        if handle.offset < 0 or handle.size <= 0 or handle.offset + handle.size > len(view):
+            raise InvalidRequest(
+                f"handle {tuple(handle)} lies outside segment {handle.segment} of the arena, "
+                f"which has {len(view)} bytes"
             )
         if retain:
             self._request(Op.RETAIN, [list(handle)])
@@ -764,22 +824,42 @@ def _default_runtime_dir() -> str:
     return runtime_dir(os.environ, os.getuid())
 
 
-def _map(
-    shm_name: str, epoch: int, size_bytes: int, populate: bool, offset: int | None = None
-) -> memoryview:
-    """The process's one mapping of an arena: a shm segment by name, or with
-    an `offset` a backing file (by path) from there."""
-    key = (shm_name, epoch)
+def _locator(where: dict[str, Any]) -> str:
+    """A segment's shm name or file path: with the epoch, its mapping's key."""
+    return str(where.get("shm") or where["path"])
+
+
+def _map(key: tuple[str, int], where: dict[str, Any], populate: bool) -> memoryview:
+    """The process's one mapping of a segment: shm by name, or a file (a
+    backing file, a hugetlbfs file, the daemon's memfd) by path and offset."""
     with _MAPPINGS_LOCK:
         found = _MAPPINGS.get(key)
         if found is None:
-            if offset is not None:
-                mapping = map_file(shm_name, size_bytes, offset, populate)
+            size = int(where["size"])
+            if "shm" in where:
+                mapping = map_segment(str(where["shm"]), size, populate)
             else:
-                mapping = map_segment(shm_name, size_bytes, populate)
+                mapping = map_file(str(where["path"]), size, int(where["offset"]), populate)
             found = (mapping, memoryview(mapping))
             _MAPPINGS[key] = found
         return found[1]
+
+
+def _unmap_released(epoch: int, current: set[str]) -> None:
+    """Unmap this process's mappings of segments of `epoch` the daemon no
+    longer lists (released when empty), unless a view of them is still
+    alive: their memory goes back to the system."""
+    with _MAPPINGS_LOCK:
+        for key in [k for k in _MAPPINGS if k[1] == epoch and k[0] not in current]:
+            mapping, view = _MAPPINGS[key]
+            if key in _ARRAYS:
+                continue  # a numpy base array may have lent views out
+            try:
+                view.release()
+                mapping.close()
+            except BufferError:
+                continue  # a buffer still looks at it: it stays mapped
+            del _MAPPINGS[key]
 
 
 def _ndarray_base(key: tuple[str, int]) -> Any:

@@ -29,7 +29,7 @@ replies.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from shmarena.config import format_size
@@ -44,6 +44,13 @@ from shmarena.protocol import (
     MAX_SIZE_BYTES,
     UNASSIGN,
     Handle,
+)
+from shmarena.shm.segments import (
+    MAX_SEGMENTS,
+    OFFSET_MASK,
+    SEGMENT_SHIFT,
+    Segmented,
+    plan_growth,
 )
 from shmarena.shm.space import Space
 
@@ -114,11 +121,28 @@ class Freed:
     bytes: int
 
 
+@dataclass
+class Growth:
+    """How the arena may grow (`--max-size`): up to `max_bytes` in all, by
+    segments of whole `granule`s. `make(index, size)` is the server's: it
+    creates the segment's memory and answers whether it could. An added
+    segment that stays empty for `idle_s` seconds is released (0: never)."""
+
+    max_bytes: int
+    granule: int
+    make: Callable[[int, int], bool]
+    idle_s: float = 30.0
+    failures: int = 0  # segments `make` could not create
+    last_failure: str = ""
+
+
 class Ledger:
-    def __init__(self, name: str, epoch: int, space: Space) -> None:
+    def __init__(self, name: str, epoch: int, space: Space, growth: Growth | None = None) -> None:
         self.name = name
         self.epoch = epoch
-        self.space = space  # the allocator of offsets: Extents, or Buddy
+        self.space = space  # the allocator of addresses: Extents, Buddy, or Segmented
+        self.growth = growth if isinstance(space, Segmented) else None
+        self.empty_since: dict[int, float] = {}  # added segment -> when it was seen empty
         self.sessions: dict[int, Session] = {}
         self.owners: dict[str, Owner] = {}
         self.blocks: dict[int, Block] = {}  # offset -> block, live or retained-only
@@ -259,8 +283,10 @@ class Ledger:
         owner = self.open_owner(name, session_id, detached and owner_name is not None, now)
         space = self.space
         offsets: list[int] = []
-        for size in sizes:
+        for i, size in enumerate(sizes):
             offset = space.alloc(size)
+            if offset is None and self.growth is not None and self._grow(sum(sizes[i:]), size):
+                offset = space.alloc(size)
             if offset is None:
                 for taken in offsets:
                     space.free(taken)
@@ -363,7 +389,11 @@ class Ledger:
                 f"{self.epoch}: the daemon was restarted and the block no longer exists",
                 handle=list(handle),
             )
-        block = self.blocks.get(handle.offset) if handle.segment == 0 else None
+        block = (
+            self.blocks.get(handle.segment << SEGMENT_SHIFT | handle.offset)
+            if 0 <= handle.offset <= OFFSET_MASK and 0 <= handle.segment < 1 << 22
+            else None
+        )
         if block is not None and self._early(block, handle):
             return block, True
         if block is not None and block.generation == handle.generation:
@@ -490,7 +520,14 @@ class Ledger:
             for _ in range(count):
                 offset = space.alloc(class_bytes)
                 if offset is None:
-                    break
+                    short = need - len(offsets)
+                    if short <= 0 or self.growth is None:
+                        break
+                    if not self._grow(short * class_bytes, class_bytes):
+                        break
+                    offset = space.alloc(class_bytes)
+                    if offset is None:
+                        break
                 offsets.append(offset)
             if len(offsets) < need:
                 give_back()
@@ -678,9 +715,18 @@ class Ledger:
         holders = ", ".join(f"{o.name} {format_size(o.bytes)}" for o in top if o.bytes)
         if holders:
             figures += f"; largest owners: {holders}"
+        growth = self.growth
+        if growth is not None:
+            figures += (
+                f"; the arena has grown to {format_size(space.size_bytes)} of its --max-size "
+                f"{format_size(growth.max_bytes)}"
+            )
+            if growth.failures:
+                figures += f" (adding a segment failed: {growth.last_failure})"
         return OutOfMemory(
             f"arena {self.name!r} is {state}: {figures}; free buffers, recycle an owner "
-            "(`shmarena owners` shows who holds what) or start the daemon with a larger --size",
+            "(`shmarena owners` shows who holds what) or start the daemon with a larger "
+            + ("--max-size" if growth is not None else "--size"),
             requested_bytes=size,
             largest_free_bytes=largest,
             free_bytes=free,
@@ -688,6 +734,44 @@ class Ledger:
             state=state,
             top_owners=[[o.name, o.bytes] for o in top if o.bytes],
         )
+
+    # -- growth --------------------------------------------------------------
+
+    def _grow(self, need_bytes: int, size: int) -> bool:
+        """Add a segment that can hold `need_bytes` (a request of `size` at
+        least), if the cap allows and the server can make it."""
+        growth, space = self.growth, self.space
+        assert growth is not None and isinstance(space, Segmented)
+        if len(space.spaces) >= MAX_SEGMENTS:
+            return False
+        need = max(space.carved_bytes(need_bytes), space.spaces[0].room_for(size))
+        planned = plan_growth(space.size_bytes, need, growth.max_bytes, growth.granule)
+        if planned is None:
+            return False
+        index = space.next_index
+        if not growth.make(index, planned):
+            growth.failures += 1
+            return False
+        space.add(index, planned)
+        return True
+
+    def trim(self, now: float) -> list[int]:
+        """The added segments that have been empty for the idle period, now
+        removed from the allocator (the server then releases their memory)."""
+        growth, space = self.growth, self.space
+        if growth is None or not isinstance(space, Segmented) or growth.idle_s <= 0:
+            return []
+        released = []
+        for index, part in list(space.spaces.items()):
+            if index == 0 or part.live:
+                self.empty_since.pop(index, None)
+                continue
+            since = self.empty_since.setdefault(index, now)
+            if now - since >= growth.idle_s:
+                space.remove(index)
+                del self.empty_since[index]
+                released.append(index)
+        return released
 
     # -- reading -------------------------------------------------------------
 

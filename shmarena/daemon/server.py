@@ -42,9 +42,11 @@ from shmarena.daemon.store import DEFAULT_COMPACT_BYTES, Store, new_epoch
 from shmarena.daemon.table import State
 from shmarena.errors import DaemonStartError, ShmArenaError
 from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, MAX_FRAMES
-from shmarena.shm.arena import Arena, shm_path
+from shmarena.shm import hugepages, numa
+from shmarena.shm.arena import Arena, Pages
 from shmarena.shm.journal import CrashPoints
 
+DEFAULT_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 # Messages handled per wake-up of the loop before pidfds and timers get a turn.
 MESSAGES_PER_WAKE = 32
 # Unix socket paths are limited to 108 bytes including the terminating NUL.
@@ -98,6 +100,16 @@ class DaemonOptions:
     durability: str = "batch"
     grace_s: float = 15.0
     compact_bytes: int = DEFAULT_COMPACT_BYTES
+    # --numa-node N binds the arena to node N (and the daemon to its CPUs);
+    # --numa-interleave spreads it over every node with memory.
+    numa_node: int | None = None
+    numa_interleave: bool = False
+    # --hugepages: hugetlbfs or transparent huge pages, or refuse to start.
+    hugepages: bool = False
+    # --max-size: grow by segments up to this; --shrink-after: release an
+    # added segment empty for this long (0: never).
+    max_size_bytes: int | None = None
+    shrink_after_s: float = 30.0
     # Tests: SIGKILL the daemon at a named point of the persistence path.
     debug_crash_at: str | None = None
     # Fault injection for tests: drop this fraction of replies (never late
@@ -166,7 +178,10 @@ class Server:
         self.lock_path = lock_path(options.run_dir, options.name)
         self.shm_name = shm_name(options.name)
         self.lock_fd: int | None = None
-        self.arena: Arena | None = None
+        self.arenas: dict[int, Arena] = {}  # segment index -> its memory
+        self.pages = Pages()
+        self.pages_kind = "shm"  # or hugetlbfs, thp-shm, thp-memfd
+        self.node_cpus: list[int] = []  # --numa-node: the CPUs the daemon was pinned to
         self.store: Store | None = None
         self.crash = CrashPoints(options.debug_crash_at)
         self.context: zmq.Context[Any] | None = None
@@ -227,8 +242,16 @@ class Server:
             epoch, allocator = state.epoch, header.allocator
         else:
             assert opts.size_bytes is not None
-            self.arena = Arena.create(self.shm_name, opts.size_bytes, gid=self.gid)
-            size_bytes, epoch = opts.size_bytes, new_epoch()
+            self.pages = self._plan_pages(opts.size_bytes)
+            size_bytes = self.pages.round(opts.size_bytes)
+            if size_bytes != opts.size_bytes:
+                self.log(
+                    f"--size {format_size(opts.size_bytes)} rounded up to "
+                    f"{format_size(size_bytes)}, a whole number of "
+                    f"{format_size(self.pages.page_bytes)} pages"
+                )
+            self.arenas[0] = Arena.create(self.shm_name, size_bytes, self.gid, self.pages)
+            epoch = new_epoch()
             min_block = opts.min_block_bytes or DEFAULT_MIN_BLOCK_BYTES
             allocator = opts.allocator or "extents"
         store = self.store
@@ -248,8 +271,19 @@ class Server:
             data_offset=store.backing.header.data_offset if store else 0,
             durability=opts.durability if store else "",
             grace_s=opts.grace_s,
+            max_size_bytes=opts.max_size_bytes or 0,
+            granule_bytes=self.pages.page_bytes,
+            idle_s=opts.shrink_after_s,
         )
-        self.service = Service(info, watch=self._watch, new_token=lambda: secrets.randbits(63))
+        self.service = Service(
+            info,
+            watch=self._watch,
+            new_token=lambda: secrets.randbits(63),
+            grow=self._add_segment,
+        )
+        if 0 in self.arenas:
+            self.service.segments[0] = {"index": 0, **self.arenas[0].locator}
+        self.service.extra_stats = self._extra_stats
         if store is not None and state is not None:
             self._recover(store, state, started_at)
         self.context = zmq.Context()
@@ -291,8 +325,118 @@ class Server:
         store.begin(service, self.options.backing or "")
         self._served = True
         ledger.take_changes()
-        service.extra_stats = store.stats
         self.log(store.describe())
+
+    # -- pages: NUMA, huge pages, segments ------------------------------------
+
+    def _plan_pages(self, size_bytes: int) -> Pages:
+        """How the arena's pages are made, from --numa-* and --hugepages;
+        DaemonStartError when the machine cannot do what was asked."""
+        opts = self.options
+        policy = 0
+        nodes: tuple[int, ...] = ()
+        if opts.numa_node is not None or opts.numa_interleave:
+            topology = numa.read_topology()
+            if opts.numa_node is not None:
+                node = topology.nodes.get(opts.numa_node)
+                if node is None or node.memory_bytes == 0:
+                    why = "does not exist" if node is None else "has no memory"
+                    raise DaemonStartError(
+                        f"--numa-node {opts.numa_node}: that node {why} on this machine; "
+                        f"it has {topology.describe()}; pick one of "
+                        f"{', '.join(map(str, topology.with_memory))}",
+                        nodes=topology.with_memory,
+                    )
+                policy, nodes = numa.MPOL_BIND, (opts.numa_node,)
+                if node.cpus:
+                    numa.pin_to_cpus(node.cpus)
+                    self.node_cpus = list(node.cpus)
+            else:
+                policy, nodes = numa.MPOL_INTERLEAVE, tuple(topology.with_memory)
+        kind, directory, page_bytes, thp = "shm", "/dev/shm", DEFAULT_PAGE_BYTES, False
+        if opts.hugepages:
+            plan = hugepages.plan(hugepages.survey(), size_bytes, self.gid is not None)
+            if isinstance(plan, str):
+                raise DaemonStartError(plan)
+            self.pages_kind = plan.kind
+            page_bytes = plan.page_bytes
+            if plan.kind == "hugetlbfs":
+                kind, directory = "hugetlbfs", plan.directory
+            else:
+                kind, thp = ("shm" if plan.kind == "thp-shm" else "memfd"), True
+            self.log(f"--hugepages: the arena is on {plan.describe()}")
+        prefault = bool(policy) or opts.hugepages
+        return Pages(kind, directory, page_bytes, thp, policy, nodes, prefault)
+
+    def _add_segment(self, index: int, size_bytes: int) -> bool:
+        """Make segment `index` (the service's growth asks); False, with the
+        reason kept for the next OutOfMemory message, when it cannot."""
+        assert self.service is not None
+        growth = self.service.ledger.growth
+        try:
+            arena = Arena.create(shm_name(self.options.name, index), size_bytes, self.gid,
+                                 self.pages)  # fmt: skip
+        except (DaemonStartError, OSError) as exc:
+            if growth is not None:
+                growth.last_failure = str(exc)
+            self.log(f"could not add segment {index} of {format_size(size_bytes)}: {exc}")
+            return False
+        self.arenas[index] = arena
+        self.service.segments[index] = {"index": index, **arena.locator}
+        total = sum(a.size_bytes for a in self.arenas.values())
+        self.log(
+            f"added segment {index}: {format_size(size_bytes)} at {arena.where}; "
+            f"the arena is {format_size(total)} now"
+        )
+        return True
+
+    def _release_segments(self, now: float) -> None:
+        assert self.service is not None
+        for index in self.service.ledger.trim(now):
+            arena = self.arenas.pop(index)
+            self.service.segments.pop(index, None)
+            arena.close(unlink=True)
+            self.log(
+                f"released segment {index} ({format_size(arena.size_bytes)}): empty for "
+                f"{self.options.shrink_after_s:g} s"
+            )
+
+    def _extra_stats(self) -> dict[str, Any]:
+        """What only the server knows: the pages as the kernel reports them,
+        NUMA placement, and the persistent table's figures."""
+        extra: dict[str, Any] = self.store.stats() if self.store is not None else {}
+        pages: list[dict[str, Any]] = []
+        by_node: dict[str, int] = {}
+        policy = ""
+        for index, arena in self.arenas.items():
+            try:
+                record = numa.read_placement(arena.mapping, arena.size_bytes)
+            except (OSError, ValueError) as exc:
+                record = {"error": str(exc)}
+            record["index"] = index
+            pages.append(record)
+            policy = policy or str(record.get("policy", ""))
+            for node, count in record.get("bytes_by_node", {}).items():
+                by_node[node] = by_node.get(node, 0) + count
+        if pages:
+            extra["pages"] = {
+                "kind": self.pages_kind,
+                "page_bytes": min(int(p.get("page_bytes", 0)) for p in pages),
+                "huge_bytes": sum(int(p.get("huge_bytes", 0)) for p in pages),
+                "mapped_bytes": sum(int(p.get("mapped_bytes", 0)) for p in pages),
+                "segments": pages,
+            }
+            bound = self.arenas[0].numa if 0 in self.arenas else None
+            extra["numa"] = {
+                "requested": dict(bound) if bound else None,
+                "policy": policy or "default",
+                "bytes_by_node": by_node,
+                "daemon_cpus": sorted(os.sched_getaffinity(0)),
+                "resident_pages_at_bind": sum(
+                    int(a.numa["resident_pages_at_bind"]) for a in self.arenas.values() if a.numa
+                ),
+            }
+        return extra
 
     def _commit(self) -> None:
         """Make this wake-up's changes durable (a file-backed arena), or
@@ -425,7 +569,7 @@ class Server:
                 f"by up to {opts.debug_delay_ms:g} ms (fault injection; never in production)"
             )
         info = service.info
-        where = info.backing or shm_path(self.shm_name)
+        where = info.backing or self.arenas[0].where
         self.log(
             f"shmarena daemon {opts.name!r} (pid {os.getpid()}) serving "
             f"{format_size(info.size_bytes)} at {where}, socket {self.socket_path}"
@@ -500,6 +644,8 @@ class Server:
                     self._unwatch(session_id)
                     self.log(f"client session {session_id} expired: reclaimed")
                 self._commit()
+                if len(self.arenas) > 1:
+                    self._release_segments(time.time())
         why = signal.Signals(self._stop_signal).name if self._stop_signal else "shutdown request"
         self.log(f"shmarena daemon {opts.name!r} stopping ({why})")
 
@@ -596,10 +742,11 @@ class Server:
             except OSError as exc:
                 self.log(f"final snapshot of the allocation table failed: {exc}")
             self.store = None
-        if self.arena is not None:
+        if self.arenas:
             remove(self.socket_path)
-            self.arena.close(unlink=True)
-            self.arena = None
+            for arena in self.arenas.values():
+                arena.close(unlink=True)
+            self.arenas.clear()
         if self.lock_fd is not None:
             remove(self.lock_path)
             os.close(self.lock_fd)

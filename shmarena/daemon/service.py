@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shmarena.daemon.ledger import DETACHED, Block, Freed, Ledger
+from shmarena.daemon.ledger import DETACHED, Block, Freed, Growth, Ledger
 from shmarena.daemon.table import Link
 from shmarena.errors import (
     InvalidRequest,
@@ -50,6 +50,8 @@ from shmarena.protocol import (
 )
 from shmarena.shm.buddy import Buddy
 from shmarena.shm.extents import Extents
+from shmarena.shm.segments import SEGMENT_SHIFT, Segmented
+from shmarena.shm.space import Space
 
 ALLOCATORS = {"extents": Extents, "buddy": Buddy}
 
@@ -60,6 +62,10 @@ Watch = Callable[[int, int, int], bool]
 
 def _no_watch(session_id: int, pid: int, start_ticks: int) -> bool:
     return False
+
+
+def _no_grow(index: int, size_bytes: int) -> bool:
+    return True  # the pure core's tests: a segment is only numbers
 
 
 # Peers whose session ended are remembered (bounded) so that their next
@@ -88,13 +94,19 @@ class ArenaInfo:
     data_offset: int = 0
     durability: str = ""
     grace_s: float = 0.0  # how long recovered sessions wait for their client
+    # --max-size: the arena may grow by segments up to this (0: it cannot),
+    # in whole granules; an empty added segment goes after idle_s seconds.
+    max_size_bytes: int = 0
+    granule_bytes: int = 4096
+    idle_s: float = 30.0
 
     @property
-    def segment(self) -> list[Any]:
-        """How a client maps the arena: [shm name, size] or [path, size, offset]."""
+    def first_segment(self) -> dict[str, Any]:
+        """How a client maps segment 0 unless the server says otherwise."""
         if self.backing:
-            return [self.backing, self.size_bytes, self.data_offset]
-        return [self.shm_name, self.size_bytes]
+            return {"index": 0, "path": self.backing, "offset": self.data_offset,
+                    "size": self.size_bytes}  # fmt: skip
+        return {"index": 0, "shm": self.shm_name, "size": self.size_bytes}
 
 
 @dataclass
@@ -126,10 +138,13 @@ class Service:
         info: ArenaInfo,
         watch: Watch = _no_watch,
         new_token: Callable[[], int] | None = None,
+        grow: Callable[[int, int], bool] = _no_grow,
     ) -> None:
         self.info = info
-        space = ALLOCATORS[info.allocator](info.size_bytes, info.min_block_bytes)
-        self.ledger = Ledger(info.name, info.epoch, space)
+        self.ledger = Ledger(info.name, info.epoch, *self.new_space(info, grow))
+        # index -> how clients map that segment (the server fills in what it
+        # made; by default segment 0 as `info` says)
+        self.segments: dict[int, dict[str, Any]] = {0: info.first_segment}
         self.watch = watch
         self.peers: dict[bytes, int] = {}  # zmq routing id -> session id
         self.session_peer: dict[int, bytes] = {}
@@ -165,7 +180,21 @@ class Service:
             Op.CLIENTS: self._clients,
             Op.CHECK: self._check,
             Op.SHUTDOWN: self._shutdown,
+            Op.SEGMENTS: self._segments,
         }
+
+    @staticmethod
+    def new_space(
+        info: ArenaInfo, grow: Callable[[int, int], bool] = _no_grow
+    ) -> tuple[Space, Growth | None]:
+        """The allocator for `info`, and its growth when it may grow."""
+        kind, unit = ALLOCATORS[info.allocator], info.min_block_bytes
+        space = kind(info.size_bytes, unit)
+        if info.max_size_bytes <= info.size_bytes:
+            return space, None
+        granule = max(info.granule_bytes, unit)
+        growth = Growth(info.max_size_bytes, granule, grow, info.idle_s)
+        return Segmented(space, lambda size: kind(size, unit)), growth
 
     # -- the one entry point -----------------------------------------------
 
@@ -285,9 +314,9 @@ class Service:
                 "session": session_id,
                 "name": info.name,
                 "epoch": info.epoch,
-                "size_bytes": info.size_bytes,
+                "size_bytes": self.ledger.space.size_bytes,
                 "min_block_bytes": info.min_block_bytes,
-                "segments": [info.segment],
+                "segments": list(self.segments.values()),
                 "pid": info.pid,
                 "protocol": PROTOCOL_VERSION,
                 "watched": session.watched,
@@ -459,7 +488,17 @@ class Service:
     # -- blocks and owners -------------------------------------------------
 
     def _wire(self, block: Block) -> list[int]:
-        return [self.info.epoch, 0, block.offset, block.size, block.generation]
+        address = block.offset
+        return [
+            self.info.epoch,
+            address >> SEGMENT_SHIFT,
+            address & ((1 << SEGMENT_SHIFT) - 1),
+            block.size,
+            block.generation,
+        ]
+
+    def _segments(self, session_id: int, request: Request, now: float) -> list[Any]:
+        return ok_reply(request.request_id, list(self.segments.values()))
 
     def _alloc(self, session_id: int, request: Request, now: float) -> list[Any]:
         size, owner, detached = request.args
@@ -552,7 +591,10 @@ class Service:
             "socket": info.socket_path,
             "started_at": info.started_at,
             "uptime_s": round(now - info.started_at, 3),
-            "size_bytes": info.size_bytes,
+            "size_bytes": buddy.size_bytes,
+            "initial_size_bytes": info.size_bytes,
+            "max_size_bytes": max(info.max_size_bytes, info.size_bytes),
+            "segments": self.segment_rows(),
             "allocator": info.allocator,
             "used_bytes": ledger.owned_bytes,
             "requested_bytes": ledger.requested_bytes,
@@ -580,6 +622,26 @@ class Service:
             "counters": dict(vars(self.counters)),
             **self.extra_stats(),
         }
+
+    def segment_rows(self) -> list[dict[str, Any]]:
+        """Per segment: its index, size, use and where it lives."""
+        space = self.ledger.space
+        parts = space.spaces if isinstance(space, Segmented) else {0: space}
+        rows = []
+        for index, part in parts.items():
+            where = self.segments.get(index, {})
+            rows.append(
+                {
+                    "index": index,
+                    "size_bytes": part.size_bytes,
+                    "used_bytes": part.used_bytes,
+                    "blocks": len(part.live),
+                    "largest_free_bytes": part.largest_free_bytes(),
+                    "where": where.get("shm") or where.get("path", ""),
+                    "empty_since": self.ledger.empty_since.get(index),
+                }
+            )
+        return rows
 
     def _stats(self, session_id: int, request: Request, now: float) -> list[Any]:
         return ok_reply(request.request_id, self.stats(now))

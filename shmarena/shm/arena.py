@@ -18,6 +18,7 @@ import mmap
 import os
 import stat
 from dataclasses import dataclass
+from typing import Any
 
 import posix_ipc
 
@@ -31,45 +32,100 @@ def shm_path(shm_name: str) -> str:
     return f"{SHM_MOUNT}/{shm_name.lstrip('/')}"
 
 
+@dataclass(frozen=True)
+class Pages:
+    """How a segment's pages are made. The default is plain tmpfs pages in
+    /dev/shm, allocated in full by fallocate."""
+
+    kind: str = "shm"  # "shm", "hugetlbfs" (a file in `directory`) or "memfd"
+    directory: str = SHM_MOUNT  # the hugetlbfs mount, for kind "hugetlbfs"
+    page_bytes: int = mmap.PAGESIZE  # sizes are rounded up to this
+    thp: bool = False  # transparent huge pages: madvise before any page exists
+    numa_policy: int = 0  # numa.MPOL_BIND or MPOL_INTERLEAVE; 0: none
+    numa_nodes: tuple[int, ...] = ()
+    prefault: bool = False  # map every page into the daemon at start
+
+    def round(self, size_bytes: int) -> int:
+        page = self.page_bytes
+        return -(-size_bytes // page) * page
+
+
 @dataclass
 class Arena:
-    """A segment the daemon created and holds (fd open and flocked)."""
+    """A segment the daemon created and holds (fd open and, for named ones,
+    flocked)."""
 
     shm_name: str
     size_bytes: int
     fd: int
     mapping: mmap.mmap
+    path: str = ""  # a file in a hugetlbfs mount; "" for shm and memfd
+    kind: str = "shm"
+    numa: dict[str, Any] | None = None  # how the pages were bound, if they were
 
     @classmethod
-    def create(cls, shm_name: str, size_bytes: int, gid: int | None = None) -> Arena:
-        """Create the segment (removing one left by a dead daemon), fallocate it
-        in full, lock it and map it. Mode 0600, or 0660 owned by group `gid`.
-        DaemonStartError says what went wrong; nothing is left behind on failure."""
+    def create(
+        cls, shm_name: str, size_bytes: int, gid: int | None = None, pages: Pages = Pages()
+    ) -> Arena:
+        """Create the segment (removing one left by a dead daemon), bind it
+        to its NUMA nodes, allocate it in full, lock it and map it. Mode 0600,
+        or 0660 owned by group `gid`. DaemonStartError says what went wrong;
+        nothing is left behind on failure."""
         mode = 0o600 if gid is None else 0o660
-        remove_stale(shm_name)
-        try:
-            shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, mode=mode, size=0)
-        except posix_ipc.ExistentialError:
-            raise DaemonStartError(
-                f"shared memory {shm_path(shm_name)} appeared while starting; "
-                "another daemon with the same name is starting: stop it or pick another --name"
-            ) from None
-        fd = shm.fd
+        path = ""
+        if pages.kind == "memfd":
+            fd = os.memfd_create(shm_name.lstrip("/"))
+        elif pages.kind == "hugetlbfs":
+            path = os.path.join(pages.directory, shm_name.lstrip("/"))
+            fd = _create_file(path, mode)
+        else:
+            fd = _create_shm(shm_name, mode)
+        mapping = None
         try:
             if gid is not None:
                 os.fchown(fd, -1, gid)
             os.fchmod(fd, mode)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            try:
-                os.posix_fallocate(fd, 0, size_bytes)
-            except OSError as exc:
-                raise DaemonStartError(_no_space_message(shm_name, size_bytes, exc)) from None
+            if pages.kind != "memfd":
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, size_bytes)
             mapping = mmap.mmap(fd, size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            numa = _bind(mapping, size_bytes, pages) if pages.numa_policy else None
+            if pages.thp:
+                mapping.madvise(mmap.MADV_HUGEPAGE)
+                _populate(mapping, size_bytes, shm_name, pages)  # fallocate'd pages are never huge
+            else:
+                try:
+                    os.posix_fallocate(fd, 0, size_bytes)
+                except OSError as exc:
+                    message = _no_space_message(shm_name, size_bytes, exc, pages)
+                    raise DaemonStartError(message) from None
+                if pages.prefault:
+                    _populate(mapping, size_bytes, shm_name, pages)
         except BaseException:
+            if mapping is not None:
+                mapping.close()
             os.close(fd)
-            _unlink_quietly(shm_name)
+            if pages.kind == "hugetlbfs":
+                _unlink_file(path)
+            elif pages.kind == "shm":
+                _unlink_quietly(shm_name)
             raise
-        return cls(shm_name, size_bytes, fd, mapping)
+        return cls(shm_name, size_bytes, fd, mapping, path, pages.kind, numa)
+
+    @property
+    def locator(self) -> dict[str, object]:
+        """How a client maps this segment: by shm name, or by a path (a
+        hugetlbfs file, or the daemon's memfd under /proc)."""
+        if self.kind == "shm":
+            return {"shm": self.shm_name, "size": self.size_bytes}
+        path = self.path or f"/proc/{os.getpid()}/fd/{self.fd}"
+        return {"path": path, "offset": 0, "size": self.size_bytes}
+
+    @property
+    def where(self) -> str:
+        if self.kind == "shm":
+            return shm_path(self.shm_name)
+        return self.path or f"memfd {self.shm_name.lstrip('/')} (/proc/{os.getpid()}/fd/{self.fd})"
 
     def close(self, unlink: bool = True) -> None:
         """Unmap (if no view is left), release the lock and remove the segment."""
@@ -78,11 +134,103 @@ class Arena:
         except BufferError:
             pass  # a view is still exported; the mapping goes with the process
         if unlink:
-            _unlink_quietly(self.shm_name)
+            if self.kind == "shm":
+                _unlink_quietly(self.shm_name)
+            elif self.path:
+                _unlink_file(self.path)
         try:
             os.close(self.fd)
         except OSError:
             pass
+
+
+def _create_shm(shm_name: str, mode: int) -> int:
+    remove_stale(shm_name)
+    try:
+        shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, mode=mode, size=0)
+    except posix_ipc.ExistentialError:
+        raise DaemonStartError(
+            f"shared memory {shm_path(shm_name)} appeared while starting; "
+            "another daemon with the same name is starting: stop it or pick another --name"
+        ) from None
+    return int(shm.fd)
+
+
+def _create_file(path: str, mode: int) -> int:
+    """A new file at `path` (a hugetlbfs mount), after removing one a dead
+    daemon left there."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        pass
+    else:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DaemonStartError(
+                f"{path} is held by a running shmarena daemon; stop it with "
+                "`shmarena shutdown` or pick another --name"
+            ) from None
+        finally:
+            os.close(fd)
+        _unlink_file(path)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        raise DaemonStartError(
+            f"{path} appeared while starting; another daemon with the same name is "
+            "starting: stop it or pick another --name"
+        ) from None
+    except OSError as exc:
+        raise DaemonStartError(f"cannot create {path}: {exc.strerror}") from None
+
+
+def _unlink_file(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _bind(mapping: mmap.mmap, size_bytes: int, pages: Pages) -> dict[str, Any]:
+    """Set the NUMA policy of a mapping no page of which exists yet."""
+    from shmarena.shm import numa
+
+    before = numa.resident_pages(mapping, size_bytes)
+    nodes = list(pages.numa_nodes)
+    try:
+        via = numa.mbind(numa.address_of(mapping), size_bytes, pages.numa_policy, nodes)
+    except OSError as exc:
+        raise DaemonStartError(
+            f"cannot bind the arena to NUMA node(s) {numa.format_cpulist(nodes)}: "
+            f"mbind failed: {exc.strerror}"
+        ) from None
+    return {
+        "policy": numa.POLICY_NAMES.get(pages.numa_policy, str(pages.numa_policy)),
+        "nodes": nodes,
+        "via": via,
+        "resident_pages_at_bind": before,
+    }
+
+
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
+
+
+def _populate(mapping: mmap.mmap, size_bytes: int, shm_name: str, pages: Pages) -> None:
+    """Fault every page of the mapping in (allocating it if it did not exist)."""
+    try:
+        mapping.madvise(MADV_POPULATE_WRITE)
+        return
+    except OSError as exc:
+        if exc.errno in (errno.ENOMEM, errno.EFAULT, errno.ENOSPC):
+            raise DaemonStartError(
+                _no_space_message(shm_name, size_bytes, OSError(errno.ENOSPC, "full"), pages)
+            ) from None
+        if exc.errno != errno.EINVAL:
+            raise
+    step = mmap.PAGESIZE  # an older kernel: touch one byte per page
+    for offset in range(0, size_bytes, step):
+        mapping[offset] = mapping[offset]
 
 
 def remove_stale(shm_name: str) -> bool:
@@ -119,7 +267,18 @@ def _unlink_quietly(shm_name: str) -> None:
         pass
 
 
-def _no_space_message(shm_name: str, size_bytes: int, exc: OSError) -> str:
+def _no_space_message(shm_name: str, size_bytes: int, exc: OSError, pages: Pages) -> str:
+    if pages.kind == "hugetlbfs":
+        return no_space_message(
+            f"arena {os.path.join(pages.directory, shm_name.lstrip('/'))}", pages.directory,
+            size_bytes, exc,
+            "reserve more huge pages (/proc/sys/vm/nr_hugepages) or use a smaller --size",
+        )  # fmt: skip
+    if pages.kind == "memfd":
+        return (
+            f"cannot give the arena memfd {format_size(size_bytes)} of memory: "
+            f"{os.strerror(exc.errno or 0)}; use a smaller --size"
+        )
     mount = os.path.dirname(shm_path(shm_name))
     return no_space_message(
         f"arena {shm_path(shm_name)}", mount, size_bytes, exc,

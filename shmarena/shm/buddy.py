@@ -70,6 +70,11 @@ class Buddy(Space):
                 self.free_sets[order].add(position >> order)
                 position += 1 << order
 
+    def room_for(self, size_bytes: int) -> int:
+        """A request needs one free block of the power of two above it."""
+        units = self._units(size_bytes)
+        return self.min_block_bytes << (units - 1).bit_length()
+
     # -- alloc / free ----------------------------------------------------------
 
     def alloc(self, size_bytes: int) -> int | None:

@@ -54,6 +54,10 @@ class Space:
         mask = self.min_block_bytes - 1
         return (size_bytes + mask) & ~mask
 
+    def room_for(self, size_bytes: int) -> int:
+        """The smallest empty arena of this kind that can hold `size_bytes`."""
+        return self.carved_bytes(size_bytes)
+
     def _units(self, size_bytes: int) -> int:
         if size_bytes.__class__ is not int or size_bytes <= 0:
             raise ValueError(f"allocation size must be a positive int, got {size_bytes!r}")

@@ -1,0 +1,225 @@
+"""Which kind of huge pages can back the arena here, or exactly why none can.
+`plan` is pure (it takes what `survey` read from /proc and /sys); `survey`
+does the reading.
+
+In order of preference:
+
+1. **hugetlbfs**: a file on a mounted hugetlbfs with enough free reserved
+   pages. The pages are set aside by the administrator
+   (``/proc/sys/vm/nr_hugepages``), so they are there when asked for, and
+   `fallocate` takes them all at start (a shortage fails then, not later).
+2. **transparent huge pages on /dev/shm**: when its tmpfs mount says
+   ``huge=always|within_size|advise``, or ``shmem_enabled`` is ``force``.
+3. **transparent huge pages on a memfd**: ``shmem_enabled`` (which governs
+   the kernel's internal shm mount, not /dev/shm) is ``always``,
+   ``within_size`` or ``advise``. Clients open the daemon's descriptor
+   through ``/proc/<pid>/fd/<n>``, which only the daemon's own user may do,
+   so this kind is refused with ``--group``.
+
+With transparent huge pages the daemon marks the mapping (``madvise
+MADV_HUGEPAGE``) before any page exists and pre-faults it, because pages
+allocated without a mapping (fallocate) are never huge. The kernel may still
+fall back to small pages when memory is fragmented; `stats` says how many
+bytes really sit on huge pages, read from ``smaps``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from shmarena.config import format_size
+
+HUGEPAGES_SYSFS = "/sys/kernel/mm/hugepages"
+SHMEM_ENABLED = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One size of reserved huge pages (``hugepages-2048kB``)."""
+
+    page_bytes: int
+    total: int
+    free: int
+    reserved: int  # promised to mappings already, not yet faulted
+
+    @property
+    def available(self) -> int:
+        return max(0, self.free - self.reserved)
+
+
+@dataclass(frozen=True)
+class Survey:
+    pools: dict[int, Pool] = field(default_factory=dict)  # page bytes -> pool
+    default_page_bytes: int = 2 << 20  # Hugepagesize in /proc/meminfo
+    mounts: list[tuple[str, int]] = field(default_factory=list)  # hugetlbfs (point, page bytes)
+    shmem_enabled: str = "never"  # the bracketed word of shmem_enabled
+    devshm_huge: str = "never"  # /dev/shm's huge= mount option
+    thp_bytes: int = 2 << 20  # hpage_pmd_size
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str  # "hugetlbfs", "thp-shm" or "thp-memfd"
+    page_bytes: int
+    directory: str = ""  # the hugetlbfs mount (kind "hugetlbfs")
+
+    def describe(self) -> str:
+        size = format_size(self.page_bytes)
+        if self.kind == "hugetlbfs":
+            return f"hugetlbfs at {self.directory} ({size} pages, reserved)"
+        where = "/dev/shm" if self.kind == "thp-shm" else "a memfd"
+        return f"transparent huge pages ({size}) on {where}"
+
+
+def selected(word_list: str) -> str:
+    """The bracketed choice of a sysfs switch: "always [advise] never" -> "advise"."""
+    match = re.search(r"\[([^\]]+)\]", word_list)
+    return match.group(1) if match else word_list.strip()
+
+
+def plan(survey: Survey, size_bytes: int, shared_with_group: bool) -> Plan | str:
+    """The huge pages to use for an arena of `size_bytes`, or the message
+    that says why there are none and what to change."""
+    shortfalls: list[str] = []
+    for point, page_bytes in survey.mounts:
+        pool = survey.pools.get(page_bytes)
+        need = -(-size_bytes // page_bytes)
+        if pool is not None and pool.available >= need:
+            return Plan("hugetlbfs", page_bytes, point)
+        have = pool.available if pool else 0
+        shortfalls.append(
+            f"hugetlbfs at {point} has {have} free {format_size(page_bytes)} pages, "
+            f"the arena needs {need}"
+        )
+    if survey.shmem_enabled == "force" or survey.devshm_huge in ("always", "within_size", "advise"):
+        return Plan("thp-shm", survey.thp_bytes)
+    if survey.shmem_enabled in ("always", "within_size", "advise"):
+        if shared_with_group:
+            shortfalls.append(
+                "transparent huge pages are allowed only for memfds (shmem_enabled is "
+                f"{survey.shmem_enabled!r}, /dev/shm is mounted huge={survey.devshm_huge}), "
+                "and other users cannot open the daemon's memfd, which --group needs"
+            )
+        else:
+            return Plan("thp-memfd", survey.thp_bytes)
+    return refusal(survey, size_bytes, shortfalls)
+
+
+def refusal(survey: Survey, size_bytes: int, shortfalls: list[str]) -> str:
+    page = survey.default_page_bytes
+    need = -(-size_bytes // page)
+    pool = survey.pools.get(page)
+    found = [
+        f"/proc/sys/vm/nr_hugepages is {pool.total if pool else 0} "
+        f"({pool.available if pool else 0} of {format_size(page)} free)",
+        "hugetlbfs is mounted at " + ", ".join(p for p, _ in survey.mounts)
+        if survey.mounts
+        else "no hugetlbfs is mounted",
+        f"{SHMEM_ENABLED} is [{survey.shmem_enabled}]",
+        f"/dev/shm is mounted huge={survey.devshm_huge}",
+    ]
+    steps = []
+    if not pool or pool.available < need:
+        total = (pool.total if pool else 0) + need - (pool.available if pool else 0)
+        steps.append(f"reserve pages: echo {total} > {NR_HUGEPAGES}")
+    if not survey.mounts:
+        steps.append(
+            f"mount hugetlbfs: mkdir -p /dev/hugepages && mount -t hugetlbfs "
+            f"-o pagesize={page >> 20}M none /dev/hugepages"
+        )
+    message = (
+        f"--hugepages: no huge pages can back an arena of {format_size(size_bytes)} here: "
+        + "; ".join(found + shortfalls)
+        + ". As root, either "
+        + " and ".join(steps or ["free reserved huge pages"])
+        + f" (hugetlbfs, {need} pages of {format_size(page)}), or allow transparent huge "
+        f"pages for shared memory: echo advise > {SHMEM_ENABLED}"
+        + "; or start the daemon without --hugepages"
+    )
+    return message
+
+
+# -- reading the machine ---------------------------------------------------------
+
+
+def parse_pools(entries: dict[str, dict[str, str]]) -> dict[int, Pool]:
+    """Pools from the files of each ``hugepages-<N>kB`` directory."""
+    pools = {}
+    for name, files in entries.items():
+        match = re.fullmatch(r"hugepages-(\d+)kB", name)
+        if not match:
+            continue
+        page = int(match.group(1)) * 1024
+        counts = [files.get(key, "0").strip() for key in ("nr_hugepages", "free_hugepages",
+                                                          "resv_hugepages")]  # fmt: skip
+        total, free, reserved = (int(c) if c.isdigit() else 0 for c in counts)
+        pools[page] = Pool(page, total, free, reserved)
+    return pools
+
+
+def parse_mounts(mountinfo: str, default_page_bytes: int) -> tuple[list[tuple[str, int]], str]:
+    """The hugetlbfs mounts (point, page bytes) and /dev/shm's huge= option."""
+    hugetlbfs: list[tuple[str, int]] = []
+    devshm = "never"
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) < 6 or len(tail) < 3:
+            continue
+        point = fields[4].replace("\\040", " ")
+        words = (fields[5] + "," + tail[2]).split(",")
+        options = {w.partition("=")[0]: w.partition("=")[2] for w in words}
+        if tail[0] == "hugetlbfs":
+            size = options.get("pagesize", "")
+            hugetlbfs.append((point, _page_size(size) or default_page_bytes))
+        elif point == "/dev/shm" and tail[0] == "tmpfs":
+            devshm = options.get("huge", "never") or "never"
+    return hugetlbfs, devshm
+
+
+def _page_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+)([KMG]?)", text.strip().upper())
+    if not match:
+        return 0
+    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)]
+
+
+def survey() -> Survey:
+    """What this machine offers now."""
+    default_page = 2 << 20
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("Hugepagesize:"):
+                    default_page = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    entries: dict[str, dict[str, str]] = {}
+    try:
+        for name in os.listdir(HUGEPAGES_SYSFS):
+            files = {}
+            for key in ("nr_hugepages", "free_hugepages", "resv_hugepages"):
+                try:
+                    with open(os.path.join(HUGEPAGES_SYSFS, name, key)) as f:
+                        files[key] = f.read()
+                except OSError:
+                    pass
+            entries[name] = files
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mounts, devshm = parse_mounts(f.read(), default_page)
+    except OSError:
+        mounts, devshm = [], "never"
+    try:
+        with open(SHMEM_ENABLED) as f:
+            shmem = selected(f.read())
+    except OSError:
+        shmem = "never"
+    from shmarena.shm.numa import pmd_bytes
+
+    return Survey(parse_pools(entries), default_page, mounts, shmem, devshm, pmd_bytes())
