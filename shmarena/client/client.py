@@ -49,6 +49,9 @@ from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT
 _MAPPINGS: dict[tuple[str, int], tuple[mmap.mmap, memoryview]] = {}
 # (shm name, epoch) -> numpy uint8 array over all of it, made on first use.
 _ARRAYS: dict[tuple[str, int], Any] = {}
+# key -> clients of this process that use the mapping; the last to close
+# unmaps it if no buffer is left over it (see `_unmap`)
+_MAPPING_USERS: dict[tuple[str, int], int] = {}
 _MAPPINGS_LOCK = threading.Lock()
 _CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
 # Transports inherited across fork(): kept referenced so they are never
@@ -199,6 +202,7 @@ class Client:
         self._segment_info: dict[int, dict[str, Any]] = {}
         self._views: dict[int, memoryview] = {}
         self._keys: dict[int, tuple[str, int]] = {}
+        self._used: set[tuple[str, int]] = set()  # mapping keys counted in _MAPPING_USERS
         self._cache: Cache | None = None
         self._flush_wake = threading.Event()
         self._flusher: threading.Thread | None = None
@@ -239,6 +243,7 @@ class Client:
         self._segment_info = segments
         self._arena_key, self._arena_view = key, view
         self._views, self._keys = {0: view}, {0: key}
+        self._use(key)
         self._token = int(info.get("token", 0))
         cache = self._cache
         if not info.get("resumed"):
@@ -443,6 +448,7 @@ class Client:
         finally:
             self._transport = None
             transport.close()
+            self._unuse()
 
     def __enter__(self) -> Client:
         return self
@@ -487,12 +493,52 @@ class Client:
         view = _map(key, where, self.populate)
         with self._lock:
             self._views[segment], self._keys[segment] = view, key
+        self._use(key)
         return view
+
+    def _use(self, key: tuple[str, int]) -> None:
+        with _MAPPINGS_LOCK:
+            if key not in self._used:
+                self._used.add(key)
+                _MAPPING_USERS[key] = _MAPPING_USERS.get(key, 0) + 1
+
+    def _unuse(self) -> None:
+        """This client is done with its mappings: the last user in the
+        process unmaps each one that no buffer looks at any more, so the
+        memory of a stopped daemon's arena is not kept alive by this process."""
+        with _MAPPINGS_LOCK:
+            for key in self._used:
+                users = _MAPPING_USERS.get(key, 0) - 1
+                if users > 0:
+                    _MAPPING_USERS[key] = users
+                    continue
+                _MAPPING_USERS.pop(key, None)
+                _unmap(key)
+            self._used.clear()
 
     def _view_at(self, address: int, size: int) -> memoryview:
         """The bytes [address, address + size) of the arena (see segments.address)."""
         offset = address & OFFSET_MASK
         return self._segment_view(address >> SEGMENT_SHIFT)[offset : offset + size]
+
+    @property
+    def numa_nodes(self) -> list[int]:
+        """The NUMA nodes the arena's pages are bound to (`--numa-node`,
+        `--numa-interleave`); empty when the daemon placed them freely."""
+        return list(self.info.get("numa", {}).get("nodes", []))
+
+    def pin_to_arena(self) -> set[int]:
+        """Run this process (its threads started from now on too) on the
+        CPUs of the arena's NUMA node(s), so its reads and writes stay local.
+        Returns those CPUs; ShmArenaError when the arena is not bound."""
+        cpus = set(self.info.get("numa", {}).get("cpus", []))
+        if not cpus:
+            raise ShmArenaError(
+                f"arena {self.name!r} is not bound to a NUMA node, so there is no node to run "
+                "next to; start the daemon with --numa-node N to bind it"
+            )
+        os.sched_setaffinity(0, cpus)
+        return cpus
 
     def segments(self) -> list[dict[str, Any]]:
         """The arena's segments now: index, size and where each lives."""
@@ -851,15 +897,24 @@ def _unmap_released(epoch: int, current: set[str]) -> None:
     alive: their memory goes back to the system."""
     with _MAPPINGS_LOCK:
         for key in [k for k in _MAPPINGS if k[1] == epoch and k[0] not in current]:
-            mapping, view = _MAPPINGS[key]
-            if key in _ARRAYS:
-                continue  # a numpy base array may have lent views out
-            try:
-                view.release()
-                mapping.close()
-            except BufferError:
-                continue  # a buffer still looks at it: it stays mapped
-            del _MAPPINGS[key]
+            _unmap(key)
+
+
+def _unmap(key: tuple[str, int]) -> None:
+    """Unmap a mapping unless a buffer still looks at it (then it stays,
+    with a fresh view). Called with _MAPPINGS_LOCK held."""
+    found = _MAPPINGS.get(key)
+    if found is None:
+        return
+    mapping, view = found
+    _ARRAYS.pop(key, None)
+    try:
+        view.release()
+        mapping.close()
+    except BufferError:  # buffers (or arrays made from them) still look at it
+        _MAPPINGS[key] = (mapping, memoryview(mapping))
+        return
+    del _MAPPINGS[key]
 
 
 def _ndarray_base(key: tuple[str, int]) -> Any:

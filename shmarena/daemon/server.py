@@ -274,6 +274,9 @@ class Server:
             max_size_bytes=opts.max_size_bytes or 0,
             granule_bytes=self.pages.page_bytes,
             idle_s=opts.shrink_after_s,
+            numa_policy=numa.POLICY_NAMES.get(self.pages.numa_policy, ""),
+            numa_nodes=self.pages.numa_nodes,
+            numa_cpus=tuple(self.node_cpus),
         )
         self.service = Service(
             info,
@@ -353,6 +356,7 @@ class Server:
                     self.node_cpus = list(node.cpus)
             else:
                 policy, nodes = numa.MPOL_INTERLEAVE, tuple(topology.with_memory)
+                self.node_cpus = sorted(c for n in nodes for c in topology.nodes[n].cpus)
         kind, directory, page_bytes, thp = "shm", "/dev/shm", DEFAULT_PAGE_BYTES, False
         if opts.hugepages:
             plan = hugepages.plan(hugepages.survey(), size_bytes, self.gid is not None)

@@ -99,6 +99,11 @@ class ArenaInfo:
     max_size_bytes: int = 0
     granule_bytes: int = 4096
     idle_s: float = 30.0
+    # --numa-node / --numa-interleave: the nodes the pages are bound to, and
+    # the CPUs of those nodes (for clients that want to run next to them)
+    numa_policy: str = ""
+    numa_nodes: tuple[int, ...] = ()
+    numa_cpus: tuple[int, ...] = ()
 
     @property
     def first_segment(self) -> dict[str, Any]:
@@ -324,6 +329,11 @@ class Service:
                 "version": info.version,
                 "token": self.tokens[session_id],
                 "resumed": resumed,
+                "numa": {
+                    "policy": info.numa_policy,
+                    "nodes": list(info.numa_nodes),
+                    "cpus": list(info.numa_cpus),
+                },
             },
         )
 
