@@ -36,6 +36,7 @@ from shmarena.config import (
 )
 from shmarena.daemon.service import ALLOCATORS
 from shmarena.errors import DaemonStartError, DaemonUnavailable, ShmArenaError
+from shmarena.shm.arena import shm_path
 from shmarena.shm.journal import CRASH_POINTS, CrashPoints
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -516,7 +517,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{format_size(size)} in {stats['backing']} ({stats['backing_fs']}"
             f"{', DAX' if stats['dax'] else ''}), durability {stats['durability']}"
             if stats.get("backing")
-            else f"{format_size(size)} at /dev/shm{stats['shm_name']}",
+            else f"{format_size(size)} at {_where(stats['segments'][0]['where'])}",
         ),
         (
             "used",
@@ -530,6 +531,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ),
         ("free", f"{format_size(stats['free_bytes'])} ({_pct(stats['free_bytes'], size)})"),
         ("largest free", format_size(stats["largest_free_bytes"])),
+        *_page_rows(stats),
         ("owners", str(stats["owners"])),
         ("clients", f"{stats['sessions'] - 1} (not counting this command)"),
     ]
@@ -547,6 +549,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _where(where: str) -> str:
+    """A segment's place for people: /dev/shm/NAME for a shm name."""
+    return shm_path(where) if where.startswith("/") and where.count("/") == 1 else where
+
+
+def _page_rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
+    """Status lines for segments (a growing arena), pages and NUMA placement."""
+    rows = []
+    segments = stats.get("segments", [])
+    if len(segments) > 1 or stats.get("max_size_bytes", 0) > stats.get("initial_size_bytes", 0):
+        sizes = ", ".join(format_size(r["size_bytes"]) for r in segments)
+        rows.append(
+            (
+                "segments",
+                f"{len(segments)} ({sizes}), growing up to {format_size(stats['max_size_bytes'])}",
+            )  # fmt: skip
+        )
+    pages = stats.get("pages")
+    if pages:
+        huge = f", {format_size(pages['huge_bytes'])} on huge pages" if pages["huge_bytes"] else ""
+        rows.append(("pages", f"{format_size(pages['page_bytes'])} ({pages['kind']}){huge}"))
+    placement = stats.get("numa") or {}
+    if placement.get("requested"):
+        nodes = ", ".join(
+            f"{format_size(b)} on node {n}" for n, b in sorted(placement["bytes_by_node"].items())
+        )
+        rows.append(("numa", f"{placement['policy']}: {nodes or 'no page mapped'}"))
+    return rows
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     stats = _query(args, Client.stats)
     if stats is None:
@@ -557,7 +589,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     table.add_column("value", justify="right")
     for key in sorted(stats):
         value = stats[key]
-        if isinstance(value, dict):
+        if isinstance(value, (dict, list)):
             continue
         shown = format_size(value) if key.endswith("_bytes") else str(value)
         table.add_row(key, shown)
@@ -582,6 +614,45 @@ def cmd_stats(args: argparse.Namespace) -> int:
             "-" if index < 0 else f"{index:.3f}",
         )
     console.print(orders)
+    segments = Table(title="segments (an arena grows by segments up to max_size_bytes)")
+    for name in ("index", "size", "used", "blocks", "largest free", "where"):
+        segments.add_column(name, justify="left" if name == "where" else "right")
+    for row in stats.get("segments", []):
+        segments.add_row(
+            str(row["index"]),
+            format_size(row["size_bytes"]),
+            format_size(row["used_bytes"]),
+            str(row["blocks"]),
+            format_size(row["largest_free_bytes"]),
+            _where(row["where"]),
+        )
+    console.print(segments)
+    pages = stats.get("pages")
+    if pages:
+        placement = stats.get("numa") or {}
+        table = Table(title="pages, as the kernel reports them (smaps, numa_maps)")
+        for name in ("segment", "page size", "on huge pages", "mapped", "policy", "by node"):
+            table.add_column(name, justify="right")
+        for row in pages["segments"]:
+            by_node = ", ".join(
+                f"{n}: {format_size(b)}" for n, b in sorted(row.get("bytes_by_node", {}).items())
+            )
+            table.add_row(
+                str(row["index"]),
+                format_size(row.get("page_bytes", 0)),
+                format_size(row.get("huge_bytes", 0)),
+                format_size(row.get("mapped_bytes", 0)),
+                str(row.get("policy", "-")),
+                by_node or "-",
+            )
+        console.print(table)
+        if placement.get("requested"):
+            requested = placement["requested"]
+            console.print(
+                f"NUMA: asked {requested['policy']} to node(s) {requested['nodes']} "
+                f"(via {requested['via']}; {placement['resident_pages_at_bind']} pages existed "
+                f"when bound); the daemon runs on CPUs {placement['daemon_cpus']}"
+            )
     return EXIT_OK
 
 

@@ -577,6 +577,12 @@ class Server:
         self.log(
             f"shmarena daemon {opts.name!r} (pid {os.getpid()}) serving "
             f"{format_size(info.size_bytes)} at {where}, socket {self.socket_path}"
+            + (f"; grows up to {format_size(info.max_size_bytes)}" if info.max_size_bytes else "")
+            + (
+                f"; pages bound ({info.numa_policy}) to NUMA node(s) {list(info.numa_nodes)}"
+                if info.numa_nodes
+                else ""
+            )
         )
         while self._stop_signal is None and not service.stopping:
             wait_ms = tick_ms if not service.recovering else min(tick_ms, 50)
