@@ -843,7 +843,7 @@ def note(text: str) -> None:
 def section_latency(
     plan: Plan, daemon: Daemon, ctx: SpawnContext, scratch: str, report: Report
 ) -> None:
-    note("1/6 alloc+free latency: cached, uncached, shared_memory, transport floor")
+    note("1/7 alloc+free latency: cached, uncached, shared_memory, transport floor")
     with contextlib.ExitStack() as stack:
         cached = connected(stack, daemon, cache=True)
         uncached = connected(stack, daemon, cache=False)
@@ -970,7 +970,7 @@ def section_latency(
 
 
 def section_throughput(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Report) -> None:
-    note("2/6 cached alloc+free throughput with 1 and 2 client processes")
+    note("2/7 cached alloc+free throughput with 1 and 2 client processes")
     barriers = {1: ctx.Barrier(1), 2: ctx.Barrier(2)}
     trials: dict[int, list[float]] = {1: [], 2: []}
     with contextlib.ExitStack() as stack:
@@ -1055,7 +1055,7 @@ def section_throughput(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Re
 
 
 def section_handoff(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Report) -> None:
-    note("3/6 producer -> consumer handoff of 1, 16, 256 MiB numpy arrays")
+    note("3/7 producer -> consumer handoff of 1, 16, 256 MiB numpy arrays")
     with contextlib.ExitStack() as stack:
         # The consumers: one on a duplex Pipe, one on a pair of Queues. Cleanup
         # runs last-registered first: stop message, then join, then close.
@@ -1265,7 +1265,7 @@ def fill_until_oom(client: shmarena.Client, stream: SizeStream, live: list[shmar
 
 
 def section_memory(plan: Plan, report: Report) -> None:
-    note("4/6 memory efficiency of a fresh 1 GiB arena (uncached), then 10 rounds of churn")
+    note("4/7 memory efficiency of a fresh 1 GiB arena (uncached), then 10 rounds of churn")
     phases: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         daemon = started_daemon(stack, "1G", "4K")
@@ -1373,7 +1373,7 @@ def section_scale(plan: Plan, report: Report) -> None:
     big = plan.scale_blocks
     small_label, big_label = count_label(SCALE_SMALL), count_label(big)
     quick_note = " (--quick: 100 000 live blocks instead of 1 000 000)" if plan.quick else ""
-    note(f"5/6 scale: 64 KiB alloc+free with {SCALE_SMALL:,} and {big:,} live blocks{quick_note}")
+    note(f"5/7 scale: 64 KiB alloc+free with {SCALE_SMALL:,} and {big:,} live blocks{quick_note}")
     # Two daemons side by side (256 MiB, min block 64 B), one holding 1 000 live
     # blocks and one holding `big`, so both states are measured interleaved.
     variants: list[Variant] = []
@@ -1481,7 +1481,7 @@ def section_persist(plan: Plan, report: Report) -> None:
     (per request). The files lie on tmpfs, so the figures are the cost of the
     bookkeeping and the system calls; `batch-disk` puts one on the disk of
     the scratch dir (ext4 here), where fdatasync waits for the device."""
-    note("6/6 persistent backing: alloc+free by durability (tmpfs files, one on disk)")
+    note("6/7 persistent backing: alloc+free by durability (tmpfs files, one on disk)")
     modes = {"none": "/dev/shm", "batch": "/dev/shm", "sync": "/dev/shm", "batch-disk": None}
     with contextlib.ExitStack() as stack:
         clients: dict[str, tuple[shmarena.Client, shmarena.Client]] = {}
@@ -1555,6 +1555,200 @@ def section_persist(plan: Plan, report: Report) -> None:
         1.15,
         "×",
     )
+
+
+# -- 7. pages: first-touch cost ----------------------------------------------------
+
+
+def _touch_worker(where: dict[str, Any], populate: bool, conn: Connection) -> None:
+    """In a fresh process, as a client does: map the segment (with
+    MAP_POPULATE when `populate`), then write one byte per 4 KiB page.
+    Sends (map seconds, touch seconds)."""
+    from shmarena.shm.arena import map_segment
+    from shmarena.shm.backing import map_file
+
+    size = int(where["size"])
+    t0 = time.perf_counter()
+    if "shm" in where:
+        mapping = map_segment(where["shm"], size, populate)
+    else:
+        mapping = map_file(where["path"], size, int(where.get("offset", 0)), populate)
+    t1 = time.perf_counter()
+    pages = np.frombuffer(mapping, dtype=np.uint8)
+    pages[::4096] = 1
+    t2 = time.perf_counter()
+    del pages
+    mapping.close()
+    conn.send((t1 - t0, t2 - t1))
+    conn.close()
+
+
+def _touched_in_child(
+    ctx: SpawnContext, where: dict[str, Any], populate: bool
+) -> tuple[float, float]:
+    parent, child = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_touch_worker, args=(where, populate, child))
+    process.start()
+    child.close()
+    try:
+        return recv_within(parent, CHILD_TIMEOUT_S, "a first-touch child")  # type: ignore[no-any-return]
+    finally:
+        stop_process(process)
+
+
+@contextlib.contextmanager
+def huge_pages_for(size: int) -> Iterator[dict[str, str]]:
+    """Huge pages for this section: those the machine offers, or, as root, a
+    temporary reservation and hugetlbfs mount plus shmem THP = advise, all
+    put back afterwards. Yields kind -> why it is missing ("" = available)."""
+    from shmarena.shm import hugepages
+
+    survey = hugepages.survey()
+    changes: list[Callable[[], object]] = []
+    mount = ""
+    try:
+        if os.geteuid() == 0 and os.access(hugepages.NR_HUGEPAGES, os.W_OK):
+            with open(hugepages.NR_HUGEPAGES) as f:
+                old_nr = f.read().strip()
+            with open(hugepages.SHMEM_ENABLED) as f:
+                old_shmem = hugepages.selected(f.read())
+
+            def put(path: str, value: str) -> None:
+                with open(path, "w") as f:
+                    f.write(value)
+
+            pages = int(old_nr) + size // survey.default_page_bytes
+            put(hugepages.NR_HUGEPAGES, str(pages))
+            changes.append(lambda: put(hugepages.NR_HUGEPAGES, old_nr))
+            put(hugepages.SHMEM_ENABLED, "advise")
+            changes.append(lambda: put(hugepages.SHMEM_ENABLED, old_shmem))
+            mount = tempfile.mkdtemp(prefix="shmb-huge-")
+            done = subprocess.run(["mount", "-t", "hugetlbfs", "none", mount], capture_output=True)
+            if done.returncode == 0:
+                changes.append(lambda: subprocess.run(["umount", mount], check=False))
+            changes.append(lambda: os.rmdir(mount))
+            note(
+                f"(as root: reserved {pages} huge pages, mounted hugetlbfs at {mount} and set "
+                "shmem_enabled to advise for this section; all put back afterwards)"
+            )
+            survey = hugepages.survey()
+        missing = {}
+        plan = hugepages.plan(survey, size, False)
+        has_mount = any(
+            survey.pools.get(page) and survey.pools[page].available * page >= size  # type: ignore[operator]
+            for _, page in survey.mounts
+        )
+        missing["hugetlbfs"] = "" if has_mount else (plan if isinstance(plan, str) else "no pages")
+        thp = survey.shmem_enabled in ("always", "within_size", "advise", "force")
+        missing["thp"] = "" if thp else f"shmem_enabled is [{survey.shmem_enabled}]"
+        yield missing
+    finally:
+        for undo in reversed(changes):
+            with contextlib.suppress(OSError):
+                undo()
+
+
+def section_pages(plan: Plan, report: Report) -> None:
+    """What the first touch of an arena's pages costs, per GiB, and who
+    pays it: the daemon when it makes the segment (fallocate allocates the
+    pages; pre-faulting, as --numa-node and --hugepages do, also maps them),
+    and each client process when it first writes a page (or up front with
+    connect(populate=True), MAP_POPULATE). `no pre-fault` is a bare shm
+    segment sized with ftruncate, the cost shmarena avoids paying lazily. Each
+    row: median over `rounds` fresh segments, each touched by a fresh process."""
+    from shmarena.shm import numa
+    from shmarena.shm.arena import Arena, Pages
+
+    size = (256 if plan.quick else 1024) * MiB
+    gib = size / (1 << 30)
+    note(f"7/7 pages: first touch of a {size_label(size)} segment, ms per GiB")
+    ctx = mp.get_context("spawn")
+    serial = itertools.count()
+    rows: dict[str, dict[str, list[float]]] = {}
+
+    def measure(label: str, pages: Pages | None, populate: bool) -> None:
+        name = f"/shmarena-bench-{os.getpid()}-p{next(serial)}"
+        t0 = time.perf_counter()
+        if pages is None:  # the reference: ftruncate only, nothing allocated
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=size)
+            shm.close_fd()
+            where: dict[str, Any] = {"shm": name, "size": size}
+            arena = None
+        else:
+            arena = Arena.create(name, size, None, pages)
+            where = {"index": 0, **arena.locator}
+        made = time.perf_counter() - t0
+        try:
+            mapped, touched = _touched_in_child(ctx, where, populate)
+        finally:
+            if arena is not None:
+                arena.close(unlink=True)
+            else:
+                posix_ipc.unlink_shared_memory(name)
+        row = rows.setdefault(label, {"make": [], "map": [], "touch": []})
+        for key, seconds in (("make", made), ("map", mapped), ("touch", touched)):
+            row[key].append(seconds * 1000 / gib)
+
+    with huge_pages_for(size) as missing:
+        variants: list[tuple[str, Pages | None, bool]] = [
+            ("no pre-fault (bare ftruncate), client touches", None, False),
+            ("shm (default), client touches", Pages(), False),
+            ("shm (default), client populate=True", Pages(), True),
+            ("shm pre-faulted (--numa-node 0), client touches",
+             Pages(numa_policy=numa.MPOL_BIND, numa_nodes=(0,), prefault=True), False),
+        ]  # fmt: skip
+        from shmarena.shm import hugepages
+
+        survey = hugepages.survey()
+        if not missing["hugetlbfs"]:
+            point, page = next(
+                (p, b) for p, b in survey.mounts
+                if (pool := survey.pools.get(b)) and pool.available * b >= size
+            )  # fmt: skip
+            variants.append(("hugetlbfs 2 MiB, client touches",
+                             Pages("hugetlbfs", point, page, prefault=True), False))  # fmt: skip
+        if not missing["thp"]:
+            variants.append(("shmem THP (memfd), client touches",
+                             Pages("memfd", page_bytes=survey.thp_bytes, thp=True,
+                                   prefault=True), False))  # fmt: skip
+        for _ in range(plan.rounds):
+            for label, pages, populate in variants:
+                measure(label, pages, populate)
+    table = new_table(
+        f"7. first touch of a {size_label(size)} arena, ms per GiB (median of {plan.rounds})",
+        "<variant",
+        "daemon makes",
+        "client maps",
+        "client touches",
+        "client total",
+        "all",
+    )
+    results: dict[str, Any] = {}
+    for label, row in rows.items():
+        medians = {key: float(np.median(values)) for key, values in row.items()}
+        client = medians["map"] + medians["touch"]
+        results[label] = {**medians, "client_ms_per_gib": client, "samples": row}
+        table.add_row(
+            label, f"{medians['make']:.0f}", f"{medians['map']:.0f}", f"{medians['touch']:.0f}",
+            f"{client:.0f}", f"{client + medians['make']:.0f}",
+        )  # fmt: skip
+    console.print(table)
+    for kind, why in missing.items():
+        if why:
+            note(f"{kind}: not measured here: {why}")
+    results["missing"] = missing
+    report.sections["pages"] = results
+    base = results["shm (default), client touches"]["client_ms_per_gib"]
+    for label in results:
+        if label in ("missing", "shm (default), client touches"):
+            continue
+        key = "pages." + "".join(c if c.isalnum() else "_" for c in label.split(",")[0]).strip("_")
+        report.ratio(
+            key,
+            safe_div(results[label]["client_ms_per_gib"], base),
+            LOWER,
+            f"client first-touch ms/GiB: {label} / shm (default), client touches",
+        )
 
 
 def print_targets(report: Report) -> None:
@@ -1697,7 +1891,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-SECTIONS = ("latency", "throughput", "handoff", "memory", "scale", "persist")
+SECTIONS = ("latency", "throughput", "handoff", "memory", "scale", "persist", "pages")
 
 
 def run_all(plan: Plan, report: Report, sections: Sequence[str] = SECTIONS) -> None:
@@ -1719,6 +1913,8 @@ def run_all(plan: Plan, report: Report, sections: Sequence[str] = SECTIONS) -> N
         section_scale(plan, report)
     if "persist" in sections:
         section_persist(plan, report)
+    if "pages" in sections:
+        section_pages(plan, report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

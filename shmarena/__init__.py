@@ -7,7 +7,7 @@
 This module is the public API, re-exported; nothing else lives here.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 from shmarena.client.buffer import Buffer, Handle
 from shmarena.client.client import Client, Owner, Recycled, connect

@@ -285,7 +285,11 @@ class Ledger:
         offsets: list[int] = []
         for i, size in enumerate(sizes):
             offset = space.alloc(size)
-            if offset is None and self.growth is not None and self._grow(sum(sizes[i:]), size):
+            if (
+                offset is None
+                and self.growth is not None
+                and self._grow(sum(map(space.carved_bytes, sizes[i:])), size)
+            ):
                 offset = space.alloc(size)
             if offset is None:
                 for taken in offsets:
@@ -295,6 +299,8 @@ class Ledger:
                     self.sessions[session_id].owners.discard(name)
                 raise self._out_of_memory(size, sum(sizes) if len(sizes) > 1 else None)
             offsets.append(offset)
+        if self.empty_since:  # a segment in use again is not idle
+            self._busy(offsets)
         result = []
         for offset, size in zip(offsets, sizes, strict=True):
             self.generation += 1
@@ -538,6 +544,8 @@ class Ledger:
             give_back()
             raise
         for (class_bytes, _, _), offsets in zip(triples, taken, strict=True):
+            if self.empty_since:
+                self._busy(offsets)
             for offset in offsets:
                 block = Block(offset, class_bytes, class_bytes, mark, None, None, session_id)
                 self.blocks[offset] = block
@@ -754,6 +762,10 @@ class Ledger:
             return False
         space.add(index, planned)
         return True
+
+    def _busy(self, addresses: list[int]) -> None:
+        for addr in addresses:
+            self.empty_since.pop(addr >> SEGMENT_SHIFT, None)
 
     def trim(self, now: float) -> list[int]:
         """The added segments that have been empty for the idle period, now

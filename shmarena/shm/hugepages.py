@@ -94,6 +94,8 @@ def plan(survey: Survey, size_bytes: int, shared_with_group: bool) -> Plan | str
             f"hugetlbfs at {point} has {have} free {format_size(page_bytes)} pages, "
             f"the arena needs {need}"
         )
+    if survey.shmem_enabled == "deny":  # the kernel's off switch for every shmem mount
+        return refusal(survey, size_bytes, shortfalls)
     if survey.shmem_enabled == "force" or survey.devshm_huge in ("always", "within_size", "advise"):
         return Plan("thp-shm", survey.thp_bytes)
     if survey.shmem_enabled in ("always", "within_size", "advise"):
@@ -130,16 +132,21 @@ def refusal(survey: Survey, size_bytes: int, shortfalls: list[str]) -> str:
             f"mount hugetlbfs: mkdir -p /dev/hugepages && mount -t hugetlbfs "
             f"-o pagesize={page >> 20}M none /dev/hugepages"
         )
-    message = (
+    # Transparent huge pages: the switch governs memfds (not usable with
+    # --group), a huge= mount option governs /dev/shm (usable by all).
+    thp = "mount -o remount,huge=advise /dev/shm"
+    if survey.shmem_enabled == "deny":
+        thp = f"echo advise > {SHMEM_ENABLED} (deny forbids them everywhere), then {thp}"
+    elif survey.shmem_enabled not in ("always", "within_size", "advise"):
+        thp = f"echo advise > {SHMEM_ENABLED}, or {thp}"
+    return (
         f"--hugepages: no huge pages can back an arena of {format_size(size_bytes)} here: "
         + "; ".join(found + shortfalls)
         + ". As root, either "
         + " and ".join(steps or ["free reserved huge pages"])
         + f" (hugetlbfs, {need} pages of {format_size(page)}), or allow transparent huge "
-        f"pages for shared memory: echo advise > {SHMEM_ENABLED}"
-        + "; or start the daemon without --hugepages"
+        f"pages for shared memory: {thp}" + "; or start the daemon without --hugepages"
     )
-    return message
 
 
 # -- reading the machine ---------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 
 from shmarena.daemon.ledger import Growth
 from shmarena.daemon.service import ArenaInfo, Service
-from shmarena.protocol import GEN_SHIFT, Op
+from shmarena.protocol import GEN_SHIFT, OK, Op
 from shmarena.shm.buddy import Buddy
 from shmarena.shm.extents import Extents
 from shmarena.shm.segments import (
@@ -247,7 +247,7 @@ def assert_no_overlap(space: Segmented) -> None:
     for segment, spans in by_segment.items():
         size = space.spaces[segment].size_bytes
         spans.sort()
-        for (a, a_len), (b, _) in zip(spans, spans[1:]):
+        for (a, a_len), (b, _) in zip(spans, spans[1:], strict=False):
             assert a + a_len <= b, f"segment {segment}: {a:#x}+{a_len} overlaps {b:#x}"
         last, last_len = spans[-1]
         assert last + last_len <= size
@@ -260,8 +260,8 @@ def churn(space: Segmented, kind: type[Space], rng: random.Random, steps: int) -
     live: dict[int, int] = {}
     for step in range(steps):
         if live and rng.random() < 0.45:
-            addr = rng.choice(list(live))
-            assert space.free(addr) == live.pop(addr)
+            victim = rng.choice(list(live))
+            assert space.free(victim) == live.pop(victim)
         else:
             size = int(2 ** rng.uniform(8, 17.5))  # 256 B .. ~180 KiB, log-uniform
             able = [
@@ -644,6 +644,31 @@ def test_a_block_in_the_segment_resets_its_empty_timer() -> None:
     assert service.check() == []
 
 
+def test_a_segment_used_between_two_trims_is_not_idle() -> None:
+    """A block allocated and freed again between two trim calls (the server
+    trims once a tick) counts as use: the idle period starts anew."""
+    service, peer, _ = empty_added_segment(idle_s=10.0)
+    ledger = service.ledger
+    assert ledger.trim(1000.0) == []
+    (block,) = peer.ok(Op.ALLOC, MIN)
+    assert block[1] == 1
+    peer.ok(Op.FREE, [block])
+    assert ledger.trim(1010.0) == []  # used at about 1009: not empty for 10 s
+    assert ledger.trim(1020.0) == [1]
+
+
+def test_alloc_many_plans_growth_on_carved_bytes() -> None:
+    """1024 sizes of 100 bytes take 1024 minimum blocks (4 MiB): one segment
+    of 4 MiB, not three steps planned on the bytes asked for."""
+    service, grower = growing()
+    peer = Peer(service, b"a")
+    peer.ok(Op.ALLOC, 1 * MiB)  # segment 0 full
+    (handles,) = peer.ok(Op.ALLOC_MANY, [100] * 1024)
+    assert grower.calls == [(1, 4 * MiB)]
+    assert {h[1] for h in handles} == {1}
+    assert service.check() == []
+
+
 def test_cached_blocks_keep_a_segment() -> None:
     """Blocks sitting in a client cache hold their segment: it is not empty,
     and is not released however long it waits."""
@@ -671,6 +696,7 @@ def test_random_workload_with_growth_and_trim_keeps_invariants() -> None:
     service, grower = growing(size=512 * KiB, max_size=8 * MiB, idle_s=5.0)
     peers = [Peer(service, bytes([i])) for i in range(2)]
     live: list[list[int]] = []
+    refused = 0
     now = 100.0
     marks = {p.session: 1 for p in peers}
     released: list[int] = []
@@ -679,12 +705,14 @@ def test_random_workload_with_growth_and_trim_keeps_invariants() -> None:
         action = rng.random()
         if action < 0.3:
             reply = peer.raw(Op.ALLOC, int(2 ** rng.uniform(10, 21)), rng.choice([None, "a"]))
-            if reply[0] == 0:
+            if reply[0] == OK:
                 live.append(reply[2])
+            else:
+                refused += 1
         elif action < 0.4:
             sizes = [int(2 ** rng.uniform(12, 18)) for _ in range(rng.randint(1, 6))]
             reply = peer.raw(Op.ALLOC_MANY, sizes)
-            if reply[0] == 0:
+            if reply[0] == OK:
                 live.extend(reply[2])
         elif action < 0.45:
             marks[peer.session] += 1000
@@ -707,7 +735,11 @@ def test_random_workload_with_growth_and_trim_keeps_invariants() -> None:
     assert service.check() == []
     indices = [index for index, _ in grower.calls]
     assert indices == sorted(set(indices))  # each index asked for once, going up
-    print(f"FIGURE: {len(grower.calls)} segments added, {len(released)} released")
+    assert released and len(grower.calls) > len(released)  # it grew and shrank
+    print(
+        f"FIGURE: {len(grower.calls)} segments added, {len(released)} released, "
+        f"{refused} allocs refused at the cap"
+    )
 
 
 # -- Buddy growth ---------------------------------------------------------------------
@@ -757,4 +789,3 @@ def test_segmented_make_builds_the_same_allocator_kind() -> None:
         space = service.ledger.space
         assert isinstance(space, Segmented)
         assert all(type(p) is kind and p.min_block_bytes == MIN for p in space.spaces.values())
-
