@@ -25,10 +25,12 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import re
 import struct
 import time
 import uuid
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from shmarena.config import DEFAULT_MIN_BLOCK_BYTES, format_size
@@ -313,22 +315,30 @@ def mount_of(path: str) -> tuple[str, str, bool]:
     return parse_mountinfo(text, os.path.realpath(path))
 
 
-def parse_mountinfo(text: str, real_path: str) -> tuple[str, str, bool]:
-    """The longest mount point of `text` (mountinfo lines) holding
-    `real_path`: (point, fs type, DAX); DAX when its mount or super options
-    say ``dax`` or ``dax=always`` (ext4 and xfs on persistent memory)."""
-    best, length = ("/", "unknown", False), -1
+def mount_entries(text: str) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """(mount point, fs type, options) for each line of mountinfo `text`;
+    the options of the mount and of its super block, ``key=value`` or ``flag``
+    (value ""). Octal escapes in the point (``\\040`` for a space) are undone."""
     for line in text.splitlines():
         left, _, right = line.partition(" - ")
         fields, tail = left.split(), right.split()
         if len(fields) < 6 or len(tail) < 3:
             continue
-        point = fields[4].replace("\\040", " ")
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        words = (fields[5] + "," + tail[2]).split(",")
+        yield point, tail[0], {w.partition("=")[0]: w.partition("=")[2] for w in words}
+
+
+def parse_mountinfo(text: str, real_path: str) -> tuple[str, str, bool]:
+    """The longest mount point of `text` (mountinfo lines) holding
+    `real_path`: (point, fs type, DAX); DAX when its mount or super options
+    say ``dax`` or ``dax=always`` (ext4 and xfs on persistent memory)."""
+    best, length = ("/", "unknown", False), -1
+    for point, fstype, options in mount_entries(text):
         inside = real_path == point or real_path.startswith(point.rstrip("/") + "/")
         if inside and len(point) > length:
-            options = set(fields[5].split(",")) | set(tail[2].split(","))
-            dax = "dax" in options or "dax=always" in options
-            best, length = (point, tail[0], dax), len(point)
+            dax = options.get("dax", None) in ("", "always")
+            best, length = (point, fstype, dax), len(point)
     return best
 
 

@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass, field
 
 from shmarena.config import format_size
+from shmarena.shm.backing import mount_entries
 
 HUGEPAGES_SYSFS = "/sys/kernel/mm/hugepages"
 SHMEM_ENABLED = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
@@ -171,18 +172,11 @@ def parse_mounts(mountinfo: str, default_page_bytes: int) -> tuple[list[tuple[st
     """The hugetlbfs mounts (point, page bytes) and /dev/shm's huge= option."""
     hugetlbfs: list[tuple[str, int]] = []
     devshm = "never"
-    for line in mountinfo.splitlines():
-        left, _, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if len(fields) < 6 or len(tail) < 3:
-            continue
-        point = fields[4].replace("\\040", " ")
-        words = (fields[5] + "," + tail[2]).split(",")
-        options = {w.partition("=")[0]: w.partition("=")[2] for w in words}
-        if tail[0] == "hugetlbfs":
+    for point, fstype, options in mount_entries(mountinfo):
+        if fstype == "hugetlbfs":
             size = options.get("pagesize", "")
             hugetlbfs.append((point, _page_size(size) or default_page_bytes))
-        elif point == "/dev/shm" and tail[0] == "tmpfs":
+        elif point == "/dev/shm" and fstype == "tmpfs":
             devshm = options.get("huge", "never") or "never"
     return hugetlbfs, devshm
 
