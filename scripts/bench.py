@@ -1,6 +1,6 @@
 """Benchmark shmarena against its alternatives and its own floors, side by side.
 
-What it measures (one run, six sections):
+What it measures (one run, seven sections):
 
 1. alloc+free latency per pair at 4 KiB, 64 KiB, 1 MiB and 16 MiB for a cached
    client (cache=True), an uncached client (cache=False: every call is a round
@@ -25,6 +25,13 @@ What it measures (one run, six sections):
    arena is a backing file, by --durability: none, batch and sync on tmpfs,
    and batch on the disk of the temp dir ("batch-disk", where fdatasync waits
    for the device); ratios to none.
+7. pages: first-touch cost per GiB of a fresh segment: what the daemon pays
+   making it (fallocate, or a pre-fault as --numa-node does) and what a fresh
+   client process pays mapping it and writing one byte per 4 KiB page, lazily
+   or with populate=True; against a bare ftruncate'd segment, and on huge
+   pages (hugetlbfs, shmem THP) where available. As root it reserves huge
+   pages, mounts hugetlbfs and sets shmem_enabled for the section, and puts
+   all three back.
 
 How to run it (from the repository root, in a venv with shmarena installed):
 
