@@ -1630,10 +1630,10 @@ def huge_pages_for(size: int) -> Iterator[dict[str, str]]:
             put(hugepages.SHMEM_ENABLED, "advise")
             changes.append(lambda: put(hugepages.SHMEM_ENABLED, old_shmem))
             mount = tempfile.mkdtemp(prefix="shmb-huge-")
+            changes.append(lambda: os.rmdir(mount))  # undone last: after the umount
             done = subprocess.run(["mount", "-t", "hugetlbfs", "none", mount], capture_output=True)
             if done.returncode == 0:
                 changes.append(lambda: subprocess.run(["umount", mount], check=False))
-            changes.append(lambda: os.rmdir(mount))
             note(
                 f"(as root: reserved {pages} huge pages, mounted hugetlbfs at {mount} and set "
                 "shmem_enabled to advise for this section; all put back afterwards)"

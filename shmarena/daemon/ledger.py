@@ -132,7 +132,7 @@ class Growth:
     granule: int
     make: Callable[[int, int], bool]
     idle_s: float = 30.0
-    failures: int = 0  # segments `make` could not create
+    failures: int = 0  # segments `make` could not create since the last it could
     last_failure: str = ""
 
 
@@ -760,6 +760,7 @@ class Ledger:
         if not growth.make(index, planned):
             growth.failures += 1
             return False
+        growth.failures, growth.last_failure = 0, ""  # only a current failure is news
         space.add(index, planned)
         return True
 

@@ -380,7 +380,7 @@ class Server:
         try:
             arena = Arena.create(shm_name(self.options.name, index), size_bytes, self.gid,
                                  self.pages)  # fmt: skip
-        except (DaemonStartError, OSError) as exc:
+        except Exception as exc:  # any failure to make it: refuse the request, keep serving
             if growth is not None:
                 growth.last_failure = str(exc)
             self.log(f"could not add segment {index} of {format_size(size_bytes)}: {exc}")

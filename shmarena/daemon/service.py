@@ -230,9 +230,11 @@ class Service:
                     # got before, a skipped number is asked for again.
                     seen = self.seen[session_id]
                     if request_id <= seen:
+                        if one_way:  # a repeated post: applied already, never answered
+                            return b""
                         cached = self.replies[session_id].get(request_id)
-                        if cached is not None or one_way:
-                            return cached or b""
+                        if cached is not None:
+                            return cached
                         raise ProtocolError(
                             f"request {request_id} was applied already and its reply is "
                             "no longer kept; nothing was done",

@@ -88,7 +88,14 @@ class Arena:
             if pages.kind != "memfd":
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, size_bytes)
-            mapping = mmap.mmap(fd, size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                flags, protection = mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+                mapping = mmap.mmap(fd, size_bytes, flags, protection)
+            except OSError as exc:  # hugetlbfs reserves its pages here
+                if exc.errno not in (errno.ENOMEM, errno.ENOSPC):
+                    raise
+                message = _no_space_message(shm_name, size_bytes, exc, pages)
+                raise DaemonStartError(message) from None
             numa = _bind(mapping, size_bytes, pages) if pages.numa_policy else None
             if pages.thp:
                 mapping.madvise(mmap.MADV_HUGEPAGE)
@@ -269,11 +276,17 @@ def _unlink_quietly(shm_name: str) -> None:
 
 def _no_space_message(shm_name: str, size_bytes: int, exc: OSError, pages: Pages) -> str:
     if pages.kind == "hugetlbfs":
-        return no_space_message(
-            f"arena {os.path.join(pages.directory, shm_name.lstrip('/'))}", pages.directory,
-            size_bytes, exc,
-            "reserve more huge pages (/proc/sys/vm/nr_hugepages) or use a smaller --size",
-        )  # fmt: skip
+        from shmarena.shm.hugepages import survey
+
+        pool = survey().pools.get(pages.page_bytes)
+        free = pool.available if pool else 0
+        need = -(-size_bytes // pages.page_bytes)
+        return (
+            f"cannot size arena {os.path.join(pages.directory, shm_name.lstrip('/'))} to "
+            f"{format_size(size_bytes)}: it needs {need} huge pages of "
+            f"{format_size(pages.page_bytes)}, {free} are free; reserve more "
+            "(/proc/sys/vm/nr_hugepages), or use a smaller --size or --max-size"
+        )
     if pages.kind == "memfd":
         return (
             f"cannot give the arena memfd {format_size(size_bytes)} of memory: "
@@ -296,7 +309,11 @@ def no_space_message(what: str, directory: str, size_bytes: int, exc: OSError, a
         free = f"{format_size(available)} free of {format_size(total)}"
     except OSError:
         free = "free space unknown"
-    reason = "not enough space" if exc.errno == errno.ENOSPC else os.strerror(exc.errno or 0)
+    reason = (
+        "not enough space"
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM)
+        else os.strerror(exc.errno or 0)
+    )
     return (
         f"cannot size {what} to {format_size(size_bytes)}: {reason} on {directory} ({free}); "
         f"{advice}"

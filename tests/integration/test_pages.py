@@ -188,6 +188,16 @@ def machine_settings(nr_hugepages: int | None, shmem: str | None) -> Iterator[No
 
 
 @contextlib.contextmanager
+def stopped_after(daemon: Daemon) -> Iterator[Daemon]:
+    """The daemon is stopped on the way out, also when the test fails, so
+    that the hugetlbfs mount around it can be unmounted."""
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@contextlib.contextmanager
 def hugetlbfs_mount() -> Iterator[str]:
     point = tempfile.mkdtemp(prefix="shma-huge-")
     result = subprocess.run(
@@ -252,40 +262,42 @@ def test_hugepages_on_hugetlbfs_read_back_from_smaps(make_daemon: Callable[..., 
     if hugepages.survey().mounts:
         pytest.skip("hugetlbfs is mounted already; the daemon might pick that mount")
     with machine_settings(nr_hugepages=80, shmem=None), hugetlbfs_mount() as point:
-        daemon = make_daemon("32M", ["--hugepages", "--max-size", "96M", "--shrink-after", "0"])
-        stats = stats_of(daemon)
-        assert stats["pages"]["kind"] == "hugetlbfs"
-        assert stats["pages"]["page_bytes"] == 2 * MiB
-        assert stats["pages"]["huge_bytes"] == 32 * MiB
-        path = os.path.join(point, os.path.basename(daemon.shm_path))
-        assert stats["segments"][0]["where"] == path, (stats["segments"][0]["where"], path)
-        _, smaps = vma_lines(stats["pid"], path)
-        assert smaps["KernelPageSize"] == 2 * MiB
-        assert smaps["Shared_Hugetlb"] + smaps["Private_Hugetlb"] == 32 * MiB
-        # Growth adds a segment on huge pages too.
-        holder = daemon.python(HOLDER, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        try:
-            assert holder.stdout is not None and holder.stdin is not None
-            segment, *handle = holder.stdout.readline().split()
-            assert segment == "1"
+        options = ["--hugepages", "--max-size", "96M", "--shrink-after", "0"]
+        with stopped_after(make_daemon("32M", options)) as daemon:
             stats = stats_of(daemon)
-            assert stats["pages"]["huge_bytes"] == stats["size_bytes"] == 96 * MiB
-            reader = daemon.python(READER, *handle, stdout=subprocess.PIPE)
-            out, _ = reader.communicate(timeout=30)
-            assert out.split() == ["7", "1"]
-            holder.stdin.write("done\n")
-            holder.stdin.flush()
-            assert holder.wait(timeout=30) == 0
-        finally:
-            holder.kill()
-            holder.wait()
-        print(
-            f"FIGURE: hugetlbfs: {stats['pages']['huge_bytes'] >> 20} MiB on "
-            f"{stats['pages']['page_bytes'] >> 10} kB pages in {len(stats['segments'])} segments"
-        )
-        daemon.stop()
-        daemon.assert_clean()
-        assert not [f for f in os.listdir(point) if f.startswith("shmarena-")]
+            assert stats["pages"]["kind"] == "hugetlbfs"
+            assert stats["pages"]["page_bytes"] == 2 * MiB
+            assert stats["pages"]["huge_bytes"] == 32 * MiB
+            path = os.path.join(point, os.path.basename(daemon.shm_path))
+            assert stats["segments"][0]["where"] == path, (stats["segments"][0]["where"], path)
+            _, smaps = vma_lines(stats["pid"], path)
+            assert smaps["KernelPageSize"] == 2 * MiB
+            assert smaps["Shared_Hugetlb"] + smaps["Private_Hugetlb"] == 32 * MiB
+            # Growth adds a segment on huge pages too.
+            holder = daemon.python(HOLDER, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            try:
+                assert holder.stdout is not None and holder.stdin is not None
+                segment, *handle = holder.stdout.readline().split()
+                assert segment == "1"
+                stats = stats_of(daemon)
+                assert stats["pages"]["huge_bytes"] == stats["size_bytes"] == 96 * MiB
+                reader = daemon.python(READER, *handle, stdout=subprocess.PIPE)
+                out, _ = reader.communicate(timeout=30)
+                assert out.split() == ["7", "1"]
+                holder.stdin.write("done\n")
+                holder.stdin.flush()
+                assert holder.wait(timeout=30) == 0
+            finally:
+                holder.kill()
+                holder.wait()
+            print(
+                f"FIGURE: hugetlbfs: {stats['pages']['huge_bytes'] >> 20} MiB on "
+                f"{stats['pages']['page_bytes'] >> 10} kB pages in "
+                f"{len(stats['segments'])} segments"
+            )
+            daemon.stop()
+            daemon.assert_clean()
+            assert not [f for f in os.listdir(point) if f.startswith("shmarena-")]
 
 
 def test_hugepages_as_shmem_thp_read_back_from_smaps(make_daemon: Callable[..., Daemon]) -> None:
@@ -353,3 +365,40 @@ def test_hugepages_refused_with_what_to_change(run_dir: str) -> None:
             assert "mount -t hugetlbfs -o pagesize=2M none /dev/hugepages" in message
         print(f"FIGURE: refusal: {message.strip()}")
         daemon.assert_clean()
+
+
+GROW_PAST_PAGES = """
+import shmarena
+c = shmarena.connect(cache=False)
+first = c.alloc(30 << 20)
+try:
+    c.alloc(30 << 20)
+except shmarena.OutOfMemory as e:
+    print("refused:", e)
+first.free()
+c.close()
+"""
+
+
+def test_growth_without_free_huge_pages_is_out_of_memory_saying_why(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """Only the first segment's huge pages are reserved: growing needs more,
+    the new segment cannot be made, and the request gets OutOfMemory that
+    says why; the daemon goes on serving and nothing is left behind."""
+    if hugepages.survey().mounts:
+        pytest.skip("hugetlbfs is mounted already; the daemon might pick that mount")
+    with machine_settings(nr_hugepages=16, shmem=None), hugetlbfs_mount() as point:
+        with stopped_after(make_daemon("32M", ["--hugepages", "--max-size", "128M"])) as daemon:
+            child = daemon.python(GROW_PAST_PAGES, stdout=subprocess.PIPE)
+            out, _ = child.communicate(timeout=60)
+            assert child.returncode == 0
+            assert out.startswith("refused:"), out
+            assert "adding a segment failed" in out and "huge pages" in out, out
+            print(f"FIGURE: {out.strip()}")
+            assert stats_of(daemon)["segments"][0]["size_bytes"] == 32 * MiB
+            assert len(stats_of(daemon)["segments"]) == 1
+            assert daemon.cli("check").returncode == 0
+            daemon.stop()
+            daemon.assert_clean()
+            assert os.listdir(point) == []

@@ -232,6 +232,9 @@ def test_requests_apply_in_sequence_a_gap_is_asked_for_and_repeats_skip() -> Non
     assert service.handle(b"a", encode([int(Op.POST), 4, []]), 0.0) == b""
     assert service.handle(b"a", encode([int(Op.POST), 4, []]), 0.0) == b""
     assert decode(service.handle(b"a", encode([int(Op.ALLOC), 3, MIN]), 0.0))[0] == OK
+    # A post reusing the number of another request (only a broken or hostile
+    # client does that) is dropped too: never answered with that one's reply.
+    assert service.handle(b"a", encode([int(Op.POST), 3, []]), 0.0) == b""
     assert used(service) == 3 * MIN
     assert service.seen[peer.session] == 4
     assert service.check() == []
