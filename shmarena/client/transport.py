@@ -393,6 +393,12 @@ def check_reachable(socket_path: str, name: str) -> None:
             socket_path=socket_path,
         )
     if not os.access(socket_path, os.W_OK):
+        if not os.path.exists(socket_path):  # gone between the two checks
+            raise DaemonUnavailable(
+                _refusing(socket_path)
+                or f"daemon {name!r} stopped listening on {socket_path} just now; try again",
+                socket_path=socket_path,
+            )
         raise DaemonUnavailable(
             f"cannot reach daemon {name!r}: permission denied on its socket {socket_path} "
             f"({_describe(socket_path)}; this process runs as uid {os.getuid()}, gid "
