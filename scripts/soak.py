@@ -610,7 +610,9 @@ class Soak:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.size_bytes: int = args.size
-        self.live_bytes: int = args.live_bytes or self.size_bytes // (4 * args.procs)
+        # --max-size: the arena grows by segments; the workers aim at the cap.
+        top = max(args.max_size or 0, self.size_bytes)
+        self.live_bytes: int = args.live_bytes or top // (4 * args.procs)
         self.name = f"soak-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.run_dir = tempfile.mkdtemp(prefix="soak-", dir="/tmp")  # short: socket path limit
         self.checker_address = os.path.join(self.run_dir, "checker.sock")
@@ -679,13 +681,18 @@ class Soak:
             self.run_dir,
         ]
 
+    def growth_options(self) -> list[str]:
+        if not self.args.max_size:
+            return []
+        return ["--max-size", str(self.args.max_size), "--shrink-after", "1"]
+
     def start_daemon(self) -> None:
         import shmarena
 
         env = dict(os.environ, SHMARENA_RUNTIME_DIR=self.run_dir)
         with open(self.daemon_log, "wb") as log:
             self.daemon = subprocess.Popen(
-                self.cli_command("daemon", "--size", str(self.size_bytes)),
+                self.cli_command("daemon", "--size", str(self.size_bytes), *self.growth_options()),
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -1334,6 +1341,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="384M",
         help="arena size of the daemon (default 384M: the workers' live buffers take a "
         "quarter of it, their caches most of the rest, so OutOfMemory is rare but happens)",
+    )
+    parser.add_argument(
+        "--max-size",
+        type=size_arg,
+        default=None,
+        help="let the arena grow by segments up to this (the daemon's --max-size, with "
+        "--shrink-after 1); the workers' live bytes are then a quarter of it",
     )
     parser.add_argument(
         "--live-bytes",

@@ -47,6 +47,8 @@ from shmarena.shm.arena import Arena, Pages
 from shmarena.shm.journal import CrashPoints
 
 DEFAULT_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+# `stats` reads the pages' placement from /proc again after this long.
+PLACEMENT_TTL_S = 5.0
 # Messages handled per wake-up of the loop before pidfds and timers get a turn.
 MESSAGES_PER_WAKE = 32
 # Unix socket paths are limited to 108 bytes including the terminating NUL.
@@ -180,6 +182,7 @@ class Server:
         self.lock_fd: int | None = None
         self.arenas: dict[int, Arena] = {}  # segment index -> its memory
         self.pages = Pages()
+        self._placement_cache: tuple[float, set[int], dict[int, dict[str, Any]]] | None = None
         self.pages_kind = "shm"  # or hugetlbfs, thp-shm, thp-memfd
         self.node_cpus: list[int] = []  # --numa-node: the CPUs the daemon was pinned to
         self.store: Store | None = None
@@ -405,6 +408,27 @@ class Server:
                 f"{self.options.shrink_after_s:g} s"
             )
 
+    def _placements(self) -> dict[int, dict[str, Any]]:
+        """Each segment's pages as the kernel reports them, read again when a
+        segment came or went or PLACEMENT_TTL_S passed (reading /proc/self/smaps
+        costs milliseconds; placement changes only by migration)."""
+        now = time.monotonic()
+        cached = self._placement_cache
+        if (
+            cached is not None
+            and cached[1] == set(self.arenas)
+            and now - cached[0] < PLACEMENT_TTL_S
+        ):
+            return cached[2]
+        arenas = list(self.arenas.items())
+        try:
+            records = numa.read_placements([(a.mapping, a.size_bytes) for _, a in arenas])
+        except (OSError, ValueError) as exc:
+            records = [{"error": str(exc)} for _ in arenas]
+        result = {index: record for (index, _), record in zip(arenas, records, strict=True)}
+        self._placement_cache = (now, set(self.arenas), result)
+        return result
+
     def _extra_stats(self) -> dict[str, Any]:
         """What only the server knows: the pages as the kernel reports them,
         NUMA placement, and the persistent table's figures."""
@@ -412,12 +436,8 @@ class Server:
         pages: list[dict[str, Any]] = []
         by_node: dict[str, int] = {}
         policy = ""
-        for index, arena in self.arenas.items():
-            try:
-                record = numa.read_placement(arena.mapping, arena.size_bytes)
-            except (OSError, ValueError) as exc:
-                record = {"error": str(exc)}
-            record["index"] = index
+        for index, record in self._placements().items():
+            record = {**record, "index": index}
             pages.append(record)
             policy = policy or str(record.get("policy", ""))
             for node, count in record.get("bytes_by_node", {}).items():

@@ -304,16 +304,36 @@ def read_placement(mapping: mmap.mmap, length: int, pid: int | str = "self") -> 
     """This process's view of one of its mappings, read back from the kernel:
     the policy, bytes per node (of pages mapped here), the page size in use
     and how much of it sits on huge pages (hugetlbfs or transparent)."""
-    start = address_of(mapping)
-    end = start + length
+    return read_placements([(mapping, length)], pid)[0]
+
+
+def read_placements(
+    mappings: list[tuple[mmap.mmap, int]], pid: int | str = "self"
+) -> list[dict[str, Any]]:
+    """`read_placement` of several mappings, reading each /proc file once."""
     with open(f"/proc/{pid}/smaps") as f:
-        smaps = parse_smaps(f.read(), start, end)
+        smaps_text = f.read()
     try:
         with open(f"/proc/{pid}/numa_maps") as f:
-            placement = parse_numa_maps(f.read(), start, end)
+            numa_text: str | None = f.read()
     except FileNotFoundError:  # a kernel without NUMA support
-        placement = None
-    return describe_pages(smaps, placement, length)
+        numa_text = None
+    records = []
+    for mapping, length in mappings:
+        start = address_of(mapping)
+        smaps = parse_smaps(_vmas_from(smaps_text, start), start, start + length)
+        placement = None if numa_text is None else parse_numa_maps(numa_text, start, start + length)
+        records.append(describe_pages(smaps, placement, length))
+    return records
+
+
+def _vmas_from(smaps_text: str, start: int) -> str:
+    """The smaps text from the VMA that starts at `start` on (the whole text
+    when there is none): parsing skips the process's other mappings."""
+    at = smaps_text.find(f"{start:x}-")
+    while at > 0 and smaps_text[at - 1] != "\n":
+        at = smaps_text.find(f"{start:x}-", at + 1)
+    return smaps_text if at < 0 else smaps_text[at:]
 
 
 def describe_pages(
