@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import shmarena
@@ -83,8 +84,13 @@ def test_900_mib_across_segments_then_released_when_idle(
     )
     for buf in buffers:
         buf.free()
+    freed_at = time.monotonic()
     wait_for(
         lambda: len(client.stats()["segments"]) == 1, timeout_s=30, what="added segments released"
+    )
+    print(
+        f"FIGURE: growth: the {len(rows) - 1} added segments were released "
+        f"{time.monotonic() - freed_at:.2f} s after the last free (--shrink-after 1)"
     )
     stats = client.stats()
     assert stats["size_bytes"] == 64 * MiB and stats["used_bytes"] == 0
