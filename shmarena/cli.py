@@ -383,6 +383,8 @@ def _daemon_combination(args: argparse.Namespace) -> str:
             f"--max-size {format_size(args.max_size)} is below --size {format_size(args.size)}; "
             "the arena starts at --size and grows up to --max-size"
         )
+    if args.max_size is not None and (args.size or 0) > 1 << 40:
+        return "--max-size needs a --size of at most 1 TiB (the largest segment)"
     if args.shrink_after < 0:
         return f"--shrink-after must be 0 or more seconds, got {args.shrink_after:g}"
     return ""

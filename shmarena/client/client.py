@@ -43,7 +43,7 @@ from shmarena.errors import (
 from shmarena.protocol import GEN_SHIFT, MAX_BATCH, PROTOCOL_VERSION, Handle, Op
 from shmarena.shm.arena import map_segment
 from shmarena.shm.backing import map_file
-from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT
+from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT, SEGMENT_SPAN
 
 # (shm name, epoch) -> (mapping, memoryview of all of it), one per process.
 _MAPPINGS: dict[tuple[str, int], tuple[mmap.mmap, memoryview]] = {}
@@ -233,7 +233,7 @@ class Client:
             segments = {int(s["index"]): s for s in info["segments"]}
             first = segments[0]
             key = (_locator(first), info["epoch"])
-            view = _map(key, first, self.populate)
+            view = _map(key, first, self.populate, self._used)
         except BaseException:
             transport.close()
             raise
@@ -243,7 +243,6 @@ class Client:
         self._segment_info = segments
         self._arena_key, self._arena_view = key, view
         self._views, self._keys = {0: view}, {0: key}
-        self._use(key)
         self._token = int(info.get("token", 0))
         cache = self._cache
         if not info.get("resumed"):
@@ -471,36 +470,38 @@ class Client:
 
     def _segment_view(self, segment: int) -> memoryview:
         """The view of a segment, mapped the first time it is met. The
-        daemon says where it lives (one round trip per new segment)."""
+        daemon says where it lives (one round trip per new segment).
+        StaleHandle when the segment no longer exists (released when empty)."""
         view = self._views.get(segment)
-        if view is not None:
+        if view is not None and (segment == 0 or _mapped_view(self._keys[segment]) is view):
             return view
         with self._lock:
             where = self._segment_info.get(segment)
-        if where is None:
-            (rows,) = self._request(Op.SEGMENTS)
+        for _ in range(2):
+            if where is None:
+                (rows,) = self._request(Op.SEGMENTS)
+                with self._lock:
+                    self._segment_info = {int(row["index"]): row for row in rows}
+                    where = self._segment_info.get(segment)
+                _unmap_released(self.epoch, rows)
+                if where is None:
+                    break
+            key = (_locator(where), self.epoch)
+            try:
+                view = _map(key, where, self.populate, self._used)
+            except ShmArenaError:
+                if segment == 0:
+                    raise
+                where = None  # released since this client learnt of it: ask again
+                continue
             with self._lock:
-                self._segment_info = {int(row["index"]): row for row in rows}
-                where = self._segment_info.get(segment)
-            _unmap_released(self.epoch, {_locator(row) for row in rows})
-        if where is None:
-            raise StaleHandle(
-                f"segment {segment} of arena {self.name!r} (epoch {self.epoch}) does not exist: "
-                "it was released after it stood empty, or never made; the block is gone",
-                segment=segment,
-            )
-        key = (_locator(where), self.epoch)
-        view = _map(key, where, self.populate)
-        with self._lock:
-            self._views[segment], self._keys[segment] = view, key
-        self._use(key)
-        return view
-
-    def _use(self, key: tuple[str, int]) -> None:
-        with _MAPPINGS_LOCK:
-            if key not in self._used:
-                self._used.add(key)
-                _MAPPING_USERS[key] = _MAPPING_USERS.get(key, 0) + 1
+                self._views[segment], self._keys[segment] = view, key
+            return view
+        raise StaleHandle(
+            f"segment {segment} of arena {self.name!r} (epoch {self.epoch}) does not exist: "
+            "it was released after it stood empty, or never made; the block is gone",
+            segment=segment,
+        )
 
     def _unuse(self) -> None:
         """This client is done with its mappings: the last user in the
@@ -596,8 +597,8 @@ class Client:
         the daemon takes what is needed and only as many more as fit)."""
         taken, direct, notices = self._request_room(Op.FILL, fills, cache.mark(), sizes, owner)
         for offsets in taken:  # map new segments before their blocks are handed out
-            if offsets and max(offsets) >> SEGMENT_SHIFT not in self._views:
-                for segment in {o >> SEGMENT_SHIFT for o in offsets}:
+            if offsets and max(offsets) >= SEGMENT_SPAN:
+                for segment in {o >> SEGMENT_SHIFT for o in offsets} - self._views.keys():
                     self._segment_view(segment)
         cache.notice(notices)
         for i, offsets in enumerate(taken):
@@ -871,13 +872,23 @@ def _default_runtime_dir() -> str:
 
 
 def _locator(where: dict[str, Any]) -> str:
-    """A segment's shm name or file path: with the epoch, its mapping's key."""
-    return str(where.get("shm") or where["path"])
+    """A segment's shm name or file path, and its index: with the epoch, its
+    mapping's key (a memfd's /proc path may come back for a later segment;
+    indices never do)."""
+    return f"{where.get('shm') or where['path']}#{int(where.get('index', 0))}"
 
 
-def _map(key: tuple[str, int], where: dict[str, Any], populate: bool) -> memoryview:
+def _mapped_view(key: tuple[str, int]) -> memoryview | None:
+    found = _MAPPINGS.get(key)
+    return None if found is None else found[1]
+
+
+def _map(
+    key: tuple[str, int], where: dict[str, Any], populate: bool, used: set[tuple[str, int]]
+) -> memoryview:
     """The process's one mapping of a segment: shm by name, or a file (a
-    backing file, a hugetlbfs file, the daemon's memfd) by path and offset."""
+    backing file, a hugetlbfs file, the daemon's memfd) by path and offset.
+    The client whose `used` set this is counts as one of its users."""
     with _MAPPINGS_LOCK:
         found = _MAPPINGS.get(key)
         if found is None:
@@ -888,16 +899,25 @@ def _map(key: tuple[str, int], where: dict[str, Any], populate: bool) -> memoryv
                 mapping = map_file(str(where["path"]), size, int(where["offset"]), populate)
             found = (mapping, memoryview(mapping))
             _MAPPINGS[key] = found
+        if key not in used:
+            used.add(key)
+            _MAPPING_USERS[key] = _MAPPING_USERS.get(key, 0) + 1
         return found[1]
 
 
-def _unmap_released(epoch: int, current: set[str]) -> None:
-    """Unmap this process's mappings of segments of `epoch` the daemon no
-    longer lists (released when empty), unless a view of them is still
-    alive: their memory goes back to the system."""
+def _unmap_released(epoch: int, rows: list[dict[str, Any]]) -> None:
+    """Unmap this process's mappings of segments of `epoch` that the daemon's
+    table `rows` shows released (below its newest index and not listed:
+    indices only grow, so an older table cannot hide a newer segment),
+    unless a buffer still looks at them."""
+    listed = {_locator(row) for row in rows}
+    newest = max((int(row["index"]) for row in rows), default=0)
     with _MAPPINGS_LOCK:
-        for key in [k for k in _MAPPINGS if k[1] == epoch and k[0] not in current]:
-            _unmap(key)
+        for key in list(_MAPPINGS):
+            index = int(key[0].rsplit("#", 1)[1])
+            if key[1] == epoch and 0 < index < newest and key[0] not in listed:
+                _MAPPING_USERS.pop(key, None)
+                _unmap(key)
 
 
 def _unmap(key: tuple[str, int]) -> None:

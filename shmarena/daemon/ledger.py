@@ -405,21 +405,21 @@ class Ledger:
         if block is not None and block.generation == handle.generation:
             if block.size != handle.size:
                 raise StaleHandle(
-                    f"handle names {handle.size} bytes at offset {handle.offset:#x}, the live "
+                    f"handle names {handle.size} bytes at {_place(handle)}, the live "
                     f"block there has {block.size}: not a handle the daemon gave out; "
                     "nothing was done",
                     handle=list(handle),
                 )
         if block is None or block.generation != handle.generation:
             raise StaleHandle(
-                f"no live block at offset {handle.offset:#x} with generation "
+                f"no live block at {_place(handle)} with generation "
                 f"{handle.generation}: it was freed or recycled (double free or use after "
                 "free)",
                 handle=list(handle),
             )
         if block.cached or (for_free and block.owner is None):
             raise StaleHandle(
-                f"block at offset {handle.offset:#x} was already freed by its owner"
+                f"block at {_place(handle)} was already freed by its owner"
                 + (
                     f"; it stays mapped only while {len(block.retainers)} reader(s) retain it"
                     if block.retainers
@@ -835,6 +835,12 @@ class Ledger:
                 if held is None or not held.cached or held.cache_session != session.id:
                     problems.append(f"session {session.id} caches {offset:#x} it does not hold")
         return problems
+
+
+def _place(handle: Handle) -> str:
+    """ "offset 0x2000", or "offset 0x2000 of segment 3" beyond segment 0."""
+    where = f"offset {handle.offset:#x}"
+    return where if handle.segment == 0 else f"{where} of segment {handle.segment}"
 
 
 def implicit_owner(session_id: int) -> str:

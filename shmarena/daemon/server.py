@@ -43,7 +43,7 @@ from shmarena.daemon.table import State
 from shmarena.errors import DaemonStartError, ShmArenaError
 from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, MAX_FRAMES
 from shmarena.shm import hugepages, numa
-from shmarena.shm.arena import Arena, Pages
+from shmarena.shm.arena import Arena, Pages, remove_stale_segments
 from shmarena.shm.journal import CrashPoints
 
 DEFAULT_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -253,6 +253,11 @@ class Server:
                     f"{format_size(size_bytes)}, a whole number of "
                     f"{format_size(self.pages.page_bytes)} pages"
                 )
+            # Segments a daemon of this name left when it died (after the lock:
+            # no live daemon of this runtime dir holds them).
+            for directory in {"/dev/shm", self.pages.directory}:
+                for path in remove_stale_segments(self.shm_name, directory):
+                    self.log(f"removed stale segment {path}")
             self.arenas[0] = Arena.create(self.shm_name, size_bytes, self.gid, self.pages)
             epoch = new_epoch()
             min_block = opts.min_block_bytes or DEFAULT_MIN_BLOCK_BYTES

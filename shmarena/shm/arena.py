@@ -267,6 +267,39 @@ def remove_stale(shm_name: str) -> bool:
     return True
 
 
+def remove_stale_segments(shm_name: str, directory: str = SHM_MOUNT) -> list[str]:
+    """Remove the added segments (``NAME.1``, ``NAME.2``, ...) that a daemon
+    which died left in `directory` (/dev/shm, or a hugetlbfs mount); the
+    paths removed. DaemonStartError when a live daemon still holds one."""
+    base = shm_name.lstrip("/") + "."
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for entry in sorted(names):
+        if not (entry.startswith(base) and entry[len(base) :].isdigit()):
+            continue
+        if directory == SHM_MOUNT:
+            if remove_stale("/" + entry):
+                removed.append(shm_path(entry))
+        else:
+            path = os.path.join(directory, entry)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DaemonStartError(
+                    f"{path} is held by a running shmarena daemon; stop it with "
+                    "`shmarena shutdown` or pick another --name"
+                ) from None
+            finally:
+                os.close(fd)
+            _unlink_file(path)
+            removed.append(path)
+    return removed
+
+
 def _unlink_quietly(shm_name: str) -> None:
     try:
         posix_ipc.unlink_shared_memory(shm_name)

@@ -48,7 +48,7 @@ def plan_growth(current_bytes: int, need_bytes: int, max_bytes: int, granule: in
     size = max(current_bytes, granule)
     while size < need_bytes:
         size *= 2
-    size = min(-(-size // granule) * granule, room)
+    size = min(-(-size // granule) * granule, room, SEGMENT_SPAN)  # addresses hold 1 TiB
     return size if size >= need_bytes and size > 0 else None
 
 

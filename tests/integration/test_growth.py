@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -204,3 +205,67 @@ def test_growth_options_are_checked(run_dir: str) -> None:
         assert result.returncode == 2, result.stderr
         assert said in result.stderr
     daemon.assert_clean()
+
+
+def test_segments_a_dead_daemon_left_are_removed_at_start(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """A daemon SIGKILLed with added segments leaves NAME.1, NAME.2 in
+    /dev/shm; the next daemon of that name removes them at start (and says
+    so), so they do not outlive it."""
+    daemon = make_daemon("8M", ["--max-size", "64M"])
+    child = daemon.python(
+        "import shmarena, sys\n"
+        "c = shmarena.connect(cache=False)\n"
+        "held = [c.alloc(6 << 20) for _ in range(4)]\n"
+        "print(sorted({b.segment for b in held}), flush=True)\n"
+        "sys.stdin.readline()\n",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "[0, 1, 2]"
+    assert len(segment_files(daemon)) == 3
+    assert daemon.proc is not None
+    daemon.proc.kill()
+    daemon.proc.wait(timeout=30)
+    child.kill()
+    child.wait(timeout=30)
+    assert len(segment_files(daemon)) == 3  # what a crash leaves
+    again = make_daemon("8M", ["--max-size", "64M"], name=daemon.name)
+    assert segment_files(again) == [os.path.basename(again.shm_path)]
+    log = again.stop()
+    assert "removed stale segment" in log and f"{again.shm_path}.2" in log
+    again.assert_clean()
+
+
+def test_clients_of_one_process_connecting_and_closing_together(daemon: Daemon) -> None:
+    """Two threads each connect, allocate and close in a loop: a client that
+    closes (the last user of a mapping unmaps it) never takes the mapping
+    from under one that is connecting."""
+    failures: list[str] = []
+    interval = sys.getswitchinterval()
+
+    def worker() -> None:
+        for _ in range(150):
+            client = shmarena.connect(daemon.name, runtime_dir=daemon.run_dir, cache=False)
+            try:
+                buf = client.alloc(4096)
+                buf.view[0] = 1
+                buf.free()
+                del buf
+            except Exception as error:  # collected, asserted below
+                failures.append(f"{type(error).__name__}: {error}")
+            finally:
+                client.close()
+
+    sys.setswitchinterval(1e-5)  # switch threads often
+    try:
+        threads = [threading.Thread(target=worker) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []

@@ -23,7 +23,7 @@ import pytest
 
 import shmarena
 from shmarena.shm import hugepages, numa
-from tests.conftest import Daemon, unique_name
+from tests.conftest import Daemon, unique_name, wait_for
 
 MiB = 1 << 20
 
@@ -402,3 +402,37 @@ def test_growth_without_free_huge_pages_is_out_of_memory_saying_why(
             daemon.stop()
             daemon.assert_clean()
             assert os.listdir(point) == []
+
+
+def test_memfd_segments_released_and_added_again_stay_distinct(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """Shmem THP segments are memfds reached as /proc/<daemon>/fd/<n>, and a
+    released segment's descriptor number comes back for the next one: a
+    client that mapped the old segment must still map the new one anew, so
+    that another process sees what it writes there."""
+    other = _other_huge_pages()
+    if other:
+        pytest.skip(f"{other}: the daemon would use those instead")
+    with machine_settings(nr_hugepages=0, shmem="advise"):
+        daemon = make_daemon("16M", ["--hugepages", "--max-size", "128M", "--shrink-after", "0.2"])
+        client = daemon.client(cache=False)
+        first = client.alloc(20 * MiB)
+        assert first.segment == 1
+        old_where = client.stats()["segments"][1]["where"]
+        first.free()
+        wait_for(lambda: len(client.stats()["segments"]) == 1, timeout_s=30, what="release")
+        second = client.alloc(20 * MiB)
+        assert second.segment == 2
+        assert client.stats()["segments"][1]["where"] == old_where  # the same fd number
+        second.view[:6] = b"fresh!"
+        child = daemon.python(
+            "import shmarena, sys\n"
+            "c = shmarena.connect()\n"
+            "print(bytes(c.attach(shmarena.Handle(*map(int, sys.argv[1:]))).view[:6]))\n",
+            *map(str, second.handle),
+            stdout=subprocess.PIPE,
+        )
+        out, _ = child.communicate(timeout=30)
+        assert out.strip() == "b'fresh!'"
+        second.free()
