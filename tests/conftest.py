@@ -131,6 +131,22 @@ class Daemon:
             **kwargs,
         )
 
+    def read_in_child(self, handle: Any, count: int) -> bytes:
+        """The first `count` bytes of the block `handle` names, as another
+        process attached to this daemon sees them."""
+        child = self.python(
+            "import shmarena, sys\n"
+            "c = shmarena.connect()\n"
+            "buf = c.attach(shmarena.Handle(*map(int, sys.argv[2:])))\n"
+            "print(bytes(buf.view[: int(sys.argv[1])]).hex())\n",
+            str(count),
+            *map(str, handle),
+            stdout=subprocess.PIPE,
+        )
+        out, _ = child.communicate(timeout=30)
+        assert child.returncode == 0, f"the reading child exited with {child.returncode}"
+        return bytes.fromhex(out.strip())
+
     def stop(self) -> str:
         errors = []
         for c in self.clients:

@@ -166,21 +166,7 @@ def _create_shm(shm_name: str, mode: int) -> int:
 def _create_file(path: str, mode: int) -> int:
     """A new file at `path` (a hugetlbfs mount), after removing one a dead
     daemon left there."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        pass
-    else:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DaemonStartError(
-                f"{path} is held by a running shmarena daemon; stop it with "
-                "`shmarena shutdown` or pick another --name"
-            ) from None
-        finally:
-            os.close(fd)
-        _unlink_file(path)
+    _remove_stale_file(path)
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     except FileExistsError:
@@ -280,24 +266,30 @@ def remove_stale_segments(shm_name: str, directory: str = SHM_MOUNT) -> list[str
     for entry in sorted(names):
         if not (entry.startswith(base) and entry[len(base) :].isdigit()):
             continue
-        if directory == SHM_MOUNT:
-            if remove_stale("/" + entry):
-                removed.append(shm_path(entry))
-        else:
-            path = os.path.join(directory, entry)
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise DaemonStartError(
-                    f"{path} is held by a running shmarena daemon; stop it with "
-                    "`shmarena shutdown` or pick another --name"
-                ) from None
-            finally:
-                os.close(fd)
-            _unlink_file(path)
+        path = os.path.join(directory, entry)
+        if remove_stale("/" + entry) if directory == SHM_MOUNT else _remove_stale_file(path):
             removed.append(path)
     return removed
+
+
+def _remove_stale_file(path: str) -> bool:
+    """Remove the file at `path` if no live daemon holds it (flock); True
+    when there was one. DaemonStartError when a live daemon holds it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise DaemonStartError(
+            f"{path} is held by a running shmarena daemon; stop it with "
+            "`shmarena shutdown` or pick another --name"
+        ) from None
+    finally:
+        os.close(fd)
+    _unlink_file(path)
+    return True
 
 
 def _unlink_quietly(shm_name: str) -> None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from shmarena.config import format_size
 from shmarena.shm.backing import mount_entries
+from shmarena.shm.numa import pmd_bytes
 
 HUGEPAGES_SYSFS = "/sys/kernel/mm/hugepages"
 SHMEM_ENABLED = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
@@ -221,6 +222,4 @@ def survey() -> Survey:
             shmem = selected(f.read())
     except OSError:
         shmem = "never"
-    from shmarena.shm.numa import pmd_bytes
-
     return Survey(parse_pools(entries), default_page, mounts, shmem, devshm, pmd_bytes())

@@ -25,6 +25,8 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any
 
+from shmarena.config import format_size
+
 SYSFS_NODES = "/sys/devices/system/node"
 
 MPOL_DEFAULT, MPOL_PREFERRED, MPOL_BIND, MPOL_INTERLEAVE = 0, 1, 2, 3
@@ -87,8 +89,6 @@ class Topology:
 
     def describe(self) -> str:
         """ "node 0 (cpus 0-1, 6.6 GiB), node 1 (...)" for messages."""
-        from shmarena.config import format_size
-
         parts = []
         for n in self.ids:
             node = self.nodes[n]

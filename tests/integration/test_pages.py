@@ -327,15 +327,7 @@ def test_hugepages_as_shmem_thp_read_back_from_smaps(make_daemon: Callable[..., 
         assert smaps["ShmemPmdMapped"] == 32 * MiB
         buf = client.alloc(4 * MiB)
         buf.view[:5] = b"huge!"
-        child = daemon.python(
-            "import shmarena, sys\n"
-            "c = shmarena.connect()\n"
-            "print(bytes(c.attach(shmarena.Handle(*map(int, sys.argv[1:]))).view[:5]))\n",
-            *map(str, buf.handle),
-            stdout=subprocess.PIPE,
-        )
-        out, _ = child.communicate(timeout=30)
-        assert out.strip() == "b'huge!'"
+        assert daemon.read_in_child(buf.handle, 5) == b"huge!"
         print(f"FIGURE: shmem THP: ShmemPmdMapped {smaps['ShmemPmdMapped'] >> 20} MiB of 32 MiB")
 
 
@@ -426,13 +418,5 @@ def test_memfd_segments_released_and_added_again_stay_distinct(
         assert second.segment == 2
         assert client.stats()["segments"][1]["where"] == old_where  # the same fd number
         second.view[:6] = b"fresh!"
-        child = daemon.python(
-            "import shmarena, sys\n"
-            "c = shmarena.connect()\n"
-            "print(bytes(c.attach(shmarena.Handle(*map(int, sys.argv[1:]))).view[:6]))\n",
-            *map(str, second.handle),
-            stdout=subprocess.PIPE,
-        )
-        out, _ = child.communicate(timeout=30)
-        assert out.strip() == "b'fresh!'"
+        assert daemon.read_in_child(second.handle, 6) == b"fresh!"
         second.free()
