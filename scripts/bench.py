@@ -1749,7 +1749,8 @@ def section_pages(plan: Plan, report: Report) -> None:
     for label in results:
         if label in ("missing", "shm (default), client touches"):
             continue
-        key = "pages." + "".join(c if c.isalnum() else "_" for c in label.split(",")[0]).strip("_")
+        words = "".join(c if c.isalnum() else " " for c in label).split()
+        key = "pages." + "_".join(words)  # the whole label: two rows share "shm (default)"
         report.ratio(
             key,
             safe_div(results[label]["client_ms_per_gib"], base),
