@@ -11,15 +11,20 @@ __version__ = "0.5.0"
 
 from shmarena.client.buffer import Buffer, Handle
 from shmarena.client.client import Client, Owner, Recycled, connect
+from shmarena.client.names import Event, Subscription
 from shmarena.errors import (
     DaemonStartError,
     DaemonUnavailable,
     InvalidRequest,
+    NameExists,
     OutOfMemory,
     ProtocolError,
+    QueueEmpty,
+    QueueFull,
     SessionLost,
     ShmArenaError,
     StaleHandle,
+    UnknownName,
     UnknownOwner,
 )
 
@@ -29,14 +34,20 @@ __all__ = [
     "DaemonStartError",
     "DaemonUnavailable",
     "Handle",
+    "Event",
     "InvalidRequest",
+    "NameExists",
     "OutOfMemory",
     "Owner",
     "ProtocolError",
+    "QueueEmpty",
+    "QueueFull",
     "Recycled",
     "SessionLost",
     "ShmArenaError",
     "StaleHandle",
+    "Subscription",
+    "UnknownName",
     "UnknownOwner",
     "__version__",
     "connect",

@@ -234,9 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("stats", "everything, including free blocks per order (like /proc/buddyinfo)"),
         ("owners", "per owner: name, scope, session/pid, blocks, bytes, age"),
         ("clients", "connected sessions: pid, since, blocks, bytes"),
+        ("names", "published names: name, owner, session, bytes, sealed, age"),
     ):
         cmd = add(command, text)
         cmd.add_argument("--json", action="store_true", help="print JSON for scripts")
+        if command == "names":
+            cmd.add_argument("--prefix", default="", help="only names that start with this")
     recycle = add("recycle", "recycle one owner: free every block it holds")
     recycle.add_argument("owner", help="owner name (see `shmarena owners`)")
     add("check", "verify the allocator's invariants in the running daemon; exit 1 if broken")
@@ -717,6 +720,28 @@ def cmd_clients(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_names(args: argparse.Namespace) -> int:
+    rows = _query(args, lambda client: client.names(args.prefix))
+    if rows is None:
+        return EXIT_OK
+    columns = [("name", "left"), ("owner", "left")] + [
+        (name, "right") for name in ("session", "bytes", "sealed", "age")
+    ]
+    cells = (
+        (
+            row["name"],
+            row["owner"],
+            str(row["session"]),
+            format_size(row["bytes"]),
+            "yes" if row["sealed"] else "no",
+            _age(row["age_s"]),
+        )
+        for row in rows
+    )
+    _print_table(f"names in {args.name!r}", columns, cells)
+    return EXIT_OK
+
+
 def cmd_recycle(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.recycle(args.owner)
@@ -823,6 +848,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "stats": cmd_stats,
     "owners": cmd_owners,
     "clients": cmd_clients,
+    "names": cmd_names,
     "recycle": cmd_recycle,
     "check": cmd_check,
     "shutdown": cmd_shutdown,

@@ -14,6 +14,7 @@ in exactly one place (`client/transport.py`); both go through `to_wire` and
 
 from __future__ import annotations
 
+import queue
 from typing import Any
 
 
@@ -102,6 +103,39 @@ class UnknownOwner(InvalidRequest):
     code = "unknown_owner"
 
 
+class NameExists(InvalidRequest):
+    """`publish` of a name that is bound already (to another block, or this one).
+
+    Names are unique in an arena: unpublish the old one first, or pick another.
+    """
+
+    code = "name_exists"
+
+
+class UnknownName(InvalidRequest):
+    """No block is published under the name (never, or it vanished with its
+    block), or `lookup` waited its whole timeout without one appearing.
+
+    `shmarena names` lists the names that exist.
+    """
+
+    code = "unknown_name"
+
+
+class QueueEmpty(ShmArenaError, queue.Empty):
+    """`Queue.get` found no message (within its timeout). Also a `queue.Empty`,
+    so code written for `multiprocessing.Queue` catches it unchanged."""
+
+    code = "queue_empty"
+
+
+class QueueFull(ShmArenaError, queue.Full):
+    """`Queue.put` found the queue at its `maxsize` (within its timeout). Also
+    a `queue.Full`, as `multiprocessing.Queue` raises."""
+
+    code = "queue_full"
+
+
 class DaemonUnavailable(ShmArenaError):
     """No daemon answered at the socket path within the timeout.
 
@@ -146,6 +180,10 @@ _BY_CODE: dict[str, type[ShmArenaError]] = {
         SessionLost,
         InvalidRequest,
         UnknownOwner,
+        NameExists,
+        UnknownName,
+        QueueEmpty,
+        QueueFull,
         DaemonUnavailable,
         ProtocolError,
         Resend,

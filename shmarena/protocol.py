@@ -65,6 +65,28 @@ Requests, in the order of ``Op`` (arguments after the request id):
     SEGMENTS   -> [map]   the arena's segments now: index, size, and where
                           to map it (``shm``: a name, or ``path`` and ``offset``)
 
+Named buffers and queues (see daemon/exchange.py). Requests that may wait
+carry ``wait_s``: the daemon keeps the request and answers it as soon as it
+can be met, or with its refusal when ``wait_s`` runs out; a repeat of a kept
+request (the client's retry) is dropped, not run again.
+
+    PUBLISH    name:str, handle, sealed:bool -> nil    binds name to an owned block
+    UNPUBLISH  name:str                  -> nil
+    LOOKUP     name:str, wait_s:num      -> [handle, sealed:bool]; the block is
+                                            retained for this session
+    NAMES      prefix:str                -> [map]
+    EVENTS     since:int, prefix:str, wait_s:num
+               -> [[seq, kind, name, handle] ...], cursor:int, oldest_seq:int
+               events numbered `since` or later (-1: none, just the cursor);
+               ask from `cursor` next; oldest_seq > since: some were dropped
+    QOPEN      name:str, maxsize:int     -> map (name, maxsize, qsize)
+    QPUT       name:str, payload:bin, handles:[handle], wait_s:num -> qsize
+               the queue holds a reference on every handle's block
+    QGET       name:str, wait_s:num      -> [payload:bin, [handle]]: the message's
+               references pass to this session (released like retains)
+    QSTAT      name:str                  -> [qsize, maxsize]
+    QCLOSE     name:str                  -> nil    this session stops using the queue
+
 A handle travels as ``[epoch, segment, offset, size, generation]``.
 Everywhere else (FILL results, EVENTS, notices) a block is named by its
 *address*, ``segment << 40 | offset``: segment 0's addresses are its offsets.
@@ -100,7 +122,7 @@ import msgpack
 
 from shmarena.errors import InvalidRequest, ProtocolError, ShmArenaError, to_wire
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 # Limits. Frames above MAX_FRAME_BYTES are dropped by ZeroMQ (ZMQ_MAXMSGSIZE)
 # before they reach Python.
@@ -117,6 +139,12 @@ MAX_FRAMES = 16  # requests in one ZeroMQ message (a client's posts, then its re
 MAX_FILLS = 64  # classes in one FILL
 GEN_SHIFT = 40
 MAX_SESSIONS = (1 << 23) - 1  # so a session's generations fit in 64 bits
+MAX_NAME = 200  # characters in a published name or a queue name
+MAX_PAYLOAD_BYTES = 256 << 10  # the in-band part of one queued message
+MAX_QUEUED = 1 << 20  # messages in one queue, whatever its maxsize
+MAX_WAIT_S = 3600.0  # the longest one waiting request is kept; clients ask again
+EVENTS_KEPT = 1 << 16  # name events the daemon remembers for subscribers
+MAX_EVENTS_PER_REPLY = 1024
 
 OK = 0
 ERR = 1
@@ -149,6 +177,16 @@ class Op(IntEnum):
     CHECK = 23
     SHUTDOWN = 24
     SEGMENTS = 25
+    PUBLISH = 26
+    UNPUBLISH = 27
+    LOOKUP = 28
+    NAMES = 29
+    EVENTS = 30
+    QOPEN = 31
+    QPUT = 32
+    QGET = 33
+    QSTAT = 34
+    QCLOSE = 35
 
 
 class Handle(NamedTuple):
@@ -171,6 +209,9 @@ BOOL = "bool"
 INTS = "list of int"
 HANDLES = "list of handles"
 EVENTS = "flat list of events"
+BIN = "bytes"
+NUM = "a number of seconds"
+HANDLE = "a handle"
 
 # op -> ((argument name, kind, default or REQUIRED), ...). A trailing argument
 # with a default may be omitted by older clients.
@@ -211,6 +252,21 @@ SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
     Op.CHECK: (),
     Op.SHUTDOWN: (),
     Op.SEGMENTS: (),
+    Op.PUBLISH: (("name", STR, REQUIRED), ("handle", HANDLE, REQUIRED), ("sealed", BOOL, True)),
+    Op.UNPUBLISH: (("name", STR, REQUIRED),),
+    Op.LOOKUP: (("name", STR, REQUIRED), ("wait_s", NUM, 0.0)),
+    Op.NAMES: (("prefix", STR, ""),),
+    Op.EVENTS: (("since", INT, -1), ("prefix", STR, ""), ("wait_s", NUM, 0.0)),
+    Op.QOPEN: (("name", STR, REQUIRED), ("maxsize", INT, 0)),
+    Op.QPUT: (
+        ("name", STR, REQUIRED),
+        ("payload", BIN, REQUIRED),
+        ("handles", HANDLES, []),
+        ("wait_s", NUM, 0.0),
+    ),
+    Op.QGET: (("name", STR, REQUIRED), ("wait_s", NUM, 0.0)),
+    Op.QSTAT: (("name", STR, REQUIRED),),
+    Op.QCLOSE: (("name", STR, REQUIRED),),
 }
 
 
@@ -227,8 +283,17 @@ MUTATING_OPS = frozenset(
         Op.RELEASE,
         Op.FILL,
         Op.SYNC,  # its reply hands over notices: a repeat must get the same ones
+        Op.PUBLISH,
+        Op.UNPUBLISH,
+        Op.LOOKUP,  # retains the block
+        Op.QOPEN,
+        Op.QPUT,
+        Op.QGET,  # takes a message
+        Op.QCLOSE,
     }
 )
+# Ops whose request the daemon may keep until it can be met (`wait_s`).
+WAITING_OPS = frozenset({Op.LOOKUP, Op.EVENTS, Op.QPUT, Op.QGET})
 # Ops that get no reply when they succeed; a refusal comes back as LATE_ERR.
 ONE_WAY_OPS = frozenset({Op.POST})
 # Requests that change state are numbered 1, 2, 3 ... per session, in the
@@ -268,6 +333,21 @@ def _check_arg(op: Op, name: str, kind: str, value: Any) -> Any:
         ok = isinstance(value, list) and len(value) <= MAX_BATCH
         if ok:
             return [parse_handle(op, item) for item in value]
+    elif kind == BIN:
+        ok = isinstance(value, bytes) and len(value) <= MAX_PAYLOAD_BYTES
+        if isinstance(value, bytes) and not ok:
+            raise InvalidRequest(
+                f"{op.name.lower()}: argument {name!r} has {len(value)} bytes, at most "
+                f"{MAX_PAYLOAD_BYTES} are carried in a request; put larger data in a block",
+                op=op.name.lower(),
+                argument=name,
+            )
+    elif kind == NUM:
+        ok = type(value) in (int, float) and 0 <= value <= MAX_WAIT_S
+        if ok:
+            return float(value)
+    elif kind == HANDLE:
+        return parse_handle(op, value)
     elif kind == EVENTS:
         if isinstance(value, list) and len(value) <= MAX_EVENTS and all(map(_is_int, value)):
             return parse_events(value)

@@ -39,6 +39,7 @@ class Buffer:
         "_state",
         "_cache",
         "_handle",
+        "_sealed",
     )
 
     # _state: "owned" (allocated here), "attached" (no reference), "retained",
@@ -66,6 +67,7 @@ class Buffer:
         self._state = state
         self._cache = cache
         self._handle: Handle | None = None
+        self._sealed = False
 
     @property
     def handle(self) -> Handle:
@@ -102,6 +104,15 @@ class Buffer:
         return self._offset >> SEGMENT_SHIFT
 
     @property
+    def sealed(self) -> bool:
+        """Published sealed (`client.publish`): its views are read-only."""
+        return self._sealed
+
+    def _seal(self) -> None:
+        self._sealed = True
+        self._view = self._view.toreadonly()
+
+    @property
     def retained(self) -> bool:
         return self._state == "retained"
 
@@ -131,7 +142,10 @@ class Buffer:
         start = self._offset & OFFSET_MASK
         base = self._client._ndarray_base(self._offset >> SEGMENT_SHIFT)
         raw = base[start : start + count * dt.itemsize]
-        return raw.view(dt).reshape(shape_t)
+        array = raw.view(dt).reshape(shape_t)
+        if self._sealed:
+            array.flags.writeable = False
+        return array
 
     def free(self) -> None:
         """Give the block back: to this process's cache if it came from there

@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
+from shmarena.client import names
 from shmarena.client.buffer import Buffer
 from shmarena.client.cache import FLUSH_DELAY_S, Cache
 from shmarena.client.transport import Transport
@@ -793,6 +794,37 @@ class Client:
         if self._cache is not None:
             self._cache.notice(notices)
         return Recycled(blocks, freed)
+
+    # -- named buffers -----------------------------------------------------
+
+    def publish(self, name: str, target: Buffer | Handle, *, sealed: bool = True) -> Handle:
+        """Bind `name` to the block, for any process to `lookup`. Sealed (the
+        default): read-only from now on, for this Buffer and every lookup. The
+        name vanishes by itself when the block leaves its owner. NameExists if
+        the name is taken."""
+        return names.publish(self, name, target, sealed)
+
+    def unpublish(self, name: str) -> None:
+        """Remove the name (the block stays); UnknownName if there is none."""
+        self._request(Op.UNPUBLISH, name)
+
+    def lookup(self, name: str, timeout: float | None = 0.0) -> Buffer:
+        """The block published as `name`, retained for this process (let it go
+        with `buf.release()`; it goes anyway when the process ends). Waits up to
+        `timeout` seconds (None: for ever) and returns the moment it is
+        published; UnknownName if it was not. The wait holds this client's
+        connection: give a thread that waits long a client of its own."""
+        return names.lookup(self, name, timeout)
+
+    def names(self, prefix: str = "") -> list[dict[str, Any]]:
+        """The published names starting with `prefix` (`shmarena names --json`)."""
+        (rows,) = self._request(Op.NAMES, prefix)
+        return list(rows)
+
+    def subscribe(self, prefix: str = "") -> names.Subscription:
+        """Follow every publish and recycle of names starting with `prefix`
+        from now on, in order (an iterator of `Event`; its own connection)."""
+        return names.Subscription(self, prefix)
 
     # -- introspection -----------------------------------------------------
 

@@ -13,6 +13,9 @@ can never disagree: every live allocation there is exactly one `Block` here.
 - A *retain* is a reader's reference on a block. Freeing or recycling a
   retained block takes it away from its owner at once, but the memory goes
   back to the arena only when the last retaining session releases it or ends.
+- A *hold* is a reference kept by a message waiting in a queue (retainer key
+  `QUEUED`): it keeps the block alive with nobody's session behind it, and
+  passes to the session that takes the message (`pass_holds`).
 - A *cached* block sits in a client's cache: carved from the arena and held by
   that session, but handed to no owner yet. The client hands cached blocks out
   without asking, numbering them in its session's generation space, and tells
@@ -57,6 +60,9 @@ from shmarena.shm.space import Space
 SESSION = "session"
 DETACHED = "detached"
 IMPLICIT_PREFIX = "session-"
+# The retainer key of references held by queued messages (daemon/exchange.py):
+# sessions are numbered from 1, so 0 is nobody's session.
+QUEUED = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -151,6 +157,9 @@ class Ledger:
         self.owned_bytes = 0  # carved bytes of blocks owners hold
         self._next_session = 1
         self.changes = Changes()
+        # Called with each block that leaves its owner (freed, recycled, handed
+        # back to a cache): a name bound to it vanishes (daemon/exchange.py).
+        self.unowned: Callable[[Block], None] | None = None
 
     def take_changes(self) -> Changes:
         changes, self.changes = self.changes, Changes()
@@ -338,6 +347,42 @@ class Ledger:
             self.changes.blocks.add(block.offset)
         return len(blocks)
 
+    def hold(self, handles: Iterable[Handle], now: float = 0.0) -> list[Block]:
+        """A reference on each block for a queued message, all or none."""
+        handles = list(handles)
+        blocks = self._settle_all([self._find(h, for_free=False) for h in handles], handles, now)
+        for block in blocks:
+            if block.retainers is None:
+                block.retainers = {}
+            block.retainers[QUEUED] = block.retainers.get(QUEUED, 0) + 1
+            self.changes.blocks.add(block.offset)
+        return blocks
+
+    def pass_holds(self, session_id: int, blocks: Iterable[Block]) -> None:
+        """A message's references become `session_id`'s retains (it took it)."""
+        session = self.sessions[session_id]
+        for block in blocks:
+            assert block.retainers and block.retainers.get(QUEUED, 0) > 0
+            self._drop_ref(block, QUEUED, release=False)
+            block.retainers[session_id] = block.retainers.get(session_id, 0) + 1
+            session.retained.add(block.offset)
+
+    def drop_holds(self, blocks: Iterable[Block]) -> None:
+        """A queued message is gone untaken (its queue was removed)."""
+        for block in blocks:
+            self._drop_ref(block, QUEUED)
+
+    def _drop_ref(self, block: Block, key: int, release: bool = True) -> None:
+        assert block.retainers is not None
+        self.changes.blocks.add(block.offset)
+        count = block.retainers[key] - 1
+        if count:
+            block.retainers[key] = count
+        else:
+            del block.retainers[key]
+            if release:
+                self._maybe_release(block)
+
     def release(self, session_id: int, handles: Iterable[Handle]) -> int:
         session = self.sessions[session_id]
         blocks = [self.lookup(h, for_free=False) for h in handles]
@@ -469,6 +514,8 @@ class Ledger:
         self.owned_bytes -= block.carved
         self.requested_bytes -= block.size
         block.owner = None
+        if self.unowned is not None:
+            self.unowned(block)
 
     def _disown(self, block: Block, owner: Owner, notify: bool = True) -> None:
         self._unown(block, owner)
@@ -823,7 +870,7 @@ class Ledger:
             elif block.owner is None and not block.retainers:
                 problems.append(f"block {block.offset:#x} has neither owner nor retainer")
             for sid in block.retainers or ():
-                if sid not in self.sessions:
+                if sid != QUEUED and sid not in self.sessions:
                     problems.append(f"block {block.offset:#x} retained by ended session {sid}")
         if cached != self.cached_bytes:
             problems.append(

@@ -617,6 +617,9 @@ class Server:
                     wait_ms = min(
                         wait_ms, max(0, int((self._held[0][0] - time.monotonic()) * 1000))
                     )
+            wake_at = service.next_wake()
+            if wake_at is not None:
+                wait_ms = min(wait_ms, max(0, int((wake_at - time.time()) * 1000) + 1))
             events = dict(self.poller.poll(wait_ms))
             if events.get(router):
                 # Drain what is pending, up to a bound: a steady stream of
@@ -673,6 +676,11 @@ class Server:
                 self._drain_wake()
             if service.recovering:
                 self._probe_recovering()
+            # Kept requests met by what happened above, or whose time ran out
+            if service.exchange.waiters or service.outbox:
+                service.wake(time.time())
+                for peer, reply in service.take_outbox():
+                    deliver(peer, reply)
             if time.monotonic() >= next_expire:
                 next_expire = time.monotonic() + tick_ms / 1000
                 for session_id in service.expire(time.time()):

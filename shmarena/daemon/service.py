@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shmarena.daemon.ledger import DETACHED, Block, Freed, Growth, Ledger
+from shmarena.daemon.exchange import Exchange, Waiter
+from shmarena.daemon.ledger import DETACHED, QUEUED, Block, Freed, Growth, Ledger
 from shmarena.daemon.table import Link
 from shmarena.errors import (
     InvalidRequest,
@@ -164,10 +165,17 @@ class Service:
         # back: session -> deadline (see adopt).
         self.recovering: dict[int, float] = {}
         self.extra_stats: Callable[[], dict[str, Any]] = dict
+        self.exchange = Exchange(self.ledger, info.epoch)
+        # Replies to kept (waiting) requests, met by something another
+        # session did or by their deadline: (peer, frame), for the server to
+        # send. `waiting` holds (session, request id) of the kept ones, so a
+        # client's retry of one is dropped instead of run again.
+        self.outbox: list[tuple[bytes, bytes]] = []
+        self.waiting: set[tuple[int, int]] = set()
         self.counters = _Counters()
         self.stopping = False
         self._encode = encoder()
-        self._dispatch: dict[Op, Callable[[int, Request, float], list[Any]]] = {
+        self._dispatch: dict[Op, Callable[[int, Request, float], list[Any] | None]] = {
             Op.BYE: self._bye,
             Op.PING: self._ping,
             Op.ALLOC: self._alloc,
@@ -186,6 +194,16 @@ class Service:
             Op.CHECK: self._check,
             Op.SHUTDOWN: self._shutdown,
             Op.SEGMENTS: self._segments,
+            Op.PUBLISH: self._publish,
+            Op.UNPUBLISH: self._unpublish,
+            Op.LOOKUP: self._waitable,
+            Op.NAMES: self._names,
+            Op.EVENTS: self._waitable,
+            Op.QOPEN: self._qopen,
+            Op.QPUT: self._waitable,
+            Op.QGET: self._waitable,
+            Op.QSTAT: self._qstat,
+            Op.QCLOSE: self._qclose,
         }
 
     @staticmethod
@@ -232,6 +250,8 @@ class Service:
                     if request_id <= seen:
                         if one_way:  # a repeated post: applied already, never answered
                             return b""
+                        if (session_id, request_id) in self.waiting:
+                            return b""  # kept: its reply comes when it is met
                         cached = self.replies[session_id].get(request_id)
                         if cached is not None:
                             return cached
@@ -258,6 +278,9 @@ class Service:
                 raise self._no_session(peer, request, now)
             else:
                 reply = self._dispatch[request.op](session_id, request, now)
+                if reply is None:  # kept until it can be met
+                    self._deliver_met()
+                    return b""
         except ShmArenaError as error:
             self.counters.errors += 1
             reply = error_reply(request_id, error)
@@ -273,12 +296,104 @@ class Service:
             self.counters.late_errors += 1
             reply[0] = LATE_ERR
         frame = self._encode(reply)
-        if keep and session_id is not None and session_id in self.replies:
-            cache = self.replies[session_id]
+        if keep and session_id is not None:
+            self._keep(session_id, request_id, frame)
+        if self.exchange.met:
+            self._deliver_met()
+        return frame
+
+    def _keep(self, session_id: int, request_id: int, frame: bytes) -> None:
+        cache = self.replies.get(session_id)
+        if cache is not None:
             cache[request_id] = frame
             if len(cache) > REPLY_CACHE_ENTRIES:
                 cache.popitem(last=False)
-        return frame
+
+    # -- kept requests (named buffers, events, queues) ----------------------
+
+    def _waitable(self, session_id: int, request: Request, now: float) -> list[Any] | None:
+        """Meet a request that may wait now, or keep it until `wait_s` runs out."""
+        if (session_id, request.request_id) in self.waiting:
+            return None  # a retry of an EVENTS request that is kept already
+        wait_s = request.args[-1]
+        waiter = Waiter(request.op, session_id, request.request_id, now + wait_s, request.args)
+        result = self.exchange.try_now(waiter)
+        if result is None:
+            if wait_s <= 0:
+                result = self.exchange._timed_out(waiter, now)
+            else:
+                self.exchange.wait(waiter)
+                self.waiting.add((session_id, request.request_id))
+                return None
+        if isinstance(result, Exception):
+            raise result
+        return ok_reply(request.request_id, *self._shape(request.op, result))
+
+    @staticmethod
+    def _shape(op: Op, result: list[Any]) -> list[Any]:
+        # LOOKUP and QGET answer one item (a pair); EVENTS three; QPUT one
+        return [result] if op in (Op.LOOKUP, Op.QGET) else result
+
+    def wake(self, now: float) -> None:
+        """Answer kept requests whose time ran out (the server calls this on
+        its timer, at `next_wake` at the latest)."""
+        self.exchange.expire(now)
+        self._deliver_met()
+
+    def next_wake(self) -> float | None:
+        return self.exchange.next_deadline()
+
+    def _deliver_met(self) -> None:
+        for waiter, result in self.exchange.take_met():
+            key = (waiter.session_id, waiter.request_id)
+            self.waiting.discard(key)
+            peer = self.session_peer.get(waiter.session_id)
+            if isinstance(result, ShmArenaError):
+                self.counters.errors += 1
+                reply = error_reply(waiter.request_id, result)
+            elif isinstance(result, Exception):
+                self.counters.errors += 1
+                reply = error_reply(
+                    waiter.request_id,
+                    ShmArenaError(f"internal error in the daemon: {type(result).__name__}: "
+                                  f"{result}"),
+                )  # fmt: skip
+            else:
+                reply = ok_reply(waiter.request_id, *self._shape(waiter.op, result))
+            frame = self._encode(reply)
+            if waiter.op in MUTATING_OPS:
+                self._keep(waiter.session_id, waiter.request_id, frame)
+            if peer is not None:
+                self.outbox.append((peer, frame))
+
+    def take_outbox(self) -> list[tuple[bytes, bytes]]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def _publish(self, session_id: int, request: Request, now: float) -> list[Any]:
+        name, handle, sealed = request.args
+        self.exchange.publish(session_id, name, handle, sealed, now)
+        return ok_reply(request.request_id, None)
+
+    def _unpublish(self, session_id: int, request: Request, now: float) -> list[Any]:
+        self.exchange.unpublish(request.args[0])
+        return ok_reply(request.request_id, None)
+
+    def _names(self, session_id: int, request: Request, now: float) -> list[Any]:
+        return ok_reply(request.request_id, self.exchange.name_rows(request.args[0], now))
+
+    def _qopen(self, session_id: int, request: Request, now: float) -> list[Any]:
+        name, maxsize = request.args
+        return ok_reply(
+            request.request_id, self.exchange.open_queue(session_id, name, maxsize, now)
+        )
+
+    def _qstat(self, session_id: int, request: Request, now: float) -> list[Any]:
+        return ok_reply(request.request_id, self.exchange.queue_stat(session_id, request.args[0]))
+
+    def _qclose(self, session_id: int, request: Request, now: float) -> list[Any]:
+        self.exchange.close_queue(session_id, request.args[0])
+        return ok_reply(request.request_id, None)
 
     # -- sessions ----------------------------------------------------------
 
@@ -387,6 +502,13 @@ class Service:
         back (same routing id), or that says hello with the session's token,
         resumes it; `expire` reclaims the others."""
         self.ledger = ledger
+        self.exchange.attach(ledger)
+        # Queues and names are not kept across a restart: references of
+        # queued messages recovered from the table go.
+        for block in list(ledger.blocks.values()):
+            if block.retainers and QUEUED in block.retainers:
+                block.retainers[QUEUED] = 1
+                ledger.drop_holds([block])
         for session_id, link in links.items():
             if link.peer:
                 self.peers[link.peer] = session_id
@@ -456,6 +578,8 @@ class Service:
     def end_session(self, session_id: int, reason: str = "ended", now: float = 0.0) -> Freed:
         """The session is over (bye, process died, lease expired): reclaim it."""
         freed = self.ledger.end_session(session_id)
+        self.exchange.end_session(session_id)
+        self.waiting = {key for key in self.waiting if key[0] != session_id}
         peer = self.session_peer.pop(session_id, None)
         if peer is not None:
             self.peers.pop(peer, None)
@@ -631,6 +755,12 @@ class Service:
             "generation": ledger.generation,
             "lease_s": info.lease_s,
             "recovering_sessions": len(self.recovering),
+            "names": len(self.exchange.names),
+            "queues": self.exchange.queue_rows(now),
+            "queued_bytes": sum(
+                b.carved for b in ledger.blocks.values() if b.retainers and QUEUED in b.retainers
+            ),
+            "waiting_requests": len(self.exchange.waiters),
             "counters": dict(vars(self.counters)),
             **self.extra_stats(),
         }
@@ -699,7 +829,7 @@ class Service:
         return ok_reply(request.request_id, rows)
 
     def check(self) -> list[str]:
-        problems = self.ledger.check()
+        problems = self.ledger.check() + self.exchange.check()
         for peer, session_id in self.peers.items():
             if self.session_peer.get(session_id) != peer:
                 problems.append(f"peer map disagrees for session {session_id}")

@@ -35,13 +35,16 @@ from shmarena.protocol import (
     MAX_FILLS,
     MAX_FRAME_BYTES,
     MAX_FRAMES,
+    MAX_PAYLOAD_BYTES,
     MAX_PID,
     MAX_SIZE_BYTES,
+    MAX_WAIT_S,
     OK,
     ONE_WAY_OPS,
     PROTOCOL_VERSION,
     SCHEMAS,
     UNASSIGN,
+    WAITING_OPS,
     Op,
     decode,
 )
@@ -228,6 +231,16 @@ def one_way(frame: bytes) -> bool:
         and type(message[0]) is int
         and message[0] in ONE_WAY_OPS
     )
+
+
+def may_wait(frame: bytes) -> bool:
+    """Whether the frame is a request the daemon may keep until it is met or
+    its wait runs out, so its reply may come after later requests' replies."""
+    try:
+        message = decode(frame)
+    except shmarena.ShmArenaError:
+        return False
+    return isinstance(message, list) and bool(message) and message[0] in WAITING_OPS
 
 
 def state(stats: dict[str, Any]) -> dict[str, Any]:
@@ -527,6 +540,17 @@ def request_strategy(epoch: int, spared_sessions: set[int]) -> st.SearchStrategy
         "list of int": st.one_of(st.lists(ints, max_size=6), fills, huge(ints)),
         "list of handles": handles,
         "flat list of events": events,
+        "bytes": st.one_of(
+            st.binary(max_size=48),
+            st.sampled_from([b"", bytes(MAX_PAYLOAD_BYTES), bytes(MAX_PAYLOAD_BYTES + 1)]),
+        ),
+        # Waits stay short: a kept request answers after its wait runs out.
+        "a number of seconds": st.one_of(
+            st.sampled_from([0, 0.0, -0.0, 0.02, -1, MAX_WAIT_S + 1, 2**63, float("nan")]),
+            st.floats(0, 0.02),
+            st.floats(),
+        ),
+        "a handle": handle,
     }
     request_ids = st.one_of(
         st.integers(-(2**63), 2**64 - 1), st.sampled_from(EDGE_INTS), values
@@ -542,6 +566,14 @@ def request_strategy(epoch: int, spared_sessions: set[int]) -> st.SearchStrategy
             return [draw(st.one_of(ints, values)), rid, *draw(st.lists(values, max_size=4))]
         op = draw(st.sampled_from(FUZZED_OPS))
         args = [draw(st.one_of(right[kind], right[kind], values)) for _, kind, _ in SCHEMAS[op]]
+        # A valid wait over 0.02 s would hold the fuzz up; the daemon's own
+        # bound (MAX_WAIT_S) is reached by the values above it.
+        args = [
+            0.02
+            if kind == "a number of seconds" and type(a) in (int, float) and 0.02 < a <= MAX_WAIT_S
+            else a
+            for a, (_, kind, _) in zip(args, SCHEMAS[op], strict=True)
+        ]
         # Mostly every argument; else fewer (defaults, missing ones) or one too many.
         cut = draw(st.one_of(st.just(len(args)), st.integers(0, len(args) + 1)))
         args = args[:cut] if cut <= len(args) else [*args, draw(values)]
@@ -576,6 +608,10 @@ class SchemaFuzz:
         assume(len(frame) <= MAX_FRAME_BYTES)  # larger frames: the oversize test
         started = time.perf_counter()
         replies, marker = exchange(self.peer, frame)
+        if not replies and may_wait(frame):  # kept until its wait ran out
+            late = self.peer.reply(5_000)
+            assert late is not None, f"no reply to the kept {frame[:60]!r}"
+            replies.append(late)
         self.wire_s += time.perf_counter() - started
         self.counts["requests"] += 1
         self.counts["bad_utf8"] += BAD_UTF8_BYTES in frame

@@ -15,6 +15,7 @@ PURE_MODULES = [
     "client/cache.py",
     "daemon/ledger.py",
     "daemon/service.py",
+    "daemon/exchange.py",
     "daemon/table.py",
     "protocol.py",
     "errors.py",

@@ -1,0 +1,130 @@
+"""Named buffers and name events, on the client's side.
+
+`publish` binds a name to a block, `lookup` waits for one and returns it
+retained, `subscribe` follows publish and recycle events. The daemon keeps
+waiting requests itself (daemon/exchange.py) and answers the moment they can
+be met, so nothing here polls: a wait is one request, asked again only after
+`MAX_WAIT_S` or when the client's own retry timer fires.
+
+A Subscription talks over a connection of its own, so a thread blocked on
+`get` never holds up the Client it came from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from shmarena.client.buffer import Buffer
+from shmarena.errors import QueueEmpty, QueueFull, UnknownName
+from shmarena.protocol import MAX_WAIT_S, Handle, Op
+
+if TYPE_CHECKING:
+    from shmarena.client.client import Client
+
+
+class Event(NamedTuple):
+    """One change of a name: `kind` is "publish" or "recycle" (the name went,
+    with its block or by unpublish); `seq` numbers every event of the arena."""
+
+    seq: int
+    kind: str
+    name: str
+    handle: Handle | None
+
+
+def request_waiting(client: Client, op: Op, *args: Any, timeout: float | None) -> list[Any]:
+    """Send a request the daemon may keep for up to `timeout` seconds (None:
+    for ever, asked again after each MAX_WAIT_S). Raises the daemon's refusal
+    (UnknownName, QueueEmpty, QueueFull) when the time is up."""
+    if timeout is not None and not timeout >= 0:
+        raise ValueError(f"timeout must be 0 or more seconds, or None; got {timeout}")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = MAX_WAIT_S if deadline is None else max(0.0, deadline - time.monotonic())
+        wait_s = min(left, MAX_WAIT_S)
+        try:
+            return client._request(op, *args, wait_s, timeout_s=wait_s + client.timeout_s)
+        except (UnknownName, QueueEmpty, QueueFull):
+            if deadline is not None and wait_s >= left:
+                raise
+
+
+def publish(client: Client, name: str, target: Buffer | Handle, sealed: bool) -> Handle:
+    handle = target.handle if isinstance(target, Buffer) else Handle(*target)
+    client._request(Op.PUBLISH, name, list(handle), sealed)
+    if sealed and isinstance(target, Buffer):
+        target._seal()
+    return handle
+
+
+def lookup(client: Client, name: str, timeout: float | None) -> Buffer:
+    ((wire, sealed),) = request_waiting(client, Op.LOOKUP, name, timeout=timeout)
+    buf = client._buffer(list(wire), "retained")
+    if sealed:
+        buf._seal()
+    return buf
+
+
+class Subscription:
+    """Publish and recycle events of names that start with `prefix`, from the
+    moment of `subscribe` on, each once and in order.
+
+    Iterate it (blocks for each next event), or `get(timeout)`. If the
+    daemon's log of events (65 536 of them) overtook this subscriber, the next
+    `get` raises OverflowError saying how many were missed, then goes on.
+    """
+
+    def __init__(self, client: Client, prefix: str) -> None:
+        from shmarena.client.client import Client
+
+        self.prefix = prefix
+        self._client = Client(
+            client.name,
+            runtime_dir=client.runtime_dir,
+            timeout_s=client.timeout_s,
+            label=f"subscriber {prefix!r}",
+            cache=False,
+        )
+        self._events: deque[Event] = deque()
+        _, self._cursor, _ = self._client._request(Op.EVENTS, -1, prefix, 0.0)
+
+    def get(self, timeout: float | None = None) -> Event:
+        """The next event; TimeoutError if none comes within `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._events:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            events, cursor, oldest = request_waiting(
+                self._client, Op.EVENTS, self._cursor, self.prefix, timeout=left
+            )
+            missed = oldest - self._cursor
+            self._cursor = cursor
+            for seq, kind, name, wire in events:
+                self._events.append(Event(seq, kind, name, Handle(*wire) if wire else None))
+            if missed > 0:
+                raise OverflowError(
+                    f"subscriber of {self.prefix!r} fell behind: {missed} events were "
+                    "dropped from the daemon's log before it read them; it goes on "
+                    "with the next ones"
+                )
+            if not self._events and deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"no event for names starting with {self.prefix!r} within {timeout:g} s"
+                )
+        return self._events.popleft()
+
+    def __iter__(self) -> Subscription:
+        return self
+
+    def __next__(self) -> Event:
+        return self.get()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
