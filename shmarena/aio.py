@@ -89,6 +89,7 @@ class _Slot:
 def _undo_quietly(undo: Callable[[Any], Any], result: Any) -> None:
     try:
         undo(result)
+        _log.debug("undid the result of a cancelled call: %r", result)
     except ShmArenaError as error:
         # Gone already (its owner recycled, the session lost): nothing is held.
         _log.debug("undoing a cancelled call's result %r: %s", result, error)
