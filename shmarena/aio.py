@@ -3,9 +3,8 @@
 This module owns the bridge from the event loop to a sync `shmarena.Client`,
 nothing else. Each AsyncClient wraps one Client and runs its calls, in the
 order they were made, on one worker thread of its own (a ThreadPoolExecutor
-with max_workers=1). A cache hit of `alloc` and a free of buffers from the
-process's cache never wait for the daemon, so they run at once in the loop's
-thread without a hop.
+with max_workers=1). A cache hit of `alloc` and a `free` never wait for the
+daemon, so they run at once in the loop's thread without a hop.
 
 Why a worker thread and not pyzmq's asyncio sockets: the transport (resends
 with the same request id, the daemon's reply cache, late refusals, session
@@ -351,18 +350,12 @@ class AsyncClient:
         return await self._call(self.sync_client.alloc_many, list(sizes), undo=_free)
 
     async def free(self, target: Buffer | Handle | Iterable[Buffer | Handle]) -> Recycled:
-        """Give blocks back (see `Client.free`). Buffers of this process's
-        cache go back to it at once, without a thread hop."""
+        """Give blocks back (see `Client.free`), at once in the loop's thread:
+        a free never waits for the daemon (a refusal comes from `sync()`)."""
         client = self.sync_client
-        items = [target] if isinstance(target, (Buffer, Handle)) else list(target)
-        cache = client._cache
-        if (
-            not self._closed
-            and cache is not None
-            and all(isinstance(b, Buffer) and b._cache is cache for b in items)
-        ):
-            return client.free(items)
-        return await self._call(client.free, items)
+        if self._closed or client._cache is None:  # closed, or forked: a hello first
+            return await self._call(client.free, target)
+        return client.free(target)
 
     async def attach(self, handle: Handle, retain: bool = False) -> Buffer:
         """A Buffer over the block `handle` names (see `Client.attach`); with

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Coroutine
 from typing import Any
@@ -15,7 +18,7 @@ import pytest
 
 import shmarena
 import shmarena.aio
-from tests.conftest import Daemon, wait_for
+from tests.conftest import REPO, Daemon, wait_for
 
 MiB = 1 << 20
 
@@ -439,3 +442,15 @@ def test_a_thousand_cancelled_allocations_leak_nothing(
     assert after["live_blocks"] == base["live_blocks"]
     assert after["retained_only_blocks"] == 0
     assert aio_threads() == []
+
+
+def test_import_shmarena_loads_asyncio_only_when_aio_is_used() -> None:
+    code = (
+        "import sys, shmarena\n"
+        "assert 'asyncio' not in sys.modules, 'import shmarena imported asyncio'\n"
+        "assert shmarena.aio.connect is __import__('shmarena.aio').aio.connect\n"
+        "assert 'asyncio' in sys.modules\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
