@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Itera
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
+from shmarena import errors
 from shmarena.client.buffer import Buffer, Handle
 from shmarena.client.client import Client, Owner, Recycled, _handle_of
 from shmarena.config import DEFAULT_RETRY_S, DEFAULT_TIMEOUT_S
@@ -48,6 +49,9 @@ __all__ = ["AsyncClient", "AsyncOwner", "AsyncSubscription", "Opening", "connect
 T = TypeVar("T")
 _log = logging.getLogger("shmarena.aio")
 _NOTHING: Any = object()
+
+# Named buffers' "not there (yet)"; () (catches nothing) before they existed.
+_UNKNOWN_NAME: Any = getattr(errors, "UnknownName", ())
 
 # A waiting lookup and a subscription's get wait in slices of this long, so a
 # cancelled or closed one lets go of its thread within this time.
@@ -220,31 +224,37 @@ class AsyncSubscription:
                 return self.subscription.get(timeout=WAIT_SLICE_S)
             except TimeoutError:
                 continue
-        raise StopAsyncIteration
+        return _NOTHING
 
     async def get(self, timeout: float | None = None) -> Any:
-        """The next event; TimeoutError when none came within `timeout` s."""
-        if self._closed.is_set():
-            raise ValueError("this subscription is closed")
-        if self._pending is None:
+        """The next event; TimeoutError when none came within `timeout` s,
+        ValueError once the subscription is closed."""
+        if self._pending is None and not self._closed.is_set():
             self._pending = self._executor.submit(self._wait)
         pending = self._pending
+        if pending is None:
+            raise ValueError("this subscription is closed; subscribe again")
         try:
             # shield: a timeout or a cancel leaves the wait running, for the
             # next get to take its event
             event = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(pending)), timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(f"no event came within {timeout} s") from None
-        self._pending = None
+        finally:
+            if pending.done():
+                self._pending = None
+        if event is _NOTHING:
+            raise ValueError("this subscription is closed; subscribe again")
         return event
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self
 
     async def __anext__(self) -> Any:
-        if self._closed.is_set():
-            raise StopAsyncIteration
-        return await self.get()
+        try:
+            return await self.get()
+        except ValueError:
+            raise StopAsyncIteration from None
 
     async def close(self) -> None:
         """Stop the subscription and its thread."""
@@ -429,9 +439,14 @@ class AsyncClient:
                 piece = WAIT_SLICE_S if left is None else min(WAIT_SLICE_S, left)
                 try:
                     return lookup(name, piece)  # type: ignore[no-any-return]
-                except ShmArenaError as error:
-                    if type(error).__name__ != "UnknownName" or stop.is_set() or piece == left:
+                except _UNKNOWN_NAME as error:
+                    if stop.is_set():
                         raise
+                    if piece == left:  # the whole timeout is over: say so
+                        raise type(error)(
+                            f"{error} (the asyncio lookup waited {timeout:g} s in all)",
+                            **error.details,
+                        ) from None
 
         waiter = ThreadPoolExecutor(1, thread_name_prefix="shmarena-aio-lookup")
         ended: Future[None] = Future()

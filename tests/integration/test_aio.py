@@ -454,3 +454,94 @@ def test_import_shmarena_loads_asyncio_only_when_aio_is_used() -> None:
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+# -- named buffers (run once the sync client has them) ---------------------------
+
+needs_names = pytest.mark.skipif(
+    not hasattr(shmarena.Client, "publish"), reason="this tree's Client has no named buffers yet"
+)
+
+
+@needs_names
+def test_publish_lookup_names_unpublish(daemon: Daemon) -> None:
+    async def main() -> None:
+        async with connect(daemon) as client:
+            buf = await client.alloc(2 * MiB)
+            buf.view[:4] = b"name"
+            handle = await client.publish("aio/one", buf, sealed=False)
+            assert handle == buf.handle
+            found = await client.lookup("aio/one")
+            assert found.retained and bytes(found.view[:4]) == b"name"
+            assert [r["name"] for r in await client.names("aio/")] == ["aio/one"]
+            await client.release(found)
+            await client.unpublish("aio/one")
+            assert await client.names("aio/") == []
+            with pytest.raises(shmarena.InvalidRequest, match="aio/one"):
+                await client.lookup("aio/one")
+            await client.free(buf)
+
+    run(main())
+
+
+@needs_names
+def test_a_waiting_lookup_does_not_hold_up_the_client(daemon: Daemon) -> None:
+    """The same client publishes while its own lookup waits for the name."""
+
+    async def main() -> None:
+        async with connect(daemon) as client:
+            waiting = asyncio.ensure_future(client.lookup("aio/later", timeout=30))
+            await asyncio.sleep(0)  # one loop turn: the lookup waits
+            buf = await client.alloc(100)
+            await client.publish("aio/later", buf)
+            found = await waiting
+            assert found.handle == buf.handle
+            await client.release(found)
+            await client.free(buf)
+            with pytest.raises(shmarena.InvalidRequest, match="in all"):
+                await client.lookup("aio/never", timeout=0.3)
+
+    run(main())
+
+
+@needs_names
+def test_a_cancelled_lookup_releases_the_block(daemon: Daemon) -> None:
+    writer = daemon.client()
+    buf = writer.alloc(2 * MiB)
+    writer.publish("aio/cancel", buf)
+
+    async def main() -> None:
+        async with connect(daemon) as reader:
+            task = asyncio.ensure_future(reader.lookup("aio/cancel"))
+            await asyncio.sleep(0)
+            worker_done(reader)  # found and retained; the task has not resumed
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await reader.sync()
+            writer.free(buf)  # while the reader's session lives on
+            writer.sync()
+            assert writer.stats()["retained_only_blocks"] == 0
+
+    run(main())
+
+
+@needs_names
+def test_subscribe_is_an_async_iterator(daemon: Daemon) -> None:
+    async def main() -> list[tuple[str, str]]:
+        async with connect(daemon) as client:
+            seen = []
+            async with client.subscribe("aio/") as sub:
+                with pytest.raises(TimeoutError):
+                    await sub.get(timeout=0.1)
+                buf = await client.alloc(100)
+                await client.publish("aio/ev", buf)
+                await client.free(buf)  # the name goes with its block
+                async for event in sub:
+                    seen.append((event.kind, event.name))
+                    if len(seen) == 2:
+                        break
+            return seen
+
+    assert run(main()) == [("publish", "aio/ev"), ("recycle", "aio/ev")]
+    wait_for(lambda: aio_threads() == [], timeout_s=10, what="the subscription's thread to end")
