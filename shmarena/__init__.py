@@ -9,6 +9,8 @@ This module is the public API, re-exported; nothing else lives here.
 
 __version__ = "0.5.0"
 
+from typing import Any
+
 from shmarena.client.buffer import Buffer, Handle
 from shmarena.client.client import Client, Owner, Recycled, connect
 from shmarena.client.names import Event, Subscription
@@ -52,3 +54,13 @@ __all__ = [
     "__version__",
     "connect",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # shmarena.aio (the asyncio client) loads on first use: a plain
+    # `import shmarena` does not pay the ~30 ms of importing asyncio.
+    if name == "aio":
+        import importlib
+
+        return importlib.import_module("shmarena.aio")
+    raise AttributeError(f"module 'shmarena' has no attribute {name!r}")

@@ -1,0 +1,596 @@
+"""The asyncio client: `client = await shmarena.aio.connect()`, then `await client.alloc(n)`.
+
+This module owns the bridge from the event loop to a sync `shmarena.Client`,
+nothing else. Each AsyncClient wraps one Client and runs its calls, in the
+order they were made, on one worker thread of its own (a ThreadPoolExecutor
+with max_workers=1). A cache hit of `alloc` and a `free` never wait for the
+daemon, so they run at once in the loop's thread without a hop.
+
+Why a worker thread and not pyzmq's asyncio sockets: the transport (resends
+with the same request id, the daemon's reply cache, late refusals, session
+resume, fork detection, the client cache and its batched bookkeeping) lives in
+one place, `shmarena.client`, and the asyncio client keeps every guarantee of
+it by calling it; a second transport written for asyncio would have to
+reproduce all of that and stay in step with it. A round trip costs about 0.2
+ms; the thread hop adds some tens of microseconds to calls that talk to the
+daemon and nothing to cache hits. One thread per client keeps the calls of a
+client in order (a `sync()` runs after everything awaited or cancelled before
+it) and a slow call of one client never holds up another client.
+
+Cancellation never leaks a block. A call that hands something out (alloc,
+alloc_many, an owner's alloc, attach/retain with a reference, lookup) carries
+its undo. If the awaiting task is cancelled before the worker started the
+call, the call is dropped; if the worker is in the middle of it, the worker
+undoes the result itself as soon as it has it (before it runs the next call);
+if the result was ready but the task was cancelled before it resumed, the
+task queues the undo on the worker. The worker and the task decide under a
+lock who owns the result, so exactly one of them gets it. Calls that give
+something back (free, release, recycle, close) are not undone: cancelled
+after they started, they still complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Generic, TypeVar
+
+from shmarena import errors
+from shmarena.client.buffer import Buffer, Handle
+from shmarena.client.client import Client, Owner, Recycled, _handle_of
+from shmarena.config import DEFAULT_RETRY_S, DEFAULT_TIMEOUT_S
+from shmarena.errors import DaemonUnavailable, ShmArenaError
+
+__all__ = ["AsyncClient", "AsyncOwner", "AsyncSubscription", "Opening", "connect"]
+
+T = TypeVar("T")
+_log = logging.getLogger("shmarena.aio")
+_NOTHING: Any = object()
+
+# Named buffers' "not there (yet)"; () (catches nothing) before they existed.
+_UNKNOWN_NAME: Any = getattr(errors, "UnknownName", ())
+
+# A waiting lookup and a subscription's get wait in slices of this long, so a
+# cancelled or closed one lets go of its thread within this time.
+WAIT_SLICE_S = 0.25
+
+
+class _Slot:
+    """Who owns one call's result: the awaiting task, or (once it has gone
+    away) the worker, which then undoes it."""
+
+    __slots__ = ("lock", "abandoned", "result")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.result: Any = _NOTHING
+
+    def work(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], undo: Callable[[Any], Any]
+    ) -> Any:
+        result = fn(*args)
+        with self.lock:
+            if not self.abandoned:
+                self.result = result
+                return result
+        _undo_quietly(undo, result)  # the task was cancelled meanwhile
+        return None
+
+    def abandon(self) -> Any:
+        """The task will not take the result: the result if it was ready
+        (the caller must undo it), else _NOTHING (the worker will, if ever)."""
+        with self.lock:
+            self.abandoned = True
+            result, self.result = self.result, _NOTHING
+            return result
+
+
+def _undo_quietly(undo: Callable[[Any], Any], result: Any) -> None:
+    try:
+        undo(result)
+        _log.debug("undid the result of a cancelled call: %r", result)
+    except ShmArenaError as error:
+        # Gone already (its owner recycled, the session lost): nothing is held.
+        _log.debug("undoing a cancelled call's result %r: %s", result, error)
+
+
+async def _run(
+    executor: ThreadPoolExecutor,
+    fn: Callable[..., T],
+    args: tuple[Any, ...],
+    undo: Callable[[T], Any] | None = None,
+) -> T:
+    """`fn(*args)` on the worker, awaited; with `undo`, cancellation-safe (see
+    the module docstring)."""
+    if undo is None:
+        return await asyncio.wrap_future(executor.submit(fn, *args))
+    slot = _Slot()
+    future: Future[T] = executor.submit(slot.work, fn, args, undo)
+    try:
+        return await asyncio.wrap_future(future)
+    except BaseException:
+        # Cancelled (or fn raised, and then there is no result to undo). The
+        # wrapper's cancel also cancelled `future` if the worker had not
+        # started it: then it never runs.
+        result = slot.abandon()
+        if result is not _NOTHING:
+            _undo_later(executor, undo, result)
+        raise
+
+
+def _undo_later(executor: ThreadPoolExecutor, undo: Callable[[Any], Any], result: Any) -> None:
+    """Undo on the worker, so a call made after the cancellation (a sync())
+    runs after the undo; inline if the worker is gone."""
+    try:
+        executor.submit(_undo_quietly, undo, result)
+    except RuntimeError:  # shut down (closed)
+        _undo_quietly(undo, result)
+
+
+def _free(target: Buffer | list[Buffer]) -> None:
+    if isinstance(target, Buffer):
+        target._client.free(target)
+    elif target:
+        target[0]._client.free(target)
+
+
+def _release(buf: Buffer | None) -> None:
+    if buf is not None and buf.retained:
+        buf.release()
+
+
+class Opening(Generic[T]):
+    """What `connect`, `AsyncClient.owner` and `AsyncClient.subscribe` return:
+    await it for the object, or use it directly as `async with ... as x`
+    (which awaits it, and leaves through the object's own `async with`)."""
+
+    def __init__(self, make: Callable[[], Awaitable[T]]) -> None:
+        self._make = make
+        self._value: Any = None
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._make().__await__()
+
+    async def __aenter__(self) -> T:
+        self._value = await self._make()
+        return await self._value.__aenter__()  # type: ignore[no-any-return]
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        return await self._value.__aexit__(*exc)
+
+
+class AsyncOwner:
+    """An `Owner` whose calls are awaited (see `shmarena.Owner`). As `async
+    with`, leaving the block recycles a session-scoped owner."""
+
+    def __init__(self, aclient: AsyncClient, owner: Owner) -> None:
+        self.client = aclient
+        self.owner = owner  # the sync Owner
+
+    @property
+    def name(self) -> str:
+        return self.owner.name
+
+    @property
+    def detached(self) -> bool:
+        return self.owner.detached
+
+    async def alloc(self, size: int) -> Buffer:
+        """Like `AsyncClient.alloc`, into this owner. A detached owner's block
+        is registered with the daemon before this returns."""
+        if not self.owner.detached:
+            buf = self.client._cache_hit(size, self.owner.id)
+            if buf is not None:
+                return buf
+        return await self.client._call(self.owner.alloc, size, undo=_free)
+
+    async def alloc_many(self, sizes: Sequence[int]) -> list[Buffer]:
+        """Like `AsyncClient.alloc_many`, into this owner."""
+        return await self.client._call(self.owner.alloc_many, list(sizes), undo=_free)
+
+    async def recycle(self) -> Recycled:
+        """Free every block of this owner and remove it (see `Client.recycle`)."""
+        return await self.client._call(self.owner.recycle)
+
+    async def __aenter__(self) -> AsyncOwner:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client._call(self.owner.__exit__, *exc)
+
+    def __repr__(self) -> str:
+        return f"<shmarena.aio.AsyncOwner {self.owner.name!r}>"
+
+
+class AsyncSubscription:
+    """An async iterator of the events of `client.subscribe(prefix)` (see
+    `shmarena.Client.subscribe`). Its waits run on a thread of its own, so
+    they never hold up the client's other calls; a `get` that timed out or was
+    cancelled loses no event: the next `get` receives it."""
+
+    def __init__(self, subscription: Any, executor: ThreadPoolExecutor) -> None:
+        self.subscription = subscription  # the sync Subscription
+        self._executor = executor
+        self._pending: Future[Any] | None = None
+        self._closed = threading.Event()
+
+    def _wait(self) -> Any:
+        while not self._closed.is_set():
+            try:
+                return self.subscription.get(timeout=WAIT_SLICE_S)
+            except TimeoutError:
+                continue
+        return _NOTHING
+
+    async def get(self, timeout: float | None = None) -> Any:
+        """The next event; TimeoutError when none came within `timeout` s,
+        ValueError once the subscription is closed."""
+        if self._pending is None and not self._closed.is_set():
+            self._pending = self._executor.submit(self._wait)
+        pending = self._pending
+        if pending is None:
+            raise ValueError("this subscription is closed; subscribe again")
+        try:
+            # shield: a timeout or a cancel leaves the wait running, for the
+            # next get to take its event
+            event = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(pending)), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no event came within {timeout} s") from None
+        finally:
+            if pending.done():
+                self._pending = None
+        if event is _NOTHING:
+            raise ValueError("this subscription is closed; subscribe again")
+        return event
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.get()
+        except ValueError:
+            raise StopAsyncIteration from None
+
+    async def close(self) -> None:
+        """Stop the subscription and its thread."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        await asyncio.wrap_future(self._executor.submit(self.subscription.close))
+        self._executor.shutdown(wait=False)  # its wait ends within one slice
+
+    async def __aenter__(self) -> AsyncSubscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncClient:
+    """A `shmarena.Client` whose calls are awaited: make it with
+    `await shmarena.aio.connect(...)`. Its calls run in order on a worker
+    thread of its own (cache hits run at once), and a cancelled call that
+    hands out a block frees it (see the module docstring). `sync_client` is
+    the wrapped Client, for the calls that never wait (`pin_to_arena`, a
+    buffer's `ndarray`)."""
+
+    def __init__(self, client: Client, executor: ThreadPoolExecutor | None = None) -> None:
+        self.sync_client = client
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="shmarena-aio")
+        self._closed = False
+        # waiting lookups: their stop flags and their ends, for close()
+        self._waits: dict[Future[Any], threading.Event] = {}
+
+    # -- plumbing -----------------------------------------------------------
+
+    async def _call(
+        self, fn: Callable[..., T], *args: Any, undo: Callable[[T], Any] | None = None
+    ) -> T:
+        if self._closed:
+            raise DaemonUnavailable(
+                f"this asyncio client of daemon {self.name!r} is closed; connect again",
+                socket_path=self.sync_client.socket_path,
+            )
+        return await _run(self._executor, fn, args, undo)
+
+    def _cache_hit(self, size: int, owner_id: int) -> Buffer | None:
+        """A buffer from the process's cache without leaving the loop's
+        thread, or None (then the worker does the whole alloc). Not when the
+        session is leased: its alloc checks the lease first, maybe by a
+        round trip."""
+        client = self.sync_client
+        cache = client._cache
+        if (
+            cache is None
+            or self._closed
+            or type(size) is not int
+            or not 0 < size <= cache.max_bytes
+            or "alloc" in vars(client)  # the lease-checking alloc is installed
+        ):
+            return None
+        return cache.hand_out(size, owner_id)
+
+    # -- plain properties ---------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.sync_client.name
+
+    @property
+    def session(self) -> int:
+        return self.sync_client.session
+
+    @property
+    def epoch(self) -> int:
+        return self.sync_client.epoch
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.sync_client.info
+
+    @property
+    def numa_nodes(self) -> list[int]:
+        return self.sync_client.numa_nodes
+
+    @property
+    def cache_max_bytes(self) -> int:
+        return self.sync_client.cache_max_bytes
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- buffers ------------------------------------------------------------
+
+    async def alloc(self, size: int) -> Buffer:
+        """A buffer of exactly `size` bytes (see `Client.alloc`); OutOfMemory
+        when no block fits. A cache hit costs no thread hop."""
+        buf = self._cache_hit(size, 0)
+        if buf is not None:
+            return buf
+        return await self._call(self.sync_client.alloc, size, undo=_free)
+
+    async def alloc_many(self, sizes: Sequence[int]) -> list[Buffer]:
+        """Several buffers, all or none (see `Client.alloc_many`)."""
+        return await self._call(self.sync_client.alloc_many, list(sizes), undo=_free)
+
+    async def free(self, target: Buffer | Handle | Iterable[Buffer | Handle]) -> Recycled:
+        """Give blocks back (see `Client.free`), at once in the loop's thread:
+        a free never waits for the daemon (a refusal comes from `sync()`)."""
+        client = self.sync_client
+        if self._closed or client._cache is None:  # closed, or forked: a hello first
+            return await self._call(client.free, target)
+        return client.free(target)
+
+    async def attach(self, handle: Handle, retain: bool = False) -> Buffer:
+        """A Buffer over the block `handle` names (see `Client.attach`); with
+        `retain=True` a cancelled attach releases the reference it took."""
+        return await self._call(self.sync_client.attach, handle, retain, undo=_release)
+
+    async def retain(self, target: Buffer | Handle) -> None:
+        """Take a reader's reference (see `Client.retain`); a cancelled retain
+        that went through drops it again."""
+        client = self.sync_client
+        handle = _handle_of(target)
+        was_attached = isinstance(target, Buffer) and target._state == "attached"
+
+        def undo(_: None) -> None:
+            client.release(handle)
+            if was_attached:
+                assert isinstance(target, Buffer)
+                target._state = "attached"
+
+        await self._call(client.retain, target, undo=undo)
+
+    async def release(self, target: Buffer | Handle) -> None:
+        """Drop a reader's reference (see `Client.release`)."""
+        await self._call(self.sync_client.release, target)
+
+    # -- owners -------------------------------------------------------------
+
+    def owner(self, name: str, detached: bool = False) -> Opening[AsyncOwner]:
+        """The owner `name` (see `Client.owner`): `await` it, or `async with
+        client.owner(name) as batch:` to recycle a session-scoped one on exit.
+        A cancelled call may still have created the (empty) owner."""
+
+        async def make() -> AsyncOwner:
+            owner = await self._call(self.sync_client.owner, name, detached)
+            return AsyncOwner(self, owner)
+
+        return Opening(make)
+
+    async def recycle(self, name: str) -> Recycled:
+        """Free every block of the owner `name` and remove it; UnknownOwner if
+        there is none."""
+        return await self._call(self.sync_client.recycle, name)
+
+    # -- named buffers (need a daemon and client with named buffers) ---------
+
+    async def publish(self, name: str, target: Buffer | Handle, *, sealed: bool = True) -> Handle:
+        """Bind `name` to the block (see `Client.publish`)."""
+        return await self._call(self._named("publish"), name, target, sealed)
+
+    async def unpublish(self, name: str) -> None:
+        """Remove the name; the block stays (see `Client.unpublish`)."""
+        await self._call(self._named("unpublish"), name)
+
+    async def lookup(self, name: str, timeout: float | None = 0.0) -> Buffer:
+        """The block bound to `name` as a retained Buffer (see `Client.lookup`).
+        A lookup that waits runs on a thread of its own, in slices, so it does
+        not hold up this client's other calls; a cancelled lookup releases
+        the block it found."""
+        lookup = self._named("lookup")
+        if timeout == 0:
+            return await self._call(lookup, name, 0.0, undo=_release)
+        if self._closed:
+            await self._call(lookup, name, 0.0)  # raises the closed error
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        deadline = None if timeout is None else loop.time() + timeout
+
+        def wait() -> Buffer:
+            while True:
+                left = None if deadline is None else max(0.0, deadline - loop.time())
+                piece = WAIT_SLICE_S if left is None else min(WAIT_SLICE_S, left)
+                try:
+                    return lookup(name, piece)  # type: ignore[no-any-return]
+                except _UNKNOWN_NAME as error:
+                    if stop.is_set():
+                        raise
+                    if piece == left:  # the whole timeout is over: say so
+                        raise type(error)(
+                            f"{error} (the asyncio lookup waited {timeout:g} s in all)",
+                            **error.details,
+                        ) from None
+
+        waiter = ThreadPoolExecutor(1, thread_name_prefix="shmarena-aio-lookup")
+        ended: Future[None] = Future()
+        self._waits[ended] = stop
+        try:
+            return await _run(waiter, wait, (), undo=_release)
+        finally:
+            stop.set()
+            waiter.submit(ended.set_result, None)
+            waiter.shutdown(wait=False)
+            self._waits.pop(ended, None)
+
+    async def names(self, prefix: str = "") -> list[dict[str, Any]]:
+        """The bound names starting with `prefix` (see `Client.names`)."""
+        return await self._call(self._named("names"), prefix)
+
+    def subscribe(self, prefix: str = "") -> Opening[AsyncSubscription]:
+        """The events of names starting with `prefix` from now on, as an
+        AsyncSubscription: `async for event in await client.subscribe(p)`, or
+        `async with client.subscribe(p) as sub`."""
+
+        async def make() -> AsyncSubscription:
+            subscription = await self._call(self._named("subscribe"), prefix, undo=_close)
+            executor = ThreadPoolExecutor(1, thread_name_prefix="shmarena-aio-sub")
+            return AsyncSubscription(subscription, executor)
+
+        return Opening(make)
+
+    def _named(self, method: str) -> Callable[..., Any]:
+        found = getattr(self.sync_client, method, None)
+        if found is None:
+            raise NotImplementedError(
+                f"client.{method}: this shmarena's sync Client has no {method}(); "
+                "named buffers need a version that has them"
+            )
+        return found  # type: ignore[no-any-return]
+
+    # -- introspection ------------------------------------------------------
+
+    async def stats(self) -> dict[str, Any]:
+        """The daemon's figures (see `Client.stats`)."""
+        return await self._call(self.sync_client.stats)
+
+    async def list_owners(self) -> list[dict[str, Any]]:
+        """One row per owner (see `Client.list_owners`)."""
+        return await self._call(self.sync_client.list_owners)
+
+    async def list_clients(self) -> list[dict[str, Any]]:
+        """One row per session (see `Client.list_clients`)."""
+        return await self._call(self.sync_client.list_clients)
+
+    async def check(self) -> list[str]:
+        """The daemon's invariant check; [] when healthy."""
+        return await self._call(self.sync_client.check)
+
+    async def segments(self) -> list[dict[str, Any]]:
+        """The arena's segments (see `Client.segments`)."""
+        return await self._call(self.sync_client.segments)
+
+    async def sync(self) -> None:
+        """Wait until the daemon applied everything this client did, cancelled
+        calls' undos included; raises a refusal of an earlier free."""
+        await self._call(self.sync_client.sync)
+
+    async def ping(self) -> float:
+        """The daemon's clock; a round trip."""
+        return await self._call(self.sync_client.ping)
+
+    async def reconnect(self) -> None:
+        """A new socket now (see `Client.reconnect`)."""
+        await self._call(self.sync_client.reconnect)
+
+    async def shutdown(self) -> None:
+        """Ask the daemon to stop cleanly, then end this client's thread."""
+        await self._call(self.sync_client.shutdown)
+        await self.close()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def close(self) -> None:
+        """End the session (see `Client.close`) and stop the worker thread.
+        Calls made before run first; calls made after raise DaemonUnavailable.
+        Cancelled, the close still completes and the thread still ends."""
+        if self._closed:
+            return
+        self._closed = True
+        for ended, stop in list(self._waits.items()):  # waiting lookups end within a slice
+            stop.set()
+            await asyncio.shield(asyncio.wrap_future(ended))
+        executor = self._executor
+        future = executor.submit(self.sync_client.close)
+        # From the worker itself, so the thread ends even if this await is
+        # cancelled; wait=False: a thread cannot wait for its own end.
+        future.add_done_callback(lambda _: executor.shutdown(wait=False))
+        await asyncio.shield(asyncio.wrap_future(future))
+        executor.shutdown(wait=True)  # only its exit is left to wait for: immediate
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return f"<shmarena.aio.AsyncClient {self.name!r} session={self.session}{state}>"
+
+
+def _close(subscription: Any) -> None:
+    subscription.close()
+
+
+def connect(
+    name: str | None = None,
+    *,
+    runtime_dir: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    label: str = "",
+    cache: bool = True,
+    populate: bool = False,
+    retry_s: float = DEFAULT_RETRY_S,
+) -> Opening[AsyncClient]:
+    """Connect to the daemon `name` as `shmarena.connect` does (same keywords),
+    off the loop's thread: `client = await shmarena.aio.connect()`, or
+    `async with shmarena.aio.connect() as client:` to close it on exit."""
+
+    def make_client() -> Client:
+        return Client(
+            name,
+            runtime_dir=runtime_dir,
+            timeout_s=timeout_s,
+            label=label,
+            cache=cache,
+            populate=populate,
+            retry_s=retry_s,
+        )
+
+    async def make() -> AsyncClient:
+        executor = ThreadPoolExecutor(1, thread_name_prefix="shmarena-aio")
+        try:
+            client = await _run(executor, make_client, (), undo=Client.close)
+        except BaseException:
+            executor.shutdown(wait=False)  # a queued undo still runs first
+            raise
+        return AsyncClient(client, executor)
+
+    return Opening(make)
