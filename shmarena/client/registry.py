@@ -1,0 +1,268 @@
+"""Which arena block a piece of memory lies in, and memory that lets go of
+its block when the last view of it is gone.
+
+The registry maps the blocks this process made Buffers for (direct allocs,
+attaches, `Buffer.ndarray`, `client.ndarray`, unpickled buffers) by where they
+lie in their segment's mapping, so pickling and `share` can tell that an
+array's bytes are already in the arena and name them by handle instead of
+copying them. Entries hold weak references: the registry never keeps a Buffer
+alive, and an entry disappears with its Buffer.
+
+`export(buf, ...)` wraps a Buffer's bytes in a buffer exporter (a ctypes array
+over the same address that keeps the Buffer) whose finalizer runs when the
+last memoryview, numpy array or pyarrow buffer made from it is gone. The
+finalizer must never take a lock or talk to the daemon (it may run inside any
+code, a lock holder's included): it only puts the Buffer on a SimpleQueue
+(documented as safe in finalizers), and one thread per process sends the
+releases and frees.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import os
+import queue
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from shmarena.protocol import Op
+from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT
+
+if TYPE_CHECKING:
+    from shmarena.client.buffer import Buffer
+
+__all__ = ["address_of", "export", "find", "mapping_ranges", "register"]
+
+
+# -- addresses ---------------------------------------------------------------
+
+
+class _PyBuffer(ctypes.Structure):
+    # The C Py_buffer struct (stable since Python 3.3).
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.py_object),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.POINTER(ctypes.c_ssize_t)),
+        ("strides", ctypes.POINTER(ctypes.c_ssize_t)),
+        ("suboffsets", ctypes.POINTER(ctypes.c_ssize_t)),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_release_buffer.restype = None
+_PYBUF_SIMPLE = 0
+_PYBUF_ANY_CONTIGUOUS = 0x0080 | 0x0040 | 0x0020 | 0x0008  # C|F|ANY contiguous, with strides
+
+
+def address_of(obj: Any) -> int:
+    """The address of the first byte of a contiguous buffer-protocol object.
+    The export is released before this returns, so nothing stays pinned."""
+    view = _PyBuffer()
+    _get_buffer(obj, ctypes.byref(view), _PYBUF_SIMPLE)
+    try:
+        return int(view.buf or 0)
+    finally:
+        _release_buffer(ctypes.byref(view))
+
+
+# -- the registry ------------------------------------------------------------
+
+# mapping key -> {offset in segment: weakref to the Buffer}; sorted offsets per
+# key, rebuilt when the dict changed (lookups are rare, registrations are not).
+_BLOCKS: dict[tuple[str, int], dict[int, weakref.ref[Buffer]]] = {}
+_SORTED: dict[tuple[str, int], list[int]] = {}
+# mapping key -> (the mapping's memoryview, its address), to notice a remap
+_BASES: dict[tuple[str, int], tuple[memoryview, int]] = {}
+
+
+def register(buf: Buffer) -> None:
+    """Remember where `buf`'s block lies, so that memory inside it is found
+    by `find`. Costs a dict insert and a weak reference."""
+    key = buf._client._keys.get(buf._offset >> SEGMENT_SHIFT)
+    if key is None:
+        return
+    offset = buf._offset & OFFSET_MASK
+    blocks = _BLOCKS.get(key)
+    if blocks is None:
+        blocks = _BLOCKS[key] = {}
+    old = blocks.get(offset)
+    if old is not None and old() is buf:
+        return
+
+    def forget(ref: weakref.ref[Buffer], blocks: dict[int, Any] = blocks) -> None:
+        # Runs when the Buffer dies, anywhere: plain dict operations only.
+        if blocks.get(offset) is ref:
+            del blocks[offset]
+            _SORTED.pop(key, None)
+
+    blocks[offset] = weakref.ref(buf, forget)
+    _SORTED.pop(key, None)
+
+
+def _base(key: tuple[str, int]) -> tuple[int, int] | None:
+    from shmarena.client.client import _MAPPINGS
+
+    found = _MAPPINGS.get(key)
+    if found is None:
+        return None
+    view = found[1]
+    known = _BASES.get(key)
+    if known is None or known[0] is not view:
+        known = _BASES[key] = (view, address_of(view))
+    return known[1], len(view)
+
+
+def mapping_ranges() -> list[tuple[int, int]]:
+    """(start, end) addresses of every arena segment this process has mapped."""
+    from shmarena.client.client import _MAPPINGS
+
+    ranges = []
+    for key in list(_MAPPINGS):
+        base = _base(key)
+        if base is not None:
+            ranges.append((base[0], base[0] + base[1]))
+    return ranges
+
+
+def find(address: int, nbytes: int, states: tuple[str, ...] = ("owned", "attached")) -> (
+    tuple[Buffer, int] | None
+):
+    """The live registered Buffer whose block holds the bytes [address,
+    address + nbytes), and where they start in it; None if no such block is
+    known (the memory is elsewhere, or in a block made without a Buffer that
+    registered). Only Buffers in one of `states` count."""
+    for key in list(_BLOCKS):
+        base = _base(key)
+        if base is None or not base[0] <= address < base[0] + base[1]:
+            continue
+        blocks = _BLOCKS[key]
+        offsets = _SORTED.get(key)
+        if offsets is None:
+            offsets = _SORTED[key] = sorted(blocks)
+        local = address - base[0]
+        i = bisect.bisect_right(offsets, local)
+        while i > 0:  # the nearest start below may be a dead entry: look further down
+            i -= 1
+            ref = blocks.get(offsets[i])
+            buf = ref() if ref is not None else None
+            if buf is None or buf._state == "done":
+                continue
+            start = local - offsets[i]
+            if start + nbytes <= buf._size and buf._state in states:
+                return buf, start
+            if start < buf._size:
+                return None  # inside a live block, but not wholly, or not usable
+        return None
+    return None
+
+
+# -- exporters that let go of their block ------------------------------------
+
+_ACTIONS: queue.SimpleQueue[tuple[str, Buffer]] = queue.SimpleQueue()
+_WORKER: list[Any] = [None, 0]  # thread, pid it runs in
+_WORKER_LOCK = threading.Lock()
+_CLASSES: dict[int, type] = {}
+
+
+def _exporter_class(size: int) -> type:
+    cls = _CLASSES.get(size)
+    if cls is None:
+
+        class Exporter(ctypes.c_char * size):  # type: ignore[misc, valid-type]
+            # `_then`: "release", "free" or "" (nothing to do); `_pid`: the
+            # process that may act on the Buffer (not a forked child).
+            def __del__(self) -> None:
+                then = self.__dict__.get("_then")
+                if then and self._pid == os.getpid():
+                    _ACTIONS.put((then, self._buf))
+
+        cls = Exporter
+        if len(_CLASSES) < 1024:
+            _CLASSES[size] = cls
+    return cls
+
+
+def export(buf: Buffer, then: str = "") -> memoryview:
+    """A writable byte memoryview of `buf`'s whole block that keeps `buf` (and
+    so the mapping) alive. When the last view derived from it is gone,
+    `then` = "release" releases the Buffer, "free" frees it, "" does nothing;
+    both happen on a worker thread, shortly after."""
+    if then:
+        _start_worker()
+    view = buf.view
+    exporter = _exporter_class(buf._size).from_address(address_of(view))
+    exporter._buf = buf
+    exporter._pin = view[:]  # the mapping stays even if buf's own view is released
+    exporter._pid = os.getpid()
+    exporter._then = then
+    return memoryview(exporter).cast("B")
+
+
+def _start_worker() -> None:
+    thread, pid = _WORKER
+    if thread is not None and pid == os.getpid() and thread.is_alive():
+        return
+    with _WORKER_LOCK:
+        thread, pid = _WORKER
+        if thread is not None and pid == os.getpid() and thread.is_alive():
+            return
+        thread = threading.Thread(target=_work, name="shmarena-release", daemon=True)
+        _WORKER[:] = [thread, os.getpid()]
+        thread.start()
+
+
+def _work() -> None:
+    """Send what finalizers queued: releases batched per client (one round
+    trip for many), frees one by one (they cost no round trip)."""
+    me = os.getpid()
+    while True:
+        batch = [_ACTIONS.get()]
+        if os.getpid() != me:
+            return
+        while len(batch) < 1024:
+            try:
+                batch.append(_ACTIONS.get_nowait())
+            except queue.Empty:
+                break
+        releases: dict[int, list[Buffer]] = {}
+        for then, buf in batch:
+            if buf._state == "done" or buf._client._closed:
+                continue
+            if then == "free":
+                try:
+                    buf.free()
+                except Exception:
+                    pass  # freed or recycled meanwhile, or the daemon is gone: nothing to give back
+            else:
+                releases.setdefault(id(buf._client), []).append(buf)
+        for bufs in releases.values():
+            _release_all(bufs)
+        bufs = batch = releases = None  # type: ignore[assignment]  # keep no Buffer alive while waiting
+
+
+def _release_all(bufs: list[Buffer]) -> None:
+    client = bufs[0]._client
+    try:
+        client._request(Op.RELEASE, [list(b.handle) for b in bufs])
+    except Exception:
+        # All or none: one bad handle (its session ended, say) refuses the
+        # batch, so try each on its own; what fails has nothing to release.
+        for buf in bufs:
+            try:
+                client._request(Op.RELEASE, [list(buf.handle)])
+            except Exception:
+                pass
+    for buf in bufs:
+        buf._done()
