@@ -29,6 +29,8 @@ from shmarena.errors import (
     UnknownName,
     UnknownOwner,
 )
+from shmarena.pickling import discard, dumps, loads
+from shmarena.queue import Queue
 
 __all__ = [
     "Buffer",
@@ -42,6 +44,7 @@ __all__ = [
     "OutOfMemory",
     "Owner",
     "ProtocolError",
+    "Queue",
     "QueueEmpty",
     "QueueFull",
     "Recycled",
@@ -53,6 +56,9 @@ __all__ = [
     "UnknownOwner",
     "__version__",
     "connect",
+    "discard",
+    "dumps",
+    "loads",
 ]
 
 
