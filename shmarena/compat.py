@@ -78,7 +78,9 @@ def _check_name(name: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"a shared memory name must be a str, got {type(name).__name__}")
     if "\0" in name:
-        raise ValueError(f"shared memory name {name!r:.60} contains an embedded null character")
+        raise ValueError(
+            f"shared memory name {name!r:.60} contains an embedded null character; remove it"
+        )
     if not name or len(name) > MAX_SEGMENT_NAME or not name.isprintable():
         raise ValueError(
             f"shared memory name {name!r:.60} is not usable: a name must be 1-"
@@ -114,7 +116,9 @@ class SharedMemory:
     ) -> None:
         size = _check_size(size, create)
         if name is None and not create:
-            raise ValueError("'name' can only be None if create=True")
+            raise ValueError(
+                "'name' can only be None if create=True: pass the name of the segment to attach"
+            )
         self._client = client if client is not None else _client_for()
         self._buf: memoryview | None = None
         self._block: Buffer | None = None
@@ -267,9 +271,11 @@ def _check_size(size: int, create: bool) -> int:
     except TypeError:
         raise TypeError(f"'size' must be an int of bytes, got {type(size).__name__}") from None
     if size < 0:
-        raise ValueError(f"'size' must be a positive integer, got {size}")
+        raise ValueError(f"'size' must be a positive integer of bytes, got {size}")
     if create and size == 0:
-        raise ValueError("'size' must be a positive number different from zero to create")
+        raise ValueError(
+            "'size' must be a positive number different from zero to create a segment, got 0"
+        )
     return size
 
 
@@ -366,6 +372,7 @@ class ShareableList:
         buf = self._view()
         magic, count = _HEADER.unpack_from(buf, 0) if len(buf) >= _HEADER.size else (0, 0)
         if magic != _MAGIC:
+            self.shm.close()  # nothing of ours to keep it open for
             raise ValueError(
                 f"shared memory {self.shm.name!r} does not hold a shmarena ShareableList "
                 "(its header is not one); attach it as SharedMemory instead"
