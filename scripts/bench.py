@@ -12,8 +12,10 @@ What it measures (one run, seven sections):
 3. handing a numpy array of 1, 16 and 256 MiB from this process (the producer)
    to a consumer process, which makes an array over the data, reads one element
    and acks with one byte: a shmarena handle, a shared_memory segment name, the
-   array itself through a multiprocessing.Queue (a pickled copy), and the token
-   floor (8 bytes through the same Pipe / Queue, plus the ack).
+   array itself through a multiprocessing.Queue (a pickled copy), the array
+   through a shmarena.Queue (one already in the arena: named, not copied; and a
+   plain one: copied into the arena once), and the token floor (8 bytes
+   through the same Pipe / multiprocessing.Queue, plus the ack).
 4. memory efficiency of a fresh 1 GiB arena (uncached): log-uniform requests of
    4 KiB .. 4 MiB (fixed seed) until the first OutOfMemory, then ten rounds of
    "free a random half of the live buffers, refill until OutOfMemory".
@@ -126,6 +128,11 @@ GiB = 1 << 30
 SEED = 20240611  # memory-efficiency request sizes; the churn victims use SEED + 1
 LATENCY_SIZES = (4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB)
 HANDOFF_SIZES = (1 * MiB, 16 * MiB, 256 * MiB)
+QUEUE_ROWS = {  # section 3's table rows for the queue variants
+    "queue": "multiprocessing.Queue (pickled copy)",
+    "squeue": "shmarena.Queue (array in the arena)",
+    "squeue_copy": "shmarena.Queue (plain array: one copy in)",
+}
 THROUGHPUT_SIZE = 64 * KiB
 SCALE_SIZE = 64 * KiB
 SCALE_SMALL = 1_000
@@ -1084,12 +1091,20 @@ def section_handoff(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Repor
         stack.callback(cleanup(close_queues))
         started_process(stack, ctx, _queue_consumer, (inbox, outbox), "bench-queue-consumer")
         stack.callback(cleanup(tell, inbox.put, ("stop", None, 0.0)))
+        producer = connected(stack, daemon, cache=True)
+        # The same consumer on a pair of shmarena.Queues (they travel by name).
+        sinbox, soutbox = shmarena.Queue(client=producer), shmarena.Queue(client=producer)
+        stack.callback(cleanup(soutbox.close))
+        stack.callback(cleanup(sinbox.close))
+        started_process(stack, ctx, _queue_consumer, (sinbox, soutbox), "bench-squeue-consumer")
+        stack.callback(cleanup(tell, sinbox.put, ("stop", None, 0.0)))
         if not conn.poll(CHILD_TIMEOUT_S) or conn.recv_bytes() != ACK:
             raise RuntimeError("the pipe consumer did not start")
         if outbox.get(timeout=CHILD_TIMEOUT_S) != ACK:
             raise RuntimeError("the queue consumer did not start")
+        if soutbox.get(timeout=CHILD_TIMEOUT_S) != ACK:
+            raise RuntimeError("the shmarena.Queue consumer did not start")
 
-        producer = connected(stack, daemon, cache=True)
         variants: list[Variant] = [
             Variant(
                 "pipe_token",
@@ -1111,7 +1126,8 @@ def section_handoff(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Repor
             # Every array is created and filled once, outside the timing.
             buf = producer.alloc(size)
             stack.callback(cleanup(buf.free))
-            buf.ndarray((count,), np.float64)[:] = np.arange(count, dtype=np.float64)
+            resident = buf.ndarray((count,), np.float64)
+            resident[:] = np.arange(count, dtype=np.float64)
             with signals_deferred():  # no Ctrl-C between creating and registering
                 segment = SharedMemory(create=True, size=size)
                 stack.callback(cleanup(segment.unlink))
@@ -1136,6 +1152,18 @@ def section_handoff(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Repor
                 Variant(
                     f"queue@{label}",
                     queue_handoff(inbox, outbox, ("array", plain, expected)),
+                    per_chunk=plan.queue_samples[size],
+                    warmup=1,
+                ),
+                Variant(
+                    f"squeue@{label}",
+                    queue_handoff(sinbox, soutbox, ("array", resident, expected)),
+                    per_chunk=plan.handoff_samples,
+                    warmup=plan.warmup,
+                ),
+                Variant(
+                    f"squeue_copy@{label}",
+                    queue_handoff(sinbox, soutbox, ("array", plain, expected)),
                     per_chunk=plan.queue_samples[size],
                     warmup=1,
                 ),
@@ -1165,6 +1193,8 @@ def section_handoff(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Repor
             ("shmarena", "pipe"),
             ("shared_memory", "pipe"),
             ("queue", "queue"),
+            ("squeue", "queue"),
+            ("squeue_copy", "queue"),
         ):
             figures = dict(by_key[f"{name}@{label}"])
             figures["over_floor"] = report.ratio(
@@ -1177,7 +1207,7 @@ def section_handoff(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Repor
             row[name] = figures
             table.add_row(
                 label,
-                name if name != "queue" else "Queue (pickled copy)",
+                QUEUE_ROWS.get(name, name),
                 str(figures["samples"]),
                 fmt_us(figures["median_us"]),
                 fmt_us(figures["p99_us"]),
@@ -1190,6 +1220,14 @@ def section_handoff(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Repor
             "x times faster: Queue median / shmarena median",
             round_ratios(row["queue"], row["shmarena"]),
         )
+        for name in ("squeue", "squeue_copy"):
+            report.ratio(
+                f"handoff.queue_vs_{name}@{label}",
+                safe_div(row["queue"]["median_us"], row[name]["median_us"]),
+                HIGHER,
+                f"x times faster: multiprocessing.Queue median / {QUEUE_ROWS[name]} median",
+                round_ratios(row["queue"], row[name]),
+            )
         results["sizes"][label] = row
         table.add_section()
     for kind, text in (
@@ -1224,7 +1262,15 @@ def section_handoff(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Repor
         f"shmarena handoff, over-floor ratio 256 MiB / 1 MiB: {fmt_ratio(flat)}; "
         f"Queue time / shmarena time at 256 MiB: {fmt_ratio(versus_queue)}"
     )
+    squeue = report.ratios[f"handoff.queue_vs_squeue@{big}"]["value"]
+    console.print(
+        f"multiprocessing.Queue time / shmarena.Queue time at 256 MiB: {fmt_ratio(squeue)} "
+        f"(array in the arena), "
+        f"{fmt_ratio(report.ratios[f'handoff.queue_vs_squeue_copy@{big}']['value'])} "
+        "(a plain array, copied into the arena once)"
+    )
     report.sections["handoff"] = results
+    report.target("shmarena.Queue vs multiprocessing.Queue at 256 MiB", squeue, ">=", 500, "×")
     report.target("handoff 256 MiB over 1 MiB (over the token floor)", flat, "<=", 1.2, "×")
     report.target("shmarena vs Queue at 256 MiB (x faster)", versus_queue, ">=", 1000, "×")
 

@@ -30,6 +30,8 @@ from shmarena.errors import (
     UnknownName,
     UnknownOwner,
 )
+from shmarena.pickling import discard, dumps, loads
+from shmarena.queue import Queue
 
 __all__ = [
     "Buffer",
@@ -43,6 +45,7 @@ __all__ = [
     "OutOfMemory",
     "Owner",
     "ProtocolError",
+    "Queue",
     "QueueEmpty",
     "QueueFull",
     "Recycled",
@@ -56,6 +59,9 @@ __all__ = [
     "UnknownOwner",
     "__version__",
     "connect",
+    "discard",
+    "dumps",
+    "loads",
 ]
 
 

@@ -40,6 +40,7 @@ class Buffer:
         "_cache",
         "_handle",
         "_sealed",
+        "__weakref__",  # client/registry.py finds Buffers by address without keeping them
     )
 
     # _state: "owned" (allocated here), "attached" (no reference), "retained",
@@ -139,6 +140,9 @@ class Buffer:
                     f"shape {shape_t} of {dt} needs {count * dt.itemsize} bytes, "
                     f"the buffer has {self._size}"
                 )
+        from shmarena.client import registry
+
+        registry.register(self)  # so pickling names this block instead of copying it
         start = self._offset & OFFSET_MASK
         base = self._client._ndarray_base(self._offset >> SEGMENT_SHIFT)
         raw = base[start : start + count * dt.itemsize]
