@@ -20,13 +20,13 @@ import errno
 import operator
 import os
 import struct
-import threading
 import types
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from shmarena.client.buffer import Buffer
 from shmarena.client.client import Client
+from shmarena.client.default import default_client
 from shmarena.config import resolve_name, runtime_dir
 from shmarena.errors import NameExists, UnknownName, UnknownOwner
 from shmarena.protocol import MAX_NAME, MAX_OWNER_NAME
@@ -38,35 +38,13 @@ NAME_PREFIX = "smp_"
 # A segment's name is a published name and, with OWNER_PREFIX, an owner name.
 MAX_SEGMENT_NAME = min(MAX_NAME, MAX_OWNER_NAME - len(OWNER_PREFIX))
 
-# (pid, daemon name, runtime dir) -> the client this process uses for them.
-_CLIENTS: dict[tuple[int, str, str], Client] = {}
-_CLIENTS_LOCK = threading.Lock()
-
 
 def _client_for(daemon: str | None = None, run_dir: str | None = None) -> Client:
-    """This process's client of the daemon `daemon` in `run_dir` (defaults as
-    shmarena.connect(): $SHMARENA_NAME, $SHMARENA_RUNTIME_DIR), made on first
-    use and made anew in a forked child, which must not share its parent's."""
+    """This process's shared client (shmarena.client.default) of the daemon
+    `daemon` in `run_dir`, both resolved now from the environment when not
+    given, so a process that changes $SHMARENA_NAME gets that daemon's."""
     daemon = resolve_name(daemon, os.environ)
-    run_dir = run_dir or runtime_dir(os.environ, os.getuid())
-    key = (os.getpid(), daemon, run_dir)
-    with _CLIENTS_LOCK:
-        client = _CLIENTS.get(key)
-        if client is None or client._closed:
-            for old in [k for k in _CLIENTS if k[0] != key[0]]:
-                del _CLIENTS[old]  # a parent's: its sessions are not ours
-            client = _CLIENTS[key] = Client(daemon, runtime_dir=run_dir, label="shared_memory")
-        return client
-
-
-def _close_clients() -> None:
-    """Close the clients this module made in this process (tests call it
-    before they stop their daemon)."""
-    with _CLIENTS_LOCK:
-        mine = [k for k in _CLIENTS if k[0] == os.getpid()]
-        clients = [_CLIENTS.pop(k) for k in mine]
-    for client in clients:
-        client.close()
+    return default_client(daemon, run_dir or runtime_dir(os.environ, os.getuid()))
 
 
 def _make_name() -> str:

@@ -38,6 +38,7 @@ import pytest
 
 import shmarena
 from shmarena import compat
+from shmarena.client import default
 from shmarena.compat import ShareableList, SharedMemory
 from tests.conftest import Daemon, unique_name, wait_for
 
@@ -51,7 +52,10 @@ def arena(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
     monkeypatch.setenv("SHMARENA_NAME", daemon.name)
     monkeypatch.setenv("SHMARENA_RUNTIME_DIR", daemon.run_dir)
     yield daemon
-    compat._close_clients()
+    # The shared default clients this process made for the test's daemon.
+    for key, client in list(default._CLIENTS.items()):
+        if key[0] == daemon.name and key[1] == daemon.run_dir:
+            client.close()
 
 
 def watch(daemon: Daemon) -> shmarena.Client:
