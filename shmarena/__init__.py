@@ -14,6 +14,7 @@ from typing import Any
 from shmarena.client.buffer import Buffer, Handle
 from shmarena.client.client import Client, Owner, Recycled, connect
 from shmarena.client.names import Event, Subscription
+from shmarena.compat import ShareableList, SharedMemory
 from shmarena.errors import (
     DaemonStartError,
     DaemonUnavailable,
@@ -49,6 +50,8 @@ __all__ = [
     "QueueFull",
     "Recycled",
     "SessionLost",
+    "ShareableList",
+    "SharedMemory",
     "ShmArenaError",
     "StaleHandle",
     "Subscription",
