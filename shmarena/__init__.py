@@ -11,6 +11,7 @@ __version__ = "0.5.0"
 
 from typing import Any
 
+from shmarena.client.arrays import attach_array, share
 from shmarena.client.buffer import Buffer, Handle
 from shmarena.client.client import Client, Owner, Recycled, connect
 from shmarena.client.names import Event, Subscription
@@ -29,9 +30,11 @@ from shmarena.errors import (
     UnknownName,
     UnknownOwner,
 )
+from shmarena.reader import BufferReader
 
 __all__ = [
     "Buffer",
+    "BufferReader",
     "Client",
     "DaemonStartError",
     "DaemonUnavailable",
@@ -52,7 +55,9 @@ __all__ = [
     "UnknownName",
     "UnknownOwner",
     "__version__",
+    "attach_array",
     "connect",
+    "share",
 ]
 
 

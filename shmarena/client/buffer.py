@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from shmarena.client import registry
 from shmarena.protocol import Handle
 from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT
 
@@ -40,6 +41,7 @@ class Buffer:
         "_cache",
         "_handle",
         "_sealed",
+        "__weakref__",  # the registry (client/registry.py) refers to Buffers weakly
     )
 
     # _state: "owned" (allocated here), "attached" (no reference), "retained",
@@ -145,6 +147,7 @@ class Buffer:
         array = raw.view(dt).reshape(shape_t)
         if self._sealed:
             array.flags.writeable = False
+        registry.register(self)  # so shmarena.share(array) finds the block
         return array
 
     def free(self) -> None:
