@@ -30,6 +30,8 @@ from shmarena.errors import (
     UnknownName,
     UnknownOwner,
 )
+from shmarena.pickling import discard, dumps, loads
+from shmarena.queue import Queue
 from shmarena.reader import BufferReader
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "OutOfMemory",
     "Owner",
     "ProtocolError",
+    "Queue",
     "QueueEmpty",
     "QueueFull",
     "Recycled",
@@ -57,6 +60,9 @@ __all__ = [
     "__version__",
     "attach_array",
     "connect",
+    "discard",
+    "dumps",
+    "loads",
     "share",
 ]
 

@@ -82,8 +82,10 @@ request (the client's retry) is dropped, not run again.
     QOPEN      name:str, maxsize:int     -> map (name, maxsize, qsize)
     QPUT       name:str, payload:bin, handles:[handle], wait_s:num -> qsize
                the queue holds a reference on every handle's block
-    QGET       name:str, wait_s:num      -> [payload:bin, [handle]]: the message's
-               references pass to this session (released like retains)
+    QGET       name:str, to_session:int, wait_s:num -> [payload:bin, [handle]]:
+               the message's references pass to session `to_session` (0: this
+               one; else another session of the same process), released like
+               retains
     QSTAT      name:str                  -> [qsize, maxsize]
     QCLOSE     name:str                  -> nil    this session stops using the queue
 
@@ -264,7 +266,7 @@ SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
         ("handles", HANDLES, []),
         ("wait_s", NUM, 0.0),
     ),
-    Op.QGET: (("name", STR, REQUIRED), ("wait_s", NUM, 0.0)),
+    Op.QGET: (("name", STR, REQUIRED), ("to_session", INT, 0), ("wait_s", NUM, 0.0)),
     Op.QSTAT: (("name", STR, REQUIRED),),
     Op.QCLOSE: (("name", STR, REQUIRED),),
 }

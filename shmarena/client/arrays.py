@@ -13,8 +13,6 @@ functions, never at module import.
 from __future__ import annotations
 
 import ast
-import os
-import threading
 from typing import TYPE_CHECKING, Any
 
 from shmarena.client import registry
@@ -33,9 +31,6 @@ TOKEN_PREFIX = "shmarena:1:"
 _FIELDS = 10
 _ALL_STATES = ("owned", "attached", "retained")
 
-_DEFAULT: list[Any] = [None, 0]  # the client, the pid that made it
-_DEFAULT_LOCK = threading.Lock()
-
 
 def _numpy(what: str) -> Any:
     try:
@@ -46,18 +41,13 @@ def _numpy(what: str) -> Any:
 
 
 def default_client() -> Client:
-    """This process's shared Client for calls that were given none: made by
-    `shmarena.connect()` (so $SHMARENA_NAME / $SHMARENA_RUNTIME_DIR apply) on
-    first use, and made anew in a forked child, which must not share its
-    parent's."""
-    with _DEFAULT_LOCK:
-        client, pid = _DEFAULT
-        if client is None or pid != os.getpid() or client._closed:
-            from shmarena.client.client import connect
+    """The client `attach_array` uses when given none: the process's shared
+    one of `shmarena.client.default` (one `shmarena.connect()` per process,
+    $SHMARENA_NAME / $SHMARENA_RUNTIME_DIR applying, made anew in a forked
+    child)."""
+    from shmarena.client.default import default_client as shared  # it imports client.py
 
-            client = connect()
-            _DEFAULT[:] = [client, os.getpid()]
-        return client  # type: ignore[no-any-return]
+    return shared()
 
 
 def _refuse_objects(np: Any, dtype: Any, what: str) -> None:

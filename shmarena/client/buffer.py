@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from shmarena.client import registry
 from shmarena.protocol import Handle
 from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT
 
@@ -41,7 +40,7 @@ class Buffer:
         "_cache",
         "_handle",
         "_sealed",
-        "__weakref__",  # the registry (client/registry.py) refers to Buffers weakly
+        "__weakref__",  # client/registry.py finds Buffers by address without keeping them
     )
 
     # _state: "owned" (allocated here), "attached" (no reference), "retained",
@@ -141,13 +140,15 @@ class Buffer:
                     f"shape {shape_t} of {dt} needs {count * dt.itemsize} bytes, "
                     f"the buffer has {self._size}"
                 )
+        from shmarena.client import registry
+
+        registry.register(self)  # so pickling names this block instead of copying it
         start = self._offset & OFFSET_MASK
         base = self._client._ndarray_base(self._offset >> SEGMENT_SHIFT)
         raw = base[start : start + count * dt.itemsize]
         array = raw.view(dt).reshape(shape_t)
         if self._sealed:
             array.flags.writeable = False
-        registry.register(self)  # so shmarena.share(array) finds the block
         return array
 
     def free(self) -> None:

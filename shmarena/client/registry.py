@@ -149,9 +149,9 @@ def mapping_ranges() -> list[tuple[int, int]]:
     return ranges
 
 
-def find(address: int, nbytes: int, states: tuple[str, ...] = ("owned", "attached")) -> (
-    tuple[Buffer, int] | None
-):
+def find(
+    address: int, nbytes: int, states: tuple[str, ...] = ("owned", "attached")
+) -> tuple[Buffer, int] | None:
     """The live registered Buffer whose block holds the bytes [address,
     address + nbytes), and where they start in it; None if no such block is
     known (the memory is elsewhere, or in a block made without a Buffer that

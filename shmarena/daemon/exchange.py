@@ -232,13 +232,28 @@ class Exchange:
         self._meet(Op.QGET, lambda w: w.args[0] == name and bool(queue.messages))
         return len(queue.messages)
 
-    def get(self, session_id: int, name: str) -> list[Any] | None:
-        """[payload, handles] of the oldest message, now held by the session."""
+    def get(self, session_id: int, name: str, to_session: int = 0) -> list[Any] | None:
+        """[payload, handles] of the oldest message, now held by `to_session`
+        (0: the asking session). A process may wait on one connection and keep
+        what it took on another, so only a session of the same process may be
+        named."""
         queue = self._queue(session_id, name)
+        taker = to_session or session_id
+        if taker != session_id:
+            sessions = self.ledger.sessions
+            mine, theirs = sessions[session_id], sessions.get(taker)
+            if theirs is None or theirs.pid != mine.pid:
+                found = "no such session" if theirs is None else f"it is process {theirs.pid}'s"
+                raise InvalidRequest(
+                    f"queue {name!r}: a get for session {taker} from session {session_id} "
+                    f"(process {mine.pid}) was refused: {found}; name a session of your own "
+                    "process, or 0 for this one",
+                    queue=name,
+                )
         if not queue.messages:
             return None
         message = queue.messages.popleft()
-        self.ledger.pass_holds(session_id, message.blocks)
+        self.ledger.pass_holds(taker, message.blocks)
         queue.gets += 1
         self._meet(Op.QPUT, lambda w: w.args[0] == name and len(queue.messages) < queue.limit)
         self._maybe_remove(queue)
@@ -255,10 +270,12 @@ class Exchange:
             self._maybe_remove(queue)
 
     def _maybe_remove(self, queue: Queue) -> None:
-        """A queue nobody uses and that holds nothing is forgotten. One that
-        still holds messages stays: a process may open it later and drain it
-        (`shmarena stats` counts what queues hold)."""
-        if not queue.users and not queue.messages and not self._waiting_on(queue.name):
+        """A queue no process has open any more is forgotten with what it
+        still holds, as a `multiprocessing.Queue` dies with its last user:
+        nobody could take those messages, so their blocks go back."""
+        if not queue.users and not self._waiting_on(queue.name):
+            for message in queue.messages:
+                self.ledger.drop_holds(message.blocks)
             del self.queues[queue.name]
 
     def _waiting_on(self, name: str) -> bool:
@@ -340,7 +357,7 @@ class Exchange:
             if waiter.op is Op.EVENTS:
                 return self.events(args[0], args[1])
             if waiter.op is Op.QGET:
-                return self.get(waiter.session_id, args[0])
+                return self.get(waiter.session_id, args[0], args[1])
             if waiter.op is Op.QPUT:
                 size = self.put(waiter.session_id, args[0], args[1], args[2], waiter.deadline)
                 return None if size is None else [size]

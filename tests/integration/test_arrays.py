@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import shmarena
-from shmarena.client import arrays, registry
+from shmarena.client import arrays, default, registry
 from tests.conftest import Daemon, wait_for
 
 MiB = 1 << 20
@@ -356,7 +356,7 @@ def test_without_numpy_the_error_says_what_to_install() -> None:
 def test_default_client_follows_the_environment(daemon: Daemon, monkeypatch) -> None:
     monkeypatch.setenv("SHMARENA_NAME", daemon.name)
     monkeypatch.setenv("SHMARENA_RUNTIME_DIR", daemon.run_dir)
-    monkeypatch.setattr(arrays, "_DEFAULT", [None, 0])
+    monkeypatch.setattr(default, "_CLIENTS", {})
     client = arrays.default_client()
     try:
         assert client.name == daemon.name and arrays.default_client() is client

@@ -117,12 +117,13 @@ def test_queue_holds_blocks_after_the_sender_dies_and_passes_them_to_the_taker()
     service = make_service()
     a, b = Peer(service, b"a"), Peer(service, b"b")
     a.ok(Op.QOPEN, "jobs", 0)
+    b.ok(Op.QOPEN, "jobs", 0)
     (h,) = a.ok(Op.ALLOC, 65536, None, False)
     assert a.ok(Op.QPUT, "jobs", b"payload", [h], 0.0) == [1]
     a.ok(Op.FREE, [h])  # the queue's reference keeps it
     service.end_session(a.session)  # and the sender dies
     assert service.stats(0)["queued_bytes"] == 65536
-    ((payload, handles),) = b.ok(Op.QGET, "jobs", 0.0)
+    ((payload, handles),) = b.ok(Op.QGET, "jobs", 0, 0.0)
     assert payload == b"payload" and handles == [h]
     assert service.stats(0)["queued_bytes"] == 0
     assert service.check() == []
@@ -136,9 +137,9 @@ def test_queue_get_waits_and_put_on_a_full_queue_waits_in_fifo_order() -> None:
     service = make_service()
     a, b, c = Peer(service, b"a"), Peer(service, b"b"), Peer(service, b"c")
     a.ok(Op.QOPEN, "q", 1)
-    assert b.err(Op.QGET, "q", 0.0)[0] == "queue_empty"
-    assert send(b, Op.QGET, "q", 5.0) == b""
-    assert send(c, Op.QGET, "q", 5.0) == b""
+    assert b.err(Op.QGET, "q", 0, 0.0)[0] == "queue_empty"
+    assert send(b, Op.QGET, "q", 0, 5.0) == b""
+    assert send(c, Op.QGET, "q", 0, 5.0) == b""
     a.ok(Op.QPUT, "q", b"1", [], 0.0)
     assert list(outbox(service)) == [b"b"]  # the first waiter gets the first message
     a.ok(Op.QPUT, "q", b"2", [], 0.0)
@@ -146,22 +147,26 @@ def test_queue_get_waits_and_put_on_a_full_queue_waits_in_fifo_order() -> None:
     a.ok(Op.QPUT, "q", b"3", [], 0.0)
     assert a.err(Op.QPUT, "q", b"4", [], 0.0)[0] == "queue_full"
     assert send(a, Op.QPUT, "q", b"4", [], 5.0) == b""
-    assert b.ok(Op.QGET, "q", 0.0) == [[b"3", []]]
+    assert b.ok(Op.QGET, "q", 0, 0.0) == [[b"3", []]]
     assert outbox(service)[b"a"][2] == 1  # the kept put went in
     assert b.ok(Op.QSTAT, "q") == [[1, 1]]
 
 
-def test_a_queue_is_forgotten_when_nobody_uses_it_and_it_is_empty() -> None:
+def test_a_queue_is_forgotten_with_what_it_holds_when_its_last_user_leaves() -> None:
     service = make_service()
-    a = Peer(service, b"a")
+    a, b = Peer(service, b"a"), Peer(service, b"b")
     a.ok(Op.QOPEN, "q", 0)
-    a.ok(Op.QPUT, "q", b"x", [], 0.0)
+    b.ok(Op.QOPEN, "q", 0)
+    (h,) = a.ok(Op.ALLOC, 65536, None, False)
+    a.ok(Op.QPUT, "q", b"x", [h], 0.0)
+    a.ok(Op.FREE, [h])
     a.ok(Op.QCLOSE, "q")
-    assert [q["qsize"] for q in service.stats(0)["queues"]] == [1]  # it still holds a message
-    a.ok(Op.QGET, "q", 0.0)
-    a.ok(Op.QCLOSE, "q")
-    assert service.stats(0)["queues"] == []
-    assert a.err(Op.QGET, "q", 0.0)[0] == "invalid_request"
+    assert [q["qsize"] for q in service.stats(0)["queues"]] == [1]  # b still has it open
+    service.end_session(b.session)  # the last user dies: nobody can take the message
+    stats = service.stats(0)
+    assert stats["queues"] == [] and stats["queued_bytes"] == 0
+    assert stats["free_bytes"] == stats["size_bytes"] and service.check() == []
+    assert a.err(Op.QSTAT, "q")[0] == "invalid_request"
 
 
 def test_bad_arguments_are_refused_and_change_nothing() -> None:
@@ -208,7 +213,7 @@ def test_random_queue_traffic_keeps_the_books() -> None:
             if handles and rng.random() < 0.7:
                 p.ok(Op.FREE, handles)
         elif rng.random() < 0.9:
-            reply = p.raw(Op.QGET, "q", 0.0)
+            reply = p.raw(Op.QGET, "q", 0, 0.0)
             if reply[0] == OK:
                 got += 1
                 payload, handles = reply[2]
@@ -221,9 +226,31 @@ def test_random_queue_traffic_keeps_the_books() -> None:
             peers[index].ok(Op.QOPEN, "q", 0)
         assert service.check() == []
     for p in peers:
-        while p.raw(Op.QGET, "q", 0.0)[0] == OK:
+        while p.raw(Op.QGET, "q", 0, 0.0)[0] == OK:
             got += 1
         service.end_session(p.session)
     assert got == put
     stats = service.stats(0)
     assert stats["free_bytes"] == stats["size_bytes"] and stats["queues"] == []
+
+
+def test_a_get_may_hand_what_it_takes_to_another_session_of_the_same_process() -> None:
+    service = make_service()
+    waiter, keeper = Peer(service, b"w", pid=7), Peer(service, b"k", pid=7)
+    stranger = Peer(service, b"s", pid=8)
+    waiter.ok(Op.QOPEN, "q", 0)
+    (h,) = stranger.ok(Op.ALLOC, 65536, None, False)
+    stranger.ok(Op.QPUT, "q", b"m", [h], 0.0)
+    stranger.ok(Op.QPUT, "q", b"n", [h], 0.0)
+    stranger.ok(Op.FREE, [h])
+    code, message = stranger.err(Op.QGET, "q", waiter.session, 0.0)
+    assert code == "invalid_request" and "process 7's" in message
+    assert waiter.err(Op.QGET, "q", 999, 0.0)[0] == "invalid_request"
+    assert service.stats(0)["queues"][0]["qsize"] == 2  # the refusals took nothing
+    waiter.ok(Op.QGET, "q", keeper.session, 0.0)
+    service.end_session(waiter.session)  # the keeper holds the block, not the waiter
+    assert service.stats(0)["live_blocks"] + service.stats(0)["retained_only_blocks"] == 1
+    keeper.ok(Op.RELEASE, [h])
+    stranger.ok(Op.QCLOSE, "q")  # its last user leaves: the second message goes
+    stats = service.stats(0)
+    assert stats["free_bytes"] == stats["size_bytes"] and service.check() == []

@@ -1,0 +1,326 @@
+"""Pickling with the large buffers in the arena (pickle protocol 5, out of band).
+
+`dumps(obj)` pickles `obj`; every buffer the pickler sees of at least
+`threshold` bytes (numpy arrays, pandas and Arrow columns, bytes, bytearray:
+whatever reduces to a `PickleBuffer`) goes into an arena block, and only its
+handle goes into the bytes `dumps` returns. A buffer that already lies in an
+arena block (an array made by `client.ndarray`, one received from a Queue) is
+not copied at all: its block is named instead. `loads(data)` in any process
+returns objects whose large buffers view the arena.
+
+Who frees what (the lifetime rule):
+
+- `dumps` puts the blocks it fills under a fresh *detached* owner, so the
+  message outlives its sender. `loads` retains every block of the message for
+  this process and recycles that owner: from then on the blocks live exactly as
+  long as the loaded objects (and every view made from them) do, or until this
+  process ends. A message is therefore loaded once; `loads(data, keep=True)`
+  leaves the owner for further loads, and `discard(data)` recycles a message
+  that will never be loaded.
+- A buffer `dumps` found in the arena is named, not copied, and stays the
+  sender's: the sender keeps it alive until the receiver has loaded it (the
+  receiver's retain then keeps it). Loading it after it was freed raises
+  StaleHandle.
+- Loaded buffers that share their block with the sender are read-only; the
+  ones `dumps` copied into blocks of their own are writable, as a plain
+  unpickled copy would be.
+
+`pack`/`unpack` are the same machinery without the envelope, for
+`shmarena.Queue`, which hands the handles to the daemon separately.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import uuid
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import msgpack
+
+from shmarena.client import registry
+from shmarena.client.buffer import Buffer
+from shmarena.errors import InvalidRequest, UnknownOwner
+from shmarena.protocol import Handle, Op
+
+if TYPE_CHECKING:
+    from shmarena.client.client import Client
+
+__all__ = ["DEFAULT_THRESHOLD", "Packed", "discard", "dumps", "loads", "pack", "unpack"]
+
+DEFAULT_THRESHOLD = 64 << 10  # below this a copy into the pickle costs less than a block
+_INLINE_STREAM = 64 << 10  # a longer pickle stream goes into a block of its own
+_FORMAT = 1
+_MAGIC = "shmarena-pickle"
+# Blocks a buffer found in the arena may be named from: its Buffer must be live.
+_NAMEABLE = ("owned", "attached", "retained")
+
+
+class Packed(NamedTuple):
+    """What `pack` made: the small `payload`, the `handles` of every block it
+    names (each once), and the Buffers it allocated and filled (`made`, the
+    caller's to free or hand over)."""
+
+    payload: bytes
+    handles: list[Handle]
+    made: list[Buffer]
+
+
+class _Pickler(pickle.Pickler):
+    """Sends large bytes and bytearrays out of band as well: by default the
+    pickler writes them into the stream, which costs a copy on each side."""
+
+    def __init__(self, file: io.BytesIO, threshold: int, **kwargs: Any) -> None:
+        super().__init__(file, protocol=5, **kwargs)
+        self.threshold = threshold
+
+    def reducer_override(self, obj: Any) -> Any:
+        kind = type(obj)
+        if (kind is bytes or kind is bytearray) and len(obj) >= self.threshold:
+            return kind, (pickle.PickleBuffer(obj),)
+        return NotImplemented
+
+
+def pack(
+    obj: Any,
+    client: Client,
+    threshold: int = DEFAULT_THRESHOLD,
+    alloc: Any = None,
+) -> Packed:
+    """Pickle `obj` with its buffers of `threshold` bytes or more in the arena.
+    `alloc(sizes) -> list[Buffer]` makes the blocks (default: this session's,
+    in one round trip); on any failure the blocks made so far are freed."""
+    if threshold < 1:
+        raise ValueError(f"threshold must be at least 1 byte, got {threshold}")
+    outside: list[tuple[memoryview, tuple[Buffer, int] | None]] = []
+
+    def place(picklebuffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = picklebuffer.raw()
+        except BufferError:
+            return True  # not contiguous: the pickler copies it into the stream
+        if raw.nbytes < threshold:
+            raw.release()
+            return True
+        found = registry.find(registry.address_of(raw), raw.nbytes, _NAMEABLE)
+        outside.append((raw, found))
+        return False  # out of band: placed below, in this order
+
+    stream = io.BytesIO()
+    _Pickler(stream, threshold, buffer_callback=place).dump(obj)
+    data = stream.getbuffer()
+    try:
+        return _place(client, data, outside, alloc)
+    finally:
+        data.release()
+        for raw, _ in outside:
+            raw.release()
+
+
+def _place(
+    client: Client,
+    data: memoryview,
+    outside: list[tuple[memoryview, tuple[Buffer, int] | None]],
+    alloc: Any,
+) -> Packed:
+    copies = [raw for raw, found in outside if found is None]
+    sizes = [raw.nbytes for raw in copies]
+    big_stream = data.nbytes > _INLINE_STREAM
+    if big_stream:
+        sizes.append(data.nbytes)
+    made: list[Buffer] = []
+    if sizes:
+        made = alloc(sizes) if alloc is not None else client.alloc_many(sizes)
+    try:
+        handles: list[Handle] = []
+        index: dict[Handle, int] = {}
+
+        def name(buf: Buffer) -> int:
+            handle = buf.handle
+            if handle not in index:
+                index[handle] = len(handles)
+                handles.append(handle)
+            return index[handle]
+
+        views: list[int] = []
+        fresh = iter(made)
+        for raw, found in outside:
+            if found is None:
+                buf = next(fresh)
+                buf.view[: raw.nbytes] = raw.cast("B")
+                views += [name(buf), 0, raw.nbytes, int(raw.readonly)]
+            else:
+                buf, start = found
+                # Shared with the sender from now on: the receiver only reads.
+                views += [name(buf), start, raw.nbytes, 1]
+        if big_stream:
+            buf = next(fresh)
+            buf.view[: data.nbytes] = data
+            body: list[Any] = [_FORMAT, None, [name(buf), 0, data.nbytes], views]
+        else:
+            body = [_FORMAT, bytes(data), None, views]
+        return Packed(msgpack.packb(body, use_bin_type=True), handles, made)
+    except BaseException:
+        _free_quietly(made)
+        raise
+
+
+def unpack(payload: bytes, buffers: list[Buffer]) -> Any:
+    """The object `pack` pickled, given the Buffers its handles name (in the
+    same order), each retained for this process: every buffer of the result
+    views its block, and each Buffer is released when the last view of it is
+    gone. A Buffer no view needs is released at once."""
+    body = _decode(payload, len(buffers))
+    exports: dict[int, memoryview] = {}
+
+    def view_of(i: int, start: int, nbytes: int, readonly: bool) -> memoryview:
+        whole = exports.get(i)
+        if whole is None:
+            registry.register(buffers[i])  # so it is named, not copied, if sent on
+            whole = exports[i] = registry.export(buffers[i], then="release")
+        part = whole[start : start + nbytes]
+        return part.toreadonly() if readonly else part
+
+    _, stream, stream_ref, flat = body
+    views = [
+        view_of(flat[k], flat[k + 1], flat[k + 2], bool(flat[k + 3]))
+        for k in range(0, len(flat), 4)
+    ]
+    if stream_ref is not None:
+        stream = view_of(stream_ref[0], stream_ref[1], stream_ref[2], True)
+    viewed = set(exports)
+    try:
+        return pickle.loads(stream, buffers=views)
+    finally:
+        # Drop our references: the stream's block goes back once loaded.
+        del stream, views
+        exports.clear()
+        for i, buf in enumerate(buffers):  # named by the message but viewed by nothing
+            if i not in viewed and buf._state == "retained":
+                buf.release()
+
+
+def _decode(payload: bytes, count: int) -> list[Any]:
+    try:
+        body = msgpack.unpackb(payload, raw=False)
+        ok = (
+            isinstance(body, list)
+            and len(body) == 4
+            and body[0] == _FORMAT
+            and isinstance(body[3], list)
+            and len(body[3]) % 4 == 0
+        )
+    except Exception:  # any bytes at all may arrive here
+        ok = False
+    if not ok:
+        raise InvalidRequest(
+            f"not a shmarena pickle payload ({len(payload)} bytes, format {_FORMAT} expected); "
+            "it must come from shmarena.dumps or a shmarena.Queue of the same version"
+        )
+    refs = body[3][0::4] + ([body[2][0]] if body[2] else [])
+    if any(not isinstance(i, int) or not 0 <= i < count for i in refs):
+        raise InvalidRequest(
+            f"the payload names {max(refs, default=0) + 1} blocks but {count} came with it"
+        )
+    return body  # type: ignore[no-any-return]
+
+
+def _free_quietly(bufs: list[Buffer]) -> None:
+    for buf in bufs:
+        if buf._state != "done":
+            try:
+                buf.free()
+            except Exception:
+                pass  # recycled with its owner meanwhile: nothing to give back
+
+
+# -- dumps / loads -----------------------------------------------------------
+
+
+def _client(client: Client | None) -> Client:
+    if client is not None:
+        return client
+    from shmarena.client.default import default_client
+
+    return default_client()
+
+
+def dumps(obj: Any, *, client: Client | None = None, threshold: int = DEFAULT_THRESHOLD) -> bytes:
+    """`obj` pickled, its buffers of `threshold` bytes or more in the arena
+    under a detached owner of its own (see the module's lifetime rule). Small
+    objects cost no round trip."""
+    client = _client(client)
+    owner: list[Any] = []
+
+    def alloc(sizes: list[int]) -> list[Buffer]:
+        made = client.owner(f"pickle-{os.getpid()}-{uuid.uuid4().hex[:12]}", detached=True)
+        owner.append(made)
+        try:
+            return made.alloc_many(sizes)
+        except BaseException:
+            made.recycle()
+            raise
+
+    packed = pack(obj, client, threshold, alloc)
+    envelope = {
+        _MAGIC: _FORMAT,
+        "owner": owner[0].name if owner else None,
+        "handles": [list(h) for h in packed.handles],
+        "payload": packed.payload,
+    }
+    return msgpack.packb(envelope, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _envelope(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    try:
+        envelope = msgpack.unpackb(data, raw=False)
+        ok = isinstance(envelope, dict) and envelope.get(_MAGIC) == _FORMAT
+    except Exception:  # any bytes at all may arrive here
+        ok = False
+    if not ok:
+        raise InvalidRequest(
+            f"these {len(data)} bytes are not from shmarena.dumps (format {_FORMAT}); "
+            "load plain pickles with pickle.loads"
+        )
+    return envelope  # type: ignore[no-any-return]
+
+
+def loads(
+    data: bytes | bytearray | memoryview, *, client: Client | None = None, keep: bool = False
+) -> Any:
+    """The object `dumps` made, its large buffers viewing the arena (no copy).
+    Retains the message's blocks for this process and recycles the message's
+    owner unless `keep` (see the module's lifetime rule). StaleHandle if a
+    block was freed before this."""
+    envelope = _envelope(data)
+    client = _client(client)
+    handles = [Handle(*h) for h in envelope["handles"]]
+    buffers: list[Buffer] = []
+    if handles:
+        client._request(Op.RETAIN, [list(h) for h in handles])  # all or none
+        buffers = [client._buffer(list(h), "retained") for h in handles]
+    try:
+        obj = unpack(envelope["payload"], buffers)
+    except BaseException:
+        for buf in buffers:
+            if buf._state == "retained":
+                buf.release()
+        raise
+    if envelope["owner"] is not None and not keep:
+        try:
+            client.recycle(envelope["owner"])
+        except UnknownOwner:
+            pass  # loaded before, or discarded: our retains keep the blocks
+    return obj
+
+
+def discard(data: bytes | bytearray | memoryview, *, client: Client | None = None) -> None:
+    """Give back the blocks of a message that will never be loaded (recycle
+    its owner). Loads that already happened keep their objects."""
+    envelope = _envelope(data)
+    if envelope["owner"] is not None:
+        try:
+            _client(client).recycle(envelope["owner"])
+        except UnknownOwner:
+            pass  # loaded (without keep) or discarded already

@@ -1,0 +1,246 @@
+"""shmarena.Queue: a `multiprocessing.Queue` whose large payloads never get copied.
+
+A put pickles the object with protocol 5 (shmarena/pickling.py): buffers of
+`threshold` bytes or more go into arena blocks (or are named, if they lie in
+the arena already) and only a small payload and the blocks' handles travel.
+The daemon keeps the queue itself (daemon/exchange.py): it holds a reference
+on every block of a queued message, so the producer may free its blocks or
+die at once; a get passes those references to the taking process, which
+releases each block when the last view of it is gone, or when it dies. So a
+consumer killed at any moment costs the others nothing and leaks nothing.
+
+Each process talks through its data client (the one given, else the
+process's default client, see client/default.py), which also holds what it
+took. A put that must wait for room and a get that may wait go over a
+connection of the calling thread's own, so a thread blocked in `get` never
+holds up another thread's `put` on the same queue. The daemon answers a
+kept request the moment it can be met; nothing here polls.
+
+The queue lives while any process that opened it lives: the creator opens it,
+an unpickled copy (spawn, Pool or executor initargs) opens it at once, a
+forked child at its first use; `close()` leaves it. When the last process
+has left, the daemon drops the queue and gives back what it held.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from shmarena.client import names
+from shmarena.client.client import Client, connect
+from shmarena.errors import QueueFull, ShmArenaError
+from shmarena.pickling import DEFAULT_THRESHOLD, pack, unpack
+from shmarena.protocol import Op
+
+if TYPE_CHECKING:
+    from shmarena.client.buffer import Buffer
+
+__all__ = ["Queue"]
+
+
+class Queue:
+    """A process-safe FIFO queue with `multiprocessing.Queue`'s methods
+    (put/get with block and timeout, put_nowait/get_nowait, qsize, empty,
+    full, close, join_thread, cancel_join_thread), raising `queue.Full` and
+    `queue.Empty` (as shmarena.QueueFull/QueueEmpty, their subclasses).
+
+    `maxsize` 0 means unbounded. `name` lets unrelated processes share a
+    queue (default: a fresh unique name). `client` chooses the daemon and
+    the connection (default: `shmarena.connect()`'s daemon). Differences
+    from the stdlib: a put returns once the daemon holds the message (no
+    feeder thread, so an unpicklable object raises in `put` itself), and
+    received buffers that share their block with the sender are read-only.
+    """
+
+    def __init__(
+        self,
+        maxsize: int = 0,
+        *,
+        name: str | None = None,
+        client: Client | None = None,
+        threshold: int = DEFAULT_THRESHOLD,
+    ) -> None:
+        if not isinstance(maxsize, int) or maxsize < 0:
+            raise ValueError(f"maxsize must be an int of 0 or more, got {maxsize!r}")
+        self._name = name or f"queue-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._maxsize = maxsize
+        self._threshold = threshold
+        self._where = (client.name, client.runtime_dir) if client is not None else (None, None)
+        self._given = client
+        self._setup()
+        self._open()
+
+    def _setup(self) -> None:
+        self._pid = os.getpid()
+        self._closed = False
+        self._opened = False
+        self._local = threading.local()
+        self._waiters: list[Client] = []
+        self._lock = threading.Lock()
+
+    # -- pickling: a queue travels by name -----------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "name": self._name,
+            "maxsize": self._maxsize,
+            "threshold": self._threshold,
+            "where": self._where,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._name = state["name"]
+        self._maxsize = state["maxsize"]
+        self._threshold = state["threshold"]
+        self._where = tuple(state["where"])
+        self._given = None
+        self._setup()
+        self._open()  # at once: this process keeps the queue alive from now on
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return f"<shmarena.Queue {self._name!r} maxsize={self._maxsize}{state}>"
+
+    @property
+    def name(self) -> str:
+        """The queue's name in the daemon (`shmarena stats` lists queues)."""
+        return self._name
+
+    # -- connections ---------------------------------------------------------
+
+    def _data(self) -> Client:
+        """The client that puts and holds what this process took."""
+        if self._pid != os.getpid():  # a forked child: its own connections
+            self._setup()
+        if self._given is not None:
+            return self._given
+        from shmarena.client.default import default_client
+
+        return default_client(*self._where)
+
+    def _open(self) -> Client:
+        client = self._data()
+        if not self._opened:
+            client._request(Op.QOPEN, self._name, self._maxsize)
+            self._opened = True
+        return client
+
+    def _waiter(self, data: Client) -> Client:
+        """The calling thread's connection for requests that wait."""
+        client: Client | None = getattr(self._local, "client", None)
+        if client is None or client._closed:
+            client = connect(
+                data.name,
+                runtime_dir=data.runtime_dir,
+                cache=False,
+                label=f"waits on queue {self._name}",
+            )
+            self._local.client = client
+            with self._lock:
+                self._waiters.append(client)
+        return client
+
+    def _check_open(self) -> Client:
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        return self._open()
+
+    # -- the queue's methods -------------------------------------------------
+
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Put `obj` on the queue; with `block`, wait up to `timeout` seconds
+        (None: for ever) for room in a full queue, else raise queue.Full."""
+        data = self._check_open()
+        packed = pack(obj, data, self._threshold)
+        try:
+            args = (self._name, packed.payload, [list(h) for h in packed.handles])
+            try:
+                data._request(Op.QPUT, *args, 0.0)
+            except QueueFull:
+                if not block or (timeout is not None and timeout <= 0):
+                    raise
+                names.request_waiting(self._waiter(data), Op.QPUT, *args, timeout=timeout)
+        finally:
+            _free(packed.made)  # the queue holds its own reference now
+
+    def put_nowait(self, obj: Any) -> None:
+        """`put(obj, block=False)`."""
+        self.put(obj, block=False)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Remove and return the oldest object; with `block`, wait up to
+        `timeout` seconds (None: for ever) for one, else raise queue.Empty."""
+        data = self._check_open()
+        if not block or (timeout is not None and timeout <= 0):
+            ((payload, handles),) = data._request(Op.QGET, self._name, 0, 0.0)
+        else:
+            ((payload, handles),) = names.request_waiting(
+                self._waiter(data), Op.QGET, self._name, data.session, timeout=timeout
+            )
+        buffers = [data._buffer(list(h), "retained") for h in handles]
+        try:
+            return unpack(payload, buffers)
+        except BaseException:
+            _release(buffers)
+            raise
+
+    def get_nowait(self) -> Any:
+        """`get(block=False)`."""
+        return self.get(block=False)
+
+    def qsize(self) -> int:
+        """How many messages the daemon holds for this queue now."""
+        ((size, _),) = self._check_open()._request(Op.QSTAT, self._name)
+        return int(size)
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
+    def full(self) -> bool:
+        return self._maxsize > 0 and self.qsize() >= self._maxsize
+
+    def close(self) -> None:
+        """This process uses the queue no more: later put/get raise
+        ValueError. Objects it got stay valid. The daemon drops the queue,
+        with what it still holds, once every process has left it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pid == os.getpid() and self._opened:
+            try:
+                self._data()._request(Op.QCLOSE, self._name)
+            except ShmArenaError:
+                pass  # the daemon is gone: so is the queue
+        with self._lock:
+            waiters, self._waiters = self._waiters, []
+        for client in waiters:
+            client.close()
+
+    def join_thread(self) -> None:
+        """Nothing to wait for (a put is done when it returns); like the
+        stdlib, only allowed after `close()`."""
+        if not self._closed:
+            raise AssertionError(f"Queue {self!r} not closed")
+
+    def cancel_join_thread(self) -> None:
+        """Nothing to cancel: there is no feeder thread."""
+
+
+def _free(bufs: list[Buffer]) -> None:
+    for buf in bufs:
+        try:
+            buf.free()
+        except ShmArenaError:
+            pass  # the session went: the daemon reclaimed it already
+
+
+def _release(bufs: list[Buffer]) -> None:
+    for buf in bufs:
+        if buf._state == "retained":
+            try:
+                buf.release()
+            except ShmArenaError:
+                pass
