@@ -11,6 +11,7 @@ __version__ = "0.6.0"
 
 from typing import Any
 
+from shmarena.client.arrays import attach_array, share
 from shmarena.client.buffer import Buffer, Handle
 from shmarena.client.client import Client, Owner, Recycled, connect
 from shmarena.client.names import Event, Subscription
@@ -32,9 +33,11 @@ from shmarena.errors import (
 )
 from shmarena.pickling import discard, dumps, loads
 from shmarena.queue import Queue
+from shmarena.reader import BufferReader
 
 __all__ = [
     "Buffer",
+    "BufferReader",
     "Client",
     "DaemonStartError",
     "DaemonUnavailable",
@@ -58,10 +61,12 @@ __all__ = [
     "UnknownName",
     "UnknownOwner",
     "__version__",
+    "attach_array",
     "connect",
     "discard",
     "dumps",
     "loads",
+    "share",
 ]
 
 

@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-from shmarena.client import names
+from shmarena.client import arrays, names
 from shmarena.client.buffer import Buffer
 from shmarena.client.cache import FLUSH_DELAY_S, Cache
 from shmarena.client.transport import Transport
@@ -775,6 +775,17 @@ class Client:
         self._request(Op.RELEASE, [list(handle)])
         if isinstance(target, Buffer):
             target._done()
+
+    def ndarray(self, shape: Any, dtype: Any = "float64", order: str = "C") -> Any:
+        """A new numpy array (uninitialised) in a block of its own, freed when the
+        array and every view of it are gone; `shmarena.share(array)` names it for
+        other processes. Needs numpy (`pip install 'shmarena[numpy]'`)."""
+        return arrays.ndarray(self, shape, dtype, order)
+
+    def ndarray_like(self, array: Any) -> Any:
+        """`client.ndarray` of `array`'s shape, dtype and order (Fortran for a
+        Fortran-contiguous array), holding a copy of its data."""
+        return arrays.ndarray_like(self, array)
 
     # -- owners ------------------------------------------------------------
 

@@ -79,9 +79,12 @@ def address_of(obj: Any) -> int:
 
 # -- the registry ------------------------------------------------------------
 
-# mapping key -> {offset in segment: weakref to the Buffer}; sorted offsets per
-# key, rebuilt when the dict changed (lookups are rare, registrations are not).
-_BLOCKS: dict[tuple[str, int], dict[int, weakref.ref[Buffer]]] = {}
+# mapping key -> {offset in segment: weakrefs to the Buffers over that block};
+# sorted offsets per key, rebuilt when the dict changed (lookups are rare,
+# registrations are not). One block may have several live Buffers in a
+# process (its owner's, and a retained one from attaching its own share):
+# each is kept, so the entry outlives whichever of them dies first.
+_BLOCKS: dict[tuple[str, int], dict[int, list[weakref.ref[Buffer]]]] = {}
 _SORTED: dict[tuple[str, int], list[int]] = {}
 # mapping key -> (the mapping's memoryview, its address), to notice a remap
 _BASES: dict[tuple[str, int], tuple[memoryview, int]] = {}
@@ -97,18 +100,28 @@ def register(buf: Buffer) -> None:
     blocks = _BLOCKS.get(key)
     if blocks is None:
         blocks = _BLOCKS[key] = {}
-    old = blocks.get(offset)
-    if old is not None and old() is buf:
+    refs = blocks.get(offset)
+    if refs is not None and any(ref() is buf for ref in refs):
         return
 
-    def forget(ref: weakref.ref[Buffer], blocks: dict[int, Any] = blocks) -> None:
-        # Runs when the Buffer dies, anywhere: plain dict operations only.
-        if blocks.get(offset) is ref:
+    def forget(
+        ref: weakref.ref[Buffer],
+        blocks: dict[int, Any] = blocks,
+        sorted_offsets: dict[tuple[str, int], list[int]] = _SORTED,  # globals may be gone at exit
+    ) -> None:
+        # Runs when the Buffer dies, anywhere: plain dict and list operations only.
+        refs = blocks.get(offset)
+        if refs is None:
+            return
+        refs[:] = [r for r in refs if r is not ref]
+        if not refs and blocks.get(offset) is refs:
             del blocks[offset]
-            _SORTED.pop(key, None)
+            sorted_offsets.pop(key, None)
 
-    blocks[offset] = weakref.ref(buf, forget)
-    _SORTED.pop(key, None)
+    if refs is None:
+        refs = blocks[offset] = []
+        _SORTED.pop(key, None)
+    refs.append(weakref.ref(buf, forget))
 
 
 def _base(key: tuple[str, int]) -> tuple[int, int] | None:
@@ -155,17 +168,22 @@ def find(
         i = bisect.bisect_right(offsets, local)
         while i > 0:  # the nearest start below may be a dead entry: look further down
             i -= 1
-            ref = blocks.get(offsets[i])
-            buf = ref() if ref is not None else None
-            if buf is None or buf._state == "done":
+            live = [b for b in map(_deref, blocks.get(offsets[i], ())) if b is not None]
+            if not live:
                 continue
             start = local - offsets[i]
-            if start + nbytes <= buf._size and buf._state in states:
-                return buf, start
-            if start < buf._size:
+            for buf in live:
+                if start + nbytes <= buf._size and buf._state in states:
+                    return buf, start
+            if start < live[0]._size:
                 return None  # inside a live block, but not wholly, or not usable
         return None
     return None
+
+
+def _deref(ref: weakref.ref[Buffer]) -> Buffer | None:
+    buf = ref()
+    return None if buf is None or buf._state == "done" else buf
 
 
 # -- exporters that let go of their block ------------------------------------

@@ -53,9 +53,7 @@ def arena(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
     monkeypatch.setenv("SHMARENA_RUNTIME_DIR", daemon.run_dir)
     yield daemon
     # The shared default clients this process made for the test's daemon.
-    for key, client in list(default._CLIENTS.items()):
-        if key[0] == daemon.name and key[1] == daemon.run_dir:
-            client.close()
+    default.close_default_clients(daemon.name, daemon.run_dir)
 
 
 def watch(daemon: Daemon) -> shmarena.Client:

@@ -1,0 +1,208 @@
+"""numpy arrays in the arena: make them, copy into them, and name them for
+other processes with a short string token.
+
+An array made here wraps an exported view of its block (`registry.export`),
+so the block lives exactly as long as the array and every view derived from
+it; the last one gone frees it (an array made by `Client.ndarray`) or
+releases this process's reference (one made by `attach_array`). A token
+names bytes, not a reference: the block must still be alive when the
+receiver attaches (see `share`). numpy is optional: it is imported inside the
+functions, never at module import.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import TYPE_CHECKING, Any
+
+from shmarena.client import registry
+from shmarena.errors import StaleHandle
+from shmarena.protocol import Handle
+
+if TYPE_CHECKING:
+    from shmarena.client.client import Client
+
+__all__ = ["attach_array", "default_client", "ndarray", "ndarray_like", "share"]
+
+TOKEN_PREFIX = "shmarena:1:"
+# After the prefix: epoch, segment, offset, size, generation, first, shape,
+# strides, flags, descr. The descr comes last and the split stops before it,
+# so a field name with a colon in it cannot break the token.
+_FIELDS = 10
+_ALL_STATES = ("owned", "attached", "retained")
+
+
+def _numpy(what: str) -> Any:
+    try:
+        import numpy
+    except ImportError:
+        raise ImportError(f"{what} needs numpy: pip install 'shmarena[numpy]'") from None
+    return numpy
+
+
+def default_client() -> Client:
+    """The client `attach_array` uses when given none: the process's shared
+    one of `shmarena.client.default` (one `shmarena.connect()` per process,
+    $SHMARENA_NAME / $SHMARENA_RUNTIME_DIR applying, made anew in a forked
+    child)."""
+    from shmarena.client.default import default_client as shared  # it imports client.py
+
+    return shared()
+
+
+def _refuse_objects(np: Any, dtype: Any, what: str) -> None:
+    if dtype.hasobject:
+        raise TypeError(
+            f"{what}: dtype {dtype} holds Python object pointers, which mean nothing in "
+            "another process and cannot live in shared memory; use a numeric, string "
+            "(e.g. 'U16', 'S16') or structured dtype without objects"
+        )
+
+
+def ndarray(client: Client, shape: Any, dtype: Any = "float64", order: str = "C") -> Any:
+    """A new, uninitialised array in a block of its own (see `Client.ndarray`)."""
+    np = _numpy("Client.ndarray")
+    dt = np.dtype(dtype)
+    _refuse_objects(np, dt, "Client.ndarray")
+    if order not in ("C", "F"):
+        raise ValueError(f"Client.ndarray: order must be 'C' or 'F', not {order!r}")
+    shape_t = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
+    if any(n < 0 for n in shape_t):
+        raise ValueError(f"Client.ndarray: shape {shape_t} has a negative dimension")
+    count = 1
+    for n in shape_t:
+        count *= n
+    buf = client.alloc(max(count * dt.itemsize, 1))  # an empty array still needs a block
+    registry.register(buf)
+    view = registry.export(buf, then="free")
+    return np.ndarray(shape_t, dtype=dt, buffer=view, order=order)
+
+
+def ndarray_like(client: Client, array: Any) -> Any:
+    """A copy of `array` in a block of its own (see `Client.ndarray_like`)."""
+    np = _numpy("Client.ndarray_like")
+    source = np.asarray(array)
+    fortran = source.flags.f_contiguous and not source.flags.c_contiguous
+    out = ndarray(client, source.shape, source.dtype, "F" if fortran else "C")
+    out[...] = source
+    return out
+
+
+def _extent(array: Any) -> tuple[int, int]:
+    """The lowest and one-past-highest address of the bytes `array` touches."""
+    low = high = int(array.__array_interface__["data"][0])
+    if array.size == 0:
+        return low, high
+    for n, stride in zip(array.shape, array.strides, strict=True):
+        if stride > 0:
+            high += stride * (n - 1)
+        else:
+            low += stride * (n - 1)
+    return low, high + array.itemsize
+
+
+def share(array: Any) -> str:
+    """A token naming the arena bytes of `array` (a numpy array made by
+    `client.ndarray`, `client.ndarray_like`, `Buffer.ndarray`,
+    `attach_array`, or any view of one) for `attach_array` in any process of
+    the host: "shmarena:1:" then the block's handle, where the array starts in
+    it, shape, strides, "w" or "r" (read-only) and the dtype's descr. Nothing is
+    copied and no reference is taken: the token is valid while the block is
+    alive, so the sharer keeps its array (or a view of it) until the receiver
+    has attached, and from then on the receiver's retained array keeps the
+    block by itself. ValueError if the array's data is not in an arena block
+    this process knows: copy it in with `client.ndarray_like(array)` first."""
+    np = _numpy("shmarena.share")
+    if not isinstance(array, np.ndarray):
+        raise TypeError(
+            f"shmarena.share takes a numpy array, not {type(array).__name__}; "
+            "for a Buffer send buf.handle instead"
+        )
+    _refuse_objects(np, array.dtype, "shmarena.share")
+    low, high = _extent(array)
+    found = registry.find(low, high - low, _ALL_STATES)
+    if found is None:
+        inside = any(start <= low < end for start, end in registry.mapping_ranges())
+        where = (
+            "inside the arena mapping, but in no block this process made an array or "
+            "Buffer for (or that block was freed)"
+            if inside
+            else "in this process's own memory, not in the arena"
+        )
+        raise ValueError(
+            f"shmarena.share: the array's data at {low:#x} ({high - low} bytes, "
+            f"{array.dtype} {array.shape}) lies {where}; copy it in with "
+            "client.ndarray_like(array) and share that"
+        )
+    buf, start = found
+    handle = buf.handle
+    first = start + int(array.__array_interface__["data"][0]) - low
+    writable = array.flags.writeable and not buf.sealed
+    descr = np.lib.format.dtype_to_descr(array.dtype)
+    fields = [
+        *map(str, handle),
+        str(first),
+        ",".join(map(str, array.shape)),
+        ",".join(map(str, array.strides)),
+        "w" if writable else "r",
+        repr(descr),
+    ]
+    return TOKEN_PREFIX + ":".join(fields)
+
+
+def _parse(np: Any, token: str) -> tuple[Handle, int, tuple[int, ...], tuple[int, ...], bool, Any]:
+    try:
+        if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX):
+            raise ValueError("no shmarena:1: prefix")
+        parts = token[len(TOKEN_PREFIX) :].split(":", _FIELDS - 1)
+        if len(parts) != _FIELDS or parts[8] not in ("w", "r"):
+            raise ValueError(f"{len(parts)} fields, expected {_FIELDS}")
+        handle = Handle(*(int(p) for p in parts[:5]))
+        first = int(parts[5])
+        shape = tuple(int(n) for n in parts[6].split(",")) if parts[6] else ()
+        strides = tuple(int(n) for n in parts[7].split(",")) if parts[7] else ()
+        if len(shape) != len(strides):
+            raise ValueError("shape and strides differ in length")
+        dtype = np.lib.format.descr_to_dtype(ast.literal_eval(parts[9]))
+    except (ValueError, TypeError, SyntaxError) as error:
+        shown = token if len(str(token)) <= 120 else str(token)[:117] + "..."
+        raise ValueError(
+            f"shmarena.attach_array: {shown!r} is not an array token ({error}); "
+            "tokens are made by shmarena.share(array)"
+        ) from None
+    return handle, first, shape, strides, parts[8] == "w", dtype
+
+
+def attach_array(token: str, *, client: Client | None = None) -> Any:
+    """The array a `share` token names, over the same bytes (no copy), in
+    this or any other process of the host, with its dtype, shape, strides and
+    start preserved, read-only if the shared array was. The block is retained
+    for this process while the array or any view of it lives, and released
+    automatically after the last is gone (or when the process dies). Uses
+    `client`, else `default_client()`. StaleHandle if the block is gone
+    already (the sharer dropped its array before this attach)."""
+    np = _numpy("shmarena.attach_array")
+    handle, first, shape, strides, writable, dtype = _parse(np, token)
+    client = client or default_client()
+    if handle.epoch != client.epoch:
+        raise StaleHandle(
+            f"shmarena.attach_array: the token is from arena epoch {handle.epoch}, but "
+            f"{client.name!r} serves epoch {client.epoch}: it was made under another daemon, "
+            "or before this one restarted; attach with a client of the sharer's daemon",
+            epoch=handle.epoch,
+            daemon_epoch=client.epoch,
+        )
+    try:
+        buf = client.attach(handle, retain=True)
+    except StaleHandle as error:
+        raise StaleHandle(
+            f"shmarena.attach_array: the block of this token is gone ({error}); the sharer "
+            "must keep its array alive until the receiver has attached",
+            **error.details,
+        ) from error
+    registry.register(buf)
+    view = registry.export(buf, then="release")
+    array = np.ndarray(shape, dtype=dtype, buffer=view, offset=first, strides=strides)
+    if not writable:
+        array.flags.writeable = False
+    return array
