@@ -413,7 +413,8 @@ class AsyncClient:
 
     async def publish(self, name: str, target: Buffer | Handle, *, sealed: bool = True) -> Handle:
         """Bind `name` to the block (see `Client.publish`)."""
-        return await self._call(self._named("publish"), name, target, sealed)
+        publish = self._named("publish")
+        return await self._call(lambda n, t: publish(n, t, sealed=sealed), name, target)
 
     async def unpublish(self, name: str) -> None:
         """Remove the name; the block stays (see `Client.unpublish`)."""

@@ -199,26 +199,25 @@ def test_a_thread_blocked_in_get_does_not_hold_up_a_put_from_another(daemon: Dae
     q.close()
 
 
-def _forked_child(q: shmarena.Queue) -> None:
-    q.put(("child", q.get(timeout=30) * 2))
+def _forked_child(inbox: shmarena.Queue, outbox: shmarena.Queue) -> None:
+    outbox.put(inbox.get(timeout=30) * 2)
 
 
 def test_a_forked_child_uses_the_queue_over_its_own_session(daemon: Daemon) -> None:
     client = daemon.client()
-    q = shmarena.Queue(client=client)
-    child = multiprocessing.get_context("fork").Process(target=_forked_child, args=(q,))
+    inbox, outbox = shmarena.Queue(client=client), shmarena.Queue(client=client)
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_forked_child, args=(inbox, outbox))
     child.start()
     try:
-        q.put(np.arange(1 << 15))
-        tag, doubled = q.get(timeout=30)
-        while tag != "child":  # our own put may come back first
-            q.put(doubled)
-            tag, doubled = q.get(timeout=30)
+        inbox.put(np.arange(1 << 15))
+        doubled = outbox.get(timeout=30)
         assert int(doubled.sum()) == 2 * sum(range(1 << 15))
     finally:
         child.join(timeout=30)
     assert child.exitcode == 0
-    q.close()
+    inbox.close()
+    outbox.close()
 
 
 def test_bounded_queue_put_waits_for_room_and_gives_up_with_full(daemon: Daemon) -> None:
