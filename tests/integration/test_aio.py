@@ -456,14 +456,9 @@ def test_import_shmarena_loads_asyncio_only_when_aio_is_used() -> None:
     assert done.returncode == 0, done.stderr
 
 
-# -- named buffers (run once the sync client has them) ---------------------------
-
-needs_names = pytest.mark.skipif(
-    not hasattr(shmarena.Client, "publish"), reason="this tree's Client has no named buffers yet"
-)
+# -- named buffers ----------------------------------------------------------------
 
 
-@needs_names
 def test_publish_lookup_names_unpublish(daemon: Daemon) -> None:
     async def main() -> None:
         async with connect(daemon) as client:
@@ -484,7 +479,6 @@ def test_publish_lookup_names_unpublish(daemon: Daemon) -> None:
     run(main())
 
 
-@needs_names
 def test_a_waiting_lookup_does_not_hold_up_the_client(daemon: Daemon) -> None:
     """The same client publishes while its own lookup waits for the name."""
 
@@ -504,7 +498,6 @@ def test_a_waiting_lookup_does_not_hold_up_the_client(daemon: Daemon) -> None:
     run(main())
 
 
-@needs_names
 def test_a_cancelled_lookup_releases_the_block(daemon: Daemon) -> None:
     writer = daemon.client()
     buf = writer.alloc(2 * MiB)
@@ -526,7 +519,6 @@ def test_a_cancelled_lookup_releases_the_block(daemon: Daemon) -> None:
     run(main())
 
 
-@needs_names
 def test_subscribe_is_an_async_iterator(daemon: Daemon) -> None:
     async def main() -> list[tuple[str, str]]:
         async with connect(daemon) as client:

@@ -332,13 +332,6 @@ def test_qsize(make_queue):
     assert q.qsize() == 0
 
 
-@pytest.mark.skip(
-    reason="CPython _TestQueue.test_task_done is for JoinableQueue; shmarena has none"
-)
-def test_task_done():
-    """CPython: _TestQueue.test_task_done (not ported)."""
-
-
 def test_no_import_lock_contention(daemon, tmp_path):
     """CPython: _TestQueue.test_no_import_lock_contention (bpo-22853). A module
     that uses a queue while it is being imported, from its own thread as well
