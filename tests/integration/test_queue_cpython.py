@@ -30,8 +30,8 @@ Ported (CPython name -> ours):
 - TestManagerExceptions.test_queue_get -> test_empty_exception_is_not_in_a_cycle
 - TestStdinBadfiledescriptor.test_queue_in_process -> test_queue_made_in_child
 
-Left out: _TestQueue.test_task_done (JoinableQueue: shmarena has none; kept as
-a skipped test so the omission shows), _TestContainers.test_nested_queue and
+Left out: _TestQueue.test_task_done (JoinableQueue: shmarena has none),
+_TestContainers.test_nested_queue and
 the other manager tests (manager proxies, not Queue), TestSimpleQueue.test_closed
 (private pipe attributes), thread- and manager-flavoured runs of _TestQueue
 (shmarena.Queue is for processes; a thread case is in test_timeout).
