@@ -19,6 +19,7 @@ import signal
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -126,6 +127,12 @@ class Transport:
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES * 64)
         sock.connect(f"ipc://{socket_path}")
         self.socket = sock
+        # A Transport dropped unclosed in a reference cycle: the collector
+        # clears weak references before it runs __del__, so the context's own
+        # __del__ would no longer see the socket and wait for it for ever.
+        # This callback runs before that and closes both.
+        self._finalizer = weakref.finalize(self, _close_dropped, sock, self.context, os.getpid())
+        self._finalizer.atexit = False  # at exit, Client closes what it must flush
         self.lock = threading.Lock()
         # State-changing requests are numbered 1, 2, ... per session (the
         # daemon applies each number once, in order); others use free ids.
@@ -361,8 +368,15 @@ class Transport:
                     pass
             self.socket.close(linger=linger)
             self.context.term()
+            self._finalizer.detach()
         finally:
             self.lock.release()
+
+
+def _close_dropped(sock: zmq.Socket[Any], context: zmq.Context[Any], pid: int) -> None:
+    if os.getpid() == pid and not sock.closed:  # never a parent's socket after fork
+        sock.close(linger=0)
+        context.term()
 
 
 def check_reachable(socket_path: str, name: str) -> None:

@@ -373,3 +373,29 @@ def test_client_exit_without_close_is_quiet_and_reclaimed(
     )  # fmt: skip
     assert child.returncode == 0 and child.stderr == ""
     wait_for(lambda: client.stats()["used_bytes"] == 0, what="the exited client's block")
+
+
+def test_a_client_dropped_unclosed_in_a_reference_cycle_is_collected(daemon: Daemon) -> None:
+    # The collector clears weak references before finalizers run: a zmq
+    # context of its own would then wait in __del__ for a socket it can no
+    # longer see, and hang the process inside whatever code triggered gc.
+    child = daemon.python(
+        "import gc, shmarena\n"
+        "gc.disable()\n"  # collect several together: the order of their finalizers varies
+        "for i in range(200):\n"
+        "    c = shmarena.connect()\n"
+        "    c.cycle = c\n"
+        "    del c\n"
+        "    if i % 7 == 0:\n"
+        "        gc.collect()\n"
+        "gc.collect()\n"
+        "print('collected', flush=True)\n",
+        stdout=subprocess.PIPE,
+    )
+    try:
+        out, _ = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0 and out.strip() == "collected"
