@@ -208,7 +208,7 @@ class Exchange:
         queue.users.add(session_id)
         return {"name": name, "maxsize": queue.maxsize, "qsize": len(queue.messages)}
 
-    def _queue(self, session_id: int, name: str) -> Queue:
+    def _queue(self, session_id: int, name: str, join: bool = True) -> Queue:
         queue = self.queues.get(name)
         if queue is None:
             raise InvalidRequest(
@@ -216,7 +216,8 @@ class Exchange:
                 "and was empty, or never opened); open it again",
                 queue=name,
             )
-        queue.users.add(session_id)
+        if join:  # a put or get makes the session a user, as an open does
+            queue.users.add(session_id)
         return queue
 
     def put(
@@ -260,7 +261,7 @@ class Exchange:
         return [message.payload, message.handles]
 
     def queue_stat(self, session_id: int, name: str) -> list[int]:
-        queue = self._queue(session_id, name)
+        queue = self._queue(session_id, name, join=False)
         return [len(queue.messages), queue.maxsize]
 
     def close_queue(self, session_id: int, name: str) -> None:

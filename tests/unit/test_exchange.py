@@ -254,3 +254,12 @@ def test_a_get_may_hand_what_it_takes_to_another_session_of_the_same_process() -
     stranger.ok(Op.QCLOSE, "q")  # its last user leaves: the second message goes
     stats = service.stats(0)
     assert stats["free_bytes"] == stats["size_bytes"] and service.check() == []
+
+
+def test_a_stat_does_not_make_the_asking_session_a_user() -> None:
+    service = make_service()
+    a, b = Peer(service, b"a"), Peer(service, b"b")
+    a.ok(Op.QOPEN, "q", 0)
+    assert b.ok(Op.QSTAT, "q") == [[0, 0]]
+    a.ok(Op.QCLOSE, "q")  # the only user leaves: b's stat kept nothing alive
+    assert service.stats(0)["queues"] == []
