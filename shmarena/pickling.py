@@ -275,7 +275,17 @@ def dumps(obj: Any, *, client: Client | None = None, threshold: int = DEFAULT_TH
 def _envelope(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
         envelope = msgpack.unpackb(data, raw=False)
-        ok = isinstance(envelope, dict) and envelope.get(_MAGIC) == _FORMAT
+        ok = (
+            isinstance(envelope, dict)
+            and envelope.get(_MAGIC) == _FORMAT
+            and isinstance(envelope.get("owner"), (str, type(None)))
+            and isinstance(envelope.get("payload"), bytes)
+            and isinstance(envelope.get("handles"), list)
+            and all(
+                isinstance(h, list) and len(h) == 5 and all(type(x) is int for x in h)
+                for h in envelope["handles"]
+            )
+        )
     except Exception:  # any bytes at all may arrive here
         ok = False
     if not ok:

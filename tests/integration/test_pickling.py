@@ -9,6 +9,7 @@ import gc
 import pickle
 import subprocess
 
+import msgpack
 import pytest
 
 import shmarena
@@ -140,7 +141,8 @@ def test_small_objects_stay_in_the_pickle_and_cost_no_block(daemon: Daemon) -> N
 
 def test_bytes_that_are_not_a_message_get_a_clear_error(daemon: Daemon) -> None:
     client = daemon.client()
-    for data in (b"", b"\x00\x01garbage", pickle.dumps({"a": 1})):
+    forged = msgpack.packb({"shmarena-pickle": 1, "owner": None, "handles": [[1]], "payload": b""})
+    for data in (b"", b"\x00\x01garbage", pickle.dumps({"a": 1}), forged):
         with pytest.raises(shmarena.InvalidRequest, match="not from shmarena.dumps"):
             shmarena.loads(data, client=client)
 
