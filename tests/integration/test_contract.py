@@ -291,3 +291,34 @@ def test_properties_match_the_session(side: Side) -> None:
     assert c.session in {r["session"] for r in side(c.list_clients())}
     assert c.epoch == side(c.stats())["epoch"]
     assert c.numa_nodes == [] and c.cache_max_bytes > 0
+
+
+def test_publish_then_lookup_gives_the_sealed_bytes_retained(side: Side) -> None:
+    c = side.client
+    buf = side(c.alloc(8192))
+    buf.view[:4] = b"seal"
+    assert side(c.publish("contract/one", buf)) == buf.handle
+    found = side(c.lookup("contract/one"))
+    assert found.retained and found.view.readonly and bytes(found.view[:4]) == b"seal"
+    rows = side(c.names("contract/"))
+    assert [(r["name"], r["bytes"], r["sealed"]) for r in rows] == [("contract/one", 8192, True)]
+    with pytest.raises(shmarena.NameExists, match="contract/one"):
+        side(c.publish("contract/one", side(c.alloc(4096))))
+    side(c.release(found))
+    side(c.unpublish("contract/one"))
+    assert side(c.names("contract/")) == []
+
+
+def test_lookup_of_a_missing_name_waits_its_timeout_then_names_it(side: Side) -> None:
+    with pytest.raises(shmarena.UnknownName, match="contract/none"):
+        side(side.client.lookup("contract/none", timeout=0.2))
+    with pytest.raises(shmarena.UnknownName, match="contract/none"):
+        side(side.client.lookup("contract/none"))  # no wait at all
+
+
+def test_a_name_vanishes_with_its_block(side: Side) -> None:
+    c = side.client
+    buf = side(c.alloc(4096))
+    side(c.publish("contract/gone", buf, sealed=False))
+    side(c.free(buf))
+    assert side(c.names("contract/")) == []

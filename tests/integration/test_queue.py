@@ -61,7 +61,8 @@ def start_consumer(
     return child
 
 
-def test_a_large_array_crosses_without_a_copy(daemon: Daemon) -> None:
+def test_a_large_array_crosses_without_a_copy(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon("512M")
     client = daemon.client()
     start = client.stats()["used_bytes"]
     jobs, results = shmarena.Queue(client=client), shmarena.Queue(client=client)
@@ -69,7 +70,7 @@ def test_a_large_array_crosses_without_a_copy(daemon: Daemon) -> None:
     array = np.full(4 << 20, 7, dtype=np.uint8)  # 4 MiB, not in the arena: one copy in
     jobs.put((7, array))
     assert results.get(timeout=30) == (7, True, True)
-    buf = client.alloc(8 << 20)  # already in the arena: named, not copied
+    buf = client.alloc(256 << 20)  # 256 MiB already in the arena: named, not copied
     resident = buf.ndarray(dtype=np.uint8)
     resident[:] = 8
     used = client.stats()["used_bytes"]
