@@ -174,13 +174,17 @@ def test_ten_thousand_messages_with_random_consumer_kills_leak_nothing(
                 consumer.wait(timeout=10)
         producer.join(timeout=60)
     lost = total - len(seen)
-    print(f"\nFIGURE: queue soak: {total} messages, {kills} consumer kills, {lost} lost with them")
     assert kills >= 5
     assert 0 <= lost <= kills  # a killed consumer takes at most the one it was working on
     assert all(ok for ok, _ in seen.values())
     assert all(inside for ok, inside in seen.values())
     wait_for(lambda: settled(client, start), what="no block to stay held after the soak")
     stats = client.stats()
+    print(
+        f"\nFIGURE: queue soak: {total} messages, {kills} consumer kills, {lost} lost with "
+        f"them; used_bytes {start} before, {stats['used_bytes']} after, retained_only_bytes "
+        f"{stats['retained_only_bytes']}, queued_bytes {stats['queued_bytes']}"
+    )
     assert stats["used_bytes"] == start and stats["retained_only_bytes"] == 0
     assert client.check() == []
     jobs.close()
