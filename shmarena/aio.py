@@ -182,7 +182,7 @@ class AsyncOwner:
     async def alloc(self, size: int) -> Buffer:
         """Like `AsyncClient.alloc`, into this owner. A detached owner's block
         is registered with the daemon before this returns."""
-        if not self.owner.detached:
+        if not self.owner.detached and not self.owner.quota:  # a quota is checked by the daemon
             buf = self.client._cache_hit(size, self.owner.id)
             if buf is not None:
                 return buf
@@ -347,9 +347,14 @@ class AsyncClient:
 
     # -- buffers ------------------------------------------------------------
 
-    async def alloc(self, size: int) -> Buffer:
+    async def alloc(self, size: int, *, timeout: float | None = None) -> Buffer:
         """A buffer of exactly `size` bytes (see `Client.alloc`); OutOfMemory
-        when no block fits. A cache hit costs no thread hop."""
+        when no block fits. A cache hit costs no thread hop. With `timeout`
+        the daemon keeps the request until room is made (this client's other
+        calls wait behind it on its worker thread)."""
+        if timeout is not None:
+            alloc = self.sync_client.alloc
+            return await self._call(lambda n: alloc(n, timeout=timeout), size, undo=_free)
         buf = self._cache_hit(size, 0)
         if buf is not None:
             return buf

@@ -119,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(power-of-two aligned blocks)",
     )
     daemon.add_argument(
+        "--quota-per-session",
+        type=_size_arg,
+        default=0,
+        metavar="SIZE",
+        help="most a session may hold in its own owners and its cache (default: no quota); "
+        "`shmarena quota --per-session` changes it while running",
+    )
+    daemon.add_argument(
         "--lease",
         type=float,
         default=DEFAULT_LEASE_S,
@@ -240,6 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--json", action="store_true", help="print JSON for scripts")
         if command == "names":
             cmd.add_argument("--prefix", default="", help="only names that start with this")
+    quota = add(
+        "quota",
+        "show quotas, or set an owner's (SIZE, or none) or the per-session one "
+        "(an allocation over a quota is refused with QuotaExceeded)",
+    )
+    quota.add_argument("owner", nargs="?", help="owner name (see `shmarena owners`)")
+    quota.add_argument("size", nargs="?", help="the owner's new quota: a size like 64M, or none")
+    quota.add_argument(
+        "--per-session", metavar="SIZE", help="set the per-session quota (a size, or none)"
+    )
+    quota.add_argument("--json", action="store_true", help="print JSON for scripts")
     recycle = add("recycle", "recycle one owner: free every block it holds")
     recycle.add_argument("owner", help="owner name (see `shmarena owners`)")
     add("check", "verify the allocator's invariants in the running daemon; exit 1 if broken")
@@ -340,6 +359,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         size_bytes=args.size,
         min_block_bytes=args.min_block,
         lease_s=args.lease,
+        quota_per_session=args.quota_per_session,
         allocator=args.allocator,
         group=args.group,
         backing=args.backing,
@@ -407,6 +427,8 @@ def _detach(args: argparse.Namespace) -> int:
         "--lease",
         str(args.lease),
     ]
+    if args.quota_per_session:
+        command += ["--quota-per-session", str(args.quota_per_session)]
     if args.min_block is not None:
         command += ["--min-block", str(args.min_block)]
     if args.allocator is not None:
@@ -677,7 +699,7 @@ def cmd_owners(args: argparse.Namespace) -> int:
     if rows is None:
         return EXIT_OK
     columns = [("name", "left"), ("scope", "left")] + [
-        (name, "right") for name in ("session", "pid", "blocks", "bytes", "age")
+        (name, "right") for name in ("session", "pid", "blocks", "bytes", "quota", "age")
     ]
     cells = (
         (
@@ -687,6 +709,7 @@ def cmd_owners(args: argparse.Namespace) -> int:
             str(row["pid"]) + ("" if row.get("alive", True) else " (gone)"),
             str(row["blocks"]),
             format_size(row["bytes"]),
+            format_size(row["quota"]) if row.get("quota") else "-",
             _age(row["age_s"]),
         )
         for row in rows
@@ -739,6 +762,50 @@ def cmd_names(args: argparse.Namespace) -> int:
         for row in rows
     )
     _print_table(f"names in {args.name!r}", columns, cells)
+    return EXIT_OK
+
+
+def _quota_arg(text: str) -> int:
+    return 0 if text.lower() in ("none", "0") else _size_arg(text)
+
+
+def cmd_quota(args: argparse.Namespace) -> int:
+    try:
+        per_session = None if args.per_session is None else _quota_arg(args.per_session)
+        size = None if args.size is None else _quota_arg(args.size)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        print(f"shmarena quota: {exc}; give a size like 64M, or none", file=sys.stderr)
+        return EXIT_USAGE
+    with _client(args) as client:
+        if per_session is not None:
+            client.set_quota("", per_session)
+        if args.owner is not None and size is not None:
+            client.set_quota(args.owner, size)
+        stats = client.stats()
+        owners = [r for r in client.list_owners() if r.get("quota") or r["name"] == args.owner]
+    if args.owner is not None and not any(r["name"] == args.owner for r in owners):
+        print(f"shmarena quota: no owner named {args.owner!r}; see `shmarena owners`")
+        return EXIT_REFUSED
+    data = {
+        "per_session_bytes": stats["quota_per_session_bytes"],
+        "owners": [{k: r[k] for k in ("name", "scope", "bytes", "quota")} for r in owners],
+    }
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    shown = format_size(data["per_session_bytes"]) if data["per_session_bytes"] else "none"
+    print(f"per-session quota: {shown}")
+    cells = (
+        (
+            r["name"],
+            r["scope"],
+            format_size(r["bytes"]),
+            format_size(r["quota"]) if r["quota"] else "none",
+        )
+        for r in data["owners"]
+    )
+    columns = [("owner", "left"), ("scope", "left"), ("bytes", "right"), ("quota", "right")]
+    _print_table(f"owner quotas of {args.name!r}", columns, cells)
     return EXIT_OK
 
 
@@ -849,6 +916,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "owners": cmd_owners,
     "clients": cmd_clients,
     "names": cmd_names,
+    "quota": cmd_quota,
     "recycle": cmd_recycle,
     "check": cmd_check,
     "shutdown": cmd_shutdown,

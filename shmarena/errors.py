@@ -57,6 +57,15 @@ class OutOfMemory(ShmArenaError, MemoryError):
         return int(self.details.get("free_bytes", 0))
 
 
+class QuotaExceeded(OutOfMemory):
+    """The allocation would take its owner or its session over a quota
+    (`client.owner(name, quota=...)`, `shmarena quota`, or the daemon's
+    `--quota-per-session`). The message names the quota, what is held, and
+    what to do. A MemoryError like any OutOfMemory."""
+
+    code = "quota_exceeded"
+
+
 class StaleHandle(ShmArenaError):
     """The handle no longer names a live block.
 
@@ -176,6 +185,7 @@ _BY_CODE: dict[str, type[ShmArenaError]] = {
     for cls in (
         ShmArenaError,
         OutOfMemory,
+        QuotaExceeded,
         StaleHandle,
         SessionLost,
         InvalidRequest,

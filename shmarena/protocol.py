@@ -42,10 +42,14 @@ Requests, in the order of ``Op`` (arguments after the request id):
                it still exists (info "resumed": true), else opens a new one.
     BYE        -> [blocks, bytes] recycled with the session
     PING       -> now:float               (also serves as heartbeat)
-    ALLOC      size:int, owner:str|nil, detached:bool -> handle
+    ALLOC      size:int, owner:str|nil, detached:bool, wait_s:num -> handle
+               with wait_s > 0 an alloc that does not fit waits (first come,
+               first served among waiters) until frees make room, then
+               out_of_memory; quota_exceeded never waits
     ALLOC_MANY sizes:[int], owner:str|nil, detached:bool -> [handle] (all or none)
     FREE       handles:[handle]           -> [blocks, bytes]  (all or none)
-    OWNER      name:str, detached:bool    -> owner:map (its "id" names it in ASSIGN events)
+    OWNER      name:str, detached:bool, quota:int -> owner:map (its "id" names it in
+               ASSIGN events); quota >= 0 sets the owner's quota (0: none), -1 leaves it
     RECYCLE    name:str                   -> [blocks, bytes]
     RETAIN     handles:[handle]           -> count
     RELEASE    handles:[handle]           -> count
@@ -88,6 +92,8 @@ request (the client's retry) is dropped, not run again.
                retains
     QSTAT      name:str                  -> [qsize, maxsize]
     QCLOSE     name:str                  -> nil    this session stops using the queue
+    QUOTA      target:str, bytes:int     -> [target, bytes]: set the quota of owner
+               `target` ("": the per-session quota); 0 removes it
 
 A handle travels as ``[epoch, segment, offset, size, generation]``.
 Everywhere else (FILL results, EVENTS, notices) a block is named by its
@@ -124,7 +130,7 @@ import msgpack
 
 from shmarena.errors import InvalidRequest, ProtocolError, ShmArenaError, to_wire
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 # Limits. Frames above MAX_FRAME_BYTES are dropped by ZeroMQ (ZMQ_MAXMSGSIZE)
 # before they reach Python.
@@ -189,6 +195,7 @@ class Op(IntEnum):
     QGET = 33
     QSTAT = 34
     QCLOSE = 35
+    QUOTA = 37  # 36 is BLOCKS (issue 8's arena map)
 
 
 class Handle(NamedTuple):
@@ -228,14 +235,19 @@ SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
     ),
     Op.BYE: (),
     Op.PING: (),
-    Op.ALLOC: (("size", INT, REQUIRED), ("owner", OPT_STR, None), ("detached", BOOL, False)),
+    Op.ALLOC: (
+        ("size", INT, REQUIRED),
+        ("owner", OPT_STR, None),
+        ("detached", BOOL, False),
+        ("wait_s", NUM, 0.0),
+    ),
     Op.ALLOC_MANY: (
         ("sizes", INTS, REQUIRED),
         ("owner", OPT_STR, None),
         ("detached", BOOL, False),
     ),
     Op.FREE: (("handles", HANDLES, REQUIRED),),
-    Op.OWNER: (("name", STR, REQUIRED), ("detached", BOOL, False)),
+    Op.OWNER: (("name", STR, REQUIRED), ("detached", BOOL, False), ("quota", INT, -1)),
     Op.RECYCLE: (("name", STR, REQUIRED),),
     Op.RETAIN: (("handles", HANDLES, REQUIRED),),
     Op.RELEASE: (("handles", HANDLES, REQUIRED),),
@@ -269,6 +281,7 @@ SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
     Op.QGET: (("name", STR, REQUIRED), ("to_session", INT, 0), ("wait_s", NUM, 0.0)),
     Op.QSTAT: (("name", STR, REQUIRED),),
     Op.QCLOSE: (("name", STR, REQUIRED),),
+    Op.QUOTA: (("target", STR, REQUIRED), ("bytes", INT, REQUIRED)),
 }
 
 
@@ -292,10 +305,11 @@ MUTATING_OPS = frozenset(
         Op.QPUT,
         Op.QGET,  # takes a message
         Op.QCLOSE,
+        Op.QUOTA,
     }
 )
 # Ops whose request the daemon may keep until it can be met (`wait_s`).
-WAITING_OPS = frozenset({Op.LOOKUP, Op.EVENTS, Op.QPUT, Op.QGET})
+WAITING_OPS = frozenset({Op.ALLOC, Op.LOOKUP, Op.EVENTS, Op.QPUT, Op.QGET})
 # Ops that get no reply when they succeed; a refusal comes back as LATE_ERR.
 ONE_WAY_OPS = frozenset({Op.POST})
 # Requests that change state are numbered 1, 2, 3 ... per session, in the

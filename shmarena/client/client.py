@@ -36,12 +36,13 @@ from shmarena.errors import (
     DaemonUnavailable,
     InvalidRequest,
     OutOfMemory,
+    QuotaExceeded,
     SessionLost,
     ShmArenaError,
     StaleHandle,
     UnknownOwner,
 )
-from shmarena.protocol import GEN_SHIFT, MAX_BATCH, PROTOCOL_VERSION, Handle, Op
+from shmarena.protocol import GEN_SHIFT, MAX_BATCH, MAX_WAIT_S, PROTOCOL_VERSION, Handle, Op
 from shmarena.shm.arena import map_segment
 from shmarena.shm.backing import map_file
 from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT, SEGMENT_SPAN
@@ -109,22 +110,30 @@ class Owner:
     `shmarena recycle NAME`).
     """
 
-    def __init__(self, client: Client, name: str, detached: bool, owner_id: int) -> None:
+    def __init__(
+        self, client: Client, name: str, detached: bool, owner_id: int, quota: int = 0
+    ) -> None:
         self.client = client
         self.name = name
         self.detached = detached
         self.id = owner_id
+        self.quota = quota  # bytes, 0: none (as the daemon said when this was opened)
 
-    def alloc(self, size: int) -> Buffer:
+    def alloc(self, size: int, *, timeout: float | None = None) -> Buffer:
         """Like `Client.alloc`, into this owner. A detached owner's buffers are
         registered with the daemon before this returns (one round trip), so
-        they outlive this process even if it is killed the next instant."""
-        if self.detached:
-            return self.client._alloc(size, self.name, True)
+        they outlive this process even if it is killed the next instant; so
+        are those of an owner with a quota, which the daemon checks."""
+        if timeout is not None:
+            return self.client._alloc_waiting(size, self.name, self.detached, timeout)
+        if self.detached or self.quota:
+            return self.client._alloc(size, self.name, self.detached)
         return self.client._alloc_cached(size, self.id, self.name)
 
     def alloc_many(self, sizes: Sequence[int]) -> list[Buffer]:
-        return self.client._alloc_many(sizes, self.name, self.detached, self.id)
+        return self.client._alloc_many(
+            sizes, self.name, self.detached, self.id, direct=bool(self.quota)
+        )
 
     def recycle(self) -> Recycled:
         return self.client.recycle(self.name)
@@ -344,10 +353,10 @@ class Client:
         self._lock = threading.Lock()
 
     def _lease_checked(self, method: Any, lease_s: float) -> Any:
-        def checked(*args: Any) -> Any:
+        def checked(*args: Any, **kwargs: Any) -> Any:
             if time.monotonic() - self._alive_at > lease_s / 2:
                 self._request(Op.PING)  # SessionLost if the lease ran out meanwhile
-            return method(self, *args)
+            return method(self, *args, **kwargs)
 
         return checked
 
@@ -558,12 +567,18 @@ class Client:
         address = segment << SEGMENT_SHIFT | offset
         return Buffer(self, self.epoch, address, size, gen, view, state, None)
 
-    def alloc(self, size: int) -> Buffer:
+    def alloc(self, size: int, *, timeout: float | None = None) -> Buffer:
         """A buffer of exactly `size` bytes, owned by this session.
 
         Raises OutOfMemory (a MemoryError) when no free block is large enough;
-        its message gives the largest free block and the free total.
+        its message gives the largest free block and the free total. With
+        `timeout` (seconds), an allocation that does not fit waits in the
+        daemon, first come first served, until frees make room, and raises
+        OutOfMemory only when the time is up. QuotaExceeded (an OutOfMemory)
+        when it would take the session over its quota; that never waits.
         """
+        if timeout is not None:
+            return self._alloc_waiting(size, None, False, timeout)
         cache = self._cache
         if cache is not None and type(size) is int and 0 < size <= cache.max_bytes:
             return cache.hand_out(size, 0) or self._alloc_miss(size, 0, None)
@@ -611,6 +626,29 @@ class Client:
         (wire,) = self._request_room(Op.ALLOC, size, owner, detached)
         return self._buffer(wire, "owned")
 
+    def _alloc_waiting(
+        self, size: int, owner: str | None, detached: bool, timeout: float
+    ) -> Buffer:
+        """An ALLOC the daemon keeps until it fits or `timeout` runs out. What
+        this process's cache holds goes back first: waiting while holding
+        free blocks would be waiting for ourselves."""
+        _check_size(size)
+        if not timeout >= 0:
+            raise ValueError(f"timeout must be 0 or more seconds, got {timeout}")
+        wait_s = min(float(timeout), MAX_WAIT_S)
+        try:
+            (wire,) = self._request(Op.ALLOC, size, owner, detached, 0.0)
+        except OutOfMemory as error:
+            if isinstance(error, QuotaExceeded) or wait_s <= 0:
+                raise
+            cache = self._cache
+            if cache is not None:
+                cache.drain_all()
+            (wire,) = self._request(
+                Op.ALLOC, size, owner, detached, wait_s, timeout_s=wait_s + self.timeout_s
+            )
+        return self._buffer(wire, "owned")
+
     def _request_room(self, op: Op, *args: Any) -> list[Any]:
         """An allocating request; on OutOfMemory, give this process's cached
         blocks back to the arena and try once more."""
@@ -623,7 +661,12 @@ class Client:
             return self._request(op, *args)
 
     def _alloc_many(
-        self, sizes: Sequence[int], owner: str | None, detached: bool, owner_id: int
+        self,
+        sizes: Sequence[int],
+        owner: str | None,
+        detached: bool,
+        owner_id: int,
+        direct: bool = False,
     ) -> list[Buffer]:
         sizes = list(sizes)
         for size in sizes:
@@ -635,7 +678,7 @@ class Client:
                 f"alloc_many takes at most {MAX_BATCH} sizes per call, got {len(sizes)}"
             )
         cache = self._cache
-        if cache is None or detached or not cache.max_bytes:
+        if cache is None or detached or direct or not cache.max_bytes:
             (wires,) = self._request_room(Op.ALLOC_MANY, sizes, owner, detached)
             return [self._buffer(w, "owned") for w in wires]
         # Count what the cache lacks per class; one FILL brings it, together
@@ -789,12 +832,22 @@ class Client:
 
     # -- owners ------------------------------------------------------------
 
-    def owner(self, name: str, detached: bool = False) -> Owner:
+    def owner(self, name: str, detached: bool = False, *, quota: int | None = None) -> Owner:
         """The owner `name`, created now if needed (it shows in `shmarena owners`
         at once). As a context manager, leaving the block recycles a
-        session-scoped owner."""
-        (row,) = self._request(Op.OWNER, name, detached)
-        return Owner(self, name, detached, int(row.get("id", 0)))
+        session-scoped owner. `quota` (bytes; 0 removes it) caps what the
+        owner may hold: an allocation over it raises QuotaExceeded. An owner
+        with a quota allocates through the daemon (no cache), which checks it."""
+        if quota is not None and (type(quota) is not int or quota < 0):
+            raise ValueError(f"quota must be a number of bytes (0: none), got {quota!r}")
+        (row,) = self._request(Op.OWNER, name, detached, -1 if quota is None else quota)
+        return Owner(self, name, detached, int(row.get("id", 0)), int(row.get("quota", 0)))
+
+    def set_quota(self, owner: str, quota: int) -> None:
+        """Set the quota of the owner `owner` (any owner, by name; "" sets the
+        daemon's per-session quota) to `quota` bytes, 0 for none. What is held
+        already stays, even over it; `shmarena quota` does the same."""
+        self._request(Op.QUOTA, owner, quota)
 
     def recycle(self, name: str) -> Recycled:
         """Free every block the owner holds, in one call, and remove the owner.

@@ -36,7 +36,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from shmarena.config import format_size
-from shmarena.errors import InvalidRequest, OutOfMemory, StaleHandle, UnknownOwner
+from shmarena.errors import (
+    InvalidRequest,
+    OutOfMemory,
+    QuotaExceeded,
+    StaleHandle,
+    UnknownOwner,
+)
 from shmarena.protocol import (
     ASSIGN,
     DRAIN,
@@ -86,6 +92,7 @@ class Owner:
     created_at: float
     blocks: dict[int, Block] = field(default_factory=dict)  # offset -> block
     bytes: int = 0
+    quota: int = 0  # carved bytes it may hold; 0: no quota of its own
 
 
 @dataclass(eq=False)
@@ -160,6 +167,10 @@ class Ledger:
         # Called with each block that leaves its owner (freed, recycled, handed
         # back to a cache): a name bound to it vanishes (daemon/exchange.py).
         self.unowned: Callable[[Block], None] | None = None
+        # --quota-per-session: carved bytes a session may hold in its own
+        # owners and its cache (0: no quota). Detached owners count only
+        # against their own quota: they outlive the session.
+        self.session_quota = 0
 
     def take_changes(self) -> Changes:
         changes, self.changes = self.changes, Changes()
@@ -291,6 +302,13 @@ class Ledger:
         existed = name in self.owners
         owner = self.open_owner(name, session_id, detached and owner_name is not None, now)
         space = self.space
+        try:
+            self._check_quotas(session_id, owner, sizes)
+        except QuotaExceeded:
+            if not existed:  # a refused request leaves no trace
+                del self.owners[name]
+                self.sessions[session_id].owners.discard(name)
+            raise
         offsets: list[int] = []
         for i, size in enumerate(sizes):
             offset = space.alloc(size)
@@ -561,6 +579,14 @@ class Ledger:
         triples = self._check_fills(session_id, fills, mark)
         space = self.space
         taken: list[list[int]] = []
+        room = None  # bytes the session may still take into its cache, None: any
+        if self.session_quota:
+            required = sum(c * need for c, _, need in triples)
+            required += sum(space.carved_bytes(size) for size in sizes)
+            held = self.session_held(session)
+            if held + required > self.session_quota:
+                raise self._over_session_quota(session, held, required)
+            room = self.session_quota - held - required
 
         def give_back() -> None:
             for group in taken:
@@ -571,6 +597,10 @@ class Ledger:
             offsets: list[int] = []
             taken.append(offsets)
             for _ in range(count):
+                if room is not None and len(offsets) >= need:
+                    if room < class_bytes:
+                        break  # more would take the session over its quota
+                    room -= class_bytes
                 offset = space.alloc(class_bytes)
                 if offset is None:
                     short = need - len(offsets)
@@ -598,6 +628,69 @@ class Ledger:
                 self.blocks[offset] = block
                 self._cache_in(session, block)
         return taken, direct
+
+    # -- quotas ----------------------------------------------------------------
+
+    def session_held(self, session: Session) -> int:
+        """Carved bytes the session holds against its quota: its cache and
+        the blocks of its session-scoped owners."""
+        held = session.cached_bytes
+        for name in session.owners:
+            owner = self.owners.get(name)
+            if owner is not None and owner.scope == SESSION:
+                held += owner.bytes
+        return held
+
+    def _check_quotas(self, session_id: int, owner: Owner, sizes: list[int]) -> None:
+        if not (owner.quota or (self.session_quota and owner.scope == SESSION)):
+            return
+        carved = sum(self.space.carved_bytes(size) for size in sizes)
+        if owner.quota and owner.bytes + carved > owner.quota:
+            raise QuotaExceeded(
+                f"alloc of {format_size(carved)} into owner {owner.name!r} refused: its quota "
+                f"is {format_size(owner.quota)} and it holds {format_size(owner.bytes)}; free "
+                f"or recycle some of it, or raise the quota (shmarena quota {owner.name} SIZE)",
+                owner=owner.name,
+                quota_bytes=owner.quota,
+                held_bytes=owner.bytes,
+                requested_bytes=carved,
+            )
+        if self.session_quota and owner.scope == SESSION:
+            session = self.sessions[session_id]
+            held = self.session_held(session)
+            if held + carved > self.session_quota:
+                raise self._over_session_quota(session, held, carved)
+
+    def _over_session_quota(self, session: Session, held: int, asked: int) -> QuotaExceeded:
+        return QuotaExceeded(
+            f"alloc of {format_size(asked)} refused: session {session.id} (pid {session.pid}) "
+            f"holds {format_size(held)} (its cache included) of its quota of "
+            f"{format_size(self.session_quota)} per session (--quota-per-session); free or "
+            "recycle some, use a detached owner with a quota of its own, or raise it "
+            "(shmarena quota --per-session SIZE)",
+            quota_bytes=self.session_quota,
+            held_bytes=held,
+            requested_bytes=asked,
+            session=session.id,
+        )
+
+    def set_quota(self, target: str, quota: int) -> None:
+        """Set an owner's quota ("" : the per-session one); 0 removes it.
+        Blocks held already stay, even over the new quota."""
+        if quota < 0:
+            raise InvalidRequest(f"a quota is 0 (none) or a number of bytes, got {quota}")
+        if target == "":
+            self.session_quota = quota
+            return
+        owner = self.owners.get(target)
+        if owner is None:
+            raise UnknownOwner(
+                f"no owner named {target!r} in arena {self.name!r} to set a quota on; "
+                "`shmarena owners` lists the owners that exist",
+                owner=target,
+            )
+        owner.quota = quota
+        self.changes.owners.add(target)
 
     def _check_fills(self, session_id: int, fills: list[int], mark: int) -> list[tuple[int, ...]]:
         if len(fills) % 3 or len(fills) > 3 * MAX_FILLS:

@@ -93,6 +93,7 @@ class DaemonOptions:
     size_bytes: int | None = DEFAULT_SIZE_BYTES  # None: a backing file's own size
     min_block_bytes: int | None = DEFAULT_MIN_BLOCK_BYTES  # None: a backing file's own
     lease_s: float = DEFAULT_LEASE_S
+    quota_per_session: int = 0  # --quota-per-session (0: none)
     allocator: str | None = "extents"  # None: a backing file's own
     # --group: the group whose members may use the daemon (name or gid), or None
     group: str | None = None
@@ -273,6 +274,7 @@ class Server:
             started_at=started_at,
             socket_path=self.socket_path,
             lease_s=opts.lease_s,
+            quota_per_session=opts.quota_per_session,
             allocator=allocator,
             version=__version__,
             backing=os.path.abspath(opts.backing) if opts.backing else "",
@@ -677,9 +679,12 @@ class Server:
             if service.recovering:
                 self._probe_recovering()
             # Kept requests met by what happened above, or whose time ran out
-            if service.exchange.waiters or service.outbox:
+            if service.has_waiters():
                 service.wake(time.time())
-                for peer, reply in service.take_outbox():
+                outbox_now = service.take_outbox()
+                if outbox_now:
+                    self._commit()  # what met them is durable before they hear of it
+                for peer, reply in outbox_now:
                     deliver(peer, reply)
             if time.monotonic() >= next_expire:
                 next_expire = time.monotonic() + tick_ms / 1000

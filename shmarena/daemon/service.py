@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from shmarena.daemon.exchange import Exchange, Waiter
-from shmarena.daemon.ledger import DETACHED, QUEUED, Block, Freed, Growth, Ledger
+from shmarena.daemon.ledger import DETACHED, QUEUED, Block, Freed, Growth, Ledger, check_size
 from shmarena.daemon.table import Link
 from shmarena.errors import (
     InvalidRequest,
+    OutOfMemory,
     ProtocolError,
+    QuotaExceeded,
     Resend,
     SessionLost,
     ShmArenaError,
@@ -36,6 +38,7 @@ from shmarena.protocol import (
     MAX_PID,
     MAX_SESSIONS,
     MUTATING_OPS,
+    OK,
     ONE_WAY_OPS,
     PROTOCOL_VERSION,
     REPLY_CACHE_ENTRIES,
@@ -105,6 +108,8 @@ class ArenaInfo:
     numa_policy: str = ""
     numa_nodes: tuple[int, ...] = ()
     numa_cpus: tuple[int, ...] = ()
+    # --quota-per-session: carved bytes a session may hold (0: no quota)
+    quota_per_session: int = 0
 
     @property
     def first_segment(self) -> dict[str, Any]:
@@ -131,6 +136,20 @@ class _Counters:
     sessions_reclaimed: int = 0
     sessions_resumed: int = 0
     reclaimed_bytes: int = 0
+    alloc_waits: int = 0  # allocations that had to wait for room
+    alloc_wait_timeouts: int = 0  # ... and ran out of time
+    alloc_waited_s: float = 0.0  # how long they waited, all together
+
+
+@dataclass(eq=False, slots=True)
+class _AllocWaiter:
+    """An ALLOC kept until frees make room for it or `deadline` passes."""
+
+    session_id: int
+    request_id: int
+    args: list[Any]
+    since: float
+    deadline: float
 
 
 def _extfrag(index: float | None) -> float:
@@ -166,6 +185,9 @@ class Service:
         self.recovering: dict[int, float] = {}
         self.extra_stats: Callable[[], dict[str, Any]] = dict
         self.exchange = Exchange(self.ledger, info.epoch)
+        self.ledger.session_quota = info.quota_per_session
+        # ALLOCs waiting for room, first come first served (`ALLOC ... wait_s`)
+        self.alloc_waiters: list[_AllocWaiter] = []
         # Replies to kept (waiting) requests, met by something another
         # session did or by their deadline: (peer, frame), for the server to
         # send. `waiting` holds (session, request id) of the kept ones, so a
@@ -204,6 +226,7 @@ class Service:
             Op.QGET: self._waitable,
             Op.QSTAT: self._qstat,
             Op.QCLOSE: self._qclose,
+            Op.QUOTA: self._quota,
         }
 
     @staticmethod
@@ -335,13 +358,68 @@ class Service:
         return [result] if op in (Op.LOOKUP, Op.QGET) else result
 
     def wake(self, now: float) -> None:
-        """Answer kept requests whose time ran out (the server calls this on
-        its timer, at `next_wake` at the latest)."""
+        """Answer kept requests that can be met now or whose time ran out
+        (the server calls this after each turn of its loop while any are
+        kept, and at `next_wake` at the latest)."""
         self.exchange.expire(now)
         self._deliver_met()
+        if self.alloc_waiters:
+            self._serve_alloc_waiters(now)
 
     def next_wake(self) -> float | None:
-        return self.exchange.next_deadline()
+        deadlines = [w.deadline for w in self.alloc_waiters]
+        found = self.exchange.next_deadline()
+        if found is not None:
+            deadlines.append(found)
+        return min(deadlines) if deadlines else None
+
+    def has_waiters(self) -> bool:
+        """Whether `wake` has anything to do."""
+        return bool(self.exchange.waiters or self.outbox or self.alloc_waiters)
+
+    def _serve_alloc_waiters(self, now: float) -> None:
+        """Meet waiting ALLOCs in arrival order: the first that does not fit
+        yet holds the others back (a large request is not starved by a stream
+        of small ones); any whose time ran out gets its out_of_memory."""
+        kept: list[_AllocWaiter] = []
+        blocked = False
+        for waiter in self.alloc_waiters:
+            timed_out = now >= waiter.deadline
+            if blocked and not timed_out:
+                kept.append(waiter)
+                continue
+            size, owner, detached, wait_s = waiter.args
+            try:
+                block = self.ledger.alloc(waiter.session_id, size, owner, detached, now)
+            except OutOfMemory as error:
+                if not timed_out or isinstance(error, QuotaExceeded):
+                    kept.append(waiter)
+                    blocked = True
+                    continue
+                self.counters.alloc_wait_timeouts += 1
+                error.message = f"{error.message}; waited {now - waiter.since:.3g} s for room"
+                error.args = (error.message,)
+                error.details["waited_s"] = round(now - waiter.since, 3)
+                self._answer_waiter(waiter, error_reply(waiter.request_id, error), now)
+                continue
+            except ShmArenaError as error:  # the owner went meanwhile, say
+                self._answer_waiter(waiter, error_reply(waiter.request_id, error), now)
+                continue
+            self.counters.allocs += 1
+            self._answer_waiter(waiter, ok_reply(waiter.request_id, self._wire(block)), now)
+        self.alloc_waiters = kept
+
+    def _answer_waiter(self, waiter: _AllocWaiter, reply: list[Any], now: float) -> None:
+        if reply[0] != OK:
+            self.counters.errors += 1
+        self.counters.alloc_waited_s += now - waiter.since
+        key = (waiter.session_id, waiter.request_id)
+        self.waiting.discard(key)
+        frame = self._encode(reply)
+        self._keep(waiter.session_id, waiter.request_id, frame)
+        peer = self.session_peer.get(waiter.session_id)
+        if peer is not None:
+            self.outbox.append((peer, frame))
 
     def _deliver_met(self) -> None:
         for waiter, result in self.exchange.take_met():
@@ -579,6 +657,7 @@ class Service:
         """The session is over (bye, process died, lease expired): reclaim it."""
         freed = self.ledger.end_session(session_id)
         self.exchange.end_session(session_id)
+        self.alloc_waiters = [w for w in self.alloc_waiters if w.session_id != session_id]
         self.waiting = {key for key in self.waiting if key[0] != session_id}
         peer = self.session_peer.pop(session_id, None)
         if peer is not None:
@@ -636,9 +715,30 @@ class Service:
     def _segments(self, session_id: int, request: Request, now: float) -> list[Any]:
         return ok_reply(request.request_id, list(self.segments.values()))
 
-    def _alloc(self, session_id: int, request: Request, now: float) -> list[Any]:
-        size, owner, detached = request.args
-        block = self.ledger.alloc(session_id, size, owner, detached, now)
+    def _alloc(self, session_id: int, request: Request, now: float) -> list[Any] | None:
+        size, owner, detached, wait_s = request.args
+        key = (session_id, request.request_id)
+        if key in self.waiting:
+            return None  # a retry of one that waits already
+        if wait_s > 0 and self.alloc_waiters:
+            block = None  # others wait already: behind them
+        else:
+            try:
+                block = self.ledger.alloc(session_id, size, owner, detached, now)
+            except QuotaExceeded:
+                raise  # a policy, not a lack of room: waiting would not help
+            except OutOfMemory:
+                if wait_s <= 0:
+                    raise
+                block = None
+        if block is None:
+            check_size(size)  # a bad size is refused now, not after the wait
+            self.alloc_waiters.append(
+                _AllocWaiter(session_id, request.request_id, request.args, now, now + wait_s)
+            )
+            self.waiting.add(key)
+            self.counters.alloc_waits += 1
+            return None
         self.counters.allocs += 1
         return ok_reply(request.request_id, self._wire(block))
 
@@ -655,8 +755,14 @@ class Service:
         return ok_reply(request.request_id, [freed.blocks, freed.bytes])
 
     def _owner(self, session_id: int, request: Request, now: float) -> list[Any]:
-        name, detached = request.args
+        name, detached, quota = request.args
+        if quota < -1:
+            raise InvalidRequest(
+                f"owner {name!r}: quota must be -1 (unchanged), 0 (none) or bytes, got {quota}"
+            )
         owner = self.ledger.open_owner(name, session_id, detached, now)
+        if quota >= 0:
+            self.ledger.set_quota(name, quota)
         row = self._owner_row(owner, now)
         row["id"] = self.ledger.owner_id(session_id, name)
         return ok_reply(request.request_id, row)
@@ -760,7 +866,18 @@ class Service:
             "queued_bytes": sum(
                 b.carved for b in ledger.blocks.values() if b.retainers and QUEUED in b.retainers
             ),
-            "waiting_requests": len(self.exchange.waiters),
+            "waiting_requests": len(self.exchange.waiters) + len(self.alloc_waiters),
+            "quota_per_session_bytes": ledger.session_quota,
+            "alloc_waiters": [
+                {
+                    "session": w.session_id,
+                    "size": w.args[0],
+                    "owner": w.args[1],
+                    "waited_s": round(now - w.since, 3),
+                    "left_s": round(w.deadline - now, 3),
+                }
+                for w in self.alloc_waiters
+            ],
             "counters": dict(vars(self.counters)),
             **self.extra_stats(),
         }
@@ -797,8 +914,14 @@ class Service:
             "alive": owner.session_id in self.ledger.sessions,
             "blocks": len(owner.blocks),
             "bytes": owner.bytes,
+            "quota": owner.quota,
             "age_s": round(now - owner.created_at, 3),
         }
+
+    def _quota(self, session_id: int, request: Request, now: float) -> list[Any]:
+        target, quota = request.args
+        self.ledger.set_quota(target, quota)
+        return ok_reply(request.request_id, [target, quota])
 
     def _owners(self, session_id: int, request: Request, now: float) -> list[Any]:
         rows = [self._owner_row(o, now) for o in self.ledger.owners.values()]
