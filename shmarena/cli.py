@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from shmarena import __version__
+from shmarena import __version__, views
 from shmarena.client.client import Client
 from shmarena.config import (
     DEFAULT_LEASE_S,
@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="list every block (default: only when there are at most 100)",
     )
+
+    views.add_commands(add)  # top, map
 
     demo = add(
         "demo",
@@ -922,6 +924,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "shutdown": cmd_shutdown,
     "demo": cmd_demo,
     "inspect": cmd_inspect,
+    **views.COMMANDS,
 }
 
 __all__ = ["main", "build_parser", "socket_path"]

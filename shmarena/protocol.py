@@ -95,6 +95,16 @@ request (the client's retry) is dropped, not run again.
     QUOTA      target:str, bytes:int     -> [target, bytes]: set the quota of owner
                `target` ("": the per-session quota); 0 removes it
 
+The arena's layout, read-only (for `shmarena map`):
+
+    BLOCKS     max_blocks:int -> map: "segments": per segment {index, size_bytes, complete,
+               "blocks": flat [offset, carved size, holder index] in address order,
+               "free": flat [offset, size] of the free runs between them} (offsets
+               within the segment); "holders": the owner names the indexes point
+               at ("(cached)": in a client cache, "(retained)": freed but still
+               retained); "truncated": true when more than max_blocks blocks (at
+               most MAX_BLOCKS_REPLY) exist, the listing then stops there
+
 A handle travels as ``[epoch, segment, offset, size, generation]``.
 Everywhere else (FILL results, EVENTS, notices) a block is named by its
 *address*, ``segment << 40 | offset``: segment 0's addresses are its offsets.
@@ -151,6 +161,7 @@ MAX_NAME = 200  # characters in a published name or a queue name
 MAX_PAYLOAD_BYTES = 256 << 10  # the in-band part of one queued message
 MAX_QUEUED = 1 << 20  # messages in one queue, whatever its maxsize
 MAX_WAIT_S = 3600.0  # the longest one waiting request is kept; clients ask again
+MAX_BLOCKS_REPLY = 200_000  # blocks one BLOCKS reply lists (about 4 MB of msgpack)
 EVENTS_KEPT = 1 << 16  # name events the daemon remembers for subscribers
 MAX_EVENTS_PER_REPLY = 1024
 
@@ -195,7 +206,8 @@ class Op(IntEnum):
     QGET = 33
     QSTAT = 34
     QCLOSE = 35
-    QUOTA = 37  # 36 is BLOCKS (issue 8's arena map)
+    BLOCKS = 36
+    QUOTA = 37
 
 
 class Handle(NamedTuple):
@@ -281,6 +293,7 @@ SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
     Op.QGET: (("name", STR, REQUIRED), ("to_session", INT, 0), ("wait_s", NUM, 0.0)),
     Op.QSTAT: (("name", STR, REQUIRED),),
     Op.QCLOSE: (("name", STR, REQUIRED),),
+    Op.BLOCKS: (("max_blocks", INT, MAX_BLOCKS_REPLY),),
     Op.QUOTA: (("target", STR, REQUIRED), ("bytes", INT, REQUIRED)),
 }
 

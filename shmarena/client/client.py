@@ -897,6 +897,15 @@ class Client:
         (stats,) = self._request(Op.STATS)
         return dict(stats)
 
+    def blocks(self, max_blocks: int | None = None) -> dict[str, Any]:
+        """The arena's layout (what `shmarena map` draws): per segment its used
+        blocks as flat [offset, size, holder index] and free runs as flat
+        [offset, size], the holder names, and "truncated" when there were more
+        than `max_blocks` blocks (default and cap: 200 000)."""
+        args = () if max_blocks is None else (max_blocks,)
+        (layout,) = self._request(Op.BLOCKS, *args)
+        return dict(layout)
+
     def list_owners(self) -> list[dict[str, Any]]:
         """One row per owner (the same as `shmarena owners --json`)."""
         (rows,) = self._request(Op.OWNERS)

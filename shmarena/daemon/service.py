@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shmarena.daemon.exchange import Exchange, Waiter
+from shmarena.daemon.layout import layout
 from shmarena.daemon.ledger import DETACHED, QUEUED, Block, Freed, Growth, Ledger, check_size
 from shmarena.daemon.table import Link
 from shmarena.errors import (
@@ -227,6 +228,7 @@ class Service:
             Op.QSTAT: self._qstat,
             Op.QCLOSE: self._qclose,
             Op.QUOTA: self._quota,
+            Op.BLOCKS: self._blocks,
         }
 
     @staticmethod
@@ -901,6 +903,9 @@ class Service:
                 }
             )
         return rows
+
+    def _blocks(self, session_id: int, request: Request, now: float) -> list[Any]:
+        return ok_reply(request.request_id, layout(self.ledger, request.args[0]))
 
     def _stats(self, session_id: int, request: Request, now: float) -> list[Any]:
         return ok_reply(request.request_id, self.stats(now))
