@@ -200,6 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
         "seconds (default 30; 0 keeps them)",
     )
     daemon.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="P",
+        help="serve Prometheus metrics at http://ADDR:P/metrics (0: any free port, logged and "
+        "shown in `stats` as metrics.port); needs pip install 'shmarena[metrics]'",
+    )
+    daemon.add_argument(
+        "--metrics-bind",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address of the metrics endpoint (default 127.0.0.1, this host only)",
+    )
+    daemon.add_argument(
         "--detach",
         action="store_true",
         help="start in the background and return once the daemon answers",
@@ -338,7 +352,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         args.size = DEFAULT_SIZE_BYTES if args.size is None else args.size
         args.min_block = DEFAULT_MIN_BLOCK_BYTES if args.min_block is None else args.min_block
         args.allocator = args.allocator or "extents"
-    refused = _daemon_combination(args)
+    refused = _daemon_combination(args) or _metrics_refusal(args)
     if refused:
         print(f"shmarena daemon: {refused}", file=sys.stderr)
         return EXIT_USAGE
@@ -376,6 +390,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         debug_delay_ms=args.debug_delay_ms,
         debug_seed=args.debug_seed,
         debug_crash_at=args.debug_crash_at,
+        metrics_port=args.metrics_port,
+        metrics_bind=args.metrics_bind,
     )
     if args.debug_compact_bytes is not None:
         options.compact_bytes = args.debug_compact_bytes
@@ -415,6 +431,17 @@ def _daemon_combination(args: argparse.Namespace) -> str:
     return ""
 
 
+def _metrics_refusal(args: argparse.Namespace) -> str:
+    """Why --metrics-port cannot be served ("" when it can, or is not asked for)."""
+    if args.metrics_port is None:
+        return ""
+    if not 0 <= args.metrics_port <= 65535:
+        return f"--metrics-port must be 0..65535 (0: any free port), got {args.metrics_port}"
+    from shmarena.daemon.metrics import missing_package
+
+    return missing_package()
+
+
 def _detach(args: argparse.Namespace) -> int:
     """Start the daemon as a new session leader and wait until it answers."""
     command = [
@@ -447,6 +474,8 @@ def _detach(args: argparse.Namespace) -> int:
         command += ["--hugepages"]
     if args.max_size is not None:
         command += ["--max-size", str(args.max_size), "--shrink-after", str(args.shrink_after)]
+    if args.metrics_port is not None:
+        command += ["--metrics-port", str(args.metrics_port), "--metrics-bind", args.metrics_bind]
     if args.backing is not None:
         command += ["--backing", os.path.abspath(args.backing)]
         command += ["--durability", args.durability, "--grace", str(args.grace)]
@@ -623,6 +652,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         shown = format_size(value) if key.endswith("_bytes") else str(value)
         table.add_row(key, shown)
     for key, value in sorted(stats.get("counters", {}).items()):
+        if isinstance(value, dict):  # ops, errors_by_code: one row each
+            value = ", ".join(f"{k} {v}" for k, v in sorted(value.items())) or "-"
         table.add_row(f"counters.{key}", str(value))
     console.print(table)
     orders = Table(

@@ -37,6 +37,7 @@ from shmarena.config import (
     shm_name,
     socket_path,
 )
+from shmarena.daemon.metrics import Exporter
 from shmarena.daemon.service import ArenaInfo, Service
 from shmarena.daemon.store import DEFAULT_COMPACT_BYTES, Store, new_epoch
 from shmarena.daemon.table import State
@@ -120,6 +121,10 @@ class DaemonOptions:
     debug_drop_replies: float = 0.0
     debug_delay_ms: float = 0.0
     debug_seed: int | None = None
+    # --metrics-port: serve Prometheus text there (0: any free port), on
+    # --metrics-bind (loopback by default); None: no endpoint.
+    metrics_port: int | None = None
+    metrics_bind: str = "127.0.0.1"
 
 
 def resolve_group(group: str) -> int:
@@ -209,6 +214,7 @@ class Server:
         self.monitor: zmq.Socket[Any] | None = None
         self._held: list[tuple[float, int, bytes, bytes]] = []  # delayed replies (debug)
         self._served = False  # the table was written at start: a clean stop may write it
+        self.metrics: Exporter | None = None
 
     # -- start -------------------------------------------------------------
 
@@ -310,6 +316,11 @@ class Server:
         self.poller.register(router, zmq.POLLIN)
         self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.poller.register(self.monitor, zmq.POLLIN)
+        if opts.metrics_port is not None:
+            self.metrics = Exporter(opts.metrics_bind, opts.metrics_port)
+            self.metrics.start()
+            self.poller.register(self.metrics.fd, zmq.POLLIN)
+            self.log(f"metrics: Prometheus text at {self.metrics.url}")
 
     def _recover(self, store: Store, state: State, now: float) -> None:
         """Load the table into the service; reclaim sessions whose process is
@@ -440,6 +451,8 @@ class Server:
         """What only the server knows: the pages as the kernel reports them,
         NUMA placement, and the persistent table's figures."""
         extra: dict[str, Any] = self.store.stats() if self.store is not None else {}
+        if self.metrics is not None:
+            extra["metrics"] = self.metrics.where
         pages: list[dict[str, Any]] = []
         by_node: dict[str, int] = {}
         policy = ""
@@ -572,6 +585,8 @@ class Server:
         self._install_signals()
         router, service = self.router, self.service
         recv, send = router.recv, router.send
+        # With --metrics-port each request is timed; without, nothing is added.
+        handle = service.handle if self.metrics is None else self.metrics.timed(service)
         NOBLOCK, SNDMORE, RCVMORE = zmq.NOBLOCK, zmq.SNDMORE, zmq.RCVMORE
         getsockopt = router.getsockopt
         tick_ms = int(max(0.1, min(1.0, self.options.lease_s / 4)) * 1000)
@@ -642,7 +657,7 @@ class Server:
                         payloads = [b"\xc1"]  # never valid msgpack: gets a protocol error
                     now = time.time()
                     for payload in payloads:
-                        reply = service.handle(peer, payload, now)
+                        reply = handle(peer, payload, now)
                         if each:
                             self._commit()
                         if not reply:  # a one-way request that succeeded gets none
@@ -676,6 +691,8 @@ class Server:
                 self._check_fds()
             if self._wake_r in events:
                 self._drain_wake()
+            if self.metrics is not None and self.metrics.fd in events:
+                self.metrics.answer(lambda: service.stats(time.time()))
             if service.recovering:
                 self._probe_recovering()
             # Kept requests met by what happened above, or whose time ran out
@@ -771,6 +788,9 @@ class Server:
 
     def close(self) -> None:
         """Remove everything the daemon made: socket, arena, lock. Idempotent."""
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.monitor is not None:
             self.monitor.close(linger=0)
             self.monitor = None

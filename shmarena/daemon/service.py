@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from shmarena.daemon.exchange import Exchange, Waiter
@@ -140,6 +140,11 @@ class _Counters:
     alloc_waits: int = 0  # allocations that had to wait for room
     alloc_wait_timeouts: int = 0  # ... and ran out of time
     alloc_waited_s: float = 0.0  # how long they waited, all together
+    # Requests by op name (each parsed request once, refused or not; a repeat
+    # answered from the reply cache is not run again and not counted), and
+    # errors by their wire code: what `--metrics-port` exports.
+    ops: dict[str, int] = field(default_factory=dict)
+    errors_by_code: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)
@@ -151,6 +156,10 @@ class _AllocWaiter:
     args: list[Any]
     since: float
     deadline: float
+
+
+# Op -> the name counters and metrics use ("alloc", "alloc_many", ...)
+OP_NAMES = {op: op.name.lower() for op in Op}
 
 
 def _extfrag(index: float | None) -> float:
@@ -196,6 +205,9 @@ class Service:
         self.outbox: list[tuple[bytes, bytes]] = []
         self.waiting: set[tuple[int, int]] = set()
         self.counters = _Counters()
+        # The op of the request the last `handle` call parsed (None: it did
+        # not parse, or was a repeat): the server times requests by it.
+        self.last_op: str | None = None
         self.stopping = False
         self._encode = encoder()
         self._dispatch: dict[Op, Callable[[int, Request, float], list[Any] | None]] = {
@@ -250,6 +262,7 @@ class Service:
         """The reply frame for one request frame (empty: send nothing, for a
         one-way request that succeeded). Never raises."""
         self.counters.requests += 1
+        self.last_op = None
         request_id: Any = None
         keep = one_way = False
         session_id = self.peers.get(peer)
@@ -295,6 +308,9 @@ class Service:
                     self.ledger.changes.sessions.add(session_id)
             request = parse_request(message)
             request_id = request.request_id
+            self.last_op = name = OP_NAMES[request.op]
+            ops = self.counters.ops
+            ops[name] = ops.get(name, 0) + 1
             keep = request.op in MUTATING_OPS
             if request.op is Op.HELLO:
                 reply = self._hello(peer, request, now)
@@ -307,10 +323,10 @@ class Service:
                     self._deliver_met()
                     return b""
         except ShmArenaError as error:
-            self.counters.errors += 1
+            self._count_error(error.code)
             reply = error_reply(request_id, error)
         except Exception as error:  # a bug of ours: report it, keep serving
-            self.counters.errors += 1
+            self._count_error(ShmArenaError.code)
             reply = error_reply(
                 request_id,
                 ShmArenaError(f"internal error in the daemon: {type(error).__name__}: {error}"),
@@ -326,6 +342,11 @@ class Service:
         if self.exchange.met:
             self._deliver_met()
         return frame
+
+    def _count_error(self, code: str) -> None:
+        self.counters.errors += 1
+        by_code = self.counters.errors_by_code
+        by_code[code] = by_code.get(code, 0) + 1
 
     def _keep(self, session_id: int, request_id: int, frame: bytes) -> None:
         cache = self.replies.get(session_id)
@@ -413,7 +434,7 @@ class Service:
 
     def _answer_waiter(self, waiter: _AllocWaiter, reply: list[Any], now: float) -> None:
         if reply[0] != OK:
-            self.counters.errors += 1
+            self._count_error(reply[2])
         self.counters.alloc_waited_s += now - waiter.since
         key = (waiter.session_id, waiter.request_id)
         self.waiting.discard(key)
@@ -429,10 +450,10 @@ class Service:
             self.waiting.discard(key)
             peer = self.session_peer.get(waiter.session_id)
             if isinstance(result, ShmArenaError):
-                self.counters.errors += 1
+                self._count_error(result.code)
                 reply = error_reply(waiter.request_id, result)
             elif isinstance(result, Exception):
-                self.counters.errors += 1
+                self._count_error(ShmArenaError.code)
                 reply = error_reply(
                     waiter.request_id,
                     ShmArenaError(f"internal error in the daemon: {type(result).__name__}: "
@@ -880,7 +901,11 @@ class Service:
                 }
                 for w in self.alloc_waiters
             ],
-            "counters": dict(vars(self.counters)),
+            "counters": {
+                **vars(self.counters),
+                "ops": dict(self.counters.ops),
+                "errors_by_code": dict(self.counters.errors_by_code),
+            },
             **self.extra_stats(),
         }
 

@@ -1,0 +1,330 @@
+"""`shmarena daemon --metrics-port`: the daemon's figures as Prometheus text.
+
+This module owns the metrics endpoint: an HTTP server (prometheus_client's
+WSGI app on the standard library's server) in a daemon thread of the daemon
+process, the collector it calls on each scrape, and the request latency
+histogram. The service's state is only ever read by the server loop's thread:
+a scrape writes a byte to a pipe the loop polls and waits; the loop takes
+`Service.stats` and a copy of the histogram at that instant and hands them
+over. So every number of one scrape is of the same moment (the histogram's
+count equals the ops counted), and a scrape costs the loop one `stats`.
+
+prometheus_client is optional (`pip install 'shmarena[metrics]'`): it is
+imported only when the endpoint starts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from shmarena.errors import DaemonStartError
+
+# Daemon service times run from microseconds (an alloc) to milliseconds (a
+# large stats): the default buckets of prometheus_client start at 5 ms.
+LATENCY_BUCKETS_S = (
+    10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6,
+    1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0,
+)  # fmt: skip
+# A scrape waits this long for the loop; then it reports shmarena_up 0.
+SNAPSHOT_TIMEOUT_S = 5.0
+INSTALL_HINT = "pip install 'shmarena[metrics]'"
+
+
+def missing_package() -> str:
+    """Why --metrics-port cannot work here ("" when prometheus_client imports)."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError as exc:
+        return (
+            f"--metrics-port needs the prometheus_client package, which cannot be imported "
+            f"here ({exc}); install it with `{INSTALL_HINT}`, or leave --metrics-port out"
+        )
+    return ""
+
+
+class Latency:
+    """Per op: how many requests took at most each bucket's bound, and the sum
+    of their durations. Touched only by the loop's thread (no lock)."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
+        self.bounds = bounds
+        self.counts: dict[str, list[int]] = {}  # op -> per bucket, the last is +Inf
+        self.sums: dict[str, float] = {}
+
+    def observe(self, op: str, seconds: float) -> None:
+        counts = self.counts.get(op)
+        if counts is None:
+            counts = self.counts[op] = [0] * (len(self.bounds) + 1)
+            self.sums[op] = 0.0
+        counts[bisect_left(self.bounds, seconds)] += 1  # le: a bound is in its bucket
+        self.sums[op] += seconds
+
+    def snapshot(self) -> dict[str, tuple[list[int], float]]:
+        """op -> (cumulative counts per bound, then +Inf; sum of seconds)."""
+        out = {}
+        for op, counts in self.counts.items():
+            total, cumulative = 0, []
+            for count in counts:
+                total += count
+                cumulative.append(total)
+            out[op] = (cumulative, self.sums[op])
+        return out
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per scrape would drown the daemon's log
+
+
+class Exporter:
+    """The endpoint of one daemon. The server calls `start`, registers `fd`
+    in its poller, calls `answer` when `fd` is readable, handles requests
+    through `timed(service)`, and `close` at the end."""
+
+    def __init__(self, bind: str, port: int) -> None:
+        self.bind = bind
+        self.requested_port = port
+        self.port = port
+        self.latency = Latency()
+        self._cond = threading.Condition()
+        self._asked = 0  # scrapes that asked for a snapshot
+        self._done = 0  # the last of them the loop answered
+        self._snapshot: tuple[dict[str, Any], dict[str, tuple[list[int], float]]] | None = None
+        self._closing = False
+        self._wake_r = self._wake_w = -1
+        self._httpd: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def fd(self) -> int:
+        return self._wake_r
+
+    @property
+    def where(self) -> dict[str, Any]:
+        return {"bind": self.bind, "port": self.port}
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.bind}]" if ":" in self.bind else self.bind
+        return f"http://{host}:{self.port}/metrics"
+
+    def start(self) -> None:
+        """Listen and serve in a daemon thread; DaemonStartError when the
+        package is missing or the address cannot be had."""
+        missing = missing_package()
+        if missing:
+            raise DaemonStartError(missing)
+        from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
+
+        # auto_describe off: registering must not scrape (the loop is not running yet)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        ProcessCollector(registry=registry)  # the daemon's own CPU, memory, descriptors
+        try:
+            family = socket.getaddrinfo(self.bind, self.requested_port, type=socket.SOCK_STREAM)
+            server_class = type(
+                "MetricsServer", (_ThreadingWSGIServer,), {"address_family": family[0][0]}
+            )
+            self._httpd = make_server(
+                self.bind, self.requested_port, make_wsgi_app(registry), server_class,
+                handler_class=_QuietHandler,
+            )  # fmt: skip
+        except (OSError, UnicodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise DaemonStartError(
+                f"--metrics-bind {self.bind} --metrics-port {self.requested_port}: cannot "
+                f"listen there ({reason}); pick another port (0 picks a free one) or address"
+            ) from None
+        self.port = int(self._httpd.server_address[1])
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="shmarena-metrics",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def timed(self, service: Any) -> Callable[[bytes, bytes, float], bytes]:
+        """`service.handle`, timing each request it parsed under its op."""
+        handle, observe, clock = service.handle, self.latency.observe, time.perf_counter
+
+        def timed_handle(peer: bytes, payload: bytes, now: float) -> bytes:
+            start = clock()
+            reply: bytes = handle(peer, payload, now)
+            op = service.last_op
+            if op is not None:
+                observe(op, clock() - start)
+            return reply
+
+        return timed_handle
+
+    # -- the loop's side -------------------------------------------------
+
+    def answer(self, stats: Callable[[], dict[str, Any]]) -> None:
+        """Called by the loop when `fd` is readable: publish a snapshot taken
+        now for every scrape that asked so far."""
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        with self._cond:
+            asked = self._asked
+        if asked == self._done:
+            return
+        snapshot = (stats(), self.latency.snapshot())
+        with self._cond:
+            self._snapshot, self._done = snapshot, asked
+            self._cond.notify_all()
+
+    # -- the scrape's side (the HTTP thread) -----------------------------
+
+    def collect(self) -> Iterator[Any]:
+        """prometheus_client's collector protocol: the families of one scrape."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        with self._cond:
+            self._asked += 1
+            mine = self._asked
+            try:
+                os.write(self._wake_w, b"m")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups: the loop is coming anyway
+            got = self._cond.wait_for(
+                lambda: self._done >= mine or self._closing, timeout=SNAPSHOT_TIMEOUT_S
+            )
+            snapshot = self._snapshot if got and not self._closing else None
+        up = GaugeMetricFamily(
+            "shmarena_up", "1 when the daemon's loop answered this scrape in time, else 0"
+        )
+        up.add_metric([], 0 if snapshot is None else 1)
+        yield up
+        if snapshot is not None:
+            yield from families(*snapshot, bounds=self.latency.bounds)
+
+    def close(self) -> None:
+        """Stop serving (waits for the HTTP thread) and close the pipe."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._httpd is not None:
+            if self._thread is not None:
+                self._httpd.shutdown()
+                self._thread.join(timeout=5)
+            self._httpd.server_close()
+            self._httpd = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    """One thread per scrape, none outliving the process."""
+
+    daemon_threads = True
+
+
+# (metric, stats key, help) of the gauges read straight from `stats`
+GAUGES = (
+    ("shmarena_arena_size_bytes", "size_bytes", "Arena size now, all segments"),
+    ("shmarena_arena_max_size_bytes", "max_size_bytes", "Cap of --max-size (= size if fixed)"),
+    ("shmarena_used_bytes", "used_bytes", "Bytes of blocks held by owners"),
+    ("shmarena_requested_bytes", "requested_bytes", "Bytes those blocks were asked for"),
+    ("shmarena_free_bytes", "free_bytes", "Free bytes in total"),
+    ("shmarena_largest_free_bytes", "largest_free_bytes", "The largest free block"),
+    ("shmarena_cached_bytes", "cached_bytes", "Free blocks sitting in client caches"),
+    ("shmarena_cached_blocks", "cached_blocks", "Blocks sitting in client caches"),
+    ("shmarena_retained_only_bytes", "retained_only_bytes",
+     "Blocks freed by their owner, kept alive by a reader's retain"),
+    ("shmarena_retained_only_blocks", "retained_only_blocks", "Count of those blocks"),
+    ("shmarena_queued_bytes", "queued_bytes", "Bytes of blocks held by queued messages"),
+    ("shmarena_fragmentation_ratio", "fragmentation", "1 - largest free / free"),
+    ("shmarena_live_blocks", "live_blocks", "Blocks held by owners"),
+    ("shmarena_owners", "owners", "Owners"),
+    ("shmarena_sessions", "sessions", "Client sessions"),
+    ("shmarena_recovering_sessions", "recovering_sessions",
+     "Recovered sessions still waiting for their client"),
+    ("shmarena_waiting_requests", "waiting_requests", "Requests kept until met or timed out"),
+    ("shmarena_names", "names", "Published names"),
+    ("shmarena_start_time_seconds", "started_at", "When the daemon started, Unix time"),
+)  # fmt: skip
+# (metric without _total, counters key, help) of the plain counters
+COUNTERS = (
+    ("shmarena_reclaimed_bytes", "reclaimed_bytes", "Bytes reclaimed from dead/expired clients"),
+    ("shmarena_sessions_reclaimed", "sessions_reclaimed", "Sessions reclaimed (died, expired)"),
+    ("shmarena_sessions_opened", "sessions_opened", "Sessions opened"),
+    ("shmarena_allocated_blocks", "allocs", "Blocks allocated by the daemon"),
+    ("shmarena_freed_blocks", "frees", "Blocks freed by FREE requests"),
+)
+
+
+def families(
+    stats: dict[str, Any],
+    latency: dict[str, tuple[list[int], float]],
+    bounds: tuple[float, ...] = LATENCY_BUCKETS_S,
+) -> Iterator[Any]:
+    """The metric families of one snapshot (`Service.stats` and `Latency.snapshot`)."""
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        InfoMetricFamily,
+    )
+    from prometheus_client.utils import floatToGoString
+
+    info = InfoMetricFamily("shmarena", "The daemon")
+    info.add_metric(
+        [],
+        {
+            "name": str(stats["name"]),
+            "version": str(stats["version"]),
+            "allocator": str(stats["allocator"]),
+            "epoch": str(stats["epoch"]),
+        },
+    )
+    yield info
+    for metric, key, text in GAUGES:
+        yield GaugeMetricFamily(metric, text, value=float(stats[key]))
+    yield GaugeMetricFamily("shmarena_segments", "Arena segments", value=len(stats["segments"]))
+    yield GaugeMetricFamily("shmarena_queues", "Open queues", value=len(stats["queues"]))
+    by_order = GaugeMetricFamily(
+        "shmarena_free_blocks",
+        "Free blocks of min_block << order bytes (extents: free runs of at least that, "
+        "under twice it), like /proc/buddyinfo",
+        labels=["order"],
+    )
+    for order, count in sorted(stats["free_blocks_by_order"].items(), key=lambda i: int(i[0])):
+        by_order.add_metric([order], count)
+    yield by_order
+    counters = stats["counters"]
+    for metric, key, text in COUNTERS:
+        yield CounterMetricFamily(metric, text, value=counters[key])
+    requests = CounterMetricFamily(
+        "shmarena_requests", "Requests the daemon parsed, by op", labels=["op"]
+    )
+    for op, count in sorted(counters["ops"].items()):
+        requests.add_metric([op], count)
+    yield requests
+    errors = CounterMetricFamily("shmarena_errors", "Error replies, by code", labels=["code"])
+    for code, count in sorted(counters["errors_by_code"].items()):
+        errors.add_metric([code], count)
+    yield errors
+    duration = HistogramMetricFamily(
+        "shmarena_request_duration_seconds",
+        "Time the daemon's loop spent on a request (not the time a kept request waited)",
+        labels=["op"],
+    )
+    labels = [floatToGoString(b) for b in bounds] + ["+Inf"]
+    for op, (cumulative, total_s) in sorted(latency.items()):
+        duration.add_metric([op], list(zip(labels, cumulative, strict=True)), sum_value=total_s)
+    yield duration
