@@ -254,12 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
     for command, text in (
         ("status", "one screen: pid, uptime, size, used, free, largest free, owners, clients"),
         ("stats", "everything, including free blocks per order (like /proc/buddyinfo)"),
-        ("owners", "per owner: name, scope, session/pid, blocks, bytes, age"),
+        ("owners", "per owner: name, scope, session/pid, blocks, bytes, quota, age, sites"),
         ("clients", "connected sessions: pid, since, blocks, bytes"),
         ("names", "published names: name, owner, session, bytes, sealed, age"),
     ):
         cmd = add(command, text)
         cmd.add_argument("--json", action="store_true", help="print JSON for scripts")
+        if command == "owners":
+            cmd.add_argument(
+                "--older-than",
+                type=_duration_arg,
+                default=None,
+                metavar="AGE",
+                help="only owners at least this old: 90s, 10m, 2h, 1d (leak hunting)",
+            )
+            cmd.add_argument(
+                "--sort",
+                choices=("bytes", "age", "name"),
+                default=None,
+                help="order by bytes held or age (largest/oldest first), or name",
+            )
         if command == "names":
             cmd.add_argument("--prefix", default="", help="only names that start with this")
     quota = add(
@@ -727,13 +741,46 @@ def _print_table(
     _console().print(table)
 
 
+def _duration_arg(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an age: give seconds or a number with s, m, h or d (10m)"
+        )
+    return value
+
+
+def _owner_rows(client: Client, older_than: float | None, sort: str | None) -> list[Any]:
+    rows = client.list_owners()
+    if older_than is not None:
+        rows = [r for r in rows if r["age_s"] >= older_than]
+    if sort == "bytes":
+        rows.sort(key=lambda r: (-r["bytes"], r["name"]))
+    elif sort == "age":
+        rows.sort(key=lambda r: (-r["age_s"], r["name"]))
+    elif sort == "name":
+        rows.sort(key=lambda r: r["name"])
+    return rows
+
+
+def _sites_cell(row: dict[str, Any]) -> str:
+    sites = row.get("sites") or []
+    return "; ".join(f"{s['site']} ({format_size(s['bytes'])})" for s in sites[:2]) or "-"
+
+
 def cmd_owners(args: argparse.Namespace) -> int:
-    rows = _query(args, Client.list_owners)
+    rows = _query(args, lambda client: _owner_rows(client, args.older_than, args.sort))
     if rows is None:
         return EXIT_OK
     columns = [("name", "left"), ("scope", "left")] + [
         (name, "right") for name in ("session", "pid", "blocks", "bytes", "quota", "age")
     ]
+    columns.append(("sites", "left"))
     cells = (
         (
             row["name"],
@@ -744,6 +791,7 @@ def cmd_owners(args: argparse.Namespace) -> int:
             format_size(row["bytes"]),
             format_size(row["quota"]) if row.get("quota") else "-",
             _age(row["age_s"]),
+            _sites_cell(row),
         )
         for row in rows
     )

@@ -42,11 +42,12 @@ Requests, in the order of ``Op`` (arguments after the request id):
                it still exists (info "resumed": true), else opens a new one.
     BYE        -> [blocks, bytes] recycled with the session
     PING       -> now:float               (also serves as heartbeat)
-    ALLOC      size:int, owner:str|nil, detached:bool, wait_s:num -> handle
+    ALLOC      size:int, owner:str|nil, detached:bool, wait_s:num, site:str -> handle
+               `site` labels where the block was allocated (owners show it)
                with wait_s > 0 an alloc that does not fit waits (first come,
                first served among waiters) until frees make room, then
                out_of_memory; quota_exceeded never waits
-    ALLOC_MANY sizes:[int], owner:str|nil, detached:bool -> [handle] (all or none)
+    ALLOC_MANY sizes:[int], owner:str|nil, detached:bool, site:str -> [handle] (all or none)
     FREE       handles:[handle]           -> [blocks, bytes]  (all or none)
     OWNER      name:str, detached:bool, quota:int -> owner:map (its "id" names it in
                ASSIGN events); quota >= 0 sets the owner's quota (0: none), -1 leaves it
@@ -252,11 +253,13 @@ SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
         ("owner", OPT_STR, None),
         ("detached", BOOL, False),
         ("wait_s", NUM, 0.0),
+        ("site", STR, ""),
     ),
     Op.ALLOC_MANY: (
         ("sizes", INTS, REQUIRED),
         ("owner", OPT_STR, None),
         ("detached", BOOL, False),
+        ("site", STR, ""),
     ),
     Op.FREE: (("handles", HANDLES, REQUIRED),),
     Op.OWNER: (("name", STR, REQUIRED), ("detached", BOOL, False), ("quota", INT, -1)),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import mmap
 import os
+import sys
 import threading
 import time
 import weakref
@@ -119,16 +120,19 @@ class Owner:
         self.id = owner_id
         self.quota = quota  # bytes, 0: none (as the daemon said when this was opened)
 
-    def alloc(self, size: int, *, timeout: float | None = None) -> Buffer:
+    def alloc(self, size: int, *, timeout: float | None = None, site: str | None = None) -> Buffer:
         """Like `Client.alloc`, into this owner. A detached owner's buffers are
         registered with the daemon before this returns (one round trip), so
         they outlive this process even if it is killed the next instant; so
         are those of an owner with a quota, which the daemon checks."""
+        client = self.client
+        if site is None and client.track_sites:
+            site = _caller_site()
         if timeout is not None:
-            return self.client._alloc_waiting(size, self.name, self.detached, timeout)
-        if self.detached or self.quota:
-            return self.client._alloc(size, self.name, self.detached)
-        return self.client._alloc_cached(size, self.id, self.name)
+            return client._alloc_waiting(size, self.name, self.detached, timeout, site or "")
+        if self.detached or self.quota or site:
+            return client._alloc(size, self.name, self.detached, site or "")
+        return client._alloc_cached(size, self.id, self.name)
 
     def alloc_many(self, sizes: Sequence[int]) -> list[Buffer]:
         return self.client._alloc_many(
@@ -198,6 +202,8 @@ class Client:
         self.label = label
         self.cache_enabled = cache
         self.populate = populate
+        # $SHMARENA_TRACK_SITES=1: every allocation is labelled with its caller
+        self.track_sites = os.environ.get("SHMARENA_TRACK_SITES", "") == "1"
         self._lock = threading.Lock()
         self._transport: Transport | None = None
         self._heartbeat: threading.Thread | None = None
@@ -567,7 +573,7 @@ class Client:
         address = segment << SEGMENT_SHIFT | offset
         return Buffer(self, self.epoch, address, size, gen, view, state, None)
 
-    def alloc(self, size: int, *, timeout: float | None = None) -> Buffer:
+    def alloc(self, size: int, *, timeout: float | None = None, site: str | None = None) -> Buffer:
         """A buffer of exactly `size` bytes, owned by this session.
 
         Raises OutOfMemory (a MemoryError) when no free block is large enough;
@@ -576,9 +582,18 @@ class Client:
         daemon, first come first served, until frees make room, and raises
         OutOfMemory only when the time is up. QuotaExceeded (an OutOfMemory)
         when it would take the session over its quota; that never waits.
+
+        `site` labels the block with where it was allocated ("decoder"), shown
+        per owner by `shmarena owners`, so a leak points at code; with
+        $SHMARENA_TRACK_SITES=1 the caller's file, line and function are
+        taken. A labelled allocation goes to the daemon (a round trip).
         """
+        if site is None and self.track_sites:
+            site = _caller_site()
         if timeout is not None:
-            return self._alloc_waiting(size, None, False, timeout)
+            return self._alloc_waiting(size, None, False, timeout, site or "")
+        if site:
+            return self._alloc(size, None, False, site)
         cache = self._cache
         if cache is not None and type(size) is int and 0 < size <= cache.max_bytes:
             return cache.hand_out(size, 0) or self._alloc_miss(size, 0, None)
@@ -621,13 +636,16 @@ class Client:
             cache.add(fills[3 * i], offsets)
         return direct  # type: ignore[no-any-return]
 
-    def _alloc(self, size: int, owner: str | None, detached: bool) -> Buffer:
+    def _alloc(self, size: int, owner: str | None, detached: bool, site: str = "") -> Buffer:
         _check_size(size)
-        (wire,) = self._request_room(Op.ALLOC, size, owner, detached)
+        if site:
+            (wire,) = self._request_room(Op.ALLOC, size, owner, detached, 0.0, site)
+        else:
+            (wire,) = self._request_room(Op.ALLOC, size, owner, detached)
         return self._buffer(wire, "owned")
 
     def _alloc_waiting(
-        self, size: int, owner: str | None, detached: bool, timeout: float
+        self, size: int, owner: str | None, detached: bool, timeout: float, site: str = ""
     ) -> Buffer:
         """An ALLOC the daemon keeps until it fits or `timeout` runs out. What
         this process's cache holds goes back first: waiting while holding
@@ -637,7 +655,7 @@ class Client:
             raise ValueError(f"timeout must be 0 or more seconds, got {timeout}")
         wait_s = min(float(timeout), MAX_WAIT_S)
         try:
-            (wire,) = self._request(Op.ALLOC, size, owner, detached, 0.0)
+            (wire,) = self._request(Op.ALLOC, size, owner, detached, 0.0, site)
         except OutOfMemory as error:
             if isinstance(error, QuotaExceeded) or wait_s <= 0:
                 raise
@@ -645,7 +663,7 @@ class Client:
             if cache is not None:
                 cache.drain_all()
             (wire,) = self._request(
-                Op.ALLOC, size, owner, detached, wait_s, timeout_s=wait_s + self.timeout_s
+                Op.ALLOC, size, owner, detached, wait_s, site, timeout_s=wait_s + self.timeout_s
             )
         return self._buffer(wire, "owned")
 
@@ -970,6 +988,20 @@ def connect(
         populate=populate,
         retry_s=retry_s,
     )
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _caller_site() -> str:
+    """'file.py:LINE function' of the nearest caller outside shmarena."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None:
+        return "?"
+    code = frame.f_code
+    return f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}"
 
 
 def _default_runtime_dir() -> str:

@@ -69,6 +69,7 @@ IMPLICIT_PREFIX = "session-"
 # The retainer key of references held by queued messages (daemon/exchange.py):
 # sessions are numbered from 1, so 0 is nobody's session.
 QUEUED = 0
+MAX_SITE = 200  # characters of an allocation site kept
 
 
 @dataclass(eq=False, slots=True)
@@ -81,6 +82,7 @@ class Block:
     retainers: dict[int, int] | None = None  # session id -> count
     cache_session: int = 0  # the session whose cache it came from, 0 for none
     cached: bool = False  # sitting in that cache right now
+    site: str = ""  # where it was allocated, if the client said (leak hunting)
 
 
 @dataclass(eq=False)
@@ -283,9 +285,15 @@ class Ledger:
     # -- blocks --------------------------------------------------------------
 
     def alloc(
-        self, session_id: int, size: int, owner_name: str | None, detached: bool, now: float
+        self,
+        session_id: int,
+        size: int,
+        owner_name: str | None,
+        detached: bool,
+        now: float,
+        site: str = "",
     ) -> Block:
-        return self.alloc_many(session_id, [size], owner_name, detached, now)[0]
+        return self.alloc_many(session_id, [size], owner_name, detached, now, site)[0]
 
     def alloc_many(
         self,
@@ -294,6 +302,7 @@ class Ledger:
         owner_name: str | None,
         detached: bool,
         now: float,
+        site: str = "",
     ) -> list[Block]:
         """Allocate every size or none: on OutOfMemory, what was taken is given back."""
         for size in sizes:
@@ -332,7 +341,7 @@ class Ledger:
         for offset, size in zip(offsets, sizes, strict=True):
             self.generation += 1
             carved = space.allocation_bytes(offset) or 0
-            block = Block(offset, size, carved, self.generation, None)
+            block = Block(offset, size, carved, self.generation, None, site=site[:MAX_SITE])
             self.blocks[offset] = block
             self._own(block, owner)
             result.append(block)

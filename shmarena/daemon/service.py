@@ -162,6 +162,20 @@ class _AllocWaiter:
 OP_NAMES = {op: op.name.lower() for op in Op}
 
 
+def _sites(blocks: Any) -> list[dict[str, Any]]:
+    """An owner's labelled blocks by allocation site, most bytes first (at
+    most 5): where a leak was allocated."""
+    found: dict[str, list[int]] = {}
+    for block in blocks:
+        if block.site:
+            entry = found.setdefault(block.site, [0, 0])
+            entry[0] += 1
+            entry[1] += block.carved
+    rows = [{"site": k, "blocks": v[0], "bytes": v[1]} for k, v in found.items()]
+    rows.sort(key=lambda r: (-r["bytes"], r["site"]))
+    return rows[:5]
+
+
 def _extfrag(index: float | None) -> float:
     """Linux's convention: -1 for an order that can be allocated now."""
     return -1.0 if index is None else round(index, 3)
@@ -411,9 +425,9 @@ class Service:
             if blocked and not timed_out:
                 kept.append(waiter)
                 continue
-            size, owner, detached, wait_s = waiter.args
+            size, owner, detached, wait_s, site = waiter.args
             try:
-                block = self.ledger.alloc(waiter.session_id, size, owner, detached, now)
+                block = self.ledger.alloc(waiter.session_id, size, owner, detached, now, site)
             except OutOfMemory as error:
                 if not timed_out or isinstance(error, QuotaExceeded):
                     kept.append(waiter)
@@ -739,7 +753,7 @@ class Service:
         return ok_reply(request.request_id, list(self.segments.values()))
 
     def _alloc(self, session_id: int, request: Request, now: float) -> list[Any] | None:
-        size, owner, detached, wait_s = request.args
+        size, owner, detached, wait_s, site = request.args
         key = (session_id, request.request_id)
         if key in self.waiting:
             return None  # a retry of one that waits already
@@ -747,7 +761,7 @@ class Service:
             block = None  # others wait already: behind them
         else:
             try:
-                block = self.ledger.alloc(session_id, size, owner, detached, now)
+                block = self.ledger.alloc(session_id, size, owner, detached, now, site)
             except QuotaExceeded:
                 raise  # a policy, not a lack of room: waiting would not help
             except OutOfMemory:
@@ -766,8 +780,8 @@ class Service:
         return ok_reply(request.request_id, self._wire(block))
 
     def _alloc_many(self, session_id: int, request: Request, now: float) -> list[Any]:
-        sizes, owner, detached = request.args
-        blocks = self.ledger.alloc_many(session_id, sizes, owner, detached, now)
+        sizes, owner, detached, site = request.args
+        blocks = self.ledger.alloc_many(session_id, sizes, owner, detached, now, site)
         self.counters.allocs += len(blocks)
         return ok_reply(request.request_id, [self._wire(b) for b in blocks])
 
@@ -946,6 +960,7 @@ class Service:
             "bytes": owner.bytes,
             "quota": owner.quota,
             "age_s": round(now - owner.created_at, 3),
+            "sites": _sites(owner.blocks.values()),
         }
 
     def _quota(self, session_id: int, request: Request, now: float) -> list[Any]:

@@ -11,7 +11,7 @@ from shmarena.protocol import MAX_BATCH, Handle, Op, decode, encode, parse_reque
 
 def test_alloc_request_parses_with_defaults() -> None:
     request = parse_request([int(Op.ALLOC), 7, 4096])
-    assert request == (Op.ALLOC, 7, (4096, None, False, 0.0))
+    assert request == (Op.ALLOC, 7, (4096, None, False, 0.0, ""))
 
 
 def test_handles_become_handle_tuples() -> None:
