@@ -192,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
         "seconds (default 30; 0 keeps them)",
     )
     daemon.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="how the daemon logs to stderr: 'text' (default: one line per event, for people) "
+        "or 'json' (one object per line with ts, level, event, msg and the event's fields, "
+        "for journald, Docker and log shippers)",
+    )
+    daemon.add_argument(
         "--detach",
         action="store_true",
         help="start in the background and return once the daemon answers",
@@ -354,13 +362,20 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         debug_delay_ms=args.debug_delay_ms,
         debug_seed=args.debug_seed,
         debug_crash_at=args.debug_crash_at,
+        log_format=args.log_format,
     )
     if args.debug_compact_bytes is not None:
         options.compact_bytes = args.debug_compact_bytes
     try:
         run_daemon(options)
     except DaemonStartError as exc:
-        print(f"shmarena daemon: {exc}", file=sys.stderr)
+        if args.log_format == "json":  # a log shipper reads this line too
+            from shmarena.daemon.logs import LogEvent, render_json
+
+            event = LogEvent("start_failed", str(exc), "error", {"name": args.name})
+            print(render_json(event, time.time()), file=sys.stderr)
+        else:
+            print(f"shmarena daemon: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     return EXIT_OK
 
@@ -406,6 +421,8 @@ def _detach(args: argparse.Namespace) -> int:
         args.run_dir,
         "--lease",
         str(args.lease),
+        "--log-format",
+        args.log_format,
     ]
     if args.min_block is not None:
         command += ["--min-block", str(args.min_block)]
