@@ -214,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="address of the metrics endpoint (default 127.0.0.1, this host only)",
     )
     daemon.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="how the daemon logs to stderr: 'text' (default: one line per event, for people) "
+        "or 'json' (one object per line with ts, level, event, msg and the event's fields, "
+        "for journald, Docker and log shippers)",
+    )
+    daemon.add_argument(
         "--detach",
         action="store_true",
         help="start in the background and return once the daemon answers",
@@ -406,13 +414,20 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         debug_crash_at=args.debug_crash_at,
         metrics_port=args.metrics_port,
         metrics_bind=args.metrics_bind,
+        log_format=args.log_format,
     )
     if args.debug_compact_bytes is not None:
         options.compact_bytes = args.debug_compact_bytes
     try:
         run_daemon(options)
     except DaemonStartError as exc:
-        print(f"shmarena daemon: {exc}", file=sys.stderr)
+        if args.log_format == "json":  # a log shipper reads this line too
+            from shmarena.daemon.logs import LogEvent, render_json
+
+            event = LogEvent("start_failed", str(exc), "error", {"name": args.name})
+            print(render_json(event, time.time()), file=sys.stderr)
+        else:
+            print(f"shmarena daemon: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     return EXIT_OK
 
@@ -469,6 +484,8 @@ def _detach(args: argparse.Namespace) -> int:
         args.run_dir,
         "--lease",
         str(args.lease),
+        "--log-format",
+        args.log_format,
     ]
     if args.quota_per_session:
         command += ["--quota-per-session", str(args.quota_per_session)]

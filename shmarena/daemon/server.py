@@ -37,12 +37,14 @@ from shmarena.config import (
     shm_name,
     socket_path,
 )
+from shmarena.daemon.logs import EventLog, LogEvent
+from shmarena.daemon.logwriter import QueuedWriter
 from shmarena.daemon.metrics import Exporter
 from shmarena.daemon.service import ArenaInfo, Service
 from shmarena.daemon.store import DEFAULT_COMPACT_BYTES, Store, new_epoch
 from shmarena.daemon.table import State
 from shmarena.errors import DaemonStartError, ShmArenaError
-from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, MAX_FRAMES
+from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, MAX_FRAMES, PROTOCOL_VERSION
 from shmarena.shm import hugepages, numa
 from shmarena.shm.arena import Arena, Pages, remove_stale_segments
 from shmarena.shm.journal import CrashPoints
@@ -125,6 +127,8 @@ class DaemonOptions:
     # --metrics-bind (loopback by default); None: no endpoint.
     metrics_port: int | None = None
     metrics_bind: str = "127.0.0.1"
+    # --log-format: "text" (the lines as always) or "json" (one object a line)
+    log_format: str = "text"
 
 
 def resolve_group(group: str) -> int:
@@ -179,9 +183,16 @@ def prepare_runtime_dir(run_dir: str, gid: int | None = None) -> None:
 
 
 class Server:
-    def __init__(self, options: DaemonOptions, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, options: DaemonOptions, log: EventLog | None = None) -> None:
         self.options = options
-        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.writer: QueuedWriter | None = None
+        if log is None:
+            # Lines leave through a thread: a stderr nobody reads never stalls serving.
+            self.writer = QueuedWriter(
+                lambda line: print(line, file=sys.stderr, flush=True), self._dropped_note
+            )
+            log = EventLog(options.log_format, self.writer, time.time)
+        self.log = log
         self.socket_path = socket_path(options.run_dir, options.name)
         self.lock_path = lock_path(options.run_dir, options.name)
         self.shm_name = shm_name(options.name)
@@ -216,6 +227,16 @@ class Server:
         self._served = False  # the table was written at start: a clean stop may write it
         self.metrics: Exporter | None = None
 
+    def _dropped_note(self, count: int) -> str:
+        return self.log.render(
+            LogEvent(
+                "log_dropped",
+                f"{count} log lines dropped: stderr was not read fast enough",
+                "warning",
+                {"lines": count},
+            )
+        )
+
     # -- start -------------------------------------------------------------
 
     def start(self) -> None:
@@ -239,7 +260,8 @@ class Server:
         self._take_lock()
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
-            self.log(f"removed stale socket {self.socket_path}")
+            self.log(f"removed stale socket {self.socket_path}", "stale_socket_removed",
+                     path=self.socket_path)  # fmt: skip
         started_at = time.time()
         state = None
         if opts.backing is not None:
@@ -258,13 +280,17 @@ class Server:
                 self.log(
                     f"--size {format_size(opts.size_bytes)} rounded up to "
                     f"{format_size(size_bytes)}, a whole number of "
-                    f"{format_size(self.pages.page_bytes)} pages"
+                    f"{format_size(self.pages.page_bytes)} pages",
+                    "size_rounded",
+                    requested_bytes=opts.size_bytes,
+                    size_bytes=size_bytes,
+                    page_bytes=self.pages.page_bytes,
                 )
             # Segments a daemon of this name left when it died (after the lock:
             # no live daemon of this runtime dir holds them).
             for directory in {"/dev/shm", self.pages.directory}:
                 for path in remove_stale_segments(self.shm_name, directory):
-                    self.log(f"removed stale segment {path}")
+                    self.log(f"removed stale segment {path}", "stale_segment_removed", path=path)
             self.arenas[0] = Arena.create(self.shm_name, size_bytes, self.gid, self.pages)
             epoch = new_epoch()
             min_block = opts.min_block_bytes or DEFAULT_MIN_BLOCK_BYTES
@@ -320,7 +346,9 @@ class Server:
             self.metrics = Exporter(opts.metrics_bind, opts.metrics_port)
             self.metrics.start()
             self.poller.register(self.metrics.fd, zmq.POLLIN)
-            self.log(f"metrics: Prometheus text at {self.metrics.url}")
+            self.log(
+                f"metrics: Prometheus text at {self.metrics.url}", "metrics", url=self.metrics.url
+            )
 
     def _recover(self, store: Store, state: State, now: float) -> None:
         """Load the table into the service; reclaim sessions whose process is
@@ -330,26 +358,25 @@ class Server:
         ledger, links = store.build(state, self.options.name, now)
         service.adopt(ledger, links, now)
         for note in store.recovered.notes:
-            self.log(note)
+            self.log(note, "recovery_note")
         if store.recovered.reset:
-            self.log(store.recovered.reset)
+            self.log(store.recovered.reset, "table_reset", "warning")
         for session_id, session in list(ledger.sessions.items()):
             # A session that was watched by pidfd names a process of this pid
             # namespace: if that is gone, so is the client. One on a lease may
             # come from another namespace (its pid means nothing here): it has
             # the grace, then its lease.
             if session.watched and process_start_ticks(session.pid) != session.start_ticks:
-                freed = service.reclaim(session_id, "exited", now)
-                self.log(
-                    f"recovered session {session_id} (pid {session.pid}) has exited: "
-                    f"reclaimed {freed.blocks} blocks, {format_size(freed.bytes)}"
-                )
+                service.reclaim(session_id, "exited", now)  # the service logs it
                 continue
             session.watched = self._watch(session_id, session.pid, session.start_ticks)
         store.begin(service, self.options.backing or "")
         self._served = True
         ledger.take_changes()
-        self.log(store.describe())
+        self._write_log()
+        self.log(
+            store.describe(), "table_opened", backing=store.backing.path, durability=store.mode
+        )
 
     # -- pages: NUMA, huge pages, segments ------------------------------------
 
@@ -389,7 +416,8 @@ class Server:
                 kind, directory = "hugetlbfs", plan.directory
             else:
                 kind, thp = ("shm" if plan.kind == "thp-shm" else "memfd"), True
-            self.log(f"--hugepages: the arena is on {plan.describe()}")
+            self.log(f"--hugepages: the arena is on {plan.describe()}", "hugepages",
+                     kind=plan.kind, page_bytes=plan.page_bytes)  # fmt: skip
         prefault = bool(policy) or opts.hugepages
         return Pages(kind, directory, page_bytes, thp, policy, nodes, prefault)
 
@@ -404,14 +432,21 @@ class Server:
         except Exception as exc:  # any failure to make it: refuse the request, keep serving
             if growth is not None:
                 growth.last_failure = str(exc)
-            self.log(f"could not add segment {index} of {format_size(size_bytes)}: {exc}")
+            self.log(f"could not add segment {index} of {format_size(size_bytes)}: {exc}",
+                     "segment_add_failed", "warning", index=index, size_bytes=size_bytes,
+                     error=str(exc))  # fmt: skip
             return False
         self.arenas[index] = arena
         self.service.segments[index] = {"index": index, **arena.locator}
         total = sum(a.size_bytes for a in self.arenas.values())
         self.log(
             f"added segment {index}: {format_size(size_bytes)} at {arena.where}; "
-            f"the arena is {format_size(total)} now"
+            f"the arena is {format_size(total)} now",
+            "segment_added",
+            index=index,
+            size_bytes=size_bytes,
+            where=arena.where,
+            total_bytes=total,
         )
         return True
 
@@ -423,7 +458,11 @@ class Server:
             arena.close(unlink=True)
             self.log(
                 f"released segment {index} ({format_size(arena.size_bytes)}): empty for "
-                f"{self.options.shrink_after_s:g} s"
+                f"{self.options.shrink_after_s:g} s",
+                "segment_released",
+                index=index,
+                size_bytes=arena.size_bytes,
+                idle_s=self.options.shrink_after_s,
             )
 
     def _placements(self) -> dict[int, dict[str, Any]]:
@@ -545,10 +584,12 @@ class Server:
             self.router.unbind(f"ipc://{self.socket_path}")
             remove(self.socket_path)  # so clients read why instead of timing out
             self.listening = False
-            self.log(reason)
+            self.log(reason, "accept_paused", "warning", fds_used=self.fd_limit - free,
+                     fd_limit=self.fd_limit)  # fmt: skip
         elif not self.listening and free >= 2 * self.fd_reserve:
             self._listen()
-            self.log(f"accepting new clients again ({free} file descriptors free)")
+            self.log(f"accepting new clients again ({free} file descriptors free)",
+                     "accept_resumed", fds_free=free)  # fmt: skip
 
     def _watch(self, session_id: int, pid: int, start_ticks: int) -> bool:
         """Watch a client pid with a pidfd, if it is the process that said hello.
@@ -607,12 +648,17 @@ class Server:
                 send(peer, SNDMORE)
                 send(reply)
             except zmq.ZMQError as error:  # never fatal: the peer may be gone
-                self.log(f"reply to a client dropped: {error}")
+                self.log(f"reply to a client dropped: {error}", "reply_dropped", "warning",
+                         error=str(error))  # fmt: skip
 
         if debugging:
             self.log(
                 f"DEBUG: dropping {opts.debug_drop_replies:.0%} of replies, delaying each "
-                f"by up to {opts.debug_delay_ms:g} ms (fault injection; never in production)"
+                f"by up to {opts.debug_delay_ms:g} ms (fault injection; never in production)",
+                "fault_injection",
+                "warning",
+                drop_replies=opts.debug_drop_replies,
+                delay_ms=opts.debug_delay_ms,
             )
         info = service.info
         where = info.backing or self.arenas[0].where
@@ -624,9 +670,26 @@ class Server:
                 f"; pages bound ({info.numa_policy}) to NUMA node(s) {list(info.numa_nodes)}"
                 if info.numa_nodes
                 else ""
-            )
+            ),
+            "start",
+            name=opts.name,
+            pid=os.getpid(),
+            size_bytes=info.size_bytes,
+            max_size_bytes=info.max_size_bytes,
+            shm=info.shm_name,
+            backing=info.backing,
+            socket=self.socket_path,
+            version=info.version,
+            protocol=PROTOCOL_VERSION,
+            allocator=info.allocator,
+            min_block_bytes=info.min_block_bytes,
+            lease_s=info.lease_s,
+            group=opts.group or "",
+            pages=self.pages_kind,
+            numa_nodes=list(info.numa_nodes),
         )
         while self._stop_signal is None and not service.stopping:
+            self._write_log()  # what the service noted in the last round
             wait_ms = tick_ms if not service.recovering else min(tick_ms, 50)
             if self._held:
                 self._send_held()
@@ -677,11 +740,7 @@ class Server:
             for fd in [fd for fd in events if isinstance(fd, int) and fd in self.pidfds]:
                 session_id = self.pidfds[fd]
                 self._unwatch(session_id)
-                freed = service.reclaim(session_id, "exited", time.time())
-                self.log(
-                    f"client session {session_id} exited: reclaimed {freed.blocks} blocks, "
-                    f"{format_size(freed.bytes)}"
-                )
+                service.reclaim(session_id, "exited", time.time())  # the service logs it
                 if not self.listening:
                     self._check_fds()
                 self._commit()
@@ -705,14 +764,29 @@ class Server:
                     deliver(peer, reply)
             if time.monotonic() >= next_expire:
                 next_expire = time.monotonic() + tick_ms / 1000
-                for session_id in service.expire(time.time()):
+                for session_id in service.expire(time.time()):  # the service logs them
                     self._unwatch(session_id)
-                    self.log(f"client session {session_id} expired: reclaimed")
                 self._commit()
                 if len(self.arenas) > 1:
                     self._release_segments(time.time())
+        self._write_log()
         why = signal.Signals(self._stop_signal).name if self._stop_signal else "shutdown request"
-        self.log(f"shmarena daemon {opts.name!r} stopping ({why})")
+        self.log(
+            f"shmarena daemon {opts.name!r} stopping ({why})",
+            "stop",
+            name=opts.name,
+            pid=os.getpid(),
+            reason=why,
+            uptime_s=round(time.time() - info.started_at, 3),
+            used_bytes=service.ledger.owned_bytes,
+            sessions=len(service.ledger.sessions),
+        )
+
+    def _write_log(self) -> None:
+        """Write the events the service queued (it does no I/O itself)."""
+        if self.service is not None and self.service.log_events:
+            for event in self.service.take_log():
+                self.log.emit(event)
 
     def _probe_recovering(self) -> None:
         """Is the client of a recovered session back? Its socket reconnects by
@@ -734,7 +808,8 @@ class Server:
                 except zmq.ZMQError:
                     continue  # not connected (yet)
                 service.connected(peer, now)
-                self.log(f"recovered session {session_id} resumed: its client is back")
+                self.log(f"recovered session {session_id} resumed: its client is back",
+                         "client_resumed", session=session_id, how="reconnect")  # fmt: skip
         finally:
             router.setsockopt(zmq.ROUTER_MANDATORY, 0)
 
@@ -808,7 +883,8 @@ class Server:
             try:
                 self.store.close(self.service if self.service and self._served else None)
             except OSError as exc:
-                self.log(f"final snapshot of the allocation table failed: {exc}")
+                self.log(f"final snapshot of the allocation table failed: {exc}",
+                         "snapshot_failed", "error", error=str(exc))  # fmt: skip
             self.store = None
         if self.arenas:
             remove(self.socket_path)
@@ -824,6 +900,8 @@ class Server:
             os.close(self._wake_r)
             os.close(self._wake_w)
             self._wake_r = self._wake_w = -1
+        if self.writer is not None:
+            self.writer.close()  # the last lines (the stop line) get out
 
 
 def run_daemon(options: DaemonOptions, ready: Callable[[Server], None] | None = None) -> None:

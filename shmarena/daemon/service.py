@@ -15,14 +15,25 @@ sessions it cannot watch.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shmarena.config import format_size
 from shmarena.daemon.exchange import Exchange, Waiter
 from shmarena.daemon.layout import layout
-from shmarena.daemon.ledger import DETACHED, QUEUED, Block, Freed, Growth, Ledger, check_size
+from shmarena.daemon.ledger import (
+    DETACHED,
+    QUEUED,
+    Block,
+    Freed,
+    Growth,
+    Ledger,
+    check_size,
+    implicit_owner,
+)
+from shmarena.daemon.logs import LogEvent
 from shmarena.daemon.table import Link
 from shmarena.errors import (
     InvalidRequest,
@@ -76,6 +87,13 @@ def _no_grow(index: int, size_bytes: int) -> bool:
 # Peers whose session ended are remembered (bounded) so that their next
 # request learns why, instead of a bare "say hello first".
 ENDED_PEERS = 4096
+# Log events waiting for the server to write them (it takes them each loop
+# wake-up); past this many the oldest go, so a service nobody drains (tests)
+# stays bounded.
+LOG_EVENTS_KEPT = 4096
+# Where the owner is among the arguments of the requests that allocate (for
+# the OOM event).
+OWNER_ARG = {Op.ALLOC: 1, Op.ALLOC_MANY: 1, Op.FILL: 3}
 
 
 @dataclass(frozen=True)
@@ -222,6 +240,7 @@ class Service:
         # The op of the request the last `handle` call parsed (None: it did
         # not parse, or was a repeat): the server times requests by it.
         self.last_op: str | None = None
+        self.log_events: deque[LogEvent] = deque(maxlen=LOG_EVENTS_KEPT)
         self.stopping = False
         self._encode = encoder()
         self._dispatch: dict[Op, Callable[[int, Request, float], list[Any] | None]] = {
@@ -278,6 +297,7 @@ class Service:
         self.counters.requests += 1
         self.last_op = None
         request_id: Any = None
+        request: Request | None = None
         keep = one_way = False
         session_id = self.peers.get(peer)
         try:
@@ -339,6 +359,8 @@ class Service:
         except ShmArenaError as error:
             self._count_error(error.code)
             reply = error_reply(request_id, error)
+            if isinstance(error, OutOfMemory) and session_id is not None:
+                self._log_oom(session_id, error, request)
         except Exception as error:  # a bug of ours: report it, keep serving
             self._count_error(ShmArenaError.code)
             reply = error_reply(
@@ -466,6 +488,8 @@ class Service:
             if isinstance(result, ShmArenaError):
                 self._count_error(result.code)
                 reply = error_reply(waiter.request_id, result)
+                if isinstance(result, OutOfMemory):
+                    self._log_oom(waiter.session_id, result, None)
             elif isinstance(result, Exception):
                 self._count_error(ShmArenaError.code)
                 reply = error_reply(
@@ -484,6 +508,45 @@ class Service:
     def take_outbox(self) -> list[tuple[bytes, bytes]]:
         out, self.outbox = self.outbox, []
         return out
+
+    # -- the log: events for the server to write -----------------------------
+
+    def take_log(self) -> list[LogEvent]:
+        """The log events since the last call, oldest first (the server writes
+        them; the service itself does no I/O)."""
+        events = list(self.log_events)
+        self.log_events.clear()
+        return events
+
+    def _log(self, event: str, message: str, level: str = "info", **fields: Any) -> None:
+        self.log_events.append(LogEvent(event, message, level, fields))
+
+    def _log_oom(self, session_id: int, error: OutOfMemory, request: Request | None) -> None:
+        session = self.ledger.sessions.get(session_id)
+        pid = session.pid if session is not None else 0
+        owner = ""
+        at = OWNER_ARG.get(request.op) if request is not None else None
+        if request is not None and at is not None and len(request.args) > at:
+            name = request.args[at]
+            owner = implicit_owner(session_id) if name is None else str(name)
+        details = error.details
+        self._log(
+            "oom",
+            f"out of memory: session {session_id} (pid {pid}) owner {owner!r} asked for "
+            f"{format_size(error.requested_bytes)}; largest free block "
+            f"{format_size(error.largest_free_bytes)}, {format_size(error.free_bytes)} free "
+            f"({details.get('state', '')})",
+            "warning",
+            session=session_id,
+            pid=pid,
+            owner=owner,
+            op=request.op.name.lower() if request is not None else "",
+            requested_bytes=error.requested_bytes,
+            largest_free_bytes=error.largest_free_bytes,
+            free_bytes=error.free_bytes,
+            state=details.get("state", ""),
+            top_owners=details.get("top_owners", []),
+        )
 
     def _publish(self, session_id: int, request: Request, now: float) -> list[Any]:
         name, handle, sealed = request.args
@@ -543,6 +606,24 @@ class Service:
             self.seen[session_id] = 0
             self.counters.sessions_opened += 1
             session.watched = bool(self.watch(session_id, pid, start_ticks))
+            watch = "pidfd" if session.watched else "lease"
+            self._log(
+                "client_joined",
+                f"client session {session_id} joined: pid {pid}, label {session.label!r}, "
+                f"watched by {watch}",
+                session=session_id,
+                pid=pid,
+                label=session.label,
+                watch=watch,
+            )
+        elif resumed:
+            self._log(
+                "client_resumed",
+                f"client session {session_id} (pid {pid}) resumed from a new socket",
+                session=session_id,
+                pid=pid,
+                how="token",
+            )
         session = self.ledger.sessions[session_id]
         info = self.info
         return ok_reply(
@@ -692,7 +773,11 @@ class Service:
 
     def end_session(self, session_id: int, reason: str = "ended", now: float = 0.0) -> Freed:
         """The session is over (bye, process died, lease expired): reclaim it."""
+        session = self.ledger.sessions.get(session_id)
+        recovered = session_id in self.recovering
         freed = self.ledger.end_session(session_id)
+        if session is not None:
+            self._log_end(session_id, session.pid, session.label, reason, recovered, freed)
         self.exchange.end_session(session_id)
         self.alloc_waiters = [w for w in self.alloc_waiters if w.session_id != session_id]
         self.waiting = {key for key in self.waiting if key[0] != session_id}
@@ -707,6 +792,35 @@ class Service:
         self.seen.pop(session_id, None)
         self.recovering.pop(session_id, None)
         return freed
+
+    def _log_end(
+        self, session_id: int, pid: int, label: str, reason: str, recovered: bool, freed: Freed
+    ) -> None:
+        got = f"reclaimed {freed.blocks} blocks, {format_size(freed.bytes)}"
+        if reason == "ended":
+            event, message = "client_left", f"client session {session_id} (pid {pid}) left: {got}"
+        elif reason == "exited" and recovered:
+            event = "client_died"
+            message = f"recovered session {session_id} (pid {pid}) has exited: {got}"
+        elif reason == "exited":
+            event, message = "client_died", f"client session {session_id} exited: {got}"
+        else:
+            why = {
+                "lease_expired": f"silent for longer than its {self.info.lease_s:g} s lease",
+                "not_resumed": f"not back within the {self.info.grace_s:g} s grace",
+            }.get(reason, reason)
+            event = "client_died"
+            message = f"client session {session_id} expired: {got} (pid {pid}, {why})"
+        self._log(
+            event,
+            message,
+            session=session_id,
+            pid=pid,
+            label=label,
+            reason=reason,
+            blocks_reclaimed=freed.blocks,
+            bytes_reclaimed=freed.bytes,
+        )
 
     def expire(self, now: float) -> list[int]:
         """End the unwatched sessions silent for longer than the lease."""

@@ -16,6 +16,7 @@ PURE_MODULES = [
     "daemon/ledger.py",
     "daemon/service.py",
     "daemon/exchange.py",
+    "daemon/logs.py",
     "daemon/table.py",
     "protocol.py",
     "errors.py",
