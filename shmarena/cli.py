@@ -893,6 +893,9 @@ def cmd_quota(args: argparse.Namespace) -> int:
         return EXIT_OK
     shown = format_size(data["per_session_bytes"]) if data["per_session_bytes"] else "none"
     print(f"per-session quota: {shown}")
+    if not data["owners"]:
+        print("no owner has a quota of its own (set one: shmarena quota OWNER SIZE)")
+        return EXIT_OK
     cells = (
         (
             r["name"],
