@@ -28,6 +28,8 @@ from shmarena.config import (
     DEFAULT_SIZE_BYTES,
     check_arena_size,
     check_min_block,
+    format_age,
+    format_pct,
     format_size,
     parse_size,
     resolve_name,
@@ -578,19 +580,6 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
-def _age(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def _pct(part: int, whole: int) -> str:
-    return f"{100 * part / whole:.1f} %" if whole else "-"
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     stats = _query(args, Client.stats)
     if stats is None:
@@ -600,7 +589,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     table.add_column(style="bold")
     table.add_column()
     rows = [
-        ("daemon", f"{stats['name']!r}, pid {stats['pid']}, up {_age(stats['uptime_s'])}"),
+        ("daemon", f"{stats['name']!r}, pid {stats['pid']}, up {format_age(stats['uptime_s'])}"),
         (
             "arena",
             f"{format_size(size)} in {stats['backing']} ({stats['backing_fs']}"
@@ -610,15 +599,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         ),
         (
             "used",
-            f"{format_size(stats['used_bytes'])} ({_pct(stats['used_bytes'], size)})"
+            f"{format_size(stats['used_bytes'])} ({format_pct(stats['used_bytes'], size)})"
             f" in {stats['live_blocks']} blocks",
         ),
         (
             "cached",
-            f"{format_size(stats['cached_bytes'])} ({_pct(stats['cached_bytes'], size)})"
+            f"{format_size(stats['cached_bytes'])} ({format_pct(stats['cached_bytes'], size)})"
             f" in {stats['cached_blocks']} blocks held by client caches",
         ),
-        ("free", f"{format_size(stats['free_bytes'])} ({_pct(stats['free_bytes'], size)})"),
+        (
+            "free",
+            f"{format_size(stats['free_bytes'])} ({format_pct(stats['free_bytes'], size)})",
+        ),
         ("largest free", format_size(stats["largest_free_bytes"])),
         *_page_rows(stats),
         ("owners", str(stats["owners"])),
@@ -807,7 +799,7 @@ def cmd_owners(args: argparse.Namespace) -> int:
             str(row["blocks"]),
             format_size(row["bytes"]),
             format_size(row["quota"]) if row.get("quota") else "-",
-            _age(row["age_s"]),
+            format_age(row["age_s"]),
             _sites_cell(row),
         )
         for row in rows
@@ -828,7 +820,7 @@ def cmd_clients(args: argparse.Namespace) -> int:
             str(row["session"]),
             str(row["pid"]),
             row["label"],
-            f"{datetime.fromtimestamp(row['since']):%H:%M:%S} ({_age(row['age_s'])})",
+            f"{datetime.fromtimestamp(row['since']):%H:%M:%S} ({format_age(row['age_s'])})",
             row["watch"],
             str(row["owners"]),
             str(row["blocks"]),
@@ -855,7 +847,7 @@ def cmd_names(args: argparse.Namespace) -> int:
             str(row["session"]),
             format_size(row["bytes"]),
             "yes" if row["sealed"] else "no",
-            _age(row["age_s"]),
+            format_age(row["age_s"]),
         )
         for row in rows
     )
@@ -966,7 +958,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if "used_bytes" in report:
         size = header["size_bytes"] if header else 0
         console.print(
-            f"used {format_size(report['used_bytes'])} ({_pct(report['used_bytes'], size)}), "
+            f"used {format_size(report['used_bytes'])} ({format_pct(report['used_bytes'], size)}), "
             f"cached {format_size(report['cached_bytes'])}, free "
             f"{format_size(report['free_bytes'])}, largest free "
             f"{format_size(report['largest_free_bytes'])}; {len(report['blocks'])} blocks, "

@@ -66,6 +66,20 @@ def format_size(size_bytes: int) -> str:
     raise AssertionError("unreachable")
 
 
+def format_age(seconds: float) -> str:
+    """An age for tables: 42s, 3m07s, 5h02m."""
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f} %" if whole else "-"
+
+
 def check_name(name: str) -> str:
     """The daemon name, validated: it becomes a file name and a shm name."""
     if not isinstance(name, str) or not _NAME_RE.match(name):

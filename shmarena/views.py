@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from shmarena.client.client import Client
-from shmarena.config import format_size
+from shmarena.config import format_age, format_pct, format_size
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -157,7 +157,7 @@ def render_top(now: Sample, before: Sample | None, state: TopState, rows: int) -
     parts: list[Any] = []
     head = Text.assemble(
         ("shmarena top ", "bold"),
-        f"{stats['name']!r} pid {stats['pid']} up {_age(stats['uptime_s'])}, "
+        f"{stats['name']!r} pid {stats['pid']} up {format_age(stats['uptime_s'])}, "
         f"{format_size(stats['size_bytes'])} {stats['allocator']}, "
         f"{len(stats.get('segments', [])) or 1} segment(s), {stats['owners']} owners, "
         f"{len(now.clients)} clients",
@@ -218,8 +218,8 @@ def usage_bar(stats: dict[str, Any], size: int, width: int = 50) -> Text:
     bar.append(FREE_CHAR * (width - shown), style="green")
     bar.append("] ", style="bold")
     bar.append(
-        f"used {format_size(used)} ({_pct(used, size)}), cached {format_size(cached)}, "
-        f"retained {format_size(retained)}, free {format_size(free)} ({_pct(free, size)}), "
+        f"used {format_size(used)} ({format_pct(used, size)}), cached {format_size(cached)}, "
+        f"retained {format_size(retained)}, free {format_size(free)} ({format_pct(free, size)}), "
         f"largest free {format_size(stats['largest_free_bytes'])}"
     )
     return bar
@@ -247,7 +247,7 @@ def _owners_table(owners: list[dict[str, Any]], rows: int) -> Table:
             str(row["session"]) + ("" if row.get("alive", True) else " (gone)"),
             str(row["blocks"]),
             format_size(row["bytes"]),
-            _age(row["age_s"]),
+            format_age(row["age_s"]),
         )
     return table
 
@@ -266,7 +266,7 @@ def _sessions_table(clients: list[dict[str, Any]], rows: int) -> Table:
             str(row["blocks"]),
             format_size(row["bytes"]),
             format_size(row.get("cached_bytes", 0)),
-            _age(row["age_s"]),
+            format_age(row["age_s"]),
         )
     return table
 
@@ -452,19 +452,6 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"top": cmd_top, "map": cmd_map}
-
-
-def _age(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def _pct(part: int, whole: int) -> str:
-    return f"{100 * part / whole:.1f} %" if whole else "-"
 
 
 __all__: Sequence[str] = ["add_commands", "COMMANDS", "cells", "write_png", "image_size"]
