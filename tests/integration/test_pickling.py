@@ -10,12 +10,13 @@ import pickle
 import subprocess
 
 import msgpack
+import numpy as np
+import pandas as pd
+import pyarrow as pa
 import pytest
 
 import shmarena
 from tests.conftest import Daemon, wait_for
-
-np = pytest.importorskip("numpy")
 
 # A child that loads the message on stdin and prints, per large column, whether
 # its data lies inside this process's arena mapping; then checks the values.
@@ -53,7 +54,6 @@ def settled(client: shmarena.Client, used: int) -> bool:
 
 
 def test_a_pandas_dataframe_crosses_with_its_columns_in_the_arena(daemon: Daemon) -> None:
-    pd = pytest.importorskip("pandas")
     client = daemon.client()
     start = client.stats()["used_bytes"]
     frame = pd.DataFrame(
@@ -71,7 +71,6 @@ def test_a_pandas_dataframe_crosses_with_its_columns_in_the_arena(daemon: Daemon
 
 
 def test_an_arrow_table_crosses_with_its_buffers_in_the_arena(daemon: Daemon) -> None:
-    pa = pytest.importorskip("pyarrow")
     client = daemon.client()
     start = client.stats()["used_bytes"]
     table = pa.table({"x": np.arange(1 << 20, dtype=np.float64), "y": ["v"] * (1 << 20)})

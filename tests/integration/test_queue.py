@@ -13,12 +13,11 @@ import subprocess
 import threading
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 
 import shmarena
 from tests.conftest import Daemon, wait_for
-
-np = pytest.importorskip("numpy")
 
 # A consumer: takes messages of (ident, array or None) until None, checks each
 # array's contents and reports (ident, contents ok, data in the arena).

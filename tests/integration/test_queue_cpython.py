@@ -62,6 +62,7 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+import numpy as np
 import pytest
 
 import shmarena
@@ -601,7 +602,6 @@ def test_numpy_round_trip_stays_in_arena(make_queue, ctx):
     """A numpy array sent to a child arrives equal and viewing the arena (the
     child checks and says so); sent back, it arrives equal, in the arena, and
     read-only, because the child sent its block by name, not a copy."""
-    np = pytest.importorskip("numpy")
     inbox, outbox = make_queue(), make_queue()
     sent = np.arange(1 << 17, dtype=np.float64).reshape(256, 512)  # 1 MiB
     with child(ctx, _numpy_echo, inbox, outbox):
@@ -678,7 +678,6 @@ def test_threads_share_a_queue(make_queue):
 def test_received_array_outlives_close(make_queue):
     """Objects got from a queue stay valid after close() (Queue.close says so):
     the array's block is this process's until the array goes."""
-    np = pytest.importorskip("numpy")
     q = make_queue()
     sent = np.arange(1 << 16, dtype=np.int64)  # 512 KiB: in a block of its own
     q.put(sent)

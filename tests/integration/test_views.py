@@ -7,8 +7,6 @@ import subprocess
 import sys
 import tempfile
 
-import pytest
-
 from shmarena.views import FREE_RGB, MARGIN, STRIP_HEIGHT, holder_rgb, image_size
 from tests.conftest import Daemon
 
@@ -64,7 +62,6 @@ def test_map_text_shows_a_fragmented_arena(daemon: Daemon) -> None:
 
 
 def test_map_png_of_a_fragmented_arena(daemon: Daemon) -> None:
-    pytest.importorskip("PIL")
     from PIL import Image
 
     with tempfile.TemporaryDirectory() as tmp:
