@@ -27,7 +27,6 @@ from typing import Any
 from shmarena.client.buffer import Buffer
 from shmarena.client.client import Client
 from shmarena.client.default import default_client
-from shmarena.config import resolve_name, runtime_dir
 from shmarena.errors import NameExists, UnknownName, UnknownOwner
 from shmarena.protocol import MAX_NAME, MAX_OWNER_NAME
 
@@ -37,14 +36,6 @@ OWNER_PREFIX = "shm-"
 NAME_PREFIX = "smp_"
 # A segment's name is a published name and, with OWNER_PREFIX, an owner name.
 MAX_SEGMENT_NAME = min(MAX_NAME, MAX_OWNER_NAME - len(OWNER_PREFIX))
-
-
-def _client_for(daemon: str | None = None, run_dir: str | None = None) -> Client:
-    """This process's shared client (shmarena.client.default) of the daemon
-    `daemon` in `run_dir`, both resolved now from the environment when not
-    given, so a process that changes $SHMARENA_NAME gets that daemon's."""
-    daemon = resolve_name(daemon, os.environ)
-    return default_client(daemon, run_dir or runtime_dir(os.environ, os.getuid()))
 
 
 def _make_name() -> str:
@@ -97,7 +88,7 @@ class SharedMemory:
             raise ValueError(
                 "'name' can only be None if create=True: pass the name of the segment to attach"
             )
-        self._client = client if client is not None else _client_for()
+        self._client = client if client is not None else default_client()
         self._buf: memoryview | None = None
         self._block: Buffer | None = None
         if not create:
@@ -240,7 +231,7 @@ def _let_go(block: Buffer, retained: bool) -> None:
 
 
 def _rebuild(cls: type[SharedMemory], name: str, size: int, daemon: str, run_dir: str) -> Any:
-    return cls(name, False, size, client=_client_for(daemon, run_dir))
+    return cls(name, False, size, client=default_client(daemon, run_dir))
 
 
 def _check_size(size: int, create: bool) -> int:
@@ -465,4 +456,4 @@ class ShareableList:
 
 
 def _rebuild_list(cls: type[ShareableList], name: str, daemon: str, run_dir: str) -> ShareableList:
-    return cls._attached(SharedMemory(name, client=_client_for(daemon, run_dir)))
+    return cls._attached(SharedMemory(name, client=default_client(daemon, run_dir)))

@@ -35,19 +35,31 @@ import io
 import os
 import pickle
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgpack
 
 from shmarena.client import registry
 from shmarena.client.buffer import Buffer
-from shmarena.errors import InvalidRequest, UnknownOwner
+from shmarena.client.default import default_client
+from shmarena.errors import InvalidRequest, ShmArenaError, UnknownOwner
 from shmarena.protocol import Handle, Op
 
 if TYPE_CHECKING:
     from shmarena.client.client import Client
 
-__all__ = ["DEFAULT_THRESHOLD", "Packed", "discard", "dumps", "loads", "pack", "unpack"]
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "Packed",
+    "discard",
+    "dumps",
+    "free_all",
+    "loads",
+    "pack",
+    "release_all",
+    "unpack",
+]
 
 DEFAULT_THRESHOLD = 64 << 10  # below this a copy into the pickle costs less than a block
 _INLINE_STREAM = 64 << 10  # a longer pickle stream goes into a block of its own
@@ -162,7 +174,7 @@ def _place(
             body = [_FORMAT, bytes(data), None, views]
         return Packed(msgpack.packb(body, use_bin_type=True), handles, made)
     except BaseException:
-        _free_quietly(made)
+        free_all(made)
         raise
 
 
@@ -201,19 +213,28 @@ def unpack(payload: bytes, buffers: list[Buffer]) -> Any:
                 buf.release()
 
 
-def _decode(payload: bytes, count: int) -> list[Any]:
+def _unpacked(data: bytes | bytearray | memoryview, valid: Callable[[Any], bool]) -> Any:
+    """`data` decoded, or None unless it decodes to something `valid`
+    (any bytes at all may arrive here)."""
     try:
-        body = msgpack.unpackb(payload, raw=False)
-        ok = (
-            isinstance(body, list)
-            and len(body) == 4
-            and body[0] == _FORMAT
-            and isinstance(body[3], list)
-            and len(body[3]) % 4 == 0
-        )
-    except Exception:  # any bytes at all may arrive here
-        ok = False
-    if not ok:
+        value = msgpack.unpackb(data, raw=False)
+        return value if valid(value) else None
+    except Exception:
+        return None
+
+
+def _decode(payload: bytes, count: int) -> list[Any]:
+    body = _unpacked(
+        payload,
+        lambda b: (
+            isinstance(b, list)
+            and len(b) == 4
+            and b[0] == _FORMAT
+            and isinstance(b[3], list)
+            and len(b[3]) % 4 == 0
+        ),
+    )
+    if body is None:
         raise InvalidRequest(
             f"not a shmarena pickle payload ({len(payload)} bytes, format {_FORMAT} expected); "
             "it must come from shmarena.dumps or a shmarena.Queue of the same version"
@@ -226,24 +247,32 @@ def _decode(payload: bytes, count: int) -> list[Any]:
     return body  # type: ignore[no-any-return]
 
 
-def _free_quietly(bufs: list[Buffer]) -> None:
+def free_all(bufs: list[Buffer]) -> None:
+    """Free what is not freed yet; a block recycled with its owner meanwhile,
+    or a session the daemon reclaimed already, has nothing to give back."""
     for buf in bufs:
         if buf._state != "done":
             try:
                 buf.free()
-            except Exception:
-                pass  # recycled with its owner meanwhile: nothing to give back
+            except ShmArenaError:
+                pass
+
+
+def release_all(bufs: list[Buffer]) -> None:
+    """Release the retained ones among `bufs` (as free_all, quietly)."""
+    for buf in bufs:
+        if buf._state == "retained":
+            try:
+                buf.release()
+            except ShmArenaError:
+                pass
 
 
 # -- dumps / loads -----------------------------------------------------------
 
 
 def _client(client: Client | None) -> Client:
-    if client is not None:
-        return client
-    from shmarena.client.default import default_client
-
-    return default_client()
+    return client if client is not None else default_client()
 
 
 def dumps(obj: Any, *, client: Client | None = None, threshold: int = DEFAULT_THRESHOLD) -> bytes:
@@ -273,22 +302,21 @@ def dumps(obj: Any, *, client: Client | None = None, threshold: int = DEFAULT_TH
 
 
 def _envelope(data: bytes | bytearray | memoryview) -> dict[str, Any]:
-    try:
-        envelope = msgpack.unpackb(data, raw=False)
-        ok = (
-            isinstance(envelope, dict)
-            and envelope.get(_MAGIC) == _FORMAT
-            and isinstance(envelope.get("owner"), (str, type(None)))
-            and isinstance(envelope.get("payload"), bytes)
-            and isinstance(envelope.get("handles"), list)
+    envelope = _unpacked(
+        data,
+        lambda e: (
+            isinstance(e, dict)
+            and e.get(_MAGIC) == _FORMAT
+            and isinstance(e.get("owner"), (str, type(None)))
+            and isinstance(e.get("payload"), bytes)
+            and isinstance(e.get("handles"), list)
             and all(
                 isinstance(h, list) and len(h) == 5 and all(type(x) is int for x in h)
-                for h in envelope["handles"]
+                for h in e["handles"]
             )
-        )
-    except Exception:  # any bytes at all may arrive here
-        ok = False
-    if not ok:
+        ),
+    )
+    if envelope is None:
         raise InvalidRequest(
             f"these {len(data)} bytes are not from shmarena.dumps (format {_FORMAT}); "
             "load plain pickles with pickle.loads"
@@ -313,9 +341,7 @@ def loads(
     try:
         obj = unpack(envelope["payload"], buffers)
     except BaseException:
-        for buf in buffers:
-            if buf._state == "retained":
-                buf.release()
+        release_all(buffers)
         raise
     if envelope["owner"] is not None and not keep:
         try:

@@ -27,16 +27,14 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from shmarena.client import names
 from shmarena.client.client import Client, connect
+from shmarena.client.default import default_client
 from shmarena.errors import QueueFull, ShmArenaError
-from shmarena.pickling import DEFAULT_THRESHOLD, pack, unpack
+from shmarena.pickling import DEFAULT_THRESHOLD, free_all, pack, release_all, unpack
 from shmarena.protocol import Op
-
-if TYPE_CHECKING:
-    from shmarena.client.buffer import Buffer
 
 __all__ = ["Queue"]
 
@@ -80,6 +78,7 @@ class Queue:
         self._local = threading.local()
         self._waiters: list[Client] = []
         self._lock = threading.Lock()
+        self._client: Client | None = self._given  # the data client, found once per process
 
     # -- pickling: a queue travels by name -----------------------------------
 
@@ -115,11 +114,10 @@ class Queue:
         """The client that puts and holds what this process took."""
         if self._pid != os.getpid():  # a forked child: its own connections
             self._setup()
-        if self._given is not None:
-            return self._given
-        from shmarena.client.default import default_client
-
-        return default_client(*self._where)
+        client = self._client
+        if client is None or (client._closed and client is not self._given):
+            client = self._client = default_client(*self._where)
+        return client
 
     def _open(self) -> Client:
         client = self._data()
@@ -164,7 +162,7 @@ class Queue:
                     raise
                 names.request_waiting(self._waiter(data), Op.QPUT, *args, timeout=timeout)
         finally:
-            _free(packed.made)  # the queue holds its own reference now
+            free_all(packed.made)  # the queue holds its own reference now
 
     def put_nowait(self, obj: Any) -> None:
         """`put(obj, block=False)`."""
@@ -184,7 +182,7 @@ class Queue:
         try:
             return unpack(payload, buffers)
         except BaseException:
-            _release(buffers)
+            release_all(buffers)
             raise
 
     def get_nowait(self) -> Any:
@@ -227,20 +225,3 @@ class Queue:
 
     def cancel_join_thread(self) -> None:
         """Nothing to cancel: there is no feeder thread."""
-
-
-def _free(bufs: list[Buffer]) -> None:
-    for buf in bufs:
-        try:
-            buf.free()
-        except ShmArenaError:
-            pass  # the session went: the daemon reclaimed it already
-
-
-def _release(bufs: list[Buffer]) -> None:
-    for buf in bufs:
-        if buf._state == "retained":
-            try:
-                buf.release()
-            except ShmArenaError:
-                pass

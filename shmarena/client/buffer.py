@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from shmarena.client import registry
 from shmarena.protocol import Handle
 from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT
 
@@ -140,8 +141,6 @@ class Buffer:
                     f"shape {shape_t} of {dt} needs {count * dt.itemsize} bytes, "
                     f"the buffer has {self._size}"
                 )
-        from shmarena.client import registry
-
         registry.register(self)  # so pickling names this block instead of copying it
         start = self._offset & OFFSET_MASK
         base = self._client._ndarray_base(self._offset >> SEGMENT_SHIFT)

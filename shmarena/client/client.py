@@ -126,12 +126,8 @@ class Owner:
         they outlive this process even if it is killed the next instant; so
         are those of an owner with a quota, which the daemon checks."""
         client = self.client
-        if site is None and client.track_sites:
-            site = _caller_site()
-        if timeout is not None:
-            return client._alloc_waiting(size, self.name, self.detached, timeout, site or "")
-        if self.detached or self.quota or site:
-            return client._alloc(size, self.name, self.detached, site or "")
+        if self.detached or self.quota or timeout is not None or site or client.track_sites:
+            return client._alloc_direct(size, self.name, self.detached, timeout, site)
         return client._alloc_cached(size, self.id, self.name)
 
     def alloc_many(self, sizes: Sequence[int]) -> list[Buffer]:
@@ -588,12 +584,8 @@ class Client:
         $SHMARENA_TRACK_SITES=1 the caller's file, line and function are
         taken. A labelled allocation goes to the daemon (a round trip).
         """
-        if site is None and self.track_sites:
-            site = _caller_site()
-        if timeout is not None:
-            return self._alloc_waiting(size, None, False, timeout, site or "")
-        if site:
-            return self._alloc(size, None, False, site)
+        if timeout is not None or site or self.track_sites:
+            return self._alloc_direct(size, None, False, timeout, site)
         cache = self._cache
         if cache is not None and type(size) is int and 0 < size <= cache.max_bytes:
             return cache.hand_out(size, 0) or self._alloc_miss(size, 0, None)
@@ -643,6 +635,22 @@ class Client:
         else:
             (wire,) = self._request_room(Op.ALLOC, size, owner, detached)
         return self._buffer(wire, "owned")
+
+    def _alloc_direct(
+        self,
+        size: int,
+        owner: str | None,
+        detached: bool,
+        timeout: float | None,
+        site: str | None,
+    ) -> Buffer:
+        """An allocation the daemon makes itself (no cache): one that may wait,
+        is labelled with its site, or goes to a detached or quota'd owner."""
+        if site is None and self.track_sites:
+            site = _caller_site()
+        if timeout is not None:
+            return self._alloc_waiting(size, owner, detached, timeout, site or "")
+        return self._alloc(size, owner, detached, site or "")
 
     def _alloc_waiting(
         self, size: int, owner: str | None, detached: bool, timeout: float, site: str = ""

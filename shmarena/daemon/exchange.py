@@ -212,8 +212,8 @@ class Exchange:
         queue = self.queues.get(name)
         if queue is None:
             raise InvalidRequest(
-                f"no queue named {name!r} in this arena (it was closed by every process "
-                "and was empty, or never opened); open it again",
+                f"no queue named {name!r} in this arena (every process that had it open "
+                "left it, or it was never opened); open it again",
                 queue=name,
             )
         if join:  # a put or get makes the session a user, as an open does
@@ -320,7 +320,7 @@ class Exchange:
             return
         self.waiters = [w for w in self.waiters if w.deadline > now]
         for waiter in late:
-            self.met.append((waiter, self._timed_out(waiter, now)))
+            self.met.append((waiter, self.timed_out(waiter, now)))
             queue = self.queues.get(waiter.args[0]) if waiter.op in (Op.QGET, Op.QPUT) else None
             if queue is not None:
                 self._maybe_remove(queue)
@@ -366,7 +366,8 @@ class Exchange:
             return error
         raise AssertionError(waiter.op)  # pragma: no cover
 
-    def _timed_out(self, waiter: Waiter, now: float) -> list[Any] | Exception:
+    def timed_out(self, waiter: Waiter, now: float) -> list[Any] | Exception:
+        """What a waiting request gets when its wait is over unmet."""
         args = waiter.args
         if waiter.op is Op.EVENTS:
             oldest = self.log[0][0] if self.log else self.next_seq

@@ -402,7 +402,7 @@ class Service:
         result = self.exchange.try_now(waiter)
         if result is None:
             if wait_s <= 0:
-                result = self.exchange._timed_out(waiter, now)
+                result = self.exchange.timed_out(waiter, now)
             else:
                 self.exchange.wait(waiter)
                 self.waiting.add((session_id, request.request_id))
@@ -447,7 +447,7 @@ class Service:
             if blocked and not timed_out:
                 kept.append(waiter)
                 continue
-            size, owner, detached, wait_s, site = waiter.args
+            size, owner, detached, _, site = waiter.args
             try:
                 block = self.ledger.alloc(waiter.session_id, size, owner, detached, now, site)
             except OutOfMemory as error:
