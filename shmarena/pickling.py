@@ -58,6 +58,7 @@ __all__ = [
     "loads",
     "pack",
     "release_all",
+    "retain_all",
     "unpack",
 ]
 
@@ -258,6 +259,15 @@ def free_all(bufs: list[Buffer]) -> None:
                 pass
 
 
+def retain_all(client: Client, handles: list[Handle]) -> list[Buffer]:
+    """Buffers over the blocks `handles` name, each retained for this process
+    in one round trip (all or none: StaleHandle if one was freed already)."""
+    if not handles:
+        return []
+    client._request(Op.RETAIN, [list(h) for h in handles])
+    return [client._buffer(list(h), "retained") for h in handles]
+
+
 def release_all(bufs: list[Buffer]) -> None:
     """Release the retained ones among `bufs` (as free_all, quietly)."""
     for buf in bufs:
@@ -334,10 +344,7 @@ def loads(
     envelope = _envelope(data)
     client = _client(client)
     handles = [Handle(*h) for h in envelope["handles"]]
-    buffers: list[Buffer] = []
-    if handles:
-        client._request(Op.RETAIN, [list(h) for h in handles])  # all or none
-        buffers = [client._buffer(list(h), "retained") for h in handles]
+    buffers = retain_all(client, handles)
     try:
         obj = unpack(envelope["payload"], buffers)
     except BaseException:
