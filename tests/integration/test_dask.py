@@ -1,0 +1,357 @@
+"""shmarena under Dask: real clusters (LocalCluster with worker processes, and
+`dask scheduler` / `dask worker` processes) on real daemons. Same-daemon
+transfers must arrive as views of the arena; other workers get Dask's bytes;
+every block goes back when Dask lets the keys go or a worker dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import cloudpickle
+import numpy as np
+import pytest
+from distributed import Client as DaskClient
+from distributed import Event, LocalCluster, wait
+from distributed.protocol.serialize import serialize
+
+import shmarena
+import shmarena.dask as sd
+from tests.conftest import Daemon, unique_name, wait_for
+
+# The workers cannot import this module: ship its functions by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+MIB = 1 << 20
+
+
+# -- what the tasks do ----------------------------------------------------------
+
+
+def produce(n: int, in_arena: bool) -> Any:
+    """n bytes with a pattern: made in the arena, or as a plain array."""
+    import numpy
+
+    import shmarena.dask
+
+    x = shmarena.dask.ndarray(n, "uint8") if in_arena else numpy.empty(n, "uint8")
+    x[:] = 7
+    x[::4096] = numpy.arange(len(x[::4096]), dtype=numpy.uint64) % 251
+    return x
+
+
+def checksum(n: int) -> int:
+    expected = np.full(n, 7, dtype=np.uint8)
+    expected[::4096] = np.arange(len(expected[::4096]), dtype=np.uint64) % 251
+    return int(expected[::1024].astype(np.int64).sum())
+
+
+def where(x: Any) -> dict[str, Any]:
+    """Where x's data lies in this process: inside an arena mapping or not,
+    and at which offset of it."""
+    from shmarena.client import registry
+
+    address = x.__array_interface__["data"][0]
+    for low, high in registry.mapping_ranges():
+        if low <= address and address + x.nbytes <= high:
+            return {"in_arena": True, "offset": address - low}
+    return {"in_arena": False, "offset": None}
+
+
+def consume(x: Any) -> dict[str, Any]:
+    import os
+
+    return {
+        "sum": int(x[::1024].astype("int64").sum()),
+        "pid": os.getpid(),
+        "writeable": bool(x.flags.writeable),
+        **where(x),
+    }
+
+
+def head(x: Any) -> Any:
+    return x[:4096]  # a view: it keeps x's block alive on this worker
+
+
+def hold(x: Any, event_name: str) -> int:
+    """Mid-computation: wait for the test's go (with a deadline) while holding x."""
+    from distributed import Event
+
+    if not Event(event_name).wait(120):
+        raise TimeoutError(f"event {event_name} was never set")
+    return int(x[::1024].astype("int64").sum())
+
+
+def held_keys(dask_worker: Any) -> list[str]:
+    return list(dask_worker.data)
+
+
+def held_where(dask_worker: Any, key: str) -> dict[str, Any]:
+    return where(dask_worker.data[key])
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def plugin_for(daemon: Daemon, **kwargs: Any) -> sd.ShmarenaPlugin:
+    return sd.ShmarenaPlugin(daemon.name, runtime_dir=daemon.run_dir, start=False, **kwargs)
+
+
+@pytest.fixture
+def cluster() -> Iterator[DaskClient]:
+    with LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+    ) as local, DaskClient(local) as dask:
+        yield dask
+
+
+def workers(dask: DaskClient) -> list[str]:
+    return sorted(dask.scheduler_info()["workers"])
+
+
+def registrations(client: shmarena.Client) -> list[str]:
+    return sorted(row["name"] for row in client.names("dask-worker:"))
+
+
+def idle_bytes(client: shmarena.Client) -> int:
+    """What the arena holds with no data in it: one registration block per worker."""
+    return len(registrations(client)) * client.stats()["min_block_bytes"]
+
+
+def used(client: shmarena.Client) -> int:
+    """Bytes in blocks someone holds: an owner's, or only a reader's once the
+    owner let go (Dask's memory manager drops extra replicas by itself)."""
+    stats = client.stats()
+    return stats["used_bytes"] + stats["retained_only_bytes"]  # type: ignore[no-any-return]
+
+
+# -- same host --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_arena", [True, False], ids=["made-in-arena", "plain-array"])
+def test_a_256_mib_array_reaches_another_worker_as_a_view_of_the_arena(
+    make_daemon: Any, cluster: DaskClient, in_arena: bool
+) -> None:
+    daemon = make_daemon("1G")
+    watch = daemon.client()
+    cluster.register_plugin(plugin_for(daemon))
+    a, b = workers(cluster)
+    assert registrations(watch) == sorted(f"dask-worker:{w}" for w in (a, b))
+    start = used(watch)
+    assert start == idle_bytes(watch)
+
+    n = 256 * MIB
+    x = cluster.submit(produce, n, in_arena, workers=[a], pure=False)
+    wait([x])
+    at_a = cluster.run(held_where, key=x.key, workers=[a])[a]
+    assert at_a["in_arena"] == in_arena
+    got = cluster.submit(consume, x, workers=[b]).result(timeout=120)
+    assert got["sum"] == checksum(n)
+    assert got["in_arena"], "B's array does not lie in the arena: it was copied"
+    assert not got["writeable"] if in_arena else got["writeable"]
+    fetched = cluster.run(
+        lambda dask_worker: [k for e in dask_worker.transfer_incoming_log for k in e["keys"]],
+        workers=[b],
+    )[b]
+    assert x.key in fetched, "B did not fetch x from A"
+    if in_arena:
+        assert at_a["offset"] == got["offset"], "B's array is not A's block: it was copied"
+        assert used(watch) == start + n
+    else:
+        # A's array stays A's; the copy made for the transfer is B's alone now.
+        wait_for(lambda: used(watch) == start + n, what="only B's copy to remain")
+
+    del x
+    wait_for(lambda: used(watch) == start, what="stats to return to the starting used bytes")
+    assert watch.check() == []
+
+
+def test_a_block_lives_while_any_worker_still_views_it(
+    make_daemon: Any, cluster: DaskClient
+) -> None:
+    daemon = make_daemon("256M")
+    watch = daemon.client()
+    cluster.register_plugin(plugin_for(daemon))
+    a, b = workers(cluster)
+    start = used(watch)
+    x = cluster.submit(produce, 32 * MIB, True, workers=[a], pure=False)
+    part = cluster.submit(head, x, workers=[b])
+    wait([part])
+    key = x.key
+    del x  # Dask forgets x on both workers; B's `part` still views x's block
+    wait_for(
+        lambda: not any(key in keys for keys in cluster.run(held_keys).values()),
+        what="the workers to forget x",
+    )
+    assert used(watch) == start + 32 * MIB
+    assert int(part.result()[::4096][0]) == 0 and int(part.result()[1]) == 7
+    del part
+    wait_for(lambda: used(watch) == start, what="the block to go with its last view")
+
+
+def test_a_killed_worker_is_recomputed_and_its_blocks_reclaimed(
+    make_daemon: Any, cluster: DaskClient
+) -> None:
+    daemon = make_daemon("256M")
+    watch = daemon.client()
+    cluster.register_plugin(plugin_for(daemon))
+    a, _ = workers(cluster)
+    pid_a = cluster.run(os.getpid, workers=[a])[a]
+    before = watch.stats()["counters"]["reclaimed_bytes"]
+    go = Event(unique_name("go"), client=cluster)
+
+    n = 48 * MIB
+    x = cluster.submit(produce, n, True, workers=[a], allow_other_workers=True, pure=False)
+    held = cluster.submit(hold, x, go.name, workers=[a], allow_other_workers=True)
+    wait([x])
+    wait_for(lambda: any(held.key in p for p in cluster.processing().values()), what="hold to run")
+    session_a = [c for c in watch.list_clients() if c["pid"] == pid_a]
+    assert session_a and session_a[0]["bytes"] >= n
+
+    os.kill(pid_a, signal.SIGKILL)  # mid-computation: A holds x and runs `hold`
+    wait_for(
+        lambda: all(c["pid"] != pid_a for c in watch.list_clients()),
+        timeout_s=30,
+        what="the daemon to reclaim the killed worker's session",
+    )
+    assert watch.stats()["counters"]["reclaimed_bytes"] - before >= n
+    assert f"dask-worker:{a}" not in registrations(watch)  # it went with the session
+
+    go.set()
+    assert held.result(timeout=120) == checksum(n), "the recomputed result differs"
+    assert cluster.who_has(x)[x.key], "x was not recomputed"
+    del x, held
+    wait_for(lambda: used(watch) == idle_bytes(watch), what="every data block to go back")
+    assert watch.check() == []
+
+
+def test_the_plugin_starts_one_daemon_for_the_workers_of_a_host() -> None:
+    run_dir = tempfile.mkdtemp(prefix="shmarena-dask-")
+    name = unique_name("dask")
+    env = dict(os.environ, SHMARENA_NAME=name, SHMARENA_RUNTIME_DIR=run_dir)
+    try:
+        with LocalCluster(
+            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+        ) as local, DaskClient(local) as dask:
+            dask.register_plugin(sd.ShmarenaPlugin(name, runtime_dir=run_dir, size="64M"))
+            a, b = workers(dask)
+            with shmarena.connect(name, runtime_dir=run_dir) as watch:
+                assert watch.stats()["size_bytes"] == 64 * MIB
+                assert registrations(watch) == sorted(f"dask-worker:{w}" for w in (a, b))
+            x = dask.submit(produce, MIB, True, workers=[a], pure=False)
+            assert dask.submit(consume, x, workers=[b]).result(timeout=60)["in_arena"]
+    finally:
+        stopped = subprocess.run(
+            [sys.executable, "-m", "shmarena", "shutdown"], env=env, capture_output=True, text=True
+        )
+    assert stopped.returncode == 0, stopped.stderr
+    wait_for(lambda: not os.path.exists(os.path.join(run_dir, f"{name}.sock")), what="shutdown")
+    leftovers = [f for f in os.listdir(run_dir) if not f.endswith(".log")]
+    assert leftovers == []
+    assert not os.path.exists(f"/dev/shm/shmarena-{name}")
+
+
+# -- dask scheduler / dask worker, and a second "host" --------------------------
+
+
+class _Processes:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(self, args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli." + args[0], *args[1:]],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+
+
+def test_dask_worker_processes_use_handles_within_a_daemon_and_bytes_across(
+    make_daemon: Any, tmp_path: Any
+) -> None:
+    """Workers 1 and 2 share daemon `here`; worker 3 uses daemon `there`, as a
+    worker on another host would: it must get plain bytes, and correct ones."""
+    here, there = make_daemon("256M"), make_daemon("256M")
+    scheduler_file = str(tmp_path / "scheduler.json")
+    procs = _Processes()
+    try:
+        procs.start(
+            ["dask_scheduler", "--scheduler-file", scheduler_file, "--port", "0",
+             "--no-dashboard", "--host", "127.0.0.1"],
+            here.env,
+        )
+        wait_for(lambda: os.path.exists(scheduler_file), timeout_s=60, what="the scheduler file")
+        for worker, daemon in (("w1", here), ("w2", here), ("w3", there)):
+            procs.start(
+                ["dask_worker", "--scheduler-file", scheduler_file, "--name", worker,
+                 "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1",
+                 "--preload", "shmarena.dask"],  # the plugin, on the daemon of its env
+                daemon.env,
+            )
+        with open(scheduler_file) as f:
+            address = json.load(f)["address"]
+        with DaskClient(address, timeout=60) as dask:
+            dask.wait_for_workers(3, timeout=60)
+            by_name = {info["name"]: w for w, info in dask.scheduler_info()["workers"].items()}
+            wait_for(lambda: len(registrations(here.client())) == 2, what="w1, w2 to register")
+            near, there_watch = here.client(), there.client()
+            assert registrations(near) == sorted(f"dask-worker:{by_name[w]}" for w in ("w1", "w2"))
+            assert registrations(there_watch) == [f"dask-worker:{by_name['w3']}"]
+            start_here, start_there = used(near), used(there_watch)
+            n = 64 * MIB
+
+            x = dask.submit(produce, n, True, workers=[by_name["w1"]], pure=False)
+            same = dask.submit(consume, x, workers=[by_name["w2"]]).result(timeout=60)
+            assert same["in_arena"] and same["sum"] == checksum(n)
+
+            far = dask.submit(consume, x, workers=[by_name["w3"]]).result(timeout=60)
+            assert far["sum"] == checksum(n)
+            assert not far["in_arena"], "w3 got a view of an arena it does not use"
+            assert used(there_watch) == start_there  # nothing of x went into `there`
+
+            # And back: w3 makes an array in its own arena; w1 gets bytes.
+            y = dask.submit(produce, n, True, workers=[by_name["w3"]], pure=False)
+            back = dask.submit(consume, y, workers=[by_name["w1"]]).result(timeout=60)
+            assert back["sum"] == checksum(n) and not back["in_arena"]
+
+            del x, y
+            wait_for(lambda: used(near) == start_here, what="`here` to let x go")
+            wait_for(lambda: used(there_watch) == start_there, what="`there` to let y go")
+    finally:
+        procs.stop()
+
+
+# -- the family on its own ----------------------------------------------------
+
+
+def test_outside_a_same_arena_transfer_the_family_leaves_arrays_to_dask() -> None:
+    array = np.ones(1 << 20, dtype="uint8")
+    header, frames = serialize(array, serializers=[sd.FAMILY, "dask", "pickle"])
+    assert header["serializer"] == "dask"
+
+
+def test_handles_reaching_a_process_without_the_plugin_are_refused_clearly() -> None:
+    loads = sd._loads  # what Dask calls for the family's frames
+    with pytest.raises(shmarena.InvalidRequest, match="no shmarena plugin"):
+        loads({"epoch": 1, "handles": []}, [b""])
