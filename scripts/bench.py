@@ -1,6 +1,6 @@
 """Benchmark shmarena against its alternatives and its own floors, side by side.
 
-What it measures (one run, seven sections):
+What it measures (one run, eight sections):
 
 1. alloc+free latency per pair at 4 KiB, 64 KiB, 1 MiB and 16 MiB for a cached
    client (cache=True), an uncached client (cache=False: every call is a round
@@ -34,6 +34,13 @@ What it measures (one run, seven sections):
    pages (hugetlbfs, shmem THP) where available. As root it reserves huge
    pages, mounts hugetlbfs and sets shmem_enabled for the section, and puts
    all three back.
+8. dask: in a distributed.LocalCluster of two worker processes, a task on
+   worker A makes a 256 MiB uint8 array and a task on worker B reads it: the
+   transfer A -> B (from B's transfer_incoming_log) and the consumer's end to
+   end time, without shmarena.dask.ShmarenaPlugin (Dask's own path) and with
+   it (the array made in the arena; a plain array, copied in on send). Two
+   clusters side by side, interleaved. Skipped, saying so, when distributed
+   is not installed (pip install 'shmarena[dask]').
 
 How to run it (from the repository root, in a venv with shmarena installed):
 
@@ -98,6 +105,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -112,6 +120,7 @@ import numpy as np
 import posix_ipc
 import zmq
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # Benchmark the working copy this script belongs to, even without an install.
@@ -168,6 +177,7 @@ class Plan:
     handoff_samples: int  # Pipe handoffs per chunk
     queue_samples: dict[int, int]  # Queue handoffs per chunk, by array size
     scale_blocks: int  # live blocks of the big scale daemon
+    dask_samples: int  # 256 MiB Dask handoffs per variant per round
 
     @staticmethod
     def make(quick: bool, rounds: int | None) -> Plan:
@@ -183,6 +193,7 @@ class Plan:
                 handoff_samples=30,
                 queue_samples={1 * MiB: 4, 16 * MiB: 2, 256 * MiB: 1},
                 scale_blocks=100_000,
+                dask_samples=1,
             )
         return Plan(
             quick=False,
@@ -195,6 +206,7 @@ class Plan:
             handoff_samples=100,
             queue_samples={1 * MiB: 20, 16 * MiB: 4, 256 * MiB: 1},
             scale_blocks=1_000_000,
+            dask_samples=2,
         )
 
 
@@ -857,7 +869,7 @@ def note(text: str) -> None:
 def section_latency(
     plan: Plan, daemon: Daemon, ctx: SpawnContext, scratch: str, report: Report
 ) -> None:
-    note("1/7 alloc+free latency: cached, uncached, shared_memory, transport floor")
+    note("1/8 alloc+free latency: cached, uncached, shared_memory, transport floor")
     with contextlib.ExitStack() as stack:
         cached = connected(stack, daemon, cache=True)
         uncached = connected(stack, daemon, cache=False)
@@ -984,7 +996,7 @@ def section_latency(
 
 
 def section_throughput(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Report) -> None:
-    note("2/7 cached alloc+free throughput with 1 and 2 client processes")
+    note("2/8 cached alloc+free throughput with 1 and 2 client processes")
     barriers = {1: ctx.Barrier(1), 2: ctx.Barrier(2)}
     trials: dict[int, list[float]] = {1: [], 2: []}
     with contextlib.ExitStack() as stack:
@@ -1069,7 +1081,7 @@ def section_throughput(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Re
 
 
 def section_handoff(plan: Plan, daemon: Daemon, ctx: SpawnContext, report: Report) -> None:
-    note("3/7 producer -> consumer handoff of 1, 16, 256 MiB numpy arrays")
+    note("3/8 producer -> consumer handoff of 1, 16, 256 MiB numpy arrays")
     with contextlib.ExitStack() as stack:
         # The consumers: one on a duplex Pipe, one on a pair of Queues. Cleanup
         # runs last-registered first: stop message, then join, then close.
@@ -1318,7 +1330,7 @@ def fill_until_oom(client: shmarena.Client, stream: SizeStream, live: list[shmar
 
 
 def section_memory(plan: Plan, report: Report) -> None:
-    note("4/7 memory efficiency of a fresh 1 GiB arena (uncached), then 10 rounds of churn")
+    note("4/8 memory efficiency of a fresh 1 GiB arena (uncached), then 10 rounds of churn")
     phases: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         daemon = started_daemon(stack, "1G", "4K")
@@ -1426,7 +1438,7 @@ def section_scale(plan: Plan, report: Report) -> None:
     big = plan.scale_blocks
     small_label, big_label = count_label(SCALE_SMALL), count_label(big)
     quick_note = " (--quick: 100 000 live blocks instead of 1 000 000)" if plan.quick else ""
-    note(f"5/7 scale: 64 KiB alloc+free with {SCALE_SMALL:,} and {big:,} live blocks{quick_note}")
+    note(f"5/8 scale: 64 KiB alloc+free with {SCALE_SMALL:,} and {big:,} live blocks{quick_note}")
     # Two daemons side by side (256 MiB, min block 64 B), one holding 1 000 live
     # blocks and one holding `big`, so both states are measured interleaved.
     variants: list[Variant] = []
@@ -1519,9 +1531,6 @@ def section_scale(plan: Plan, report: Report) -> None:
     report.sections["scale"] = results
 
 
-# -- targets and comparison -----------------------------------------------------------------
-
-
 # -- section 6: the cost of a persistent table -------------------------------------------
 
 PERSIST_SIZE = 64 * KiB
@@ -1534,7 +1543,7 @@ def section_persist(plan: Plan, report: Report) -> None:
     (per request). The files lie on tmpfs, so the figures are the cost of the
     bookkeeping and the system calls; `batch-disk` puts one on the disk of
     the scratch dir (ext4 here), where fdatasync waits for the device."""
-    note("6/7 persistent backing: alloc+free by durability (tmpfs files, one on disk)")
+    note("6/8 persistent backing: alloc+free by durability (tmpfs files, one on disk)")
     modes = {"none": "/dev/shm", "batch": "/dev/shm", "sync": "/dev/shm", "batch-disk": None}
     with contextlib.ExitStack() as stack:
         clients: dict[str, tuple[shmarena.Client, shmarena.Client]] = {}
@@ -1714,7 +1723,7 @@ def section_pages(plan: Plan, report: Report) -> None:
 
     size = (256 if plan.quick else 1024) * MiB
     gib = size / (1 << 30)
-    note(f"7/7 pages: first touch of a {size_label(size)} segment, ms per GiB")
+    note(f"7/8 pages: first touch of a {size_label(size)} segment, ms per GiB")
     ctx = mp.get_context("spawn")
     serial = itertools.count()
     rows: dict[str, dict[str, list[float]]] = {}
@@ -1803,6 +1812,278 @@ def section_pages(plan: Plan, report: Report) -> None:
             LOWER,
             f"client first-touch ms/GiB: {label} / shm (default), client touches",
         )
+
+
+# -- section 8: Dask worker -> worker transfer -------------------------------------
+
+DASK_SIZE = 256 * MiB
+DASK_HINT = "pip install 'shmarena[dask]'"
+DASK_ROWS = {  # section 8's table rows
+    "dask": "no plugin (Dask's own path)",
+    "dask_shm": "plugin, array made in the arena",
+    "dask_shm_copy": "plugin, plain array (copied in on send)",
+}
+DASK_RELEASE_S = 60.0  # longest wait for the workers to forget a round's keys
+
+
+# The task functions run in the Dask workers. Defined in this script, they
+# travel there by value (cloudpickle), so they import what they use themselves.
+
+
+def _dask_plain(n: int) -> Any:
+    import numpy
+
+    return numpy.ones(n, dtype=numpy.uint8)
+
+
+def _dask_in_arena(n: int) -> Any:
+    import shmarena.dask
+
+    x = shmarena.dask.ndarray(n, "uint8")
+    x[:] = 1
+    return x
+
+
+def _dask_checksum(x: Any) -> int:
+    # One byte per 4 KiB page: the consumer reads the data it got without
+    # making the benchmark about a 256 MiB sum.
+    return int(x[::4096].sum())
+
+
+def _dask_where(x: Any) -> dict[str, Any]:
+    """Where the array a task received lies: in a mapped arena segment or not."""
+    from shmarena.client import registry
+
+    start = int(x.__array_interface__["data"][0])
+    ranges = registry.mapping_ranges()
+    inside = any(lo <= start and start + x.nbytes <= hi for lo, hi in ranges)
+    return {"data": start, "nbytes": int(x.nbytes), "ranges": ranges, "in_arena": inside}
+
+
+def _dask_transfers(dask_worker: Any, key: str) -> list[dict[str, Any]]:
+    return [dict(e) for e in dask_worker.transfer_incoming_log if key in e["keys"]]
+
+
+def _dask_holds(dask_worker: Any, keys: Sequence[str]) -> bool:
+    return any(k in dask_worker.data or k in dask_worker.state.tasks for k in keys)
+
+
+@dataclass
+class DaskCluster:
+    """One LocalCluster of this section: its client and the two workers, A
+    (the producer's) and B (the consumer's)."""
+
+    client: Any
+    a: str
+    b: str
+
+
+def started_cluster(stack: contextlib.ExitStack, plugin: Any = None) -> DaskCluster:
+    """A LocalCluster of two single-threaded worker processes, closed by
+    `stack` (the client first, then the cluster); with `plugin` registered."""
+    import distributed
+
+    # Interrupted half-way, the workers would be orphans. The scheduler's HTTP
+    # server (health routes, even without a dashboard) wants port 8787, which
+    # the other cluster of this section has: it takes a free one, and warns.
+    with signals_deferred(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Port 8787 is already in use", UserWarning)
+        cluster = distributed.LocalCluster(
+            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+        )
+        stack.callback(cleanup(cluster.close))
+        client = distributed.Client(cluster)
+        stack.callback(cleanup(client.close))
+    client.wait_for_workers(2, timeout=CHILD_TIMEOUT_S)
+    if plugin is not None:
+        client.register_plugin(plugin)
+    a, b = sorted(client.scheduler_info()["workers"])
+    return DaskCluster(client, a, b)
+
+
+def dask_handoff(cluster: DaskCluster, produce: Callable[[int], Any]) -> tuple[float, float]:
+    """One handoff A -> B; returns (transfer s, as B's incoming-transfer log
+    has it; consumer end to end s, submit -> result in this process). The
+    producer has finished before the clock starts; the keys are forgotten by
+    both workers before this returns, so no round's arrays pile up."""
+    import distributed
+
+    client = cluster.client
+    source = client.submit(produce, DASK_SIZE, workers=[cluster.a], pure=False)
+    distributed.wait(source, timeout=CHILD_TIMEOUT_S)
+    t0 = time.perf_counter()
+    sink = client.submit(_dask_checksum, source, workers=[cluster.b], pure=False)
+    total = sink.result(timeout=CHILD_TIMEOUT_S)
+    end_to_end = time.perf_counter() - t0
+    if total != DASK_SIZE // 4096:
+        raise RuntimeError(f"the consumer's checksum is {total}, not {DASK_SIZE // 4096}")
+    keys = [source.key, sink.key]
+    entries = client.run(_dask_transfers, key=source.key, workers=[cluster.b])[cluster.b]
+    if len(entries) != 1:
+        raise RuntimeError(
+            f"worker B logged {len(entries)} incoming transfers of {source.key}, not one: "
+            "the consumer did not fetch the array from A"
+        )
+    # stop - start, not "duration": Dask rounds that up to 1 ms.
+    transfer = float(entries[0]["stop"] - entries[0]["start"])
+    del source, sink
+    deadline = time.monotonic() + DASK_RELEASE_S
+    while any(client.run(_dask_holds, keys=keys).values()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the workers still hold {keys} after {DASK_RELEASE_S:g} s")
+        time.sleep(0.01)
+    return transfer, end_to_end
+
+
+def dask_check_path(cluster: DaskCluster, produce: Callable[[int], Any], in_arena: bool) -> None:
+    """Fail unless the array B receives lies in the arena exactly when it
+    should: a benchmark of the wrong path is worse than none."""
+    client = cluster.client
+    source = client.submit(produce, DASK_SIZE, workers=[cluster.a], pure=False)
+    where = client.submit(_dask_where, source, workers=[cluster.b], pure=False)
+    found = where.result(timeout=CHILD_TIMEOUT_S)
+    del source, where
+    if found["in_arena"] != in_arena:
+        ranges = ", ".join(f"{lo:#x}-{hi:#x}" for lo, hi in found["ranges"]) or "none"
+        raise RuntimeError(
+            f"dask section: worker B received the {produce.__name__} array at "
+            f"{found['data']:#x} ({found['nbytes']} bytes), expected it "
+            f"{'inside' if in_arena else 'outside'} the arena; B's mapped segments: {ranges}. "
+            "The plugin did not take the path this section measures: check that "
+            "ShmarenaPlugin registered on both workers (worker logs)"
+        )
+
+
+def pooled(rounds: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Samples in seconds, by round -> Variant.summary()'s figures, in µs."""
+    samples = [s * 1e6 for chunk in rounds for s in chunk]
+    medians = [float(np.median(chunk)) * 1e6 for chunk in rounds if chunk]
+    return {**summarize(samples), "ops_per_sample": 1, "round_medians": medians}
+
+
+def section_dask(plan: Plan, report: Report) -> None:
+    """A 256 MiB uint8 array made by a task on worker A and consumed by a task
+    on worker B of a two-process LocalCluster: the transfer A -> B (from B's
+    incoming-transfer log) and the consumer's end-to-end time, without the
+    plugin (Dask's own path: serialised, sent over TCP, deserialised) and
+    with it (a handle: the array made in the arena, or a plain array that
+    the plugin copies into the arena on send)."""
+    note(f"8/8 dask: a {size_label(DASK_SIZE)} array from worker A to worker B, plugin or not")
+    try:
+        import distributed  # noqa: F401
+
+        import shmarena.dask
+    except ImportError as exc:
+        why = f"{exc} ({DASK_HINT})"
+        console.print(f"[yellow]dask: skipped: {escape(why)}[/yellow]")  # [dask] is no markup
+        report.sections["dask"] = {"skipped": why}
+        return
+    kinds: dict[str, Callable[[int], Any]] = {
+        "dask": _dask_plain,
+        "dask_shm": _dask_in_arena,
+        "dask_shm_copy": _dask_plain,
+    }
+    transfers: dict[str, list[list[float]]] = {name: [] for name in kinds}
+    ends: dict[str, list[list[float]]] = {name: [] for name in kinds}
+    with contextlib.ExitStack() as stack:
+        # Room for the array and a plain array's copy at once, with margin.
+        daemon = started_daemon(stack, "1G", "4K")
+        # Two clusters side by side (they share nothing: the plugin lives in
+        # the worker processes it is registered with), so that every round has
+        # every variant, as in the other sections.
+        plain = started_cluster(stack)
+        plugin = shmarena.dask.ShmarenaPlugin(
+            daemon=daemon.name, runtime_dir=daemon.run_dir, start=False
+        )
+        shm = started_cluster(stack, plugin)
+        clusters = {"dask": plain, "dask_shm": shm, "dask_shm_copy": shm}
+        watcher = connected(stack, daemon, cache=False)
+        baseline = int(watcher.stats()["used_bytes"])  # the workers' registrations
+        for name, produce in kinds.items():  # the first transfers open connections,
+            for _ in range(2):  # and grow the workers' heaps
+                dask_handoff(clusters[name], produce)
+        dask_check_path(plain, _dask_plain, in_arena=False)
+        dask_check_path(shm, _dask_in_arena, in_arena=True)
+        dask_check_path(shm, _dask_plain, in_arena=True)
+        names = list(kinds)
+        for r in range(plan.rounds):
+            shift = r * len(names) // max(1, plan.rounds)
+            for name in [*names[shift:], *names[:shift]]:
+                transfers[name].append([])
+                ends[name].append([])
+                for _ in range(plan.dask_samples):
+                    transfer, end_to_end = dask_handoff(clusters[name], kinds[name])
+                    transfers[name][-1].append(transfer)
+                    ends[name][-1].append(end_to_end)
+        deadline = time.monotonic() + DASK_RELEASE_S
+        while (used := int(watcher.stats()["used_bytes"])) > baseline:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"dask section: the arena still has {used - baseline} bytes in use "
+                    f"{DASK_RELEASE_S:g} s after the last round (the workers forgot every key)"
+                )
+            time.sleep(0.05)
+
+    results: dict[str, Any] = {"size_bytes": DASK_SIZE, "variants": {}}
+    for name in kinds:
+        results["variants"][name] = {
+            "transfer": pooled(transfers[name]),
+            "end_to_end": pooled(ends[name]),
+        }
+    figures = results["variants"]
+    label = size_label(DASK_SIZE)
+    shown: dict[str, str] = {"dask": ""}
+    for name in ("dask_shm", "dask_shm_copy"):
+        texts = []
+        for what, words in (("transfer", "transfer"), ("end_to_end", "end to end")):
+            prefix = "" if what == "transfer" else "end_to_end_"
+            ratio = report.ratio(
+                f"dask.{prefix}dask_over_{name.removeprefix('dask_')}@{label}",
+                safe_div(figures["dask"][what]["median_us"], figures[name][what]["median_us"]),
+                HIGHER,
+                f"x times faster: {words} median without the plugin / {DASK_ROWS[name]}",
+                round_ratios(figures["dask"][what], figures[name][what]),
+            )
+            texts.append(fmt_ratio(ratio))
+        shown[name] = " / ".join(texts)
+    table = new_table(
+        f"8. Dask: {label} uint8 array, task on worker A -> task on worker B "
+        f"({plan.rounds} interleaved rounds)",
+        "<variant",
+        "samples",
+        "transfer median µs",
+        "max µs",
+        "end to end median µs",
+        "max µs",
+        "<x faster: transfer / end to end",
+    )
+    for name in kinds:
+        row = figures[name]
+        table.add_row(
+            DASK_ROWS[name],
+            str(row["transfer"]["samples"]),
+            fmt_us(row["transfer"]["median_us"]),
+            fmt_us(max(s for chunk in transfers[name] for s in chunk) * 1e6),
+            fmt_us(row["end_to_end"]["median_us"]),
+            fmt_us(max(s for chunk in ends[name] for s in chunk) * 1e6),
+            shown[name],
+        )
+    console.print(table)
+    note(
+        "transfer: B's transfer_incoming_log (stop - start); end to end: the consumer task, "
+        "submit -> result in this process, the producer done before"
+    )
+    report.sections["dask"] = results
+    report.target(
+        f"dask transfer {label.replace('MiB', ' MiB')}: no plugin over plugin",
+        report.ratios[f"dask.dask_over_shm@{label}"]["value"],
+        ">=",
+        20,
+        "×",
+    )
+
+
+# -- targets and comparison -----------------------------------------------------------------
 
 
 def print_targets(report: Report) -> None:
@@ -1945,7 +2226,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-SECTIONS = ("latency", "throughput", "handoff", "memory", "scale", "persist", "pages")
+SECTIONS = ("latency", "throughput", "handoff", "memory", "scale", "persist", "pages", "dask")
 
 
 def run_all(plan: Plan, report: Report, sections: Sequence[str] = SECTIONS) -> None:
@@ -1969,6 +2250,8 @@ def run_all(plan: Plan, report: Report, sections: Sequence[str] = SECTIONS) -> N
         section_persist(plan, report)
     if "pages" in sections:
         section_pages(plan, report)
+    if "dask" in sections:
+        section_dask(plan, report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
