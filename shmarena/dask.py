@@ -40,7 +40,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -94,8 +93,7 @@ class _State:
     address: str
     threshold: int
     registration: Buffer | None = None
-    peers: dict[str, tuple[bool, float]] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    peers: dict[str, tuple[bool, float]] = field(default_factory=dict)  # the event loop's
 
     def shares_arena(self, address: str | None) -> bool:
         """Whether the worker at `address` is registered in our daemon."""
@@ -109,7 +107,9 @@ class _State:
         try:
             found = any(row["name"] == name for row in self.client.names(name))
         except ShmArenaError as exc:
-            logger.warning("shmarena: cannot ask the daemon about %s (%s); using Dask's path", address, exc)
+            logger.warning(
+                "shmarena: cannot ask the daemon about %s (%s); using Dask's path", address, exc
+            )
             found = False
         self.peers[address] = (found, now + (_POSITIVE_TTL_S if found else _NEGATIVE_TTL_S))
         return found
@@ -143,7 +143,15 @@ def ndarray(shape: Any, dtype: Any = "float64", order: str = "C") -> Any:
 
     if _STATE is None:
         return np.empty(shape, dtype=dtype, order=order)  # type: ignore[call-overload]
-    return _STATE.client.ndarray(shape, dtype, order)
+    return _STATE.client.ndarray(shape, dtype, order, site=_task_site())
+
+
+def _task_site() -> str | None:
+    """'dask KEY' inside a task (the block's site in `shmarena owners`)."""
+    from distributed.worker import thread_state
+
+    key = getattr(thread_state, "key", None)
+    return f"dask {key}" if key is not None else None
 
 
 def to_arena(array: Any) -> Any:
@@ -153,7 +161,13 @@ def to_arena(array: Any) -> Any:
 
     if _STATE is None or not isinstance(array, np.ndarray) or _in_arena(array):
         return array
-    return _STATE.client.ndarray_like(array)
+    out = ndarray(array.shape, array.dtype, "F" if _fortran(array) else "C")
+    out[...] = array
+    return out
+
+
+def _fortran(array: Any) -> bool:
+    return bool(array.flags.f_contiguous and not array.flags.c_contiguous)
 
 
 def _in_arena(array: Any) -> bool:
@@ -278,7 +292,10 @@ class ShmarenaPlugin(WorkerPlugin):
             worker.rpc.deserializers = [FAMILY, *deserializers]
         _STATE = state
         logger.info(
-            "shmarena: worker %s uses daemon %r (epoch %d)", worker.address, client.name, client.epoch
+            "shmarena: worker %s uses daemon %r (epoch %d)",
+            worker.address,
+            client.name,
+            client.epoch,
         )
 
     def teardown(self, worker: Any) -> None:
@@ -318,7 +335,12 @@ def _start_daemon(
     the worker. Two workers racing to start it are fine: the daemon's lock lets
     one win, and both connect to the winner."""
     command = [sys.executable, "-m", "shmarena", "daemon", "--detach", "--name", name]
-    command += ["--runtime-dir", run_dir, *(["--size", str(size)] if size is not None else []), *extra]
+    command += [
+        "--runtime-dir",
+        run_dir,
+        *(["--size", str(size)] if size is not None else []),
+        *extra,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s + 10)
     if result.returncode != 0:
         logger.info(

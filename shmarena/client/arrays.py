@@ -59,7 +59,9 @@ def _refuse_objects(np: Any, dtype: Any, what: str) -> None:
         )
 
 
-def ndarray(client: Client, shape: Any, dtype: Any = "float64", order: str = "C") -> Any:
+def ndarray(
+    client: Client, shape: Any, dtype: Any = "float64", order: str = "C", site: str | None = None
+) -> Any:
     """A new, uninitialised array in a block of its own (see `Client.ndarray`)."""
     np = _numpy("Client.ndarray")
     dt = np.dtype(dtype)
@@ -72,7 +74,7 @@ def ndarray(client: Client, shape: Any, dtype: Any = "float64", order: str = "C"
     count = 1
     for n in shape_t:
         count *= n
-    buf = client.alloc(max(count * dt.itemsize, 1))  # an empty array still needs a block
+    buf = client.alloc(max(count * dt.itemsize, 1), site=site)  # an empty one needs a block too
     registry.register(buf)
     view = registry.export(buf, then="free")
     return np.ndarray(shape_t, dtype=dt, buffer=view, order=order)

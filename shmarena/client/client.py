@@ -845,11 +845,14 @@ class Client:
         if isinstance(target, Buffer):
             target._done()
 
-    def ndarray(self, shape: Any, dtype: Any = "float64", order: str = "C") -> Any:
+    def ndarray(
+        self, shape: Any, dtype: Any = "float64", order: str = "C", *, site: str | None = None
+    ) -> Any:
         """A new numpy array (uninitialised) in a block of its own, freed when the
         array and every view of it are gone; `shmarena.share(array)` names it for
-        other processes. Needs numpy (`pip install 'shmarena[numpy]'`)."""
-        return arrays.ndarray(self, shape, dtype, order)
+        other processes; `site` labels its block as for `alloc`. Needs numpy
+        (`pip install 'shmarena[numpy]'`)."""
+        return arrays.ndarray(self, shape, dtype, order, site)
 
     def ndarray_like(self, array: Any) -> Any:
         """`client.ndarray` of `array`'s shape, dtype and order (Fortran for a

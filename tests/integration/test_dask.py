@@ -105,9 +105,12 @@ def plugin_for(daemon: Daemon, **kwargs: Any) -> sd.ShmarenaPlugin:
 
 @pytest.fixture
 def cluster() -> Iterator[DaskClient]:
-    with LocalCluster(
-        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
-    ) as local, DaskClient(local) as dask:
+    with (
+        LocalCluster(
+            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+        ) as local,
+        DaskClient(local) as dask,
+    ):
         yield dask
 
 
@@ -122,6 +125,10 @@ def registrations(client: shmarena.Client) -> list[str]:
 def idle_bytes(client: shmarena.Client) -> int:
     """What the arena holds with no data in it: one registration block per worker."""
     return len(registrations(client)) * client.stats()["min_block_bytes"]
+
+
+def session_bytes(client: shmarena.Client, pid: int) -> int:
+    return sum(row["bytes"] for row in client.list_clients() if row["pid"] == pid)
 
 
 def used(client: shmarena.Client) -> int:
@@ -163,9 +170,17 @@ def test_a_256_mib_array_reaches_another_worker_as_a_view_of_the_arena(
     if in_arena:
         assert at_a["offset"] == got["offset"], "B's array is not A's block: it was copied"
         assert used(watch) == start + n
+        sites = [site for row in watch.list_owners() for site in row.get("sites", [])]
+        assert {"site": f"dask {x.key}", "blocks": 1, "bytes": n} in sites
     else:
-        # A's array stays A's; the copy made for the transfer is B's alone now.
-        wait_for(lambda: used(watch) == start + n, what="only B's copy to remain")
+        # A's array stays on A's heap; A frees the copy it made for the transfer,
+        # which is B's alone from then on (until Dask drops a replica).
+        pid_a = cluster.run(os.getpid, workers=[a])[a]
+        wait_for(
+            lambda: session_bytes(watch, pid_a) == watch.stats()["min_block_bytes"],
+            what="A to free its transfer copy",
+        )
+        assert used(watch) <= start + n
 
     del x
     wait_for(lambda: used(watch) == start, what="stats to return to the starting used bytes")
@@ -210,7 +225,10 @@ def test_a_killed_worker_is_recomputed_and_its_blocks_reclaimed(
     x = cluster.submit(produce, n, True, workers=[a], allow_other_workers=True, pure=False)
     held = cluster.submit(hold, x, go.name, workers=[a], allow_other_workers=True)
     wait([x])
-    wait_for(lambda: any(held.key in p for p in cluster.processing().values()), what="hold to run")
+    hold_key = held.key
+    wait_for(
+        lambda: any(hold_key in keys for keys in cluster.processing().values()), what="hold to run"
+    )
     session_a = [c for c in watch.list_clients() if c["pid"] == pid_a]
     assert session_a and session_a[0]["bytes"] >= n
 
@@ -222,6 +240,11 @@ def test_a_killed_worker_is_recomputed_and_its_blocks_reclaimed(
     )
     assert watch.stats()["counters"]["reclaimed_bytes"] - before >= n
     assert f"dask-worker:{a}" not in registrations(watch)  # it went with the session
+    wait_for(
+        lambda: len(registrations(watch)) == 2,
+        timeout_s=60,
+        what="the nanny's new worker to register",
+    )
 
     go.set()
     assert held.result(timeout=120) == checksum(n), "the recomputed result differs"
@@ -231,14 +254,63 @@ def test_a_killed_worker_is_recomputed_and_its_blocks_reclaimed(
     assert watch.check() == []
 
 
+def make_buffer(n: int) -> Any:
+    import shmarena.dask
+
+    buf = shmarena.dask.get_client().alloc(n)
+    buf.view[:5] = b"hello"
+    return buf
+
+
+def read_buffer(buf: Any) -> tuple[bytes, str, list[int]]:
+    return bytes(buf.view[:5]), buf._state, list(buf.handle)
+
+
+def free_held(dask_worker: Any, key: str) -> None:
+    dask_worker.data[key].free()
+
+
+def test_a_buffer_crosses_as_its_handle(make_daemon: Any, cluster: DaskClient) -> None:
+    daemon = make_daemon("64M")
+    watch = daemon.client()
+    cluster.register_plugin(plugin_for(daemon))
+    a, b = workers(cluster)
+    start = used(watch)
+    buf = cluster.submit(make_buffer, MIB, workers=[a], pure=False)
+    handle_at_a = cluster.submit(read_buffer, buf, workers=[a]).result(timeout=60)[2]
+    text, state, handle = cluster.submit(read_buffer, buf, workers=[b]).result(timeout=60)
+    assert (text, state, handle) == (b"hello", "retained", handle_at_a)
+    # A Buffer is freed explicitly (arrays go by themselves): A frees its own.
+    cluster.run(free_held, key=buf.key, workers=[a])
+    del buf  # B's retained Buffer is released once Dask drops it
+    wait_for(lambda: used(watch) == start, what="the Buffer's block to go back")
+
+
+def test_without_the_plugin_transfers_are_dask_bytes_again(
+    make_daemon: Any, cluster: DaskClient
+) -> None:
+    daemon = make_daemon("64M")
+    watch = daemon.client()
+    cluster.register_plugin(plugin_for(daemon))
+    a, b = workers(cluster)
+    cluster.unregister_worker_plugin("shmarena")
+    wait_for(lambda: registrations(watch) == [], what="the workers to unregister")
+    x = cluster.submit(produce, 4 * MIB, False, workers=[a], pure=False)
+    got = cluster.submit(consume, x, workers=[b]).result(timeout=60)
+    assert got["sum"] == checksum(4 * MIB) and not got["in_arena"]
+
+
 def test_the_plugin_starts_one_daemon_for_the_workers_of_a_host() -> None:
     run_dir = tempfile.mkdtemp(prefix="shmarena-dask-")
     name = unique_name("dask")
     env = dict(os.environ, SHMARENA_NAME=name, SHMARENA_RUNTIME_DIR=run_dir)
     try:
-        with LocalCluster(
-            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
-        ) as local, DaskClient(local) as dask:
+        with (
+            LocalCluster(
+                n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+            ) as local,
+            DaskClient(local) as dask,
+        ):
             dask.register_plugin(sd.ShmarenaPlugin(name, runtime_dir=run_dir, size="64M"))
             a, b = workers(dask)
             with shmarena.connect(name, runtime_dir=run_dir) as watch:
@@ -297,16 +369,35 @@ def test_dask_worker_processes_use_handles_within_a_daemon_and_bytes_across(
     procs = _Processes()
     try:
         procs.start(
-            ["dask_scheduler", "--scheduler-file", scheduler_file, "--port", "0",
-             "--no-dashboard", "--host", "127.0.0.1"],
+            [
+                "dask_scheduler",
+                "--scheduler-file",
+                scheduler_file,
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--host",
+                "127.0.0.1",
+            ],
             here.env,
         )
         wait_for(lambda: os.path.exists(scheduler_file), timeout_s=60, what="the scheduler file")
         for worker, daemon in (("w1", here), ("w2", here), ("w3", there)):
             procs.start(
-                ["dask_worker", "--scheduler-file", scheduler_file, "--name", worker,
-                 "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1",
-                 "--preload", "shmarena.dask"],  # the plugin, on the daemon of its env
+                [
+                    "dask_worker",
+                    "--scheduler-file",
+                    scheduler_file,
+                    "--name",
+                    worker,
+                    "--nthreads",
+                    "1",
+                    "--no-dashboard",
+                    "--host",
+                    "127.0.0.1",
+                    "--preload",
+                    "shmarena.dask",
+                ],  # the plugin, on the daemon of its env
                 daemon.env,
             )
         with open(scheduler_file) as f:
