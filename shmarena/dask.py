@@ -14,9 +14,10 @@ What the plugin does in each worker process (see docs/dask.md):
 - registers the worker in that daemon under `dask-worker:ADDRESS`, a name that
   vanishes with the worker's session;
 - wraps the worker's `get_data` handler. When the worker asking for data is
-  registered in the *same* daemon, numpy arrays (of `threshold` bytes or more)
-  and shmarena Buffers travel as handles in the `shmarena` serialization
-  family: the receiver retains the blocks and gets arrays viewing the arena.
+  registered in the *same* daemon, numpy arrays, pandas frames and series
+  and Arrow tables and arrays (of `threshold` bytes or more), and shmarena
+  Buffers travel as handles in the `shmarena` serialization family: the
+  receiver retains the blocks and gets objects whose buffers view the arena.
   Any other requester (another host, a worker without the plugin, the Dask
   client, the scheduler) gets Dask's normal serialization.
 
@@ -87,18 +88,22 @@ _TRANSFER: contextvars.ContextVar[list[Buffer] | None] = contextvars.ContextVar(
 
 @dataclass
 class _State:
-    """What the plugin set up in this worker process."""
+    """What the plugin set up in this process: one client of one daemon, and
+    the workers registered in it (more than one only when workers share a
+    process, as in LocalCluster(processes=False))."""
 
     client: Client
-    address: str
+    daemon: tuple[str, str]  # (name, runtime dir)
     threshold: int
-    registration: Buffer | None = None
+    registrations: dict[str, Buffer] = field(default_factory=dict)
     peers: dict[str, tuple[bool, float]] = field(default_factory=dict)  # the event loop's
 
     def shares_arena(self, address: str | None) -> bool:
         """Whether the worker at `address` is registered in our daemon."""
         if not address:
             return False
+        if address in self.registrations:
+            return True
         now = time.monotonic()
         known = self.peers.get(address)
         if known is not None and now < known[1]:
@@ -178,23 +183,28 @@ def _in_arena(array: Any) -> bool:
 # -- the serialization family ------------------------------------------------
 
 
-def _sendable(x: Any) -> bool:
+def _sendable(x: Any, threshold: int) -> bool:
+    """Whether `x` goes as handles: a live Buffer, or a numpy array, pandas
+    frame or series, or Arrow table or array of at least `threshold` bytes."""
     if isinstance(x, Buffer):
         return x._state in ("owned", "attached", "retained")
-    numpy = sys.modules.get("numpy")
-    return (
-        numpy is not None
-        and type(x) is numpy.ndarray
-        and not x.dtype.hasobject
-        and _STATE is not None
-        and x.nbytes >= _STATE.threshold
-    )
+    kind = type(x)
+    package = kind.__module__.partition(".")[0]
+    if package == "numpy":
+        return kind.__name__ == "ndarray" and not x.dtype.hasobject and x.nbytes >= threshold
+    if package == "pandas" and kind.__name__ in ("DataFrame", "Series"):
+        return int(x.memory_usage(index=True, deep=False).sum()) >= threshold
+    if package == "pyarrow":
+        pa = sys.modules["pyarrow"]
+        arrow = (pa.Table, pa.RecordBatch, pa.Array, pa.ChunkedArray)
+        return isinstance(x, arrow) and int(x.nbytes) >= threshold
+    return False
 
 
 def _dumps(x: Any) -> tuple[dict[str, Any], list[bytes]]:
     made = _TRANSFER.get()
     state = _STATE
-    if made is None or state is None or not _sendable(x):
+    if made is None or state is None or not _sendable(x, state.threshold):
         raise NotImplementedError  # Dask's next family serializes it
     client = state.client
     if isinstance(x, Buffer):
@@ -280,12 +290,21 @@ class ShmarenaPlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         global _STATE
-        if _STATE is not None:
-            _STATE.client.close()
-            _STATE = None
-        client = self._connect(worker.address)
-        state = _State(client=client, address=worker.address, threshold=self.threshold)
-        state.registration = _register(client, worker.address)
+        daemon = (
+            resolve_name(self.daemon, os.environ),
+            self.runtime_dir or default_runtime_dir(os.environ, os.getuid()),
+        )
+        state = _STATE
+        if state is not None and state.daemon != daemon:
+            raise RuntimeError(
+                f"ShmarenaPlugin: worker {worker.address} asks for daemon {daemon[0]!r} in "
+                f"{daemon[1]}, but this process's workers use {state.daemon[0]!r} in "
+                f"{state.daemon[1]}; workers that share a process share one daemon"
+            )
+        if state is None:
+            client = self._connect(daemon, worker.address)
+            state = _State(client=client, daemon=daemon, threshold=self.threshold)
+        state.registrations[worker.address] = _register(state.client, worker.address)
         _wrap_get_data(worker)
         deserializers = getattr(worker.rpc, "deserializers", None)
         if deserializers is not None and FAMILY not in deserializers:
@@ -294,8 +313,8 @@ class ShmarenaPlugin(WorkerPlugin):
         logger.info(
             "shmarena: worker %s uses daemon %r (epoch %d)",
             worker.address,
-            client.name,
-            client.epoch,
+            state.client.name,
+            state.client.epoch,
         )
 
     def teardown(self, worker: Any) -> None:
@@ -304,13 +323,17 @@ class ShmarenaPlugin(WorkerPlugin):
         session ends with the process."""
         global _STATE
         _unwrap_get_data(worker)
-        state, _STATE = _STATE, None
-        if state is not None and state.registration is not None:
-            free_all([state.registration])
+        state = _STATE
+        if state is None:
+            return
+        registration = state.registrations.pop(worker.address, None)
+        if registration is not None:
+            free_all([registration])
+        if not state.registrations:
+            _STATE = None
 
-    def _connect(self, address: str) -> Client:
-        name = resolve_name(self.daemon, os.environ)
-        run_dir = self.runtime_dir or default_runtime_dir(os.environ, os.getuid())
+    def _connect(self, daemon: tuple[str, str], address: str) -> Client:
+        name, run_dir = daemon
         label = f"dask-worker {address}"
         try:
             return connect(name, runtime_dir=run_dir, cache=False, label=label, timeout_s=2.0)

@@ -158,7 +158,7 @@ def test_a_256_mib_array_reaches_another_worker_as_a_view_of_the_arena(
     wait([x])
     at_a = cluster.run(held_where, key=x.key, workers=[a])[a]
     assert at_a["in_arena"] == in_arena
-    got = cluster.submit(consume, x, workers=[b]).result(timeout=120)
+    got = cluster.submit(consume, x, workers=[b], pure=False).result(timeout=120)
     assert got["sum"] == checksum(n)
     assert got["in_arena"], "B's array does not lie in the arena: it was copied"
     assert not got["writeable"] if in_arena else got["writeable"]
@@ -196,7 +196,7 @@ def test_a_block_lives_while_any_worker_still_views_it(
     a, b = workers(cluster)
     start = used(watch)
     x = cluster.submit(produce, 32 * MIB, True, workers=[a], pure=False)
-    part = cluster.submit(head, x, workers=[b])
+    part = cluster.submit(head, x, workers=[b], pure=False)
     wait([part])
     key = x.key
     del x  # Dask forgets x on both workers; B's `part` still views x's block
@@ -223,7 +223,7 @@ def test_a_killed_worker_is_recomputed_and_its_blocks_reclaimed(
 
     n = 48 * MIB
     x = cluster.submit(produce, n, True, workers=[a], allow_other_workers=True, pure=False)
-    held = cluster.submit(hold, x, go.name, workers=[a], allow_other_workers=True)
+    held = cluster.submit(hold, x, go.name, workers=[a], allow_other_workers=True, pure=False)
     wait([x])
     hold_key = held.key
     wait_for(
@@ -277,8 +277,10 @@ def test_a_buffer_crosses_as_its_handle(make_daemon: Any, cluster: DaskClient) -
     a, b = workers(cluster)
     start = used(watch)
     buf = cluster.submit(make_buffer, MIB, workers=[a], pure=False)
-    handle_at_a = cluster.submit(read_buffer, buf, workers=[a]).result(timeout=60)[2]
-    text, state, handle = cluster.submit(read_buffer, buf, workers=[b]).result(timeout=60)
+    handle_at_a = cluster.submit(read_buffer, buf, workers=[a], pure=False).result(timeout=60)[2]
+    text, state, handle = cluster.submit(read_buffer, buf, workers=[b], pure=False).result(
+        timeout=60
+    )
     assert (text, state, handle) == (b"hello", "retained", handle_at_a)
     # A Buffer is freed explicitly (arrays go by themselves): A frees its own.
     cluster.run(free_held, key=buf.key, workers=[a])
@@ -296,8 +298,75 @@ def test_without_the_plugin_transfers_are_dask_bytes_again(
     cluster.unregister_worker_plugin("shmarena")
     wait_for(lambda: registrations(watch) == [], what="the workers to unregister")
     x = cluster.submit(produce, 4 * MIB, False, workers=[a], pure=False)
-    got = cluster.submit(consume, x, workers=[b]).result(timeout=60)
+    got = cluster.submit(consume, x, workers=[b], pure=False).result(timeout=60)
     assert got["sum"] == checksum(4 * MIB) and not got["in_arena"]
+
+
+def make_frame(rows: int) -> Any:
+    import numpy
+    import pandas
+
+    return pandas.DataFrame({"a": numpy.arange(rows, dtype="float64"), "b": numpy.ones(rows)})
+
+
+def make_table(rows: int) -> Any:
+    import numpy
+    import pyarrow
+
+    return pyarrow.table({"a": numpy.arange(rows, dtype="float64")})
+
+
+def frame_where(frame: Any) -> tuple[float, list[bool]]:
+    return float(frame["a"].sum()), [where(frame[c].to_numpy())["in_arena"] for c in frame]
+
+
+def table_where(table: Any) -> tuple[float, bool]:
+    from shmarena.client import registry
+
+    data = table.column("a").chunks[0].buffers()[1]
+    inside = any(low <= data.address < high for low, high in registry.mapping_ranges())
+    return float(table.column("a").to_numpy().sum()), inside
+
+
+def test_pandas_and_arrow_data_cross_with_their_columns_in_the_arena(
+    make_daemon: Any, cluster: DaskClient
+) -> None:
+    daemon = make_daemon("256M")
+    watch = daemon.client()
+    cluster.register_plugin(plugin_for(daemon))
+    a, b = workers(cluster)
+    start = used(watch)
+    rows = MIB  # 8 MiB per column
+    frame = cluster.submit(make_frame, rows, workers=[a], pure=False)
+    total, inside = cluster.submit(frame_where, frame, workers=[b], pure=False).result(timeout=60)
+    assert total == rows * (rows - 1) / 2 and inside == [True, True]
+    table = cluster.submit(make_table, rows, workers=[a], pure=False)
+    total, inside = cluster.submit(table_where, table, workers=[b], pure=False).result(timeout=60)
+    assert total == rows * (rows - 1) / 2 and inside
+    del frame, table
+    wait_for(lambda: used(watch) == start, what="the columns' blocks to go back")
+
+
+def test_workers_that_share_a_process_share_one_client(make_daemon: Any) -> None:
+    daemon = make_daemon("64M")
+    watch = daemon.client()
+    with (
+        LocalCluster(
+            n_workers=2, processes=False, threads_per_worker=1, dashboard_address=None
+        ) as local,
+        DaskClient(local) as dask,
+    ):
+        dask.register_plugin(plugin_for(daemon))
+        a, b = workers(dask)
+        assert registrations(watch) == sorted(f"dask-worker:{w}" for w in (a, b))
+        assert len([c for c in watch.list_clients() if c["label"].startswith("dask")]) == 1
+        x = dask.submit(produce, 4 * MIB, True, workers=[a], pure=False)
+        assert dask.submit(consume, x, workers=[b], pure=False).result(timeout=60)[
+            "sum"
+        ] == checksum(4 * MIB)
+        dask.unregister_worker_plugin("shmarena")
+        wait_for(lambda: registrations(watch) == [], what="both workers to unregister")
+        del x
 
 
 def test_the_plugin_starts_one_daemon_for_the_workers_of_a_host() -> None:
@@ -317,7 +386,7 @@ def test_the_plugin_starts_one_daemon_for_the_workers_of_a_host() -> None:
                 assert watch.stats()["size_bytes"] == 64 * MIB
                 assert registrations(watch) == sorted(f"dask-worker:{w}" for w in (a, b))
             x = dask.submit(produce, MIB, True, workers=[a], pure=False)
-            assert dask.submit(consume, x, workers=[b]).result(timeout=60)["in_arena"]
+            assert dask.submit(consume, x, workers=[b], pure=False).result(timeout=60)["in_arena"]
     finally:
         stopped = subprocess.run(
             [sys.executable, "-m", "shmarena", "shutdown"], env=env, capture_output=True, text=True
@@ -413,17 +482,17 @@ def test_dask_worker_processes_use_handles_within_a_daemon_and_bytes_across(
             n = 64 * MIB
 
             x = dask.submit(produce, n, True, workers=[by_name["w1"]], pure=False)
-            same = dask.submit(consume, x, workers=[by_name["w2"]]).result(timeout=60)
+            same = dask.submit(consume, x, workers=[by_name["w2"]], pure=False).result(timeout=60)
             assert same["in_arena"] and same["sum"] == checksum(n)
 
-            far = dask.submit(consume, x, workers=[by_name["w3"]]).result(timeout=60)
+            far = dask.submit(consume, x, workers=[by_name["w3"]], pure=False).result(timeout=60)
             assert far["sum"] == checksum(n)
             assert not far["in_arena"], "w3 got a view of an arena it does not use"
             assert used(there_watch) == start_there  # nothing of x went into `there`
 
             # And back: w3 makes an array in its own arena; w1 gets bytes.
             y = dask.submit(produce, n, True, workers=[by_name["w3"]], pure=False)
-            back = dask.submit(consume, y, workers=[by_name["w1"]]).result(timeout=60)
+            back = dask.submit(consume, y, workers=[by_name["w1"]], pure=False).result(timeout=60)
             assert back["sum"] == checksum(n) and not back["in_arena"]
 
             del x, y
