@@ -722,11 +722,11 @@ class Client:
             missing = cache.missing(cls, count)
             if missing:
                 fills += (cls, min(4096, missing + cache.batch(cls)), missing)
-        direct: list[list[int]] = []
+        uncached: list[list[int]] = []
         if fills or large:
-            direct = self._refill(cache, fills, large, owner)
+            uncached = self._refill(cache, fills, large, owner)
         buffers = []
-        direct_iter = iter(direct)
+        direct_iter = iter(uncached)
         for size in sizes:
             if size > cache.max_bytes:
                 buffers.append(self._buffer(next(direct_iter), "owned"))

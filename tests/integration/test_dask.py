@@ -316,6 +316,16 @@ def make_table(rows: int) -> Any:
     return pyarrow.table({"a": numpy.arange(rows, dtype="float64")})
 
 
+def make_pair(rows: int) -> Any:
+    import numpy
+
+    return (numpy.ones(rows), {"b": numpy.zeros(rows)})
+
+
+def pair_where(pair: Any) -> list[bool]:
+    return [where(pair[0])["in_arena"], where(pair[1]["b"])["in_arena"]]
+
+
 def frame_where(frame: Any) -> tuple[float, list[bool]]:
     return float(frame["a"].sum()), [where(frame[c].to_numpy())["in_arena"] for c in frame]
 
@@ -328,7 +338,7 @@ def table_where(table: Any) -> tuple[float, bool]:
     return float(table.column("a").to_numpy().sum()), inside
 
 
-def test_pandas_and_arrow_data_cross_with_their_columns_in_the_arena(
+def test_pandas_arrow_and_containers_cross_with_their_buffers_in_the_arena(
     make_daemon: Any, cluster: DaskClient
 ) -> None:
     daemon = make_daemon("256M")
@@ -343,7 +353,12 @@ def test_pandas_and_arrow_data_cross_with_their_columns_in_the_arena(
     table = cluster.submit(make_table, rows, workers=[a], pure=False)
     total, inside = cluster.submit(table_where, table, workers=[b], pure=False).result(timeout=60)
     assert total == rows * (rows - 1) / 2 and inside
-    del frame, table
+    pair = cluster.submit(make_pair, rows, workers=[a], pure=False)
+    assert cluster.submit(pair_where, pair, workers=[b], pure=False).result(timeout=60) == [
+        True,
+        True,
+    ]
+    del frame, table, pair
     wait_for(lambda: used(watch) == start, what="the columns' blocks to go back")
 
 
