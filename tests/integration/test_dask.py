@@ -158,6 +158,9 @@ def test_a_256_mib_array_reaches_another_worker_as_a_view_of_the_arena(
     wait([x])
     at_a = cluster.run(held_where, key=x.key, workers=[a])[a]
     assert at_a["in_arena"] == in_arena
+    if in_arena:  # labelled with its key while A holds it (A alone, so far)
+        sites = [site for row in watch.list_owners() for site in row.get("sites", [])]
+        assert {"site": f"dask {x.key}", "blocks": 1, "bytes": n} in sites
     got = cluster.submit(consume, x, workers=[b], pure=False).result(timeout=120)
     assert got["sum"] == checksum(n)
     assert got["in_arena"], "B's array does not lie in the arena: it was copied"
@@ -170,8 +173,6 @@ def test_a_256_mib_array_reaches_another_worker_as_a_view_of_the_arena(
     if in_arena:
         assert at_a["offset"] == got["offset"], "B's array is not A's block: it was copied"
         assert used(watch) == start + n
-        sites = [site for row in watch.list_owners() for site in row.get("sites", [])]
-        assert {"site": f"dask {x.key}", "blocks": 1, "bytes": n} in sites
     else:
         # A's array stays on A's heap; A frees the copy it made for the transfer,
         # which is B's alone from then on (until Dask drops a replica).
