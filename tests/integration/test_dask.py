@@ -103,6 +103,14 @@ def plugin_for(daemon: Daemon, **kwargs: Any) -> sd.ShmarenaPlugin:
     return sd.ShmarenaPlugin(daemon.name, runtime_dir=daemon.run_dir, start=False, **kwargs)
 
 
+def with_plugin(daemon: Daemon, dask: DaskClient) -> tuple[shmarena.Client, str, str]:
+    """Register the plugin for `daemon`: a client watching it and the two workers."""
+    watch = daemon.client()
+    dask.register_plugin(plugin_for(daemon))
+    a, b = workers(dask)
+    return watch, a, b
+
+
 @pytest.fixture
 def cluster() -> Iterator[DaskClient]:
     with (
@@ -145,10 +153,7 @@ def used(client: shmarena.Client) -> int:
 def test_a_256_mib_array_reaches_another_worker_as_a_view_of_the_arena(
     make_daemon: Any, cluster: DaskClient, in_arena: bool
 ) -> None:
-    daemon = make_daemon("1G")
-    watch = daemon.client()
-    cluster.register_plugin(plugin_for(daemon))
-    a, b = workers(cluster)
+    watch, a, b = with_plugin(make_daemon("1G"), cluster)
     assert registrations(watch) == sorted(f"dask-worker:{w}" for w in (a, b))
     start = used(watch)
     assert start == idle_bytes(watch)
@@ -183,18 +188,21 @@ def test_a_256_mib_array_reaches_another_worker_as_a_view_of_the_arena(
         )
         assert used(watch) <= start + n
 
+    during = used(watch)
     del x
     wait_for(lambda: used(watch) == start, what="stats to return to the starting used bytes")
     assert watch.check() == []
+    print(
+        f"FIGURE: dask 256 MiB {'in-arena' if in_arena else 'plain'}: B's array in the arena "
+        f"{got['in_arena']} at offset {got['offset']} (A's array at {at_a['offset']}), "
+        f"held bytes {start} at start, {during} with x, {used(watch)} after release"
+    )
 
 
 def test_a_block_lives_while_any_worker_still_views_it(
     make_daemon: Any, cluster: DaskClient
 ) -> None:
-    daemon = make_daemon("256M")
-    watch = daemon.client()
-    cluster.register_plugin(plugin_for(daemon))
-    a, b = workers(cluster)
+    watch, a, b = with_plugin(make_daemon("256M"), cluster)
     start = used(watch)
     x = cluster.submit(produce, 32 * MIB, True, workers=[a], pure=False)
     part = cluster.submit(head, x, workers=[b], pure=False)
@@ -214,10 +222,7 @@ def test_a_block_lives_while_any_worker_still_views_it(
 def test_a_killed_worker_is_recomputed_and_its_blocks_reclaimed(
     make_daemon: Any, cluster: DaskClient
 ) -> None:
-    daemon = make_daemon("256M")
-    watch = daemon.client()
-    cluster.register_plugin(plugin_for(daemon))
-    a, _ = workers(cluster)
+    watch, a, _ = with_plugin(make_daemon("256M"), cluster)
     pid_a = cluster.run(os.getpid, workers=[a])[a]
     before = watch.stats()["counters"]["reclaimed_bytes"]
     go = Event(unique_name("go"), client=cluster)
@@ -247,12 +252,19 @@ def test_a_killed_worker_is_recomputed_and_its_blocks_reclaimed(
         what="the nanny's new worker to register",
     )
 
+    reclaimed = watch.stats()["counters"]["reclaimed_bytes"] - before
     go.set()
     assert held.result(timeout=120) == checksum(n), "the recomputed result differs"
     assert cluster.who_has(x)[x.key], "x was not recomputed"
+    on = cluster.who_has(x)[x.key]
     del x, held
     wait_for(lambda: used(watch) == idle_bytes(watch), what="every data block to go back")
     assert watch.check() == []
+    print(
+        f"FIGURE: dask kill: worker {a} (pid {pid_a}) SIGKILLed while holding x; "
+        f"{reclaimed} bytes reclaimed; x recomputed on {on}; hold's result correct; "
+        f"held bytes {used(watch)} = {len(registrations(watch))} registrations at the end"
+    )
 
 
 def make_buffer(n: int) -> Any:
@@ -272,10 +284,7 @@ def free_held(dask_worker: Any, key: str) -> None:
 
 
 def test_a_buffer_crosses_as_its_handle(make_daemon: Any, cluster: DaskClient) -> None:
-    daemon = make_daemon("64M")
-    watch = daemon.client()
-    cluster.register_plugin(plugin_for(daemon))
-    a, b = workers(cluster)
+    watch, a, b = with_plugin(make_daemon("64M"), cluster)
     start = used(watch)
     buf = cluster.submit(make_buffer, MIB, workers=[a], pure=False)
     handle_at_a = cluster.submit(read_buffer, buf, workers=[a], pure=False).result(timeout=60)[2]
@@ -292,10 +301,7 @@ def test_a_buffer_crosses_as_its_handle(make_daemon: Any, cluster: DaskClient) -
 def test_without_the_plugin_transfers_are_dask_bytes_again(
     make_daemon: Any, cluster: DaskClient
 ) -> None:
-    daemon = make_daemon("64M")
-    watch = daemon.client()
-    cluster.register_plugin(plugin_for(daemon))
-    a, b = workers(cluster)
+    watch, a, b = with_plugin(make_daemon("64M"), cluster)
     cluster.unregister_worker_plugin("shmarena")
     wait_for(lambda: registrations(watch) == [], what="the workers to unregister")
     x = cluster.submit(produce, 4 * MIB, False, workers=[a], pure=False)
@@ -342,10 +348,7 @@ def table_where(table: Any) -> tuple[float, bool]:
 def test_pandas_arrow_and_containers_cross_with_their_buffers_in_the_arena(
     make_daemon: Any, cluster: DaskClient
 ) -> None:
-    daemon = make_daemon("256M")
-    watch = daemon.client()
-    cluster.register_plugin(plugin_for(daemon))
-    a, b = workers(cluster)
+    watch, a, b = with_plugin(make_daemon("256M"), cluster)
     start = used(watch)
     rows = MIB  # 8 MiB per column
     frame = cluster.submit(make_frame, rows, workers=[a], pure=False)
@@ -504,13 +507,20 @@ def test_dask_worker_processes_use_handles_within_a_daemon_and_bytes_across(
             far = dask.submit(consume, x, workers=[by_name["w3"]], pure=False).result(timeout=60)
             assert far["sum"] == checksum(n)
             assert not far["in_arena"], "w3 got a view of an arena it does not use"
-            assert used(there_watch) == start_there  # nothing of x went into `there`
+            there_after = used(there_watch)
+            assert there_after == start_there  # nothing of x went into `there`
 
             # And back: w3 makes an array in its own arena; w1 gets bytes.
             y = dask.submit(produce, n, True, workers=[by_name["w3"]], pure=False)
             back = dask.submit(consume, y, workers=[by_name["w1"]], pure=False).result(timeout=60)
             assert back["sum"] == checksum(n) and not back["in_arena"]
 
+            print(
+                f"FIGURE: dask second host: w1->w2 in arena {same['in_arena']}; w1->w3 "
+                f"(other daemon) in arena {far['in_arena']}, sum ok; w3->w1 in arena "
+                f"{back['in_arena']}, sum ok; `there` held {start_there} bytes before w3 "
+                f"got x and {there_after} after"
+            )
             del x, y
             wait_for(lambda: used(near) == start_here, what="`here` to let x go")
             wait_for(lambda: used(there_watch) == start_there, what="`there` to let y go")
