@@ -166,18 +166,12 @@ def to_arena(array: Any) -> Any:
 
     if _STATE is None or not isinstance(array, np.ndarray) or _in_arena(array):
         return array
-    out = ndarray(array.shape, array.dtype, "F" if _fortran(array) else "C")
-    out[...] = array
-    return out
-
-
-def _fortran(array: Any) -> bool:
-    return bool(array.flags.f_contiguous and not array.flags.c_contiguous)
+    return _STATE.client.ndarray_like(array, site=_task_site())
 
 
 def _in_arena(array: Any) -> bool:
     data = array.__array_interface__["data"][0]
-    return registry.find(data, max(array.nbytes, 1), ("owned", "attached", "retained")) is not None
+    return registry.find(data, max(array.nbytes, 1), registry.LIVE_STATES) is not None
 
 
 # -- the serialization family ------------------------------------------------
@@ -187,7 +181,7 @@ def _sendable(x: Any, threshold: int) -> bool:
     """Whether `x` goes as handles: a live Buffer, or a numpy array, pandas
     frame or series, or Arrow table or array of at least `threshold` bytes."""
     if isinstance(x, Buffer):
-        return x._state in ("owned", "attached", "retained")
+        return x._state in registry.LIVE_STATES
     kind = type(x)
     package = kind.__module__.partition(".")[0]
     if package == "numpy":
@@ -335,20 +329,19 @@ class ShmarenaPlugin(WorkerPlugin):
     def _connect(self, daemon: tuple[str, str], address: str) -> Client:
         name, run_dir = daemon
         label = f"dask-worker {address}"
-        try:
-            return connect(name, runtime_dir=run_dir, cache=False, label=label, timeout_s=2.0)
-        except DaemonUnavailable:
-            if not self.start:
-                raise
-        _start_daemon(name, run_dir, self.size, self.daemon_args, self.timeout_s)
-        deadline = time.monotonic() + self.timeout_s
-        while True:  # the daemon a racing worker started may not answer yet
+        started = False
+        deadline = 0.0
+        while True:
             try:
                 return connect(name, runtime_dir=run_dir, cache=False, label=label, timeout_s=2.0)
             except DaemonUnavailable:
-                if time.monotonic() > deadline:
+                if not self.start or (started and time.monotonic() > deadline):
                     raise
-                time.sleep(0.05)
+            if not started:
+                _start_daemon(name, run_dir, self.size, self.daemon_args, self.timeout_s)
+                started, deadline = True, time.monotonic() + self.timeout_s
+            else:
+                time.sleep(0.05)  # the daemon a racing worker started may not answer yet
 
 
 def _start_daemon(

@@ -66,8 +66,6 @@ DEFAULT_THRESHOLD = 64 << 10  # below this a copy into the pickle costs less tha
 _INLINE_STREAM = 64 << 10  # a longer pickle stream goes into a block of its own
 _FORMAT = 1
 _MAGIC = "shmarena-pickle"
-# Blocks a buffer found in the arena may be named from: its Buffer must be live.
-_NAMEABLE = ("owned", "attached", "retained")
 
 
 class Packed(NamedTuple):
@@ -116,7 +114,7 @@ def pack(
         if raw.nbytes < threshold:
             raw.release()
             return True
-        found = registry.find(registry.address_of(raw), raw.nbytes, _NAMEABLE)
+        found = registry.find(registry.address_of(raw), raw.nbytes, registry.LIVE_STATES)
         outside.append((raw, found))
         return False  # out of band: placed below, in this order
 

@@ -29,7 +29,6 @@ TOKEN_PREFIX = "shmarena:1:"
 # strides, flags, descr. The descr comes last and the split stops before it,
 # so a field name with a colon in it cannot break the token.
 _FIELDS = 10
-_ALL_STATES = ("owned", "attached", "retained")
 
 
 def _numpy(what: str) -> Any:
@@ -80,12 +79,12 @@ def ndarray(
     return np.ndarray(shape_t, dtype=dt, buffer=view, order=order)
 
 
-def ndarray_like(client: Client, array: Any) -> Any:
+def ndarray_like(client: Client, array: Any, site: str | None = None) -> Any:
     """A copy of `array` in a block of its own (see `Client.ndarray_like`)."""
     np = _numpy("Client.ndarray_like")
     source = np.asarray(array)
     fortran = source.flags.f_contiguous and not source.flags.c_contiguous
-    out = ndarray(client, source.shape, source.dtype, "F" if fortran else "C")
+    out = ndarray(client, source.shape, source.dtype, "F" if fortran else "C", site)
     out[...] = source
     return out
 
@@ -122,7 +121,7 @@ def share(array: Any) -> str:
         )
     _refuse_objects(np, array.dtype, "shmarena.share")
     low, high = _extent(array)
-    found = registry.find(low, high - low, _ALL_STATES)
+    found = registry.find(low, high - low, registry.LIVE_STATES)
     if found is None:
         inside = any(start <= low < end for start, end in registry.mapping_ranges())
         where = (

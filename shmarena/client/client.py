@@ -854,10 +854,10 @@ class Client:
         (`pip install 'shmarena[numpy]'`)."""
         return arrays.ndarray(self, shape, dtype, order, site)
 
-    def ndarray_like(self, array: Any) -> Any:
+    def ndarray_like(self, array: Any, *, site: str | None = None) -> Any:
         """`client.ndarray` of `array`'s shape, dtype and order (Fortran for a
         Fortran-contiguous array), holding a copy of its data."""
-        return arrays.ndarray_like(self, array)
+        return arrays.ndarray_like(self, array, site)
 
     # -- owners ------------------------------------------------------------
 

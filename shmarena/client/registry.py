@@ -149,6 +149,10 @@ def mapping_ranges() -> list[tuple[int, int]]:
     return ranges
 
 
+# A Buffer in any of these states still maps its block (not freed or released).
+LIVE_STATES = ("owned", "attached", "retained")
+
+
 def find(
     address: int, nbytes: int, states: tuple[str, ...] = ("owned", "attached")
 ) -> tuple[Buffer, int] | None:

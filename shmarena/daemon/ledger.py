@@ -399,16 +399,18 @@ class Ledger:
         for block in blocks:
             self._drop_ref(block, QUEUED)
 
-    def _drop_ref(self, block: Block, key: int, release: bool = True) -> None:
+    def _drop_ref(self, block: Block, key: int, release: bool = True) -> bool:
+        """Drop one of `key`'s references on `block`; True if it was the last."""
         assert block.retainers is not None
         self.changes.blocks.add(block.offset)
         count = block.retainers[key] - 1
         if count:
             block.retainers[key] = count
-        else:
-            del block.retainers[key]
-            if release:
-                self._maybe_release(block)
+            return False
+        del block.retainers[key]
+        if release:
+            self._maybe_release(block)
+        return True
 
     def release(self, session_id: int, handles: Iterable[Handle]) -> int:
         session = self.sessions[session_id]
@@ -421,15 +423,8 @@ class Ledger:
                     offset=block.offset,
                 )
         for block in blocks:
-            assert block.retainers is not None
-            self.changes.blocks.add(block.offset)
-            count = block.retainers[session_id] - 1
-            if count:
-                block.retainers[session_id] = count
-            else:
-                del block.retainers[session_id]
+            if self._drop_ref(block, session_id):
                 session.retained.discard(block.offset)
-                self._maybe_release(block)
         return len(blocks)
 
     def lookup(self, handle: Handle, for_free: bool, now: float = 0.0) -> Block:
