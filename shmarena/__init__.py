@@ -17,9 +17,12 @@ from shmarena.client.client import Client, Owner, Recycled, connect
 from shmarena.client.names import Event, Subscription
 from shmarena.compat import ShareableList, SharedMemory
 from shmarena.errors import (
+    AccessDenied,
     DaemonStartError,
     DaemonUnavailable,
+    InternalError,
     InvalidRequest,
+    LimitReached,
     NameExists,
     OutOfMemory,
     ProtocolError,
@@ -37,6 +40,7 @@ from shmarena.queue import Queue
 from shmarena.reader import BufferReader
 
 __all__ = [
+    "AccessDenied",
     "Buffer",
     "BufferReader",
     "Client",
@@ -44,7 +48,9 @@ __all__ = [
     "DaemonUnavailable",
     "Handle",
     "Event",
+    "InternalError",
     "InvalidRequest",
+    "LimitReached",
     "NameExists",
     "OutOfMemory",
     "Owner",

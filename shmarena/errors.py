@@ -131,6 +131,37 @@ class UnknownName(InvalidRequest):
     code = "unknown_name"
 
 
+class LimitReached(InvalidRequest):
+    """A bound the daemon keeps on what one client may make it hold was reached:
+    kept (waiting) requests, owners, names or queues per session, bytes queued
+    in one queue or in all, rows in one listing.
+
+    `details["limit"]` names the bound (the key under `limits` in `shmarena
+    stats`) and `details["value"]` its value. Nothing was changed: finish or
+    drop some of what you hold first, or ask the operator to raise the limit.
+    """
+
+    code = "limit_reached"
+
+
+class AccessDenied(ShmArenaError):
+    """The operation is administrative (shutdown, quotas, acting on another
+    user's owners or blocks) and the calling process's user may not perform
+    it. README "Access" says who may; nothing was changed."""
+
+    code = "access_denied"
+
+
+class InternalError(ShmArenaError):
+    """A bug in the daemon while handling this request or one of its timers.
+
+    The daemon logged it with its traceback, counted it
+    (`counters.internal_errors`) and goes on serving; what the request would
+    have changed was undone or set aside. Please report the log lines."""
+
+    code = "internal_error"
+
+
 class QueueEmpty(ShmArenaError, queue.Empty):
     """`Queue.get` found no message (within its timeout). Also a `queue.Empty`,
     so code written for `multiprocessing.Queue` catches it unchanged."""
@@ -192,6 +223,9 @@ _BY_CODE: dict[str, type[ShmArenaError]] = {
         UnknownOwner,
         NameExists,
         UnknownName,
+        LimitReached,
+        AccessDenied,
+        InternalError,
         QueueEmpty,
         QueueFull,
         DaemonUnavailable,

@@ -1019,6 +1019,7 @@ class Service:
             ),
             "waiting_requests": len(self.exchange.waiters) + len(self.alloc_waiters),
             "quota_per_session_bytes": ledger.session_quota,
+            "limits": self.limits(),
             "alloc_waiters": [
                 {
                     "session": w.session_id,
@@ -1036,6 +1037,11 @@ class Service:
             },
             **self.extra_stats(),
         }
+
+    def limits(self) -> dict[str, int]:
+        """The bounds the daemon keeps on what clients make it hold, by the
+        name a `LimitReached` error gives (README "Reliability")."""
+        return {}
 
     def segment_rows(self) -> list[dict[str, Any]]:
         """Per segment: its index, size, use and where it lives."""
