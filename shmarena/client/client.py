@@ -117,8 +117,22 @@ class Owner:
         self.client = client
         self.name = name
         self.detached = detached
-        self.id = owner_id
         self.quota = quota  # bytes, 0: none (as the daemon said when this was opened)
+        client._owner_ids[name] = (client.session, owner_id)
+
+    @property
+    def id(self) -> int:
+        """The number this session's cache hand-outs name the owner by. The
+        daemon forgets it when the owner is recycled (and never gives it
+        again); using the owner after that opens it again, for a new id."""
+        known = self.known_id()
+        return self.client._reopen(self.name) if known is None else known
+
+    def known_id(self) -> int | None:
+        """`id` if it needs no round trip, else None."""
+        client = self.client
+        known = client._owner_ids.get(self.name)
+        return known[1] if known is not None and known[0] == client.session else None
 
     def alloc(self, size: int, *, timeout: float | None = None, site: str | None = None) -> Buffer:
         """Like `Client.alloc`, into this owner. A detached owner's buffers are
@@ -220,6 +234,8 @@ class Client:
         self._flusher: threading.Thread | None = None
         self._pid = os.getpid()
         self._closed = False
+        # owner name -> (session, id) for ASSIGN events: see Owner.id
+        self._owner_ids: dict[str, tuple[int, int]] = {}
         # A SessionLost found by the heartbeat thread, raised by the next call.
         self._pending_loss: SessionLost | None = None
         self._alive_at = 0.0  # monotonic time of the last reply (lease mode only)
@@ -872,6 +888,14 @@ class Client:
         (row,) = self._request(Op.OWNER, name, detached, -1 if quota is None else quota)
         return Owner(self, name, detached, int(row.get("id", 0)), int(row.get("quota", 0)))
 
+    def _reopen(self, name: str) -> int:
+        """A session-scoped owner used after it was recycled (or from a new
+        session): open it again for the id of its cache hand-outs."""
+        (row,) = self._request(Op.OWNER, name, False, -1)
+        owner_id = int(row.get("id", 0))
+        self._owner_ids[name] = (self.session, owner_id)
+        return owner_id
+
     def set_quota(self, owner: str, quota: int) -> None:
         """Set the quota of the owner `owner` (any owner, by name; "" sets the
         daemon's per-session quota) to `quota` bytes, 0 for none. What is held
@@ -883,7 +907,10 @@ class Client:
 
         UnknownOwner if there is no owner of that name.
         """
-        (blocks, freed), notices = self._request(Op.RECYCLE, name)
+        try:
+            (blocks, freed), notices = self._request(Op.RECYCLE, name)
+        finally:
+            self._owner_ids.pop(name, None)  # its id goes with it (Owner.id)
         if self._cache is not None:
             self._cache.notice(notices)
         return Recycled(blocks, freed)

@@ -1110,6 +1110,7 @@ class Service:
                     "blocks": sum(len(o.blocks) for o in owners),
                     "bytes": sum(o.bytes for o in owners),
                     "retained": len(session.retained),
+                    "owner_ids": len(session.owner_ids),
                     "cached_blocks": len(session.cached),
                     "cached_bytes": session.cached_bytes,
                 }
