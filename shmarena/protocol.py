@@ -166,6 +166,31 @@ MAX_BLOCKS_REPLY = 200_000  # blocks one BLOCKS reply lists (about 4 MB of msgpa
 EVENTS_KEPT = 1 << 16  # name events the daemon remembers for subscribers
 MAX_EVENTS_PER_REPLY = 1024
 
+# What one client may make the daemon hold (README "Reliability"). Each bound
+# is reported in `stats["limits"]` under the key in its comment, and a request
+# that would pass it is refused with LimitReached naming that key (details
+# `limit`, `value`), changing nothing. The sizes let a heavy legitimate user
+# through (tens of thousands of live owners, names and messages) while a
+# runaway loop stops at tens of MiB of daemon heap, not at the machine's RAM:
+# an owner costs the daemon about 1 KiB, a name about 0.5 KiB, a queue about
+# 1 KiB before its messages.
+MAX_OWNERS_PER_SESSION = 1 << 16  # "owners_per_session": live owners a session
+# created (session-scoped, and detached ones while their creator lives)
+MAX_DETACHED_OWNERS = 1 << 16  # "detached_owners": they outlive sessions, so a total
+MAX_NAMES_PER_SESSION = 1 << 16  # "names_per_session": names a session published
+MAX_NAMES = 1 << 18  # "names": published names in all (they outlive sessions)
+MAX_QUEUES_PER_SESSION = 1024  # "queues_per_session": queues a session has open
+MAX_QUEUES = 4096  # "queues": queues in all
+# In-band bytes of queued messages live in the daemon's heap (blocks do not:
+# they are in the arena). A message costs its payload plus MESSAGE_COST_BYTES,
+# plus HANDLE_COST_BYTES per handle it carries (what the daemon keeps for it),
+# so empty messages are bounded too. 64 MiB in all is 256 full payloads, or a
+# thousand of the ~64 KB pickles a queue of small objects carries.
+MAX_QUEUE_PAYLOAD_BYTES = 16 << 20  # "queued_payload_bytes_per_queue"
+MAX_QUEUED_PAYLOAD_BYTES = 64 << 20  # "queued_payload_bytes": all queues together
+MESSAGE_COST_BYTES = 128
+HANDLE_COST_BYTES = 64
+
 OK = 0
 ERR = 1
 LATE_ERR = 2

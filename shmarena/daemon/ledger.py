@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from shmarena.config import format_size
 from shmarena.errors import (
     InvalidRequest,
+    LimitReached,
     OutOfMemory,
     QuotaExceeded,
     StaleHandle,
@@ -48,8 +49,10 @@ from shmarena.protocol import (
     DRAIN,
     FREE_EVENT,
     GEN_SHIFT,
+    MAX_DETACHED_OWNERS,
     MAX_FILLS,
     MAX_OWNER_NAME,
+    MAX_OWNERS_PER_SESSION,
     MAX_SIZE_BYTES,
     UNASSIGN,
     Handle,
@@ -182,6 +185,17 @@ class Ledger:
         # owners and its cache (0: no quota). Detached owners count only
         # against their own quota: they outlive the session.
         self.session_quota = 0
+        self.detached_owners = 0  # how many owners are detached now
+        # Bounds (shmarena/protocol.py); attributes so the pure tests can try
+        # the same code at a smaller bound.
+        self.max_owners_per_session = MAX_OWNERS_PER_SESSION
+        self.max_detached_owners = MAX_DETACHED_OWNERS
+
+    def limits(self) -> dict[str, int]:
+        return {
+            "owners_per_session": self.max_owners_per_session,
+            "detached_owners": self.max_detached_owners,
+        }
 
     def take_changes(self) -> Changes:
         changes, self.changes = self.changes, Changes()
@@ -272,11 +286,40 @@ class Ledger:
         return owner
 
     def _create_owner(self, name: str, scope: str, session: Session, now: float) -> Owner:
+        if len(session.owners) >= self.max_owners_per_session:
+            raise LimitReached(
+                f"owner {name!r} was not created: session {session.id} (pid {session.pid}) "
+                f"has {len(session.owners)} owners, the most one session may create "
+                "(owners_per_session, its detached ones included while it lives); recycle "
+                "the owners it no longer needs (leaving `with client.owner(...)` does)",
+                limit="owners_per_session",
+                value=self.max_owners_per_session,
+                owner=name,
+            )
+        if scope == DETACHED:
+            if self.detached_owners >= self.max_detached_owners:
+                raise LimitReached(
+                    f"detached owner {name!r} was not created: arena {self.name!r} has "
+                    f"{self.detached_owners} detached owners, the most it keeps "
+                    "(detached_owners); recycle the ones nobody uses (`shmarena owners` "
+                    "lists them with their age)",
+                    limit="detached_owners",
+                    value=self.max_detached_owners,
+                    owner=name,
+                )
+            self.detached_owners += 1
         owner = Owner(name, scope, session.id, session.pid, now)
         self.owners[name] = owner
         self.changes.owners.add(name)
         session.owners.add(name)
         return owner
+
+    def _undo_new_owner(self, name: str, session_id: int) -> None:
+        """A refused request leaves no trace: the owner it created goes."""
+        owner = self.owners.pop(name)
+        self.sessions[session_id].owners.discard(name)
+        if owner.scope == DETACHED:
+            self.detached_owners -= 1
 
     def recycle(self, name: str) -> Freed:
         """Free every block the owner holds and forget the owner."""
@@ -288,6 +331,8 @@ class Ledger:
                 owner=name,
             )
         self.changes.owners.add(name)
+        if owner.scope == DETACHED:
+            self.detached_owners -= 1
         creator = self.sessions.get(owner.session_id)
         if creator is not None:
             creator.owners.discard(name)
@@ -331,8 +376,7 @@ class Ledger:
             self._check_quotas(session_id, owner, sizes)
         except QuotaExceeded:
             if not existed:  # a refused request leaves no trace
-                del self.owners[name]
-                self.sessions[session_id].owners.discard(name)
+                self._undo_new_owner(name, session_id)
             raise
         offsets: list[int] = []
         for i, size in enumerate(sizes):
@@ -347,8 +391,7 @@ class Ledger:
                 for taken in offsets:
                     space.free(taken)
                 if not existed:  # a refused request leaves no trace
-                    del self.owners[name]
-                    self.sessions[session_id].owners.discard(name)
+                    self._undo_new_owner(name, session_id)
                 raise self._out_of_memory(size, sum(sizes) if len(sizes) > 1 else None)
             offsets.append(offset)
         if self.empty_since:  # a segment in use again is not idle
@@ -991,6 +1034,9 @@ class Ledger:
                 owned += block.carved
                 if block.owner != owner.name or self.blocks.get(offset) is not block:
                     problems.append(f"block {offset:#x} of owner {owner.name!r} is misfiled")
+        detached = sum(owner.scope == DETACHED for owner in self.owners.values())
+        if detached != self.detached_owners:
+            problems.append(f"{self.detached_owners} detached owners counted, {detached} exist")
         if owned != self.owned_bytes:
             problems.append(f"owned bytes {self.owned_bytes} != sum over owners {owned}")
         cached = 0

@@ -1013,6 +1013,8 @@ class Service:
             "lease_s": info.lease_s,
             "recovering_sessions": len(self.recovering),
             "names": len(self.exchange.names),
+            "detached_owners": ledger.detached_owners,
+            "queued_payload_bytes": self.exchange.payload_bytes,
             "queues": self.exchange.queue_rows(now),
             "queued_bytes": sum(
                 b.carved for b in ledger.blocks.values() if b.retainers and QUEUED in b.retainers
@@ -1041,7 +1043,7 @@ class Service:
     def limits(self) -> dict[str, int]:
         """The bounds the daemon keeps on what clients make it hold, by the
         name a `LimitReached` error gives (README "Reliability")."""
-        return {}
+        return {**self.ledger.limits(), **self.exchange.limits()}
 
     def segment_rows(self) -> list[dict[str, Any]]:
         """Per segment: its index, size, use and where it lives."""

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shmarena.daemon.ledger import Block, Changes, Ledger, Owner, Session
+from shmarena.daemon.ledger import DETACHED, Block, Changes, Ledger, Owner, Session
 from shmarena.shm.space import Space
 
 SNAP, DELTA, OPEN = "snap", "delta", "open"
@@ -207,6 +207,7 @@ def build(state: State, name: str, space: Space, now: float) -> tuple[Ledger, di
     for image in state.owners.values():
         oname, scope, sid, pid, created = image
         ledger.owners[oname] = Owner(oname, scope, sid, pid, created)
+        ledger.detached_owners += scope == DETACHED
         if sid in ledger.sessions:
             ledger.sessions[sid].owners.add(oname)
     for session in ledger.sessions.values():

@@ -8,7 +8,20 @@ import os
 import msgpack
 
 from shmarena.daemon import table
-from shmarena.protocol import ASSIGN, Op
+from shmarena.protocol import (
+    ASSIGN,
+    ERR,
+    MAX_DETACHED_OWNERS,
+    MAX_NAMES,
+    MAX_NAMES_PER_SESSION,
+    MAX_OWNERS_PER_SESSION,
+    MAX_QUEUE_PAYLOAD_BYTES,
+    MAX_QUEUED_PAYLOAD_BYTES,
+    MAX_QUEUES,
+    MAX_QUEUES_PER_SESSION,
+    MESSAGE_COST_BYTES,
+    Op,
+)
 from tests.unit.test_cache_ledger import filled, gen, post
 from tests.unit.test_service import MIN, Peer, make_service
 
@@ -79,3 +92,150 @@ def test_the_next_owner_id_survives_a_restart_from_snapshot_and_deltas() -> None
         assert ledger.owner_id(session_id, "kept") == 1
         ledger.open_owner("new", session_id, False, 0.0)
         assert ledger.owner_id(session_id, "new") == gone["id"] + 1
+
+
+def refused(peer: Peer, op: Op, *args: object) -> tuple[str, str, dict]:
+    reply = peer.raw(op, *args)
+    assert reply[0] == ERR, reply
+    return reply[2], reply[3], reply[4]
+
+
+def test_owners_per_session_is_refused_naming_the_limit() -> None:
+    service = make_service()
+    peer = Peer(service, b"a")
+    for i in range(MAX_OWNERS_PER_SESSION):
+        peer.ok(Op.OWNER, f"o-{i}", i % 2 == 0)
+    before = service.stats(0.0)
+    code, message, details = refused(peer, Op.OWNER, "one-more", False)
+    assert code == "limit_reached"
+    assert details["limit"] == "owners_per_session"
+    assert details["value"] == MAX_OWNERS_PER_SESSION
+    assert "one-more" in message and f"{MAX_OWNERS_PER_SESSION} owners" in message
+    # An alloc into a new owner is refused the same way; nothing changed.
+    assert refused(peer, Op.ALLOC, MIN, "new", False)[2]["limit"] == "owners_per_session"
+    after = service.stats(0.0)
+    assert after["owners"] == before["owners"] and after["used_bytes"] == before["used_bytes"]
+    assert service.stats(0.0)["limits"]["owners_per_session"] == MAX_OWNERS_PER_SESSION
+    # Recycling one makes room again.
+    peer.ok(Op.RECYCLE, "o-1")
+    peer.ok(Op.OWNER, "one-more", False)
+    assert service.check() == []
+
+
+def test_detached_owners_in_all_are_bounded() -> None:
+    service = make_service()
+    service.ledger.max_detached_owners = 50  # the same code at a smaller bound
+    a, b = Peer(service, b"a"), Peer(service, b"b", pid=1001)
+    for i in range(30):
+        a.ok(Op.OWNER, f"a-{i}", True)
+    a.ok(Op.BYE)  # detached owners outlive their creator, and still count
+    for i in range(20):
+        b.ok(Op.OWNER, f"b-{i}", True)
+    code, message, details = refused(b, Op.OWNER, "b-20", True)
+    assert (code, details["limit"], details["value"]) == ("limit_reached", "detached_owners", 50)
+    assert "50 detached owners" in message
+    b.ok(Op.OWNER, "scoped", False)  # the bound is on detached ones only
+    b.ok(Op.RECYCLE, "a-0")
+    b.ok(Op.OWNER, "b-20", True)
+    assert service.stats(0.0)["detached_owners"] == 50
+    assert service.check() == []
+
+
+def publish_many(peer: Peer, prefix: str, count: int) -> list[list[int]]:
+    handles = peer.ok(Op.ALLOC_MANY, [MIN] * count)[0]
+    for i, handle in enumerate(handles):
+        peer.ok(Op.PUBLISH, f"{prefix}{i}", handle, True)
+    return handles
+
+
+def test_names_per_session_and_in_all_are_bounded() -> None:
+    service = make_service(size=1 << 24)
+    exchange = service.exchange
+    exchange.max_names_per_session, exchange.max_names = 40, 60
+    a, b = Peer(service, b"a"), Peer(service, b"b", pid=1001)
+    handles = publish_many(a, "a-", 40)
+    (extra,) = a.ok(Op.ALLOC, MIN)
+    code, message, details = refused(a, Op.PUBLISH, "a-40", extra, True)
+    assert (code, details["limit"], details["value"]) == ("limit_reached", "names_per_session", 40)
+    assert "'a-40'" in message and "40 names" in message
+    publish_many(b, "b-", 20)
+    (other,) = b.ok(Op.ALLOC, MIN)
+    details = refused(b, Op.PUBLISH, "b-20", other, True)[2]
+    assert (details["limit"], details["value"]) == ("names", 60)
+    assert service.stats(0.0)["names"] == 60
+    a.ok(Op.FREE, [handles[0]])  # its name vanishes with the block: room for one
+    b.ok(Op.PUBLISH, "b-20", other, True)
+    assert service.check() == []
+
+
+def test_queues_per_session_and_in_all_are_bounded() -> None:
+    service = make_service()
+    exchange = service.exchange
+    exchange.max_queues_per_session, exchange.max_queues = 3, 5
+    a, b = Peer(service, b"a"), Peer(service, b"b", pid=1001)
+    for i in range(3):
+        a.ok(Op.QOPEN, f"q{i}", 0)
+    code, message, details = refused(a, Op.QOPEN, "q3", 0)
+    assert (code, details["limit"], details["value"]) == ("limit_reached", "queues_per_session", 3)
+    assert "3 queues" in message
+    b.ok(Op.QOPEN, "q3", 0)
+    b.ok(Op.QOPEN, "q4", 0)
+    assert refused(b, Op.QOPEN, "q5", 0)[2]["limit"] == "queues"
+    # A put joins a queue as an open does: the same bound.
+    assert refused(a, Op.QPUT, "q3", b"x", [], 0.0)[2]["limit"] == "queues_per_session"
+    assert len(service.exchange.queues) == 5
+    a.ok(Op.QCLOSE, "q0")
+    a.ok(Op.QPUT, "q3", b"x", [], 0.0)
+    assert service.check() == []
+
+
+def test_queued_payload_bytes_are_bounded_per_queue_and_in_all() -> None:
+    """The finding: puts of ~64 KB grew the daemon's heap without bound."""
+    service = make_service()
+    peer = Peer(service, b"a")
+    payload = b"p" * 64_000
+    cost = len(payload) + MESSAGE_COST_BYTES
+    per_queue = MAX_QUEUE_PAYLOAD_BYTES // cost
+    for q in range(MAX_QUEUED_PAYLOAD_BYTES // MAX_QUEUE_PAYLOAD_BYTES):
+        peer.ok(Op.QOPEN, f"q{q}", 0)
+        for _ in range(per_queue):
+            peer.ok(Op.QPUT, f"q{q}", payload, [], 0.0)
+        code, message, details = refused(peer, Op.QPUT, f"q{q}", payload, [], 0.0)
+        assert code == "limit_reached"
+        assert details["limit"] == "queued_payload_bytes_per_queue"
+        assert details["value"] == MAX_QUEUE_PAYLOAD_BYTES
+        assert f"queue 'q{q}'" in message and "in a block" in message
+    stats = service.stats(0.0)
+    assert stats["queued_payload_bytes"] == 4 * per_queue * cost
+    assert stats["queues"][0]["payload_bytes"] == per_queue * cost
+    # A fifth queue takes what is left of the total, then the total refuses.
+    peer.ok(Op.QOPEN, "q4", 0)
+    left = (MAX_QUEUED_PAYLOAD_BYTES - stats["queued_payload_bytes"]) // cost
+    for _ in range(left):
+        peer.ok(Op.QPUT, "q4", payload, [], 0.0)
+    details = refused(peer, Op.QPUT, "q4", payload, [], 0.0)[2]
+    assert (details["limit"], details["value"]) == (
+        "queued_payload_bytes",
+        MAX_QUEUED_PAYLOAD_BYTES,
+    )
+    # Getting messages out (or dropping a queue) gives the bytes back.
+    peer.ok(Op.QGET, "q0", 0, 0.0)
+    assert service.stats(0.0)["queued_payload_bytes"] == (4 * per_queue + left - 1) * cost
+    peer.ok(Op.QCLOSE, "q1")
+    assert service.stats(0.0)["queued_payload_bytes"] == (3 * per_queue + left - 1) * cost
+    peer.ok(Op.QPUT, "q4", payload, [], 0.0)
+    assert service.check() == []
+
+
+def test_every_limit_is_in_stats() -> None:
+    limits = make_service().stats(0.0)["limits"]
+    assert limits == {
+        "owners_per_session": MAX_OWNERS_PER_SESSION,
+        "detached_owners": MAX_DETACHED_OWNERS,
+        "names_per_session": MAX_NAMES_PER_SESSION,
+        "names": MAX_NAMES,
+        "queues_per_session": MAX_QUEUES_PER_SESSION,
+        "queues": MAX_QUEUES,
+        "queued_payload_bytes_per_queue": MAX_QUEUE_PAYLOAD_BYTES,
+        "queued_payload_bytes": MAX_QUEUED_PAYLOAD_BYTES,
+    }
