@@ -3,6 +3,9 @@ owner ids, owners, names, queues, queued bytes, and listings in pages."""
 
 from __future__ import annotations
 
+import pytest
+
+import shmarena
 from tests.conftest import Daemon
 
 
@@ -33,4 +36,30 @@ def test_an_owner_used_again_after_its_recycle_takes_its_blocks(daemon: Daemon) 
     rows = {r["name"]: r for r in client.list_owners()}
     assert rows["reused"]["blocks"] == 2
     assert session_row(client, client.session)["owner_ids"] == 2
+    assert client.check() == []
+
+
+def test_queued_in_band_bytes_stop_at_the_limit_with_a_clear_error(daemon: Daemon) -> None:
+    """The finding: puts of ~64 KB took the daemon's heap to 2 GiB, unseen."""
+    client = daemon.client()
+    queue = shmarena.Queue(client=client)
+    payload = b"x" * 64_000  # pickled in-band: no block
+    limits = client.stats()["limits"]
+    bound = limits["queued_payload_bytes_per_queue"]
+    puts = 0
+    with pytest.raises(shmarena.LimitReached) as refused:
+        for _ in range(bound // len(payload) + 1):
+            queue.put(payload)
+            puts += 1
+    assert refused.value.details["limit"] == "queued_payload_bytes_per_queue"
+    assert refused.value.details["value"] == bound
+    assert "queued_payload_bytes_per_queue" in str(refused.value)
+    assert bound // (len(payload) + 200) <= puts < bound // len(payload)
+    stats = client.stats()
+    assert bound - 70_000 < stats["queued_payload_bytes"] <= bound
+    assert stats["queues"][0]["qsize"] == puts and stats["used_bytes"] == 0
+    assert queue.get() == payload  # a get makes room for one more
+    queue.put(payload)
+    queue.close()
+    assert client.stats()["queued_payload_bytes"] == 0
     assert client.check() == []
