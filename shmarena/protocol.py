@@ -64,7 +64,20 @@ Requests, in the order of ``Op`` (arguments after the request id):
     POST       events:[int]               one-way: no reply unless refused
                Cache bookkeeping and frees, flat (see EVENTS below).
     SYNC       -> notices:[int]           everything sent before is applied
-    STATS      -> map       OWNERS -> [map]     CLIENTS -> [map]
+    STATS      -> map
+    OWNERS     cursor:str, page:int  -> [map], next:str|nil
+    CLIENTS    cursor:str, page:int  -> [map], next:str|nil
+               Listings come in pages of at most `page` rows (capped at
+               MAX_LISTING_ROWS), from `cursor` ("": the start) on; `next` is
+               the cursor of the following page, nil after the last. A request
+               without `page` (0) gets the first page's rows alone, as a
+               client before paging expects (only MAX_LISTING_ROWS of them).
+               Owners come detached first, then by bytes (most first), then
+               by name; clients by session. A page starts after the last row
+               of the one before in that order, so an owner that exists and
+               keeps its size for the whole listing is in it exactly once; one
+               created, recycled or resized meanwhile may be missing or come
+               twice (the client keeps its later row).
     CHECK      -> [problem:str]  (empty when healthy)
     SHUTDOWN   -> nil, then the daemon stops
     SEGMENTS   -> [map]   the arena's segments now: index, size, and where
@@ -79,7 +92,8 @@ request (the client's retry) is dropped, not run again.
     UNPUBLISH  name:str                  -> nil
     LOOKUP     name:str, wait_s:num      -> [handle, sealed:bool]; the block is
                                             retained for this session
-    NAMES      prefix:str                -> [map]
+    NAMES      prefix:str, cursor:str, page:int -> [map], next:str|nil
+               by name, paged as OWNERS
     EVENTS     since:int, prefix:str, wait_s:num
                -> [[seq, kind, name, handle] ...], cursor:int, oldest_seq:int
                events numbered `since` or later (-1: none, just the cursor);
@@ -188,6 +202,11 @@ MAX_QUEUES = 4096  # "queues": queues in all
 # thousand of the ~64 KB pickles a queue of small objects carries.
 MAX_QUEUE_PAYLOAD_BYTES = 16 << 20  # "queued_payload_bytes_per_queue"
 MAX_QUEUED_PAYLOAD_BYTES = 64 << 20  # "queued_payload_bytes": all queues together
+# "listing_rows": rows in one OWNERS, CLIENTS or NAMES reply. The daemon builds
+# one page per request, so a listing of many owners does not hold up the other
+# clients for its whole length, and a reply stays far below a client's message
+# limit (an owner row with its allocation sites is up to ~1.5 KiB).
+MAX_LISTING_ROWS = 10_000
 MESSAGE_COST_BYTES = 128
 HANDLE_COST_BYTES = 64
 
@@ -301,15 +320,15 @@ SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
     Op.POST: (("events", EVENTS, REQUIRED),),
     Op.SYNC: (),
     Op.STATS: (),
-    Op.OWNERS: (),
-    Op.CLIENTS: (),
+    Op.OWNERS: (("cursor", STR, ""), ("page", INT, 0)),
+    Op.CLIENTS: (("cursor", STR, ""), ("page", INT, 0)),
     Op.CHECK: (),
     Op.SHUTDOWN: (),
     Op.SEGMENTS: (),
     Op.PUBLISH: (("name", STR, REQUIRED), ("handle", HANDLE, REQUIRED), ("sealed", BOOL, True)),
     Op.UNPUBLISH: (("name", STR, REQUIRED),),
     Op.LOOKUP: (("name", STR, REQUIRED), ("wait_s", NUM, 0.0)),
-    Op.NAMES: (("prefix", STR, ""),),
+    Op.NAMES: (("prefix", STR, ""), ("cursor", STR, ""), ("page", INT, 0)),
     Op.EVENTS: (("since", INT, -1), ("prefix", STR, ""), ("wait_s", NUM, 0.0)),
     Op.QOPEN: (("name", STR, REQUIRED), ("maxsize", INT, 0)),
     Op.QPUT: (

@@ -43,7 +43,15 @@ from shmarena.errors import (
     StaleHandle,
     UnknownOwner,
 )
-from shmarena.protocol import GEN_SHIFT, MAX_BATCH, MAX_WAIT_S, PROTOCOL_VERSION, Handle, Op
+from shmarena.protocol import (
+    GEN_SHIFT,
+    MAX_BATCH,
+    MAX_LISTING_ROWS,
+    MAX_WAIT_S,
+    PROTOCOL_VERSION,
+    Handle,
+    Op,
+)
 from shmarena.shm.arena import map_segment
 from shmarena.shm.backing import map_file
 from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT, SEGMENT_SPAN
@@ -234,6 +242,9 @@ class Client:
         self._flusher: threading.Thread | None = None
         self._pid = os.getpid()
         self._closed = False
+        # rows asked for per page of a listing (list_owners, ...); the daemon
+        # sends at most MAX_LISTING_ROWS
+        self.listing_page = MAX_LISTING_ROWS
         # owner name -> (session, id) for ASSIGN events: see Owner.id
         self._owner_ids: dict[str, tuple[int, int]] = {}
         # A SessionLost found by the heartbeat thread, raised by the next call.
@@ -938,8 +949,7 @@ class Client:
 
     def names(self, prefix: str = "") -> list[dict[str, Any]]:
         """The published names starting with `prefix` (`shmarena names --json`)."""
-        (rows,) = self._request(Op.NAMES, prefix)
-        return list(rows)
+        return self._listing(Op.NAMES, "name", prefix)
 
     def subscribe(self, prefix: str = "") -> names.Subscription:
         """Follow every publish and recycle of names starting with `prefix`
@@ -963,14 +973,29 @@ class Client:
         return dict(layout)
 
     def list_owners(self) -> list[dict[str, Any]]:
-        """One row per owner (the same as `shmarena owners --json`)."""
-        (rows,) = self._request(Op.OWNERS)
-        return list(rows)
+        """One row per owner (the same as `shmarena owners --json`): detached
+        first, then by bytes held (most first), then by name."""
+        rows = self._listing(Op.OWNERS, "name")
+        rows.sort(key=lambda r: (r["scope"] != "detached", -r["bytes"], r["name"]))
+        return rows
 
     def list_clients(self) -> list[dict[str, Any]]:
         """One row per connected session (the same as `shmarena clients --json`)."""
-        (rows,) = self._request(Op.CLIENTS)
-        return list(rows)
+        return self._listing(Op.CLIENTS, "session")
+
+    def _listing(self, op: Op, key: str, *args: Any) -> list[dict[str, Any]]:
+        """Every row of a listing the daemon sends in pages (protocol.py,
+        OWNERS), one request per page. A row that changed between pages
+        may come twice: its later one is kept."""
+        rows: dict[Any, dict[str, Any]] = {}
+        cursor = ""
+        while True:
+            page, cursor = self._request(op, *args, cursor, self.listing_page)
+            for row in page:
+                rows.pop(row[key], None)
+                rows[row[key]] = row
+            if cursor is None:
+                return list(rows.values())
 
     def check(self) -> list[str]:
         """Verify the daemon's allocator and ledger invariants; [] when healthy."""

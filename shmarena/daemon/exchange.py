@@ -206,7 +206,7 @@ class Exchange:
         self.ledger.retain(session_id, [Handle(*handle)])
         return [handle, entry.sealed]
 
-    def name_rows(self, prefix: str, now: float) -> list[dict[str, Any]]:
+    def name_rows(self, entries: list[Name], now: float) -> list[dict[str, Any]]:
         return [
             {
                 "name": e.name,
@@ -217,8 +217,7 @@ class Exchange:
                 "session": e.session_id,
                 "age_s": round(now - e.created_at, 3),
             }
-            for e in sorted(self.names.values(), key=lambda e: e.name)
-            if e.name.startswith(prefix)
+            for e in entries
         ]
 
     def _unowned(self, block: Block) -> None:

@@ -3,6 +3,10 @@ owner ids, owners, names, queues, queued bytes, and listings in pages."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 import shmarena
@@ -62,4 +66,35 @@ def test_queued_in_band_bytes_stop_at_the_limit_with_a_clear_error(daemon: Daemo
     queue.put(payload)
     queue.close()
     assert client.stats()["queued_payload_bytes"] == 0
+    assert client.check() == []
+
+
+def test_a_listing_longer_than_a_page_arrives_whole(daemon: Daemon) -> None:
+    """More owners than one reply carries: the client and `shmarena owners`
+    page through them and show every one, in the listing's order."""
+    client = daemon.client()
+    count = client.stats()["limits"]["listing_rows"] + 50
+    client.alloc(4096)  # the session's own owner, with bytes: sorts after the detached
+    for i in range(count):
+        client.owner(f"leak-{i:05}", detached=True)
+    rows = client.list_owners()
+    assert len(rows) == count + 1
+    assert [r["name"] for r in rows[:-1]] == [f"leak-{i:05}" for i in range(count)]
+    assert rows[-1]["name"] == f"session-{client.session}"
+    listed = json.loads(daemon.cli("owners", "--json", check=True).stdout)
+    assert [r["name"] for r in listed] == [r["name"] for r in rows]
+    wide = {**daemon.env, "COLUMNS": "200"}  # a table row per line, names whole
+    shown = subprocess.run(
+        [sys.executable, "-m", "shmarena", "owners"], env=wide, capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert sum(" leak-" in line for line in shown.stdout.splitlines()) == count
+    small = daemon.client()
+    small.listing_page = 7  # the same paging at a small page: sessions, names too
+    assert [r["name"] for r in small.list_owners()] == [r["name"] for r in rows]
+    assert {r["session"] for r in small.list_clients()} == {client.session, small.session}
+    handles = [client.alloc(4096) for _ in range(10)]
+    for i, buf in enumerate(handles):
+        client.publish(f"n-{i}", buf)
+    assert [r["name"] for r in small.names("n-")] == sorted(f"n-{i}" for i in range(10))
     assert client.check() == []

@@ -12,6 +12,7 @@ from shmarena.protocol import (
     ASSIGN,
     ERR,
     MAX_DETACHED_OWNERS,
+    MAX_LISTING_ROWS,
     MAX_NAMES,
     MAX_NAMES_PER_SESSION,
     MAX_OWNERS_PER_SESSION,
@@ -238,4 +239,82 @@ def test_every_limit_is_in_stats() -> None:
         "queues": MAX_QUEUES,
         "queued_payload_bytes_per_queue": MAX_QUEUE_PAYLOAD_BYTES,
         "queued_payload_bytes": MAX_QUEUED_PAYLOAD_BYTES,
+        "listing_rows": MAX_LISTING_ROWS,
     }
+
+
+def pages(peer: Peer, op: Op, *args: object, page: int) -> list[list[dict]]:
+    """Every page of a listing, asked as a client does."""
+    found, cursor = [], ""
+    while cursor is not None:
+        rows, cursor = peer.ok(op, *args, cursor, page)
+        assert len(rows) <= page
+        found.append(rows)
+    return found
+
+
+def test_owners_come_in_pages_in_the_listing_order() -> None:
+    service = make_service(size=1 << 24)
+    peer = Peer(service, b"a")
+    for i in range(25):
+        peer.ok(Op.OWNER, f"o {i:02}", i % 3 == 0)  # a space in a name is fine
+        if i % 4 == 0:
+            peer.ok(Op.ALLOC, MIN * (1 + i % 5), f"o {i:02}", i % 3 == 0)
+    (everything,) = peer.ok(Op.OWNERS)  # a client from before paging
+    assert len(everything) == 25
+    found = pages(peer, Op.OWNERS, page=10)
+    assert [len(rows) for rows in found] == [10, 10, 5]
+    assert [r["name"] for rows in found for r in rows] == [r["name"] for r in everything]
+
+
+def test_an_owner_that_keeps_its_size_is_listed_once_while_others_change() -> None:
+    service = make_service(size=1 << 24)
+    peer = Peer(service, b"a")
+    for i in range(30):
+        peer.ok(Op.OWNER, f"o-{i:02}", False)
+    rows, cursor = peer.ok(Op.OWNERS, "", 10)
+    peer.ok(Op.ALLOC, MIN, rows[0]["name"], False)  # listed already: moves ahead
+    peer.ok(Op.ALLOC, MIN, "o-29", False)  # not listed yet: moves ahead of the cursor
+    peer.ok(Op.RECYCLE, "o-20")
+    peer.ok(Op.OWNER, "o-99", False)
+    seen = [r["name"] for r in rows]
+    while cursor is not None:
+        rows, cursor = peer.ok(Op.OWNERS, cursor, 10)
+        seen += [r["name"] for r in rows]
+    steady = {f"o-{i:02}" for i in range(1, 29)} - {"o-20"}
+    assert all(seen.count(name) == 1 for name in steady)
+    assert "o-99" in seen
+
+
+def test_clients_and_names_come_in_pages() -> None:
+    service = make_service(size=1 << 24)
+    peers = [Peer(service, bytes([i]), pid=1000 + i) for i in range(7)]
+    found = pages(peers[0], Op.CLIENTS, page=3)
+    assert [len(rows) for rows in found] == [3, 3, 1]
+    assert [r["session"] for rows in found for r in rows] == [p.session for p in peers]
+    publish_many(peers[0], "n-", 12)
+    publish_many(peers[1], "other-", 3)
+    found = pages(peers[0], Op.NAMES, "n-", page=5)
+    assert [len(rows) for rows in found] == [5, 5, 2]
+    assert [r["name"] for rows in found for r in rows] == sorted(f"n-{i}" for i in range(12))
+    assert len(peers[0].ok(Op.NAMES, "")[0]) == 15
+
+
+def test_a_listing_reply_never_passes_the_row_limit() -> None:
+    service = make_service()
+    service.max_listing_rows = 4
+    peer = Peer(service, b"a")
+    for i in range(9):
+        peer.ok(Op.OWNER, f"o-{i}", False)
+    assert len(peer.ok(Op.OWNERS)[0]) == 4  # without paging: the first page only
+    rows, cursor = peer.ok(Op.OWNERS, "", 1000)
+    assert len(rows) == 4 and cursor is not None
+    assert service.stats(0.0)["limits"]["listing_rows"] == 4
+
+
+def test_a_cursor_the_daemon_did_not_give_is_refused() -> None:
+    peer = Peer(make_service(), b"a")
+    for op, cursor in ((Op.OWNERS, "x"), (Op.OWNERS, "1 -5 name"), (Op.CLIENTS, "one")):
+        code, message, _ = refused(peer, op, cursor, 10)
+        assert code == "invalid_request" and "cursor" in message
+    assert refused(peer, Op.OWNERS, "", -1)[0] == "invalid_request"
