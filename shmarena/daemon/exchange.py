@@ -317,12 +317,16 @@ class Exchange:
         self, session_id: int, name: str, payload: bytes, handles: list[Handle], now: float
     ) -> int | None:
         """The queue's length after the put, or None if it is full."""
-        queue = self._queue(session_id, name)
+        queue = self._queue(session_id, name, join=False)
+        if session_id not in queue.users:  # a put joins the queue: checked first
+            self._check_join(session_id, name)
         if len(queue.messages) >= queue.limit:
+            queue.users.add(session_id)
             return None
         cost = len(payload) + MESSAGE_COST_BYTES + HANDLE_COST_BYTES * len(handles)
-        self._check_payload(queue, cost)
+        self._check_payload(queue, cost)  # a refused put changes nothing
         blocks = self.ledger.hold(handles, now)
+        queue.users.add(session_id)
         message = Message(payload, blocks, [list(h) for h in handles])
         queue.messages.append(message)
         queue.payload_bytes += cost

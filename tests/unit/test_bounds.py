@@ -11,6 +11,7 @@ from shmarena.daemon import table
 from shmarena.protocol import (
     ASSIGN,
     ERR,
+    HANDLE_COST_BYTES,
     MAX_DETACHED_OWNERS,
     MAX_LISTING_ROWS,
     MAX_NAMES,
@@ -318,3 +319,20 @@ def test_a_cursor_the_daemon_did_not_give_is_refused() -> None:
         code, message, _ = refused(peer, op, cursor, 10)
         assert code == "invalid_request" and "cursor" in message
     assert refused(peer, Op.OWNERS, "", -1)[0] == "invalid_request"
+
+
+def test_a_put_refused_for_its_bytes_leaves_the_queue_as_it_was() -> None:
+    service = make_service()
+    service.exchange.max_queue_payload_bytes = 1000
+    a, b = Peer(service, b"a"), Peer(service, b"b", pid=1001)
+    a.ok(Op.QOPEN, "q", 0)
+    (handle,) = b.ok(Op.ALLOC, MIN)
+    details = refused(b, Op.QPUT, "q", b"x" * 1000, [handle], 0.0)[2]
+    assert details["limit"] == "queued_payload_bytes_per_queue"
+    queue = service.exchange.queues["q"]
+    assert queue.users == {a.session} and not queue.messages
+    assert service.stats(0.0)["queued_bytes"] == 0  # the block is not held by the queue
+    b.ok(Op.QPUT, "q", b"x" * 100, [handle], 0.0)
+    cost = 100 + MESSAGE_COST_BYTES + HANDLE_COST_BYTES
+    assert service.stats(0.0)["queued_payload_bytes"] == cost
+    assert service.check() == []
