@@ -204,7 +204,7 @@ def _owner_key(owner: Any) -> tuple[bool, int, str]:
 def _parse_owner_cursor(cursor: str) -> tuple[bool, int, str]:
     scope, _, rest = cursor.partition(" ")
     held, _, name = rest.partition(" ")
-    if scope not in ("0", "1") or not held.isdigit() or not name:
+    if scope not in ("0", "1") or not (held.isascii() and held.isdigit()) or not name:
         raise _bad_cursor("owners", cursor)
     return (scope == "1", -int(held), name)
 
@@ -1160,7 +1160,7 @@ class Service:
     def _clients(self, session_id: int, request: Request, now: float) -> list[Any]:
         ledger = self.ledger
         cursor = request.args[0]
-        if cursor and not cursor.isdigit():
+        if cursor and not (cursor.isascii() and cursor.isdigit()):
             raise _bad_cursor("clients", cursor)
         keyed = ((s.id, s) for s in ledger.sessions.values())
         sessions, more = self._page(request, keyed, int(cursor) if cursor else None)

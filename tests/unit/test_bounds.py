@@ -315,7 +315,8 @@ def test_a_listing_reply_never_passes_the_row_limit() -> None:
 
 def test_a_cursor_the_daemon_did_not_give_is_refused() -> None:
     peer = Peer(make_service(), b"a")
-    for op, cursor in ((Op.OWNERS, "x"), (Op.OWNERS, "1 -5 name"), (Op.CLIENTS, "one")):
+    bad = [(Op.OWNERS, "x"), (Op.OWNERS, "1 -5 name"), (Op.OWNERS, "1 ² n"), (Op.CLIENTS, "²")]
+    for op, cursor in bad:
         code, message, _ = refused(peer, op, cursor, 10)
         assert code == "invalid_request" and "cursor" in message
     assert refused(peer, Op.OWNERS, "", -1)[0] == "invalid_request"
