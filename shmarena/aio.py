@@ -182,8 +182,9 @@ class AsyncOwner:
     async def alloc(self, size: int) -> Buffer:
         """Like `AsyncClient.alloc`, into this owner. A detached owner's block
         is registered with the daemon before this returns."""
-        if not self.owner.detached and not self.owner.quota:  # a quota is checked by the daemon
-            buf = self.client._cache_hit(size, self.owner.id)
+        owner_id = self.owner.known_id()  # None: it must be opened again, by the worker
+        if not self.owner.detached and not self.owner.quota and owner_id is not None:
+            buf = self.client._cache_hit(size, owner_id)  # a quota is checked by the daemon
             if buf is not None:
                 return buf
         return await self.client._call(self.owner.alloc, size, undo=_free)

@@ -64,7 +64,20 @@ Requests, in the order of ``Op`` (arguments after the request id):
     POST       events:[int]               one-way: no reply unless refused
                Cache bookkeeping and frees, flat (see EVENTS below).
     SYNC       -> notices:[int]           everything sent before is applied
-    STATS      -> map       OWNERS -> [map]     CLIENTS -> [map]
+    STATS      -> map
+    OWNERS     cursor:str, page:int  -> [map], next:str|nil
+    CLIENTS    cursor:str, page:int  -> [map], next:str|nil
+               Listings come in pages of at most `page` rows (capped at
+               MAX_LISTING_ROWS), from `cursor` ("": the start) on; `next` is
+               the cursor of the following page, nil after the last. A request
+               without `page` (0) gets the first page's rows alone, as a
+               client before paging expects (only MAX_LISTING_ROWS of them).
+               Owners come detached first, then by bytes (most first), then
+               by name; clients by session. A page starts after the last row
+               of the one before in that order, so an owner that exists and
+               keeps its size for the whole listing is in it exactly once; one
+               created, recycled or resized meanwhile may be missing or come
+               twice (the client keeps its later row).
     CHECK      -> [problem:str]  (empty when healthy)
     SHUTDOWN   -> nil, then the daemon stops
     SEGMENTS   -> [map]   the arena's segments now: index, size, and where
@@ -79,7 +92,8 @@ request (the client's retry) is dropped, not run again.
     UNPUBLISH  name:str                  -> nil
     LOOKUP     name:str, wait_s:num      -> [handle, sealed:bool]; the block is
                                             retained for this session
-    NAMES      prefix:str                -> [map]
+    NAMES      prefix:str, cursor:str, page:int -> [map], next:str|nil
+               by name, paged as OWNERS
     EVENTS     since:int, prefix:str, wait_s:num
                -> [[seq, kind, name, handle] ...], cursor:int, oldest_seq:int
                events numbered `since` or later (-1: none, just the cursor);
@@ -165,6 +179,36 @@ MAX_WAIT_S = 3600.0  # the longest one waiting request is kept; clients ask agai
 MAX_BLOCKS_REPLY = 200_000  # blocks one BLOCKS reply lists (about 4 MB of msgpack)
 EVENTS_KEPT = 1 << 16  # name events the daemon remembers for subscribers
 MAX_EVENTS_PER_REPLY = 1024
+
+# What one client may make the daemon hold (README "Reliability"). Each bound
+# is reported in `stats["limits"]` under the key in its comment, and a request
+# that would pass it is refused with LimitReached naming that key (details
+# `limit`, `value`), changing nothing. The sizes let a heavy legitimate user
+# through (tens of thousands of live owners, names and messages) while a
+# runaway loop stops at tens of MiB of daemon heap, not at the machine's RAM:
+# an owner costs the daemon about 1 KiB, a name about 0.5 KiB, a queue about
+# 1 KiB before its messages.
+MAX_OWNERS_PER_SESSION = 1 << 16  # "owners_per_session": live owners a session
+# created (session-scoped, and detached ones while their creator lives)
+MAX_DETACHED_OWNERS = 1 << 16  # "detached_owners": they outlive sessions, so a total
+MAX_NAMES_PER_SESSION = 1 << 16  # "names_per_session": names a session published
+MAX_NAMES = 1 << 18  # "names": published names in all (they outlive sessions)
+MAX_QUEUES_PER_SESSION = 1024  # "queues_per_session": queues a session has open
+MAX_QUEUES = 4096  # "queues": queues in all
+# In-band bytes of queued messages live in the daemon's heap (blocks do not:
+# they are in the arena). A message costs its payload plus MESSAGE_COST_BYTES,
+# plus HANDLE_COST_BYTES per handle it carries (what the daemon keeps for it),
+# so empty messages are bounded too. 64 MiB in all is 256 full payloads, or a
+# thousand of the ~64 KB pickles a queue of small objects carries.
+MAX_QUEUE_PAYLOAD_BYTES = 16 << 20  # "queued_payload_bytes_per_queue"
+MAX_QUEUED_PAYLOAD_BYTES = 64 << 20  # "queued_payload_bytes": all queues together
+# "listing_rows": rows in one OWNERS, CLIENTS or NAMES reply. The daemon builds
+# one page per request, so a listing of many owners does not hold up the other
+# clients for its whole length, and a reply stays far below a client's message
+# limit (an owner row with its allocation sites is up to ~1.5 KiB).
+MAX_LISTING_ROWS = 10_000
+MESSAGE_COST_BYTES = 128
+HANDLE_COST_BYTES = 64
 
 OK = 0
 ERR = 1
@@ -276,15 +320,15 @@ SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
     Op.POST: (("events", EVENTS, REQUIRED),),
     Op.SYNC: (),
     Op.STATS: (),
-    Op.OWNERS: (),
-    Op.CLIENTS: (),
+    Op.OWNERS: (("cursor", STR, ""), ("page", INT, 0)),
+    Op.CLIENTS: (("cursor", STR, ""), ("page", INT, 0)),
     Op.CHECK: (),
     Op.SHUTDOWN: (),
     Op.SEGMENTS: (),
     Op.PUBLISH: (("name", STR, REQUIRED), ("handle", HANDLE, REQUIRED), ("sealed", BOOL, True)),
     Op.UNPUBLISH: (("name", STR, REQUIRED),),
     Op.LOOKUP: (("name", STR, REQUIRED), ("wait_s", NUM, 0.0)),
-    Op.NAMES: (("prefix", STR, ""),),
+    Op.NAMES: (("prefix", STR, ""), ("cursor", STR, ""), ("page", INT, 0)),
     Op.EVENTS: (("since", INT, -1), ("prefix", STR, ""), ("wait_s", NUM, 0.0)),
     Op.QOPEN: (("name", STR, REQUIRED), ("maxsize", INT, 0)),
     Op.QPUT: (

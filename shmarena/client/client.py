@@ -43,7 +43,15 @@ from shmarena.errors import (
     StaleHandle,
     UnknownOwner,
 )
-from shmarena.protocol import GEN_SHIFT, MAX_BATCH, MAX_WAIT_S, PROTOCOL_VERSION, Handle, Op
+from shmarena.protocol import (
+    GEN_SHIFT,
+    MAX_BATCH,
+    MAX_LISTING_ROWS,
+    MAX_WAIT_S,
+    PROTOCOL_VERSION,
+    Handle,
+    Op,
+)
 from shmarena.shm.arena import map_segment
 from shmarena.shm.backing import map_file
 from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT, SEGMENT_SPAN
@@ -117,8 +125,22 @@ class Owner:
         self.client = client
         self.name = name
         self.detached = detached
-        self.id = owner_id
         self.quota = quota  # bytes, 0: none (as the daemon said when this was opened)
+        client._owner_ids[name] = (client.session, owner_id)
+
+    @property
+    def id(self) -> int:
+        """The number this session's cache hand-outs name the owner by. The
+        daemon forgets it when the owner is recycled (and never gives it
+        again); using the owner after that opens it again, for a new id."""
+        known = self.known_id()
+        return self.client._reopen(self.name) if known is None else known
+
+    def known_id(self) -> int | None:
+        """`id` if it needs no round trip, else None."""
+        client = self.client
+        known = client._owner_ids.get(self.name)
+        return known[1] if known is not None and known[0] == client.session else None
 
     def alloc(self, size: int, *, timeout: float | None = None, site: str | None = None) -> Buffer:
         """Like `Client.alloc`, into this owner. A detached owner's buffers are
@@ -220,6 +242,11 @@ class Client:
         self._flusher: threading.Thread | None = None
         self._pid = os.getpid()
         self._closed = False
+        # rows asked for per page of a listing (list_owners, ...); the daemon
+        # sends at most MAX_LISTING_ROWS
+        self.listing_page = MAX_LISTING_ROWS
+        # owner name -> (session, id) for ASSIGN events: see Owner.id
+        self._owner_ids: dict[str, tuple[int, int]] = {}
         # A SessionLost found by the heartbeat thread, raised by the next call.
         self._pending_loss: SessionLost | None = None
         self._alive_at = 0.0  # monotonic time of the last reply (lease mode only)
@@ -872,6 +899,14 @@ class Client:
         (row,) = self._request(Op.OWNER, name, detached, -1 if quota is None else quota)
         return Owner(self, name, detached, int(row.get("id", 0)), int(row.get("quota", 0)))
 
+    def _reopen(self, name: str) -> int:
+        """A session-scoped owner used after it was recycled (or from a new
+        session): open it again for the id of its cache hand-outs."""
+        (row,) = self._request(Op.OWNER, name, False, -1)
+        owner_id = int(row.get("id", 0))
+        self._owner_ids[name] = (self.session, owner_id)
+        return owner_id
+
     def set_quota(self, owner: str, quota: int) -> None:
         """Set the quota of the owner `owner` (any owner, by name; "" sets the
         daemon's per-session quota) to `quota` bytes, 0 for none. What is held
@@ -883,7 +918,10 @@ class Client:
 
         UnknownOwner if there is no owner of that name.
         """
-        (blocks, freed), notices = self._request(Op.RECYCLE, name)
+        try:
+            (blocks, freed), notices = self._request(Op.RECYCLE, name)
+        finally:
+            self._owner_ids.pop(name, None)  # its id goes with it (Owner.id)
         if self._cache is not None:
             self._cache.notice(notices)
         return Recycled(blocks, freed)
@@ -911,8 +949,7 @@ class Client:
 
     def names(self, prefix: str = "") -> list[dict[str, Any]]:
         """The published names starting with `prefix` (`shmarena names --json`)."""
-        (rows,) = self._request(Op.NAMES, prefix)
-        return list(rows)
+        return self._listing(Op.NAMES, "name", prefix)
 
     def subscribe(self, prefix: str = "") -> names.Subscription:
         """Follow every publish and recycle of names starting with `prefix`
@@ -936,14 +973,29 @@ class Client:
         return dict(layout)
 
     def list_owners(self) -> list[dict[str, Any]]:
-        """One row per owner (the same as `shmarena owners --json`)."""
-        (rows,) = self._request(Op.OWNERS)
-        return list(rows)
+        """One row per owner (the same as `shmarena owners --json`): detached
+        first, then by bytes held (most first), then by name."""
+        rows = self._listing(Op.OWNERS, "name")
+        rows.sort(key=lambda r: (r["scope"] != "detached", -r["bytes"], r["name"]))
+        return rows
 
     def list_clients(self) -> list[dict[str, Any]]:
         """One row per connected session (the same as `shmarena clients --json`)."""
-        (rows,) = self._request(Op.CLIENTS)
-        return list(rows)
+        return self._listing(Op.CLIENTS, "session")
+
+    def _listing(self, op: Op, key: str, *args: Any) -> list[dict[str, Any]]:
+        """Every row of a listing the daemon sends in pages (protocol.py,
+        OWNERS), one request per page. A row that changed between pages
+        may come twice: its later one is kept."""
+        rows: dict[Any, dict[str, Any]] = {}
+        cursor = ""
+        while True:
+            page, cursor = self._request(op, *args, cursor, self.listing_page)
+            for row in page:
+                rows.pop(row[key], None)
+                rows[row[key]] = row
+            if cursor is None:
+                return list(rows.values())
 
     def check(self) -> list[str]:
         """Verify the daemon's allocator and ledger invariants; [] when healthy."""

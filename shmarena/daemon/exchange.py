@@ -29,13 +29,29 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from shmarena.config import format_size
 from shmarena.daemon.ledger import Block, Ledger
-from shmarena.errors import InvalidRequest, NameExists, QueueEmpty, QueueFull, UnknownName
+from shmarena.errors import (
+    InvalidRequest,
+    LimitReached,
+    NameExists,
+    QueueEmpty,
+    QueueFull,
+    UnknownName,
+)
 from shmarena.protocol import (
     EVENTS_KEPT,
+    HANDLE_COST_BYTES,
     MAX_EVENTS_PER_REPLY,
     MAX_NAME,
+    MAX_NAMES,
+    MAX_NAMES_PER_SESSION,
+    MAX_QUEUE_PAYLOAD_BYTES,
     MAX_QUEUED,
+    MAX_QUEUED_PAYLOAD_BYTES,
+    MAX_QUEUES,
+    MAX_QUEUES_PER_SESSION,
+    MESSAGE_COST_BYTES,
     Handle,
     Op,
 )
@@ -58,6 +74,11 @@ class Message:
     blocks: list[Block]
     handles: list[list[int]]
 
+    @property
+    def cost(self) -> int:
+        """Bytes of the daemon's heap it is counted for (protocol.py)."""
+        return len(self.payload) + MESSAGE_COST_BYTES + HANDLE_COST_BYTES * len(self.handles)
+
 
 @dataclass(eq=False)
 class Queue:
@@ -68,6 +89,7 @@ class Queue:
     users: set[int] = field(default_factory=set)  # sessions that opened it
     puts: int = 0
     gets: int = 0
+    payload_bytes: int = 0  # what its messages cost (Message.cost), together
 
     @property
     def limit(self) -> int:
@@ -97,7 +119,27 @@ class Exchange:
         # (session, request id) -> result items, met since the service last
         # took them (`take_met`), in the order they were met
         self.met: list[tuple[Waiter, list[Any] | Exception]] = []
+        self.names_by_session: dict[int, int] = {}  # publisher -> names it has now
+        self.payload_bytes = 0  # Message.cost of every queued message
+        # Bounds (shmarena/protocol.py); attributes so the pure tests can try
+        # the same code at a smaller bound.
+        self.max_names_per_session = MAX_NAMES_PER_SESSION
+        self.max_names = MAX_NAMES
+        self.max_queues_per_session = MAX_QUEUES_PER_SESSION
+        self.max_queues = MAX_QUEUES
+        self.max_queue_payload_bytes = MAX_QUEUE_PAYLOAD_BYTES
+        self.max_queued_payload_bytes = MAX_QUEUED_PAYLOAD_BYTES
         self.attach(ledger)
+
+    def limits(self) -> dict[str, int]:
+        return {
+            "names_per_session": self.max_names_per_session,
+            "names": self.max_names,
+            "queues_per_session": self.max_queues_per_session,
+            "queues": self.max_queues,
+            "queued_payload_bytes_per_queue": self.max_queue_payload_bytes,
+            "queued_payload_bytes": self.max_queued_payload_bytes,
+        }
 
     def attach(self, ledger: Ledger) -> None:
         """Follow `ledger` (a new one after a recovery)."""
@@ -124,7 +166,27 @@ class Exchange:
                 f"{self.by_block[block.offset]!r}; a block has one name",
                 name=self.by_block[block.offset],
             )
+        mine = self.names_by_session.get(session_id, 0)
+        if mine >= self.max_names_per_session:
+            raise LimitReached(
+                f"name {name!r} was not published: session {session_id} has {mine} names "
+                "published, the most one session may (names_per_session); unpublish the "
+                "ones nobody looks up any more, or free their blocks",
+                limit="names_per_session",
+                value=self.max_names_per_session,
+                name=name,
+            )
+        if len(self.names) >= self.max_names:
+            raise LimitReached(
+                f"name {name!r} was not published: the arena has {len(self.names)} names, "
+                "the most it keeps (names); unpublish names nobody looks up any more "
+                "(`shmarena names` lists them)",
+                limit="names",
+                value=self.max_names,
+                name=name,
+            )
         self.names[name] = Name(name, block, block.generation, sealed, session_id, now)
+        self.names_by_session[session_id] = mine + 1
         self.by_block[block.offset] = name
         self._event("publish", name, self._wire(block))
         self._wake_lookups(name, now)
@@ -144,7 +206,7 @@ class Exchange:
         self.ledger.retain(session_id, [Handle(*handle)])
         return [handle, entry.sealed]
 
-    def name_rows(self, prefix: str, now: float) -> list[dict[str, Any]]:
+    def name_rows(self, entries: list[Name], now: float) -> list[dict[str, Any]]:
         return [
             {
                 "name": e.name,
@@ -155,8 +217,7 @@ class Exchange:
                 "session": e.session_id,
                 "age_s": round(now - e.created_at, 3),
             }
-            for e in sorted(self.names.values(), key=lambda e: e.name)
-            if e.name.startswith(prefix)
+            for e in entries
         ]
 
     def _unowned(self, block: Block) -> None:
@@ -166,6 +227,11 @@ class Exchange:
 
     def _forget(self, entry: Name) -> None:
         del self.names[entry.name]
+        left = self.names_by_session[entry.session_id] - 1
+        if left:
+            self.names_by_session[entry.session_id] = left
+        else:
+            del self.names_by_session[entry.session_id]
         del self.by_block[entry.block.offset]
         handle = [self.epoch, *_split(entry.block.offset), entry.block.size, entry.generation]
         self._event("recycle", entry.name, handle)
@@ -204,8 +270,18 @@ class Exchange:
             raise InvalidRequest(f"queue {name!r}: maxsize must be 0 or more, got {maxsize}")
         queue = self.queues.get(name)
         if queue is None:
+            self._check_join(session_id, name)
+            if len(self.queues) >= self.max_queues:
+                raise LimitReached(
+                    f"queue {name!r} was not opened: the arena has {len(self.queues)} queues, "
+                    "the most it keeps (queues); close queues no process uses (a queue "
+                    "goes when its last user closes it or ends)",
+                    limit="queues",
+                    value=self.max_queues,
+                    queue=name,
+                )
             queue = self.queues[name] = Queue(name, maxsize, now)
-        queue.users.add(session_id)
+        self._join(queue, session_id)
         return {"name": name, "maxsize": queue.maxsize, "qsize": len(queue.messages)}
 
     def _queue(self, session_id: int, name: str, join: bool = True) -> Queue:
@@ -217,18 +293,44 @@ class Exchange:
                 queue=name,
             )
         if join:  # a put or get makes the session a user, as an open does
-            queue.users.add(session_id)
+            self._join(queue, session_id)
         return queue
+
+    def _join(self, queue: Queue, session_id: int) -> None:
+        if session_id not in queue.users:
+            self._check_join(session_id, queue.name)
+            queue.users.add(session_id)
+
+    def _check_join(self, session_id: int, name: str) -> None:
+        count = sum(session_id in q.users for q in self.queues.values())
+        if count >= self.max_queues_per_session:
+            raise LimitReached(
+                f"queue {name!r} was not opened: session {session_id} has {count} queues "
+                "open, the most one session may (queues_per_session); close the queues "
+                "it no longer uses",
+                limit="queues_per_session",
+                value=self.max_queues_per_session,
+                queue=name,
+            )
 
     def put(
         self, session_id: int, name: str, payload: bytes, handles: list[Handle], now: float
     ) -> int | None:
         """The queue's length after the put, or None if it is full."""
-        queue = self._queue(session_id, name)
+        queue = self._queue(session_id, name, join=False)
+        if session_id not in queue.users:  # a put joins the queue: checked first
+            self._check_join(session_id, name)
         if len(queue.messages) >= queue.limit:
+            queue.users.add(session_id)
             return None
+        cost = len(payload) + MESSAGE_COST_BYTES + HANDLE_COST_BYTES * len(handles)
+        self._check_payload(queue, cost)  # a refused put changes nothing
         blocks = self.ledger.hold(handles, now)
-        queue.messages.append(Message(payload, blocks, [list(h) for h in handles]))
+        queue.users.add(session_id)
+        message = Message(payload, blocks, [list(h) for h in handles])
+        queue.messages.append(message)
+        queue.payload_bytes += cost
+        self.payload_bytes += cost
         queue.puts += 1
         self._meet(Op.QGET, lambda w: w.args[0] == name and bool(queue.messages))
         return len(queue.messages)
@@ -254,6 +356,8 @@ class Exchange:
         if not queue.messages:
             return None
         message = queue.messages.popleft()
+        queue.payload_bytes -= message.cost
+        self.payload_bytes -= message.cost
         self.ledger.pass_holds(taker, message.blocks)
         queue.gets += 1
         self._meet(Op.QPUT, lambda w: w.args[0] == name and len(queue.messages) < queue.limit)
@@ -277,7 +381,39 @@ class Exchange:
         if not queue.users and not self._waiting_on(queue.name):
             for message in queue.messages:
                 self.ledger.drop_holds(message.blocks)
+            self.payload_bytes -= queue.payload_bytes
             del self.queues[queue.name]
+
+    def _check_payload(self, queue: Queue, cost: int) -> None:
+        """LimitReached if a message costing `cost` bytes does not fit the
+        queue's or the daemon's bound on queued in-band bytes."""
+        if queue.payload_bytes + cost > self.max_queue_payload_bytes:
+            key, bound, held = (
+                "queued_payload_bytes_per_queue",
+                self.max_queue_payload_bytes,
+                queue.payload_bytes,
+            )
+            where = f"queue {queue.name!r} holds"
+        elif self.payload_bytes + cost > self.max_queued_payload_bytes:
+            key, bound, held = (
+                "queued_payload_bytes",
+                self.max_queued_payload_bytes,
+                self.payload_bytes,
+            )
+            where = "the arena's queues hold"
+        else:
+            return
+        raise LimitReached(
+            f"put of a {format_size(cost)} message to queue {queue.name!r} refused: {where} "
+            f"{format_size(held)} of in-band data, at most {format_size(bound)} ({key}); "
+            "get messages out first, or put large data in a block (client.alloc) and send "
+            "its handle, which the queue carries without copying",
+            limit=key,
+            value=bound,
+            queue=queue.name,
+            queued_bytes=held,
+            message_bytes=cost,
+        )
 
     def _waiting_on(self, name: str) -> bool:
         return any(w.op in (Op.QGET, Op.QPUT) and w.args[0] == name for w in self.waiters)
@@ -289,6 +425,7 @@ class Exchange:
                 "qsize": len(q.messages),
                 "maxsize": q.maxsize,
                 "held_bytes": sum(b.carved for m in q.messages for b in m.blocks),
+                "payload_bytes": q.payload_bytes,
                 "users": len(q.users),
                 "puts": q.puts,
                 "gets": q.gets,
@@ -398,7 +535,16 @@ class Exchange:
                 problems.append(f"name {name!r} is bound to a block that is not owned")
             elif block.generation != entry.generation:
                 problems.append(f"name {name!r} is bound to an older generation")
+        counted = {s: 0 for s in self.names_by_session}
+        for entry in self.names.values():
+            counted[entry.session_id] = counted.get(entry.session_id, 0) + 1
+        if counted != self.names_by_session:
+            problems.append("names counted per session disagree with the names")
+        if self.payload_bytes != sum(q.payload_bytes for q in self.queues.values()):
+            problems.append("queued payload bytes disagree with the queues'")
         for queue in self.queues.values():
+            if queue.payload_bytes != sum(m.cost for m in queue.messages):
+                problems.append(f"queue {queue.name!r} payload bytes disagree with its messages")
             for message in queue.messages:
                 for block in message.blocks:
                     if self.ledger.blocks.get(block.offset) is not block:

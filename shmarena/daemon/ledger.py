@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from shmarena.config import format_size
 from shmarena.errors import (
     InvalidRequest,
+    LimitReached,
     OutOfMemory,
     QuotaExceeded,
     StaleHandle,
@@ -48,8 +49,10 @@ from shmarena.protocol import (
     DRAIN,
     FREE_EVENT,
     GEN_SHIFT,
+    MAX_DETACHED_OWNERS,
     MAX_FILLS,
     MAX_OWNER_NAME,
+    MAX_OWNERS_PER_SESSION,
     MAX_SIZE_BYTES,
     UNASSIGN,
     Handle,
@@ -95,6 +98,8 @@ class Owner:
     blocks: dict[int, Block] = field(default_factory=dict)  # offset -> block
     bytes: int = 0
     quota: int = 0  # carved bytes it may hold; 0: no quota of its own
+    # session -> the id ASSIGN events of that session use for this owner
+    ids: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -110,21 +115,28 @@ class Session:
     retained: set[int] = field(default_factory=set)  # offsets of blocks it retains
     cached: set[int] = field(default_factory=set)  # offsets of blocks in its cache
     notices: list[int] = field(default_factory=list)  # flat offset, generation pairs
-    owner_ids: list[str] = field(default_factory=list)  # id -> owner name, for ASSIGN
+    # ASSIGN events name owners by number: id -> name and back, for the
+    # owners that exist (an id goes with its owner and is never given again,
+    # so a post still on the way cannot come to mean another owner). Id 0 is
+    # the session's own owner, for as long as the session lives.
+    owner_ids: dict[int, str] = field(default_factory=dict)
+    owner_id_of: dict[str, int] = field(default_factory=dict)
+    next_owner_id: int = 1
     cached_bytes: int = 0
 
 
 @dataclass
 class Changes:
     """What changed since the last `take_changes`: the keys of blocks, owners
-    and sessions to write again (or as gone, when no longer there), and new
-    owner ids as (session, index, name). A persistent daemon writes these to
-    its journal; the others just drop them."""
+    and sessions to write again (or as gone, when no longer there), and
+    owner ids as (session, index, name), name None for an id that went with
+    its owner. A persistent daemon writes these to its journal; the others
+    just drop them."""
 
     blocks: set[int] = field(default_factory=set)
     owners: set[str] = field(default_factory=set)
     sessions: set[int] = field(default_factory=set)
-    owner_ids: list[tuple[int, int, str]] = field(default_factory=list)
+    owner_ids: list[tuple[int, int, str | None]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.blocks or self.owners or self.sessions or self.owner_ids)
@@ -173,6 +185,17 @@ class Ledger:
         # owners and its cache (0: no quota). Detached owners count only
         # against their own quota: they outlive the session.
         self.session_quota = 0
+        self.detached_owners = 0  # how many owners are detached now
+        # Bounds (shmarena/protocol.py); attributes so the pure tests can try
+        # the same code at a smaller bound.
+        self.max_owners_per_session = MAX_OWNERS_PER_SESSION
+        self.max_detached_owners = MAX_DETACHED_OWNERS
+
+    def limits(self) -> dict[str, int]:
+        return {
+            "owners_per_session": self.max_owners_per_session,
+            "detached_owners": self.max_detached_owners,
+        }
 
     def take_changes(self) -> Changes:
         changes, self.changes = self.changes, Changes()
@@ -184,8 +207,9 @@ class Ledger:
         self, pid: int, start_ticks: int, label: str, now: float, watched: bool
     ) -> Session:
         session = Session(self._next_session, pid, start_ticks, label, now, now, watched)
-        session.owner_ids.append(implicit_owner(session.id))
-        self.changes.owner_ids.append((session.id, 0, session.owner_ids[0]))
+        own = implicit_owner(session.id)
+        session.owner_ids[0], session.owner_id_of[own] = own, 0
+        self.changes.owner_ids.append((session.id, 0, own))
         self._next_session += 1
         self.sessions[session.id] = session
         self.changes.sessions.add(session.id)
@@ -214,6 +238,10 @@ class Ledger:
         session.retained.clear()
         for offset in list(session.cached):
             self._drain(session, self.blocks[offset])
+        for name in session.owner_id_of:  # detached owners it had ids for
+            owner = self.owners.get(name)
+            if owner is not None:
+                owner.ids.pop(session_id, None)
         return Freed(blocks, freed)
 
     def session(self, session_id: int) -> Session:
@@ -258,11 +286,40 @@ class Ledger:
         return owner
 
     def _create_owner(self, name: str, scope: str, session: Session, now: float) -> Owner:
+        if len(session.owners) >= self.max_owners_per_session:
+            raise LimitReached(
+                f"owner {name!r} was not created: session {session.id} (pid {session.pid}) "
+                f"has {len(session.owners)} owners, the most one session may create "
+                "(owners_per_session, its detached ones included while it lives); recycle "
+                "the owners it no longer needs (leaving `with client.owner(...)` does)",
+                limit="owners_per_session",
+                value=self.max_owners_per_session,
+                owner=name,
+            )
+        if scope == DETACHED:
+            if self.detached_owners >= self.max_detached_owners:
+                raise LimitReached(
+                    f"detached owner {name!r} was not created: arena {self.name!r} has "
+                    f"{self.detached_owners} detached owners, the most it keeps "
+                    "(detached_owners); recycle the ones nobody uses (`shmarena owners` "
+                    "lists them with their age)",
+                    limit="detached_owners",
+                    value=self.max_detached_owners,
+                    owner=name,
+                )
+            self.detached_owners += 1
         owner = Owner(name, scope, session.id, session.pid, now)
         self.owners[name] = owner
         self.changes.owners.add(name)
         session.owners.add(name)
         return owner
+
+    def _undo_new_owner(self, name: str, session_id: int) -> None:
+        """A refused request leaves no trace: the owner it created goes."""
+        owner = self.owners.pop(name)
+        self.sessions[session_id].owners.discard(name)
+        if owner.scope == DETACHED:
+            self.detached_owners -= 1
 
     def recycle(self, name: str) -> Freed:
         """Free every block the owner holds and forget the owner."""
@@ -274,9 +331,13 @@ class Ledger:
                 owner=name,
             )
         self.changes.owners.add(name)
+        if owner.scope == DETACHED:
+            self.detached_owners -= 1
         creator = self.sessions.get(owner.session_id)
         if creator is not None:
             creator.owners.discard(name)
+        for session_id, owner_id in owner.ids.items():
+            self._forget_owner_id(session_id, owner_id)
         count, freed = len(owner.blocks), owner.bytes
         for block in list(owner.blocks.values()):
             self._disown(block, owner)
@@ -315,8 +376,7 @@ class Ledger:
             self._check_quotas(session_id, owner, sizes)
         except QuotaExceeded:
             if not existed:  # a refused request leaves no trace
-                del self.owners[name]
-                self.sessions[session_id].owners.discard(name)
+                self._undo_new_owner(name, session_id)
             raise
         offsets: list[int] = []
         for i, size in enumerate(sizes):
@@ -331,8 +391,7 @@ class Ledger:
                 for taken in offsets:
                     space.free(taken)
                 if not existed:  # a refused request leaves no trace
-                    del self.owners[name]
-                    self.sessions[session_id].owners.discard(name)
+                    self._undo_new_owner(name, session_id)
                 raise self._out_of_memory(size, sum(sizes) if len(sizes) > 1 else None)
             offsets.append(offset)
         if self.empty_since:  # a segment in use again is not idle
@@ -725,14 +784,40 @@ class Ledger:
         return triples
 
     def owner_id(self, session_id: int, name: str) -> int:
-        """The number ASSIGN events of this session use for owner `name`."""
-        ids = self.sessions[session_id].owner_ids
-        try:
-            return ids.index(name)
-        except ValueError:
-            ids.append(name)
-            self.changes.owner_ids.append((session_id, len(ids) - 1, name))
-            return len(ids) - 1
+        """The number ASSIGN events of this session use for owner `name`, which
+        exists. The number is good until the owner is recycled; it is never
+        given to another owner of the session."""
+        session = self.sessions[session_id]
+        owner_id = session.owner_id_of.get(name)
+        if owner_id is not None:
+            return owner_id
+        owner_id = session.next_owner_id
+        session.next_owner_id += 1
+        session.owner_ids[owner_id], session.owner_id_of[name] = name, owner_id
+        self.owners[name].ids[session_id] = owner_id
+        self.changes.owner_ids.append((session_id, owner_id, name))
+        return owner_id
+
+    def _forget_owner_id(self, session_id: int, owner_id: int) -> None:
+        session = self.sessions.get(session_id)
+        if session is None or owner_id == 0:
+            return  # the session's own owner keeps id 0 while the session lives
+        name = session.owner_ids.pop(owner_id, None)
+        if name is not None:
+            del session.owner_id_of[name]
+            self.changes.owner_ids.append((session_id, owner_id, None))
+
+    def _owner_of_id(self, session: Session, owner_id: int) -> str:
+        name = session.owner_ids.get(owner_id)
+        if name is not None:
+            return name
+        if 0 < owner_id < session.next_owner_id:
+            raise InvalidRequest(
+                f"assign: owner id {owner_id} named an owner that was recycled since; "
+                "open the owner again (client.owner) for a new id",
+                owner_id=owner_id,
+            )
+        raise InvalidRequest(f"assign: unknown owner id {owner_id}", owner_id=owner_id)
 
     def take_notices(self, session_id: int) -> list[int]:
         session = self.sessions[session_id]
@@ -786,8 +871,8 @@ class Ledger:
             return
         if block.generation == generation and block.owner is not None:
             # Assigned already by a handle that arrived first: move it to its owner.
-            if 0 <= owner_id < len(session.owner_ids):
-                wanted = session.owner_ids[owner_id]
+            wanted = session.owner_ids.get(owner_id)
+            if wanted is not None:
                 if wanted != block.owner:
                     self._unown(block, self.owners[block.owner])
                     self._own(block, self.open_owner(wanted, session.id, False, now))
@@ -799,9 +884,7 @@ class Ledger:
     def _assign(
         self, session: Session, block: Block, size: int, generation: int, owner_id: int, now: float
     ) -> None:
-        if not 0 <= owner_id < len(session.owner_ids):
-            raise InvalidRequest(f"assign: unknown owner id {owner_id}")
-        owner = self.open_owner(session.owner_ids[owner_id], session.id, False, now)
+        owner = self.open_owner(self._owner_of_id(session, owner_id), session.id, False, now)
         self._cache_out(session, block)
         block.size = size
         block.generation = generation
@@ -951,6 +1034,9 @@ class Ledger:
                 owned += block.carved
                 if block.owner != owner.name or self.blocks.get(offset) is not block:
                     problems.append(f"block {offset:#x} of owner {owner.name!r} is misfiled")
+        detached = sum(owner.scope == DETACHED for owner in self.owners.values())
+        if detached != self.detached_owners:
+            problems.append(f"{self.detached_owners} detached owners counted, {detached} exist")
         if owned != self.owned_bytes:
             problems.append(f"owned bytes {self.owned_bytes} != sum over owners {owned}")
         cached = 0
@@ -974,10 +1060,23 @@ class Ledger:
                 f"cached bytes per session {self.cached_bytes} != sum over blocks {cached}"
             )
         for session in self.sessions.values():
+            problems += self._check_owner_ids(session)
             for offset in session.cached:
                 held = self.blocks.get(offset)
                 if held is None or not held.cached or held.cache_session != session.id:
                     problems.append(f"session {session.id} caches {offset:#x} it does not hold")
+        return problems
+
+    def _check_owner_ids(self, session: Session) -> list[str]:
+        problems = []
+        if {n: i for i, n in session.owner_ids.items()} != session.owner_id_of:
+            problems.append(f"session {session.id}: owner ids by number and by name disagree")
+        for owner_id, name in session.owner_ids.items():
+            owner = self.owners.get(name)
+            if owner_id >= session.next_owner_id:
+                problems.append(f"session {session.id}: owner id {owner_id} not given yet")
+            if owner_id and (owner is None or owner.ids.get(session.id) != owner_id):
+                problems.append(f"session {session.id}: owner id {owner_id} names no owner")
         return problems
 
 

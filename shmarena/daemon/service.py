@@ -15,8 +15,9 @@ sessions it cannot watch.
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,7 @@ from shmarena.errors import (
 )
 from shmarena.protocol import (
     LATE_ERR,
+    MAX_LISTING_ROWS,
     MAX_PID,
     MAX_SESSIONS,
     MUTATING_OPS,
@@ -194,6 +196,27 @@ def _sites(blocks: Any) -> list[dict[str, Any]]:
     return rows[:5]
 
 
+def _owner_key(owner: Any) -> tuple[bool, int, str]:
+    """Where an owner comes in OWNERS: detached first, most bytes, name."""
+    return (owner.scope != DETACHED, -owner.bytes, owner.name)
+
+
+def _parse_owner_cursor(cursor: str) -> tuple[bool, int, str]:
+    scope, _, rest = cursor.partition(" ")
+    held, _, name = rest.partition(" ")
+    if scope not in ("0", "1") or not (held.isascii() and held.isdigit()) or not name:
+        raise _bad_cursor("owners", cursor)
+    return (scope == "1", -int(held), name)
+
+
+def _bad_cursor(op: str, cursor: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"{op}: cursor {cursor!r:.80} is not one this daemon gives; pass the cursor of "
+        'the page before, or "" for the first page',
+        op=op,
+    )
+
+
 def _extfrag(index: float | None) -> float:
     """Linux's convention: -1 for an order that can be allocated now."""
     return -1.0 if index is None else round(index, 3)
@@ -242,6 +265,7 @@ class Service:
         self.last_op: str | None = None
         self.log_events: deque[LogEvent] = deque(maxlen=LOG_EVENTS_KEPT)
         self.stopping = False
+        self.max_listing_rows = MAX_LISTING_ROWS  # an attribute for the pure tests
         self._encode = encoder()
         self._dispatch: dict[Op, Callable[[int, Request, float], list[Any] | None]] = {
             Op.BYE: self._bye,
@@ -558,7 +582,10 @@ class Service:
         return ok_reply(request.request_id, None)
 
     def _names(self, session_id: int, request: Request, now: float) -> list[Any]:
-        return ok_reply(request.request_id, self.exchange.name_rows(request.args[0], now))
+        prefix, cursor, _ = request.args
+        keyed = ((e.name, e) for e in self.exchange.names.values() if e.name.startswith(prefix))
+        entries, more = self._page(request, keyed, cursor or None)
+        return self._paged_reply(request, self.exchange.name_rows(entries, now), more)
 
     def _qopen(self, session_id: int, request: Request, now: float) -> list[Any]:
         name, maxsize = request.args
@@ -1013,6 +1040,8 @@ class Service:
             "lease_s": info.lease_s,
             "recovering_sessions": len(self.recovering),
             "names": len(self.exchange.names),
+            "detached_owners": ledger.detached_owners,
+            "queued_payload_bytes": self.exchange.payload_bytes,
             "queues": self.exchange.queue_rows(now),
             "queued_bytes": sum(
                 b.carved for b in ledger.blocks.values() if b.retainers and QUEUED in b.retainers
@@ -1041,7 +1070,11 @@ class Service:
     def limits(self) -> dict[str, int]:
         """The bounds the daemon keeps on what clients make it hold, by the
         name a `LimitReached` error gives (README "Reliability")."""
-        return {}
+        return {
+            **self.ledger.limits(),
+            **self.exchange.limits(),
+            "listing_rows": self.max_listing_rows,
+        }
 
     def segment_rows(self) -> list[dict[str, Any]]:
         """Per segment: its index, size, use and where it lives."""
@@ -1088,15 +1121,51 @@ class Service:
         self.ledger.set_quota(target, quota)
         return ok_reply(request.request_id, [target, quota])
 
+    # -- listings, in pages (protocol.py: OWNERS) -------------------------
+
+    def _page(
+        self, request: Request, keyed: Iterable[tuple[Any, Any]], after: Any
+    ) -> tuple[list[Any], Any]:
+        """The items of the next page of a listing: the smallest keys after
+        `after` (None: from the start), at most the page size of `request`
+        (its last argument); and the key to continue after, None when no
+        more. One page costs a pass over the keys, not a sort of them all."""
+        page = request.args[-1]
+        if page < 0:
+            raise InvalidRequest(
+                f"{request.op.name.lower()}: page must be a number of rows (0: the "
+                f"default), got {page}",
+                op=request.op.name.lower(),
+            )
+        size = min(page, self.max_listing_rows) if page else self.max_listing_rows
+        if after is not None:
+            keyed = (pair for pair in keyed if pair[0] > after)
+        chosen = heapq.nsmallest(size + 1, keyed, key=lambda pair: pair[0])
+        more = chosen[size - 1][0] if len(chosen) > size else None
+        return [item for _, item in chosen[:size]], more
+
+    def _paged_reply(self, request: Request, rows: list[Any], cursor: str | None) -> list[Any]:
+        if not request.args[-1]:  # a client from before paging: the rows alone
+            return ok_reply(request.request_id, rows)
+        return ok_reply(request.request_id, rows, cursor)
+
     def _owners(self, session_id: int, request: Request, now: float) -> list[Any]:
-        rows = [self._owner_row(o, now) for o in self.ledger.owners.values()]
-        rows.sort(key=lambda r: (r["scope"] != DETACHED, -r["bytes"], r["name"]))
-        return ok_reply(request.request_id, rows)
+        cursor = request.args[0]
+        keyed = ((_owner_key(o), o) for o in self.ledger.owners.values())
+        owners, more = self._page(request, keyed, _parse_owner_cursor(cursor) if cursor else None)
+        rows = [self._owner_row(o, now) for o in owners]
+        next_cursor = None if more is None else f"{int(more[0])} {-more[1]} {more[2]}"
+        return self._paged_reply(request, rows, next_cursor)
 
     def _clients(self, session_id: int, request: Request, now: float) -> list[Any]:
         ledger = self.ledger
+        cursor = request.args[0]
+        if cursor and not (cursor.isascii() and cursor.isdigit()):
+            raise _bad_cursor("clients", cursor)
+        keyed = ((s.id, s) for s in ledger.sessions.values())
+        sessions, more = self._page(request, keyed, int(cursor) if cursor else None)
         rows = []
-        for session in ledger.sessions.values():
+        for session in sessions:
             owners = [ledger.owners[n] for n in session.owners if n in ledger.owners]
             rows.append(
                 {
@@ -1110,11 +1179,12 @@ class Service:
                     "blocks": sum(len(o.blocks) for o in owners),
                     "bytes": sum(o.bytes for o in owners),
                     "retained": len(session.retained),
+                    "owner_ids": len(session.owner_ids),
                     "cached_blocks": len(session.cached),
                     "cached_bytes": session.cached_bytes,
                 }
             )
-        return ok_reply(request.request_id, rows)
+        return self._paged_reply(request, rows, None if more is None else str(more))
 
     def check(self) -> list[str]:
         problems = self.ledger.check() + self.exchange.check()

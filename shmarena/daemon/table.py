@@ -6,8 +6,10 @@ as msgpack records of three kinds:
 - ``snap``: everything (every block, owner and session) at one moment; a
   journal file starts with one;
 - ``delta``: after each group of changes, the current *image* of every block,
-  owner and session that changed (or its key alone when it is gone), and new
-  owner ids. Replaying images in order is idempotent: the last one wins;
+  owner and session that changed (or its key alone when it is gone), and
+  owner ids given (``[session, id, name]``) or gone with their owner
+  (``[session, id, None]``). Replaying images in order is idempotent: the
+  last one wins;
 - ``open``: a daemon that keeps nothing on the way (durability ``none``)
   started; only a later ``snap`` with ``clean`` makes the table valid again.
 
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shmarena.daemon.ledger import Block, Changes, Ledger, Owner, Session
+from shmarena.daemon.ledger import DETACHED, Block, Changes, Ledger, Owner, Session
 from shmarena.shm.space import Space
 
 SNAP, DELTA, OPEN = "snap", "delta", "open"
@@ -71,13 +73,18 @@ def snapshot(ledger: Ledger, links: dict[int, Link], extra: dict[str, Any]) -> d
         "b": [block_image(b) for b in ledger.blocks.values()],
         "o": [owner_image(o) for o in ledger.owners.values()],
         "s": [session_image(s, links.get(s.id) or Link()) for s in ledger.sessions.values()],
-        "i": [
-            [s.id, index, name]
-            for s in ledger.sessions.values()
-            for index, name in enumerate(s.owner_ids)
-        ],
+        "i": [entry for s in ledger.sessions.values() for entry in owner_id_entries(s)],
         **extra,
     }
+
+
+def owner_id_entries(s: Session) -> list[list[Any]]:
+    """A session's live owner ids, and the last id given if it is gone: ids
+    are never given twice, so the next one must survive a restart."""
+    entries: list[list[Any]] = [[s.id, i, name] for i, name in s.owner_ids.items()]
+    if s.next_owner_id - 1 not in s.owner_ids:
+        entries.append([s.id, s.next_owner_id - 1, None])
+    return entries
 
 
 def delta(ledger: Ledger, link: Callable[[int], Link], changes: Changes) -> dict[str, Any]:
@@ -111,6 +118,7 @@ class State:
     owners: dict[str, list[Any]] = field(default_factory=dict)
     sessions: dict[int, list[Any]] = field(default_factory=dict)
     owner_ids: dict[int, dict[int, str]] = field(default_factory=dict)
+    next_owner_ids: dict[int, int] = field(default_factory=dict)  # session -> next id
     valid: bool = False  # a snapshot was read and no `open` of a lossy run since
     clean: bool = False  # the last snapshot was written by a clean stop
     mode: str = ""  # durability of the run that wrote the last records
@@ -126,6 +134,7 @@ class State:
         if kind == SNAP:
             self.epoch = int(record["epoch"])
             self.blocks, self.owners, self.sessions, self.owner_ids = {}, {}, {}, {}
+            self.next_owner_ids = {}
             self.valid = True
             self.snapshots += 1
             self.clean = bool(record.get("clean", False))
@@ -158,11 +167,18 @@ class State:
             if len(image) == 1:
                 self.sessions.pop(image[0], None)
                 self.owner_ids.pop(image[0], None)
+                self.next_owner_ids.pop(image[0], None)
             else:
                 self.sessions[image[0]] = image
         for session_id, index, name in record["i"]:
             if session_id in self.sessions:
-                self.owner_ids.setdefault(session_id, {})[index] = name
+                ids = self.owner_ids.setdefault(session_id, {})
+                if name is None:
+                    ids.pop(index, None)
+                else:
+                    ids[index] = name
+                nexts = self.next_owner_ids
+                nexts[session_id] = max(nexts.get(session_id, 1), index + 1)
 
 
 # -- building a ledger -------------------------------------------------------------
@@ -182,16 +198,26 @@ def build(state: State, name: str, space: Space, now: float) -> tuple[Ledger, di
         session = Session(sid, pid, ticks, label, since, now, bool(watched))
         session.notices = list(notices)
         ids = state.owner_ids.get(sid, {})
-        session.owner_ids = [ids.get(i, "") for i in range(max(ids, default=-1) + 1)]
-        if not session.owner_ids:
+        if 0 not in ids:
             raise ValueError(f"session {sid} has no owner ids")
+        session.owner_ids = dict(ids)
+        session.next_owner_id = state.next_owner_ids.get(sid, max(ids) + 1)
         ledger.sessions[sid] = session
         links[sid] = Link(token, bytes(peer), seen, (reply[0], bytes(reply[1])) if reply else None)
     for image in state.owners.values():
         oname, scope, sid, pid, created = image
         ledger.owners[oname] = Owner(oname, scope, sid, pid, created)
+        ledger.detached_owners += scope == DETACHED
         if sid in ledger.sessions:
             ledger.sessions[sid].owners.add(oname)
+    for session in ledger.sessions.values():
+        for owner_id, oname in list(session.owner_ids.items()):
+            owner = ledger.owners.get(oname)
+            if owner is not None and owner_id:
+                owner.ids[session.id] = owner_id
+            elif owner_id:  # went with its owner in a change the table did not keep
+                del session.owner_ids[owner_id]
+        session.owner_id_of = {n: i for i, n in session.owner_ids.items()}
     for image in state.blocks.values():
         offset, size, carved, gen, oname, flat, cache_session, cached = image
         retainers = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None

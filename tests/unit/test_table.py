@@ -371,7 +371,8 @@ def session_picture(s: Session) -> dict[str, Any]:
         "retained": sorted(s.retained),
         "cached": sorted(s.cached),
         "notices": list(s.notices),
-        "owner_ids": list(s.owner_ids),
+        "owner_ids": sorted(s.owner_ids.items()),
+        "next_owner_id": s.next_owner_id,
         "cached_bytes": s.cached_bytes,
     }
 
