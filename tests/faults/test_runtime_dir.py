@@ -31,9 +31,7 @@ from tests.conftest import REPO, Daemon, subprocess_env, unique_name, wait_for
 NOBODY = 65534
 GROUP = 4242  # a gid no account is likely to use; needs no /etc/group entry
 
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0, reason="needs root to give files to another uid"
-)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to another uid")
 
 
 # `shmarena daemon ARGS...` as uid 65534. Python's own files may be out of that
@@ -220,8 +218,15 @@ def kind_of(path: str) -> str:
         (".lock", make_fifo, "FIFO"),
         (".lock", make_symlink, "symlink"),
     ],
-    ids=["sock-dir", "sock-fifo", "sock-file", "sock-symlink", "lock-dir", "lock-fifo",
-         "lock-symlink"],  # fmt: skip
+    ids=[
+        "sock-dir",
+        "sock-fifo",
+        "sock-file",
+        "sock-symlink",
+        "lock-dir",
+        "lock-fifo",
+        "lock-symlink",
+    ],  # fmt: skip
 )
 def test_daemon_refuses_the_wrong_kind_of_file_in_its_place(
     run_dir: str, name: str, suffix: str, make, found: str
