@@ -411,7 +411,13 @@ def check_reachable(socket_path: str, name: str) -> int:
             "SHMARENA_NAME and SHMARENA_RUNTIME_DIR)",
             socket_path=socket_path,
         )
-    assert owner_uid is not None  # the socket exists, so does its dir
+    if owner_uid is None:  # the dir was made after it was checked: check it now
+        owner_uid = check_runtime_dir(run_dir, name, socket_path)
+        if owner_uid is None:
+            raise DaemonUnavailable(
+                f"daemon {name!r} stopped listening on {socket_path} just now; try again",
+                socket_path=socket_path,
+            )
     check_socket(socket_path, name, owner_uid)
     if not os.access(socket_path, os.W_OK):
         if not os.path.exists(socket_path):  # gone between the two checks
