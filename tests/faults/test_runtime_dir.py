@@ -299,6 +299,24 @@ def test_client_refuses_a_socket_that_is_not_a_socket(run_dir: str) -> None:
     assert f"{name}.sock" in str(caught.value) and "not a socket" in str(caught.value)
 
 
+def test_a_fifo_in_place_of_the_refusal_note_does_not_hang_the_client(run_dir: str) -> None:
+    name = unique_name()
+    make_fifo(os.path.join(run_dir, f"{name}.sock.refusing"))
+    child = subprocess.run(
+        [sys.executable, "-c",
+         "import shmarena, sys\n"
+         "try:\n"
+         "    shmarena.connect(sys.argv[1], runtime_dir=sys.argv[2], timeout_s=2.0)\n"
+         "except shmarena.DaemonUnavailable as error:\n"
+         "    print(f'refused: {error}')\n",
+         name, run_dir],
+        env=subprocess_env(run_dir, name), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert child.stdout.startswith("refused: ") and "does not exist" in child.stdout, (
+        child.stdout + child.stderr
+    )
+
+
 @needs_root
 def test_client_refuses_a_socket_of_another_uid(daemon: Daemon) -> None:
     os.chown(daemon.socket_path, NOBODY, NOBODY)
