@@ -850,7 +850,8 @@ class Server:
         if self.monitor is not None:
             self.monitor.close(linger=0)
             self.monitor = None
-        remove(self.refusing_path)
+        if self.lock_fd is not None:  # the name is ours (not a running daemon's)
+            remove(self.refusing_path)
         if self.router is not None:
             self.router.close(linger=0)
             self.router = None

@@ -245,6 +245,16 @@ def test_daemon_refuses_the_wrong_kind_of_file_in_its_place(
     assert left == [name + suffix]
 
 
+def test_a_daemon_refused_for_a_taken_name_leaves_the_runnings_files(daemon: Daemon) -> None:
+    note = daemon.socket_path + ".refusing"  # as the running daemon writes it when out of fds
+    make_file(note)
+    code, out = start_daemon(daemon.run_dir, daemon.name)
+    assert code == 1 and "already running" in out, out
+    assert os.path.exists(note) and os.path.exists(daemon.socket_path)
+    os.unlink(note)
+    assert daemon.client().ping()
+
+
 def test_detach_does_not_write_its_log_through_a_symlink(run_dir: str, name: str) -> None:
     victim = os.path.join(run_dir, "victim.txt")
     make_file(victim)
