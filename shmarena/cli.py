@@ -38,8 +38,10 @@ from shmarena.config import (
 )
 from shmarena.daemon.service import ALLOCATORS
 from shmarena.errors import DaemonStartError, DaemonUnavailable, ShmArenaError
+from shmarena.rundir import open_in_run_dir, prepare_runtime_dir
 from shmarena.shm.arena import shm_path
 from shmarena.shm.journal import CRASH_POINTS, CrashPoints
+from shmarena.spawn import shmarena_command
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -475,10 +477,7 @@ def _metrics_refusal(args: argparse.Namespace) -> str:
 
 def _detach(args: argparse.Namespace) -> int:
     """Start the daemon as a new session leader and wait until it answers."""
-    command = [
-        sys.executable,
-        "-m",
-        "shmarena",
+    command = shmarena_command(
         "daemon",
         "--name",
         args.name,
@@ -488,7 +487,7 @@ def _detach(args: argparse.Namespace) -> int:
         str(args.lease),
         "--log-format",
         args.log_format,
-    ]
+    )
     if args.quota_per_session:
         command += ["--quota-per-session", str(args.quota_per_session)]
     if args.min_block is not None:
@@ -521,21 +520,34 @@ def _detach(args: argparse.Namespace) -> int:
         ]
         if args.debug_seed is not None:
             command += ["--debug-seed", str(args.debug_seed)]
-    os.makedirs(args.run_dir, mode=0o700, exist_ok=True)
+    # The runtime dir as the daemon would make or accept it, before the log
+    # is opened in it (never through a link someone left there).
+    from shmarena.daemon.server import resolve_group
+
+    prepare_runtime_dir(args.run_dir, None if args.group is None else resolve_group(args.group))
     log_path = os.path.join(args.run_dir, f"{args.name}.log")
-    with open(log_path, "ab") as log:
+    log_fd = open_in_run_dir(log_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, "log file")
+    try:
         process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
+            stdout=log_fd,
+            stderr=log_fd,
             start_new_session=True,
         )
+        return _wait_detached(args, process, log_fd, log_path)
+    finally:
+        os.close(log_fd)
+
+
+def _wait_detached(
+    args: argparse.Namespace, process: subprocess.Popen[bytes], log_fd: int, log_path: str
+) -> int:
     deadline = time.monotonic() + max(args.timeout, 10.0)
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            with open(log_path, errors="replace") as f:
-                tail = f.read()[-2000:]
+            size = os.fstat(log_fd).st_size
+            tail = os.pread(log_fd, 2000, max(0, size - 2000)).decode(errors="replace")
             print(f"shmarena daemon failed to start:\n{tail}", file=sys.stderr)
             return EXIT_REFUSED
         try:

@@ -57,6 +57,7 @@ from shmarena.config import runtime_dir as default_runtime_dir
 from shmarena.errors import DaemonUnavailable, InvalidRequest, ShmArenaError
 from shmarena.pickling import DEFAULT_THRESHOLD, free_all, pack, retain_all, unpack
 from shmarena.protocol import Handle
+from shmarena.spawn import shmarena_command
 
 __all__ = [
     "FAMILY",
@@ -350,7 +351,7 @@ def _start_daemon(
     """`shmarena daemon --detach`: it runs in a session of its own and outlives
     the worker. Two workers racing to start it are fine: the daemon's lock lets
     one win, and both connect to the winner."""
-    command = [sys.executable, "-m", "shmarena", "daemon", "--detach", "--name", name]
+    command = shmarena_command("daemon", "--detach", "--name", name)
     command += [
         "--runtime-dir",
         run_dir,

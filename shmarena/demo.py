@@ -17,7 +17,6 @@ import queue
 import signal
 import statistics
 import subprocess
-import sys
 import time
 import zlib
 from typing import Any
@@ -28,6 +27,7 @@ from rich.table import Table
 
 import shmarena
 from shmarena.config import format_size
+from shmarena.spawn import shmarena_command
 
 START_TIMEOUT_S = 20.0
 OOM_WAIT_S = 30.0
@@ -93,10 +93,9 @@ def _answers(name: str, run_dir: str) -> bool:
 
 
 def _start_daemon(args: argparse.Namespace, console: Console) -> subprocess.Popen[bytes] | None:
-    command = [
-        sys.executable, "-m", "shmarena", "daemon",
-        "--name", args.name, "--runtime-dir", args.run_dir, "--size", str(args.size),
-    ]  # fmt: skip
+    command = shmarena_command(
+        "daemon", "--name", args.name, "--runtime-dir", args.run_dir, "--size", str(args.size),
+    )  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:

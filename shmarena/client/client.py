@@ -224,6 +224,7 @@ class Client:
         self.track_sites = os.environ.get("SHMARENA_TRACK_SITES", "") == "1"
         self._lock = threading.Lock()
         self._transport: Transport | None = None
+        self._daemon_uid: int | None = None  # the uid its runtime dir and segments belong to
         self._heartbeat: threading.Thread | None = None
         self._stop_heartbeat = threading.Event()
         self.info: dict[str, Any] = {}
@@ -272,7 +273,7 @@ class Client:
             segments = {int(s["index"]): s for s in info["segments"]}
             first = segments[0]
             key = (_locator(first), info["epoch"])
-            view = _map(key, first, self.populate, self._used)
+            view = _map(key, first, self.populate, self._used, transport.daemon_uid)
         except BaseException:
             transport.close()
             raise
@@ -301,6 +302,7 @@ class Client:
         transport.orphan = cache.orphan
         self._cache = cache
         self._transport = transport
+        self._daemon_uid = transport.daemon_uid
         if not info.get("watched", True):
             self._start_heartbeat(float(info.get("lease_s", 10.0)))
         else:  # the class's own methods: no lease to check on the hot path
@@ -527,7 +529,7 @@ class Client:
                     break
             key = (_locator(where), self.epoch)
             try:
-                view = _map(key, where, self.populate, self._used)
+                view = _map(key, where, self.populate, self._used, self._daemon_uid)
             except ShmArenaError:
                 if segment == 0:
                     raise
@@ -1084,19 +1086,25 @@ def _mapped_view(key: tuple[str, int]) -> memoryview | None:
 
 
 def _map(
-    key: tuple[str, int], where: dict[str, Any], populate: bool, used: set[tuple[str, int]]
+    key: tuple[str, int],
+    where: dict[str, Any],
+    populate: bool,
+    used: set[tuple[str, int]],
+    owner_uid: int | None,
 ) -> memoryview:
     """The process's one mapping of a segment: shm by name, or a file (a
-    backing file, a hugetlbfs file, the daemon's memfd) by path and offset.
-    The client whose `used` set this is counts as one of its users."""
+    backing file, a hugetlbfs file, the daemon's memfd) by path and offset,
+    made only if it belongs to `owner_uid`, the daemon's uid. The client
+    whose `used` set this is counts as one of its users."""
     with _MAPPINGS_LOCK:
         found = _MAPPINGS.get(key)
         if found is None:
             size = int(where["size"])
             if "shm" in where:
-                mapping = map_segment(str(where["shm"]), size, populate)
+                mapping = map_segment(str(where["shm"]), size, populate, owner_uid)
             else:
-                mapping = map_file(str(where["path"]), size, int(where["offset"]), populate)
+                offset = int(where["offset"])
+                mapping = map_file(str(where["path"]), size, offset, populate, owner_uid)
             found = (mapping, memoryview(mapping))
             _MAPPINGS[key] = found
         if key not in used:

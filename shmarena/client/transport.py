@@ -45,6 +45,7 @@ from shmarena.protocol import (
     decode,
     encoder,
 )
+from shmarena.rundir import check_runtime_dir, check_socket
 
 
 def _no_events() -> list[list[int]]:
@@ -116,7 +117,9 @@ class Transport:
         self.name = name
         self.timeout_s = timeout_s
         self.retry_s = retry_s
-        check_reachable(socket_path, name)
+        # The uid the daemon runs as (its runtime dir's owner): the client
+        # maps only segments of that uid.
+        self.daemon_uid = check_reachable(socket_path, name)
         self.context: zmq.Context[Any] = zmq.Context()
         sock = self.context.socket(zmq.DEALER)
         # A routing id of our own, secret like a token: a daemon that restarts
@@ -379,11 +382,13 @@ def _close_dropped(sock: zmq.Socket[Any], context: zmq.Context[Any], pid: int) -
         context.term()
 
 
-def check_reachable(socket_path: str, name: str) -> None:
-    """DaemonUnavailable, saying why, unless the socket exists and this process
+def check_reachable(socket_path: str, name: str) -> int:
+    """DaemonUnavailable, saying why, unless the runtime dir and the socket
+    may be trusted (see shmarena.rundir), the socket exists and this process
     may connect to it (a refused permission would otherwise look like a
-    daemon that never answers)."""
+    daemon that never answers). The uid the daemon runs as."""
     run_dir = os.path.dirname(socket_path)
+    owner_uid = check_runtime_dir(run_dir, name, socket_path)
     if not os.access(run_dir, os.X_OK) and os.path.isdir(run_dir):
         raise DaemonUnavailable(
             f"cannot reach daemon {name!r}: permission denied on its runtime dir "
@@ -406,6 +411,14 @@ def check_reachable(socket_path: str, name: str) -> None:
             "SHMARENA_NAME and SHMARENA_RUNTIME_DIR)",
             socket_path=socket_path,
         )
+    if owner_uid is None:  # the dir was made after it was checked: check it now
+        owner_uid = check_runtime_dir(run_dir, name, socket_path)
+        if owner_uid is None:
+            raise DaemonUnavailable(
+                f"daemon {name!r} stopped listening on {socket_path} just now; try again",
+                socket_path=socket_path,
+            )
+    check_socket(socket_path, name, owner_uid)
     if not os.access(socket_path, os.W_OK):
         if not os.path.exists(socket_path):  # gone between the two checks
             raise DaemonUnavailable(
@@ -420,15 +433,20 @@ def check_reachable(socket_path: str, name: str) -> None:
             "and run as a member of G",
             socket_path=socket_path,
         )
+    return owner_uid
 
 
 def _refusing(socket_path: str) -> str:
     """Why the daemon does not take new clients now, if it said so."""
-    try:
-        with open(socket_path + ".refusing") as f:
-            return f.read().strip()
+    path = socket_path + ".refusing"
+    try:  # never through a link, never blocking on a FIFO
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return ""
+    with os.fdopen(fd, errors="replace") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        return f.read(4096).strip()
 
 
 def _describe(path: str) -> str:

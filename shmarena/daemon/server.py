@@ -18,7 +18,6 @@ import random
 import resource
 import secrets
 import signal
-import stat
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +44,12 @@ from shmarena.daemon.store import DEFAULT_COMPACT_BYTES, Store, new_epoch
 from shmarena.daemon.table import State
 from shmarena.errors import DaemonStartError, ShmArenaError
 from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, MAX_FRAMES, PROTOCOL_VERSION
+from shmarena.rundir import (
+    clear_socket_path,
+    open_in_run_dir,
+    prepare_runtime_dir,
+    write_note,
+)
 from shmarena.shm import hugepages, numa
 from shmarena.shm.arena import Arena, Pages, remove_stale_segments
 from shmarena.shm.journal import CrashPoints
@@ -74,10 +79,10 @@ def raise_fd_limit() -> int:
 
 
 def remove(path: str) -> None:
-    """Unlink `path` if it is there."""
+    """Unlink `path` if it is there (never a directory: unlink refuses one)."""
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         pass
 
 
@@ -160,28 +165,6 @@ def process_start_ticks(pid: int) -> int | None:
         return None
 
 
-def prepare_runtime_dir(run_dir: str, gid: int | None = None) -> None:
-    """Create the runtime dir 0700 if missing; refuse one of another user.
-
-    Its mode is set to 0700, or with a group to 0750 owned by that group:
-    members may enter it to reach the socket, but not create or remove files."""
-    try:
-        os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise DaemonStartError(f"cannot create runtime dir {run_dir}: {exc.strerror}") from None
-    st = os.stat(run_dir)
-    if st.st_uid != os.getuid():
-        raise DaemonStartError(
-            f"runtime dir {run_dir} belongs to uid {st.st_uid}, not to this user "
-            f"({os.getuid()}); set SHMARENA_RUNTIME_DIR to a directory of your own"
-        )
-    mode = 0o700 if gid is None else 0o750
-    if gid is not None and st.st_gid != gid:
-        os.chown(run_dir, -1, gid)
-    if stat.S_IMODE(st.st_mode) != mode:
-        os.chmod(run_dir, mode)
-
-
 class Server:
     def __init__(self, options: DaemonOptions, log: EventLog | None = None) -> None:
         self.options = options
@@ -258,8 +241,7 @@ class Server:
             )
         prepare_runtime_dir(opts.run_dir, self.gid)
         self._take_lock()
-        if os.path.exists(self.socket_path):
-            os.unlink(self.socket_path)
+        if clear_socket_path(self.socket_path):
             self.log(f"removed stale socket {self.socket_path}", "stale_socket_removed",
                      path=self.socket_path)  # fmt: skip
         started_at = time.time()
@@ -538,7 +520,7 @@ class Server:
             ) from None
 
     def _take_lock(self) -> None:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_in_run_dir(self.lock_path, os.O_RDWR | os.O_CREAT, "lock file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -579,8 +561,7 @@ class Server:
                 "in use (two per client); it accepts again when clients leave. Raise its limit "
                 "(`ulimit -n` / LimitNOFILE=) to serve more clients at once"
             )
-            with open(self.refusing_path, "w") as f:
-                f.write(reason + "\n")
+            write_note(self.refusing_path, reason + "\n")
             self.router.unbind(f"ipc://{self.socket_path}")
             remove(self.socket_path)  # so clients read why instead of timing out
             self.listening = False
@@ -869,7 +850,8 @@ class Server:
         if self.monitor is not None:
             self.monitor.close(linger=0)
             self.monitor = None
-        remove(self.refusing_path)
+        if self.lock_fd is not None:  # the name is ours (not a running daemon's)
+            remove(self.refusing_path)
         if self.router is not None:
             self.router.close(linger=0)
             self.router = None

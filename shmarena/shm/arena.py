@@ -24,6 +24,7 @@ import posix_ipc
 
 from shmarena.config import format_size
 from shmarena.errors import DaemonStartError, ShmArenaError
+from shmarena.rundir import check_owner
 
 SHM_MOUNT = "/dev/shm"
 
@@ -345,9 +346,12 @@ def no_space_message(what: str, directory: str, size_bytes: int, exc: OSError, a
     )
 
 
-def map_segment(shm_name: str, size_bytes: int, populate: bool = False) -> mmap.mmap:
+def map_segment(
+    shm_name: str, size_bytes: int, populate: bool = False, owner_uid: int | None = None
+) -> mmap.mmap:
     """Map an existing segment read-write (for clients). Errors name the path
-    and, for permissions, its mode and owner.
+    and, for permissions, its mode and owner. With `owner_uid` (the daemon's
+    uid), a segment of another uid is refused, not mapped.
 
     `populate` maps every page at once (MAP_POPULATE): about 0.1-0.2 ms per MiB
     up front (the daemon's fallocate has already allocated the pages), after
@@ -361,6 +365,7 @@ def map_segment(shm_name: str, size_bytes: int, populate: bool = False) -> mmap.
     except posix_ipc.PermissionsError:
         raise ShmArenaError(_permission_message(shm_name)) from None
     try:
+        check_owner(shm.fd, shm_path(shm_name), owner_uid)
         actual = os.fstat(shm.fd).st_size
         if actual < size_bytes:
             raise ShmArenaError(

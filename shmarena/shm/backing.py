@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from shmarena.config import DEFAULT_MIN_BLOCK_BYTES, format_size
 from shmarena.errors import DaemonStartError, ShmArenaError
+from shmarena.rundir import check_owner
 from shmarena.shm.arena import no_space_message
 from shmarena.shm.journal import fsync_dir
 
@@ -342,8 +343,12 @@ def parse_mountinfo(text: str, real_path: str) -> tuple[str, str, bool]:
     return best
 
 
-def map_file(path: str, size_bytes: int, offset: int, populate: bool = False) -> mmap.mmap:
-    """Map a backing file's arena (for clients), like `arena.map_segment`."""
+def map_file(
+    path: str, size_bytes: int, offset: int, populate: bool = False, owner_uid: int | None = None
+) -> mmap.mmap:
+    """Map a backing file's arena (for clients), like `arena.map_segment`.
+    The path may be a link the daemon named (its memfd under /proc): what is
+    checked is the file opened, a regular file of `owner_uid`."""
 
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -357,6 +362,7 @@ def map_file(path: str, size_bytes: int, offset: int, populate: bool = False) ->
             "or start the daemon with --group"
         ) from None
     try:
+        check_owner(fd, path, owner_uid)
         actual = os.fstat(fd).st_size
         if actual < offset + size_bytes:
             raise ShmArenaError(

@@ -91,8 +91,12 @@ def test_other_user_can_neither_connect_nor_map(make_daemon: Callable[..., Daemo
 
 @needs_root
 def test_group_members_may_use_the_daemon_others_may_not(
-    make_daemon: Callable[..., Daemon],
+    make_daemon: Callable[..., Daemon], run_dir: str
 ) -> None:
+    # The daemon opens only a runtime dir it creates; an existing one (this
+    # test's) its owner opens to the group first, as the daemon's refusal says.
+    os.chown(run_dir, -1, GROUP)
+    os.chmod(run_dir, 0o750)
     daemon = make_daemon(size="32M", extra=["--group", str(GROUP)])
     assert mode_of(daemon.run_dir) == (0o750, GROUP)
     assert mode_of(daemon.socket_path) == (0o660, GROUP)
