@@ -174,7 +174,7 @@ class _AllocWaiter:
 
     session_id: int
     request_id: int
-    args: list[Any]
+    args: tuple[Any, ...]
     since: float
     deadline: float
     seq: int = 0
@@ -1185,6 +1185,7 @@ class Service:
                     "retained": len(session.retained),
                     "cached_blocks": len(session.cached),
                     "cached_bytes": session.cached_bytes,
+                    "waiting_requests": self.kept_requests(session.id),
                 }
             )
         return ok_reply(request.request_id, rows)

@@ -147,6 +147,8 @@ def test_a_session_keeps_a_bounded_number_of_requests_and_is_told_which_bound() 
     assert send(b, Op.LOOKUP, "n0", 30.0) == b""
     limits = service.stats(0)["limits"]
     assert limits["kept_requests_per_session"] == MAX_KEPT_PER_SESSION
+    rows = {r["session"]: r["waiting_requests"] for r in a.ok(Op.CLIENTS)[0]}
+    assert rows == {a.session: MAX_KEPT_PER_SESSION, b.session: 1}
     assert service.check() == []
 
 
