@@ -35,7 +35,7 @@ longer allows; a turn with nothing due costs a look at the heap's top.
 from __future__ import annotations
 
 import heapq
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,9 +115,11 @@ class Exchange:
         self.next_seq = 0
         self.queues: dict[str, Queue] = {}
         # The kept waiters, by what they wait for and by session; in each,
-        # seq -> waiter in arrival order. `deadlines` is a heap of
-        # (deadline, seq, waiter), holding also waiters met since (skipped).
-        self.by_key: dict[WaitKey, dict[int, Waiter]] = {}
+        # seq -> waiter in arrival order (OrderedDict: taking the first is
+        # O(1) however many were taken before, as it is not for a dict).
+        # `deadlines` is a heap of (deadline, seq, waiter), holding also
+        # waiters met since (skipped).
+        self.by_key: dict[WaitKey, OrderedDict[int, Waiter]] = {}
         self.by_session: dict[int, dict[int, Waiter]] = {}
         self.deadlines: list[tuple[float, int, Waiter]] = []
         self.kept_total = 0  # waiters kept, all sessions
@@ -355,7 +357,7 @@ class Exchange:
         waiter.seq = self._next_wait
         self._next_wait += 1
         waiter.key = wait_key(waiter.op, waiter.args)
-        self.by_key.setdefault(waiter.key, {})[waiter.seq] = waiter
+        self.by_key.setdefault(waiter.key, OrderedDict())[waiter.seq] = waiter
         self.by_session.setdefault(waiter.session_id, {})[waiter.seq] = waiter
         heapq.heappush(self.deadlines, (waiter.deadline, waiter.seq, waiter))
         self.kept_total += 1
@@ -431,8 +433,9 @@ class Exchange:
         self._sweep()
 
     def _refile_first(self, waiter: Waiter) -> None:
-        kept = self.by_key.get(waiter.key, {})
-        self.by_key[waiter.key] = {waiter.seq: waiter, **kept}
+        kept = self.by_key.setdefault(waiter.key, OrderedDict())
+        kept[waiter.seq] = waiter
+        kept.move_to_end(waiter.seq, last=False)
         self.by_session.setdefault(waiter.session_id, {})[waiter.seq] = waiter
         self.kept_total += 1
         if waiter.op is Op.EVENTS:

@@ -233,10 +233,11 @@ class Service:
         self.exchange = Exchange(self.ledger, info.epoch)
         self.ledger.session_quota = info.quota_per_session
         # ALLOCs waiting for room, first come first served (`ALLOC ... wait_s`):
-        # seq -> waiter in arrival order; how many each session has; their
-        # deadlines as a heap of (deadline, seq), entries of ones answered
-        # since skipped when they come up (as the exchange's waiters).
-        self.alloc_waiters: dict[int, _AllocWaiter] = {}
+        # seq -> waiter in arrival order (OrderedDict: the first is found in
+        # O(1)); how many each session has; their deadlines as a heap of
+        # (deadline, seq), entries of ones answered since skipped when they
+        # come up (as the exchange's waiters).
+        self.alloc_waiters: OrderedDict[int, _AllocWaiter] = OrderedDict()
         self.alloc_kept: dict[int, int] = {}
         self.alloc_deadlines: list[tuple[float, int]] = []
         self._next_alloc_wait = 1

@@ -358,3 +358,13 @@ def test_random_waits_are_each_answered_once_and_the_indexes_stay_right() -> Non
     assert len(answered) > 300  # the run did keep requests (593 with this seed)
     assert kept == {} and set(answered.values()) <= {1}
     assert service.next_wake() is None and not service.has_waiters()
+
+
+def test_a_waiter_that_cannot_be_met_after_all_keeps_its_place() -> None:
+    service = make_service()
+    ex = service.exchange
+    first, second = (Waiter(Op.LOOKUP, 1, rid, 10.0, ("x", 10.0)) for rid in (1, 2))
+    ex.wait(first)
+    ex.wait(second)
+    ex._meet((Op.LOOKUP, "x"), lambda: True)  # "x" is not published: lookup gives None
+    assert ex.waiters == [first, second] and ex.met == [] and ex.check() == []
