@@ -653,6 +653,7 @@ class Ledger:
         """Raise the QuotaExceeded that allocating `sizes` now would meet;
         change nothing (an owner that does not exist yet is not created)."""
         name = owner_name if owner_name is not None else implicit_owner(session_id)
+        check_owner_name(name)
         owner = self.owners.get(name)
         if owner is None:  # a new owner has no quota of its own
             scope = DETACHED if detached and owner_name is not None else SESSION

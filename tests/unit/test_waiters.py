@@ -368,3 +368,14 @@ def test_a_waiter_that_cannot_be_met_after_all_keeps_its_place() -> None:
     ex.wait(second)
     ex._meet((Op.LOOKUP, "x"), lambda: True)  # "x" is not published: lookup gives None
     assert ex.waiters == [first, second] and ex.met == [] and ex.check() == []
+
+
+def test_an_alloc_queued_behind_others_with_a_bad_owner_name_is_refused_at_once() -> None:
+    service = make_service(size=256 * KiB)
+    a, b = Peer(service, b"a"), Peer(service, b"b")
+    a.ok(Op.ALLOC, 256 * KiB, None, False)
+    send(a, Op.ALLOC, 64 * KiB, None, False, 5.0)
+    reply = decode(send(b, Op.ALLOC, 64 * KiB, "", False, 5.0))
+    assert reply[0] == ERR and reply[2] == "invalid_request"
+    assert [w["session"] for w in service.stats(0)["alloc_waiters"]] == [a.session]
+    assert [r["name"] for r in b.ok(Op.OWNERS)[0]] == [f"session-{a.session}"]  # no trace
