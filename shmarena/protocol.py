@@ -176,6 +176,7 @@ MAX_NAME = 200  # characters in a published name or a queue name
 MAX_PAYLOAD_BYTES = 256 << 10  # the in-band part of one queued message
 MAX_QUEUED = 1 << 20  # messages in one queue, whatever its maxsize
 MAX_WAIT_S = 3600.0  # the longest one waiting request is kept; clients ask again
+MAX_KEPT_PER_SESSION = 1024  # waiting requests (all ops together) one session may have kept
 MAX_BLOCKS_REPLY = 200_000  # blocks one BLOCKS reply lists (about 4 MB of msgpack)
 EVENTS_KEPT = 1 << 16  # name events the daemon remembers for subscribers
 MAX_EVENTS_PER_REPLY = 1024

@@ -21,11 +21,21 @@ an empty queue, a put on a full one, a subscriber with nothing new) are kept
 as *waiters* and met, in arrival order, as soon as the state allows; the
 service sends their replies. Nothing here reads a clock or touches a socket:
 time comes in as `now`, replies go out through the service.
+
+Many waiters may be kept (thousands of parked lookups), so no step scans
+them all: each waiter is filed under what it waits for (`WaitKey`: a lookup
+under its name, a get or put under its queue, an event wait under its
+prefix), in arrival order, and under its session; deadlines sit in one heap
+whose entries for waiters met meanwhile are skipped when they come up
+(lazy deletion) and swept out when they outnumber the live ones. A change
+then meets only the waiters of its key, and stops at the first the state no
+longer allows; a turn with nothing due costs a look at the heap's top.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +115,17 @@ class Waiter:
     request_id: int
     deadline: float
     args: tuple[Any, ...]
+    seq: int = 0  # arrival number, given by `Exchange.wait`
+    key: WaitKey = (Op.LOOKUP, "")
+
+
+# What a waiter waits for: (LOOKUP, name), (QGET or QPUT, queue name) or
+# (EVENTS, prefix).
+WaitKey = tuple[Op, str]
+
+
+def wait_key(op: Op, args: tuple[Any, ...] | list[Any]) -> WaitKey:
+    return (op, args[1]) if op is Op.EVENTS else (op, args[0])
 
 
 class Exchange:
@@ -115,7 +136,17 @@ class Exchange:
         self.log: deque[tuple[int, str, str, list[int] | None]] = deque(maxlen=EVENTS_KEPT)
         self.next_seq = 0
         self.queues: dict[str, Queue] = {}
-        self.waiters: list[Waiter] = []
+        # The kept waiters, by what they wait for and by session; in each,
+        # seq -> waiter in arrival order (OrderedDict: taking the first is
+        # O(1) however many were taken before, as it is not for a dict).
+        # `deadlines` is a heap of (deadline, seq, waiter), holding also
+        # waiters met since (skipped).
+        self.by_key: dict[WaitKey, OrderedDict[int, Waiter]] = {}
+        self.by_session: dict[int, dict[int, Waiter]] = {}
+        self.deadlines: list[tuple[float, int, Waiter]] = []
+        self.kept_total = 0  # waiters kept, all sessions
+        self.event_waiters = 0  # of them, EVENTS
+        self._next_wait = 1
         # (session, request id) -> result items, met since the service last
         # took them (`take_met`), in the order they were met
         self.met: list[tuple[Waiter, list[Any] | Exception]] = []
@@ -241,8 +272,8 @@ class Exchange:
     def _event(self, kind: str, name: str, handle: list[int] | None) -> None:
         self.log.append((self.next_seq, kind, name, handle))
         self.next_seq += 1
-        if any(w.op is Op.EVENTS for w in self.waiters):
-            self._meet(Op.EVENTS, lambda w: name.startswith(w.args[1]))
+        if self.event_waiters:
+            self._meet_events(name)
 
     def events(self, since: int, prefix: str) -> list[Any] | None:
         """[events numbered `since` or later whose name starts with `prefix`,
@@ -332,7 +363,7 @@ class Exchange:
         queue.payload_bytes += cost
         self.payload_bytes += cost
         queue.puts += 1
-        self._meet(Op.QGET, lambda w: w.args[0] == name and bool(queue.messages))
+        self._meet((Op.QGET, name), lambda: bool(queue.messages))
         return len(queue.messages)
 
     def get(self, session_id: int, name: str, to_session: int = 0) -> list[Any] | None:
@@ -360,7 +391,7 @@ class Exchange:
         self.payload_bytes -= message.cost
         self.ledger.pass_holds(taker, message.blocks)
         queue.gets += 1
-        self._meet(Op.QPUT, lambda w: w.args[0] == name and len(queue.messages) < queue.limit)
+        self._meet((Op.QPUT, name), lambda: len(queue.messages) < queue.limit)
         self._maybe_remove(queue)
         return [message.payload, message.handles]
 
@@ -416,7 +447,7 @@ class Exchange:
         )
 
     def _waiting_on(self, name: str) -> bool:
-        return any(w.op in (Op.QGET, Op.QPUT) and w.args[0] == name for w in self.waiters)
+        return (Op.QGET, name) in self.by_key or (Op.QPUT, name) in self.by_key
 
     def queue_rows(self, now: float) -> list[dict[str, Any]]:
         return [
@@ -439,7 +470,9 @@ class Exchange:
     def end_session(self, session_id: int) -> None:
         """The session is gone: its waiters go, its queues lose a user. (Its
         names stay while their blocks live: detached owners outlive it.)"""
-        self.waiters = [w for w in self.waiters if w.session_id != session_id]
+        for waiter in list(self.by_session.get(session_id, {}).values()):
+            self._unfile(waiter)
+        self._sweep()
         for queue in list(self.queues.values()):
             if session_id in queue.users:
                 queue.users.discard(session_id)
@@ -447,42 +480,121 @@ class Exchange:
 
     # -- waiting -------------------------------------------------------------
 
+    @property
+    def waiters(self) -> list[Waiter]:
+        """Every kept waiter, in arrival order (for listings and tests: O(n))."""
+        found = [w for kept in self.by_key.values() for w in kept.values()]
+        return sorted(found, key=lambda w: w.seq)
+
+    def kept(self, session_id: int) -> int:
+        """How many waiters the session has kept."""
+        return len(self.by_session.get(session_id, ()))
+
     def wait(self, waiter: Waiter) -> None:
-        self.waiters.append(waiter)
+        waiter.seq = self._next_wait
+        self._next_wait += 1
+        waiter.key = wait_key(waiter.op, waiter.args)
+        self.by_key.setdefault(waiter.key, OrderedDict())[waiter.seq] = waiter
+        self.by_session.setdefault(waiter.session_id, {})[waiter.seq] = waiter
+        heapq.heappush(self.deadlines, (waiter.deadline, waiter.seq, waiter))
+        self.kept_total += 1
+        if waiter.op is Op.EVENTS:
+            self.event_waiters += 1
+
+    def _kept(self, waiter: Waiter) -> bool:
+        kept = self.by_key.get(waiter.key)
+        return kept is not None and kept.get(waiter.seq) is waiter
+
+    def _unfile(self, waiter: Waiter) -> None:
+        """Take a kept waiter out of the indexes (its heap entry stays, dead)."""
+        of_key = self.by_key[waiter.key]
+        del of_key[waiter.seq]
+        if not of_key:
+            del self.by_key[waiter.key]
+        of_session = self.by_session[waiter.session_id]
+        del of_session[waiter.seq]
+        if not of_session:
+            del self.by_session[waiter.session_id]
+        self.kept_total -= 1
+        if waiter.op is Op.EVENTS:
+            self.event_waiters -= 1
+
+    def _sweep(self) -> None:
+        """Drop the heap entries of waiters met or gone once they outnumber
+        the kept ones (so a stream of requests met before their deadline
+        cannot grow the heap); amortised O(1) per waiter."""
+        if len(self.deadlines) > 2 * self.kept_total + 32:
+            self.deadlines = [e for e in self.deadlines if self._kept(e[2])]
+            heapq.heapify(self.deadlines)
 
     def expire(self, now: float) -> None:
         """Answer the waiters whose time ran out with their refusal."""
-        late = [w for w in self.waiters if w.deadline <= now]
-        if not late:
-            return
-        self.waiters = [w for w in self.waiters if w.deadline > now]
-        for waiter in late:
+        heap = self.deadlines
+        while heap and heap[0][0] <= now:
+            waiter = heapq.heappop(heap)[2]
+            if not self._kept(waiter):
+                continue  # met or gone already
+            self._unfile(waiter)
             self.met.append((waiter, self.timed_out(waiter, now)))
             queue = self.queues.get(waiter.args[0]) if waiter.op in (Op.QGET, Op.QPUT) else None
             if queue is not None:
                 self._maybe_remove(queue)
 
     def next_deadline(self) -> float | None:
-        return min((w.deadline for w in self.waiters), default=None)
+        heap = self.deadlines
+        while heap and not self._kept(heap[0][2]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
 
     def take_met(self) -> list[tuple[Waiter, list[Any] | Exception]]:
         met, self.met = self.met, []
         return met
 
-    def _meet(self, op: Op, ready: Any) -> None:
-        """Meet the waiters of `op` that `ready` accepts, oldest first, while
-        the state still allows (each met get takes a message, each put
-        fills a slot)."""
-        for waiter in [w for w in self.waiters if w.op is op]:
-            if waiter not in self.waiters or not ready(waiter):
-                continue
+    def _meet(self, key: WaitKey, ready: Any) -> None:
+        """Meet the waiters of `key` oldest first while `ready()` says the
+        state allows (each met get takes a message, each put fills a slot);
+        the first that cannot be met ends it, so the others are not looked at."""
+        while ready():
+            kept = self.by_key.get(key)
+            if not kept:
+                return
+            waiter = next(iter(kept.values()))
+            # Out of the indexes before it runs: meeting it may meet others of
+            # the same key (a put that wakes a get), which must not see it.
+            self._unfile(waiter)
             result = self.try_now(waiter)
-            if result is not None:
-                self.waiters.remove(waiter)
-                self.met.append((waiter, result))
+            if result is None:  # not after all: back in its place, first
+                self._refile_first(waiter)
+                return
+            self.met.append((waiter, result))
+        self._sweep()
+
+    def _refile_first(self, waiter: Waiter) -> None:
+        kept = self.by_key.setdefault(waiter.key, OrderedDict())
+        kept[waiter.seq] = waiter
+        kept.move_to_end(waiter.seq, last=False)
+        self.by_session.setdefault(waiter.session_id, {})[waiter.seq] = waiter
+        self.kept_total += 1
+        if waiter.op is Op.EVENTS:
+            self.event_waiters += 1
+
+    def _meet_events(self, name: str) -> None:
+        """Meet the event waits whose prefix `name` starts with (each bucket
+        of a prefix, not every waiter: at most len(name) + 1 lookups)."""
+        prefixes = (name[:i] for i in range(len(name) + 1))
+        for prefix in prefixes:
+            kept = self.by_key.get((Op.EVENTS, prefix))
+            if not kept:
+                continue
+            for waiter in list(kept.values()):
+                result = self.try_now(waiter)
+                if result is not None:
+                    self._unfile(waiter)
+                    self.met.append((waiter, result))
+        self._sweep()
 
     def _wake_lookups(self, name: str, now: float) -> None:
-        self._meet(Op.LOOKUP, lambda w: w.args[0] == name)
+        self._meet((Op.LOOKUP, name), lambda: name in self.names)
 
     def try_now(self, waiter: Waiter) -> list[Any] | Exception | None:
         """The result of a waiting request if it can be met now, else None. A
@@ -549,6 +661,31 @@ class Exchange:
                 for block in message.blocks:
                     if self.ledger.blocks.get(block.offset) is not block:
                         problems.append(f"queue {queue.name!r} holds a block that is gone")
+        return problems + self._check_waiters()
+
+    def _check_waiters(self) -> list[str]:
+        """The waiter indexes agree: each kept waiter is filed under its key
+        and its session, once, in arrival order, with a heap entry."""
+        problems = []
+        by_key = {w.seq: w for kept in self.by_key.values() for w in kept.values()}
+        by_session = {w.seq: w for kept in self.by_session.values() for w in kept.values()}
+        if by_key.keys() != by_session.keys() or len(by_key) != self.kept_total:
+            problems.append(
+                f"waiter indexes disagree: {len(by_key)} by what they wait for, "
+                f"{len(by_session)} by session, {self.kept_total} counted"
+            )
+        for key, kept in self.by_key.items():
+            if not kept or any(w.key != key for w in kept.values()) or list(kept) != sorted(kept):
+                problems.append(f"waiters of {key[0].name} {key[1]!r} are misfiled")
+        for session_id, kept in self.by_session.items():
+            if not kept or any(w.session_id != session_id for w in kept.values()):
+                problems.append(f"waiters of session {session_id} are misfiled")
+        in_heap = {e[1] for e in self.deadlines}
+        if not by_key.keys() <= in_heap:
+            problems.append("a kept waiter has no deadline in the heap")
+        events = sum(1 for w in by_key.values() if w.op is Op.EVENTS)
+        if events != self.event_waiters:
+            problems.append(f"{events} event waiters kept, {self.event_waiters} counted")
         return problems
 
     def _wire(self, block: Block) -> list[int]:

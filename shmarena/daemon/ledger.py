@@ -392,7 +392,9 @@ class Ledger:
                     space.free(taken)
                 if not existed:  # a refused request leaves no trace
                     self._undo_new_owner(name, session_id)
-                raise self._out_of_memory(size, sum(sizes) if len(sizes) > 1 else None)
+                raise self.never_fits(size) or self._out_of_memory(
+                    size, sum(sizes) if len(sizes) > 1 else None
+                )
             offsets.append(offset)
         if self.empty_since:  # a segment in use again is not idle
             self._busy(offsets)
@@ -704,6 +706,19 @@ class Ledger:
                 held += owner.bytes
         return held
 
+    def check_quotas(
+        self, session_id: int, sizes: list[int], owner_name: str | None, detached: bool
+    ) -> None:
+        """Raise the QuotaExceeded that allocating `sizes` now would meet;
+        change nothing (an owner that does not exist yet is not created)."""
+        name = owner_name if owner_name is not None else implicit_owner(session_id)
+        check_owner_name(name)
+        owner = self.owners.get(name)
+        if owner is None:  # a new owner has no quota of its own
+            scope = DETACHED if detached and owner_name is not None else SESSION
+            owner = Owner(name, scope, session_id, self.sessions[session_id].pid, 0.0)
+        self._check_quotas(session_id, owner, sizes)
+
     def _check_quotas(self, session_id: int, owner: Owner, sizes: list[int]) -> None:
         if not (owner.quota or (self.session_quota and owner.scope == SESSION)):
             return
@@ -968,6 +983,33 @@ class Ledger:
             fragmentation_index=index,
             state=state,
             top_owners=[[o.name, o.bytes] for o in top if o.bytes],
+        )
+
+    def never_fits(self, size: int) -> OutOfMemory | None:
+        """The refusal of a buffer this arena could not hold even empty (and
+        grown to its --max-size, if it may grow), or None if it might fit:
+        waiting for frees would not help such a request."""
+        space, growth = self.space, self.growth
+        if growth is not None and isinstance(space, Segmented):
+            needs, can, flag = space.spaces[0].room_for(size), growth.max_bytes, "--max-size"
+            what = f"it may grow to {format_size(can)} in all (--max-size)"
+        else:
+            needs, can, flag = space.room_for(size), space.size_bytes, "--size"
+            what = f"its whole size is {format_size(can)}"
+        if needs <= can:
+            return None
+        carved = f" (a block of {format_size(needs)})" if needs != size else ""
+        largest, free = space.largest_free_bytes(), space.free_bytes
+        return OutOfMemory(
+            f"arena {self.name!r} can never hold this buffer: asked {format_size(size)}{carved}, "
+            f"largest free block {format_size(largest)}, free {format_size(free)} in total, "
+            f"and {what}; waiting for frees would not help: ask for less, split the buffer, "
+            f"or start the daemon with a larger {flag}",
+            requested_bytes=size,
+            largest_free_bytes=largest,
+            free_bytes=free,
+            possible_bytes=can,
+            state="too_large",
         )
 
     # -- growth --------------------------------------------------------------

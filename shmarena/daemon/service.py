@@ -38,6 +38,7 @@ from shmarena.daemon.logs import LogEvent
 from shmarena.daemon.table import Link
 from shmarena.errors import (
     InvalidRequest,
+    LimitReached,
     OutOfMemory,
     ProtocolError,
     QuotaExceeded,
@@ -48,6 +49,7 @@ from shmarena.errors import (
 )
 from shmarena.protocol import (
     LATE_ERR,
+    MAX_KEPT_PER_SESSION,
     MAX_LISTING_ROWS,
     MAX_PID,
     MAX_SESSIONS,
@@ -173,9 +175,10 @@ class _AllocWaiter:
 
     session_id: int
     request_id: int
-    args: list[Any]
+    args: tuple[Any, ...]
     since: float
     deadline: float
+    seq: int = 0
 
 
 # Op -> the name counters and metrics use ("alloc", "alloc_many", ...)
@@ -251,8 +254,15 @@ class Service:
         self.extra_stats: Callable[[], dict[str, Any]] = dict
         self.exchange = Exchange(self.ledger, info.epoch)
         self.ledger.session_quota = info.quota_per_session
-        # ALLOCs waiting for room, first come first served (`ALLOC ... wait_s`)
-        self.alloc_waiters: list[_AllocWaiter] = []
+        # ALLOCs waiting for room, first come first served (`ALLOC ... wait_s`):
+        # seq -> waiter in arrival order (OrderedDict: the first is found in
+        # O(1)); how many each session has; their deadlines as a heap of
+        # (deadline, seq), entries of ones answered since skipped when they
+        # come up (as the exchange's waiters).
+        self.alloc_waiters: OrderedDict[int, _AllocWaiter] = OrderedDict()
+        self.alloc_kept: dict[int, int] = {}
+        self.alloc_deadlines: list[tuple[float, int]] = []
+        self._next_alloc_wait = 1
         # Replies to kept (waiting) requests, met by something another
         # session did or by their deadline: (peer, frame), for the server to
         # send. `waiting` holds (session, request id) of the kept ones, so a
@@ -428,6 +438,7 @@ class Service:
             if wait_s <= 0:
                 result = self.exchange.timed_out(waiter, now)
             else:
+                self._may_keep(session_id, request)
                 self.exchange.wait(waiter)
                 self.waiting.add((session_id, request.request_id))
                 return None
@@ -443,56 +454,103 @@ class Service:
     def wake(self, now: float) -> None:
         """Answer kept requests that can be met now or whose time ran out
         (the server calls this after each turn of its loop while any are
-        kept, and at `next_wake` at the latest)."""
+        kept, and at `next_wake` at the latest). Its cost does not grow with
+        the number kept: the due ones come off deadline heaps, and of the
+        waiting ALLOCs only the first is tried."""
         self.exchange.expire(now)
         self._deliver_met()
         if self.alloc_waiters:
             self._serve_alloc_waiters(now)
 
     def next_wake(self) -> float | None:
-        deadlines = [w.deadline for w in self.alloc_waiters]
+        """The earliest deadline of a kept request (None: none kept)."""
         found = self.exchange.next_deadline()
-        if found is not None:
-            deadlines.append(found)
-        return min(deadlines) if deadlines else None
+        heap = self.alloc_deadlines
+        while heap and heap[0][1] not in self.alloc_waiters:
+            heapq.heappop(heap)  # answered already
+        if heap and (found is None or heap[0][0] < found):
+            return heap[0][0]
+        return found
 
     def has_waiters(self) -> bool:
         """Whether `wake` has anything to do."""
-        return bool(self.exchange.waiters or self.outbox or self.alloc_waiters)
+        return bool(self.exchange.kept_total or self.outbox or self.alloc_waiters)
+
+    def kept_requests(self, session_id: int) -> int:
+        """How many of the session's requests are kept (waiting)."""
+        return self.exchange.kept(session_id) + self.alloc_kept.get(session_id, 0)
+
+    def _may_keep(self, session_id: int, request: Request) -> None:
+        """Refuse to keep one more request of a session at its bound."""
+        if self.kept_requests(session_id) >= MAX_KEPT_PER_SESSION:
+            raise LimitReached(
+                f"{OP_NAMES[request.op]} refused: session {session_id} has "
+                f"{MAX_KEPT_PER_SESSION} requests waiting already (lookups, queue gets and "
+                "puts, event waits, allocations), the most one session may "
+                "(kept_requests_per_session); let some be met or time out first, or wait "
+                "in fewer threads at once",
+                limit="kept_requests_per_session",
+                value=MAX_KEPT_PER_SESSION,
+            )
 
     def _serve_alloc_waiters(self, now: float) -> None:
         """Meet waiting ALLOCs in arrival order: the first that does not fit
         yet holds the others back (a large request is not starved by a stream
-        of small ones); any whose time ran out gets its out_of_memory."""
-        kept: list[_AllocWaiter] = []
-        blocked = False
-        for waiter in self.alloc_waiters:
-            timed_out = now >= waiter.deadline
-            if blocked and not timed_out:
-                kept.append(waiter)
-                continue
-            size, owner, detached, _, site = waiter.args
+        of small ones); any whose time ran out gets its out_of_memory, and
+        one that meets a quota gets that at once (waiting for room would not
+        help it). Only the first is tried while it does not fit."""
+        heap = self.alloc_deadlines
+        while heap and heap[0][0] <= now:
+            waiter = self.alloc_waiters.get(heapq.heappop(heap)[1])
+            if waiter is None:
+                continue  # answered already
             try:
-                block = self.ledger.alloc(waiter.session_id, size, owner, detached, now, site)
+                block = self._try_alloc(waiter, now)  # room may have come this very turn
             except OutOfMemory as error:
-                if not timed_out or isinstance(error, QuotaExceeded):
-                    kept.append(waiter)
-                    blocked = True
-                    continue
-                self.counters.alloc_wait_timeouts += 1
-                error.message = f"{error.message}; waited {now - waiter.since:.3g} s for room"
-                error.args = (error.message,)
-                error.details["waited_s"] = round(now - waiter.since, 3)
+                if not isinstance(error, QuotaExceeded):
+                    self.counters.alloc_wait_timeouts += 1
+                    error.message = f"{error.message}; waited {now - waiter.since:.3g} s for room"
+                    error.args = (error.message,)
+                    error.details["waited_s"] = round(now - waiter.since, 3)
                 self._answer_waiter(waiter, error_reply(waiter.request_id, error), now)
                 continue
+            except ShmArenaError as error:
+                self._answer_waiter(waiter, error_reply(waiter.request_id, error), now)
+                continue
+            self.counters.allocs += 1
+            self._answer_waiter(waiter, ok_reply(waiter.request_id, self._wire(block)), now)
+        while self.alloc_waiters:
+            waiter = next(iter(self.alloc_waiters.values()))
+            try:
+                block = self._try_alloc(waiter, now)
+            except QuotaExceeded as error:  # a policy: answered at once, not kept
+                self._answer_waiter(waiter, error_reply(waiter.request_id, error), now)
+                continue
+            except OutOfMemory:
+                break  # no room yet: it holds the others back
             except ShmArenaError as error:  # the owner went meanwhile, say
                 self._answer_waiter(waiter, error_reply(waiter.request_id, error), now)
                 continue
             self.counters.allocs += 1
             self._answer_waiter(waiter, ok_reply(waiter.request_id, self._wire(block)), now)
-        self.alloc_waiters = kept
+        if len(heap) > 2 * len(self.alloc_waiters) + 32:
+            self.alloc_deadlines = [e for e in heap if e[1] in self.alloc_waiters]
+            heapq.heapify(self.alloc_deadlines)
+
+    def _try_alloc(self, waiter: _AllocWaiter, now: float) -> Block:
+        size, owner, detached, _, site = waiter.args
+        return self.ledger.alloc(waiter.session_id, size, owner, detached, now, site)
+
+    def _forget_alloc_waiter(self, waiter: _AllocWaiter) -> None:
+        del self.alloc_waiters[waiter.seq]
+        left = self.alloc_kept[waiter.session_id] - 1
+        if left:
+            self.alloc_kept[waiter.session_id] = left
+        else:
+            del self.alloc_kept[waiter.session_id]
 
     def _answer_waiter(self, waiter: _AllocWaiter, reply: list[Any], now: float) -> None:
+        self._forget_alloc_waiter(waiter)
         if reply[0] != OK:
             self._count_error(reply[2])
         self.counters.alloc_waited_s += now - waiter.since
@@ -805,9 +863,14 @@ class Service:
         freed = self.ledger.end_session(session_id)
         if session is not None:
             self._log_end(session_id, session.pid, session.label, reason, recovered, freed)
+        for waiter in self.exchange.by_session.get(session_id, {}).values():
+            self.waiting.discard((session_id, waiter.request_id))
         self.exchange.end_session(session_id)
-        self.alloc_waiters = [w for w in self.alloc_waiters if w.session_id != session_id]
-        self.waiting = {key for key in self.waiting if key[0] != session_id}
+        if self.alloc_kept.pop(session_id, 0):
+            for seq, alloc_waiter in list(self.alloc_waiters.items()):
+                if alloc_waiter.session_id == session_id:
+                    del self.alloc_waiters[seq]
+                    self.waiting.discard((session_id, alloc_waiter.request_id))
         peer = self.session_peer.pop(session_id, None)
         if peer is not None:
             self.peers.pop(peer, None)
@@ -899,21 +962,31 @@ class Service:
         if key in self.waiting:
             return None  # a retry of one that waits already
         if wait_s > 0 and self.alloc_waiters:
-            block = None  # others wait already: behind them
+            # Others wait already: behind them, unless waiting cannot help
+            # (a bad size, a quota, a size the arena can never hold).
+            check_size(size)
+            self.ledger.check_quotas(session_id, [size], owner, detached)
+            never = self.ledger.never_fits(size)
+            if never is not None:
+                raise never
+            block = None
         else:
             try:
                 block = self.ledger.alloc(session_id, size, owner, detached, now, site)
             except QuotaExceeded:
                 raise  # a policy, not a lack of room: waiting would not help
-            except OutOfMemory:
-                if wait_s <= 0:
+            except OutOfMemory as error:
+                if wait_s <= 0 or error.details.get("state") == "too_large":
                     raise
                 block = None
         if block is None:
-            check_size(size)  # a bad size is refused now, not after the wait
-            self.alloc_waiters.append(
-                _AllocWaiter(session_id, request.request_id, request.args, now, now + wait_s)
-            )
+            self._may_keep(session_id, request)
+            waiter = _AllocWaiter(session_id, request.request_id, request.args, now, now + wait_s)
+            waiter.seq = self._next_alloc_wait
+            self._next_alloc_wait += 1
+            self.alloc_waiters[waiter.seq] = waiter
+            self.alloc_kept[session_id] = self.alloc_kept.get(session_id, 0) + 1
+            heapq.heappush(self.alloc_deadlines, (waiter.deadline, waiter.seq))
             self.waiting.add(key)
             self.counters.alloc_waits += 1
             return None
@@ -1046,7 +1119,7 @@ class Service:
             "queued_bytes": sum(
                 b.carved for b in ledger.blocks.values() if b.retainers and QUEUED in b.retainers
             ),
-            "waiting_requests": len(self.exchange.waiters) + len(self.alloc_waiters),
+            "waiting_requests": self.exchange.kept_total + len(self.alloc_waiters),
             "quota_per_session_bytes": ledger.session_quota,
             "limits": self.limits(),
             "alloc_waiters": [
@@ -1057,7 +1130,7 @@ class Service:
                     "waited_s": round(now - w.since, 3),
                     "left_s": round(w.deadline - now, 3),
                 }
-                for w in self.alloc_waiters
+                for w in self.alloc_waiters.values()
             ],
             "counters": {
                 **vars(self.counters),
@@ -1073,6 +1146,7 @@ class Service:
         return {
             **self.ledger.limits(),
             **self.exchange.limits(),
+            "kept_requests_per_session": MAX_KEPT_PER_SESSION,
             "listing_rows": self.max_listing_rows,
         }
 
@@ -1182,6 +1256,7 @@ class Service:
                     "owner_ids": len(session.owner_ids),
                     "cached_blocks": len(session.cached),
                     "cached_bytes": session.cached_bytes,
+                    "waiting_requests": self.kept_requests(session.id),
                 }
             )
         return self._paged_reply(request, rows, None if more is None else str(more))
@@ -1194,6 +1269,13 @@ class Service:
         for session_id in self.peers.values():
             if session_id not in self.ledger.sessions:
                 problems.append(f"peer of ended session {session_id} still mapped")
+        counts: dict[int, int] = {}
+        for waiter in self.alloc_waiters.values():
+            counts[waiter.session_id] = counts.get(waiter.session_id, 0) + 1
+        if counts != self.alloc_kept or list(self.alloc_waiters) != sorted(self.alloc_waiters):
+            problems.append("waiting allocations are miscounted or out of arrival order")
+        if not self.alloc_waiters.keys() <= {seq for _, seq in self.alloc_deadlines}:
+            problems.append("a waiting allocation has no deadline in the heap")
         return problems
 
     def _check(self, session_id: int, request: Request, now: float) -> list[Any]:

@@ -13,6 +13,7 @@ from shmarena.protocol import (
     ERR,
     HANDLE_COST_BYTES,
     MAX_DETACHED_OWNERS,
+    MAX_KEPT_PER_SESSION,
     MAX_LISTING_ROWS,
     MAX_NAMES,
     MAX_NAMES_PER_SESSION,
@@ -240,6 +241,7 @@ def test_every_limit_is_in_stats() -> None:
         "queues": MAX_QUEUES,
         "queued_payload_bytes_per_queue": MAX_QUEUE_PAYLOAD_BYTES,
         "queued_payload_bytes": MAX_QUEUED_PAYLOAD_BYTES,
+        "kept_requests_per_session": MAX_KEPT_PER_SESSION,
         "listing_rows": MAX_LISTING_ROWS,
     }
 

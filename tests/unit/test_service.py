@@ -153,11 +153,13 @@ def test_reader_death_releases_retained_block() -> None:
 def test_out_of_memory_names_the_figures_and_leaves_no_owner() -> None:
     service = make_service(size=64 * MIN)
     peer = Peer(service, b"a")
-    code, message = peer.err(Op.ALLOC, 65 * MIN, "too-big", False)
+    (handle,) = peer.ok(Op.ALLOC, 32 * MIN)
+    code, message = peer.err(Op.ALLOC, 33 * MIN, "too-big", False)
     assert code == "out_of_memory"
-    assert "asked 260 KiB" in message and "largest free block 256 KiB" in message
+    assert "asked 132 KiB" in message and "largest free block 128 KiB" in message
     assert "full" in message
-    assert peer.ok(Op.OWNERS) == [[]]
+    assert [row["name"] for row in peer.ok(Op.OWNERS)[0]] == [f"session-{peer.session}"]
+    peer.ok(Op.FREE, [handle])
 
 
 def test_fragmented_arena_is_told_apart_from_full() -> None:
