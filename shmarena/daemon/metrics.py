@@ -35,6 +35,9 @@ LATENCY_BUCKETS_S = (
 )  # fmt: skip
 # A scrape waits this long for the loop; then it reports shmarena_up 0.
 SNAPSHOT_TIMEOUT_S = 5.0
+# Scrapers served at once; a connection over this is answered 503 and closed.
+# The daemon keeps this many descriptors in its reserve (see server.py).
+METRICS_MAX_CONNECTIONS = 8
 INSTALL_HINT = "pip install 'shmarena[metrics]'"
 
 

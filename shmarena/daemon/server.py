@@ -39,7 +39,7 @@ from shmarena.config import (
 )
 from shmarena.daemon.logs import EventLog, LogEvent
 from shmarena.daemon.logwriter import QueuedWriter
-from shmarena.daemon.metrics import Exporter
+from shmarena.daemon.metrics import METRICS_MAX_CONNECTIONS, Exporter
 from shmarena.daemon.service import ArenaInfo, Service
 from shmarena.daemon.store import DEFAULT_COMPACT_BYTES, Store, new_epoch
 from shmarena.daemon.table import State
@@ -214,14 +214,25 @@ class Server:
         self._wake_r = self._wake_w = -1
         self.gid = resolve_group(options.group) if options.group is not None else None
         self._debug = random.Random(options.debug_seed)
-        # libzmq aborts the process when accept() fails with EMFILE, so the
-        # daemon stops listening while fewer than `fd_reserve` descriptors are
-        # left (existing clients go on), and listens again once twice that many
-        # are free. New clients meanwhile read why in `refusing_path`.
+        # libzmq 4.3 aborts the process when accept() on an ipc listener fails
+        # with EMFILE (ipc_listener.cpp's errno_assert). So while fewer than
+        # `fd_reserve` descriptors are left the daemon takes no new
+        # connections: it renames its socket file to `paused_path`, so that
+        # no client can reach the listener by path, while the listener and
+        # every connection it accepted live on (an unbind would close those
+        # too). The file gets its name back once twice the reserve is free.
+        # Only the listen backlog (kept well under the reserve) can still be
+        # accepted after the rename. New clients meanwhile read why in
+        # `refusing_path`. The metrics endpoint's connections come out of
+        # the same descriptors: the reserve holds its cap too.
         self.fd_limit = raise_fd_limit()
         self.fd_reserve = max(8, self.fd_limit // 4)
+        if options.metrics_port is not None:
+            self.fd_reserve += METRICS_MAX_CONNECTIONS
+        self.accept_backlog = max(1, min(128, self.fd_reserve // 4))
         self.listening = False
         self.refusing_path = self.socket_path + ".refusing"
+        self.paused_path = self.socket_path + ".paused"
         self.monitor: zmq.Socket[Any] | None = None
         self._held: list[tuple[float, int, bytes, bytes]] = []  # delayed replies (debug)
         self._served = False  # the table was written at start: a clean stop may write it
@@ -262,6 +273,7 @@ class Server:
             os.unlink(self.socket_path)
             self.log(f"removed stale socket {self.socket_path}", "stale_socket_removed",
                      path=self.socket_path)  # fmt: skip
+        remove(self.paused_path)  # a dead daemon's socket, renamed while it was paused
         started_at = time.time()
         state = None
         if opts.backing is not None:
@@ -337,6 +349,7 @@ class Server:
         router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         router.setsockopt(zmq.SNDHWM, 100_000)
         router.setsockopt(zmq.RCVHWM, 100_000)
+        router.setsockopt(zmq.BACKLOG, self.accept_backlog)
         self.router = router
         self._listen()
         self.poller.register(router, zmq.POLLIN)
@@ -569,7 +582,7 @@ class Server:
         remove(self.refusing_path)
 
     def _check_fds(self) -> None:
-        """Stop or resume listening by the descriptors left (see __init__)."""
+        """Stop or resume accepting by the descriptors left (see __init__)."""
         assert self.router is not None
         free = self.fd_limit - open_fds()
         if self.listening and free < self.fd_reserve:
@@ -581,13 +594,20 @@ class Server:
             )
             with open(self.refusing_path, "w") as f:
                 f.write(reason + "\n")
-            self.router.unbind(f"ipc://{self.socket_path}")
-            remove(self.socket_path)  # so clients read why instead of timing out
+            # Out of reach by path, so clients read why instead of timing out;
+            # the connections made through it stay.
+            os.rename(self.socket_path, self.paused_path)
             self.listening = False
             self.log(reason, "accept_paused", "warning", fds_used=self.fd_limit - free,
                      fd_limit=self.fd_limit)  # fmt: skip
         elif not self.listening and free >= 2 * self.fd_reserve:
-            self._listen()
+            try:
+                os.rename(self.paused_path, self.socket_path)
+                self.listening = True
+                remove(self.refusing_path)
+            except FileNotFoundError:  # someone removed it: listen on a new file
+                self.router.unbind(f"ipc://{self.socket_path}")
+                self._listen()
             self.log(f"accepting new clients again ({free} file descriptors free)",
                      "accept_resumed", fds_free=free)  # fmt: skip
 
@@ -764,6 +784,8 @@ class Server:
                     deliver(peer, reply)
             if time.monotonic() >= next_expire:
                 next_expire = time.monotonic() + tick_ms / 1000
+                if not self.listening:  # descriptors may be free without any event
+                    self._check_fds()
                 for session_id in service.expire(time.time()):  # the service logs them
                     self._unwatch(session_id)
                 self._commit()
@@ -870,6 +892,7 @@ class Server:
             self.monitor.close(linger=0)
             self.monitor = None
         remove(self.refusing_path)
+        remove(self.paused_path)
         if self.router is not None:
             self.router.close(linger=0)
             self.router = None

@@ -13,6 +13,7 @@ import os
 import random
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -372,6 +373,77 @@ def test_more_clients_than_descriptors_do_not_kill_the_daemon(
             what="all sessions to be reclaimed",
         )
         assert c.stats()["used_bytes"] == 0 and c.check() == []
+
+
+def test_paused_daemon_keeps_its_clients_and_resumes_when_descriptors_free(
+    limited_daemon: LimitedDaemon,
+) -> None:
+    """Short of descriptors the daemon stops taking new connections but keeps
+    serving the ones it has, tells newcomers why, and takes them again as soon
+    as descriptors are free."""
+    daemon = limited_daemon
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    first = daemon.client(timeout_s=5.0)
+    kept = first.alloc(4096)
+    kept.view[:4] = b"kept"
+    first.sync()
+
+    def paused() -> bool:
+        return not os.path.exists(daemon.socket_path)
+
+    raw: list[socket.socket] = []
+    try:
+        # Raw connections, one at a time: each is accepted (a descriptor of
+        # the daemon's) before the next, until the daemon stops accepting.
+        while not paused():
+            assert len(raw) < daemon.nofile, "the daemon never stopped accepting"
+            before = fd_count(pid)
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                conn.connect(daemon.socket_path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                conn.close()
+                break
+            raw.append(conn)
+            wait_for(
+                lambda n=before: paused() or fd_count(pid) != n,  # type: ignore[misc]
+                what="the daemon to accept",
+            )
+        wait_for(lambda: os.path.exists(daemon.socket_path + ".refusing"), what="the reason")
+        # The client it had is served on while it refuses new ones.
+        assert first.ping() > 0
+        buf = first.alloc(65536)
+        buf.view[:] = b"p" * 65536
+        assert bytes(buf.view) == b"p" * 65536
+        buf.free()
+        first.sync()
+        assert bytes(kept.view[:4]) == b"kept"
+        assert first.check() == []
+        with pytest.raises(shmarena.DaemonUnavailable, match="file descriptors"):
+            shmarena.connect(daemon.name, runtime_dir=daemon.run_dir, timeout_s=1.0)
+        fds_paused = fd_count(pid)
+    finally:
+        for conn in raw:
+            conn.close()
+    closed_at = time.monotonic()
+
+    def connects() -> shmarena.Client | None:
+        try:
+            return shmarena.connect(daemon.name, runtime_dir=daemon.run_dir, timeout_s=1.0)
+        except shmarena.DaemonUnavailable:
+            return None
+
+    with wait_for(connects, timeout_s=30, what="the daemon to accept clients again") as c:
+        resumed_s = time.monotonic() - closed_at
+        assert c.ping() > 0
+    assert first.stats()["sessions"] >= 1 and bytes(kept.view[:4]) == b"kept"
+    kept.free()
+    print(
+        f"\nFIGURE: nofile {daemon.nofile}: paused after {len(raw)} raw connections "
+        f"({fds_paused} daemon fds); the first client was served throughout; a new "
+        f"client connected {resumed_s:.2f} s after they closed"
+    )
 
 
 # -- 4. sixteen threads share one client ------------------------------------------------
