@@ -165,6 +165,11 @@ MAX_WAIT_S = 3600.0  # the longest one waiting request is kept; clients ask agai
 MAX_BLOCKS_REPLY = 200_000  # blocks one BLOCKS reply lists (about 4 MB of msgpack)
 EVENTS_KEPT = 1 << 16  # name events the daemon remembers for subscribers
 MAX_EVENTS_PER_REPLY = 1024
+# Replies the daemon holds for one client that has not read them (its socket's
+# send high-water mark). Past that the client is not reading: further replies
+# to it are dropped (counted, logged) until it reads again, so what one client
+# can make the daemon buffer is at most this many of its largest replies.
+MAX_BUFFERED_REPLIES = 16
 
 OK = 0
 ERR = 1

@@ -44,7 +44,13 @@ from shmarena.daemon.service import ArenaInfo, Service
 from shmarena.daemon.store import DEFAULT_COMPACT_BYTES, Store, new_epoch
 from shmarena.daemon.table import State
 from shmarena.errors import DaemonStartError, ShmArenaError
-from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, MAX_FRAMES, PROTOCOL_VERSION
+from shmarena.protocol import (
+    LATE_ERR,
+    MAX_BUFFERED_REPLIES,
+    MAX_FRAME_BYTES,
+    MAX_FRAMES,
+    PROTOCOL_VERSION,
+)
 from shmarena.shm import hugepages, numa
 from shmarena.shm.arena import Arena, Pages, remove_stale_segments
 from shmarena.shm.journal import CrashPoints
@@ -237,6 +243,11 @@ class Server:
         self._held: list[tuple[float, int, bytes, bytes]] = []  # delayed replies (debug)
         self._served = False  # the table was written at start: a clean stop may write it
         self.metrics: Exporter | None = None
+        # Clients whose replies are being dropped because they do not read
+        # them: routing id -> replies dropped since it stopped reading.
+        self.not_reading: dict[bytes, int] = {}
+        self.replies_dropped_unread = 0  # their pipe was full (MAX_BUFFERED_REPLIES)
+        self.replies_undeliverable = 0  # their client was gone
 
     def _dropped_note(self, count: int) -> str:
         return self.log.render(
@@ -347,7 +358,11 @@ class Server:
         router = self.context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        router.setsockopt(zmq.SNDHWM, 100_000)
+        # A client that does not read its replies fills its pipe: the send
+        # then fails at once (ROUTER_MANDATORY, NOBLOCK) instead of queueing
+        # without end, and the reply is dropped (see `_undelivered`).
+        router.setsockopt(zmq.SNDHWM, MAX_BUFFERED_REPLIES)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.RCVHWM, 100_000)
         router.setsockopt(zmq.BACKLOG, self.accept_backlog)
         self.router = router
@@ -503,6 +518,17 @@ class Server:
         """What only the server knows: the pages as the kernel reports them,
         NUMA placement, and the persistent table's figures."""
         extra: dict[str, Any] = self.store.stats() if self.store is not None else {}
+        extra["replies"] = {
+            "dropped_unread": self.replies_dropped_unread,
+            "undeliverable": self.replies_undeliverable,
+            "clients_not_reading": len(self.not_reading),
+        }
+        # The server's own bounds, beside the service's (README "Reliability")
+        limits = self.service.limits() if self.service is not None else {}
+        limits["buffered_replies"] = MAX_BUFFERED_REPLIES
+        if self.metrics is not None:
+            limits["metrics_connections"] = METRICS_MAX_CONNECTIONS
+        extra["limits"] = limits
         if self.metrics is not None:
             extra["metrics"] = self.metrics.where
         pages: list[dict[str, Any]] = []
@@ -645,10 +671,12 @@ class Server:
         assert self.router is not None and self.service is not None
         self._install_signals()
         router, service = self.router, self.service
-        recv, send = router.recv, router.send
+        recv = router.recv
         # With --metrics-port each request is timed; without, nothing is added.
         handle = service.handle if self.metrics is None else self.metrics.timed(service)
-        NOBLOCK, SNDMORE, RCVMORE = zmq.NOBLOCK, zmq.SNDMORE, zmq.RCVMORE
+        NOBLOCK, RCVMORE = zmq.NOBLOCK, zmq.RCVMORE
+        send_multipart = router.send_multipart
+        not_reading = self.not_reading
         getsockopt = router.getsockopt
         tick_ms = int(max(0.1, min(1.0, self.options.lease_s / 4)) * 1000)
         next_expire = time.monotonic()
@@ -665,11 +693,12 @@ class Server:
                 self._debug_send(peer, reply)
                 return
             try:
-                send(peer, SNDMORE)
-                send(reply)
+                send_multipart((peer, reply), NOBLOCK)
             except zmq.ZMQError as error:  # never fatal: the peer may be gone
-                self.log(f"reply to a client dropped: {error}", "reply_dropped", "warning",
-                         error=str(error))  # fmt: skip
+                self._undelivered(peer, error)
+                return
+            if not_reading and peer in not_reading:
+                self._reading_again(peer)
 
         if debugging:
             self.log(
@@ -819,21 +848,17 @@ class Server:
         assert self.router is not None and self.service is not None
         router, service = self.router, self.service
         now = time.time()
-        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        try:
-            for session_id in list(service.recovering):
-                peer = service.session_peer.get(session_id)
-                if not peer:
-                    continue
-                try:
-                    router.send_multipart([peer, service.resend_note(session_id)], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    continue  # not connected (yet)
-                service.connected(peer, now)
-                self.log(f"recovered session {session_id} resumed: its client is back",
-                         "client_resumed", session=session_id, how="reconnect")  # fmt: skip
-        finally:
-            router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        for session_id in list(service.recovering):
+            peer = service.session_peer.get(session_id)
+            if not peer:
+                continue
+            try:
+                router.send_multipart([peer, service.resend_note(session_id)], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                continue  # not connected (yet)
+            service.connected(peer, now)
+            self.log(f"recovered session {session_id} resumed: its client is back",
+                     "client_resumed", session=session_id, how="reconnect")  # fmt: skip
 
     def _debug_send(self, peer: bytes, reply: bytes) -> None:
         """Send a reply the way --debug-drop-replies/--debug-delay-ms say:
@@ -852,9 +877,39 @@ class Server:
         while self._held and self._held[0][0] <= now:
             _, _, peer, reply = heapq.heappop(self._held)
             try:
-                self.router.send_multipart([peer, reply])
-            except zmq.ZMQError:
-                pass
+                self.router.send_multipart([peer, reply], zmq.NOBLOCK)
+            except zmq.ZMQError as error:
+                self._undelivered(peer, error)
+
+    def _undelivered(self, peer: bytes, error: zmq.ZMQError) -> None:
+        """Count a reply that could not be sent; say so when a client starts
+        leaving its replies unread."""
+        if error.errno != zmq.EAGAIN:  # EHOSTUNREACH: the client is gone
+            self.replies_undeliverable += 1
+            return
+        self.replies_dropped_unread += 1
+        dropped = self.not_reading.get(peer)
+        if dropped is not None:
+            self.not_reading[peer] = dropped + 1
+            return
+        if len(self.not_reading) >= 4096:  # bounded: forget old episodes
+            self.not_reading.clear()
+        self.not_reading[peer] = 1
+        session = self.service.peers.get(peer, 0) if self.service is not None else 0
+        self.log(
+            f"client session {session} does not read its replies: {MAX_BUFFERED_REPLIES} "
+            "are waiting for it; further replies to it are dropped until it reads",
+            "replies_dropped",
+            "warning",
+            session=session,
+            buffered=MAX_BUFFERED_REPLIES,
+        )
+
+    def _reading_again(self, peer: bytes) -> None:
+        dropped = self.not_reading.pop(peer, 0)
+        session = self.service.peers.get(peer, 0) if self.service is not None else 0
+        self.log(f"client session {session} reads its replies again; {dropped} were dropped",
+                 "replies_read_again", session=session, dropped=dropped)  # fmt: skip
 
     def _sync_watches(self) -> None:
         """Close the pidfds of sessions the service ended (bye)."""

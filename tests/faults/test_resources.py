@@ -21,10 +21,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgpack
 import posix_ipc
 import pytest
+import zmq
 
 import shmarena
+from shmarena.daemon.server import process_start_ticks as start_ticks
+from shmarena.protocol import FREE_ID_BIT, PROTOCOL_VERSION, Op
 from tests.conftest import (
     REPO,
     Daemon,
@@ -407,7 +411,7 @@ def test_paused_daemon_keeps_its_clients_and_resumes_when_descriptors_free(
                 break
             raw.append(conn)
             wait_for(
-                lambda n=before: paused() or fd_count(pid) != n,  # type: ignore[misc]
+                lambda n=before: paused() or fd_count(pid) != n,
                 what="the daemon to accept",
             )
         wait_for(lambda: os.path.exists(daemon.socket_path + ".refusing"), what="the reason")
@@ -633,3 +637,65 @@ def test_multiprocessing_children_get_their_own_sessions(
     assert client.check() == []
     err = capfd.readouterr().err
     assert "Assertion failed" not in err and "Traceback" not in err, err
+
+
+# -- 6. a client that never reads its replies -------------------------------------------
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
+
+
+def test_a_client_that_never_reads_cannot_bloat_the_daemon(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = make_daemon(size="128M")
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    owner = daemon.client(cache=False)
+    held = []
+    for _ in range(20):
+        held += owner.alloc_many([4096] * 1000)  # so each BLOCKS reply is ~180 KB
+    reply_bytes = len(msgpack.packb(owner.blocks()))
+    rss_before = rss_bytes(pid)
+    requests = 1400  # ~250 MB of replies if the daemon kept them all
+
+    context: zmq.Context[Any] = zmq.Context()
+    hog = context.socket(zmq.DEALER)
+    hog.setsockopt(zmq.LINGER, 0)
+    hog.setsockopt(zmq.RCVHWM, 1)  # its own side takes in as little as it can
+    hog.setsockopt(zmq.RCVBUF, 4096)
+    try:
+        hog.connect(f"ipc://{daemon.socket_path}")
+        me = os.getpid()
+        hog.send(msgpack.packb([int(Op.HELLO), 1, PROTOCOL_VERSION, me, start_ticks(me), "", []]))
+        for n in range(requests):
+            hog.send(msgpack.packb([int(Op.BLOCKS), FREE_ID_BIT + n, 100_000]))
+
+        def blocks_served() -> int:
+            return int(owner.stats()["counters"]["ops"].get("blocks", 0))
+
+        # Others are served meanwhile; the hog's requests are all handled.
+        wait_for(lambda: blocks_served() > requests, timeout_s=300, what="the BLOCKS requests")
+        rss_after = rss_bytes(pid)
+        assert owner.ping() > 0 and owner.check() == []
+        stats = owner.stats()
+        grown = rss_after - rss_before
+        assert grown < 200 << 20, f"the daemon grew by {grown >> 20} MiB"
+        replies = stats["replies"]
+        assert replies["dropped_unread"] >= requests - 2 * stats["limits"]["buffered_replies"]
+    finally:
+        hog.close(linger=0)
+        context.term()
+    owner.free(held)
+    out = daemon.stop()
+    assert "does not read its replies" in out, out[-2000:]
+    print(
+        f"\nFIGURE: {requests} BLOCKS requests of {reply_bytes} reply bytes never read: daemon "
+        f"RSS {rss_before >> 20} -> {rss_after >> 20} MiB, {replies['dropped_unread']} "
+        "replies dropped"
+    )
