@@ -226,7 +226,10 @@ class Server:
         # connections: it renames its socket file to `paused_path`, so that
         # no client can reach the listener by path, while the listener and
         # every connection it accepted live on (an unbind would close those
-        # too). The file gets its name back once twice the reserve is free.
+        # too). The file gets its name back once `fd_resume` are free: the
+        # reserve, room for a full backlog, and a margin so that it does not
+        # flap (not twice the reserve: under a low limit, the daemon's own
+        # descriptors may never leave that many free).
         # Only the listen backlog (kept well under the reserve) can still be
         # accepted after the rename. New clients meanwhile read why in
         # `refusing_path`. The metrics endpoint's connections come out of
@@ -236,6 +239,7 @@ class Server:
         if options.metrics_port is not None:
             self.fd_reserve += METRICS_MAX_CONNECTIONS
         self.accept_backlog = max(1, min(128, self.fd_reserve // 4))
+        self.fd_resume = self.fd_reserve + max(self.accept_backlog + 1, self.fd_reserve // 2)
         self.listening = False
         self.refusing_path = self.socket_path + ".refusing"
         self.paused_path = self.socket_path + ".paused"
@@ -622,17 +626,23 @@ class Server:
                 f.write(reason + "\n")
             # Out of reach by path, so clients read why instead of timing out;
             # the connections made through it stay.
-            os.rename(self.socket_path, self.paused_path)
+            try:
+                os.rename(self.socket_path, self.paused_path)
+            except FileNotFoundError:
+                pass  # removed by someone: no client can reach it anyway
             self.listening = False
             self.log(reason, "accept_paused", "warning", fds_used=self.fd_limit - free,
                      fd_limit=self.fd_limit)  # fmt: skip
-        elif not self.listening and free >= 2 * self.fd_reserve:
+        elif not self.listening and free >= self.fd_resume:
             try:
                 os.rename(self.paused_path, self.socket_path)
                 self.listening = True
                 remove(self.refusing_path)
             except FileNotFoundError:  # someone removed it: listen on a new file
-                self.router.unbind(f"ipc://{self.socket_path}")
+                try:
+                    self.router.unbind(f"ipc://{self.socket_path}")
+                except zmq.ZMQError:
+                    pass
                 self._listen()
             self.log(f"accepting new clients again ({free} file descriptors free)",
                      "accept_resumed", fds_free=free)  # fmt: skip
@@ -815,6 +825,9 @@ class Server:
                 next_expire = time.monotonic() + tick_ms / 1000
                 if not self.listening:  # descriptors may be free without any event
                     self._check_fds()
+                if self.not_reading:  # forget clients that are gone
+                    for peer in [p for p in self.not_reading if p not in service.peers]:
+                        del self.not_reading[peer]
                 for session_id in service.expire(time.time()):  # the service logs them
                     self._unwatch(session_id)
                 self._commit()

@@ -27,6 +27,7 @@ import pytest
 import zmq
 
 import shmarena
+from shmarena.daemon.metrics import METRICS_MAX_CONNECTIONS
 from shmarena.daemon.server import process_start_ticks as start_ticks
 from shmarena.protocol import FREE_ID_BIT, PROTOCOL_VERSION, Op
 from tests.conftest import (
@@ -288,8 +289,9 @@ class LimitedDaemon(Daemon):
 
 
 @pytest.fixture
-def limited_daemon(run_dir: str) -> Iterator[LimitedDaemon]:
-    daemon = LimitedDaemon(unique_name(), run_dir, "64M")
+def limited_daemon(run_dir: str, request: pytest.FixtureRequest) -> Iterator[LimitedDaemon]:
+    """The daemon's extra arguments may come as the fixture's param (indirect)."""
+    daemon = LimitedDaemon(unique_name(), run_dir, "64M", list(getattr(request, "param", [])))
     try:
         yield daemon.start()
     finally:
@@ -379,16 +381,22 @@ def test_more_clients_than_descriptors_do_not_kill_the_daemon(
         assert c.stats()["used_bytes"] == 0 and c.check() == []
 
 
+@pytest.mark.parametrize(
+    "limited_daemon", [[], ["--metrics-port", "0"]], ids=["plain", "metrics"], indirect=True
+)
 def test_paused_daemon_keeps_its_clients_and_resumes_when_descriptors_free(
     limited_daemon: LimitedDaemon,
 ) -> None:
     """Short of descriptors the daemon stops taking new connections but keeps
     serving the ones it has, tells newcomers why, and takes them again as soon
-    as descriptors are free."""
+    as descriptors are free. With --metrics-port, scrapers holding every
+    connection the endpoint allows (and more) cannot take the descriptors it
+    keeps for that."""
     daemon = limited_daemon
     assert daemon.proc is not None
     pid = daemon.proc.pid
     first = daemon.client(timeout_s=5.0)
+    metrics_port = first.stats().get("metrics", {}).get("port")
     kept = first.alloc(4096)
     kept.view[:4] = b"kept"
     first.sync()
@@ -396,13 +404,19 @@ def test_paused_daemon_keeps_its_clients_and_resumes_when_descriptors_free(
     def paused() -> bool:
         return not os.path.exists(daemon.socket_path)
 
+    def greeted(conn: socket.socket) -> bool:
+        """libzmq greets a connection as soon as it accepted it."""
+        try:
+            return len(conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)) == 1
+        except BlockingIOError:
+            return False
+
     raw: list[socket.socket] = []
     try:
         # Raw connections, one at a time: each is accepted (a descriptor of
         # the daemon's) before the next, until the daemon stops accepting.
         while not paused():
             assert len(raw) < daemon.nofile, "the daemon never stopped accepting"
-            before = fd_count(pid)
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 conn.connect(daemon.socket_path)
@@ -410,11 +424,14 @@ def test_paused_daemon_keeps_its_clients_and_resumes_when_descriptors_free(
                 conn.close()
                 break
             raw.append(conn)
-            wait_for(
-                lambda n=before: paused() or fd_count(pid) != n,
-                what="the daemon to accept",
-            )
+            wait_for(lambda c=conn: paused() or greeted(c), what=f"connection {len(raw)} greeted")
         wait_for(lambda: os.path.exists(daemon.socket_path + ".refusing"), what="the reason")
+        connections = len(raw)
+        if metrics_port is not None:
+            for _ in range(METRICS_MAX_CONNECTIONS + 4):
+                scraper = socket.create_connection(("127.0.0.1", metrics_port))
+                scraper.sendall(b"GET /metr")  # held open, the request unfinished
+                raw.append(scraper)
         # The client it had is served on while it refuses new ones.
         assert first.ping() > 0
         buf = first.alloc(65536)
@@ -444,8 +461,9 @@ def test_paused_daemon_keeps_its_clients_and_resumes_when_descriptors_free(
     assert first.stats()["sessions"] >= 1 and bytes(kept.view[:4]) == b"kept"
     kept.free()
     print(
-        f"\nFIGURE: nofile {daemon.nofile}: paused after {len(raw)} raw connections "
-        f"({fds_paused} daemon fds); the first client was served throughout; a new "
+        f"\nFIGURE: nofile {daemon.nofile}{' with --metrics-port' if metrics_port else ''}: "
+        f"paused after {connections} raw connections ({fds_paused} daemon fds); the first "
+        "client was served throughout; a new "
         f"client connected {resumed_s:.2f} s after they closed"
     )
 
