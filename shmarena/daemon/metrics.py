@@ -388,6 +388,18 @@ def families(
     counters = stats["counters"]
     for metric, key, text in COUNTERS:
         yield CounterMetricFamily(metric, text, value=counters[key])
+    replies = stats.get("replies")  # the server's figures (absent from a bare Service)
+    if replies is not None:
+        yield CounterMetricFamily(
+            "shmarena_replies_dropped_unread",
+            "Replies dropped because their client left as many unread as the daemon holds",
+            value=replies["dropped_unread"],
+        )
+        yield CounterMetricFamily(
+            "shmarena_replies_undeliverable",
+            "Replies dropped because their client was gone",
+            value=replies["undeliverable"],
+        )
     requests = CounterMetricFamily(
         "shmarena_requests", "Requests the daemon parsed, by op", labels=["op"]
     )

@@ -21,6 +21,7 @@ import signal
 import stat
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,7 @@ from shmarena.protocol import (
     MAX_BUFFERED_REPLIES,
     MAX_FRAME_BYTES,
     MAX_FRAMES,
+    MAX_QUEUED_REPLY_BYTES,
     PROTOCOL_VERSION,
 )
 from shmarena.shm import hugepages, numa
@@ -247,10 +249,14 @@ class Server:
         self._held: list[tuple[float, int, bytes, bytes]] = []  # delayed replies (debug)
         self._served = False  # the table was written at start: a clean stop may write it
         self.metrics: Exporter | None = None
+        # Replies whose client's pipe was full (MAX_BUFFERED_REPLIES), in
+        # order, per routing id, with their bytes (MAX_QUEUED_REPLY_BYTES).
+        self.backlog: dict[bytes, deque[bytes]] = {}
+        self.backlog_bytes: dict[bytes, int] = {}
         # Clients whose replies are being dropped because they do not read
         # them: routing id -> replies dropped since it stopped reading.
         self.not_reading: dict[bytes, int] = {}
-        self.replies_dropped_unread = 0  # their pipe was full (MAX_BUFFERED_REPLIES)
+        self.replies_dropped_unread = 0  # their pipe and queue were full
         self.replies_undeliverable = 0  # their client was gone
 
     def _dropped_note(self, count: int) -> str:
@@ -364,7 +370,8 @@ class Server:
         router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         # A client that does not read its replies fills its pipe: the send
         # then fails at once (ROUTER_MANDATORY, NOBLOCK) instead of queueing
-        # without end, and the reply is dropped (see `_undelivered`).
+        # without end, and the reply waits in `backlog` or is dropped (see
+        # `_send_reply`).
         router.setsockopt(zmq.SNDHWM, MAX_BUFFERED_REPLIES)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.RCVHWM, 100_000)
@@ -523,13 +530,16 @@ class Server:
         NUMA placement, and the persistent table's figures."""
         extra: dict[str, Any] = self.store.stats() if self.store is not None else {}
         extra["replies"] = {
+            "queued_bytes": sum(self.backlog_bytes.values()),
+            "clients_behind": len(self.backlog),
+            "clients_not_reading": len(self.not_reading),
             "dropped_unread": self.replies_dropped_unread,
             "undeliverable": self.replies_undeliverable,
-            "clients_not_reading": len(self.not_reading),
         }
         # The server's own bounds, beside the service's (README "Reliability")
         limits = self.service.limits() if self.service is not None else {}
         limits["buffered_replies"] = MAX_BUFFERED_REPLIES
+        limits["queued_reply_bytes"] = MAX_QUEUED_REPLY_BYTES
         if self.metrics is not None:
             limits["metrics_connections"] = METRICS_MAX_CONNECTIONS
         extra["limits"] = limits
@@ -686,7 +696,7 @@ class Server:
         handle = service.handle if self.metrics is None else self.metrics.timed(service)
         NOBLOCK, RCVMORE = zmq.NOBLOCK, zmq.RCVMORE
         send_multipart = router.send_multipart
-        not_reading = self.not_reading
+        backlog = self.backlog
         getsockopt = router.getsockopt
         tick_ms = int(max(0.1, min(1.0, self.options.lease_s / 4)) * 1000)
         next_expire = time.monotonic()
@@ -702,13 +712,15 @@ class Server:
             if debugging:
                 self._debug_send(peer, reply)
                 return
+            if backlog and peer in backlog:  # after the replies waiting for it
+                self._queue_reply(peer, reply)
+                return
             try:
                 send_multipart((peer, reply), NOBLOCK)
-            except zmq.ZMQError as error:  # never fatal: the peer may be gone
-                self._undelivered(peer, error)
-                return
-            if not_reading and peer in not_reading:
-                self._reading_again(peer)
+            except zmq.Again:  # its pipe is full
+                self._queue_reply(peer, reply)
+            except zmq.ZMQError:  # never fatal: the peer is gone
+                self.replies_undeliverable += 1
 
         if debugging:
             self.log(
@@ -756,6 +768,8 @@ class Server:
                     wait_ms = min(
                         wait_ms, max(0, int((self._held[0][0] - time.monotonic()) * 1000))
                     )
+            if backlog:  # soon again while it moves, else now and then
+                wait_ms = min(wait_ms, 1 if self._send_backlog() else 20)
             wake_at = service.next_wake()
             if wake_at is not None:
                 wait_ms = min(wait_ms, max(0, int((wake_at - time.time()) * 1000) + 1))
@@ -825,9 +839,6 @@ class Server:
                 next_expire = time.monotonic() + tick_ms / 1000
                 if not self.listening:  # descriptors may be free without any event
                     self._check_fds()
-                if self.not_reading:  # forget clients that are gone
-                    for peer in [p for p in self.not_reading if p not in service.peers]:
-                        del self.not_reading[peer]
                 for session_id in service.expire(time.time()):  # the service logs them
                     self._unwatch(session_id)
                 self._commit()
@@ -891,38 +902,67 @@ class Server:
             _, _, peer, reply = heapq.heappop(self._held)
             try:
                 self.router.send_multipart([peer, reply], zmq.NOBLOCK)
-            except zmq.ZMQError as error:
-                self._undelivered(peer, error)
+            except zmq.ZMQError:  # debug only: a full pipe or a gone client drops it
+                self.replies_undeliverable += 1
 
-    def _undelivered(self, peer: bytes, error: zmq.ZMQError) -> None:
-        """Count a reply that could not be sent; say so when a client starts
-        leaving its replies unread."""
-        if error.errno != zmq.EAGAIN:  # EHOSTUNREACH: the client is gone
-            self.replies_undeliverable += 1
+    def _queue_reply(self, peer: bytes, reply: bytes) -> None:
+        """Keep a reply whose client's pipe is full, in order behind the others;
+        drop it (counted, and logged once) when the queue holds its bytes' worth."""
+        queue = self.backlog.get(peer)
+        if queue is None:
+            queue = self.backlog[peer] = deque()
+            self.backlog_bytes[peer] = 0
+        queued = self.backlog_bytes[peer]
+        if queue and queued + len(reply) > MAX_QUEUED_REPLY_BYTES:
+            self.replies_dropped_unread += 1
+            dropped = self.not_reading.get(peer)
+            self.not_reading[peer] = (dropped or 0) + 1
+            if dropped is None:
+                session = self.service.peers.get(peer, 0) if self.service is not None else 0
+                self.log(
+                    f"client session {session} does not read its replies: "
+                    f"{MAX_BUFFERED_REPLIES} and {queued} bytes more wait for it; further "
+                    "replies to it are dropped until it reads",
+                    "replies_dropped",
+                    "warning",
+                    session=session,
+                    buffered=MAX_BUFFERED_REPLIES,
+                    queued_bytes=queued,
+                )
             return
-        self.replies_dropped_unread += 1
-        dropped = self.not_reading.get(peer)
-        if dropped is not None:
-            self.not_reading[peer] = dropped + 1
-            return
-        if len(self.not_reading) >= 4096:  # bounded: forget old episodes
-            self.not_reading.clear()
-        self.not_reading[peer] = 1
-        session = self.service.peers.get(peer, 0) if self.service is not None else 0
-        self.log(
-            f"client session {session} does not read its replies: {MAX_BUFFERED_REPLIES} "
-            "are waiting for it; further replies to it are dropped until it reads",
-            "replies_dropped",
-            "warning",
-            session=session,
-            buffered=MAX_BUFFERED_REPLIES,
-        )
+        queue.append(reply)
+        self.backlog_bytes[peer] = queued + len(reply)
 
-    def _reading_again(self, peer: bytes) -> None:
-        dropped = self.not_reading.pop(peer, 0)
-        session = self.service.peers.get(peer, 0) if self.service is not None else 0
-        self.log(f"client session {session} reads its replies again; {dropped} were dropped",
-                 "replies_read_again", session=session, dropped=dropped)  # fmt: skip
+    def _send_backlog(self) -> bool:
+        """Send what waits for each client while its pipe takes it; whether
+        anything was sent. A client gone meanwhile takes its queue with it."""
+        assert self.router is not None
+        send_multipart, NOBLOCK = self.router.send_multipart, zmq.NOBLOCK
+        moved = False
+        for peer, queue in list(self.backlog.items()):
+            try:
+                while queue:
+                    send_multipart((peer, queue[0]), NOBLOCK)
+                    self.backlog_bytes[peer] -= len(queue.popleft())
+                    moved = True
+            except zmq.Again:
+                continue  # still full
+            except zmq.ZMQError:  # gone
+                self.replies_undeliverable += len(queue)
+                del self.backlog[peer], self.backlog_bytes[peer]
+                self.not_reading.pop(peer, None)
+                continue
+            del self.backlog[peer], self.backlog_bytes[peer]
+            dropped = self.not_reading.pop(peer, None)
+            if dropped is not None:
+                session = self.service.peers.get(peer, 0) if self.service is not None else 0
+                self.log(
+                    f"client session {session} reads its replies again; {dropped} were dropped",
+                    "replies_read_again",
+                    session=session,
+                    dropped=dropped,
+                )
+        return moved
 
     def _sync_watches(self) -> None:
         """Close the pidfds of sessions the service ended (bye)."""

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -671,7 +672,7 @@ def rss_bytes(pid: int) -> int:
 def test_a_client_that_never_reads_cannot_bloat_the_daemon(
     make_daemon: Callable[..., Daemon],
 ) -> None:
-    daemon = make_daemon(size="128M")
+    daemon = make_daemon(size="128M", extra=["--metrics-port", "0"])
     assert daemon.proc is not None
     pid = daemon.proc.pid
     owner = daemon.client(cache=False)
@@ -705,7 +706,16 @@ def test_a_client_that_never_reads_cannot_bloat_the_daemon(
         grown = rss_after - rss_before
         assert grown < 200 << 20, f"the daemon grew by {grown >> 20} MiB"
         replies = stats["replies"]
-        assert replies["dropped_unread"] >= requests - 2 * stats["limits"]["buffered_replies"]
+        limits = stats["limits"]
+        held_at_most = limits["buffered_replies"] + limits["queued_reply_bytes"] // reply_bytes + 1
+        assert replies["dropped_unread"] >= requests - held_at_most
+        assert replies["clients_not_reading"] == 1
+        assert replies["queued_bytes"] <= limits["queued_reply_bytes"]
+        url = f"http://127.0.0.1:{stats['metrics']['port']}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            scraped = response.read().decode()
+        counted = f"shmarena_replies_dropped_unread_total {float(replies['dropped_unread'])}"
+        assert counted in scraped.splitlines()
     finally:
         hog.close(linger=0)
         context.term()
