@@ -716,12 +716,23 @@ def test_a_client_that_never_reads_cannot_bloat_the_daemon(
             scraped = response.read().decode()
         counted = f"shmarena_replies_dropped_unread_total {float(replies['dropped_unread'])}"
         assert counted in scraped.splitlines()
+
+        # Once it reads, what the daemon kept for it goes out and it is a
+        # client like any other again.
+        def caught_up() -> bool:
+            while hog.poll(0):
+                hog.recv()
+            now = owner.stats()["replies"]
+            return now["queued_bytes"] == 0 and now["clients_not_reading"] == 0
+
+        wait_for(caught_up, timeout_s=60, what="the kept replies to be read")
     finally:
         hog.close(linger=0)
         context.term()
     owner.free(held)
     out = daemon.stop()
     assert "does not read its replies" in out, out[-2000:]
+    assert "reads its replies again" in out, out[-2000:]
     print(
         f"\nFIGURE: {requests} BLOCKS requests of {reply_bytes} reply bytes never read: daemon "
         f"RSS {rss_before >> 20} -> {rss_after >> 20} MiB, {replies['dropped_unread']} "
