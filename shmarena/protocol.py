@@ -180,6 +180,15 @@ MAX_KEPT_PER_SESSION = 1024  # waiting requests (all ops together) one session m
 MAX_BLOCKS_REPLY = 200_000  # blocks one BLOCKS reply lists (about 4 MB of msgpack)
 EVENTS_KEPT = 1 << 16  # name events the daemon remembers for subscribers
 MAX_EVENTS_PER_REPLY = 1024
+# Replies to one client that has not read them yet: this many in its ZeroMQ
+# pipe (the socket's send high-water mark), then up to MAX_QUEUED_REPLY_BYTES
+# more in the daemon's own queue for it (a burst: one message may carry
+# MAX_FRAMES requests). Past both the client is not reading: further replies
+# to it are dropped (counted, logged) until it reads again. So what one client
+# can make the daemon hold is about MAX_BUFFERED_REPLIES of its largest
+# replies plus MAX_QUEUED_REPLY_BYTES.
+MAX_BUFFERED_REPLIES = 16
+MAX_QUEUED_REPLY_BYTES = 4 << 20
 
 # What one client may make the daemon hold (README "Reliability"). Each bound
 # is reported in `stats["limits"]` under the key in its comment, and a request

@@ -9,6 +9,13 @@ a scrape writes a byte to a pipe the loop polls and waits; the loop takes
 over. So every number of one scrape is of the same moment (the histogram's
 count equals the ops counted), and a scrape costs the loop one `stats`.
 
+The endpoint is plain HTTP without authentication: on the default loopback
+address any local user can read it (bind it elsewhere, or put it behind a
+proxy or firewall rule, when the figures are private). No scraper can tie it
+up: at most METRICS_MAX_CONNECTIONS at once (those descriptors are part of the
+daemon's reserve), METRICS_IO_TIMEOUT_S per read or write, and
+METRICS_CONNECTION_MAX_S for a whole connection.
+
 prometheus_client is optional (`pip install 'shmarena[metrics]'`): it is
 imported only when the endpoint starts.
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 from bisect import bisect_left
@@ -35,6 +43,13 @@ LATENCY_BUCKETS_S = (
 )  # fmt: skip
 # A scrape waits this long for the loop; then it reports shmarena_up 0.
 SNAPSHOT_TIMEOUT_S = 5.0
+# Scrapers served at once; a connection over this is answered 503 and closed.
+# The daemon keeps this many descriptors in its reserve (see server.py).
+METRICS_MAX_CONNECTIONS = 8
+# A scraper's socket may block (reading the request, writing the answer) this
+# long at a time; no connection lives longer than METRICS_CONNECTION_MAX_S.
+METRICS_IO_TIMEOUT_S = 5.0
+METRICS_CONNECTION_MAX_S = 3 * SNAPSHOT_TIMEOUT_S
 INSTALL_HINT = "pip install 'shmarena[metrics]'"
 
 
@@ -80,6 +95,8 @@ class Latency:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = METRICS_IO_TIMEOUT_S  # per read or write of the socket
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per scrape would drown the daemon's log
 
@@ -229,9 +246,71 @@ class Exporter:
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    """One thread per scrape, none outliving the process."""
+    """One thread per scrape, none outliving the process, at most
+    METRICS_MAX_CONNECTIONS at once (more are answered 503 and closed), and
+    none kept longer than METRICS_CONNECTION_MAX_S (a scraper that sends its
+    request or reads the answer a byte at a time is cut off)."""
 
     daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._open: dict[socket.socket, float] = {}  # connection -> when accepted
+        self._open_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            full = len(self._open) >= METRICS_MAX_CONNECTIONS
+            if not full:
+                self._open[request] = time.monotonic()
+        if full:
+            try:
+                request.setblocking(False)
+                request.send(OVER_CAP_REPLY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread for it: it is not open either
+            with self._open_lock:
+                self._open.pop(request, None)
+            self.shutdown_request(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._open_lock:
+                self._open.pop(request, None)
+
+    def service_actions(self) -> None:
+        """Between polls of the listening socket: cut off overdue connections
+        (their thread then sees the socket closed and ends)."""
+        now = time.monotonic()
+        with self._open_lock:
+            overdue = [c for c, t in self._open.items() if now - t > METRICS_CONNECTION_MAX_S]
+        for connection in overdue:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed already
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # timed out, cut off or went away: the scraper's business
+        super().handle_error(request, client_address)
+
+
+OVER_CAP_REPLY = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+    + (
+        f"shmarena metrics: {METRICS_MAX_CONNECTIONS} connections are open at once already, "
+        "the most this endpoint serves; close idle ones or scrape less often\n"
+    ).encode()
+)
 
 
 # (metric, stats key, help) of the gauges read straight from `stats`
@@ -309,6 +388,18 @@ def families(
     counters = stats["counters"]
     for metric, key, text in COUNTERS:
         yield CounterMetricFamily(metric, text, value=counters[key])
+    replies = stats.get("replies")  # the server's figures (absent from a bare Service)
+    if replies is not None:
+        yield CounterMetricFamily(
+            "shmarena_replies_dropped_unread",
+            "Replies dropped because their client left as many unread as the daemon holds",
+            value=replies["dropped_unread"],
+        )
+        yield CounterMetricFamily(
+            "shmarena_replies_undeliverable",
+            "Replies dropped because their client was gone",
+            value=replies["undeliverable"],
+        )
     requests = CounterMetricFamily(
         "shmarena_requests", "Requests the daemon parsed, by op", labels=["op"]
     )

@@ -20,6 +20,7 @@ import secrets
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,12 +39,19 @@ from shmarena.config import (
 )
 from shmarena.daemon.logs import EventLog, LogEvent
 from shmarena.daemon.logwriter import QueuedWriter
-from shmarena.daemon.metrics import Exporter
+from shmarena.daemon.metrics import METRICS_MAX_CONNECTIONS, Exporter
 from shmarena.daemon.service import ArenaInfo, Service
 from shmarena.daemon.store import DEFAULT_COMPACT_BYTES, Store, new_epoch
 from shmarena.daemon.table import State
 from shmarena.errors import DaemonStartError, ShmArenaError
-from shmarena.protocol import LATE_ERR, MAX_FRAME_BYTES, MAX_FRAMES, PROTOCOL_VERSION
+from shmarena.protocol import (
+    LATE_ERR,
+    MAX_BUFFERED_REPLIES,
+    MAX_FRAME_BYTES,
+    MAX_FRAMES,
+    MAX_QUEUED_REPLY_BYTES,
+    PROTOCOL_VERSION,
+)
 from shmarena.rundir import (
     clear_socket_path,
     open_in_run_dir,
@@ -197,18 +205,42 @@ class Server:
         self._wake_r = self._wake_w = -1
         self.gid = resolve_group(options.group) if options.group is not None else None
         self._debug = random.Random(options.debug_seed)
-        # libzmq aborts the process when accept() fails with EMFILE, so the
-        # daemon stops listening while fewer than `fd_reserve` descriptors are
-        # left (existing clients go on), and listens again once twice that many
-        # are free. New clients meanwhile read why in `refusing_path`.
+        # libzmq 4.3 aborts the process when accept() on an ipc listener fails
+        # with EMFILE (ipc_listener.cpp's errno_assert). So while fewer than
+        # `fd_reserve` descriptors are left the daemon takes no new
+        # connections: it renames its socket file to `paused_path`, so that
+        # no client can reach the listener by path, while the listener and
+        # every connection it accepted live on (an unbind would close those
+        # too). The file gets its name back once `fd_resume` are free: the
+        # reserve, room for a full backlog, and a margin so that it does not
+        # flap (not twice the reserve: under a low limit, the daemon's own
+        # descriptors may never leave that many free).
+        # Only the listen backlog (kept well under the reserve) can still be
+        # accepted after the rename. New clients meanwhile read why in
+        # `refusing_path`. The metrics endpoint's connections come out of
+        # the same descriptors: the reserve holds its cap too.
         self.fd_limit = raise_fd_limit()
         self.fd_reserve = max(8, self.fd_limit // 4)
+        if options.metrics_port is not None:
+            self.fd_reserve += METRICS_MAX_CONNECTIONS
+        self.accept_backlog = max(1, min(128, self.fd_reserve // 4))
+        self.fd_resume = self.fd_reserve + max(self.accept_backlog + 1, self.fd_reserve // 2)
         self.listening = False
         self.refusing_path = self.socket_path + ".refusing"
+        self.paused_path = self.socket_path + ".paused"
         self.monitor: zmq.Socket[Any] | None = None
         self._held: list[tuple[float, int, bytes, bytes]] = []  # delayed replies (debug)
         self._served = False  # the table was written at start: a clean stop may write it
         self.metrics: Exporter | None = None
+        # Replies whose client's pipe was full (MAX_BUFFERED_REPLIES), in
+        # order, per routing id, with their bytes (MAX_QUEUED_REPLY_BYTES).
+        self.backlog: dict[bytes, deque[bytes]] = {}
+        self.backlog_bytes: dict[bytes, int] = {}
+        # Clients whose replies are being dropped because they do not read
+        # them: routing id -> replies dropped since it stopped reading.
+        self.not_reading: dict[bytes, int] = {}
+        self.replies_dropped_unread = 0  # their pipe and queue were full
+        self.replies_undeliverable = 0  # their client was gone
 
     def _dropped_note(self, count: int) -> str:
         return self.log.render(
@@ -244,6 +276,7 @@ class Server:
         if clear_socket_path(self.socket_path):
             self.log(f"removed stale socket {self.socket_path}", "stale_socket_removed",
                      path=self.socket_path)  # fmt: skip
+        clear_socket_path(self.paused_path)  # a dead daemon's, renamed while it was paused
         started_at = time.time()
         state = None
         if opts.backing is not None:
@@ -317,8 +350,14 @@ class Server:
         router = self.context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        router.setsockopt(zmq.SNDHWM, 100_000)
+        # A client that does not read its replies fills its pipe: the send
+        # then fails at once (ROUTER_MANDATORY, NOBLOCK) instead of queueing
+        # without end, and the reply waits in `backlog` or is dropped (see
+        # `_send_reply`).
+        router.setsockopt(zmq.SNDHWM, MAX_BUFFERED_REPLIES)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.RCVHWM, 100_000)
+        router.setsockopt(zmq.BACKLOG, self.accept_backlog)
         self.router = router
         self._listen()
         self.poller.register(router, zmq.POLLIN)
@@ -472,6 +511,20 @@ class Server:
         """What only the server knows: the pages as the kernel reports them,
         NUMA placement, and the persistent table's figures."""
         extra: dict[str, Any] = self.store.stats() if self.store is not None else {}
+        extra["replies"] = {
+            "queued_bytes": sum(self.backlog_bytes.values()),
+            "clients_behind": len(self.backlog),
+            "clients_not_reading": len(self.not_reading),
+            "dropped_unread": self.replies_dropped_unread,
+            "undeliverable": self.replies_undeliverable,
+        }
+        # The server's own bounds, beside the service's (README "Reliability")
+        limits = self.service.limits() if self.service is not None else {}
+        limits["buffered_replies"] = MAX_BUFFERED_REPLIES
+        limits["queued_reply_bytes"] = MAX_QUEUED_REPLY_BYTES
+        if self.metrics is not None:
+            limits["metrics_connections"] = METRICS_MAX_CONNECTIONS
+        extra["limits"] = limits
         if self.metrics is not None:
             extra["metrics"] = self.metrics.where
         pages: list[dict[str, Any]] = []
@@ -551,7 +604,7 @@ class Server:
         remove(self.refusing_path)
 
     def _check_fds(self) -> None:
-        """Stop or resume listening by the descriptors left (see __init__)."""
+        """Stop or resume accepting by the descriptors left (see __init__)."""
         assert self.router is not None
         free = self.fd_limit - open_fds()
         if self.listening and free < self.fd_reserve:
@@ -562,13 +615,26 @@ class Server:
                 "(`ulimit -n` / LimitNOFILE=) to serve more clients at once"
             )
             write_note(self.refusing_path, reason + "\n")
-            self.router.unbind(f"ipc://{self.socket_path}")
-            remove(self.socket_path)  # so clients read why instead of timing out
+            # Out of reach by path, so clients read why instead of timing out;
+            # the connections made through it stay.
+            try:
+                os.rename(self.socket_path, self.paused_path)
+            except FileNotFoundError:
+                pass  # removed by someone: no client can reach it anyway
             self.listening = False
             self.log(reason, "accept_paused", "warning", fds_used=self.fd_limit - free,
                      fd_limit=self.fd_limit)  # fmt: skip
-        elif not self.listening and free >= 2 * self.fd_reserve:
-            self._listen()
+        elif not self.listening and free >= self.fd_resume:
+            try:
+                os.rename(self.paused_path, self.socket_path)
+                self.listening = True
+                remove(self.refusing_path)
+            except FileNotFoundError:  # someone removed it: listen on a new file
+                try:
+                    self.router.unbind(f"ipc://{self.socket_path}")
+                except zmq.ZMQError:
+                    pass
+                self._listen()
             self.log(f"accepting new clients again ({free} file descriptors free)",
                      "accept_resumed", fds_free=free)  # fmt: skip
 
@@ -606,10 +672,12 @@ class Server:
         assert self.router is not None and self.service is not None
         self._install_signals()
         router, service = self.router, self.service
-        recv, send = router.recv, router.send
+        recv = router.recv
         # With --metrics-port each request is timed; without, nothing is added.
         handle = service.handle if self.metrics is None else self.metrics.timed(service)
-        NOBLOCK, SNDMORE, RCVMORE = zmq.NOBLOCK, zmq.SNDMORE, zmq.RCVMORE
+        NOBLOCK, RCVMORE = zmq.NOBLOCK, zmq.RCVMORE
+        send_multipart = router.send_multipart
+        backlog = self.backlog
         getsockopt = router.getsockopt
         tick_ms = int(max(0.1, min(1.0, self.options.lease_s / 4)) * 1000)
         next_expire = time.monotonic()
@@ -625,12 +693,15 @@ class Server:
             if debugging:
                 self._debug_send(peer, reply)
                 return
+            if backlog and peer in backlog:  # after the replies waiting for it
+                self._queue_reply(peer, reply)
+                return
             try:
-                send(peer, SNDMORE)
-                send(reply)
-            except zmq.ZMQError as error:  # never fatal: the peer may be gone
-                self.log(f"reply to a client dropped: {error}", "reply_dropped", "warning",
-                         error=str(error))  # fmt: skip
+                send_multipart((peer, reply), NOBLOCK)
+            except zmq.Again:  # its pipe is full
+                self._queue_reply(peer, reply)
+            except zmq.ZMQError:  # never fatal: the peer is gone
+                self.replies_undeliverable += 1
 
         if debugging:
             self.log(
@@ -678,6 +749,8 @@ class Server:
                     wait_ms = min(
                         wait_ms, max(0, int((self._held[0][0] - time.monotonic()) * 1000))
                     )
+            if backlog:  # soon again while it moves, else now and then
+                wait_ms = min(wait_ms, 1 if self._send_backlog() else 20)
             wake_at = service.next_wake()
             if wake_at is not None:
                 wait_ms = min(wait_ms, max(0, int((wake_at - time.time()) * 1000) + 1))
@@ -745,6 +818,8 @@ class Server:
                     deliver(peer, reply)
             if time.monotonic() >= next_expire:
                 next_expire = time.monotonic() + tick_ms / 1000
+                if not self.listening:  # descriptors may be free without any event
+                    self._check_fds()
                 for session_id in service.expire(time.time()):  # the service logs them
                     self._unwatch(session_id)
                 self._commit()
@@ -778,21 +853,17 @@ class Server:
         assert self.router is not None and self.service is not None
         router, service = self.router, self.service
         now = time.time()
-        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        try:
-            for session_id in list(service.recovering):
-                peer = service.session_peer.get(session_id)
-                if not peer:
-                    continue
-                try:
-                    router.send_multipart([peer, service.resend_note(session_id)], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    continue  # not connected (yet)
-                service.connected(peer, now)
-                self.log(f"recovered session {session_id} resumed: its client is back",
-                         "client_resumed", session=session_id, how="reconnect")  # fmt: skip
-        finally:
-            router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        for session_id in list(service.recovering):
+            peer = service.session_peer.get(session_id)
+            if not peer:
+                continue
+            try:
+                router.send_multipart([peer, service.resend_note(session_id)], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                continue  # not connected (yet)
+            service.connected(peer, now)
+            self.log(f"recovered session {session_id} resumed: its client is back",
+                     "client_resumed", session=session_id, how="reconnect")  # fmt: skip
 
     def _debug_send(self, peer: bytes, reply: bytes) -> None:
         """Send a reply the way --debug-drop-replies/--debug-delay-ms say:
@@ -811,9 +882,68 @@ class Server:
         while self._held and self._held[0][0] <= now:
             _, _, peer, reply = heapq.heappop(self._held)
             try:
-                self.router.send_multipart([peer, reply])
-            except zmq.ZMQError:
-                pass
+                self.router.send_multipart([peer, reply], zmq.NOBLOCK)
+            except zmq.ZMQError:  # debug only: a full pipe or a gone client drops it
+                self.replies_undeliverable += 1
+
+    def _queue_reply(self, peer: bytes, reply: bytes) -> None:
+        """Keep a reply whose client's pipe is full, in order behind the others;
+        drop it (counted, and logged once) when the queue holds its bytes' worth."""
+        queue = self.backlog.get(peer)
+        if queue is None:
+            queue = self.backlog[peer] = deque()
+            self.backlog_bytes[peer] = 0
+        queued = self.backlog_bytes[peer]
+        if queue and queued + len(reply) > MAX_QUEUED_REPLY_BYTES:
+            self.replies_dropped_unread += 1
+            dropped = self.not_reading.get(peer)
+            self.not_reading[peer] = (dropped or 0) + 1
+            if dropped is None:
+                session = self.service.peers.get(peer, 0) if self.service is not None else 0
+                self.log(
+                    f"client session {session} does not read its replies: "
+                    f"{MAX_BUFFERED_REPLIES} and {queued} bytes more wait for it; further "
+                    "replies to it are dropped until it reads",
+                    "replies_dropped",
+                    "warning",
+                    session=session,
+                    buffered=MAX_BUFFERED_REPLIES,
+                    queued_bytes=queued,
+                )
+            return
+        queue.append(reply)
+        self.backlog_bytes[peer] = queued + len(reply)
+
+    def _send_backlog(self) -> bool:
+        """Send what waits for each client while its pipe takes it; whether
+        anything was sent. A client gone meanwhile takes its queue with it."""
+        assert self.router is not None
+        send_multipart, NOBLOCK = self.router.send_multipart, zmq.NOBLOCK
+        moved = False
+        for peer, queue in list(self.backlog.items()):
+            try:
+                while queue:
+                    send_multipart((peer, queue[0]), NOBLOCK)
+                    self.backlog_bytes[peer] -= len(queue.popleft())
+                    moved = True
+            except zmq.Again:
+                continue  # still full
+            except zmq.ZMQError:  # gone
+                self.replies_undeliverable += len(queue)
+                del self.backlog[peer], self.backlog_bytes[peer]
+                self.not_reading.pop(peer, None)
+                continue
+            del self.backlog[peer], self.backlog_bytes[peer]
+            dropped = self.not_reading.pop(peer, None)
+            if dropped is not None:
+                session = self.service.peers.get(peer, 0) if self.service is not None else 0
+                self.log(
+                    f"client session {session} reads its replies again; {dropped} were dropped",
+                    "replies_read_again",
+                    session=session,
+                    dropped=dropped,
+                )
+        return moved
 
     def _sync_watches(self) -> None:
         """Close the pidfds of sessions the service ended (bye)."""
@@ -852,6 +982,7 @@ class Server:
             self.monitor = None
         if self.lock_fd is not None:  # the name is ours (not a running daemon's)
             remove(self.refusing_path)
+            remove(self.paused_path)
         if self.router is not None:
             self.router.close(linger=0)
             self.router = None

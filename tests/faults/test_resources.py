@@ -13,17 +13,24 @@ import os
 import random
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgpack
 import posix_ipc
 import pytest
+import zmq
 
 import shmarena
+from shmarena.daemon.metrics import METRICS_MAX_CONNECTIONS
+from shmarena.daemon.server import process_start_ticks as start_ticks
+from shmarena.protocol import FREE_ID_BIT, PROTOCOL_VERSION, Op
 from tests.conftest import (
     REPO,
     Daemon,
@@ -283,8 +290,9 @@ class LimitedDaemon(Daemon):
 
 
 @pytest.fixture
-def limited_daemon(run_dir: str) -> Iterator[LimitedDaemon]:
-    daemon = LimitedDaemon(unique_name(), run_dir, "64M")
+def limited_daemon(run_dir: str, request: pytest.FixtureRequest) -> Iterator[LimitedDaemon]:
+    """The daemon's extra arguments may come as the fixture's param (indirect)."""
+    daemon = LimitedDaemon(unique_name(), run_dir, "64M", list(getattr(request, "param", [])))
     try:
         yield daemon.start()
     finally:
@@ -372,6 +380,93 @@ def test_more_clients_than_descriptors_do_not_kill_the_daemon(
             what="all sessions to be reclaimed",
         )
         assert c.stats()["used_bytes"] == 0 and c.check() == []
+
+
+@pytest.mark.parametrize(
+    "limited_daemon", [[], ["--metrics-port", "0"]], ids=["plain", "metrics"], indirect=True
+)
+def test_paused_daemon_keeps_its_clients_and_resumes_when_descriptors_free(
+    limited_daemon: LimitedDaemon,
+) -> None:
+    """Short of descriptors the daemon stops taking new connections but keeps
+    serving the ones it has, tells newcomers why, and takes them again as soon
+    as descriptors are free. With --metrics-port, scrapers holding every
+    connection the endpoint allows (and more) cannot take the descriptors it
+    keeps for that."""
+    daemon = limited_daemon
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    first = daemon.client(timeout_s=5.0)
+    metrics_port = first.stats().get("metrics", {}).get("port")
+    kept = first.alloc(4096)
+    kept.view[:4] = b"kept"
+    first.sync()
+
+    def paused() -> bool:
+        return not os.path.exists(daemon.socket_path)
+
+    def greeted(conn: socket.socket) -> bool:
+        """libzmq greets a connection as soon as it accepted it."""
+        try:
+            return len(conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)) == 1
+        except BlockingIOError:
+            return False
+
+    raw: list[socket.socket] = []
+    try:
+        # Raw connections, one at a time: each is accepted (a descriptor of
+        # the daemon's) before the next, until the daemon stops accepting.
+        while not paused():
+            assert len(raw) < daemon.nofile, "the daemon never stopped accepting"
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                conn.connect(daemon.socket_path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                conn.close()
+                break
+            raw.append(conn)
+            wait_for(lambda c=conn: paused() or greeted(c), what=f"connection {len(raw)} greeted")
+        wait_for(lambda: os.path.exists(daemon.socket_path + ".refusing"), what="the reason")
+        connections = len(raw)
+        if metrics_port is not None:
+            for _ in range(METRICS_MAX_CONNECTIONS + 4):
+                scraper = socket.create_connection(("127.0.0.1", metrics_port))
+                scraper.sendall(b"GET /metr")  # held open, the request unfinished
+                raw.append(scraper)
+        # The client it had is served on while it refuses new ones.
+        assert first.ping() > 0
+        buf = first.alloc(65536)
+        buf.view[:] = b"p" * 65536
+        assert bytes(buf.view) == b"p" * 65536
+        buf.free()
+        first.sync()
+        assert bytes(kept.view[:4]) == b"kept"
+        assert first.check() == []
+        with pytest.raises(shmarena.DaemonUnavailable, match="file descriptors"):
+            shmarena.connect(daemon.name, runtime_dir=daemon.run_dir, timeout_s=1.0)
+        fds_paused = fd_count(pid)
+    finally:
+        for conn in raw:
+            conn.close()
+    closed_at = time.monotonic()
+
+    def connects() -> shmarena.Client | None:
+        try:
+            return shmarena.connect(daemon.name, runtime_dir=daemon.run_dir, timeout_s=1.0)
+        except shmarena.DaemonUnavailable:
+            return None
+
+    with wait_for(connects, timeout_s=30, what="the daemon to accept clients again") as c:
+        resumed_s = time.monotonic() - closed_at
+        assert c.ping() > 0
+    assert first.stats()["sessions"] >= 1 and bytes(kept.view[:4]) == b"kept"
+    kept.free()
+    print(
+        f"\nFIGURE: nofile {daemon.nofile}{' with --metrics-port' if metrics_port else ''}: "
+        f"paused after {connections} raw connections ({fds_paused} daemon fds); the first "
+        "client was served throughout; a new "
+        f"client connected {resumed_s:.2f} s after they closed"
+    )
 
 
 # -- 4. sixteen threads share one client ------------------------------------------------
@@ -561,3 +656,85 @@ def test_multiprocessing_children_get_their_own_sessions(
     assert client.check() == []
     err = capfd.readouterr().err
     assert "Assertion failed" not in err and "Traceback" not in err, err
+
+
+# -- 6. a client that never reads its replies -------------------------------------------
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
+
+
+def test_a_client_that_never_reads_cannot_bloat_the_daemon(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = make_daemon(size="128M", extra=["--metrics-port", "0"])
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    owner = daemon.client(cache=False)
+    held = []
+    for _ in range(20):
+        held += owner.alloc_many([4096] * 1000)  # so each BLOCKS reply is ~180 KB
+    reply_bytes = len(msgpack.packb(owner.blocks()))
+    rss_before = rss_bytes(pid)
+    requests = 1400  # ~250 MB of replies if the daemon kept them all
+
+    context: zmq.Context[Any] = zmq.Context()
+    hog = context.socket(zmq.DEALER)
+    hog.setsockopt(zmq.LINGER, 0)
+    hog.setsockopt(zmq.RCVHWM, 1)  # its own side takes in as little as it can
+    hog.setsockopt(zmq.RCVBUF, 4096)
+    try:
+        hog.connect(f"ipc://{daemon.socket_path}")
+        me = os.getpid()
+        hog.send(msgpack.packb([int(Op.HELLO), 1, PROTOCOL_VERSION, me, start_ticks(me), "", []]))
+        for n in range(requests):
+            hog.send(msgpack.packb([int(Op.BLOCKS), FREE_ID_BIT + n, 100_000]))
+
+        def blocks_served() -> int:
+            return int(owner.stats()["counters"]["ops"].get("blocks", 0))
+
+        # Others are served meanwhile; the hog's requests are all handled.
+        wait_for(lambda: blocks_served() > requests, timeout_s=300, what="the BLOCKS requests")
+        rss_after = rss_bytes(pid)
+        assert owner.ping() > 0 and owner.check() == []
+        stats = owner.stats()
+        grown = rss_after - rss_before
+        assert grown < 200 << 20, f"the daemon grew by {grown >> 20} MiB"
+        replies = stats["replies"]
+        limits = stats["limits"]
+        held_at_most = limits["buffered_replies"] + limits["queued_reply_bytes"] // reply_bytes + 1
+        assert replies["dropped_unread"] >= requests - held_at_most
+        assert replies["clients_not_reading"] == 1
+        assert replies["queued_bytes"] <= limits["queued_reply_bytes"]
+        url = f"http://127.0.0.1:{stats['metrics']['port']}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            scraped = response.read().decode()
+        counted = f"shmarena_replies_dropped_unread_total {float(replies['dropped_unread'])}"
+        assert counted in scraped.splitlines()
+
+        # Once it reads, what the daemon kept for it goes out and it is a
+        # client like any other again.
+        def caught_up() -> bool:
+            while hog.poll(0):
+                hog.recv()
+            now = owner.stats()["replies"]
+            return now["queued_bytes"] == 0 and now["clients_not_reading"] == 0
+
+        wait_for(caught_up, timeout_s=60, what="the kept replies to be read")
+    finally:
+        hog.close(linger=0)
+        context.term()
+    owner.free(held)
+    out = daemon.stop()
+    assert "does not read its replies" in out, out[-2000:]
+    assert "reads its replies again" in out, out[-2000:]
+    print(
+        f"\nFIGURE: {requests} BLOCKS requests of {reply_bytes} reply bytes never read: daemon "
+        f"RSS {rss_before >> 20} -> {rss_after >> 20} MiB, {replies['dropped_unread']} "
+        "replies dropped"
+    )

@@ -9,10 +9,12 @@ and the refusals when prometheus_client is missing or the port is taken."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -21,6 +23,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import shmarena
+from shmarena.daemon.metrics import (
+    METRICS_CONNECTION_MAX_S,
+    METRICS_IO_TIMEOUT_S,
+    METRICS_MAX_CONNECTIONS,
+)
 from tests.conftest import Daemon, subprocess_env, unique_name, wait_for
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -268,3 +275,111 @@ def test_bad_port_number_is_a_usage_error(run_dir: str) -> None:
     )
     assert result.returncode == 2
     assert "--metrics-port must be 0..65535" in result.stderr
+
+
+def daemon_threads(daemon: Daemon) -> int:
+    assert daemon.proc is not None
+    return len(os.listdir(f"/proc/{daemon.proc.pid}/task"))
+
+
+def test_an_idle_connection_is_closed_and_others_are_served(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = make_daemon("8M", extra=["--metrics-port", "0"])
+    client = daemon.client()
+    port = client.stats()["metrics"]["port"]
+    with socket.create_connection(("127.0.0.1", port)) as idle:
+        idle.settimeout(METRICS_IO_TIMEOUT_S + 20)  # the test fails, not hangs, if never closed
+        idle.sendall(b"GET /metr")  # and then nothing: no end of the request line
+        stalled = time.monotonic()
+        assert one(scrape(port), "shmarena_up") == 1  # other scrapers are answered
+        assert client.ping() > 0
+        started = time.monotonic()
+        try:
+            got = idle.recv(4096)
+        except TimeoutError:
+            waited = time.monotonic() - started
+            pytest.fail(f"an idle metrics connection was still open after {waited:.0f} s")
+        closed_s = time.monotonic() - stalled
+        assert got == b"" or got.startswith(b"HTTP/1")
+    assert one(scrape(port), "shmarena_up") == 1 and client.check() == []
+    print(f"\nFIGURE: an idle metrics connection was closed {closed_s:.1f} s after it stalled")
+
+
+def test_concurrent_metrics_connections_are_capped(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon("8M", extra=["--metrics-port", "0"])
+    client = daemon.client()
+    port = client.stats()["metrics"]["port"]
+    assert client.stats()["limits"]["metrics_connections"] == METRICS_MAX_CONNECTIONS
+    threads_before = daemon_threads(daemon)
+    idle = []
+    try:
+        for _ in range(METRICS_MAX_CONNECTIONS):
+            conn = socket.create_connection(("127.0.0.1", port))
+            conn.sendall(b"GET /metr")
+            idle.append(conn)
+        wait_for(
+            lambda: daemon_threads(daemon) >= threads_before + METRICS_MAX_CONNECTIONS,
+            what="a thread per held connection",
+        )
+        # One more: refused at once with a 503 that says why, no thread for it.
+        extra = []
+        for _ in range(4):
+            conn = socket.create_connection(("127.0.0.1", port))
+            conn.settimeout(20)
+            extra.append(conn)
+            reply = b""
+            try:
+                while chunk := conn.recv(4096):
+                    reply += chunk
+            except TimeoutError:
+                pytest.fail("a connection over the cap was neither answered nor closed")
+            assert reply.startswith(b"HTTP/1.0 503"), reply
+            assert b"at once" in reply
+        assert daemon_threads(daemon) <= threads_before + METRICS_MAX_CONNECTIONS
+        for conn in extra:
+            conn.close()
+        assert client.ping() > 0
+    finally:
+        for conn in idle:
+            conn.close()
+    # The held ones gone, scrapes are served again.
+    wait_for(lambda: scrape_or_none(port), what="a scrape to be answered again")
+
+
+def scrape_or_none(port: int) -> Samples | None:
+    try:
+        return scrape(port)
+    except (urllib.error.URLError, ConnectionError):
+        return None
+
+
+def test_a_trickling_scraper_is_cut_off(make_daemon: Callable[..., Daemon]) -> None:
+    """A byte a second never trips the per-read timeout; the whole-connection
+    deadline ends it anyway."""
+    daemon = make_daemon("8M", extra=["--metrics-port", "0"])
+    client = daemon.client()
+    port = client.stats()["metrics"]["port"]
+    with socket.create_connection(("127.0.0.1", port)) as slow:
+        slow.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+        opened = time.monotonic()
+        slow.settimeout(1.0)  # wait for the close a second at a time, sending a byte in between
+        while True:
+            if time.monotonic() - opened > METRICS_CONNECTION_MAX_S + 30:
+                pytest.fail("a trickling metrics connection was never cut off")
+            try:
+                if slow.recv(4096) == b"":
+                    break
+            except TimeoutError:
+                try:
+                    slow.sendall(b"a")
+                except OSError:
+                    break  # cut off while we sent
+            except ConnectionResetError:
+                break
+        lived_s = time.monotonic() - opened
+    assert lived_s >= METRICS_IO_TIMEOUT_S  # it was the deadline, not the read timeout
+    assert one(scrape(port), "shmarena_up") == 1 and client.ping() > 0
+    print(
+        f"\nFIGURE: a metrics connection sending a byte a second was cut off after {lived_s:.1f} s"
+    )
