@@ -9,9 +9,12 @@ what changed since. `append` adds one frame with one `write` and, unless
 durability is ``none``, an `fdatasync` before the caller sends any reply
 that depends on it.
 
-A crash can tear only the frame being appended: reading stops at the first
-frame whose length runs past the end or whose checksum is wrong, and reports
-the bytes after it as a torn tail (never acknowledged, so never needed).
+A crash can tear only the frame being appended, and only by cutting it short:
+a last frame whose header or payload runs past the end of the file is a torn
+tail (never acknowledged, so never needed), dropped at start and reported. A
+frame that is all there but fails its checksum or does not decode is damage
+(disk, or an edit), wherever it is: the table is refused, since the changes
+in it may have been acknowledged.
 Compaction writes a fresh journal (header + snapshot) under a temporary
 name, syncs it, and renames it over the old one: either file alone is a
 complete table, so a crash at any moment leaves one of them in place.
@@ -95,8 +98,13 @@ class Scan:
     problem: str  # why reading stopped early, or ""
 
 
+class _Damaged(Exception):
+    """A complete frame that is wrong: not something a crash leaves."""
+
+
 def _frames(data: bytes) -> Iterator[tuple[int, Any | None, str]]:
-    """(end offset, record, problem) per frame; record None ends the scan."""
+    """(end offset, record, problem) per frame; record None ends the scan.
+    _Damaged for a complete frame that fails its checksum or decoding."""
     position = 0
     while position < len(data):
         if len(data) - position < _FRAME.size:
@@ -112,13 +120,17 @@ def _frames(data: bytes) -> Iterator[tuple[int, Any | None, str]]:
             return
         payload = data[start : start + length]
         if zlib.crc32(payload) != crc:
-            yield position, None, f"a frame at byte {position} with a wrong checksum"
-            return
+            raise _Damaged(
+                f"the frame at byte {position} is complete ({_FRAME.size + length} bytes) but "
+                "its checksum is wrong"
+            )
         try:
             record = msgpack.unpackb(payload, raw=False, strict_map_key=False)
         except Exception as exc:
-            yield position, None, f"a frame at byte {position} that does not decode: {exc}"
-            return
+            raise _Damaged(
+                f"the frame at byte {position} is complete and its checksum is right, but it "
+                f"does not decode ({exc})"
+            ) from None
         position = start + length
         yield position, record, ""
 
@@ -152,7 +164,17 @@ def scan(path: str) -> Scan:
     records: list[Any] = []
     good, problem = 0, ""
     identity = b""
-    for end, record, why in _frames(data):
+    try:
+        found = list(_frames(data))
+    except _Damaged as exc:
+        raise DaemonStartError(
+            f"allocation table {path} is damaged: {exc}; a crash leaves at most an "
+            "incomplete last frame, so this is damage (disk, or an edit), not a torn write, "
+            "and the changes in that frame may have been acknowledged. Both files were left "
+            "untouched; restore the arena file and its table together from one backup, or "
+            "remove both to start afresh"
+        ) from None
+    for end, record, why in found:
         if record is None:
             problem = why
             later = _intact_frame_after(data, end)

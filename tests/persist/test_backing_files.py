@@ -315,6 +315,18 @@ def middle_frame_damaged(path: str) -> None:
         f.write(bytes([byte ^ 0xFF]))
 
 
+def last_frame_damaged(path: str) -> None:
+    """One byte flipped in the last frame's payload: the frame is complete,
+    so this is not what a crash leaves (that is an incomplete last frame)."""
+    table = path + ".table"
+    start, length = table_frames(table)[-1]
+    with open(table, "r+b") as f:
+        f.seek(start + length - 3)
+        byte = f.read(1)[0]
+        f.seek(start + length - 3)
+        f.write(bytes([byte ^ 0xFF]))
+
+
 @dataclass(frozen=True)
 class BadCase:
     damage: str  # name of a function above, or "" for a sound file
@@ -338,7 +350,10 @@ CASES = {
     ),
     "table-snapshot-cut": BadCase("snapshot_cut", (), (".table", "no complete snapshot")),
     "table-middle-frame-damaged": BadCase(
-        "middle_frame_damaged", (), (".table", "damaged", "intact frame follows"), True, "crashed"
+        "middle_frame_damaged", (), (".table", "damaged", "checksum is wrong"), True, "crashed"
+    ),
+    "table-last-frame-damaged": BadCase(
+        "last_frame_damaged", (), (".table", "checksum is wrong", "not a torn"), True, "crashed"
     ),
 }
 
