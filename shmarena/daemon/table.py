@@ -120,6 +120,7 @@ class State:
     mode: str = ""  # durability of the run that wrote the last records
     records: int = 0
     snapshots: int = 0
+    commit: int = 0  # "n" of the last record (0: format 1, which had none)
 
     def apply(self, record: dict[str, Any]) -> None:
         """Fold one record in. ValueError for one that is not a table record."""
@@ -127,6 +128,7 @@ class State:
             raise ValueError(f"not a table record: {type(record).__name__}")
         kind = record.get("k")
         self.records += 1
+        self.commit = int(record.get("n", self.commit))
         if kind == SNAP:
             self.epoch = int(record["epoch"])
             self.blocks, self.owners, self.sessions, self.owner_ids = {}, {}, {}, {}

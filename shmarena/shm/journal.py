@@ -5,7 +5,11 @@ what the records say is `shmarena.daemon.table`'s business.
 A journal file is a sequence of frames, each ``"SHJR" | length u32 | crc32
 u32 | msgpack payload``. The first frame names the arena (format, identity);
 the second is a snapshot of the whole table; every later one a delta of
-what changed since. `append` adds one frame with one `write` and, unless
+what changed since. Every record after the first carries ``n``, its commit
+number: one more than the record before it, across rewrites too, so the
+arena file's commit stamp (backing.py) can tell a current table from an
+older copy. Format 1 had no ``n`` (and shorter session images); it is still
+read, and rewritten as format 2 at start. `append` adds one frame with one `write` and, unless
 durability is ``none``, an `fdatasync` before the caller sends any reply
 that depends on it.
 
@@ -39,7 +43,8 @@ from shmarena.errors import DaemonStartError
 
 FRAME_MAGIC = b"SHJR"
 _FRAME = struct.Struct("<4sII")
-TABLE_FORMAT = 1
+TABLE_FORMAT = 2
+READ_FORMATS = (1, 2)
 MAX_RECORD_BYTES = 1 << 30
 
 CRASH_POINTS = (
@@ -158,8 +163,9 @@ def scan(path: str) -> Scan:
     except FileNotFoundError:
         raise DaemonStartError(
             f"allocation table {path} is missing, so which blocks are allocated is unknown; "
-            "the arena file was left untouched. Restore the table, or remove both files to "
-            "start afresh"
+            "the arena file was left untouched. Put back the table this arena was last "
+            "written with (an older copy is refused), or restore the arena file and its "
+            "table together from one backup, or remove both to start afresh"
         ) from None
     records: list[Any] = []
     good, problem = 0, ""
@@ -183,18 +189,19 @@ def scan(path: str) -> Scan:
                     f"allocation table {path} is damaged: {why}, but an intact frame follows "
                     f"at byte {later}; a crash tears only the last frame, so this is damage "
                     "(disk, or an edit), not a torn write. Both files were left untouched; "
-                    "restore the table from a backup"
+                    "restore the arena file and its table together from one backup, or "
+                    "remove both to start afresh"
                 )
             break
         if not records:
             if (
                 not isinstance(record, dict)
                 or record.get("k") != "head"
-                or record.get("format") != TABLE_FORMAT
+                or record.get("format") not in READ_FORMATS
             ):
                 raise DaemonStartError(
-                    f"{path} is not a shmarena allocation table of format {TABLE_FORMAT}; "
-                    "it was left untouched"
+                    f"{path} is not a shmarena allocation table of format "
+                    f"{' or '.join(map(str, READ_FORMATS))}; it was left untouched"
                 )
             identity = bytes(record.get("identity", b""))
         records.append(record)
@@ -220,12 +227,13 @@ class Journal:
         self.appends = 0
         self.syncs = 0
         self.snapshot_bytes = 0
+        self.commit = 0  # the number of the last record written (its "n")
 
-    def rewrite(self, snapshot: Any) -> None:
+    def rewrite(self, snapshot: dict[str, Any]) -> None:
         """Start a fresh journal holding only `snapshot` (compaction)."""
         data = encode_frame(
             {"k": "head", "format": TABLE_FORMAT, "identity": self.identity}
-        ) + encode_frame(snapshot)
+        ) + encode_frame({**snapshot, "n": self.commit + 1})
         temp = self.path + ".new"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -250,9 +258,10 @@ class Journal:
         self.fd = fd
         os.lseek(fd, 0, os.SEEK_END)
         self.bytes = self.snapshot_bytes = len(data)
+        self.commit += 1
 
-    def append(self, record: Any) -> None:
-        frame = encode_frame(record)
+    def append(self, record: dict[str, Any]) -> None:
+        frame = encode_frame({**record, "n": self.commit + 1})
         self.crash.reach("commit.before_write")
         if self.crash.point == "commit.mid_write":
             half = len(frame) // 2
@@ -268,6 +277,7 @@ class Journal:
         self.crash.reach("commit.after_sync")
         self.bytes += len(frame)
         self.appends += 1
+        self.commit += 1
 
     def close(self) -> None:
         if self.fd >= 0:
