@@ -253,6 +253,13 @@ def flip_header(path: str) -> None:
         f.write(page)
 
 
+def damaged_stamp(path: str) -> None:
+    """Garbage where the commit stamp lives (outside the checksummed fields)."""
+    with open(path, "r+b") as f:
+        f.seek(STAMP_OFFSET)
+        f.write(b"\xa5" * 20)
+
+
 def truncate(path: str) -> None:
     os.truncate(path, os.path.getsize(path) - 4096)
 
@@ -339,6 +346,7 @@ class BadCase:
 
 CASES = {
     "torn-header": BadCase("flip_header", ("--size", "4M"), ("checksum", "torn or damaged")),
+    "damaged-stamp": BadCase("damaged_stamp", (), ("commit stamp at byte 2048", "damaged")),
     "truncated": BadCase("truncate", ("--size", "4M"), ("truncated", "header says")),
     "other-format": BadCase("other_format", ("--size", "4M"), ("format 2", "reads format 1")),
     "random": BadCase("random_file", ("--size", "4M"), ("does not start with 'SHMARENA'",)),
