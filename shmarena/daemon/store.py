@@ -140,7 +140,10 @@ class Store:
                 "its allocations were not kept; the arena starts empty with a new epoch "
                 "(handles from before are refused)"
             )
-            state = State(epoch=new_epoch(), generation=state.generation, valid=True)
+            # The commit numbers go on rising: the stamp never moves back.
+            state = State(
+                epoch=new_epoch(), generation=state.generation, valid=True, commit=state.commit
+            )
         found.seconds = time.monotonic() - started
         return state
 
