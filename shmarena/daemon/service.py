@@ -59,6 +59,7 @@ from shmarena.protocol import (
     PROTOCOL_VERSION,
     REPLY_CACHE_ENTRIES,
     SEQUENCED_OPS,
+    WAITING_OPS,
     Handle,
     Op,
     Request,
@@ -185,6 +186,15 @@ class _AllocWaiter:
 OP_NAMES = {op: op.name.lower() for op in Op}
 
 
+def _waits_until(request: Request, deadline: float, now: float) -> Request:
+    """`request` (a retry of one kept when the daemon stopped) with its wait
+    cut to what is left of it: its deadline stays the one it was given."""
+    args = list(request.args)
+    index = 3 if request.op is Op.ALLOC else len(args) - 1  # where wait_s is
+    args[index] = max(0.0, min(float(args[index]), deadline - now))
+    return request._replace(args=tuple(args))
+
+
 def _sites(blocks: Any) -> list[dict[str, Any]]:
     """An owner's labelled blocks by allocation site, most bytes first (at
     most 5): where a leak was allocated."""
@@ -269,6 +279,13 @@ class Service:
         # client's retry of one is dropped instead of run again.
         self.outbox: list[tuple[bytes, bytes]] = []
         self.waiting: set[tuple[int, int]] = set()
+        # The sequenced ones among them, per session, with their deadlines:
+        # a persistent table keeps these (see `link`), since a kept request
+        # has changed nothing yet and must be waited on again after a crash.
+        self.kept: dict[int, dict[int, float]] = {}
+        # Requests a table recovered as kept (see `adopt`), until the client
+        # sends them again: session -> request id -> deadline.
+        self.rerun: dict[int, dict[int, float]] = {}
         self.counters = _Counters()
         # The op of the request the last `handle` call parsed (None: it did
         # not parse, or was a repeat): the server times requests by it.
@@ -334,6 +351,7 @@ class Service:
         request: Request | None = None
         keep = one_way = False
         session_id = self.peers.get(peer)
+        rerun_deadline: float | None = None
         try:
             message = decode(payload)
             # Known before the checks, so even a malformed one-way request
@@ -361,20 +379,19 @@ class Service:
                         cached = self.replies[session_id].get(request_id)
                         if cached is not None:
                             return cached
-                        raise ProtocolError(
-                            f"request {request_id} was applied already and its reply is "
-                            "no longer kept; nothing was done",
-                            request_id=request_id,
-                        )
-                    if request_id != seen + 1:
+                        rerun_deadline = self._rerun(session_id, request_id, message[0])
+                    elif request_id != seen + 1:
                         raise Resend(
                             f"requests {seen + 1}..{request_id - 1} of this session never "
                             "reached the daemon (was it restarted?); send them again",
                             seen=seen,
                         )
-                    self.seen[session_id] = request_id
+                    else:
+                        self.seen[session_id] = request_id
                     self.ledger.changes.sessions.add(session_id)
             request = parse_request(message)
+            if rerun_deadline is not None:
+                request = _waits_until(request, rerun_deadline, now)
             request_id = request.request_id
             self.last_op = name = OP_NAMES[request.op]
             ops = self.counters.ops
@@ -418,6 +435,33 @@ class Service:
         by_code = self.counters.errors_by_code
         by_code[code] = by_code.get(code, 0) + 1
 
+    def _rerun(self, session_id: int, request_id: int, op: int) -> float:
+        """The deadline of a request that was kept when the daemon stopped
+        (it changed nothing then, so it runs again, waiting at most until
+        then); ProtocolError for any other repeat whose reply is gone."""
+        rerun = self.rerun.get(session_id, {})
+        deadline = rerun.pop(request_id, None) if op in WAITING_OPS else None
+        if deadline is None:
+            raise ProtocolError(
+                f"request {request_id} was applied already and its reply is "
+                "no longer kept; nothing was done",
+                request_id=request_id,
+            )
+        return deadline
+
+    def _wait_kept(self, session_id: int, op: Op, request_id: int, deadline: float) -> None:
+        self.waiting.add((session_id, request_id))
+        if op in SEQUENCED_OPS:
+            self.kept.setdefault(session_id, {})[request_id] = deadline
+
+    def _wait_over(self, session_id: int, request_id: int) -> None:
+        """A kept request is answered: its reply (cached by the caller) and
+        what met it go out in the same commit."""
+        self.waiting.discard((session_id, request_id))
+        kept = self.kept.get(session_id)
+        if kept is not None and kept.pop(request_id, None) is not None:
+            self.ledger.changes.sessions.add(session_id)
+
     def _keep(self, session_id: int, request_id: int, frame: bytes) -> None:
         cache = self.replies.get(session_id)
         if cache is not None:
@@ -440,7 +484,7 @@ class Service:
             else:
                 self._may_keep(session_id, request)
                 self.exchange.wait(waiter)
-                self.waiting.add((session_id, request.request_id))
+                self._wait_kept(session_id, request.op, request.request_id, waiter.deadline)
                 return None
         if isinstance(result, Exception):
             raise result
@@ -554,8 +598,7 @@ class Service:
         if reply[0] != OK:
             self._count_error(reply[2])
         self.counters.alloc_waited_s += now - waiter.since
-        key = (waiter.session_id, waiter.request_id)
-        self.waiting.discard(key)
+        self._wait_over(waiter.session_id, waiter.request_id)
         frame = self._encode(reply)
         self._keep(waiter.session_id, waiter.request_id, frame)
         peer = self.session_peer.get(waiter.session_id)
@@ -564,8 +607,7 @@ class Service:
 
     def _deliver_met(self) -> None:
         for waiter, result in self.exchange.take_met():
-            key = (waiter.session_id, waiter.request_id)
-            self.waiting.discard(key)
+            self._wait_over(waiter.session_id, waiter.request_id)
             peer = self.session_peer.get(waiter.session_id)
             if isinstance(result, ShmArenaError):
                 self._count_error(result.code)
@@ -767,11 +809,13 @@ class Service:
         """What a persistent table keeps of a session beyond the ledger."""
         replies = self.replies.get(session_id)
         last = next(reversed(replies.items())) if replies else None
+        kept = {**self.rerun.get(session_id, {}), **self.kept.get(session_id, {})}
         return Link(
             self.tokens.get(session_id, 0),
             self.session_peer.get(session_id, b""),
             self.seen.get(session_id, 0),
             last,
+            sorted(kept.items()),
         )
 
     def links(self) -> dict[int, Link]:
@@ -797,6 +841,8 @@ class Service:
             self.tokens[session_id] = link.token
             self.seen[session_id] = link.seen
             self.replies[session_id] = OrderedDict([link.reply] if link.reply else [])
+            if link.kept:  # waited on again when the client sends them again
+                self.rerun[session_id] = dict(link.kept)
             self.recovering[session_id] = now + self.info.grace_s
 
     def connected(self, peer: bytes, now: float) -> None:
@@ -871,6 +917,8 @@ class Service:
                 if alloc_waiter.session_id == session_id:
                     del self.alloc_waiters[seq]
                     self.waiting.discard((session_id, alloc_waiter.request_id))
+        self.kept.pop(session_id, None)
+        self.rerun.pop(session_id, None)
         peer = self.session_peer.pop(session_id, None)
         if peer is not None:
             self.peers.pop(peer, None)
@@ -987,7 +1035,7 @@ class Service:
             self.alloc_waiters[waiter.seq] = waiter
             self.alloc_kept[session_id] = self.alloc_kept.get(session_id, 0) + 1
             heapq.heappush(self.alloc_deadlines, (waiter.deadline, waiter.seq))
-            self.waiting.add(key)
+            self._wait_kept(session_id, Op.ALLOC, request.request_id, waiter.deadline)
             self.counters.alloc_waits += 1
             return None
         self.counters.allocs += 1

@@ -10,6 +10,11 @@ Durability (`--durability`):
 - ``none``: nothing is written while serving, only a snapshot at a clean
   stop. After a crash the table is unknown: the next start begins empty, with
   a new epoch, and says so.
+
+After each synced write (every commit in ``batch`` and ``sync``, every
+snapshot in all modes) the arena file's commit stamp is set to that record's
+number (backing.py): a start refuses a table that ends before the stamp, an
+older copy put back in place of the current one.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ from shmarena.shm.backing import (
 from shmarena.shm.journal import CrashPoints, Journal, Scan, scan
 
 DURABILITY = ("none", "batch", "sync")
+RESTORE = (
+    "restore the arena file and its table together from one backup, or remove both to start afresh"
+)
 DEFAULT_COMPACT_BYTES = 8 << 20  # journal size past which it is rewritten
 
 
@@ -104,6 +112,7 @@ class Store:
         except BaseException:
             discard(backing)
             raise
+        journal.commit = state.commit
         return store, state
 
     def _read(self) -> State:
@@ -112,7 +121,13 @@ class Store:
         if self.backing.created:
             found.created = True
             return State(epoch=new_epoch(), valid=True)
-        state, result = read_table(self.backing.path, self.backing.header.identity)
+        header = self.backing.header
+        state, result = read_table(self.backing.path, header.identity, header.commit)
+        if header.commit is None:
+            found.notes.append(
+                "the arena file has no commit stamp yet (made by an earlier release): a table "
+                "older than the arena cannot be told this time; it gets one now"
+            )
         found.torn_bytes = result.torn_bytes
         if result.torn_bytes:
             found.notes.append(
@@ -125,7 +140,10 @@ class Store:
                 "its allocations were not kept; the arena starts empty with a new epoch "
                 "(handles from before are refused)"
             )
-            state = State(epoch=new_epoch(), generation=state.generation, valid=True)
+            # The commit numbers go on rising: the stamp never moves back.
+            state = State(
+                epoch=new_epoch(), generation=state.generation, valid=True, commit=state.commit
+            )
         found.seconds = time.monotonic() - started
         return state
 
@@ -157,7 +175,7 @@ class Store:
         """Write the table as it stands now (dropping any torn tail) and, for
         a new file, move it to its name. Then the daemon may serve."""
         try:
-            self.journal.rewrite(self._snapshot(service, clean=False))
+            self._rewrite(service, clean=False)
             if self.backing.created:
                 publish(self.backing, os.path.abspath(final_path))
                 self.journal.path = table_path(self.backing.path)
@@ -167,8 +185,10 @@ class Store:
             discard(self.backing)
             raise
 
-    def _snapshot(self, service: Service, clean: bool) -> dict[str, Any]:
-        return snapshot(service.ledger, service.links(), {"clean": clean, "mode": self.mode})
+    def _rewrite(self, service: Service, clean: bool) -> None:
+        extra = {"clean": clean, "mode": self.mode}
+        self.journal.rewrite(snapshot(service.ledger, service.links(), extra))
+        self.backing.stamp(self.journal.commit)  # the new journal is synced
 
     def commit(self, service: Service) -> None:
         """Write what changed since the last commit (nothing in mode none).
@@ -177,10 +197,12 @@ class Store:
         if not changes or self.mode == "none" or self.failed:
             return
         try:
-            self.journal.append(delta(service.ledger, service.link, changes))
             journal = self.journal
+            journal.append(delta(service.ledger, service.link, changes))
+            if journal.sync:  # a stamp is never ahead of what is on disk
+                self.backing.stamp(journal.commit)
             if journal.bytes > self.compact_bytes and journal.bytes > 4 * journal.snapshot_bytes:
-                journal.rewrite(self._snapshot(service, clean=False))
+                self._rewrite(service, clean=False)
         except OSError as exc:
             self.failed = f"writing the allocation table {self.journal.path} failed: {exc.strerror}"
             raise
@@ -189,7 +211,7 @@ class Store:
         """A clean stop: the final snapshot (in every mode), then close."""
         try:
             if service is not None and not self.failed:
-                self.journal.rewrite(self._snapshot(service, clean=True))
+                self._rewrite(service, clean=True)
         finally:
             self.journal.close()
             self.backing.close()
@@ -205,6 +227,7 @@ class Store:
             "journal_bytes": journal.bytes,
             "journal_commits": journal.appends,
             "journal_syncs": journal.syncs,
+            "journal_commit": journal.commit,
             "recovered": {
                 "created": found.created,
                 "reset": found.reset,
@@ -236,10 +259,11 @@ class Store:
         return f"{what}; durability {self.mode}"
 
 
-def read_table(path: str, identity: bytes) -> tuple[State, Scan]:
+def read_table(path: str, identity: bytes, stamp: int | None) -> tuple[State, Scan]:
     """The table of the arena file `path` folded into a State, and what the
     scan found. DaemonStartError when it is missing, belongs to another
-    arena, or is damaged in a way no crash produces."""
+    arena, ends before the arena's commit `stamp` (an older copy), or is
+    damaged in a way no crash produces."""
     table = table_path(path)
     result = scan(table)
     if result.identity != identity:
@@ -260,7 +284,15 @@ def read_table(path: str, identity: bytes) -> tuple[State, Scan]:
         raise DaemonStartError(
             f"allocation table {table} holds no complete snapshot ({result.problem or 'none'}"
             "); a daemon always writes one before serving, so the table is damaged. Both "
-            "files were left untouched; restore the table from a backup"
+            f"files were left untouched; {RESTORE}"
+        )
+    if stamp is not None and state.commit < stamp:
+        raise DaemonStartError(
+            f"allocation table {table} is older than the arena {path}: the table ends at "
+            f"commit {state.commit}, the arena file says commit {stamp} was written. Blocks "
+            "allocated after the table's last commit would be handed out again while their "
+            f"data is in use. Both files were left untouched; put back the table this arena "
+            f"was last written with, or {RESTORE}"
         )
     return state, result
 
@@ -283,13 +315,15 @@ def inspect_file(path: str) -> tuple[dict[str, Any], list[str]]:
         "identity": header.identity.hex(),
         "created_at": header.created_at,
         "name": header.name,
+        "commit_stamp": header.commit,
     }
     try:
-        state, result = read_table(path, header.identity)
+        state, result = read_table(path, header.identity, header.commit)
     except DaemonStartError as exc:
         return report, [str(exc)]
     report.update(
         epoch=state.epoch,
+        commit=state.commit,
         generation=state.generation,
         records=state.records,
         journal_bytes=result.good_bytes,

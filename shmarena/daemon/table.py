@@ -32,7 +32,9 @@ SNAP, DELTA, OPEN = "snap", "delta", "open"
 # The per-session state the service keeps and a resumed session needs.
 # token: secret for `hello resume`; peer: the client socket's routing id;
 # seen: highest request id applied; reply: (request id, frame) of the last
-# mutating request, so a repeat of it after a restart is answered, not re-run.
+# mutating request, so a repeat of it after a restart is answered, not re-run;
+# kept: (request id, deadline) of the requests kept waiting (they changed
+# nothing yet), so a repeat of one after a restart waits again.
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Link:
     peer: bytes = b""
     seen: int = 0
     reply: tuple[int, bytes] | None = None
+    kept: list[tuple[int, float]] = field(default_factory=list)
 
 
 # -- images ---------------------------------------------------------------------
@@ -60,6 +63,7 @@ def session_image(s: Session, link: Link) -> list[Any]:
     return [
         s.id, s.pid, s.start_ticks, s.label, s.since, s.watched,
         link.token, link.peer, link.seen, reply, list(s.notices),
+        [list(entry) for entry in link.kept],
     ]  # fmt: skip
 
 
@@ -124,6 +128,7 @@ class State:
     mode: str = ""  # durability of the run that wrote the last records
     records: int = 0
     snapshots: int = 0
+    commit: int = 0  # "n" of the last record (0: format 1, which had none)
 
     def apply(self, record: dict[str, Any]) -> None:
         """Fold one record in. ValueError for one that is not a table record."""
@@ -131,6 +136,7 @@ class State:
             raise ValueError(f"not a table record: {type(record).__name__}")
         kind = record.get("k")
         self.records += 1
+        self.commit = int(record.get("n", self.commit))
         if kind == SNAP:
             self.epoch = int(record["epoch"])
             self.blocks, self.owners, self.sessions, self.owner_ids = {}, {}, {}, {}
@@ -194,7 +200,9 @@ def build(state: State, name: str, space: Space, now: float) -> tuple[Ledger, di
     ledger._next_session = state.next_session
     links: dict[int, Link] = {}
     for image in state.sessions.values():
-        sid, pid, ticks, label, since, watched, token, peer, seen, reply, notices = image
+        # Table format 1 had no kept requests: 11 items.
+        sid, pid, ticks, label, since, watched, token, peer, seen, reply, notices = image[:11]
+        kept = [(int(rid), float(deadline)) for rid, deadline in image[11]] if image[11:] else []
         session = Session(sid, pid, ticks, label, since, now, bool(watched))
         session.notices = list(notices)
         ids = state.owner_ids.get(sid, {})
@@ -203,7 +211,9 @@ def build(state: State, name: str, space: Space, now: float) -> tuple[Ledger, di
         session.owner_ids = dict(ids)
         session.next_owner_id = state.next_owner_ids.get(sid, max(ids) + 1)
         ledger.sessions[sid] = session
-        links[sid] = Link(token, bytes(peer), seen, (reply[0], bytes(reply[1])) if reply else None)
+        links[sid] = Link(
+            token, bytes(peer), seen, (reply[0], bytes(reply[1])) if reply else None, kept
+        )
     for image in state.owners.values():
         oname, scope, sid, pid, created = image
         ledger.owners[oname] = Owner(oname, scope, sid, pid, created)

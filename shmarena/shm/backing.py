@@ -12,6 +12,18 @@ Which blocks are allocated lives in the journal next to it (`PATH.table`,
 see journal.py), which repeats the identity, so a table is never read
 against another arena's bytes.
 
+The header page also holds a *commit stamp* (at STAMP_OFFSET, outside the
+checksummed fields): the number of the last journal frame known to be on
+disk, rewritten after each synced commit and each snapshot. A table can be
+swapped for an older copy on its own, the arena file cannot be swapped
+without its data, so a table that ends before the stamp is older than the
+bytes it would describe and is refused. The stamp is written to the page
+cache only (no sync of its own: a few microseconds per commit); since it is
+written after the frame it names is synced, what reaches the disk is never
+ahead of the table, and a stamp lost with the power only makes the check
+weaker, never wrong. Files made before the stamp existed have zeros there
+(no stamp) and get one at their next start.
+
 A file is made under a temporary name (PATH.making) and renamed into place only once its
 header, its full size (`posix_fallocate`) and its table are on disk: a crash
 while making one leaves no half-made arena at PATH. A file at PATH that is
@@ -46,6 +58,9 @@ HEADER_BYTES = 4096
 # identity, created at, name; then the CRC-32 of those bytes.
 _LAYOUT = struct.Struct("<8sIIQQQ16s16sd64s")
 _CRC = struct.Struct("<I")
+STAMP_OFFSET = 2048
+STAMP_MAGIC = b"SHCOMMIT"
+_STAMP = struct.Struct("<8sQI")  # magic, commit number, CRC-32 of the two
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,7 @@ class Header:
     created_at: float
     name: str
     format: int = FORMAT
+    commit: int | None = None  # the commit stamp (None: none yet); not in `pack`
 
     def pack(self) -> bytes:
         body = _LAYOUT.pack(
@@ -78,6 +94,23 @@ class Header:
 
 class NotAnArena(ValueError):
     """The bytes are not a header this release can use; the message says why."""
+
+
+def pack_stamp(commit: int) -> bytes:
+    body = STAMP_MAGIC + commit.to_bytes(8, "little")
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def parse_stamp(page: bytes) -> int | None:
+    """The commit stamp in a header page; None if there is none (zeros);
+    NotAnArena if something else is there."""
+    raw = page[STAMP_OFFSET : STAMP_OFFSET + _STAMP.size]
+    if len(raw) < _STAMP.size or not any(raw):
+        return None
+    magic, commit, crc = _STAMP.unpack(raw)
+    if magic != STAMP_MAGIC or crc != zlib.crc32(raw[:16]):
+        raise NotAnArena(f"its commit stamp at byte {STAMP_OFFSET} is damaged")
+    return int(commit)
 
 
 def parse_header(page: bytes, file_bytes: int) -> Header:
@@ -117,6 +150,7 @@ def parse_header(page: bytes, file_bytes: int) -> Header:
         created,
         name.rstrip(b"\0").decode(errors="replace"),
         fmt,
+        parse_stamp(page),
     )
 
 
@@ -132,6 +166,10 @@ class Backing:
     fd: int
     header: Header
     created: bool  # made by this start (else found and checked)
+
+    def stamp(self, commit: int) -> None:
+        """Record that journal frame `commit` is on disk (see the module doc)."""
+        os.pwrite(self.fd, pack_stamp(commit), STAMP_OFFSET)
 
     def close(self) -> None:
         try:

@@ -5,13 +5,20 @@ what the records say is `shmarena.daemon.table`'s business.
 A journal file is a sequence of frames, each ``"SHJR" | length u32 | crc32
 u32 | msgpack payload``. The first frame names the arena (format, identity);
 the second is a snapshot of the whole table; every later one a delta of
-what changed since. `append` adds one frame with one `write` and, unless
+what changed since. Every record after the first carries ``n``, its commit
+number: one more than the record before it, across rewrites too, so the
+arena file's commit stamp (backing.py) can tell a current table from an
+older copy. Format 1 had no ``n`` (and shorter session images); it is still
+read, and rewritten as format 2 at start. `append` adds one frame with one `write` and, unless
 durability is ``none``, an `fdatasync` before the caller sends any reply
 that depends on it.
 
-A crash can tear only the frame being appended: reading stops at the first
-frame whose length runs past the end or whose checksum is wrong, and reports
-the bytes after it as a torn tail (never acknowledged, so never needed).
+A crash can tear only the frame being appended, and only by cutting it short:
+a last frame whose header or payload runs past the end of the file is a torn
+tail (never acknowledged, so never needed), dropped at start and reported. A
+frame that is all there but fails its checksum or does not decode is damage
+(disk, or an edit), wherever it is: the table is refused, since the changes
+in it may have been acknowledged.
 Compaction writes a fresh journal (header + snapshot) under a temporary
 name, syncs it, and renames it over the old one: either file alone is a
 complete table, so a crash at any moment leaves one of them in place.
@@ -36,7 +43,8 @@ from shmarena.errors import DaemonStartError
 
 FRAME_MAGIC = b"SHJR"
 _FRAME = struct.Struct("<4sII")
-TABLE_FORMAT = 1
+TABLE_FORMAT = 2
+READ_FORMATS = (1, 2)
 MAX_RECORD_BYTES = 1 << 30
 
 CRASH_POINTS = (
@@ -95,8 +103,13 @@ class Scan:
     problem: str  # why reading stopped early, or ""
 
 
+class _Damaged(Exception):
+    """A complete frame that is wrong: not something a crash leaves."""
+
+
 def _frames(data: bytes) -> Iterator[tuple[int, Any | None, str]]:
-    """(end offset, record, problem) per frame; record None ends the scan."""
+    """(end offset, record, problem) per frame; record None ends the scan.
+    _Damaged for a complete frame that fails its checksum or decoding."""
     position = 0
     while position < len(data):
         if len(data) - position < _FRAME.size:
@@ -112,13 +125,17 @@ def _frames(data: bytes) -> Iterator[tuple[int, Any | None, str]]:
             return
         payload = data[start : start + length]
         if zlib.crc32(payload) != crc:
-            yield position, None, f"a frame at byte {position} with a wrong checksum"
-            return
+            raise _Damaged(
+                f"the frame at byte {position} is complete ({_FRAME.size + length} bytes) but "
+                "its checksum is wrong"
+            )
         try:
             record = msgpack.unpackb(payload, raw=False, strict_map_key=False)
         except Exception as exc:
-            yield position, None, f"a frame at byte {position} that does not decode: {exc}"
-            return
+            raise _Damaged(
+                f"the frame at byte {position} is complete and its checksum is right, but it "
+                f"does not decode ({exc})"
+            ) from None
         position = start + length
         yield position, record, ""
 
@@ -146,13 +163,24 @@ def scan(path: str) -> Scan:
     except FileNotFoundError:
         raise DaemonStartError(
             f"allocation table {path} is missing, so which blocks are allocated is unknown; "
-            "the arena file was left untouched. Restore the table, or remove both files to "
-            "start afresh"
+            "the arena file was left untouched. Put back the table this arena was last "
+            "written with (an older copy is refused), or restore the arena file and its "
+            "table together from one backup, or remove both to start afresh"
         ) from None
     records: list[Any] = []
     good, problem = 0, ""
     identity = b""
-    for end, record, why in _frames(data):
+    try:
+        found = list(_frames(data))
+    except _Damaged as exc:
+        raise DaemonStartError(
+            f"allocation table {path} is damaged: {exc}; a crash leaves at most an "
+            "incomplete last frame, so this is damage (disk, or an edit), not a torn write, "
+            "and the changes in that frame may have been acknowledged. Both files were left "
+            "untouched; restore the arena file and its table together from one backup, or "
+            "remove both to start afresh"
+        ) from None
+    for end, record, why in found:
         if record is None:
             problem = why
             later = _intact_frame_after(data, end)
@@ -161,18 +189,19 @@ def scan(path: str) -> Scan:
                     f"allocation table {path} is damaged: {why}, but an intact frame follows "
                     f"at byte {later}; a crash tears only the last frame, so this is damage "
                     "(disk, or an edit), not a torn write. Both files were left untouched; "
-                    "restore the table from a backup"
+                    "restore the arena file and its table together from one backup, or "
+                    "remove both to start afresh"
                 )
             break
         if not records:
             if (
                 not isinstance(record, dict)
                 or record.get("k") != "head"
-                or record.get("format") != TABLE_FORMAT
+                or record.get("format") not in READ_FORMATS
             ):
                 raise DaemonStartError(
-                    f"{path} is not a shmarena allocation table of format {TABLE_FORMAT}; "
-                    "it was left untouched"
+                    f"{path} is not a shmarena allocation table of format "
+                    f"{' or '.join(map(str, READ_FORMATS))}; it was left untouched"
                 )
             identity = bytes(record.get("identity", b""))
         records.append(record)
@@ -198,12 +227,13 @@ class Journal:
         self.appends = 0
         self.syncs = 0
         self.snapshot_bytes = 0
+        self.commit = 0  # the number of the last record written (its "n")
 
-    def rewrite(self, snapshot: Any) -> None:
+    def rewrite(self, snapshot: dict[str, Any]) -> None:
         """Start a fresh journal holding only `snapshot` (compaction)."""
         data = encode_frame(
             {"k": "head", "format": TABLE_FORMAT, "identity": self.identity}
-        ) + encode_frame(snapshot)
+        ) + encode_frame({**snapshot, "n": self.commit + 1})
         temp = self.path + ".new"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -228,9 +258,10 @@ class Journal:
         self.fd = fd
         os.lseek(fd, 0, os.SEEK_END)
         self.bytes = self.snapshot_bytes = len(data)
+        self.commit += 1
 
-    def append(self, record: Any) -> None:
-        frame = encode_frame(record)
+    def append(self, record: dict[str, Any]) -> None:
+        frame = encode_frame({**record, "n": self.commit + 1})
         self.crash.reach("commit.before_write")
         if self.crash.point == "commit.mid_write":
             half = len(frame) // 2
@@ -246,6 +277,7 @@ class Journal:
         self.crash.reach("commit.after_sync")
         self.bytes += len(frame)
         self.appends += 1
+        self.commit += 1
 
     def close(self) -> None:
         if self.fd >= 0:

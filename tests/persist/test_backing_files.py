@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import pytest
 
 import shmarena
-from shmarena.shm.backing import _LAYOUT
+from shmarena.shm.backing import _LAYOUT, STAMP_OFFSET, read_header
+from shmarena.shm.journal import encode_frame, scan
 from tests.conftest import Daemon, subprocess_env, unique_name, wait_for
 
 # Sizes of the blocks kept across restarts: some the client could cache
@@ -252,6 +253,13 @@ def flip_header(path: str) -> None:
         f.write(page)
 
 
+def damaged_stamp(path: str) -> None:
+    """Garbage where the commit stamp lives (outside the checksummed fields)."""
+    with open(path, "r+b") as f:
+        f.seek(STAMP_OFFSET)
+        f.write(b"\xa5" * 20)
+
+
 def truncate(path: str) -> None:
     os.truncate(path, os.path.getsize(path) - 4096)
 
@@ -315,6 +323,18 @@ def middle_frame_damaged(path: str) -> None:
         f.write(bytes([byte ^ 0xFF]))
 
 
+def last_frame_damaged(path: str) -> None:
+    """One byte flipped in the last frame's payload: the frame is complete,
+    so this is not what a crash leaves (that is an incomplete last frame)."""
+    table = path + ".table"
+    start, length = table_frames(table)[-1]
+    with open(table, "r+b") as f:
+        f.seek(start + length - 3)
+        byte = f.read(1)[0]
+        f.seek(start + length - 3)
+        f.write(bytes([byte ^ 0xFF]))
+
+
 @dataclass(frozen=True)
 class BadCase:
     damage: str  # name of a function above, or "" for a sound file
@@ -326,6 +346,7 @@ class BadCase:
 
 CASES = {
     "torn-header": BadCase("flip_header", ("--size", "4M"), ("checksum", "torn or damaged")),
+    "damaged-stamp": BadCase("damaged_stamp", (), ("commit stamp at byte 2048", "damaged")),
     "truncated": BadCase("truncate", ("--size", "4M"), ("truncated", "header says")),
     "other-format": BadCase("other_format", ("--size", "4M"), ("format 2", "reads format 1")),
     "random": BadCase("random_file", ("--size", "4M"), ("does not start with 'SHMARENA'",)),
@@ -338,7 +359,10 @@ CASES = {
     ),
     "table-snapshot-cut": BadCase("snapshot_cut", (), (".table", "no complete snapshot")),
     "table-middle-frame-damaged": BadCase(
-        "middle_frame_damaged", (), (".table", "damaged", "intact frame follows"), True, "crashed"
+        "middle_frame_damaged", (), (".table", "damaged", "checksum is wrong"), True, "crashed"
+    ),
+    "table-last-frame-damaged": BadCase(
+        "last_frame_damaged", (), (".table", "checksum is wrong", "not a torn"), True, "crashed"
     ),
 }
 
@@ -424,6 +448,87 @@ def test_unusable_file_is_refused_and_left_untouched(
     print(f"FIGURE: {case}: {message.splitlines()[0]}")
 
 
+@pytest.mark.parametrize("end", ["sigkill", "sigterm"])
+def test_an_older_copy_of_the_table_is_refused(
+    end: str, start_backed: StartBacked, tmp_path, run_dir: str
+) -> None:
+    """A copy of the table taken before later allocations, put back under the
+    same arena: those blocks would be free in it while their data is in use.
+    Refused, naming both commit numbers; the current table is accepted."""
+    path = str(tmp_path / "arena.bin")
+    first = start_backed(path, size="8M")
+    early = write_blocks(first, [4096, 70_000])
+    shutil.copyfile(path + ".table", str(tmp_path / "old.table"))
+    write_blocks(first, [1 << 20, 8192, 12_345])
+    if end == "sigkill":
+        first.kill()
+    else:
+        first.stop()
+    shutil.copyfile(path + ".table", str(tmp_path / "current.table"))
+    shutil.copyfile(str(tmp_path / "old.table"), path + ".table")
+    before = fingerprint(path)
+
+    message = start_expecting_refusal(path, (), run_dir, unique_name()).strip()
+    for words in (path + ".table", "older than", "commit", "untouched"):
+        assert words in message, f"{words!r} not in {message!r}"
+    assert fingerprint(path) == before
+    code, report = first.inspect(path)
+    assert code == 1 and "older than" in " ".join(report["problems"]), report
+
+    shutil.copyfile(str(tmp_path / "current.table"), path + ".table")
+    again = start_backed(path, size=None, name=first.name)
+    stats = again.client().stats()
+    assert stats["recovered"]["blocks"] == 5
+    assert read_back(again, early)["digests"] == [
+        digest(pattern(i, size)) for i, size in enumerate([4096, 70_000])
+    ]
+    print(f"FIGURE: older table ({end}): {message.splitlines()[0]}")
+
+
+def as_format_1(path: str) -> None:
+    """Rewrite an arena and its table the way release 0.8 wrote them: table
+    format 1 (no commit numbers, 11-item session images), no commit stamp."""
+    found = scan(path + ".table")
+    records = []
+    for record in found.records:
+        record = {k: v for k, v in record.items() if k != "n"}
+        if "s" in record:
+            record["s"] = [image[:11] for image in record["s"]]
+        records.append(record)
+    head = {"k": "head", "format": 1, "identity": found.identity}
+    with open(path + ".table", "wb") as f:
+        f.write(b"".join(encode_frame(r) for r in [head, *records]))
+    with open(path, "r+b") as f:
+        f.seek(STAMP_OFFSET)
+        f.write(bytes(64))
+
+
+def test_an_arena_of_the_previous_format_loads_and_is_upgraded(
+    start_backed: StartBacked, tmp_path
+) -> None:
+    path = str(tmp_path / "arena.bin")
+    first = start_backed(path, size="8M")
+    handles = write_blocks(first, [4096, 70_000, 1 << 20])
+    first.kill()
+    as_format_1(path)
+    assert read_header(path).commit is None
+
+    again = start_backed(path, size=None, name=first.name)
+    stats = again.client().stats()
+    assert stats["recovered"]["blocks"] == 3
+    assert read_back(again, handles)["digests"] == [
+        digest(pattern(i, size)) for i, size in enumerate([4096, 70_000, 1 << 20])
+    ]
+    assert stats["journal_commit"] >= 1
+    # Written as format 2 from the start on: numbered records, and the arena
+    # file stamped with the last one (after the final snapshot of a clean stop).
+    again.stop()
+    found = scan(path + ".table")
+    (last,) = found.records  # the final snapshot alone
+    assert last["n"] > stats["journal_commit"]
+    assert read_header(path).commit == last["n"]
+
+
 # -- 3. --durability none ---------------------------------------------------------
 
 
@@ -445,6 +550,7 @@ def test_durability_none_keeps_blocks_only_across_a_clean_stop(
     assert seen["digests"] == [digest(pattern(i, size)) for i, size in enumerate(sizes)]
     assert second.client().stats()["recovered"]["reset"] == ""
     second.kill()
+    stamp = read_header(path).commit
 
     third = start_backed(path, "--durability", "none", size=None, name=first.name)
     client = third.client()
@@ -458,6 +564,9 @@ def test_durability_none_keeps_blocks_only_across_a_clean_stop(
         client.attach(handles[0])
     log = third.stop()
     assert "did not stop cleanly" in log and "new epoch" in log, log
+    # The commit numbers go on rising across the reset: a copy of the table
+    # from before it cannot pass for a current one.
+    assert stamp is not None and read_header(path).commit > stamp
     print(f"FIGURE: durability none after SIGKILL: {reset}")
 
 
