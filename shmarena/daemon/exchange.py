@@ -319,8 +319,16 @@ class Exchange:
         if not late:
             return
         self.waiters = [w for w in self.waiters if w.deadline > now]
+        # Every refusal is written before any queue goes: the refusal of a put
+        # names its queue's size, and the first put's removal of a queue that
+        # only waiters kept must not leave the second without one.
         for waiter in late:
-            self.met.append((waiter, self.timed_out(waiter, now)))
+            try:
+                result: list[Any] | Exception = self.timed_out(waiter, now)
+            except Exception as error:  # a bug: this waiter's reply, not the loop's end
+                result = error
+            self.met.append((waiter, result))
+        for waiter in late:
             queue = self.queues.get(waiter.args[0]) if waiter.op in (Op.QGET, Op.QPUT) else None
             if queue is not None:
                 self._maybe_remove(queue)
