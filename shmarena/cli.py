@@ -36,7 +36,7 @@ from shmarena.config import (
     runtime_dir,
     socket_path,
 )
-from shmarena.daemon.service import ALLOCATORS
+from shmarena.daemon.service import ALLOCATORS, OP_NAMES
 from shmarena.errors import DaemonStartError, DaemonUnavailable, ShmArenaError
 from shmarena.shm.arena import shm_path
 from shmarena.shm.journal import CRASH_POINTS, CrashPoints
@@ -254,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
         "table's persistence path: " + ", ".join(CRASH_POINTS),
     )
     debug.add_argument(
+        "--debug-fail",
+        action="append",
+        default=[],
+        metavar="OP",
+        help="make every request of OP (an op name: alloc, free, qput, ...) raise inside the "
+        "daemon, or with 'wake' every kept request as it is answered; it must answer "
+        "internal_error and go on (repeatable)",
+    )
+    debug.add_argument(
         "--debug-compact-bytes",
         type=_size_arg,
         default=None,
@@ -386,6 +395,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         if args.size is not None:
             check_arena_size(args.size, args.min_block or DEFAULT_MIN_BLOCK_BYTES)
         CrashPoints(args.debug_crash_at)
+        _check_fault_names(args.debug_fail)
     except ValueError as exc:
         print(f"shmarena daemon: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -414,6 +424,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         debug_delay_ms=args.debug_delay_ms,
         debug_seed=args.debug_seed,
         debug_crash_at=args.debug_crash_at,
+        debug_fail=tuple(args.debug_fail),
         metrics_port=args.metrics_port,
         metrics_bind=args.metrics_bind,
         log_format=args.log_format,
@@ -432,6 +443,14 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             print(f"shmarena daemon: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     return EXIT_OK
+
+
+def _check_fault_names(names: list[str]) -> None:
+    """--debug-fail takes op names and 'wake'; ValueError names the others."""
+    known = sorted(OP_NAMES.values()) + ["wake"]
+    for name in names:
+        if name not in known:
+            raise ValueError(f"--debug-fail {name!r}: not an op; pick one of {', '.join(known)}")
 
 
 def _daemon_combination(args: argparse.Namespace) -> str:
@@ -521,6 +540,8 @@ def _detach(args: argparse.Namespace) -> int:
         ]
         if args.debug_seed is not None:
             command += ["--debug-seed", str(args.debug_seed)]
+    for op in args.debug_fail:
+        command += ["--debug-fail", op]
     os.makedirs(args.run_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(args.run_dir, f"{args.name}.log")
     with open(log_path, "ab") as log:

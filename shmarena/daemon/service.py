@@ -602,7 +602,7 @@ class Service:
         for waiter, result in self.exchange.take_met():
             key = (waiter.session_id, waiter.request_id)
             self.waiting.discard(key)
-            if "wake" in self.faults and not isinstance(result, Exception):
+            if "wake" in self.faults:
                 result = RuntimeError("fault injected by --debug-fail wake")
             if isinstance(result, ShmArenaError):
                 self._count_error(result.code)

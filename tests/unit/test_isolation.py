@@ -65,3 +65,112 @@ def test_free_listing_a_handle_twice_frees_nothing() -> None:
     code, message = a.err(Op.FREE, [h1, h2, h1])
     assert code == "stale_handle" and "twice" in message
     assert service.stats(0)["live_blocks"] == 2 and service.check() == []
+
+
+def internal_events(service) -> list:
+    return [e for e in service.take_log() if e.event == "internal_error"]
+
+
+def test_a_failing_handler_answers_internal_error_and_the_service_goes_on() -> None:
+    service = make_service()
+    a, b = Peer(service, b"a"), Peer(service, b"b")
+    (kept,) = a.ok(Op.ALLOC, 4096)
+    service.faults = frozenset({"alloc"})
+    code, message = a.err(Op.ALLOC, 4096)
+    assert code == "internal_error"
+    assert "while handling alloc" in message and "RuntimeError" in message
+    assert "passed its check" in message
+    assert service.counters.internal_errors == 1
+    assert service.stats(0)["counters"]["errors_by_code"]["internal_error"] == 1
+    (event,) = internal_events(service)
+    assert event.level == "error" and event.fields["where"] == "alloc"
+    assert "Traceback" in event.fields["traceback"] and "--debug-fail alloc" in event.message
+    service.faults = frozenset()
+    b.ok(Op.ALLOC, 4096)  # others, and the same client, go on
+    a.ok(Op.FREE, [kept])
+    assert service.check() == []
+
+
+def test_a_bug_that_leaves_the_ledger_broken_quarantines_its_session() -> None:
+    service = make_service()
+    a, b = Peer(service, b"a"), Peer(service, b"b")
+    a.ok(Op.ALLOC, 4096, "mine", False)
+    (theirs,) = b.ok(Op.ALLOC, 8192)
+    ledger = service.ledger
+    real = ledger.alloc_many
+
+    def broken(session_id, sizes, owner_name, *args, **kwargs):
+        ledger.owners[owner_name].bytes += 4096  # half of an update, then a crash
+        raise KeyError("injected")
+
+    ledger.alloc_many = broken  # type: ignore[method-assign]
+    code, message = a.err(Op.ALLOC, 4096, "mine", False)
+    ledger.alloc_many = real  # type: ignore[method-assign]
+    assert code == "internal_error" and f"session {a.session} was ended" in message
+    assert service.check() == []
+    assert service.counters.internal_errors == 1
+    assert service.counters.quarantined_sessions == 1
+    (event,) = internal_events(service)
+    assert event.fields["quarantined"] is True and event.fields["problems"] == []
+    assert a.err(Op.PING)[0] == "session_lost"  # the client learns why, then says hello again
+    assert "internal error" in a.err(Op.PING)[1]
+    b.ok(Op.FREE, [theirs])
+    assert service.stats(0)["used_bytes"] == 0 and service.check() == []
+
+
+def test_a_bug_while_answering_kept_requests_answers_each_and_keeps_the_rest() -> None:
+    service = make_service(size=8 * 4096)
+    a, b = Peer(service, b"a"), Peer(service, b"b")
+    (big,) = a.ok(Op.ALLOC, 8 * 4096)
+    assert send(b, Op.LOOKUP, "never", 1.0) == b""
+    assert send(b, Op.ALLOC, 4096, None, False, 1.0) == b""
+    assert send(a, Op.LOOKUP, "later", 30.0) == b""
+    service.faults = frozenset({"wake"})
+    service.wake(b.now + 2.0)
+    replies = [decode(frame) for _, frame in service.take_outbox()]
+    assert sorted(r[2] for r in replies) == ["internal_error", "internal_error"]
+    assert service.counters.internal_errors == 2
+    assert service.exchange.waiters and service.exchange.waiters[0].args[0] == "later"
+    service.faults = frozenset()
+    a.ok(Op.FREE, [big])
+    (handle,) = a.ok(Op.ALLOC, 4096)
+    a.ok(Op.PUBLISH, "later", handle, False)
+    (reply,) = outbox(service).values()
+    assert reply[0] != ERR
+    assert service.check() == []
+
+
+def test_a_bug_in_one_timed_out_refusal_does_not_stop_the_others() -> None:
+    service = make_service()
+    a = Peer(service, b"a")
+    assert send(a, Op.LOOKUP, "x", 1.0) == b""
+    a.ok(Op.QOPEN, "q", 0)
+    assert send(a, Op.QGET, "q", 0, 1.0) == b""
+    exchange = service.exchange
+    real = exchange.timed_out
+    calls = []
+
+    def first_breaks(waiter, now):
+        calls.append(waiter.op)
+        if len(calls) == 1:
+            raise KeyError("injected")
+        return real(waiter, now)
+
+    exchange.timed_out = first_breaks  # type: ignore[method-assign]
+    service.wake(a.now + 2.0)
+    codes = sorted(decode(f)[2] for _, f in service.take_outbox())
+    assert codes == ["internal_error", "queue_empty"] and len(calls) == 2
+    assert exchange.waiters == [] and service.waiting == set()
+    assert service.counters.internal_errors == 1 and service.check() == []
+
+
+def test_internal_errors_are_exported_as_a_metric() -> None:
+    from shmarena.daemon.metrics import families
+
+    service = make_service()
+    a = Peer(service, b"a")
+    service.faults = frozenset({"ping"})
+    assert a.err(Op.PING)[0] == "internal_error"
+    by_name = {f.name: f for f in families(service.stats(0.0), {})}
+    assert by_name["shmarena_internal_errors"].samples[0].value == 1
+    assert by_name["shmarena_quarantined_sessions"].samples[0].value == 0
