@@ -770,8 +770,11 @@ class Server:
                 session_id = self.pidfds[fd]
                 isolated("closing a pidfd", self._unwatch, session_id)
                 # the service logs it
-                isolated(f"reclaiming session {session_id}", service.reclaim, session_id,
-                         "exited", time.time(), session=session_id)  # fmt: skip
+                freed = isolated(f"reclaiming session {session_id}", service.reclaim, session_id,
+                                 "exited", time.time(), session=session_id)  # fmt: skip
+                session = service.ledger.sessions.get(session_id)
+                if freed is None and session is not None:
+                    session.watched = False  # its pidfd is closed: the lease timer ends it
                 if not self.listening:
                     isolated("counting file descriptors", self._check_fds)
                 self._commit()

@@ -44,6 +44,7 @@ from shmarena.daemon.layout import layout
 from shmarena.daemon.ledger import (
     DETACHED,
     QUEUED,
+    SESSION,
     Block,
     Freed,
     Growth,
@@ -432,9 +433,12 @@ class Service:
         kind = f"{type(error).__name__}: {error}"
         problems = self._problems()
         quarantined = False
-        if problems and session_id is not None and session_id in self.ledger.sessions:
+        # (also a session the ledger dropped already: its peer, tokens and
+        # waiters may be what is left over)
+        if problems and session_id is not None:
             try:
                 self.end_session(session_id, "quarantined", now)
+                self._recycle_orphans()
             except Exception as again:
                 problems.append(f"ending session {session_id} failed too: {again!r}")
             else:
@@ -478,6 +482,14 @@ class Service:
             error=kind,
             quarantined=quarantined,
         )
+
+    def _recycle_orphans(self) -> None:
+        """Recycle session-scoped owners whose session is gone (what a session
+        ending half-way through leaves behind)."""
+        ledger = self.ledger
+        for owner in list(ledger.owners.values()):
+            if owner.scope == SESSION and owner.session_id not in ledger.sessions:
+                ledger.recycle(owner.name)
 
     def _problems(self) -> list[str]:
         try:

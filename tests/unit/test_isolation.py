@@ -174,3 +174,31 @@ def test_internal_errors_are_exported_as_a_metric() -> None:
     by_name = {f.name: f for f in families(service.stats(0.0), {})}
     assert by_name["shmarena_internal_errors"].samples[0].value == 1
     assert by_name["shmarena_quarantined_sessions"].samples[0].value == 0
+
+
+def test_a_reclaim_that_fails_half_way_leaves_nothing_of_the_session() -> None:
+    service = make_service()
+    a, b = Peer(service, b"a"), Peer(service, b"b")
+    a.ok(Op.ALLOC, 4096)
+    b.ok(Op.ALLOC, 4096)
+    ledger = service.ledger
+
+    def dies_half_way(session_id: int):
+        ledger.sessions.pop(session_id)  # the first line of the real one, then a crash
+        raise RuntimeError("injected")
+
+    ledger.end_session = dies_half_way  # type: ignore[method-assign]
+    try:
+        service.reclaim(a.session, "exited", 1.0)
+    except RuntimeError as error:  # what the server's loop catches and hands over
+        del ledger.end_session
+        service.internal_error("reclaiming a session", error, a.session, 1.0)
+    assert service.counters.quarantined_sessions == 1
+    assert service.check() == []
+    (event,) = internal_events(service)
+    assert event.fields["quarantined"] is True and event.fields["problems"] == []
+    # the rest of the session went too: its peer, and its owner with its block
+    assert a.session not in service.session_peer and b"a" not in service.peers
+    assert [o.session_id for o in service.ledger.owners.values()] == [b.session]
+    assert service.stats(0)["used_bytes"] == 4096
+    b.ok(Op.ALLOC, 4096)  # the others go on
