@@ -4,7 +4,7 @@ ledger that passes `check`; batch requests are all or none."""
 
 from __future__ import annotations
 
-from shmarena.protocol import ERR, Op, decode
+from shmarena.protocol import ERR, FREE_EVENT, GEN_SHIFT, LATE_ERR, Op, decode, encode
 from tests.unit.test_exchange import outbox, send
 from tests.unit.test_service import Peer, make_service
 
@@ -202,3 +202,30 @@ def test_a_reclaim_that_fails_half_way_leaves_nothing_of_the_session() -> None:
     assert [o.session_id for o in service.ledger.owners.values()] == [b.session]
     assert service.stats(0)["used_bytes"] == 4096
     b.ok(Op.ALLOC, 4096)  # the others go on
+
+
+def test_the_other_batches_are_all_or_none_or_per_event_with_a_clear_error() -> None:
+    service = make_service(size=16 * 4096)
+    a = Peer(service, b"a")
+    # ALLOC_MANY whose last size does not fit: nothing is taken
+    code, message = a.err(Op.ALLOC_MANY, [4096, 4096, 64 * 4096], None, False, "")
+    assert code == "out_of_memory"
+    assert service.stats(0)["used_bytes"] == 0 and service.stats(0)["owners"] == 0
+    # FILL whose direct sizes do not fit after its cache classes did: nothing is taken
+    mark = (a.session << GEN_SHIFT) + 1
+    code, _ = a.err(Op.FILL, [4096, 4, 4], mark, [64 * 4096], None, False)
+    assert code == "out_of_memory" and service.stats(0)["cached_bytes"] == 0
+    # RETAIN of a good and a stale handle: nothing is retained
+    (h,) = a.ok(Op.ALLOC, 4096)
+    assert a.err(Op.RETAIN, [h, [*h[:4], h[4] + 1]])[0] == "stale_handle"
+    assert not service.ledger.blocks[h[2]].retainers
+    # POST events stand alone (they report what the client did already): a
+    # duplicate free is refused by name as a late error, the first applies
+    a.rid += 1
+    frame = service.handle(
+        a.ident, encode([int(Op.POST), a.rid, [FREE_EVENT, *h, FREE_EVENT, *h]]), a.now
+    )
+    reply = decode(frame)
+    assert reply[0] == LATE_ERR and reply[2] == "stale_handle" and "1 of 2" in reply[3]
+    assert service.stats(0)["used_bytes"] == 0
+    assert service.counters.internal_errors == 0 and service.check() == []
