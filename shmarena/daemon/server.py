@@ -829,6 +829,7 @@ class Server:
         except Exception as error:
             assert self.service is not None
             self.service.internal_error(where, error, session, time.time())
+            self.service.quarantine()
             return None
 
     def _write_log(self) -> None:

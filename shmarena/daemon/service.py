@@ -270,6 +270,7 @@ class Service:
         # raise before they run, and "wake" for kept requests as they are
         # answered (met or timed out). Empty in production.
         self.faults: frozenset[str] = frozenset()
+        self._quarantine_next: dict[int, float] = {}  # session -> when (see quarantine)
         self._encode = encoder()
         self._dispatch: dict[Op, Callable[[int, Request, float], list[Any] | None]] = {
             Op.BYE: self._bye,
@@ -333,6 +334,9 @@ class Service:
             except Exception:
                 request_id = None
             return self._encode(error_reply(request_id, failure))
+        finally:
+            if self._quarantine_next:
+                self.quarantine()
 
     def _handle(self, peer: bytes, payload: bytes, now: float) -> bytes:
         self.counters.requests += 1
@@ -426,42 +430,33 @@ class Service:
     ) -> InternalError:
         """Note a bug of the daemon met in `where` (an op name, or what the
         server was doing): count it, queue its log event with the traceback,
-        make sure the state still passes `check` (quarantining `session_id`,
-        the session whose request failed, if it does not), and return the
-        error to answer that request with. Never raises."""
+        run `check`, and return the error to answer that request with. When
+        the check fails, `session_id` (the session whose request failed) is
+        quarantined at the next `quarantine` call: at the end of the `handle`
+        or `wake` under way, or right after the server's call. Never raises."""
         self.counters.internal_errors += 1
         kind = f"{type(error).__name__}: {error}"
         problems = self._problems()
-        quarantined = False
         # (also a session the ledger dropped already: its peer, tokens and
         # waiters may be what is left over)
-        if problems and session_id is not None:
-            try:
-                self.end_session(session_id, "quarantined", now)
-                self._recycle_orphans()
-            except Exception as again:
-                problems.append(f"ending session {session_id} failed too: {again!r}")
-            else:
-                quarantined = True
-                self.counters.quarantined_sessions += 1
-                problems = self._problems()
+        quarantined = bool(problems) and session_id is not None
         if quarantined:
+            assert session_id is not None
+            self._quarantine_next[session_id] = now
             outcome = (
-                f"the daemon's state failed its check afterwards, so session {session_id} was "
-                "ended and what it held in session scope reclaimed; the client opens a new "
-                "session on its next call"
+                f"the daemon's state failed its check afterwards ({problems[0]}), so session "
+                f"{session_id} is ended and what it held in session scope reclaimed; the "
+                "client opens a new session on its next call"
             )
         elif problems:
-            outcome = "the daemon's state failed its check afterwards"
+            outcome = (
+                f"the daemon's state failed its check afterwards: {problems[0]} (and "
+                f"{len(problems) - 1} more); restart the daemon when you can"
+            )
         else:
             outcome = (
                 "the daemon's state passed its check afterwards; the request may have been "
                 "partly applied, so look (stats, owners) before you retry"
-            )
-        if problems:
-            outcome += (
-                f"; `shmarena check` still reports {len(problems)} problem(s), first: "
-                f"{problems[0]} (restart the daemon when you can)"
             )
         trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         self._log(
@@ -482,6 +477,29 @@ class Service:
             error=kind,
             quarantined=quarantined,
         )
+
+    def quarantine(self) -> None:
+        """End the sessions `internal_error` marked (outside any loop over
+        the service's own collections), recycle session owners left without a
+        session, and log what `check` says then. Never raises."""
+        while self._quarantine_next:
+            session_id, now = self._quarantine_next.popitem()
+            try:
+                self.end_session(session_id, "quarantined", now)
+                self._recycle_orphans()
+            except Exception as error:
+                self._log("quarantine_failed", f"ending session {session_id} after an internal "
+                          f"error failed too: {error!r}", "error", session=session_id)  # fmt: skip
+            self.counters.quarantined_sessions += 1
+            problems = self._problems()
+            self._log(
+                "quarantined",
+                f"session {session_id} was ended after an internal error; the daemon's state "
+                + (f"still fails its check: {problems[0]}" if problems else "passes its check"),
+                "error" if problems else "warning",
+                session=session_id,
+                problems=problems[:20],
+            )
 
     def _recycle_orphans(self) -> None:
         """Recycle session-scoped owners whose session is gone (what a session
@@ -545,6 +563,8 @@ class Service:
         self._deliver_met(now)
         if self.alloc_waiters:
             self._serve_alloc_waiters(now)
+        if self._quarantine_next:
+            self.quarantine()
 
     def next_wake(self) -> float | None:
         deadlines = [w.deadline for w in self.alloc_waiters]
@@ -564,17 +584,12 @@ class Service:
         kept: list[_AllocWaiter] = []
         blocked = False
         for waiter in self.alloc_waiters:
-            if waiter.session_id not in self.ledger.sessions:
-                continue  # ended meanwhile (quarantined after an internal error)
             timed_out = now >= waiter.deadline
             if blocked and not timed_out:
                 kept.append(waiter)
                 continue
-            size, owner, detached, _, site = waiter.args
             try:
-                if "wake" in self.faults:
-                    raise RuntimeError("fault injected by --debug-fail wake")
-                block = self.ledger.alloc(waiter.session_id, size, owner, detached, now, site)
+                block = self._try_alloc(waiter, now)
             except OutOfMemory as error:
                 if not timed_out or isinstance(error, QuotaExceeded):
                     kept.append(waiter)
@@ -589,14 +604,22 @@ class Service:
             except ShmArenaError as error:  # the owner went meanwhile, say
                 self._answer_waiter(waiter, error_reply(waiter.request_id, error), now)
                 continue
-            except Exception as error:  # a bug: this waiter's answer, the others go on
-                failure = self.internal_error("a waiting alloc", error, waiter.session_id, now)
-                self._answer_waiter(waiter, error_reply(waiter.request_id, failure), now)
-                continue
             self.counters.allocs += 1
             self._answer_waiter(waiter, ok_reply(waiter.request_id, self._wire(block)), now)
-        # (a quarantine above ended sessions: their waiters go with them)
-        self.alloc_waiters = [w for w in kept if w.session_id in self.ledger.sessions]
+        self.alloc_waiters = kept
+
+    def _try_alloc(self, waiter: _AllocWaiter, now: float) -> Block:
+        """The block for a waiting ALLOC; a bug on the way is this waiter's
+        InternalError (a ShmArenaError: answered like any refusal)."""
+        size, owner, detached, _, site = waiter.args
+        try:
+            if "wake" in self.faults:
+                raise RuntimeError("fault injected by --debug-fail wake")
+            return self.ledger.alloc(waiter.session_id, size, owner, detached, now, site)
+        except ShmArenaError:
+            raise
+        except Exception as error:
+            raise self.internal_error("a waiting alloc", error, waiter.session_id, now) from None
 
     def _answer_waiter(self, waiter: _AllocWaiter, reply: list[Any], now: float) -> None:
         if reply[0] != OK:
