@@ -36,7 +36,7 @@ from shmarena.config import (
     runtime_dir,
     socket_path,
 )
-from shmarena.daemon.service import ALLOCATORS
+from shmarena.daemon.service import ALLOCATORS, OP_NAMES
 from shmarena.errors import DaemonStartError, DaemonUnavailable, ShmArenaError
 from shmarena.rundir import open_in_run_dir, prepare_runtime_dir
 from shmarena.shm.arena import shm_path
@@ -256,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
         "table's persistence path: " + ", ".join(CRASH_POINTS),
     )
     debug.add_argument(
+        "--debug-fail",
+        action="append",
+        default=[],
+        metavar="OP",
+        help="make every request of OP (an op name: alloc, free, qput, ...) raise inside the "
+        "daemon, or with 'wake' every kept request as it is answered; it must answer "
+        "internal_error and go on (repeatable)",
+    )
+    debug.add_argument(
         "--debug-compact-bytes",
         type=_size_arg,
         default=None,
@@ -388,6 +397,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         if args.size is not None:
             check_arena_size(args.size, args.min_block or DEFAULT_MIN_BLOCK_BYTES)
         CrashPoints(args.debug_crash_at)
+        _check_fault_names(args.debug_fail)
     except ValueError as exc:
         print(f"shmarena daemon: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -416,6 +426,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         debug_delay_ms=args.debug_delay_ms,
         debug_seed=args.debug_seed,
         debug_crash_at=args.debug_crash_at,
+        debug_fail=tuple(args.debug_fail),
         metrics_port=args.metrics_port,
         metrics_bind=args.metrics_bind,
         log_format=args.log_format,
@@ -434,6 +445,14 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             print(f"shmarena daemon: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     return EXIT_OK
+
+
+def _check_fault_names(names: list[str]) -> None:
+    """--debug-fail takes op names and 'wake'; ValueError names the others."""
+    known = sorted(OP_NAMES.values()) + ["wake"]
+    for name in names:
+        if name not in known:
+            raise ValueError(f"--debug-fail {name!r}: not an op; pick one of {', '.join(known)}")
 
 
 def _daemon_combination(args: argparse.Namespace) -> str:
@@ -520,6 +539,8 @@ def _detach(args: argparse.Namespace) -> int:
         ]
         if args.debug_seed is not None:
             command += ["--debug-seed", str(args.debug_seed)]
+    for op in args.debug_fail:
+        command += ["--debug-fail", op]
     # The runtime dir as the daemon would make or accept it, before the log
     # is opened in it (never through a link someone left there).
     from shmarena.daemon.server import resolve_group

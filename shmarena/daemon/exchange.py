@@ -616,7 +616,15 @@ class Exchange:
         raise AssertionError(waiter.op)  # pragma: no cover
 
     def timed_out(self, waiter: Waiter, now: float) -> list[Any] | Exception:
-        """What a waiting request gets when its wait is over unmet."""
+        """What a waiting request gets when its wait is over unmet. A bug
+        while making it is returned too, as this request's answer (the service
+        makes it an internal error): it must not end the loop over the others."""
+        try:
+            return self._timed_out(waiter, now)
+        except Exception as error:
+            return error
+
+    def _timed_out(self, waiter: Waiter, now: float) -> list[Any] | Exception:
         args = waiter.args
         if waiter.op is Op.EVENTS:
             oldest = self.log[0][0] if self.log else self.next_seq
@@ -625,9 +633,13 @@ class Exchange:
             return self._unknown(args[0], args[-1])
         if waiter.op is Op.QGET:
             return QueueEmpty(f"queue {args[0]!r} stayed empty for {args[-1]:g} s", queue=args[0])
+        # The queue may be gone already: a put that timed out before this one,
+        # in the same turn, was the last thing keeping it.
+        queue = self.queues.get(args[0])
+        held = f" ({queue.maxsize} messages)" if queue is not None else ""
         return QueueFull(
-            f"queue {args[0]!r} stayed full ({self.queues[args[0]].maxsize} messages) "
-            f"for {args[-1]:g} s; a consumer must get some first",
+            f"queue {args[0]!r} stayed full{held} for {args[-1]:g} s; a consumer must get "
+            "some first",
             queue=args[0],
         )
 

@@ -474,14 +474,26 @@ class Ledger:
         return True
 
     def release(self, session_id: int, handles: Iterable[Handle]) -> int:
+        """Drop one of the session's retains per handle, all or none: a block
+        listed n times must be retained at least n times."""
         session = self.sessions[session_id]
-        blocks = [self.lookup(h, for_free=False) for h in handles]
+        handles = list(handles)
+        blocks = self._settle_all([self._find(h, for_free=False) for h in handles], handles, 0.0)
+        listed: dict[int, int] = {}
         for block in blocks:
-            if not block.retainers or session_id not in block.retainers:
+            listed[block.offset] = listed.get(block.offset, 0) + 1
+        for block in blocks:
+            held = (block.retainers or {}).get(session_id, 0)
+            if held < listed[block.offset]:
+                twice = f" {listed[block.offset]} times" if listed[block.offset] > 1 else ""
                 raise InvalidRequest(
-                    f"session {session_id} releases block {block.offset:#x} "
-                    "that it does not retain; nothing was released",
+                    f"session {session_id} releases block {block.offset:#x}{twice} but "
+                    f"retains it {held} time(s)"
+                    + (" (the same handle is listed twice)" if twice else "")
+                    + "; nothing was released",
                     offset=block.offset,
+                    listed=listed[block.offset],
+                    retained=held,
                 )
         for block in blocks:
             if self._drop_ref(block, session_id):
@@ -508,9 +520,12 @@ class Ledger:
         self, found: list[tuple[Block, bool]], handles: list[Handle], now: float
     ) -> list[Block]:
         """After every handle of a request was found valid: apply the early
-        hand-outs among them (see `lookup`)."""
+        hand-outs among them (see `lookup`), each block once even when a
+        request lists it twice."""
+        settled: set[int] = set()
         for (block, early), handle in zip(found, handles, strict=True):
-            if early:
+            if early and block.offset not in settled:
+                settled.add(block.offset)
                 self._settle(block, handle, now)
         return [block for block, _ in found]
 

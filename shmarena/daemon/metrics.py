@@ -344,7 +344,11 @@ COUNTERS = (
     ("shmarena_sessions_opened", "sessions_opened", "Sessions opened"),
     ("shmarena_allocated_blocks", "allocs", "Blocks allocated by the daemon"),
     ("shmarena_freed_blocks", "frees", "Blocks freed by FREE requests"),
-)
+    ("shmarena_internal_errors", "internal_errors",
+     "Bugs of the daemon caught while handling a request or timer (logged, answered)"),
+    ("shmarena_quarantined_sessions", "quarantined_sessions",
+     "Sessions ended because the state failed its check after an internal error"),
+)  # fmt: skip
 
 
 def families(

@@ -6,6 +6,12 @@ it owns the runtime dir, the lock file, the arena and the socket; it watches
 each client's pid with a pidfd so a dead client's blocks come back at once;
 it runs the lease timer for clients it cannot watch; and it stops cleanly on
 SIGTERM, SIGINT or a shutdown request, removing socket, lock and arena.
+
+Each call into the service and each piece of the loop's own per-turn work
+(timers, reclaims, the metrics snapshot, commits) runs through `_isolated`:
+a bug there is handed to `Service.internal_error` (counted, logged with its
+traceback, state checked) and the loop goes on. The one failure that stops
+the daemon on purpose is a persistent table that cannot be written.
 """
 
 from __future__ import annotations
@@ -136,6 +142,9 @@ class DaemonOptions:
     debug_drop_replies: float = 0.0
     debug_delay_ms: float = 0.0
     debug_seed: int | None = None
+    # --debug-fail: make these ops' requests raise inside the daemon ("wake":
+    # kept requests as they are answered), to test that it survives its bugs.
+    debug_fail: tuple[str, ...] = ()
     # --metrics-port: serve Prometheus text there (0: any free port), on
     # --metrics-bind (loopback by default); None: no endpoint.
     metrics_port: int | None = None
@@ -344,6 +353,7 @@ class Server:
         if 0 in self.arenas:
             self.service.segments[0] = {"index": 0, **self.arenas[0].locator}
         self.service.extra_stats = self._extra_stats
+        self.service.faults = frozenset(opts.debug_fail)
         if store is not None and state is not None:
             self._recover(store, state, started_at)
         self.context = zmq.Context()
@@ -571,6 +581,16 @@ class Server:
                 "depend on it. Free space or fix the file system and start it again: the "
                 "table recovers to the last acknowledged change"
             ) from None
+        except Exception as error:  # a bug: the changes it took are written whole instead
+            self.service.internal_error("writing the allocation table", error, None, time.time())
+            try:
+                self.store.rewrite(self.service)
+            except OSError:
+                raise ShmArenaError(
+                    f"{self.store.failed}; the daemon stops without answering the requests "
+                    "that depend on it. Free space or fix the file system and start it again: "
+                    "the table recovers to the last acknowledged change"
+                ) from None
 
     def _take_lock(self) -> None:
         fd = open_in_run_dir(self.lock_path, os.O_RDWR | os.O_CREAT, "lock file")
@@ -712,6 +732,15 @@ class Server:
                 drop_replies=opts.debug_drop_replies,
                 delay_ms=opts.debug_delay_ms,
             )
+        if opts.debug_fail:
+            self.log(
+                f"DEBUG: requests of {', '.join(opts.debug_fail)} raise inside the daemon "
+                "(fault injection; never in production)",
+                "fault_injection",
+                "warning",
+                fail=list(opts.debug_fail),
+            )
+        isolated = self._isolated
         info = service.info
         where = info.backing or self.arenas[0].where
         self.log(
@@ -784,7 +813,7 @@ class Server:
                         else:
                             deliver(peer, reply)
                     if len(self.session_fds) != len(service.ledger.sessions):
-                        self._sync_watches()
+                        isolated("closing pidfds of ended sessions", self._sync_watches)
                     if service.stopping:
                         break
                 self._commit()
@@ -793,24 +822,30 @@ class Server:
                 outbox.clear()
             for fd in [fd for fd in events if isinstance(fd, int) and fd in self.pidfds]:
                 session_id = self.pidfds[fd]
-                self._unwatch(session_id)
-                service.reclaim(session_id, "exited", time.time())  # the service logs it
+                isolated("closing a pidfd", self._unwatch, session_id)
+                # the service logs it
+                freed = isolated(f"reclaiming session {session_id}", service.reclaim, session_id,
+                                 "exited", time.time(), session=session_id)  # fmt: skip
+                session = service.ledger.sessions.get(session_id)
+                if freed is None and session is not None:
+                    session.watched = False  # its pidfd is closed: the lease timer ends it
                 if not self.listening:
-                    self._check_fds()
+                    isolated("counting file descriptors", self._check_fds)
                 self._commit()
             if self.monitor is not None and self.monitor in events:
                 while self.monitor.poll(0):
                     self.monitor.recv_multipart()
-                self._check_fds()
+                isolated("counting file descriptors", self._check_fds)
             if self._wake_r in events:
                 self._drain_wake()
             if self.metrics is not None and self.metrics.fd in events:
-                self.metrics.answer(lambda: service.stats(time.time()))
+                isolated("a metrics scrape", self.metrics.answer,
+                         lambda: service.stats(time.time()))  # fmt: skip
             if service.recovering:
-                self._probe_recovering()
+                isolated("probing recovered sessions", self._probe_recovering)
             # Kept requests met by what happened above, or whose time ran out
             if service.has_waiters():
-                service.wake(time.time())
+                isolated("the kept requests", service.wake, time.time())
                 outbox_now = service.take_outbox()
                 if outbox_now:
                     self._commit()  # what met them is durable before they hear of it
@@ -819,12 +854,13 @@ class Server:
             if time.monotonic() >= next_expire:
                 next_expire = time.monotonic() + tick_ms / 1000
                 if not self.listening:  # descriptors may be free without any event
-                    self._check_fds()
-                for session_id in service.expire(time.time()):  # the service logs them
-                    self._unwatch(session_id)
+                    isolated("counting file descriptors", self._check_fds)
+                # the service logs them
+                for session_id in isolated("the lease timer", service.expire, time.time()) or ():
+                    isolated("closing a pidfd", self._unwatch, session_id)
                 self._commit()
                 if len(self.arenas) > 1:
-                    self._release_segments(time.time())
+                    isolated("releasing idle segments", self._release_segments, time.time())
         self._write_log()
         why = signal.Signals(self._stop_signal).name if self._stop_signal else "shutdown request"
         self.log(
@@ -837,6 +873,20 @@ class Server:
             used_bytes=service.ledger.owned_bytes,
             sessions=len(service.ledger.sessions),
         )
+
+    def _isolated(
+        self, where: str, call: Callable[..., Any], *args: Any, session: int | None = None
+    ) -> Any:
+        """`call(*args)`, or None when it raised: a bug of the daemon, which
+        the service counts, logs with its traceback and checks for (ending
+        `session` if the state does not pass; see Service.internal_error)."""
+        try:
+            return call(*args)
+        except Exception as error:
+            assert self.service is not None
+            self.service.internal_error(where, error, session, time.time())
+            self.service.quarantine()
+            return None
 
     def _write_log(self) -> None:
         """Write the events the service queued (it does no I/O itself)."""

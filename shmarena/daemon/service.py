@@ -11,11 +11,29 @@ current time on each call, and a `watch` callable that the server provides to
 start watching a client's pid (it answers whether it could). The server calls
 `end_session` when a watched process dies and `expire` on a timer for the
 sessions it cannot watch.
+
+The daemon survives its own bugs. An exception that is not a refusal (a
+`ShmArenaError`), raised while handling one request or one kept request's
+answer, goes to `internal_error`: it is counted (`counters.internal_errors`),
+queued as an `internal_error` log event with its traceback, and answered to
+that request as `InternalError`; the server sends its own per-turn failures
+(timers, reclaims, the metrics snapshot) there too. What the failed request
+touched is then checked rather than undone: the ledger, exchange and peer
+maps are run through `check`. Clean, the daemon simply goes on (the request
+may have been partly applied, and its reply says so). Not clean, the session
+whose request failed is quarantined: it is ended as if its process had died,
+so everything it held in session scope is reclaimed and its waiters and
+queue uses go, and `check` runs again. Whatever it still reports is logged
+as an error and stays visible to `shmarena check` (exit 1); the daemon keeps
+serving the others either way. Batch requests (FREE, RETAIN, RELEASE,
+ALLOC_MANY, FILL, queue holds) are checked in full before anything is
+applied, so a refusal of one of them changes nothing.
 """
 
 from __future__ import annotations
 
 import heapq
+import traceback
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,6 +45,7 @@ from shmarena.daemon.layout import layout
 from shmarena.daemon.ledger import (
     DETACHED,
     QUEUED,
+    SESSION,
     Block,
     Freed,
     Growth,
@@ -37,6 +56,7 @@ from shmarena.daemon.ledger import (
 from shmarena.daemon.logs import LogEvent
 from shmarena.daemon.table import Link
 from shmarena.errors import (
+    InternalError,
     InvalidRequest,
     LimitReached,
     OutOfMemory,
@@ -163,6 +183,10 @@ class _Counters:
     alloc_waits: int = 0  # allocations that had to wait for room
     alloc_wait_timeouts: int = 0  # ... and ran out of time
     alloc_waited_s: float = 0.0  # how long they waited, all together
+    # Bugs of the daemon caught while handling a request or a timer (each
+    # answered as internal_error where there was a request, and logged).
+    internal_errors: int = 0
+    quarantined_sessions: int = 0  # sessions ended because check failed after one
     # Requests by op name (each parsed request once, refused or not; a repeat
     # answered from the reply cache is not run again and not counted), and
     # errors by their wire code: what `--metrics-port` exports.
@@ -293,6 +317,11 @@ class Service:
         self.log_events: deque[LogEvent] = deque(maxlen=LOG_EVENTS_KEPT)
         self.stopping = False
         self.max_listing_rows = MAX_LISTING_ROWS  # an attribute for the pure tests
+        # Test-only fault injection (`--debug-fail`): op names whose requests
+        # raise before they run, and "wake" for kept requests as they are
+        # answered (met or timed out). Empty in production.
+        self.faults: frozenset[str] = frozenset()
+        self._quarantine_next: dict[int, float] = {}  # session -> when (see quarantine)
         self._encode = encoder()
         self._dispatch: dict[Op, Callable[[int, Request, float], list[Any] | None]] = {
             Op.BYE: self._bye,
@@ -345,6 +374,22 @@ class Service:
     def handle(self, peer: bytes, payload: bytes, now: float) -> bytes:
         """The reply frame for one request frame (empty: send nothing, for a
         one-way request that succeeded). Never raises."""
+        try:
+            return self._handle(peer, payload, now)
+        except Exception as error:  # past the one error->reply spot (encoding, say)
+            failure = self.internal_error("a request", error, self.peers.get(peer), now)
+            self._count_error(failure.code)
+            try:
+                message = decode(payload)
+                request_id = message[1] if type(message[1]) is int else None  # type: ignore[index]
+            except Exception:
+                request_id = None
+            return self._encode(error_reply(request_id, failure))
+        finally:
+            if self._quarantine_next:
+                self.quarantine()
+
+    def _handle(self, peer: bytes, payload: bytes, now: float) -> bytes:
         self.counters.requests += 1
         self.last_op = None
         request_id: Any = None
@@ -403,9 +448,11 @@ class Service:
             elif session_id is None:
                 raise self._no_session(peer, request, now)
             else:
+                if name in self.faults:
+                    raise RuntimeError(f"fault injected by --debug-fail {name}")
                 reply = self._dispatch[request.op](session_id, request, now)
                 if reply is None:  # kept until it can be met
-                    self._deliver_met()
+                    self._deliver_met(now)
                     return b""
         except ShmArenaError as error:
             self._count_error(error.code)
@@ -413,11 +460,10 @@ class Service:
             if isinstance(error, OutOfMemory) and session_id is not None:
                 self._log_oom(session_id, error, request)
         except Exception as error:  # a bug of ours: report it, keep serving
-            self._count_error(ShmArenaError.code)
-            reply = error_reply(
-                request_id,
-                ShmArenaError(f"internal error in the daemon: {type(error).__name__}: {error}"),
-            )
+            what = self.last_op or "a request"
+            failure = self.internal_error(what, error, session_id, now)
+            self._count_error(failure.code)
+            reply = error_reply(request_id, failure)
         if one_way:
             if not reply:
                 return b""
@@ -427,8 +473,98 @@ class Service:
         if keep and session_id is not None:
             self._keep(session_id, request_id, frame)
         if self.exchange.met:
-            self._deliver_met()
+            self._deliver_met(now)
         return frame
+
+    def internal_error(
+        self, where: str, error: BaseException, session_id: int | None = None, now: float = 0.0
+    ) -> InternalError:
+        """Note a bug of the daemon met in `where` (an op name, or what the
+        server was doing): count it, queue its log event with the traceback,
+        run `check`, and return the error to answer that request with. When
+        the check fails, `session_id` (the session whose request failed) is
+        quarantined at the next `quarantine` call: at the end of the `handle`
+        or `wake` under way, or right after the server's call. Never raises."""
+        self.counters.internal_errors += 1
+        kind = f"{type(error).__name__}: {error}"
+        problems = self._problems()
+        # (also a session the ledger dropped already: its peer, tokens and
+        # waiters may be what is left over)
+        quarantined = bool(problems) and session_id is not None
+        if quarantined:
+            assert session_id is not None
+            self._quarantine_next[session_id] = now
+            outcome = (
+                f"the daemon's state failed its check afterwards ({problems[0]}), so session "
+                f"{session_id} is ended and what it held in session scope reclaimed; the "
+                "client opens a new session on its next call"
+            )
+        elif problems:
+            outcome = (
+                f"the daemon's state failed its check afterwards: {problems[0]} (and "
+                f"{len(problems) - 1} more); restart the daemon when you can"
+            )
+        else:
+            outcome = (
+                "the daemon's state passed its check afterwards; the request may have been "
+                "partly applied, so look (stats, owners) before you retry"
+            )
+        trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        self._log(
+            "internal_error",
+            f"internal error in the daemon while handling {where}: {kind}; {outcome}\n{trace}",
+            "error",
+            where=where,
+            error=kind,
+            session=session_id,
+            quarantined=quarantined,
+            problems=problems[:20],
+            traceback=trace,
+        )
+        return InternalError(
+            f"internal error in the daemon while handling {where} ({kind}); it was logged "
+            f"with its traceback and counted; {outcome}. Please report the daemon's log lines",
+            where=where,
+            error=kind,
+            quarantined=quarantined,
+        )
+
+    def quarantine(self) -> None:
+        """End the sessions `internal_error` marked (outside any loop over
+        the service's own collections), recycle session owners left without a
+        session, and log what `check` says then. Never raises."""
+        while self._quarantine_next:
+            session_id, now = self._quarantine_next.popitem()
+            try:
+                self.end_session(session_id, "quarantined", now)
+                self._recycle_orphans()
+            except Exception as error:
+                self._log("quarantine_failed", f"ending session {session_id} after an internal "
+                          f"error failed too: {error!r}", "error", session=session_id)  # fmt: skip
+            self.counters.quarantined_sessions += 1
+            problems = self._problems()
+            self._log(
+                "quarantined",
+                f"session {session_id} was ended after an internal error; the daemon's state "
+                + (f"still fails its check: {problems[0]}" if problems else "passes its check"),
+                "error" if problems else "warning",
+                session=session_id,
+                problems=problems[:20],
+            )
+
+    def _recycle_orphans(self) -> None:
+        """Recycle session-scoped owners whose session is gone (what a session
+        ending half-way through leaves behind)."""
+        ledger = self.ledger
+        for owner in list(ledger.owners.values()):
+            if owner.scope == SESSION and owner.session_id not in ledger.sessions:
+                ledger.recycle(owner.name)
+
+    def _problems(self) -> list[str]:
+        try:
+            return self.check()
+        except Exception as error:  # the check itself trips on the damage
+            return [f"check itself failed: {type(error).__name__}: {error}"]
 
     def _count_error(self, code: str) -> None:
         self.counters.errors += 1
@@ -501,10 +637,15 @@ class Service:
         kept, and at `next_wake` at the latest). Its cost does not grow with
         the number kept: the due ones come off deadline heaps, and of the
         waiting ALLOCs only the first is tried."""
-        self.exchange.expire(now)
-        self._deliver_met()
+        try:
+            self.exchange.expire(now)
+        except Exception as error:  # each waiter is isolated inside; this is the rest
+            self.internal_error("the kept requests' deadlines", error, None, now)
+        self._deliver_met(now)
         if self.alloc_waiters:
             self._serve_alloc_waiters(now)
+        if self._quarantine_next:
+            self.quarantine()
 
     def next_wake(self) -> float | None:
         """The earliest deadline of a kept request (None: none kept)."""
@@ -581,10 +722,6 @@ class Service:
             self.alloc_deadlines = [e for e in heap if e[1] in self.alloc_waiters]
             heapq.heapify(self.alloc_deadlines)
 
-    def _try_alloc(self, waiter: _AllocWaiter, now: float) -> Block:
-        size, owner, detached, _, site = waiter.args
-        return self.ledger.alloc(waiter.session_id, size, owner, detached, now, site)
-
     def _forget_alloc_waiter(self, waiter: _AllocWaiter) -> None:
         del self.alloc_waiters[waiter.seq]
         left = self.alloc_kept[waiter.session_id] - 1
@@ -592,6 +729,19 @@ class Service:
             self.alloc_kept[waiter.session_id] = left
         else:
             del self.alloc_kept[waiter.session_id]
+
+    def _try_alloc(self, waiter: _AllocWaiter, now: float) -> Block:
+        """The block for a waiting ALLOC; a bug on the way is this waiter's
+        InternalError (a ShmArenaError: answered like any refusal)."""
+        size, owner, detached, _, site = waiter.args
+        try:
+            if "wake" in self.faults:
+                raise RuntimeError("fault injected by --debug-fail wake")
+            return self.ledger.alloc(waiter.session_id, size, owner, detached, now, site)
+        except ShmArenaError:
+            raise
+        except Exception as error:
+            raise self.internal_error("a waiting alloc", error, waiter.session_id, now) from None
 
     def _answer_waiter(self, waiter: _AllocWaiter, reply: list[Any], now: float) -> None:
         self._forget_alloc_waiter(waiter)
@@ -605,24 +755,30 @@ class Service:
         if peer is not None:
             self.outbox.append((peer, frame))
 
-    def _deliver_met(self) -> None:
+    def _deliver_met(self, now: float = 0.0) -> None:
         for waiter, result in self.exchange.take_met():
             self._wait_over(waiter.session_id, waiter.request_id)
-            peer = self.session_peer.get(waiter.session_id)
+            if "wake" in self.faults:
+                result = RuntimeError("fault injected by --debug-fail wake")
             if isinstance(result, ShmArenaError):
                 self._count_error(result.code)
                 reply = error_reply(waiter.request_id, result)
                 if isinstance(result, OutOfMemory):
                     self._log_oom(waiter.session_id, result, None)
-            elif isinstance(result, Exception):
-                self._count_error(ShmArenaError.code)
-                reply = error_reply(
-                    waiter.request_id,
-                    ShmArenaError(f"internal error in the daemon: {type(result).__name__}: "
-                                  f"{result}"),
-                )  # fmt: skip
+            elif isinstance(result, Exception):  # a bug, met while answering this one
+                where = f"a waiting {OP_NAMES[waiter.op]}"
+                failure = self.internal_error(where, result, waiter.session_id, now)
+                self._count_error(failure.code)
+                reply = error_reply(waiter.request_id, failure)
             else:
-                reply = ok_reply(waiter.request_id, *self._shape(waiter.op, result))
+                try:
+                    reply = ok_reply(waiter.request_id, *self._shape(waiter.op, result))
+                except Exception as error:
+                    where = f"a waiting {OP_NAMES[waiter.op]}"
+                    failure = self.internal_error(where, error, waiter.session_id, now)
+                    self._count_error(failure.code)
+                    reply = error_reply(waiter.request_id, failure)
+            peer = self.session_peer.get(waiter.session_id)
             frame = self._encode(reply)
             if waiter.op in MUTATING_OPS:
                 self._keep(waiter.session_id, waiter.request_id, frame)
@@ -882,6 +1038,9 @@ class Service:
                 "moved": "its process reconnected it from another socket",
                 "not_resumed": "the daemon was restarted and the client did not come back "
                 f"within the grace period of {info.grace_s:g} s",
+                "quarantined": "an internal error of the daemon while handling one of its "
+                "requests left the state failing its check, so the session was ended (see the "
+                "daemon's log)",
             }.get(reason, reason)
             return SessionLost(
                 f"{op}: session {session_id} of daemon {info.name!r} is gone: {why}, "
@@ -946,6 +1105,7 @@ class Service:
             why = {
                 "lease_expired": f"silent for longer than its {self.info.lease_s:g} s lease",
                 "not_resumed": f"not back within the {self.info.grace_s:g} s grace",
+                "quarantined": "ended after an internal error left the state failing its check",
             }.get(reason, reason)
             event = "client_died"
             message = f"client session {session_id} expired: {got} (pid {pid}, {why})"

@@ -207,6 +207,17 @@ class Store:
             self.failed = f"writing the allocation table {self.journal.path} failed: {exc.strerror}"
             raise
 
+    def rewrite(self, service: Service) -> None:
+        """Write the whole table again (after a commit failed by a bug, so no
+        change it took is lost). An OSError here is fatal, as in `commit`."""
+        if self.mode == "none" or self.failed:
+            return
+        try:
+            self.journal.rewrite(self._snapshot(service, clean=False))
+        except OSError as exc:
+            self.failed = f"writing the allocation table {self.journal.path} failed: {exc.strerror}"
+            raise
+
     def close(self, service: Service | None) -> None:
         """A clean stop: the final snapshot (in every mode), then close."""
         try:

@@ -1,0 +1,60 @@
+"""The daemon survives its own bugs, in a real daemon: with a fault injected
+(`--debug-fail`), the request it hits gets `InternalError`, the failure is
+counted and logged with its traceback, other clients go on, `shmarena check`
+passes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+import shmarena
+from tests.conftest import Daemon
+
+
+def test_a_failing_op_answers_internal_error_and_the_daemon_goes_on(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = make_daemon("16M", ["--debug-fail", "recycle"])
+    a, b = daemon.client(), daemon.client()
+    kept = a.owner("batch").alloc(4096)
+    with pytest.raises(shmarena.InternalError) as caught:
+        a.recycle("batch")
+    message = str(caught.value)
+    assert "while handling recycle" in message and "passed its check" in message
+    assert [o["blocks"] for o in a.list_owners() if o["name"] == "batch"] == [1]  # nothing changed
+    kept.view[:3] = b"abc"
+    buf = b.alloc(8192)  # another client goes on
+    buf.view[:2] = b"ok"
+    b.free(buf)
+    stats = b.stats()
+    assert stats["counters"]["internal_errors"] == 1
+    assert stats["counters"]["errors_by_code"]["internal_error"] == 1
+    assert daemon.cli("check").returncode == 0
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    out = daemon.stop()
+    assert "internal error in the daemon while handling recycle" in out
+    assert "Traceback (most recent call last)" in out and "--debug-fail recycle" in out
+
+
+def test_a_failure_while_answering_a_kept_request_is_that_request_s(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = make_daemon("16M", ["--debug-fail", "wake"])
+    a, b = daemon.client(), daemon.client()
+    with pytest.raises(shmarena.InternalError) as caught:
+        a.lookup("never-published", timeout=0.3)  # kept, then timed out: the fault hits
+    assert "a waiting lookup" in str(caught.value)
+    buf = b.alloc(4096)
+    b.publish("now", buf)
+    assert bytes(a.lookup("now", timeout=0).view[:1]) == b"\0"  # met at once: not kept
+    assert b.stats()["counters"]["internal_errors"] == 1
+    assert daemon.cli("check").returncode == 0
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_an_unknown_fault_name_is_a_usage_error(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon("16M")
+    result = daemon.cli("daemon", "--name", daemon.name + "x", "--debug-fail", "nope")
+    assert result.returncode == 2 and "'nope'" in result.stderr and "alloc" in result.stderr
