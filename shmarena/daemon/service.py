@@ -941,9 +941,10 @@ class Service:
         events = request.args[0]
         self.counters.posts += 1
         self.counters.events += len(events)
-        problems = self.ledger.apply_events(session_id, events, now)
-        if not problems:
+        refused = self.ledger.apply_events(session_id, events, now)
+        if not refused:
             return []
+        problems = [str(error) for error in refused]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise StaleHandle(
             f"{len(problems)} of {len(events)} frees or hand-outs this client sent without "

@@ -50,14 +50,14 @@ def block_image(b: Block) -> list[Any]:
 
 
 def owner_image(o: Owner) -> list[Any]:
-    return [o.name, o.scope, o.session_id, o.pid, o.created_at]
+    return [o.name, o.scope, o.session_id, o.pid, o.created_at, o.uid]
 
 
 def session_image(s: Session, link: Link) -> list[Any]:
     reply = list(link.reply) if link.reply else None
     return [
         s.id, s.pid, s.start_ticks, s.label, s.since, s.watched,
-        link.token, link.peer, link.seen, reply, list(s.notices),
+        link.token, link.peer, link.seen, reply, list(s.notices), s.uid, s.gid,
     ]  # fmt: skip
 
 
@@ -178,8 +178,11 @@ def build(state: State, name: str, space: Space, now: float) -> tuple[Ledger, di
     ledger._next_session = state.next_session
     links: dict[int, Link] = {}
     for image in state.sessions.values():
-        sid, pid, ticks, label, since, watched, token, peer, seen, reply, notices = image
+        sid, pid, ticks, label, since, watched, token, peer, seen, reply, notices = image[:11]
         session = Session(sid, pid, ticks, label, since, now, bool(watched))
+        # Tables written before 0.9 do not say who: such a session is no
+        # administrator (the service decides it again from the uid, adopt).
+        session.uid, session.gid = image[11:13] if len(image) >= 13 else (-1, -1)
         session.notices = list(notices)
         ids = state.owner_ids.get(sid, {})
         session.owner_ids = [ids.get(i, "") for i in range(max(ids, default=-1) + 1)]
@@ -188,8 +191,9 @@ def build(state: State, name: str, space: Space, now: float) -> tuple[Ledger, di
         ledger.sessions[sid] = session
         links[sid] = Link(token, bytes(peer), seen, (reply[0], bytes(reply[1])) if reply else None)
     for image in state.owners.values():
-        oname, scope, sid, pid, created = image
-        ledger.owners[oname] = Owner(oname, scope, sid, pid, created)
+        oname, scope, sid, pid, created = image[:5]
+        uid = image[5] if len(image) > 5 else -1
+        ledger.owners[oname] = Owner(oname, scope, sid, pid, created, uid=uid)
         if sid in ledger.sessions:
             ledger.sessions[sid].owners.add(oname)
     for image in state.blocks.values():
