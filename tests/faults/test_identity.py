@@ -183,8 +183,11 @@ client.close()
 
 @needs_root
 def test_group_member_may_use_its_own_but_not_administer(
-    make_daemon: Callable[..., Daemon],
+    make_daemon: Callable[..., Daemon], run_dir: str
 ) -> None:
+    # this test's runtime dir exists already: its owner opens it to the group
+    os.chown(run_dir, -1, GROUP)
+    os.chmod(run_dir, 0o750)
     daemon = make_daemon(size="32M", extra=["--group", str(GROUP)])
     admin = daemon.client()
     batch = admin.owner("admin-batch", detached=True)
