@@ -376,7 +376,9 @@ class Exchange:
         if taker != session_id:
             sessions = self.ledger.sessions
             mine, theirs = sessions[session_id], sessions.get(taker)
-            if theirs is None or theirs.pid != mine.pid:
+            # pids are the kernel's (daemon/service.py, hello); 0 is a process
+            # the daemon cannot see, which is nobody's proof of anything
+            if theirs is None or theirs.pid != mine.pid or not mine.pid:
                 found = "no such session" if theirs is None else f"it is process {theirs.pid}'s"
                 raise InvalidRequest(
                     f"queue {name!r}: a get for session {taker} from session {session_id} "

@@ -37,10 +37,12 @@ from dataclasses import dataclass, field
 
 from shmarena.config import format_size
 from shmarena.errors import (
+    AccessDenied,
     InvalidRequest,
     LimitReached,
     OutOfMemory,
     QuotaExceeded,
+    ShmArenaError,
     StaleHandle,
     UnknownOwner,
 )
@@ -100,6 +102,7 @@ class Owner:
     quota: int = 0  # carved bytes it may hold; 0: no quota of its own
     # session -> the id ASSIGN events of that session use for this owner
     ids: dict[int, int] = field(default_factory=dict)
+    uid: int = -1  # the user of the session that created it (-1: not known)
 
 
 @dataclass(eq=False)
@@ -123,6 +126,12 @@ class Session:
     owner_id_of: dict[str, int] = field(default_factory=dict)
     next_owner_id: int = 1
     cached_bytes: int = 0
+    # Who the process is, as the kernel told the daemon (README "Access"): an
+    # administrator may act on every user's owners and blocks, others on their
+    # own uid's only. The defaults are for the pure core's tests.
+    uid: int = 0
+    gid: int = 0
+    admin: bool = True
 
 
 @dataclass
@@ -181,9 +190,9 @@ class Ledger:
         # Called with each block that leaves its owner (freed, recycled, handed
         # back to a cache): a name bound to it vanishes (daemon/exchange.py).
         self.unowned: Callable[[Block], None] | None = None
-        # --quota-per-session: carved bytes a session may hold in its own
-        # owners and its cache (0: no quota). Detached owners count only
-        # against their own quota: they outlive the session.
+        # --quota-per-session: carved bytes a session may hold in the owners
+        # it created (detached ones too, while it lives) and its cache (0: no
+        # quota).
         self.session_quota = 0
         self.detached_owners = 0  # how many owners are detached now
         # Bounds (shmarena/protocol.py); attributes so the pure tests can try
@@ -274,6 +283,15 @@ class Ledger:
                 owner=name,
                 scope=owner.scope,
             )
+        if owner.uid != session.uid and not session.admin:
+            raise AccessDenied(
+                f"owner {name!r} was created by uid {owner.uid}; uid {session.uid} (session "
+                f"{session_id}, pid {session.pid}) may use only its own user's owners. Use an "
+                "owner of your own, or ask the daemon's user (or root) to act on it",
+                owner=name,
+                owner_uid=owner.uid,
+                uid=session.uid,
+            )
         if owner.scope == SESSION and owner.session_id != session_id:
             raise InvalidRequest(
                 f"owner {name!r} belongs to session {owner.session_id} (pid {owner.pid}); "
@@ -308,7 +326,7 @@ class Ledger:
                     owner=name,
                 )
             self.detached_owners += 1
-        owner = Owner(name, scope, session.id, session.pid, now)
+        owner = Owner(name, scope, session.id, session.pid, now, uid=session.uid)
         self.owners[name] = owner
         self.changes.owners.add(name)
         session.owners.add(name)
@@ -408,12 +426,18 @@ class Ledger:
             result.append(block)
         return result
 
-    def free(self, handles: Iterable[Handle], now: float = 0.0) -> Freed:
-        """Free blocks by handle, all or none: every handle is checked first."""
+    def free(
+        self, handles: Iterable[Handle], now: float = 0.0, session_id: int | None = None
+    ) -> Freed:
+        """Free blocks by handle, all or none: every handle is checked first.
+        With `session_id`, a session that is not an administrator may free
+        only blocks whose owner its own user created."""
         handles = list(handles)
         found = [self._find(h, for_free=True) for h in handles]
         if len({id(b) for b, _ in found}) != len(found):
             raise StaleHandle("the same handle appears twice in one free; nothing was freed")
+        if session_id is not None:
+            self._check_may_free(self.sessions[session_id], [b for b, _ in found])
         blocks = self._settle_all(found, handles, now)
         freed = 0
         for block in blocks:
@@ -422,6 +446,22 @@ class Ledger:
             if owner is not None:
                 self._disown(block, owner)
         return Freed(len(blocks), freed)
+
+    def _check_may_free(self, session: Session, blocks: list[Block]) -> None:
+        if session.admin:
+            return
+        for block in blocks:
+            owner = self.owners.get(block.owner) if block.owner is not None else None
+            if owner is not None and owner.uid != session.uid:
+                raise AccessDenied(
+                    f"free of block {block.offset:#x}: it is held by owner {owner.name!r} of "
+                    f"uid {owner.uid}; uid {session.uid} (session {session.id}, pid "
+                    f"{session.pid}) may free only its own user's blocks; nothing was freed. "
+                    "Ask the daemon's user (or root) to free or recycle it",
+                    owner=owner.name,
+                    owner_uid=owner.uid,
+                    uid=session.uid,
+                )
 
     def retain(self, session_id: int, handles: Iterable[Handle], now: float = 0.0) -> int:
         session = self.sessions[session_id]
@@ -713,11 +753,12 @@ class Ledger:
 
     def session_held(self, session: Session) -> int:
         """Carved bytes the session holds against its quota: its cache and
-        the blocks of its session-scoped owners."""
+        the blocks of the owners it created, detached ones included (else a
+        detached owner would be a way around the quota)."""
         held = session.cached_bytes
         for name in session.owners:
             owner = self.owners.get(name)
-            if owner is not None and owner.scope == SESSION:
+            if owner is not None:
                 held += owner.bytes
         return held
 
@@ -735,7 +776,10 @@ class Ledger:
         self._check_quotas(session_id, owner, sizes)
 
     def _check_quotas(self, session_id: int, owner: Owner, sizes: list[int]) -> None:
-        if not (owner.quota or (self.session_quota and owner.scope == SESSION)):
+        # The session quota binds the session that created the owner, while
+        # it lives (for a session-scoped owner, the caller itself).
+        creator = self.sessions.get(owner.session_id)
+        if not (owner.quota or (self.session_quota and creator is not None)):
             return
         carved = sum(self.space.carved_bytes(size) for size in sizes)
         if owner.quota and owner.bytes + carved > owner.quota:
@@ -748,19 +792,18 @@ class Ledger:
                 held_bytes=owner.bytes,
                 requested_bytes=carved,
             )
-        if self.session_quota and owner.scope == SESSION:
-            session = self.sessions[session_id]
-            held = self.session_held(session)
+        if self.session_quota and creator is not None:
+            held = self.session_held(creator)
             if held + carved > self.session_quota:
-                raise self._over_session_quota(session, held, carved)
+                raise self._over_session_quota(creator, held, carved)
 
     def _over_session_quota(self, session: Session, held: int, asked: int) -> QuotaExceeded:
         return QuotaExceeded(
             f"alloc of {format_size(asked)} refused: session {session.id} (pid {session.pid}) "
             f"holds {format_size(held)} (its cache included) of its quota of "
-            f"{format_size(self.session_quota)} per session (--quota-per-session); free or "
-            "recycle some, use a detached owner with a quota of its own, or raise it "
-            "(shmarena quota --per-session SIZE)",
+            f"{format_size(self.session_quota)} per session (--quota-per-session; the "
+            "detached owners it created count too); free or recycle some, or have the "
+            "daemon's user raise it (shmarena quota --per-session SIZE)",
             quota_bytes=self.session_quota,
             held_bytes=held,
             requested_bytes=asked,
@@ -856,12 +899,15 @@ class Ledger:
             self.changes.sessions.add(session_id)
         return notices
 
-    def apply_events(self, session_id: int, events: list[tuple[int, ...]], now: float) -> list[str]:
+    def apply_events(
+        self, session_id: int, events: list[tuple[int, ...]], now: float
+    ) -> list[ShmArenaError]:
         """Apply a client's batched bookkeeping, in order. Each event stands on
-        its own: one that does not fit is skipped and reported, the others are
-        applied (they describe what already happened in the client)."""
+        its own: one that does not fit is skipped and its refusal returned,
+        the others are applied (they describe what already happened in the
+        client)."""
         session = self.sessions[session_id]
-        problems: list[str] = []
+        problems: list[ShmArenaError] = []
         for event in events:
             kind = event[0]
             try:
@@ -870,14 +916,14 @@ class Ledger:
                 elif kind == UNASSIGN:
                     self._event_unassign(session, event)
                 elif kind == FREE_EVENT:
-                    self.free([Handle(*event[1:])], now)
+                    self.free([Handle(*event[1:])], now, session_id)
                 elif kind == DRAIN:
                     block = self.blocks.get(event[1])
                     if block is None or not block.cached or block.cache_session != session.id:
                         raise StaleHandle(f"drain: no block of this cache at {event[1]:#x}")
                     self._drain(session, block)
-            except (StaleHandle, InvalidRequest) as error:
-                problems.append(str(error))
+            except (StaleHandle, InvalidRequest, AccessDenied) as error:
+                problems.append(error)
         return problems
 
     def _may_assign(self, block: Block, generation: int) -> bool:

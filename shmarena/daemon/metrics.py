@@ -170,13 +170,13 @@ class Exporter:
         )
         self._thread.start()
 
-    def timed(self, service: Any) -> Callable[[bytes, bytes, float], bytes]:
+    def timed(self, service: Any) -> Callable[[bytes, bytes, float, Any], bytes]:
         """`service.handle`, timing each request it parsed under its op."""
         handle, observe, clock = service.handle, self.latency.observe, time.perf_counter
 
-        def timed_handle(peer: bytes, payload: bytes, now: float) -> bytes:
+        def timed_handle(peer: bytes, payload: bytes, now: float, creds: Any = None) -> bytes:
             start = clock()
-            reply: bytes = handle(peer, payload, now)
+            reply: bytes = handle(peer, payload, now, creds)
             op = service.last_op
             if op is not None:
                 observe(op, clock() - start)

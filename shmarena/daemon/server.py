@@ -46,7 +46,7 @@ from shmarena.config import (
 from shmarena.daemon.logs import EventLog, LogEvent
 from shmarena.daemon.logwriter import QueuedWriter
 from shmarena.daemon.metrics import METRICS_MAX_CONNECTIONS, Exporter
-from shmarena.daemon.service import ArenaInfo, Service
+from shmarena.daemon.service import ArenaInfo, Creds, Service
 from shmarena.daemon.store import DEFAULT_COMPACT_BYTES, Store, new_epoch
 from shmarena.daemon.table import State
 from shmarena.errors import DaemonStartError, ShmArenaError
@@ -180,6 +180,18 @@ def process_start_ticks(pid: int) -> int | None:
         return int(fields[19])
     except (IndexError, ValueError):
         return None
+
+
+def process_groups(pid: int) -> tuple[int, ...]:
+    """The supplementary groups of a process (empty when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return tuple(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return ()
 
 
 class Server:
@@ -331,6 +343,8 @@ class Server:
             socket_path=self.socket_path,
             lease_s=opts.lease_s,
             quota_per_session=opts.quota_per_session,
+            uid=os.getuid(),
+            group_gid=self.gid if self.gid is not None else -1,
             allocator=allocator,
             version=__version__,
             backing=os.path.abspath(opts.backing) if opts.backing else "",
@@ -685,6 +699,21 @@ class Server:
             self.poller.unregister(fd)
             os.close(fd)
 
+    def _peer_creds(self, frame: zmq.Frame) -> Creds:
+        """Who sent `frame`: libzmq attaches the SO_PEERCRED of an ipc
+        connection to each message as "Peer-Address" = "host:UID:GID:PID".
+        The supplementary groups are read only when a --group could let a
+        process in by one of them. uid -1: not known (refused at hello)."""
+        try:
+            _, *ids = frame.get("Peer-Address").rsplit(":", 3)
+            uid, gid, pid = map(int, ids)
+        except (zmq.ZMQError, ValueError, AttributeError):
+            return Creds(-1, -1, 0)
+        groups: tuple[int, ...] = ()
+        if self.gid is not None and gid != self.gid and uid not in (0, os.getuid()):
+            groups = process_groups(pid)
+        return Creds(uid, gid, pid, groups)
+
     # -- loop --------------------------------------------------------------
 
     def serve(self) -> None:
@@ -699,6 +728,7 @@ class Server:
         send_multipart = router.send_multipart
         backlog = self.backlog
         getsockopt = router.getsockopt
+        peers = service.peers
         tick_ms = int(max(0.1, min(1.0, self.options.lease_s / 4)) * 1000)
         next_expire = time.monotonic()
         opts = self.options
@@ -793,8 +823,16 @@ class Server:
                     except zmq.Again:
                         break
                     # A message may carry several requests (a client's queued
-                    # one-way posts, then its request): handled in order.
-                    payloads = [recv()]
+                    # one-way posts, then its request): handled in order. For
+                    # a peer without a session (its hello), who it is comes
+                    # from the kernel, attached to the frame by ZeroMQ.
+                    creds = None
+                    if peer in peers:
+                        payloads = [recv()]
+                    else:
+                        first = recv(copy=False)
+                        creds = self._peer_creds(first)
+                        payloads = [first.bytes]
                     while getsockopt(RCVMORE):
                         frame = recv()
                         if len(payloads) <= MAX_FRAMES:
@@ -803,7 +841,7 @@ class Server:
                         payloads = [b"\xc1"]  # never valid msgpack: gets a protocol error
                     now = time.time()
                     for payload in payloads:
-                        reply = handle(peer, payload, now)
+                        reply = handle(peer, payload, now, creds)
                         if each:
                             self._commit()
                         if not reply:  # a one-way request that succeeded gets none

@@ -7,7 +7,8 @@ exception becomes an error reply: whatever bytes arrive, it returns a reply
 refused request leaves the state as it was.
 
 Everything the service needs from the outside world is handed in: the
-current time on each call, and a `watch` callable that the server provides to
+current time on each call, who a new connection's process is (its `Creds`,
+which the server has from the kernel), and a `watch` callable that the server provides to
 start watching a client's pid (it answers whether it could). The server calls
 `end_session` when a watched process dies and `expire` on a timer for the
 sessions it cannot watch.
@@ -56,6 +57,7 @@ from shmarena.daemon.ledger import (
 from shmarena.daemon.logs import LogEvent
 from shmarena.daemon.table import Link
 from shmarena.errors import (
+    AccessDenied,
     InternalError,
     InvalidRequest,
     LimitReached,
@@ -109,6 +111,19 @@ def _no_grow(index: int, size_bytes: int) -> bool:
     return True  # the pure core's tests: a segment is only numbers
 
 
+@dataclass(frozen=True)
+class Creds:
+    """Who is at the other end of a connection, as the kernel says
+    (SO_PEERCRED): never what a message claims. `groups` are the process's
+    supplementary groups, when the server looked them up (only a `--group`
+    needs them). uid -1: the server could not learn it."""
+
+    uid: int
+    gid: int
+    pid: int
+    groups: tuple[int, ...] = ()
+
+
 # Peers whose session ended are remembered (bounded) so that their next
 # request learns why, instead of a bare "say hello first".
 ENDED_PEERS = 4096
@@ -154,6 +169,10 @@ class ArenaInfo:
     numa_cpus: tuple[int, ...] = ()
     # --quota-per-session: carved bytes a session may hold (0: no quota)
     quota_per_session: int = 0
+    # Who may use the daemon (README "Access"): its own uid and root are
+    # administrators; with --group, members of that gid may use it (-1: none).
+    uid: int = 0
+    group_gid: int = -1
 
     @property
     def first_segment(self) -> dict[str, Any]:
@@ -371,11 +390,17 @@ class Service:
 
     # -- the one entry point -----------------------------------------------
 
-    def handle(self, peer: bytes, payload: bytes, now: float) -> bytes:
+    def handle(self, peer: bytes, payload: bytes, now: float, creds: Creds | None = None) -> bytes:
         """The reply frame for one request frame (empty: send nothing, for a
-        one-way request that succeeded). Never raises."""
+        one-way request that succeeded). Never raises.
+
+        `creds` is who the peer's process is, from the kernel: the server
+        hands it in for every peer without a session, and a HELLO opens the
+        session as that uid and pid. None (the pure core's tests, an
+        in-process caller) counts as the daemon's own user and trusts the
+        pid in the HELLO."""
         try:
-            return self._handle(peer, payload, now)
+            return self._handle(peer, payload, now, creds)
         except Exception as error:  # past the one error->reply spot (encoding, say)
             failure = self.internal_error("a request", error, self.peers.get(peer), now)
             self._count_error(failure.code)
@@ -389,7 +414,7 @@ class Service:
             if self._quarantine_next:
                 self.quarantine()
 
-    def _handle(self, peer: bytes, payload: bytes, now: float) -> bytes:
+    def _handle(self, peer: bytes, payload: bytes, now: float, creds: Creds | None) -> bytes:
         self.counters.requests += 1
         self.last_op = None
         request_id: Any = None
@@ -443,7 +468,7 @@ class Service:
             ops[name] = ops.get(name, 0) + 1
             keep = request.op in MUTATING_OPS
             if request.op is Op.HELLO:
-                reply = self._hello(peer, request, now)
+                reply = self._hello(peer, request, now, creds)
                 session_id = self.peers[peer]
             elif session_id is None:
                 raise self._no_session(peer, request, now)
@@ -834,6 +859,11 @@ class Service:
         return ok_reply(request.request_id, None)
 
     def _unpublish(self, session_id: int, request: Request, now: float) -> list[Any]:
+        entry = self.exchange.names.get(request.args[0])
+        holder = entry.block.owner if entry is not None else None
+        owner = self.ledger.owners.get(holder) if holder is not None else None
+        if owner is not None:
+            self._require_owner_access(session_id, owner, "unpublish")
         self.exchange.unpublish(request.args[0])
         return ok_reply(request.request_id, None)
 
@@ -856,10 +886,53 @@ class Service:
         self.exchange.close_queue(session_id, request.args[0])
         return ok_reply(request.request_id, None)
 
+    # -- access (README "Access") ------------------------------------------
+
+    def is_admin(self, uid: int) -> bool:
+        """Whether a process of `uid` may administer the daemon: the
+        daemon's own user and root."""
+        return uid == 0 or uid == self.info.uid
+
+    def admitted(self, creds: Creds) -> bool:
+        """Whether a process may use the daemon at all: an administrator, or
+        a member of the --group (its primary or a supplementary group)."""
+        gid = self.info.group_gid
+        return self.is_admin(creds.uid) or (gid >= 0 and (creds.gid == gid or gid in creds.groups))
+
+    def _who_may(self) -> str:
+        return "root and the daemon's user" + (f" (uid {self.info.uid})" if self.info.uid else "")
+
+    def _require_admin(self, session_id: int, op: str, what: str) -> None:
+        session = self.ledger.sessions[session_id]
+        if not session.admin:
+            raise AccessDenied(
+                f"{op}: uid {session.uid} (session {session_id}, pid {session.pid}) may not "
+                f"{what} on daemon {self.info.name!r}: only {self._who_may()} may; nothing "
+                "was changed",
+                op=op,
+                uid=session.uid,
+            )
+
+    def _require_owner_access(self, session_id: int, owner: Any, op: str) -> None:
+        session = self.ledger.sessions[session_id]
+        if not session.admin and owner.uid != session.uid:
+            raise AccessDenied(
+                f"{op} of owner {owner.name!r}: it was created by uid {owner.uid}; uid "
+                f"{session.uid} (session {session_id}, pid {session.pid}) may {op} only its "
+                f"own user's owners; only {self._who_may()} may act on every owner. Nothing "
+                "was changed",
+                op=op,
+                owner=owner.name,
+                owner_uid=owner.uid,
+                uid=session.uid,
+            )
+
     # -- sessions ----------------------------------------------------------
 
-    def _hello(self, peer: bytes, request: Request, now: float) -> list[Any]:
-        version, pid, start_ticks, label, resume = request.args
+    def _hello(
+        self, peer: bytes, request: Request, now: float, creds: Creds | None = None
+    ) -> list[Any]:
+        version, claimed_pid, start_ticks, label, resume = request.args
         if version != PROTOCOL_VERSION:
             raise ProtocolError(
                 f"client speaks protocol {version}, this daemon speaks {PROTOCOL_VERSION}; "
@@ -867,8 +940,37 @@ class Service:
                 client_version=version,
                 daemon_version=PROTOCOL_VERSION,
             )
-        if not 0 < pid <= MAX_PID:
-            raise InvalidRequest(f"hello: pid must be in 1..{MAX_PID}, got {pid}")
+        if not 0 < claimed_pid <= MAX_PID:
+            raise InvalidRequest(f"hello: pid must be in 1..{MAX_PID}, got {claimed_pid}")
+        # Who the process is comes from the kernel; the pid in the message is
+        # only a hint (a process in another pid namespace names itself by
+        # another number). The kernel's pid 0: a process the daemon cannot
+        # see, which lives on a lease.
+        if creds is None:
+            uid, gid, pid = self.info.uid, -1, claimed_pid
+        else:
+            if creds.uid < 0:
+                raise AccessDenied(
+                    "hello: the daemon could not learn from the kernel which user this "
+                    "connection belongs to, so it refuses it; connect over the daemon's ipc "
+                    "socket",
+                    op="hello",
+                )
+            if not self.admitted(creds):
+                group = self.info.group_gid
+                may = (
+                    f"{self._who_may()} and members of group {group} (--group)"
+                    if group >= 0
+                    else f"{self._who_may()}; start it with --group G to let the members of "
+                    "group G in"
+                )
+                raise AccessDenied(
+                    f"hello: uid {creds.uid} (pid {creds.pid}) may not use daemon "
+                    f"{self.info.name!r}: only {may} may",
+                    op="hello",
+                    uid=creds.uid,
+                )
+            uid, gid, pid = creds.uid, creds.gid, creds.pid
         if peer not in self.peers and self.ledger._next_session > MAX_SESSIONS:
             raise ShmArenaError(
                 f"daemon {self.info.name!r} has opened {MAX_SESSIONS} sessions since it "
@@ -877,10 +979,11 @@ class Service:
         session_id = self.peers.get(peer)
         resumed = False
         if session_id is None and len(resume) == 2:
-            session_id = self._resume(peer, resume, pid, start_ticks, now)
+            session_id = self._resume(peer, resume, pid, start_ticks, uid, now)
             resumed = session_id is not None
         if session_id is None:
             session = self.ledger.open_session(pid, start_ticks, label[:200], now, False)
+            session.uid, session.gid, session.admin = uid, gid, self.is_admin(uid)
             session_id = session.id
             self.peers[peer] = session_id
             self.session_peer[session_id] = peer
@@ -890,12 +993,15 @@ class Service:
             self.counters.sessions_opened += 1
             session.watched = bool(self.watch(session_id, pid, start_ticks))
             watch = "pidfd" if session.watched else "lease"
+            claimed = f" (it said pid {claimed_pid})" if claimed_pid != pid else ""
             self._log(
                 "client_joined",
-                f"client session {session_id} joined: pid {pid}, label {session.label!r}, "
-                f"watched by {watch}",
+                f"client session {session_id} joined: pid {pid}{claimed}, uid {uid}, label "
+                f"{session.label!r}, watched by {watch}",
                 session=session_id,
                 pid=pid,
+                claimed_pid=claimed_pid,
+                uid=uid,
                 label=session.label,
                 watch=watch,
             )
@@ -934,17 +1040,17 @@ class Service:
         )
 
     def _resume(
-        self, peer: bytes, resume: list[int], pid: int, start_ticks: int, now: float
+        self, peer: bytes, resume: list[int], pid: int, start_ticks: int, uid: int, now: float
     ) -> int | None:
         """Bind a new socket of a client to its existing session, if the
-        session is alive and the token, pid and start time are the ones it
-        said hello with; else None (the caller opens a new session)."""
+        session is alive and the token, pid, start time and uid are the ones
+        it said hello with; else None (the caller opens a new session)."""
         session_id, token = resume
         session = self.ledger.sessions.get(session_id)
         if (
             session is None
             or self.tokens.get(session_id) != token
-            or (session.pid, session.start_ticks) != (pid, start_ticks)
+            or (session.pid, session.start_ticks, session.uid) != (pid, start_ticks, uid)
         ):
             return None
         old = self.session_peer.get(session_id)
@@ -990,6 +1096,8 @@ class Service:
             if block.retainers and QUEUED in block.retainers:
                 block.retainers[QUEUED] = 1
                 ledger.drop_holds([block])
+        for session in ledger.sessions.values():
+            session.admin = self.is_admin(session.uid)
         for session_id, link in links.items():
             if link.peer:
                 self.peers[link.peer] = session_id
@@ -1209,7 +1317,7 @@ class Service:
 
     def _free(self, session_id: int, request: Request, now: float) -> list[Any]:
         handles: list[Handle] = request.args[0]
-        freed = self.ledger.free(handles, now)
+        freed = self.ledger.free(handles, now, session_id)
         self.counters.frees += freed.blocks
         return ok_reply(request.request_id, [freed.blocks, freed.bytes])
 
@@ -1219,6 +1327,9 @@ class Service:
             raise InvalidRequest(
                 f"owner {name!r}: quota must be -1 (unchanged), 0 (none) or bytes, got {quota}"
             )
+        existing = self.ledger.owners.get(name)
+        if quota >= 0 and quota != (existing.quota if existing is not None else 0):
+            self._require_admin(session_id, "owner", f"set the quota of owner {name!r}")
         owner = self.ledger.open_owner(name, session_id, detached, now)
         if quota >= 0:
             self.ledger.set_quota(name, quota)
@@ -1227,6 +1338,9 @@ class Service:
         return ok_reply(request.request_id, row)
 
     def _recycle(self, session_id: int, request: Request, now: float) -> list[Any]:
+        owner = self.ledger.owners.get(request.args[0])
+        if owner is not None:
+            self._require_owner_access(session_id, owner, "recycle")
         freed = self.ledger.recycle(request.args[0])
         self.counters.recycles += 1
         notices = self.ledger.take_notices(session_id)
@@ -1249,11 +1363,14 @@ class Service:
         events = request.args[0]
         self.counters.posts += 1
         self.counters.events += len(events)
-        problems = self.ledger.apply_events(session_id, events, now)
-        if not problems:
+        refused = self.ledger.apply_events(session_id, events, now)
+        if not refused:
             return []
+        problems = [str(error) for error in refused]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise StaleHandle(
+        # Refused by the access model: said as such, not as a stale handle.
+        kind = AccessDenied if isinstance(refused[0], AccessDenied) else StaleHandle
+        raise kind(
             f"{len(problems)} of {len(events)} frees or hand-outs this client sent without "
             f"waiting were refused: {problems[0]}{more}",
             problems=problems[:20],
@@ -1269,6 +1386,7 @@ class Service:
         return ok_reply(request.request_id, self.ledger.release(session_id, request.args[0]))
 
     def _shutdown(self, session_id: int, request: Request, now: float) -> list[Any]:
+        self._require_admin(session_id, "shutdown", "stop the daemon")
         self.stopping = True
         return ok_reply(request.request_id, None)
 
@@ -1329,6 +1447,7 @@ class Service:
             ),
             "waiting_requests": self.exchange.kept_total + len(self.alloc_waiters),
             "quota_per_session_bytes": ledger.session_quota,
+            "access": {"admin_uids": sorted({0, info.uid}), "group_gid": info.group_gid},
             "limits": self.limits(),
             "alloc_waiters": [
                 {
@@ -1390,6 +1509,7 @@ class Service:
             "scope": owner.scope,
             "session": owner.session_id,
             "pid": owner.pid,
+            "uid": owner.uid,
             "alive": owner.session_id in self.ledger.sessions,
             "blocks": len(owner.blocks),
             "bytes": owner.bytes,
@@ -1400,6 +1520,8 @@ class Service:
 
     def _quota(self, session_id: int, request: Request, now: float) -> list[Any]:
         target, quota = request.args
+        what = "the per-session quota" if target == "" else f"the quota of owner {target!r}"
+        self._require_admin(session_id, "quota", f"set {what}")
         self.ledger.set_quota(target, quota)
         return ok_reply(request.request_id, [target, quota])
 
@@ -1453,6 +1575,7 @@ class Service:
                 {
                     "session": session.id,
                     "pid": session.pid,
+                    "uid": session.uid,
                     "label": session.label,
                     "since": session.since,
                     "age_s": round(now - session.since, 3),

@@ -55,7 +55,7 @@ def block_image(b: Block) -> list[Any]:
 
 
 def owner_image(o: Owner) -> list[Any]:
-    return [o.name, o.scope, o.session_id, o.pid, o.created_at]
+    return [o.name, o.scope, o.session_id, o.pid, o.created_at, o.uid]
 
 
 def session_image(s: Session, link: Link) -> list[Any]:
@@ -63,7 +63,7 @@ def session_image(s: Session, link: Link) -> list[Any]:
     return [
         s.id, s.pid, s.start_ticks, s.label, s.since, s.watched,
         link.token, link.peer, link.seen, reply, list(s.notices),
-        [list(entry) for entry in link.kept],
+        [list(entry) for entry in link.kept], s.uid, s.gid,
     ]  # fmt: skip
 
 
@@ -204,6 +204,9 @@ def build(state: State, name: str, space: Space, now: float) -> tuple[Ledger, di
         sid, pid, ticks, label, since, watched, token, peer, seen, reply, notices = image[:11]
         kept = [(int(rid), float(deadline)) for rid, deadline in image[11]] if image[11:] else []
         session = Session(sid, pid, ticks, label, since, now, bool(watched))
+        # Tables written before 0.9 do not say who: such a session is no
+        # administrator (the service decides it again from the uid, adopt).
+        session.uid, session.gid = image[12:14] if len(image) >= 14 else (-1, -1)
         session.notices = list(notices)
         ids = state.owner_ids.get(sid, {})
         if 0 not in ids:
@@ -215,8 +218,9 @@ def build(state: State, name: str, space: Space, now: float) -> tuple[Ledger, di
             token, bytes(peer), seen, (reply[0], bytes(reply[1])) if reply else None, kept
         )
     for image in state.owners.values():
-        oname, scope, sid, pid, created = image
-        ledger.owners[oname] = Owner(oname, scope, sid, pid, created)
+        oname, scope, sid, pid, created = image[:5]
+        uid = image[5] if len(image) > 5 else -1
+        ledger.owners[oname] = Owner(oname, scope, sid, pid, created, uid=uid)
         ledger.detached_owners += scope == DETACHED
         if sid in ledger.sessions:
             ledger.sessions[sid].owners.add(oname)

@@ -16,7 +16,11 @@ import pytest
 from tests.conftest import Daemon, can_unshare, wait_for
 
 STOPPED_CLIENT = r"""
-import sys, shmarena
+import sys, shmarena, shmarena.client.client
+# The daemon learns the pid from the kernel, so even a client in another pid
+# namespace is watched by a pidfd; a start time it cannot confirm is what
+# leaves a client on its lease.
+shmarena.client.client._own_start_ticks = lambda: 1
 client = shmarena.connect()
 small = client.alloc(65536)          # from the process cache
 big = client.alloc(2 << 20)          # straight from the daemon

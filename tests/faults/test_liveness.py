@@ -19,26 +19,29 @@ print(client.info["watched"], flush=True)
 sys.stdin.read()
 """
 
+# A start time the daemon cannot confirm for the kernel's pid: it cannot know
+# that a pidfd would name this very process, so the session lives on a lease.
+UNCONFIRMED = r"""
+import sys, shmarena, shmarena.client.client
+shmarena.client.client._own_start_ticks = lambda: 1
+client = shmarena.connect()
+client.alloc(65536)
+print(client.info["watched"], flush=True)
+sys.stdin.read()
+"""
 
-@pytest.mark.skipif(
+needs_unshare = pytest.mark.skipif(
     not can_unshare("--pid", "--fork", "--mount-proc"),
     reason="needs unshare --pid (root or user namespaces)",
 )
-def test_client_in_other_pid_namespace_heartbeats_then_is_reclaimed(make_daemon) -> None:
+
+
+def test_unwatchable_client_heartbeats_then_is_reclaimed(make_daemon) -> None:
     lease_s = 1.0
     daemon = make_daemon(extra=["--lease", str(lease_s)])
     client = daemon.client()
     child = subprocess.Popen(
-        [
-            "unshare",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--mount-proc",
-            sys.executable,
-            "-c",
-            IN_OTHER_PID_NAMESPACE,
-        ],
+        [sys.executable, "-c", UNCONFIRMED],
         env=daemon.env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -55,6 +58,33 @@ def test_client_in_other_pid_namespace_heartbeats_then_is_reclaimed(make_daemon)
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=10)
     wait_for(lambda: client.stats()["used_bytes"] == 0, what="lease to expire")
+    assert client.check() == []
+
+
+@needs_unshare
+def test_client_in_other_pid_namespace_is_watched_by_its_kernel_pid(make_daemon) -> None:
+    daemon = make_daemon(extra=["--lease", "60"])
+    client = daemon.client()
+    child = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
+        + [sys.executable, "-c", IN_OTHER_PID_NAMESPACE],
+        env=daemon.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout and child.stdin
+    # It says hello as pid 1 of its namespace; the daemon has its pid from the
+    # kernel (as the daemon sees it) and watches that process.
+    assert child.stdout.readline().strip() == "True"
+    with open(f"/proc/{child.pid}/task/{child.pid}/children") as f:
+        (python,) = map(int, f.read().split())
+    (row,) = [r for r in client.list_clients() if r["session"] != client.session]
+    assert row["watch"] == "pidfd" and row["pid"] == python
+    child.send_signal(signal.SIGKILL)  # --kill-child: its python dies too
+    child.wait(timeout=10)
+    # reclaimed by the pidfd, long before its 60 s lease would run out
+    wait_for(lambda: client.stats()["used_bytes"] == 0, timeout_s=30, what="reclaim")
     assert client.check() == []
 
 

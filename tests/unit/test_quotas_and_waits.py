@@ -26,7 +26,7 @@ def test_an_owner_over_its_quota_is_refused_and_under_it_is_not() -> None:
     assert service.check() == []
 
 
-def test_the_session_quota_counts_cache_and_own_owners_but_not_detached_ones() -> None:
+def test_the_session_quota_counts_cache_and_every_owner_the_session_created() -> None:
     service = make_service()
     a = Peer(service, b"a")
     a.ok(Op.QUOTA, "", 128 * KiB)
@@ -38,9 +38,18 @@ def test_the_session_quota_counts_cache_and_own_owners_but_not_detached_ones() -
     code, message = a.err(Op.ALLOC, MIN, "mine", False)
     assert code == "quota_exceeded" and "128 KiB" in message and "--quota-per-session" in message
     assert [o["name"] for o in a.ok(Op.OWNERS)[0]] == [f"session-{a.session}"]  # no trace
-    a.ok(Op.ALLOC, 256 * KiB, "shared", True)  # detached: not the session's
+    # a detached owner it creates is no way around the quota
+    code, message = a.err(Op.ALLOC, 256 * KiB, "shared", True)
+    assert code == "quota_exceeded" and "detached owners it created count too" in message
+    a.ok(Op.QUOTA, "", 0)
+    a.ok(Op.ALLOC, 256 * KiB, "shared", True)
+    a.ok(Op.QUOTA, "", 384 * KiB)
+    b = Peer(service, b"b")  # another session may use the detached owner: it counts
+    assert b.err(Op.ALLOC, MIN, "shared", True)[0] == "quota_exceeded"  # against a
+    a.ok(Op.BYE)  # ... while a lives; once it is gone, only the owner's own quota binds
+    b.ok(Op.ALLOC, MIN, "shared", True)
     stats = service.stats(0)
-    assert stats["quota_per_session_bytes"] == 128 * KiB and service.check() == []
+    assert stats["quota_per_session_bytes"] == 384 * KiB and service.check() == []
 
 
 def test_an_alloc_that_waits_is_met_by_a_free_in_arrival_order() -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from shmarena.daemon.service import ArenaInfo, Service
+from shmarena.daemon.service import ArenaInfo, Creds, Service
 from shmarena.protocol import (
     ERR,
     FREE_ID_BIT,
@@ -35,9 +35,14 @@ class Peer:
     """A fake client: a routing id plus a request counter (the service is pure,
     so this is the real wire format, only without the socket)."""
 
-    def __init__(self, service: Service, ident: bytes, pid: int = 1000) -> None:
+    creds: Creds | None = None
+
+    def __init__(
+        self, service: Service, ident: bytes, pid: int = 1000, creds: Creds | None = None
+    ) -> None:
         self.service = service
         self.ident = ident
+        self.creds = creds  # who the kernel says the process is (None: the daemon's user)
         self.rid = 0  # state-changing requests count 1, 2, ... per session
         self.free_rid = FREE_ID_BIT  # the others take ids outside that sequence
         self.now = 100.0
@@ -50,7 +55,8 @@ class Peer:
         else:
             self.free_rid += 1
             rid = self.free_rid
-        return decode(self.service.handle(self.ident, encode([int(op), rid, *args]), self.now))
+        frame = encode([int(op), rid, *args])
+        return decode(self.service.handle(self.ident, frame, self.now, self.creds))
 
     def ok(self, op: Op, *args: object) -> list:
         reply = self.raw(op, *args)
