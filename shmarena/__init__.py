@@ -7,7 +7,7 @@
 This module is the public API, re-exported; nothing else lives here.
 """
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 from typing import Any
 
