@@ -261,8 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="OP",
         help="make every request of OP (an op name: alloc, free, qput, ...) raise inside the "
-        "daemon, or with 'wake' every kept request as it is answered; it must answer "
-        "internal_error and go on (repeatable)",
+        "daemon, with 'wake' every kept request as it is answered, with 'commit' every write "
+        "of a --backing table after it took the changes; it must answer internal_error, "
+        "keep the table whole and go on (repeatable)",
     )
     debug.add_argument(
         "--debug-compact-bytes",
@@ -448,8 +449,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def _check_fault_names(names: list[str]) -> None:
-    """--debug-fail takes op names and 'wake'; ValueError names the others."""
-    known = sorted(OP_NAMES.values()) + ["wake"]
+    """--debug-fail takes op names, 'wake' and 'commit'; ValueError names the others."""
+    known = sorted(OP_NAMES.values()) + ["wake", "commit"]
     for name in names:
         if name not in known:
             raise ValueError(f"--debug-fail {name!r}: not an op; pick one of {', '.join(known)}")

@@ -143,7 +143,8 @@ class DaemonOptions:
     debug_delay_ms: float = 0.0
     debug_seed: int | None = None
     # --debug-fail: make these ops' requests raise inside the daemon ("wake":
-    # kept requests as they are answered), to test that it survives its bugs.
+    # kept requests as they are answered; "commit": writing the table, after
+    # it took the changes), to test that it survives its bugs.
     debug_fail: tuple[str, ...] = ()
     # --metrics-port: serve Prometheus text there (0: any free port), on
     # --metrics-bind (loopback by default); None: no endpoint.
@@ -588,6 +589,9 @@ class Server:
             self.service.ledger.take_changes()
             return
         try:
+            if "commit" in self.service.faults:  # --debug-fail commit: a bug that took the changes
+                self.service.ledger.take_changes()
+                raise RuntimeError("fault injected by --debug-fail commit")
             self.store.commit(self.service)
         except OSError:
             raise ShmArenaError(

@@ -213,7 +213,7 @@ class Store:
         if self.mode == "none" or self.failed:
             return
         try:
-            self.journal.rewrite(self._snapshot(service, clean=False))
+            self._rewrite(service, clean=False)
         except OSError as exc:
             self.failed = f"writing the allocation table {self.journal.path} failed: {exc.strerror}"
             raise

@@ -5,7 +5,9 @@ passes."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +60,24 @@ def test_an_unknown_fault_name_is_a_usage_error(make_daemon: Callable[..., Daemo
     daemon = make_daemon("16M")
     result = daemon.cli("daemon", "--name", daemon.name + "x", "--debug-fail", "nope")
     assert result.returncode == 2 and "'nope'" in result.stderr and "alloc" in result.stderr
+
+
+def test_a_failing_table_write_is_rewritten_whole_and_survives_a_crash(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A bug while writing a --backing table (after it took the changes) is
+    counted, the table is written whole instead, and what was acknowledged
+    is there after a SIGKILL and a restart."""
+    backing = ["--backing", str(tmp_path / "arena"), "--grace", "1"]
+    first = make_daemon("16M", [*backing, "--debug-fail", "commit"])
+    with first.client(cache=False) as a:
+        a.owner("kept", detached=True).alloc(8192).view[:4] = b"safe"
+        assert a.stats()["counters"]["internal_errors"] >= 1
+    assert first.proc is not None and first.proc.poll() is None
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(timeout=10)
+    second = make_daemon("16M", backing, name=first.name)
+    with second.client(cache=False) as b:
+        rows = [o for o in b.list_owners() if o["name"] == "kept"]
+        assert [(o["blocks"], o["bytes"]) for o in rows] == [(1, 8192)]
+        assert b.check() == []
