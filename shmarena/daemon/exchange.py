@@ -691,8 +691,8 @@ class Exchange:
         for key, kept in self.by_key.items():
             if not kept or any(w.key != key for w in kept.values()) or list(kept) != sorted(kept):
                 problems.append(f"waiters of {key[0].name} {key[1]!r} are misfiled")
-        for session_id, kept in self.by_session.items():
-            if not kept or any(w.session_id != session_id for w in kept.values()):
+        for session_id, mine in self.by_session.items():
+            if not mine or any(w.session_id != session_id for w in mine.values()):
                 problems.append(f"waiters of session {session_id} are misfiled")
         in_heap = {e[1] for e in self.deadlines}
         if not by_key.keys() <= in_heap:

@@ -709,7 +709,7 @@ class Server:
         The supplementary groups are read only when a --group could let a
         process in by one of them. uid -1: not known (refused at hello)."""
         try:
-            _, *ids = frame.get("Peer-Address").rsplit(":", 3)
+            _, *ids = str(frame.get("Peer-Address")).rsplit(":", 3)
             uid, gid, pid = map(int, ids)
         except (zmq.ZMQError, ValueError, AttributeError):
             return Creds(-1, -1, 0)

@@ -406,7 +406,7 @@ class Service:
             self._count_error(failure.code)
             try:
                 message = decode(payload)
-                request_id = message[1] if type(message[1]) is int else None  # type: ignore[index]
+                request_id: Any = message[1] if type(message[1]) is int else None  # type: ignore[index]
             except Exception:
                 request_id = None
             return self._encode(error_reply(request_id, failure))
@@ -468,7 +468,7 @@ class Service:
             ops[name] = ops.get(name, 0) + 1
             keep = request.op in MUTATING_OPS
             if request.op is Op.HELLO:
-                reply = self._hello(peer, request, now, creds)
+                reply: list[Any] | None = self._hello(peer, request, now, creds)
                 session_id = self.peers[peer]
             elif session_id is None:
                 raise self._no_session(peer, request, now)
