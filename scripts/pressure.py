@@ -14,7 +14,8 @@ the daemon's resident memory (VmRSS) at each stage:
 
 It prints one line per stage and a summary table; nothing is asserted (the
 tests check behaviour, this script measures it). Latency is wall time of
-`client.ping()` round trips, median and 99th percentile.
+`client.ping()` round trips, median and 99th percentile; the daemon's CPU
+(all its threads, from /proc) per ping, and while nobody asks anything.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import shmarena
 from shmarena.protocol import PROTOCOL_VERSION, Op
 
 HELLO_ID = 1 << 62  # HELLO is outside the numbered sequence
+IDLE_S = 2.0  # how long each stage watches the daemon's CPU with nobody asking
 
 
 def daemon_rss_mib(pid: int) -> float:
@@ -44,6 +46,13 @@ def daemon_rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def daemon_cpu_s(pid: int) -> float:
+    """User + system CPU time of the daemon, all its threads."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def own_start_ticks() -> int:
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, SHMARENA_RUNTIME_DIR=run_dir)
     command = [sys.executable, "-m", "shmarena", "daemon", "--name", name, "--size", "64M"]
     daemon = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    rows: list[tuple[str, float, float, float]] = []
+    rows: list[tuple[str, float, float, float, float, float]] = []
     context: zmq.Context[Any] = zmq.Context()
     try:
         deadline = time.monotonic() + 30
@@ -131,10 +140,16 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.05)
 
         def stage(label: str) -> None:
+            cpu = daemon_cpu_s(daemon.pid)
+            time.sleep(IDLE_S)  # nobody asks: what does the daemon burn meanwhile?
+            idle_pct = (daemon_cpu_s(daemon.pid) - cpu) / IDLE_S * 100
+            cpu = daemon_cpu_s(daemon.pid)
             p50, p99 = ping_figures(pinger, args.pings)
+            per_ping_us = (daemon_cpu_s(daemon.pid) - cpu) / args.pings * 1e6
             rss = daemon_rss_mib(daemon.pid)
-            rows.append((label, p50, p99, rss))
-            print(f"{label}: ping p50 {p50:.0f} us, p99 {p99:.0f} us; daemon RSS {rss:.1f} MiB",
+            rows.append((label, p50, p99, per_ping_us, idle_pct, rss))
+            print(f"{label}: ping p50 {p50:.0f} us, p99 {p99:.0f} us, daemon CPU {per_ping_us:.0f} "
+                  f"us per ping, {idle_pct:.0f} % of a core idle; daemon RSS {rss:.1f} MiB",
                   flush=True)  # fmt: skip
 
         stage("idle")
@@ -194,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             daemon.wait()
         shutil.rmtree(run_dir, ignore_errors=True)
     print()
-    print(f"{'stage':<28} {'ping p50 us':>12} {'ping p99 us':>12} {'daemon RSS MiB':>15}")
-    for label, p50, p99, rss in rows:
-        print(f"{label:<28} {p50:>12.0f} {p99:>12.0f} {rss:>15.1f}")
+    print(f"{'stage':<28} {'ping p50 us':>12} {'ping p99 us':>12} {'CPU us/ping':>12} "
+          f"{'idle CPU %':>11} {'daemon RSS MiB':>15}")  # fmt: skip
+    for label, p50, p99, per_ping, idle, rss in rows:
+        print(f"{label:<28} {p50:>12.0f} {p99:>12.0f} {per_ping:>12.0f} {idle:>11.0f} {rss:>15.1f}")
     return 0
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
+import pytest
 import zmq
 
 from shmarena.protocol import (
@@ -233,6 +234,18 @@ class Fuzzer:
 
 
 def test_random_sequences_never_stop_the_daemon(make_daemon: Callable[..., Daemon]) -> None:
+    fuzz(make_daemon, SEQUENCES, FUZZ_BUDGET_S)
+
+
+@pytest.mark.slow
+def test_many_random_sequences_never_stop_the_daemon(make_daemon: Callable[..., Daemon]) -> None:
+    fuzz(make_daemon, 10 * SEQUENCES, 15 * FUZZ_BUDGET_S)
+
+
+def fuzz(make_daemon: Callable[..., Daemon], sequences: int, budget_s: float) -> None:
+    """Two clients at work (SIGKILLed half-way) and `sequences` random
+    sequences within `budget_s`; then the daemon lives, checks clean and
+    caught no bug of its own."""
     daemon = make_daemon("16M", ["--lease", "1"])
     assert daemon.proc is not None
     pid = daemon.proc.pid
@@ -242,13 +255,14 @@ def test_random_sequences_never_stop_the_daemon(make_daemon: Callable[..., Daemo
         for child in children:
             assert child.stdout is not None and child.stdout.readline().strip() == "ready"
         fuzzer = Fuzzer(daemon, seed=19)
-        deadline = time.monotonic() + FUZZ_BUDGET_S
-        half = SEQUENCES // 2
+        deadline = time.monotonic() + budget_s
+        half = sequences // 2
         ran = fuzzer.run(list(range(100, 100 + half)), deadline)
         for child in children:  # killed mid-work: their sessions come back
             assert child.poll() is None, f"a client at work exited early: {child.returncode}"
             os.kill(child.pid, signal.SIGKILL)
-        ran += fuzzer.run(list(range(200, 200 + SEQUENCES - half)), deadline)
+        second = 100 + max(half, 100)  # seeds of the second half never repeat the first's
+        ran += fuzzer.run(list(range(second, second + sequences - half)), deadline)
     finally:
         for child in children:
             if child.poll() is None:
@@ -270,4 +284,4 @@ def test_random_sequences_never_stop_the_daemon(make_daemon: Callable[..., Daemo
         f"\nFIGURE sequence-fuzz: {ran} sequences, {fuzzer.requests} requests, "
         f"0 daemon deaths, check clean, daemon RSS {before:.1f} MiB before, {after:.1f} MiB after"
     )
-    assert ran >= SEQUENCES // 4, f"only {ran} sequences ran within {FUZZ_BUDGET_S} s"
+    assert ran >= sequences // 4, f"only {ran} sequences ran within {budget_s:g} s"
