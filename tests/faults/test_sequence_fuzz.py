@@ -44,14 +44,20 @@ CLIENT_AT_WORK = """
 import os, random, sys, shmarena
 c = shmarena.connect()
 rng = random.Random(int(sys.argv[1]))
-held = []
+held, retained = [], []
 print("ready", flush=True)
 while True:
-    with c.owner("work-%d-%d" % (os.getpid(), rng.randrange(3))) as owner:
-        for _ in range(rng.randrange(1, 5)):
-            held.append(owner.alloc(rng.randrange(1, 64 * 1024)))
-    held = [b for b in held if rng.random() < 0.5]
-    c.retain(c.alloc(4096).handle)
+    try:
+        with c.owner("work-%d-%d" % (os.getpid(), rng.randrange(3))) as owner:
+            for _ in range(rng.randrange(1, 5)):
+                held.append(owner.alloc(rng.randrange(1, 64 * 1024)))
+        held = [b for b in held if rng.random() < 0.5]
+        retained.append(c.alloc(4096).handle)
+        c.retain(retained[-1])
+        if len(retained) > 8:
+            c.release(retained.pop(0))
+    except shmarena.OutOfMemory:  # the fuzzers hold the arena full for a while
+        held.clear()
 """
 
 
