@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -415,6 +416,7 @@ def test_the_plugin_starts_one_daemon_for_the_workers_of_a_host() -> None:
     leftovers = [f for f in os.listdir(run_dir) if not f.endswith(".log")]
     assert leftovers == []
     assert not os.path.exists(f"/dev/shm/shmarena-{name}")
+    shutil.rmtree(run_dir)  # the detached daemon's log is all that is left
 
 
 # -- dask scheduler / dask worker, and a second "host" --------------------------
