@@ -501,6 +501,10 @@ class AsyncClient:
         """One row per owner (see `Client.list_owners`)."""
         return await self._call(self.sync_client.list_owners)
 
+    async def top_owners(self, count: int) -> list[dict[str, Any]]:
+        """The `count` owners holding most bytes (see `Client.top_owners`)."""
+        return await self._call(self.sync_client.top_owners, count)
+
     async def list_clients(self) -> list[dict[str, Any]]:
         """One row per session (see `Client.list_clients`)."""
         return await self._call(self.sync_client.list_clients)

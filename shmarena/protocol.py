@@ -65,7 +65,7 @@ Requests, in the order of ``Op`` (arguments after the request id):
                Cache bookkeeping and frees, flat (see EVENTS below).
     SYNC       -> notices:[int]           everything sent before is applied
     STATS      -> map
-    OWNERS     cursor:str, page:int  -> [map], next:str|nil
+    OWNERS     cursor:str, page:int, order:str -> [map], next:str|nil
     CLIENTS    cursor:str, page:int  -> [map], next:str|nil
                Listings come in pages of at most `page` rows (capped at
                MAX_LISTING_ROWS), from `cursor` ("": the start) on; `next` is
@@ -77,7 +77,10 @@ Requests, in the order of ``Op`` (arguments after the request id):
                of the one before in that order, so an owner that exists and
                keeps its size for the whole listing is in it exactly once; one
                created, recycled or resized meanwhile may be missing or come
-               twice (the client keeps its later row).
+               twice (the client keeps its later row). OWNERS with order
+               "bytes" answers one page only (no cursor; `next` is nil): the
+               `page` owners holding most bytes, then by name, in one pass
+               however many owners exist (what `shmarena top` shows).
     CHECK      -> [problem:str]  (empty when healthy)
     SHUTDOWN   -> nil, then the daemon stops
     SEGMENTS   -> [map]   the arena's segments now: index, size, and where
@@ -330,7 +333,7 @@ SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
     Op.POST: (("events", EVENTS, REQUIRED),),
     Op.SYNC: (),
     Op.STATS: (),
-    Op.OWNERS: (("cursor", STR, ""), ("page", INT, 0)),
+    Op.OWNERS: (("cursor", STR, ""), ("page", INT, 0), ("order", STR, "")),
     Op.CLIENTS: (("cursor", STR, ""), ("page", INT, 0)),
     Op.CHECK: (),
     Op.SHUTDOWN: (),

@@ -128,12 +128,13 @@ class Sample:
     rtt_s: float
 
 
-def take_sample(client: Client) -> Sample:
-    """Stats (timed), owners and clients, leaving out the asking session."""
+def take_sample(client: Client, rows: int) -> Sample:
+    """Stats (timed), the `rows` biggest owners (one request, however many
+    owners exist) and the clients, leaving out the asking session."""
     started = time.perf_counter()
     stats = client.stats()
     rtt = time.perf_counter() - started
-    owners = client.list_owners()
+    owners = client.top_owners(max(1, rows))
     clients = [row for row in client.list_clients() if row["session"] != client.session]
     return Sample(time.monotonic(), stats, owners, clients, rtt)
 
@@ -180,7 +181,7 @@ def render_top(now: Sample, before: Sample | None, state: TopState, rows: int) -
         rates = "  ".join(f"{label} n/a" for _, label in RATES)
     parts.append(Text.assemble(("ops   ", "bold"), rates))
     parts.append(Text.assemble(("latency ", "bold"), _latency(now, counters)))
-    parts.append(_owners_table(now.owners, rows))
+    parts.append(_owners_table(now.owners, rows, stats["owners"]))
     parts.append(_sessions_table(now.clients, rows))
     recent = ", ".join(
         f"{time.strftime('%H:%M:%S', time.localtime(when))}: {count} session(s), "
@@ -235,8 +236,8 @@ def _latency(sample: Sample, counters: dict[str, Any]) -> str:
     return text
 
 
-def _owners_table(owners: list[dict[str, Any]], rows: int) -> Table:
-    table = Table(title=f"top owners by bytes ({len(owners)} in all)", title_justify="left")
+def _owners_table(owners: list[dict[str, Any]], rows: int, total: int) -> Table:
+    table = Table(title=f"top owners by bytes ({total} in all)", title_justify="left")
     for name, justify in (("owner", "left"), ("scope", "left"), ("session", "right"),
                           ("blocks", "right"), ("bytes", "right"), ("age", "right")):  # fmt: skip
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -277,14 +278,14 @@ def cmd_top(args: argparse.Namespace) -> int:
     state = TopState()
     with _client(args) as client:
         if args.once:
-            first = take_sample(client)
+            first = take_sample(client, args.rows)
             time.sleep(min(0.5, args.interval))  # the rates' window, not a synchronisation
-            second = take_sample(client)
+            second = take_sample(client, args.rows)
             _console().print(render_top(second, first, state, args.rows))
             return EXIT_OK
         from rich.live import Live
 
-        sample = take_sample(client)
+        sample = take_sample(client, args.rows)
         try:
             with Live(
                 render_top(sample, None, state, args.rows),
@@ -294,7 +295,7 @@ def cmd_top(args: argparse.Namespace) -> int:
             ) as live:
                 while True:
                     time.sleep(args.interval)
-                    newer = take_sample(client)
+                    newer = take_sample(client, args.rows)
                     live.update(render_top(newer, sample, state, args.rows))
                     sample = newer
         except KeyboardInterrupt:

@@ -981,6 +981,16 @@ class Client:
         rows.sort(key=lambda r: (r["scope"] != "detached", -r["bytes"], r["name"]))
         return rows
 
+    def top_owners(self, count: int) -> list[dict[str, Any]]:
+        """The `count` owners holding the most bytes (most first, then by
+        name; at most 10 000), rows as in `list_owners`, in one request
+        however many owners exist: what `shmarena top` shows. `stats()`
+        has the number of owners in all."""
+        if count < 1:
+            raise ValueError(f"top_owners: count must be 1 or more, got {count}")
+        rows, _ = self._request(Op.OWNERS, "", count, "bytes")
+        return list(rows)
+
     def list_clients(self) -> list[dict[str, Any]]:
         """One row per connected session (the same as `shmarena clients --json`)."""
         return self._listing(Op.CLIENTS, "session")

@@ -225,6 +225,8 @@ class _AllocWaiter:
     seq: int = 0
 
 
+# Where a listing request carries its page size (protocol.py, OWNERS)
+PAGE_ARG = {Op.OWNERS: 1, Op.CLIENTS: 1, Op.NAMES: 2}
 # Op -> the name counters and metrics use ("alloc", "alloc_many", ...)
 OP_NAMES = {op: op.name.lower() for op in Op}
 
@@ -1534,7 +1536,7 @@ class Service:
         `after` (None: from the start), at most the page size of `request`
         (its last argument); and the key to continue after, None when no
         more. One page costs a pass over the keys, not a sort of them all."""
-        page = request.args[-1]
+        page = request.args[PAGE_ARG[request.op]]
         if page < 0:
             raise InvalidRequest(
                 f"{request.op.name.lower()}: page must be a number of rows (0: the "
@@ -1549,12 +1551,28 @@ class Service:
         return [item for _, item in chosen[:size]], more
 
     def _paged_reply(self, request: Request, rows: list[Any], cursor: str | None) -> list[Any]:
-        if not request.args[-1]:  # a client from before paging: the rows alone
+        if not request.args[PAGE_ARG[request.op]]:  # a client from before paging: the rows alone
             return ok_reply(request.request_id, rows)
         return ok_reply(request.request_id, rows, cursor)
 
     def _owners(self, session_id: int, request: Request, now: float) -> list[Any]:
-        cursor = request.args[0]
+        cursor, _, order = request.args
+        if order == "bytes":  # the biggest holders, one page in one pass: what `top` shows
+            if cursor:
+                raise InvalidRequest(
+                    "owners: order 'bytes' answers one page, the owners holding most bytes, "
+                    f"and takes no cursor (got {cursor!r:.40}); page through the listing "
+                    "order ('') for every owner",
+                    op="owners",
+                )
+            biggest = (((-o.bytes, o.name), o) for o in self.ledger.owners.values())
+            owners, _ = self._page(request, biggest, None)
+            return self._paged_reply(request, [self._owner_row(o, now) for o in owners], None)
+        if order:
+            raise InvalidRequest(
+                f"owners: order must be '' (the listing order) or 'bytes', got {order!r:.40}",
+                op="owners",
+            )
         keyed = ((_owner_key(o), o) for o in self.ledger.owners.values())
         owners, more = self._page(request, keyed, _parse_owner_cursor(cursor) if cursor else None)
         rows = [self._owner_row(o, now) for o in owners]

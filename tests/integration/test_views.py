@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+
 from shmarena.views import FREE_RGB, MARGIN, STRIP_HEIGHT, holder_rgb, image_size
 from tests.conftest import Daemon
 
@@ -39,6 +41,26 @@ def test_top_once_shows_the_bar_and_the_owners(daemon: Daemon) -> None:
     assert "requests" in out and "/s" in out and "round trip" in out, out
     assert "reclaims" in out
     assert len(kept) == 3
+
+
+def test_top_shows_the_biggest_owners_of_many_and_counts_them_all(daemon: Daemon) -> None:
+    """`top` asks for its rows' worth of the biggest owners in one request
+    (OWNERS order 'bytes'), not every owner, and still says how many exist."""
+    client = daemon.client(cache=False)
+    for i in range(30):
+        client.owner(f"leak-{i:02}", detached=True)
+    big = client.owner("big", detached=False)
+    kept = [big.alloc(2 * MIB), client.owner("mid", detached=True).alloc(MIB)]
+    assert [r["name"] for r in client.top_owners(2)] == ["big", "mid"]
+    everyone = sorted(client.list_owners(), key=lambda r: (-r["bytes"], r["name"]))
+    assert [r["name"] for r in client.top_owners(5)] == [r["name"] for r in everyone[:5]]
+    out = daemon.cli("top", "--once", "--rows", "3", check=True).stdout
+    owners = client.stats()["owners"]
+    assert f"top owners by bytes ({owners} in all)" in out, out
+    assert out.index("big") < out.index("mid") and "leak-29" not in out, out
+    with pytest.raises(ValueError):
+        client.top_owners(0)
+    assert len(kept) == 2
 
 
 def test_top_refuses_a_bad_interval(daemon: Daemon) -> None:

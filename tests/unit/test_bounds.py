@@ -315,6 +315,24 @@ def test_a_listing_reply_never_passes_the_row_limit() -> None:
     assert service.stats(0.0)["limits"]["listing_rows"] == 4
 
 
+def test_the_biggest_owners_come_in_one_request_whatever_their_scope() -> None:
+    """What `shmarena top` shows: the owners holding most bytes, detached or
+    not, in one page, without paging through every owner."""
+    peer = Peer(make_service(size=1 << 24), b"a")
+    for i in range(30):
+        peer.ok(Op.OWNER, f"o-{i:02}", i % 2 == 0)
+        peer.ok(Op.ALLOC, MIN * (1 + i % 7), f"o-{i:02}", i % 2 == 0)
+    rows, cursor = peer.ok(Op.OWNERS, "", 5, "bytes")
+    assert cursor is None
+    every = peer.ok(Op.OWNERS, "", 100)[0]
+    biggest = sorted(every, key=lambda r: (-r["bytes"], r["name"]))[:5]
+    assert [r["name"] for r in rows] == [r["name"] for r in biggest]
+    assert {r["scope"] for r in rows} == {"session", "detached"}  # both scopes compete
+    assert refused(peer, Op.OWNERS, "1 -5 o-01", 5, "bytes")[0] == "invalid_request"
+    code, message, _ = refused(peer, Op.OWNERS, "", 5, "size")
+    assert code == "invalid_request" and "'bytes'" in message
+
+
 def test_a_cursor_the_daemon_did_not_give_is_refused() -> None:
     peer = Peer(make_service(), b"a")
     bad = [(Op.OWNERS, "x"), (Op.OWNERS, "1 -5 name"), (Op.OWNERS, "1 ² n"), (Op.CLIENTS, "²")]
