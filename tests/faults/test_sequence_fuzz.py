@@ -23,13 +23,12 @@ import pytest
 import zmq
 
 from shmarena.protocol import (
-    FREE_ID_BIT,
     OK,
     PROTOCOL_VERSION,
-    SEQUENCED_OPS,
     Op,
 )
 from tests.conftest import Daemon, wait_for
+from tests.unit.test_sequences import RequestIds
 
 SEQUENCES = 40
 STEPS = 60
@@ -69,28 +68,20 @@ def rss_mib(pid: int) -> float:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
-class Sequence:
+class Sequence(RequestIds):
     """One raw client: a DEALER socket, its request ids, and a seeded plan."""
 
     def __init__(self, context: zmq.Context, daemon: Daemon, seed: int) -> None:
+        super().__init__()
         self.rng = random.Random(seed)
         self.daemon = daemon
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(f"ipc://{daemon.socket_path}")
-        self.rid = 0
-        self.free_rid = FREE_ID_BIT
         self.steps = self.rng.randrange(STEPS // 2, STEPS)
         self.queues = (*QUEUES, f"own-{seed}")  # shared ones, and one nobody else opens
         self.done = False
         self.sent = 0
-
-    def next_id(self, op: Op) -> int:
-        if op in SEQUENCED_OPS:
-            self.rid += 1
-            return self.rid
-        self.free_rid += 1
-        return self.free_rid
 
     def request(self, op: Op, *args: Any, answer: bool = True) -> list[Any] | None:
         """Send one request; with `answer`, wait for its reply (others that

@@ -28,14 +28,13 @@ wait = st.sampled_from([0.0, 0.0, 0.5, 1.0, 3.0])
 picks = st.lists(st.integers(0, 7), min_size=1, max_size=3)  # among the latest handles
 
 
-class Session:
-    """One client: its routing id, request counters, and what it was given."""
+class RequestIds:
+    """A client's request ids as the protocol numbers them: state-changing
+    requests 1, 2, 3 ...; the others outside that sequence (FREE_ID_BIT)."""
 
-    def __init__(self, ident: bytes) -> None:
-        self.ident = ident
+    def __init__(self) -> None:
         self.rid = 0
         self.free_rid = FREE_ID_BIT
-        self.id = 0
 
     def next_id(self, op: Op) -> int:
         if op in SEQUENCED_OPS:
@@ -43,6 +42,15 @@ class Session:
             return self.rid
         self.free_rid += 1
         return self.free_rid
+
+
+class Session(RequestIds):
+    """One client: its routing id, request counters, and what it was given."""
+
+    def __init__(self, ident: bytes) -> None:
+        super().__init__()
+        self.ident = ident
+        self.id = 0
 
 
 class Sequences(RuleBasedStateMachine):
