@@ -589,26 +589,24 @@ class Server:
             self.service.ledger.take_changes()
             return
         try:
-            if "commit" in self.service.faults:  # --debug-fail commit: a bug that took the changes
-                self.service.ledger.take_changes()
-                raise RuntimeError("fault injected by --debug-fail commit")
-            self.store.commit(self.service)
+            try:
+                if "commit" in self.service.faults:  # --debug-fail commit: a bug that took them
+                    self.service.ledger.take_changes()
+                    raise RuntimeError("fault injected by --debug-fail commit")
+                self.store.commit(self.service)
+            except OSError:
+                raise
+            except Exception as error:  # a bug: the changes it took are written whole instead
+                self.service.internal_error(
+                    "writing the allocation table", error, None, time.time()
+                )
+                self.store.rewrite(self.service)
         except OSError:
             raise ShmArenaError(
                 f"{self.store.failed}; the daemon stops without answering the requests that "
                 "depend on it. Free space or fix the file system and start it again: the "
                 "table recovers to the last acknowledged change"
             ) from None
-        except Exception as error:  # a bug: the changes it took are written whole instead
-            self.service.internal_error("writing the allocation table", error, None, time.time())
-            try:
-                self.store.rewrite(self.service)
-            except OSError:
-                raise ShmArenaError(
-                    f"{self.store.failed}; the daemon stops without answering the requests "
-                    "that depend on it. Free space or fix the file system and start it again: "
-                    "the table recovers to the last acknowledged change"
-                ) from None
 
     def _take_lock(self) -> None:
         fd = open_in_run_dir(self.lock_path, os.O_RDWR | os.O_CREAT, "lock file")
