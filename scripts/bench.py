@@ -693,6 +693,32 @@ def alloc_free(client: shmarena.Client, size: int) -> Callable[[int], None]:
     return run
 
 
+def alloc_view_free(client: shmarena.Client, size: int) -> Callable[[int], None]:
+    """The pair as code that uses its buffer does it: alloc, write through
+    `view`, free (a view taken pins the block until it is gone)."""
+
+    def run(count: int) -> None:
+        alloc = client.alloc
+        for _ in range(count):
+            buf = alloc(size)
+            buf.view[0] = 1
+            buf.free()
+
+    return run
+
+
+def attach_only(client: shmarena.Client, handle: shmarena.Handle) -> Callable[[int], None]:
+    """A plain attach of a live block's handle (no round trip; what it checks
+    locally is all it costs)."""
+
+    def run(count: int) -> None:
+        attach = client.attach
+        for _ in range(count):
+            attach(handle)
+
+    return run
+
+
 def shm_create_unlink(size: int) -> Callable[[int], None]:
     def run(count: int) -> None:
         segment: SharedMemory | None = None
@@ -908,10 +934,16 @@ def section_latency(
             label = size_label(size)
             variants += [
                 variant(f"cached@{label}", alloc_free(cached, size), CHEAP_BATCH, cached.sync),
+                variant(
+                    f"cached+view@{label}", alloc_view_free(cached, size), CHEAP_BATCH, cached.sync
+                ),
                 variant(f"uncached@{label}", alloc_free(uncached, size), 1, uncached.sync),
                 variant(f"shared_memory@{label}", shm_create_unlink(size), CHEAP_BATCH, None),
             ]
         variants.append(variant("floor", zmq_round_trip(dealer), 1, None))
+        held = uncached.alloc(64 * KiB)  # another session's block, as a reader meets it
+        stack.callback(cleanup(held.free))
+        variants.append(variant("attach", attach_only(cached, held.handle), CHEAP_BATCH, None))
         interleave(variants, plan.rounds, plan.chunk_budget_s)
 
     by_key = {v.key: v.summary() for v in variants}
@@ -929,7 +961,10 @@ def section_latency(
     results: dict[str, Any] = {"floor": floor, "sizes": {}}
     for size in LATENCY_SIZES:
         label = size_label(size)
-        row = {name: by_key[f"{name}@{label}"] for name in ("cached", "uncached", "shared_memory")}
+        row = {
+            name: by_key[f"{name}@{label}"]
+            for name in ("cached", "cached+view", "uncached", "shared_memory")
+        }
         results["sizes"][label] = row
         faster = report.ratio(
             f"latency.cached_vs_shared_memory@{label}",
@@ -947,6 +982,7 @@ def section_latency(
         )
         ratios = {
             "cached": f"{fmt_ratio(faster)} faster than shared_memory",
+            "cached+view": "writes one byte through view",
             "uncached": f"{fmt_ratio(over_floor)} floor",
             "shared_memory": "",
         }
@@ -961,6 +997,16 @@ def section_latency(
                 ratios[name],
             )
         table.add_section()
+    results["attach"] = by_key["attach"]
+    table.add_row(
+        "64 KiB",
+        "attach (plain, no round trip)",
+        str(by_key["attach"]["ops_per_sample"]),
+        str(by_key["attach"]["samples"]),
+        fmt_us(by_key["attach"]["median_us"]),
+        fmt_us(by_key["attach"]["p99_us"]),
+        "",
+    )
     table.add_row(
         "30 B",
         "transport floor (ZeroMQ round trip)",
