@@ -282,6 +282,15 @@ class Lifetimes(RuleBasedStateMachine):
         if place is not None:  # else the arena was full: nothing changed
             self.allocs[key] = {"side": side, "owner": owner, "place": place, "live": True}
 
+    @precondition(lambda self: self._freed())
+    @rule(data=st.data())
+    def alloc_again(self, data: st.DataObject) -> None:
+        """An alloc of a freed allocation's size on its side: the likeliest to
+        be given that very block, so stale views meet a live allocation."""
+        key = data.draw(st.sampled_from(self._freed()), label="freed alloc")
+        alloc = self.allocs[key]
+        self.alloc(alloc["side"], alloc["place"][2], None)
+
     @precondition(lambda self: self._live())
     @rule(data=st.data())
     def share_handle(self, data: st.DataObject) -> None:
