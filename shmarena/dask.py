@@ -227,7 +227,8 @@ def _loads(header: dict[str, Any], frames: list[Any]) -> Any:
         buf = client.attach(Handle(*header["buffer"]), retain=True)
         weakref.finalize(buf, _release_quietly, client, buf.handle)
         return buf
-    buffers = retain_all(client, [Handle(*h) for h in header["handles"]])
+    handles = [Handle(*h) for h in header["handles"]]
+    buffers = retain_all(client, handles, "loading a Dask result in this worker")
     return unpack(bytes(frames[0]), buffers)
 
 

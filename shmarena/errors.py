@@ -211,6 +211,79 @@ class DaemonStartError(ShmArenaError):
     code = "daemon_start"
 
 
+# -- lifetime errors ----------------------------------------------------------
+#
+# The rules a StaleHandle says were broken (its details["rule"]): for each, the
+# rule in a few words and what to do. `lifetime_error` is the one place that
+# turns them into a message, so the client, the daemon and the helpers
+# (pickling, arrays, queues) say the same thing the same way.
+
+LIFETIME_RULES: dict[str, tuple[str, str]] = {
+    "double_free": (
+        "a block is freed once: a free after its free, or after its owner's recycle, "
+        "is a double free",
+        "free each buffer once and drop it afterwards; when an owner is recycled, do not "
+        "free its buffers one by one as well",
+    ),
+    "use_after_free": (
+        "a buffer is used only while its block is live (use after free)",
+        "keep the buffer until every use of it is over; take a new one with alloc",
+    ),
+    "owner_recycled": (
+        "recycling an owner frees every block it holds: none of them may be used after "
+        "the recycle, and a free of one is a double free",
+        "finish with an owner's buffers before recycling it; a reader in another process "
+        "keeps a block past the recycle with attach(handle, retain=True)",
+    ),
+    "producer_exited": (
+        "the blocks of a session-scoped owner are freed when its process exits (the "
+        "producer exited)",
+        "keep the producer running until the consumer has attached with retain=True or "
+        "loaded the message, or allocate under a detached owner "
+        "(client.owner(name, detached=True)), which outlives its process",
+    ),
+    "loaded_twice": (
+        "a dumps message is loaded once: loads recycles the message's owner",
+        "pass keep=True to every loads of it but the last (the last one, or "
+        "shmarena.discard(data), frees it), or dumps the object again",
+    ),
+    "freed_before_load": (
+        "an arena array that dumps (or a Dask task's result) names in place is not copied: "
+        "its producer must keep it alive until the consumer has loaded it",
+        "keep the array (or a view of it) referenced in the producer until the consumer's "
+        "loads returned, or send a copy outside the arena (array.copy()) that dumps puts "
+        "into a block of the message's own",
+    ),
+    "token_outlived": (
+        "a share token names bytes, not a reference: the sharer must keep its array alive "
+        "until the receiver has attached",
+        "keep the shared array referenced in the sharer until attach_array returned in "
+        "the receiver (the receiver's array then keeps the block by itself)",
+    ),
+    "handle_altered": (
+        "a handle is used exactly as it was given out",
+        "pass the Handle from buf.handle unchanged (a handle's fields are not to be edited)",
+    ),
+    "release_unretained": (
+        "a process releases only what it retained, once per retain",
+        "call release once per attach(handle, retain=True) or retain(handle) of this process",
+    ),
+}
+
+
+def lifetime_message(rule: str, asked: str, found: str) -> str:
+    """What was asked, what was found, the rule (a key of LIFETIME_RULES) that
+    was broken, and what to do: the text of every lifetime error."""
+    broken, todo = LIFETIME_RULES[rule]
+    return f"{asked}: {found}. Rule: {broken}. What to do: {todo}"
+
+
+def lifetime_error(rule: str, asked: str, found: str, **details: Any) -> StaleHandle:
+    """A StaleHandle for a broken lifetime rule (see `lifetime_message`);
+    `details` gain "rule", the rule's key."""
+    return StaleHandle(lifetime_message(rule, asked, found), rule=rule, **details)
+
+
 _BY_CODE: dict[str, type[ShmArenaError]] = {
     cls.code: cls
     for cls in (

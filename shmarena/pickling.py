@@ -43,7 +43,13 @@ import msgpack
 from shmarena.client import registry
 from shmarena.client.buffer import Buffer
 from shmarena.client.default import default_client
-from shmarena.errors import InvalidRequest, ShmArenaError, UnknownOwner
+from shmarena.errors import (
+    InvalidRequest,
+    ShmArenaError,
+    StaleHandle,
+    UnknownOwner,
+    lifetime_error,
+)
 from shmarena.protocol import Handle, Op
 
 if TYPE_CHECKING:
@@ -257,13 +263,57 @@ def free_all(bufs: list[Buffer]) -> None:
                 pass
 
 
-def retain_all(client: Client, handles: list[Handle]) -> list[Buffer]:
+def retain_all(
+    client: Client, handles: list[Handle], what: str = "load", message_owner: str | None = None
+) -> list[Buffer]:
     """Buffers over the blocks `handles` name, each retained for this process
-    in one round trip (all or none: StaleHandle if one was freed already)."""
+    in one round trip (all or none: StaleHandle if one was freed already,
+    saying which lifetime rule was broken; `what` names the call, and
+    `message_owner` the owner `dumps` put the message's own blocks under)."""
     if not handles:
         return []
-    client._request(Op.RETAIN, [list(h) for h in handles])
+    try:
+        client._request(Op.RETAIN, [list(h) for h in handles])
+    except StaleHandle as error:
+        raise _load_refused(error, what, message_owner) from error
     return [client._buffer(list(h), "retained") for h in handles]
+
+
+def _load_refused(error: StaleHandle, what: str, message_owner: str | None) -> StaleHandle:
+    """A load's refused retain, said as the rule its sender or receiver broke,
+    from what the daemon knows of the block (details "reason", "owner")."""
+    details = dict(error.details)
+    reason, owner = details.get("reason"), details.get("owner")
+    daemon_said = str(error).split(". Rule:")[0]
+    if reason == "recycled" and message_owner is not None and owner == message_owner:
+        rule = "loaded_twice"
+        found = (
+            f"the message's owner {owner!r} was recycled: the message was loaded before "
+            "(without keep=True) or discarded"
+        )
+    elif reason == "session_ended":
+        rule = "producer_exited"
+        found = (
+            f"its producer (process {details.get('pid')}) exited before this load, and "
+            "the blocks it held went with it"
+        )
+    elif reason in ("freed", "recycled"):
+        rule = "freed_before_load"
+        found = (
+            f"a block it names in place was freed by its producer (owner {owner!r}) "
+            "before this load"
+        )
+    elif message_owner is not None:
+        rule = "loaded_twice"
+        found = (
+            "a block of the message is gone: it was loaded before (without keep=True), "
+            "discarded, or its producer freed it"
+        )
+    else:
+        rule = "freed_before_load"
+        found = "a block it names is gone: its producer freed it or exited before this load"
+    details.pop("rule", None)
+    return lifetime_error(rule, what, f"{found} (the daemon: {daemon_said})", **details)
 
 
 def release_all(bufs: list[Buffer]) -> None:
@@ -338,11 +388,12 @@ def loads(
     """The object `dumps` made, its large buffers viewing the arena (no copy).
     Retains the message's blocks for this process and recycles the message's
     owner unless `keep` (see the module's lifetime rule). StaleHandle if a
-    block was freed before this."""
+    block was freed before this: its message says why (loaded before without
+    `keep=True`, freed by its producer, or its producer exited)."""
     envelope = _envelope(data)
     client = _client(client)
     handles = [Handle(*h) for h in envelope["handles"]]
-    buffers = retain_all(client, handles)
+    buffers = retain_all(client, handles, "shmarena.loads", envelope["owner"])
     try:
         obj = unpack(envelope["payload"], buffers)
     except BaseException:

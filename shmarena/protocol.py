@@ -220,6 +220,10 @@ MAX_QUEUED_PAYLOAD_BYTES = 64 << 20  # "queued_payload_bytes": all queues togeth
 # clients for its whole length, and a reply stays far below a client's message
 # limit (an owner row with its allocation sites is up to ~1.5 KiB).
 MAX_LISTING_ROWS = 10_000
+# "remembered_frees": blocks whose last owner the daemon remembers (why each
+# left it: freed, owner recycled, session ended), so a stale handle's refusal
+# says what happened; beyond it the oldest is forgotten (nothing is refused).
+MAX_REMEMBERED_FREES = 1 << 16
 MESSAGE_COST_BYTES = 128
 HANDLE_COST_BYTES = 64
 

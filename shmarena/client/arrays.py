@@ -16,7 +16,7 @@ import ast
 from typing import TYPE_CHECKING, Any
 
 from shmarena.client import registry
-from shmarena.errors import StaleHandle
+from shmarena.errors import StaleHandle, lifetime_error
 from shmarena.protocol import Handle
 
 if TYPE_CHECKING:
@@ -196,10 +196,17 @@ def attach_array(token: str, *, client: Client | None = None) -> Any:
     try:
         buf = client.attach(handle, retain=True)
     except StaleHandle as error:
-        raise StaleHandle(
-            f"shmarena.attach_array: the block of this token is gone ({error}); the sharer "
-            "must keep its array alive until the receiver has attached",
-            **error.details,
+        details = dict(error.details)
+        details.pop("rule", None)
+        daemon_said = str(error).split(". Rule:")[0]
+        gone = "the block of this token is gone"
+        if details.get("reason") == "session_ended":
+            gone += f": its sharer (process {details.get('pid')}) exited"
+        raise lifetime_error(
+            "token_outlived",
+            "shmarena.attach_array",
+            f"{gone} (the daemon: {daemon_said})",
+            **details,
         ) from error
     registry.register(buf)
     view = registry.export(buf, then="release")

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from shmarena.client.buffer import Buffer
-from shmarena.errors import StaleHandle
+from shmarena.errors import StaleHandle, lifetime_error
 from shmarena.protocol import (
     ASSIGN,
     DRAIN,
@@ -171,7 +171,9 @@ class Cache:
         back on its free list, and if the daemon never heard of it, it never
         will."""
         if buf._handle is not None:  # its handle may be elsewhere
-            cls = self.free_through_daemon(buf._offset, buf._gen, buf._size)
+            cls = self.free_through_daemon(
+                buf._offset, buf._gen, buf._size, freed=buf._state != "owned"
+            )
             buf._done()
             return cls
         offset = buf._offset
@@ -180,7 +182,7 @@ class Cache:
             if entry is None or entry[0] != buf._gen or buf._state != "owned":
                 if entry is not None:
                     self.out[offset] = entry
-                raise self._stale(offset, buf._gen)
+                raise self._stale(offset, buf._gen, freed=buf._state != "owned")
             if entry[4]:  # reported: report its return too
                 self.pending += (UNASSIGN, offset, entry[0])
                 if not self.dirty:
@@ -194,19 +196,34 @@ class Cache:
             pass  # the caller still holds a view made from ours
         return cls
 
-    def _stale(self, offset: int, gen: int, raw: bool = False) -> StaleHandle:
-        """`offset` is an address, or with `raw` a handle's offset as given."""
+    def _stale(
+        self, offset: int, gen: int, raw: bool = False, freed: bool | None = None
+    ) -> StaleHandle:
+        """The refusal of a free of a block this cache does not have out under
+        `gen`. `offset` is an address, or with `raw` a handle's offset as given;
+        `freed`: whether the Buffer itself was freed already (None: not known,
+        a free by handle). Called with the lock held."""
         where = f"offset {offset:#x}"
         if offset >= SEGMENT_SPAN and not raw:
             where = f"offset {offset & (SEGMENT_SPAN - 1):#x} of segment {offset >> SEGMENT_SHIFT}"
-        return StaleHandle(
-            f"block at {where} (generation {gen}) was freed or its owner "
-            "recycled already (double free or use after free); nothing was freed",
-            offset=offset,
-            generation=gen,
+        asked = f"free of the block at {where} (generation {gen})"
+        entry = self.out.get(offset)
+        if freed or self.awaiting.get(offset, (0, 0))[0] == gen:
+            found, rule = "it was freed already", "double_free"
+        elif freed is False:
+            found = "its owner was recycled (or the block was freed by its handle) since"
+            rule = "owner_recycled"
+        else:
+            found, rule = "it was freed already, or its owner recycled", "double_free"
+        if entry is not None and entry[0] != gen:
+            found += ", and the block has been handed out again since"
+        return lifetime_error(
+            rule, asked, found + "; nothing was freed", offset=offset, generation=gen
         )
 
-    def free_through_daemon(self, offset: int, gen: int, size: int) -> int:
+    def free_through_daemon(
+        self, offset: int, gen: int, size: int, freed: bool | None = None
+    ) -> int:
         """Free a block handed out here whose handle may be in another process
         (which may retain it): the daemon frees it and, once nobody holds it,
         gives it back with a notice. Its class bytes; StaleHandle if it is not
@@ -214,7 +231,7 @@ class Cache:
         with self.lock:
             entry = self.out.get(offset)
             if entry is None or entry[0] != gen or entry[1] != size:
-                raise self._stale(offset, gen)
+                raise self._stale(offset, gen, freed=freed)
             self._report(offset)
             del self.out[offset]
             self.awaiting[offset] = (gen, entry[3])

@@ -42,6 +42,7 @@ from shmarena.errors import (
     ShmArenaError,
     StaleHandle,
     UnknownOwner,
+    lifetime_error,
 )
 from shmarena.protocol import (
     GEN_SHIFT,
@@ -785,8 +786,10 @@ class Client:
                 if item._state == "done":
                     raise _freed_already(item)
                 if id(item) in seen:
-                    raise StaleHandle(
-                        "the same buffer appears twice in one free; nothing was freed"
+                    raise lifetime_error(
+                        "double_free",
+                        f"free of {len(items)} buffers",
+                        f"{item!r} appears twice in it; nothing was freed",
                     )
                 seen.add(id(item))
         total = 0
@@ -1167,9 +1170,13 @@ def _ndarray_base(key: tuple[str, int]) -> Any:
 
 
 def _freed_already(buf: Buffer) -> StaleHandle:
-    return StaleHandle(
-        f"buffer at offset {buf._offset:#x} was freed or released already "
-        "(double free); nothing was freed"
+    where = f"offset {buf.offset:#x}" + (f" of segment {buf.segment}" if buf.segment else "")
+    return lifetime_error(
+        "double_free",
+        f"free of the buffer at {where} (generation {buf._gen})",
+        "this Buffer was freed (or released) already; nothing was freed",
+        offset=buf.offset,
+        generation=buf._gen,
     )
 
 

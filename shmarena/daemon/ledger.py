@@ -45,6 +45,8 @@ from shmarena.errors import (
     ShmArenaError,
     StaleHandle,
     UnknownOwner,
+    lifetime_error,
+    lifetime_message,
 )
 from shmarena.protocol import (
     ASSIGN,
@@ -55,6 +57,7 @@ from shmarena.protocol import (
     MAX_FILLS,
     MAX_OWNER_NAME,
     MAX_OWNERS_PER_SESSION,
+    MAX_REMEMBERED_FREES,
     MAX_SIZE_BYTES,
     UNASSIGN,
     Handle,
@@ -70,6 +73,17 @@ from shmarena.shm.space import Space
 
 SESSION = "session"
 DETACHED = "detached"
+# Why a block left its owner (Gone.reason): a free, its owner's recycle, or
+# the end of the session its owner belonged to.
+FREED = "freed"
+RECYCLED = "recycled"
+SESSION_ENDED = "session_ended"
+_SESSION_ENDINGS = {  # Service.end_session's reasons, as a refusal says them
+    "ended": "said bye (client.close)",
+    "exited": "exited",
+    "lease_expired": "stopped answering and its lease expired",
+    "quarantined": "was cut off by the daemon",
+}
 IMPLICIT_PREFIX = "session-"
 # The retainer key of references held by queued messages (daemon/exchange.py):
 # sessions are numbered from 1, so 0 is nobody's session.
@@ -151,6 +165,17 @@ class Changes:
         return bool(self.blocks or self.owners or self.sessions or self.owner_ids)
 
 
+@dataclass(frozen=True, slots=True)
+class Gone:
+    """What the ledger remembers of a block that left its owner."""
+
+    generation: int
+    reason: str  # FREED, RECYCLED or SESSION_ENDED
+    how: str  # for SESSION_ENDED: how the session ended
+    owner: str
+    pid: int
+
+
 @dataclass(frozen=True)
 class Freed:
     blocks: int
@@ -199,11 +224,19 @@ class Ledger:
         # the same code at a smaller bound.
         self.max_owners_per_session = MAX_OWNERS_PER_SESSION
         self.max_detached_owners = MAX_DETACHED_OWNERS
+        # Why the last blocks left their owners, so that a stale handle's
+        # refusal can say what happened to its block: address -> Gone, the
+        # oldest forgotten first beyond max_remembered_frees. `_leaving` is
+        # the reason of the blocks leaving now (set while a session ends).
+        self.gone: dict[int, Gone] = {}
+        self.max_remembered_frees = MAX_REMEMBERED_FREES
+        self._leaving: tuple[str, str] | None = None
 
     def limits(self) -> dict[str, int]:
         return {
             "owners_per_session": self.max_owners_per_session,
             "detached_owners": self.max_detached_owners,
+            "remembered_frees": self.max_remembered_frees,
         }
 
     def take_changes(self) -> Changes:
@@ -224,20 +257,26 @@ class Ledger:
         self.changes.sessions.add(session.id)
         return session
 
-    def end_session(self, session_id: int) -> Freed:
+    def end_session(self, session_id: int, reason: str = "ended") -> Freed:
         """Recycle every session-scoped owner of the session and drop its
-        retains. Detached owners it created stay."""
+        retains. Detached owners it created stay. `reason` (how the session
+        ended: "ended", "exited", "lease_expired" ...) is what a stale handle
+        of its blocks is told."""
         session = self.sessions.pop(session_id, None)
         if session is None:
             return Freed(0, 0)
         self.changes.sessions.add(session_id)
         blocks = freed = 0
-        for name in sorted(session.owners):
-            owner = self.owners.get(name)
-            if owner is not None and owner.scope == SESSION:
-                result = self.recycle(name)
-                blocks += result.blocks
-                freed += result.bytes
+        self._leaving = (SESSION_ENDED, reason)
+        try:
+            for name in sorted(session.owners):
+                owner = self.owners.get(name)
+                if owner is not None and owner.scope == SESSION:
+                    result = self.recycle(name)
+                    blocks += result.blocks
+                    freed += result.bytes
+        finally:
+            self._leaving = None
         for offset in list(session.retained):
             block = self.blocks.get(offset)
             if block is not None and block.retainers:
@@ -357,8 +396,9 @@ class Ledger:
         for session_id, owner_id in owner.ids.items():
             self._forget_owner_id(session_id, owner_id)
         count, freed = len(owner.blocks), owner.bytes
+        why = self._leaving or (RECYCLED, "")
         for block in list(owner.blocks.values()):
-            self._disown(block, owner)
+            self._disown(block, owner, why=why)
         return Freed(count, freed)
 
     # -- blocks --------------------------------------------------------------
@@ -433,9 +473,13 @@ class Ledger:
         With `session_id`, a session that is not an administrator may free
         only blocks whose owner its own user created."""
         handles = list(handles)
-        found = [self._find(h, for_free=True) for h in handles]
+        found = [self._find(h, for_free=True, asked="free") for h in handles]
         if len({id(b) for b, _ in found}) != len(found):
-            raise StaleHandle("the same handle appears twice in one free; nothing was freed")
+            raise lifetime_error(
+                "double_free",
+                f"free of {len(handles)} handles",
+                "the same handle appears twice in it; nothing was freed",
+            )
         if session_id is not None:
             self._check_may_free(self.sessions[session_id], [b for b, _ in found])
         blocks = self._settle_all(found, handles, now)
@@ -466,7 +510,8 @@ class Ledger:
     def retain(self, session_id: int, handles: Iterable[Handle], now: float = 0.0) -> int:
         session = self.sessions[session_id]
         handles = list(handles)
-        blocks = self._settle_all([self._find(h, for_free=True) for h in handles], handles, now)
+        found = [self._find(h, for_free=True, asked="retain") for h in handles]
+        blocks = self._settle_all(found, handles, now)
         for block in blocks:
             if block.retainers is None:
                 block.retainers = {}
@@ -478,7 +523,8 @@ class Ledger:
     def hold(self, handles: Iterable[Handle], now: float = 0.0) -> list[Block]:
         """A reference on each block for a queued message, all or none."""
         handles = list(handles)
-        blocks = self._settle_all([self._find(h, for_free=False) for h in handles], handles, now)
+        found = [self._find(h, for_free=False, asked="queue put") for h in handles]
+        blocks = self._settle_all(found, handles, now)
         for block in blocks:
             if block.retainers is None:
                 block.retainers = {}
@@ -518,7 +564,8 @@ class Ledger:
         listed n times must be retained at least n times."""
         session = self.sessions[session_id]
         handles = list(handles)
-        blocks = self._settle_all([self._find(h, for_free=False) for h in handles], handles, 0.0)
+        found = [self._find(h, for_free=False, asked="release") for h in handles]
+        blocks = self._settle_all(found, handles, 0.0)
         listed: dict[int, int] = {}
         for block in blocks:
             listed[block.offset] = listed.get(block.offset, 0) + 1
@@ -527,10 +574,14 @@ class Ledger:
             if held < listed[block.offset]:
                 twice = f" {listed[block.offset]} times" if listed[block.offset] > 1 else ""
                 raise InvalidRequest(
-                    f"session {session_id} releases block {block.offset:#x}{twice} but "
-                    f"retains it {held} time(s)"
-                    + (" (the same handle is listed twice)" if twice else "")
-                    + "; nothing was released",
+                    lifetime_message(
+                        "release_unretained",
+                        f"release of block {block.offset:#x}{twice} by session {session_id}",
+                        f"the session retains it {held} time(s)"
+                        + (" (the same handle is listed twice)" if twice else "")
+                        + "; nothing was released",
+                    ),
+                    rule="release_unretained",
                     offset=block.offset,
                     listed=listed[block.offset],
                     retained=held,
@@ -551,7 +602,7 @@ class Ledger:
         the block is assigned here and then to the session's own owner; the
         report, when it comes, finds it done.
         """
-        block, early = self._find(handle, for_free)
+        block, early = self._find(handle, for_free, "publish" if for_free else "use")
         if early:
             self._settle(block, handle, now)
         return block
@@ -569,9 +620,10 @@ class Ledger:
                 self._settle(block, handle, now)
         return [block for block, _ in found]
 
-    def _find(self, handle: Handle, for_free: bool) -> tuple[Block, bool]:
+    def _find(self, handle: Handle, for_free: bool, asked: str = "use") -> tuple[Block, bool]:
         """`lookup` without changing anything: the block, and whether the
-        handle is an early one whose hand-out must be applied first."""
+        handle is an early one whose hand-out must be applied first. `asked`
+        names the operation for a refusal ("free", "retain", ...)."""
         if handle.epoch != self.epoch:
             raise StaleHandle(
                 f"handle is from arena epoch {handle.epoch}, this daemon serves epoch "
@@ -585,32 +637,57 @@ class Ledger:
         )
         if block is not None and self._early(block, handle):
             return block, True
-        if block is not None and block.generation == handle.generation:
-            if block.size != handle.size:
-                raise StaleHandle(
-                    f"handle names {handle.size} bytes at {_place(handle)}, the live "
-                    f"block there has {block.size}: not a handle the daemon gave out; "
-                    "nothing was done",
+        if block is not None and block.generation == handle.generation and not block.cached:
+            if block.size != handle.size:  # (a cached block's size is its class's)
+                raise lifetime_error(
+                    "handle_altered",
+                    f"{asked} of {handle.size} bytes at {_place(handle)}",
+                    f"the live block there has {block.size} bytes: not a handle the daemon "
+                    "gave out; nothing was done",
                     handle=list(handle),
                 )
         if block is None or block.generation != handle.generation:
-            raise StaleHandle(
-                f"no live block at {_place(handle)} with generation "
-                f"{handle.generation}: it was freed or recycled (double free or use after "
-                "free)",
-                handle=list(handle),
-            )
+            raise self._gone_error(handle, asked, for_free, block)
         if block.cached or (for_free and block.owner is None):
-            raise StaleHandle(
-                f"block at {_place(handle)} was already freed by its owner"
-                + (
-                    f"; it stays mapped only while {len(block.retainers)} reader(s) retain it"
-                    if block.retainers
-                    else ""
-                ),
-                handle=list(handle),
-            )
+            raise self._gone_error(handle, asked, for_free, block)
         return block, False
+
+    def _gone_error(
+        self, handle: Handle, asked: str, for_free: bool, block: Block | None
+    ) -> StaleHandle:
+        """Why the block `handle` names is not live (as far as the ledger
+        remembers), as the rule the caller broke."""
+        what = f"{asked} of the block at {_place(handle)} (generation {handle.generation})"
+        memory = self.gone.get(handle.segment << SEGMENT_SHIFT | handle.offset)
+        details: dict[str, object] = {"handle": list(handle), "reason": ""}
+        if memory is not None and memory.generation == handle.generation:
+            details.update(reason=memory.reason, owner=memory.owner, pid=memory.pid)
+            if memory.reason == RECYCLED:
+                found, rule = f"its owner {memory.owner!r} was recycled", "owner_recycled"
+            elif memory.reason == SESSION_ENDED:
+                how = _SESSION_ENDINGS.get(memory.how, f"ended ({memory.how})")
+                found = (
+                    f"its owner {memory.owner!r} went with its session when process "
+                    f"{memory.pid} {how}"
+                )
+                rule = "producer_exited"
+                details["ended"] = memory.how
+            else:
+                found, rule = f"it was freed by its owner {memory.owner!r}", "use_after_free"
+        else:
+            found, rule = (
+                "it was freed, or its owner recycled or its process ended",
+                ("use_after_free"),
+            )
+        if block is not None and block.generation != handle.generation and not block.cached:
+            found += ", and the block has been handed out again since"
+        elif block is not None and block.retainers and not block.cached:
+            found += f"; it stays mapped only while {len(block.retainers)} reader(s) retain it"
+        if for_free and asked == "free":
+            found += "; nothing was freed"
+            if rule != "owner_recycled":
+                rule = "double_free"
+        return lifetime_error(rule, what, found, **details)
 
     def _early(self, block: Block, handle: Handle) -> bool:
         """Whether `handle` is a newer hand-out of a cache block than the daemon
@@ -655,9 +732,19 @@ class Ledger:
         if self.unowned is not None:
             self.unowned(block)
 
-    def _disown(self, block: Block, owner: Owner, notify: bool = True) -> None:
+    def _disown(
+        self, block: Block, owner: Owner, notify: bool = True, why: tuple[str, str] = (FREED, "")
+    ) -> None:
+        self._remember(block, owner, why)
         self._unown(block, owner)
         self._maybe_release(block, notify)
+
+    def _remember(self, block: Block, owner: Owner, why: tuple[str, str]) -> None:
+        gone = self.gone
+        gone.pop(block.offset, None)  # re-inserted: the newest is last
+        gone[block.offset] = Gone(block.generation, why[0], why[1], owner.name, owner.pid)
+        if len(gone) > self.max_remembered_frees:
+            del gone[next(iter(gone))]
 
     def _maybe_release(self, block: Block, notify: bool = True) -> None:
         """A block nobody holds any more goes back where it came from: the

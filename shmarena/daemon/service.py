@@ -1175,7 +1175,7 @@ class Service:
         """The session is over (bye, process died, lease expired): reclaim it."""
         session = self.ledger.sessions.get(session_id)
         recovered = session_id in self.recovering
-        freed = self.ledger.end_session(session_id)
+        freed = self.ledger.end_session(session_id, reason)
         if session is not None:
             self._log_end(session_id, session.pid, session.label, reason, recovered, freed)
         for waiter in self.exchange.by_session.get(session_id, {}).values():
@@ -1375,7 +1375,7 @@ class Service:
         raise kind(
             f"{len(problems)} of {len(events)} frees or hand-outs this client sent without "
             f"waiting were refused: {problems[0]}{more}",
-            problems=problems[:20],
+            **{**refused[0].details, "problems": problems[:20]},
         )
 
     def _sync(self, session_id: int, request: Request, now: float) -> list[Any]:

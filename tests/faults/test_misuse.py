@@ -421,7 +421,7 @@ def test_free_after_recycle(
     for quiet, known, handle in victims:
         for action in (quiet.free, known.free, lambda h=handle: actor.free(h)):
             error = refusal(actor, action)  # type: ignore[arg-type]
-            assert_refused(error, shmarena.StaleHandle, "freed or")
+            assert_refused(error, shmarena.StaleHandle, "recycled", "double free")
             assert f"{quiet.offset:#x}" in str(error) or f"{known.offset:#x}" in str(error)
             assert snapshot(observer) == before
     assert observer.check() == []

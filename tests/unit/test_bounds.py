@@ -22,6 +22,7 @@ from shmarena.protocol import (
     MAX_QUEUED_PAYLOAD_BYTES,
     MAX_QUEUES,
     MAX_QUEUES_PER_SESSION,
+    MAX_REMEMBERED_FREES,
     MESSAGE_COST_BYTES,
     Op,
 )
@@ -243,6 +244,7 @@ def test_every_limit_is_in_stats() -> None:
         "queued_payload_bytes": MAX_QUEUED_PAYLOAD_BYTES,
         "kept_requests_per_session": MAX_KEPT_PER_SESSION,
         "listing_rows": MAX_LISTING_ROWS,
+        "remembered_frees": MAX_REMEMBERED_FREES,
     }
 
 
