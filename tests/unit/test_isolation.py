@@ -187,7 +187,7 @@ def test_a_reclaim_that_fails_half_way_leaves_nothing_of_the_session() -> None:
     b.ok(Op.ALLOC, 4096)
     ledger = service.ledger
 
-    def dies_half_way(session_id: int):
+    def dies_half_way(session_id: int, reason: str = "ended"):
         ledger.sessions.pop(session_id)  # the first line of the real one, then a crash
         raise RuntimeError("injected")
 
