@@ -227,7 +227,9 @@ LIFETIME_RULES: dict[str, tuple[str, str]] = {
     ),
     "use_after_free": (
         "a buffer is used only while its block is live (use after free)",
-        "keep the buffer until every use of it is over; take a new one with alloc",
+        "keep the buffer until every use of it is over (a reader in another process keeps "
+        "it with attach(handle, retain=True), taken while the block is live); take a new "
+        "one with alloc",
     ),
     "owner_recycled": (
         "recycling an owner frees every block it holds: none of them may be used after "

@@ -196,7 +196,52 @@ def test_loads_of_an_array_its_producer_freed_names_the_producer(daemon: Daemon)
     )
 
 
-# -- retains and tokens -------------------------------------------------------
+# -- queues, retains and tokens -------------------------------------------------
+
+FREEING_PRODUCER = r"""
+import sys
+import shmarena
+client = shmarena.connect()
+buf = client.alloc(int(sys.argv[1]))
+print(" ".join(map(str, buf.handle)), flush=True)
+sys.stdin.readline()
+buf.free()
+client.sync()
+print("freed", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_queue_put_of_a_block_its_owner_freed_names_the_rule(daemon: Daemon) -> None:
+    """A reader attaches without a reference (plain attach), the producer in
+    another process frees the block, the reader puts an array over it on a
+    queue: the put is refused, saying the block was freed and how to keep it."""
+    client = daemon.client()
+    child = daemon.python(
+        FREEING_PRODUCER, str(LARGE), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert child.stdout is not None and child.stdin is not None
+    handle = shmarena.Handle(*map(int, child.stdout.readline().split()))
+    reader = client.attach(handle)  # kept: the queue finds the array's block through it
+    array = reader.ndarray(dtype="uint8")
+    child.stdin.write("free\n")
+    child.stdin.flush()
+    assert child.stdout.readline().strip() == "freed"
+    queue = shmarena.Queue(client=client)
+    try:
+        error = refusal(client, lambda: queue.put(array))
+        assert_rule(
+            error,
+            shmarena.StaleHandle,
+            "use_after_free",
+            "queue put",
+            "freed by its owner",
+            "retain=True",
+        )
+        assert queue.qsize() == 0
+    finally:
+        queue.close()
+        child.communicate("exit\n", timeout=60)
 
 
 def test_a_release_without_a_retain_names_the_rule(daemon: Daemon) -> None:
