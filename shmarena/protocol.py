@@ -223,7 +223,7 @@ MAX_LISTING_ROWS = 10_000
 # "remembered_frees": blocks whose last owner the daemon remembers (why each
 # left it: freed, owner recycled, session ended), so a stale handle's refusal
 # says what happened; beyond it the oldest is forgotten (nothing is refused).
-MAX_REMEMBERED_FREES = 1 << 16
+MAX_REMEMBERED_FREES = 1 << 14  # about 3.5 MiB of daemon heap when full
 MESSAGE_COST_BYTES = 128
 HANDLE_COST_BYTES = 64
 

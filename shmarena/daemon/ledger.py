@@ -32,6 +32,7 @@ replies.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -228,7 +229,7 @@ class Ledger:
         # refusal can say what happened to its block: address -> Gone, the
         # oldest forgotten first beyond max_remembered_frees. `_leaving` is
         # the reason of the blocks leaving now (set while a session ends).
-        self.gone: dict[int, Gone] = {}
+        self.gone: OrderedDict[int, Gone] = OrderedDict()
         self.max_remembered_frees = MAX_REMEMBERED_FREES
         self._leaving: tuple[str, str] | None = None
 
@@ -744,7 +745,7 @@ class Ledger:
         gone.pop(block.offset, None)  # re-inserted: the newest is last
         gone[block.offset] = Gone(block.generation, why[0], why[1], owner.name, owner.pid)
         if len(gone) > self.max_remembered_frees:
-            del gone[next(iter(gone))]
+            gone.popitem(last=False)
 
     def _maybe_release(self, block: Block, notify: bool = True) -> None:
         """A block nobody holds any more goes back where it came from: the
