@@ -449,7 +449,7 @@ def run(two_sides: tuple[Daemon, Remote], examples: int, steps: int) -> None:
 def test_no_stale_view_or_handle_reaches_a_live_allocation(
     two_sides: tuple[Daemon, Remote],
 ) -> None:
-    run(two_sides, examples=40, steps=40)
+    run(two_sides, examples=150, steps=40)
 
 
 @pytest.mark.slow
