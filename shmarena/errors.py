@@ -72,6 +72,11 @@ class StaleHandle(ShmArenaError):
     It was freed already (double free), its owner was recycled, or it comes
     from another epoch of the arena (the daemon was restarted). The bytes it
     pointed at may belong to someone else now: stop using the buffer.
+
+    The message names the lifetime rule that was broken and what to do;
+    `details["rule"]` is its key in LIFETIME_RULES, and where the daemon
+    remembers what happened to the block, `details["reason"]` says it
+    ("freed", "recycled", "session_ended") with `owner` and `pid`.
     """
 
     code = "stale_handle"
