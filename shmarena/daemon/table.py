@@ -51,7 +51,8 @@ class Link:
 
 def block_image(b: Block) -> list[Any]:
     retainers = [x for pair in b.retainers.items() for x in pair] if b.retainers else None
-    image = [b.offset, b.size, b.carved, b.generation, b.owner, retainers, b.cache_session, b.cached]
+    image = [b.offset, b.size, b.carved, b.generation, b.owner, retainers]
+    image += [b.cache_session, b.cached]
     if b.pins:  # a ninth field, only when pinned: older tables have eight
         image.append([x for pair in b.pins.items() for x in pair])
     return image
