@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-from shmarena.client import arrays, names
+from shmarena.client import arrays, names, registry
 from shmarena.client.buffer import Buffer
 from shmarena.client.cache import FLUSH_DELAY_S, Cache
 from shmarena.client.transport import Transport
@@ -48,7 +48,9 @@ from shmarena.protocol import (
     MAX_BATCH,
     MAX_LISTING_ROWS,
     MAX_WAIT_S,
+    PIN,
     PROTOCOL_VERSION,
+    UNPIN,
     Handle,
     Op,
 )
@@ -149,13 +151,19 @@ class Owner:
         are those of an owner with a quota, which the daemon checks."""
         client = self.client
         if self.detached or self.quota or timeout is not None or site or client.track_sites:
-            return client._alloc_direct(size, self.name, self.detached, timeout, site)
-        return client._alloc_cached(size, self.id, self.name)
+            buf = client._alloc_direct(size, self.name, self.detached, timeout, site)
+        else:
+            buf = client._alloc_cached(size, self.id, self.name)
+        buf._owner = self.name  # a recycle in this process finds it (Client.recycle)
+        return buf
 
     def alloc_many(self, sizes: Sequence[int]) -> list[Buffer]:
-        return self.client._alloc_many(
+        bufs = self.client._alloc_many(
             sizes, self.name, self.detached, self.id, direct=bool(self.quota)
         )
+        for buf in bufs:
+            buf._owner = self.name
+        return bufs
 
     def recycle(self) -> Recycled:
         return self.client.recycle(self.name)
@@ -250,6 +258,13 @@ class Client:
         self._owner_ids: dict[str, tuple[int, int]] = {}
         # A SessionLost found by the heartbeat thread, raised by the next call.
         self._pending_loss: SessionLost | None = None
+        # The pin rule (client/buffer.py): address -> this process's live
+        # Buffer allocated there that made a view (or came from the daemon),
+        # so a recycle, a notice or a free by handle finds its views; and the
+        # weak references that unpin a pinned block when its pin dies.
+        self._viewed: dict[int, Buffer] = {}
+        self._pins: dict[int, weakref.ref[memoryview]] = {}  # id(ref) -> ref
+        self._can_pin = False  # the daemon understands PIN / UNPIN
         self._alive_at = 0.0  # monotonic time of the last reply (lease mode only)
         self._connect()
         _CLIENTS.add(self)
@@ -284,6 +299,7 @@ class Client:
         self._arena_key, self._arena_view = key, view
         self._views, self._keys = {0: view}, {0: key}
         self._token = int(info.get("token", 0))
+        self._can_pin = bool(info.get("pins"))
         cache = self._cache
         if not info.get("resumed"):
             transport.next_id, transport.unconfirmed = 1, []  # a new session counts anew
@@ -379,6 +395,7 @@ class Client:
         self._transport = None
         self._heartbeat = None
         self._cache = None  # the parent's: its blocks are the parent session's
+        self._viewed, self._pins = {}, {}  # the parent's Buffers and pins
         self._flusher = None
         self._flush_wake = threading.Event()
         self._lock = threading.Lock()
@@ -422,6 +439,7 @@ class Client:
                 return  # another thread got there first
             self._transport = None
             self._cache = None  # its blocks are gone; its Buffers refuse a free
+            self._forget_views("freed")  # with its session (the daemon restarted)
             self._stop_heartbeat.set()
             if stash:
                 self._pending_loss = error
@@ -477,6 +495,7 @@ class Client:
         self._closed = True
         self._stop_heartbeat.set()
         self._flush_wake.set()
+        self._forget_views("closed")
         transport = self._transport
         if transport is None or self._pid != os.getpid():
             self._transport = None
@@ -495,6 +514,64 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- the pin rule (client/buffer.py) -------------------------------------
+
+    def _forget_views(self, gone: str) -> None:
+        """The session ends: its Buffers are done and its pins go with it
+        (the daemon drops a session's pins when it ends). Views made from
+        them must not outlive the session: their blocks may be reused."""
+        viewed, self._viewed = self._viewed, {}
+        for buf in list(viewed.values()):
+            buf._done(gone)
+        self._pins.clear()
+
+    def _watch(self, pin: memoryview, address: int, gen: int) -> None:
+        """Unpin the block once `pin`, kept alive only by the views made from
+        it, is gone. The callback may run anywhere (in the garbage collector,
+        inside a lock holder): it takes no lock and sends nothing, it only
+        queues the work for the registry's worker thread."""
+        registry.start_worker()
+        pins, session = self._pins, self.session
+
+        def gone(ref: weakref.ref[memoryview]) -> None:
+            pins.pop(id(ref), None)
+            registry.queue_unpin(self, session, address, gen)
+
+        ref = weakref.ref(pin, gone)
+        pins[id(ref)] = ref
+
+    def _unpin(self, session: int, address: int, gen: int) -> None:
+        """The last view of a pinned block is gone (on the worker thread)."""
+        cache = self._cache
+        if cache is None or self._closed or session != self.session or self._pid != os.getpid():
+            return  # that session is over, and its pins with it
+        cache.post(UNPIN, address, gen)
+
+    def _pin_owner(self, name: str) -> list[Buffer]:
+        """Before a recycle of `name` by this process: release the views of
+        its Buffers here and pin the blocks whose views outlive them. The
+        Buffers, to be marked done once the recycle went through."""
+        implicit = name == f"session-{self.session}"
+        found = [
+            b
+            for b in list(self._viewed.values())
+            if b._owner == name or (implicit and b._owner is None)
+        ]
+        cache = self._cache
+        for buf in found:
+            address = buf._offset
+            if self._viewed.get(address) is buf:
+                del self._viewed[address]
+            pin = buf._release_views()
+            if pin is None or not self._can_pin or cache is None:
+                continue
+            if buf._cache is cache:
+                cache.pin_out(address, buf._gen)
+            else:
+                cache.post(PIN, address, buf._gen)
+            self._watch(pin, address, buf._gen)
+        return found
 
     @property
     def cache_max_bytes(self) -> int:
@@ -594,9 +671,12 @@ class Client:
 
     def _buffer(self, wire: list[int], state: str) -> Buffer:
         _, segment, offset, size, gen = wire
-        view = self._segment_view(segment)[offset : offset + size]
+        self._segment_view(segment)  # mapped now: a view of it is made on first use
         address = segment << SEGMENT_SHIFT | offset
-        return Buffer(self, self.epoch, address, size, gen, view, state, None)
+        buf = Buffer(self, self.epoch, address, size, gen, state, None)
+        if state == "owned":
+            self._viewed[address] = buf  # a recycle here marks it done (cheap next to the trip)
+        return buf
 
     def alloc(self, size: int, *, timeout: float | None = None, site: str | None = None) -> Buffer:
         """A buffer of exactly `size` bytes, owned by this session.
@@ -805,12 +885,25 @@ class Client:
         cache = buf._cache
         if cache is not None and cache is self._cache:
             return cache.take_back(buf)
-        segment, offset = buf._offset >> SEGMENT_SHIFT, buf._offset & OFFSET_MASK
-        carved = self._post_free((self.epoch, segment, offset, buf._size, buf._gen))
+        address = buf._offset
+        if self._viewed.get(address) is buf:
+            del self._viewed[address]
+        segment, offset = address >> SEGMENT_SHIFT, address & OFFSET_MASK
+        handle = (self.epoch, segment, offset, buf._size, buf._gen)
+        pin = buf._release_views()
+        if pin is not None and self._can_pin and self._cache is not None:
+            # Views of it outlive the Buffer: pinned, freed, unpinned when they go.
+            self._cache.post(PIN, address, buf._gen)
+            self._watch(pin, address, buf._gen)
+        carved = self._post_free(handle)
         buf._done()
         return carved
 
     def _free_handle(self, handle: Handle) -> int:
+        address = handle.segment << SEGMENT_SHIFT | handle.offset
+        buf = self._viewed.get(address) if 0 <= handle.offset <= OFFSET_MASK else None
+        if buf is not None and buf._gen == handle.generation and buf._size == handle.size:
+            return self._free_buffer(buf)  # its views here are checked as for buf.free()
         cache = self._cache
         if cache is not None and handle.generation >> GEN_SHIFT == self.session:
             if not 0 <= handle.offset <= OFFSET_MASK or handle.segment < 0:
@@ -869,10 +962,19 @@ class Client:
 
     def release(self, target: Buffer | Handle) -> None:
         """Drop a reference taken with `attach(..., retain=True)` or `retain()`."""
-        handle = _handle_of(target)
+        if isinstance(target, Buffer):
+            handle = target._make_handle()  # its owner may have been recycled: still ours
+        else:
+            handle = _as_handle(target)
+        pin = target._release_views() if isinstance(target, Buffer) else None
+        cache = self._cache
+        if pin is not None and self._can_pin and cache is not None:
+            # Views of it outlive this reference: keep the block out of reuse.
+            cache.post(PIN, target._offset, handle.generation)  # type: ignore[union-attr]
+            self._watch(pin, target._offset, handle.generation)  # type: ignore[union-attr]
         self._request(Op.RELEASE, [list(handle)])
         if isinstance(target, Buffer):
-            target._done()
+            target._done("released")
 
     def ndarray(
         self, shape: Any, dtype: Any = "float64", order: str = "C", *, site: str | None = None
@@ -920,10 +1022,13 @@ class Client:
 
         UnknownOwner if there is no owner of that name.
         """
+        ours = self._pin_owner(name) if self._viewed else []
         try:
             (blocks, freed), notices = self._request(Op.RECYCLE, name)
         finally:
             self._owner_ids.pop(name, None)  # its id goes with it (Owner.id)
+        for buf in ours:
+            buf._done("recycled")
         if self._cache is not None:
             self._cache.notice(notices)
         return Recycled(blocks, freed)

@@ -1178,12 +1178,21 @@ class Ledger:
     # -- reading -------------------------------------------------------------
 
     def retained_only(self) -> list[Block]:
-        """Blocks freed by their owners that readers still retain (not pinned)."""
-        return [b for b in self.blocks.values() if b.owner is None and not b.cached and not b.pins]
+        """Blocks freed by their owners that readers still retain (pinned or not)."""
+        return [
+            b
+            for b in self.blocks.values()
+            if b.owner is None and not b.cached and not (b.pins and not b.retainers)
+        ]
 
     def pinned(self) -> list[Block]:
-        """Blocks freed by their owners that a process still has views of."""
-        return [b for b in self.blocks.values() if b.owner is None and not b.cached and b.pins]
+        """Blocks freed by their owners and kept only because a process still
+        has views of them (pinned, retained by nobody)."""
+        return [
+            b
+            for b in self.blocks.values()
+            if b.owner is None and not b.cached and b.pins and not b.retainers
+        ]
 
     def check(self) -> list[str]:
         """Every invariant between ledger and allocator; empty when healthy."""

@@ -34,11 +34,14 @@ SIZES = [
     pytest.param(64 * KIB, {"cache": False}, "64M", id="64KiB-daemon"),
     pytest.param(4 * MIB, {}, "256M", id="4MiB-daemon"),
 ]
-MISUSES = ["ndarray", "slice", "owner-view"]
+MISUSES = ["ndarray", "slice", "owner-slice", "owner-view"]
 
 
 def stale_writer(client: shmarena.Client, how: str, size: int) -> Callable[[], None]:
-    """Make one of the issue's misuses; return what writes through the stale view."""
+    """Make one of the issue's misuses; return what writes through the stale
+    view. The Buffer's own view is released by the free or recycle: writing
+    through it raises (ValueError, a released memoryview), so nothing needs
+    pinning; a view made from it (slice, array) pins the block instead."""
     if how == "ndarray":
         b = client.alloc(size)
         array = b.ndarray((size // 4,), "float32")
@@ -58,12 +61,17 @@ def stale_writer(client: shmarena.Client, how: str, size: int) -> Callable[[], N
     else:
         with client.owner("batch") as owner:
             old = owner.alloc(size)
-            view = old.view  # taken before leaving the block recycles the owner
+            # taken before leaving the block recycles the owner
+            view = old.view if how == "owner-view" else old.view[8:]
         with pytest.raises(StaleHandle, match="recycled"):
             old.view  # noqa: B018 - the property itself refuses
 
         def write() -> None:
-            view[:3] = b"OLD"
+            if how == "owner-view":
+                with pytest.raises(ValueError, match="released"):
+                    view[:3] = b"OLD"
+            else:
+                view[:3] = b"OLD"
 
     return write
 
@@ -105,7 +113,8 @@ def test_a_stale_view_never_writes_into_a_new_block_of_this_process(
     write()
     assert touched(fresh) == []
     s = settled(client)
-    assert s["pinned_bytes"] >= size and s["pinned_blocks"] == 1
+    pinned = 0 if how == "owner-view" else 1
+    assert s["pinned_bytes"] >= size * pinned and s["pinned_blocks"] == pinned
     client.free(fresh)
     del write
     back_to(client, used)
@@ -237,13 +246,15 @@ def test_a_block_recycled_by_another_process_is_kept_aside_while_viewed(
     client = daemon.client()
     owner = client.owner("frames")
     b = owner.alloc(64 * KIB)
-    view = b.view
+    plain, view = b.view, b.view[:]
     used = settled(client)["used_bytes"] - 64 * KIB
     daemon.cli("recycle", "frames", check=True)
     s = settled(client)  # the notice arrives with this
     assert s["pinned_blocks"] == 1 and s["used_bytes"] == used
     with pytest.raises(StaleHandle, match="recycled"):
         b.view  # noqa: B018
+    with pytest.raises(ValueError, match="released"):
+        plain[0]  # noqa: B018 - the Buffer's own view is released
     fresh = [client.alloc(64 * KIB) for _ in range(FRESH)]
     fill(fresh)
     view[:] = b"\x01" * len(view)
