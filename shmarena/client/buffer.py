@@ -131,13 +131,20 @@ class Buffer:
     def _make_view(self) -> memoryview:
         if self._state == "done":
             raise self._done_error("view")
-        offset, size, cache = self._offset, self._size, self._cache
+        offset, size, cache, client = self._offset, self._size, self._cache, self._client
+        if self._epoch != client.epoch:  # the mapping at hand is another arena's
+            raise StaleHandle(
+                f"Buffer.view: this Buffer is from arena epoch {self._epoch}, the daemon "
+                f"{client.name!r} now serves epoch {client.epoch}: it was restarted and the "
+                "block no longer exists; allocate a new buffer",
+                epoch=self._epoch,
+                daemon_epoch=client.epoch,
+            )
         if cache is not None:
             entry = cache.out.get(offset)
             if entry is None or entry[0] != self._gen:
                 self._done("recycled")  # given back through another process
                 raise self._done_error("view")
-        client = self._client
         if offset < SEGMENT_SPAN and client._arena_view is not None:
             pin = client._arena_view[offset : offset + size]
         else:

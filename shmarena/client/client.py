@@ -439,7 +439,8 @@ class Client:
                 return  # another thread got there first
             self._transport = None
             self._cache = None  # its blocks are gone; its Buffers refuse a free
-            self._forget_views("freed")  # with its session (the daemon restarted)
+            # Its blocks went with it (the daemon restarted): nothing to pin.
+            self._viewed, self._pins = {}, {}
             self._stop_heartbeat.set()
             if stash:
                 self._pending_loss = error
