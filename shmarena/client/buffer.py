@@ -124,9 +124,23 @@ class Buffer:
         docstring). StaleHandle once the Buffer was freed, released or its
         owner recycled."""
         view = self._view
-        if view is None:
-            view = self._make_view()
-        return view
+        if view is not None:
+            return view
+        # The hot case inline: a block of this process's cache, in segment 0.
+        offset, cache = self._offset, self._cache
+        if cache is not None and offset < SEGMENT_SPAN and self._state == "owned":
+            # Still out under our generation: not given back through another process.
+            entry = cache.out.get(offset)
+            if entry is not None and entry[0] == self._gen:
+                pin = cache.view[offset : offset + self._size]
+                # Exports from `pin`, so pin.release() fails while anything made from it lives.
+                view = memoryview(PickleBuffer(pin))
+                if self._sealed:
+                    view = view.toreadonly()
+                self._pin, self._view = pin, view
+                cache.viewed[offset] = self  # so a recycle or a notice here finds it
+                return view
+        return self._make_view()
 
     def _make_view(self) -> memoryview:
         if self._state == "done":

@@ -125,6 +125,7 @@ class Cache:
         self.wake = wake
         self.client = client
         self.view = view  # segment 0; the client maps the others
+        self.viewed = client._viewed  # the client's table of Buffers with views (the pin rule)
         self.classes: dict[int, int] = {}  # size -> class, memo
         self._gens = itertools.count((session << GEN_SHIFT) + 1)
 
@@ -173,15 +174,19 @@ class Cache:
         back on its free list, and if the daemon never heard of it, it never
         will."""
         offset = buf._offset
-        if buf._view is not None:  # views were made: they may outlive the Buffer
+        view = buf._view
+        if view is not None:  # views were made: they may outlive the Buffer
             if buf._state != "owned":
                 raise self._stale(offset, buf._gen)
-            viewed = self.client._viewed
-            if viewed.get(offset) is buf:
-                del viewed[offset]
-            pin = buf._release_views()
-            if pin is not None and self.client._can_pin:
-                return self.free_pinned(buf, pin)
+            pin = buf._pin
+            buf._view = buf._pin = None
+            self.viewed.pop(offset, None)  # one Buffer per block out of this cache
+            try:
+                view.release()
+                pin.release()  # type: ignore[union-attr]
+            except BufferError:  # views made from it live on: keep the block
+                if self.client._can_pin:
+                    return self.free_pinned(buf, pin)  # type: ignore[arg-type]
         if buf._handle is not None:  # its handle may be elsewhere
             cls = self.free_through_daemon(offset, buf._gen, buf._size)
             buf._done()
@@ -350,7 +355,7 @@ class Cache:
         through someone else, or released by the last reader)."""
         if not flat:
             return
-        viewed = self.client._viewed
+        viewed = self.viewed
         with self.lock:
             for i in range(0, len(flat) - 1, 2):
                 offset, gen = flat[i], flat[i + 1]

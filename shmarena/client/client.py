@@ -265,6 +265,7 @@ class Client:
         self._viewed: dict[int, Buffer] = {}
         self._pins: dict[int, weakref.ref[memoryview]] = {}  # id(ref) -> ref
         self._can_pin = False  # the daemon understands PIN / UNPIN
+        self._prune_at = 1024  # table size at which dropped, unviewed Buffers are let go
         self._alive_at = 0.0  # monotonic time of the last reply (lease mode only)
         self._connect()
         _CLIENTS.add(self)
@@ -440,7 +441,8 @@ class Client:
             self._transport = None
             self._cache = None  # its blocks are gone; its Buffers refuse a free
             # Its blocks went with it (the daemon restarted): nothing to pin.
-            self._viewed, self._pins = {}, {}
+            self._viewed.clear()
+            self._pins.clear()
             self._stop_heartbeat.set()
             if stash:
                 self._pending_loss = error
@@ -522,8 +524,9 @@ class Client:
         """The session ends: its Buffers are done and its pins go with it
         (the daemon drops a session's pins when it ends). Views made from
         them must not outlive the session: their blocks may be reused."""
-        viewed, self._viewed = self._viewed, {}
-        for buf in list(viewed.values()):
+        viewed = list(self._viewed.values())
+        self._viewed.clear()
+        for buf in viewed:
             buf._done(gone)
         self._pins.clear()
 
@@ -677,7 +680,21 @@ class Client:
         buf = Buffer(self, self.epoch, address, size, gen, state, None)
         if state == "owned":
             self._viewed[address] = buf  # a recycle here marks it done (cheap next to the trip)
+            if len(self._viewed) >= self._prune_at:
+                self._prune_viewed()
         return buf
+
+    def _prune_viewed(self) -> None:
+        """Forget the Buffers of the table nobody else references and that
+        made no view (their blocks may have been freed by another process,
+        which this one never hears of): nothing can use them any more."""
+        viewed = self._viewed
+        for address in list(viewed):
+            buf = viewed.get(address)
+            # references: the table, `buf`, getrefcount's argument
+            if buf is not None and buf._view is None and sys.getrefcount(buf) <= 3:
+                del viewed[address]
+        self._prune_at = max(1024, 2 * len(viewed))
 
     def alloc(self, size: int, *, timeout: float | None = None, site: str | None = None) -> Buffer:
         """A buffer of exactly `size` bytes, owned by this session.
