@@ -335,3 +335,45 @@ def test_loaded_views_outlive_a_free_by_the_producer_in_the_same_process(
     client.free(fresh)
     del loaded
     back_to(client, used)
+
+
+@pytest.mark.parametrize("size", [64 * KIB, 4 * MIB])
+def test_a_free_by_handle_defers_like_a_free_of_the_buffer(
+    client: shmarena.Client, size: int
+) -> None:
+    used = settled(client)["used_bytes"]
+    b = client.alloc(size)
+    part = b.view[100:200]
+    client.free(b.handle)
+    with pytest.raises(StaleHandle, match="freed"):
+        b.view  # noqa: B018
+    fresh = [client.alloc(size) for _ in range(8)]
+    fill(fresh)
+    part[:] = b"\x04" * len(part)
+    assert touched(fresh) == []
+    assert settled(client)["pinned_blocks"] == 1
+    client.free(fresh)
+    del part
+    back_to(client, used)
+
+
+def test_a_release_with_live_views_keeps_the_block_until_they_are_gone(daemon: Daemon) -> None:
+    """A reader releases its reference while a slice of its view lives, then
+    the owner (another session) frees the block: it is not reused until the
+    reader's slice is gone."""
+    owner, reader = daemon.client(cache=False), daemon.client()
+    used = settled(owner)["used_bytes"]
+    b = owner.alloc(64 * KIB)
+    seen = reader.attach(b.handle, retain=True)
+    part = seen.view[:16]
+    seen.release()
+    b.free()
+    settled(owner)  # its free has reached the daemon
+    assert settled(reader)["pinned_blocks"] == 1
+    fresh = [owner.alloc(64 * KIB) for _ in range(FRESH)]
+    fill(fresh)
+    part[:] = b"\x05" * len(part)
+    assert touched(fresh) == []
+    owner.free(fresh)
+    del part
+    back_to(reader, used)
