@@ -658,6 +658,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{stats['retained_only_blocks']} freed but retained blocks",
             )
         )
+    if stats.get("pinned_blocks"):
+        rows.append(
+            (
+                "pinned by views",
+                f"{format_size(stats['pinned_bytes'])} in {stats['pinned_blocks']} freed blocks "
+                "a process still has views of (`shmarena clients` shows which)",
+            )
+        )
     for key, value in rows:
         table.add_row(key, value)
     _console().print(table)

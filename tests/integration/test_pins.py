@@ -208,8 +208,7 @@ def test_every_use_of_a_done_buffer_raises_stale_handle(client: shmarena.Client)
     assert settled(client)["pinned_blocks"] == 0  # its own view was the only one
 
 
-def test_stats_add_up_exactly_with_pinned_blocks(make_daemon: Callable[..., Daemon]) -> None:
-    daemon = make_daemon("64M")
+def test_stats_add_up_exactly_with_pinned_blocks(daemon: Daemon) -> None:
     client = daemon.client()
     base = settled(client)
     views = []
@@ -233,6 +232,9 @@ def test_stats_add_up_exactly_with_pinned_blocks(make_daemon: Callable[..., Daem
     (row,) = client.list_clients()
     assert row["pinned_blocks"] == 4 and row["pinned_bytes"] == s["pinned_bytes"]
     assert client.check() == []
+    out = daemon.cli("status", check=True).stdout
+    assert "pinned by views" in out and "in 4 freed blocks" in out, out
+    assert daemon.cli("check").returncode == 0
     del views, kept
     back_to(client, base["used_bytes"])
 
