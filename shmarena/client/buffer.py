@@ -254,8 +254,10 @@ class Buffer:
 
     def free(self) -> None:
         """Give the block back: to this process's cache if it came from there
-        (no message), else to the daemon without waiting. StaleHandle if it was
-        freed or recycled already."""
+        (no message), else to the daemon without waiting. While views made
+        from `view` live in this process, the block is pinned instead and
+        freed by itself once the last is gone. StaleHandle if it was freed or
+        recycled already."""
         cache = self._cache
         if cache is not None and cache is self._client._cache:  # not the parent's, after fork
             cache.take_back(self)

@@ -492,7 +492,9 @@ class Client:
 
     def close(self) -> None:
         """End the session: the daemon recycles this session's owners (not the
-        detached ones). Buffers stay mapped but must not be used after."""
+        detached ones) and drops its pins. Its Buffers are done; views made
+        from them stay mapped but must not be used after: their blocks may be
+        reused (views must not outlive the client they came from)."""
         if self._closed:
             return
         self._closed = True
@@ -869,6 +871,11 @@ class Client:
         (StaleHandle: it was freed or recycled already) is raised by the next
         call. Buffers are all checked before any is freed. Returns the number
         of blocks and bytes (as carved) given back.
+
+        A block this process still has views of (a slice of `buf.view`, an
+        array from `buf.ndarray`, a reader chunk ...) is not reused until the
+        last of them is gone: it is *pinned* (`stats()["pinned_bytes"]`) and
+        freed by itself then. The Buffer is done at once either way.
         """
         items = [target] if isinstance(target, (Buffer, Handle)) else list(target)
         seen = set()
@@ -1038,6 +1045,8 @@ class Client:
     def recycle(self, name: str) -> Recycled:
         """Free every block the owner holds, in one call, and remove the owner.
 
+        Its Buffers in this process are done; blocks this process still has
+        views of are pinned until the last of them is gone (see `free`).
         UnknownOwner if there is no owner of that name.
         """
         ours = self._pin_owner(name) if self._viewed else []
