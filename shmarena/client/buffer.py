@@ -157,7 +157,8 @@ class Buffer:
         if cache is not None:
             entry = cache.out.get(offset)
             if entry is None or entry[0] != self._gen:
-                self._done("recycled")  # given back through another process
+                # given back through another process, or its session closed
+                self._done("closed" if client._closed else "recycled")
                 raise self._done_error("view")
         if offset < SEGMENT_SPAN and client._arena_view is not None:
             pin = client._arena_view[offset : offset + size]

@@ -531,6 +531,10 @@ class Client:
         for buf in viewed:
             buf._done(gone)
         self._pins.clear()
+        cache = self._cache
+        if cache is not None:
+            with cache.lock:
+                cache.out.clear()  # so its other Buffers refuse a view too
 
     def _watch(self, pin: memoryview, address: int, gen: int) -> None:
         """Unpin the block once `pin`, kept alive only by the views made from
@@ -540,9 +544,12 @@ class Client:
         registry.start_worker()
         pins, session = self._pins, self.session
 
-        def gone(ref: weakref.ref[memoryview]) -> None:
+        def gone(ref: weakref.ref[memoryview], queue_unpin: Any = registry.queue_unpin) -> None:
             pins.pop(id(ref), None)
-            registry.queue_unpin(self, session, address, gen)
+            try:
+                queue_unpin(self, session, address, gen)
+            except Exception:  # interpreter shutdown: the session ends, and its pins with it
+                pass
 
         ref = weakref.ref(pin, gone)
         pins[id(ref)] = ref

@@ -379,3 +379,21 @@ def test_a_release_with_live_views_keeps_the_block_until_they_are_gone(daemon: D
     owner.free(fresh)
     del part
     back_to(reader, used)
+
+
+def test_close_ends_the_session_and_its_pins(daemon: Daemon) -> None:
+    """Views must not outlive the client they came from: close() ends the
+    session, the daemon drops its pins, and its Buffers are done."""
+    observer, client = daemon.client(), daemon.client()
+    b = client.alloc(64 * KIB)
+    part = b.view[1:]
+    kept = client.alloc(64 * KIB)
+    b.free()
+    client.sync()
+    assert settled(observer)["pinned_blocks"] == 1
+    client.close()
+    s = settled(observer)
+    assert s["pinned_blocks"] == 0 and s["sessions"] == 1 and observer.check() == []
+    with pytest.raises(StaleHandle, match="closed"):
+        kept.view  # noqa: B018
+    del part
