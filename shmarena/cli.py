@@ -1026,7 +1026,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                  ("owner", "left")],
                 [
                     [f"{b['offset']:#x}", str(b["size"]), str(b["generation"]),
-                     b["owner"] or ("(cached)" if b["cached"] else "(retained)")]
+                     b["owner"] or ("(cached)" if b["cached"] else
+                                    "(pinned)" if b.get("pinned_by") and not b["retainers"]
+                                    else "(retained)")]
                     for b in report["blocks"]
                 ],
             )  # fmt: skip

@@ -120,7 +120,8 @@ The arena's layout, read-only (for `shmarena map`):
                "free": flat [offset, size] of the free runs between them} (offsets
                within the segment); "holders": the owner names the indexes point
                at ("(cached)": in a client cache, "(retained)": freed but still
-               retained); "truncated": true when more than max_blocks blocks (at
+               retained, "(pinned)": freed, not retained, but still viewed by a
+               process); "truncated": true when more than max_blocks blocks (at
                most MAX_BLOCKS_REPLY) exist, the listing then stops there
 
 A handle travels as ``[epoch, segment, offset, size, generation]``.

@@ -4,6 +4,7 @@ until that process unpins it or its session ends (PIN / UNPIN events)."""
 
 from __future__ import annotations
 
+from shmarena.daemon.layout import PINNED
 from shmarena.protocol import ASSIGN, FREE_EVENT, PIN, UNPIN, Op
 from tests.unit.test_cache_ledger import filled, gen, post, stats
 from tests.unit.test_service import EPOCH, MIN, Peer, make_service
@@ -139,3 +140,14 @@ def test_stale_pins_and_unmatched_unpins_are_ignored_and_change_nothing() -> Non
     assert stats(service)["used_bytes"] == before["used_bytes"]
     peer.ok(Op.FREE, [wire])
     assert stats(service)["pinned_blocks"] == 1
+
+
+def test_the_layout_names_a_pinned_block_as_pinned() -> None:
+    service = make_service()
+    peer = Peer(service, b"a")
+    (wire,) = peer.ok(Op.ALLOC, MIN, None, False)
+    assert post(peer, PIN, wire[2], wire[4], FREE_EVENT, *wire) is None
+    (layout,) = peer.ok(Op.BLOCKS)
+    (segment,) = layout["segments"]
+    holder = layout["holders"][segment["blocks"][2]]
+    assert holder == PINNED
