@@ -60,8 +60,6 @@ from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT, SEGMENT_SPAN
 
 # (shm name, epoch) -> (mapping, memoryview of all of it), one per process.
 _MAPPINGS: dict[tuple[str, int], tuple[mmap.mmap, memoryview]] = {}
-# (shm name, epoch) -> numpy uint8 array over all of it, made on first use.
-_ARRAYS: dict[tuple[str, int], Any] = {}
 # key -> clients of this process that use the mapping; the last to close
 # unmaps it if no buffer is left over it (see `_unmap`)
 _MAPPING_USERS: dict[tuple[str, int], int] = {}
@@ -591,11 +589,6 @@ class Client:
         """The largest size served from this process's cache (0: no cache)."""
         cache = self._cache
         return cache.max_bytes if cache is not None else 0
-
-    def _ndarray_base(self, segment: int = 0) -> Any:
-        if segment not in self._keys:
-            self._segment_view(segment)
-        return _ndarray_base(self._keys[segment])
 
     # -- segments ----------------------------------------------------------
 
@@ -1284,7 +1277,6 @@ def _unmap(key: tuple[str, int]) -> None:
     if found is None:
         return
     mapping, view = found
-    _ARRAYS.pop(key, None)
     try:
         view.release()
         mapping.close()
@@ -1292,17 +1284,6 @@ def _unmap(key: tuple[str, int]) -> None:
         _MAPPINGS[key] = (mapping, memoryview(mapping))
         return
     del _MAPPINGS[key]
-
-
-def _ndarray_base(key: tuple[str, int]) -> Any:
-    """One numpy uint8 array over the whole mapping, per process: slicing it
-    is several times cheaper than np.frombuffer per buffer."""
-    base = _ARRAYS.get(key)
-    if base is None:
-        import numpy as np
-
-        base = _ARRAYS[key] = np.frombuffer(_MAPPINGS[key][0], dtype=np.uint8)
-    return base
 
 
 def _freed_already(buf: Buffer) -> StaleHandle:
