@@ -658,6 +658,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{stats['retained_only_blocks']} freed but retained blocks",
             )
         )
+    if stats.get("pinned_blocks"):
+        rows.append(
+            (
+                "pinned by views",
+                f"{format_size(stats['pinned_bytes'])} in {stats['pinned_blocks']} freed blocks "
+                "a process still has views of (`shmarena clients` shows which)",
+            )
+        )
     for key, value in rows:
         table.add_row(key, value)
     _console().print(table)
@@ -1018,7 +1026,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                  ("owner", "left")],
                 [
                     [f"{b['offset']:#x}", str(b["size"]), str(b["generation"]),
-                     b["owner"] or ("(cached)" if b["cached"] else "(retained)")]
+                     b["owner"] or ("(cached)" if b["cached"] else
+                                    "(pinned)" if b.get("pinned_by") and not b["retainers"]
+                                    else "(retained)")]
                     for b in report["blocks"]
                 ],
             )  # fmt: skip

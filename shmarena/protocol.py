@@ -120,7 +120,8 @@ The arena's layout, read-only (for `shmarena map`):
                "free": flat [offset, size] of the free runs between them} (offsets
                within the segment); "holders": the owner names the indexes point
                at ("(cached)": in a client cache, "(retained)": freed but still
-               retained); "truncated": true when more than max_blocks blocks (at
+               retained, "(pinned)": freed, not retained, but still viewed by a
+               process); "truncated": true when more than max_blocks blocks (at
                most MAX_BLOCKS_REPLY) exist, the listing then stops there
 
 A handle travels as ``[epoch, segment, offset, size, generation]``.
@@ -138,6 +139,18 @@ EVENTS, the body of POST, one flat list of integers, applied in order:
     UNASSIGN  address, generation                  ... and given back to the cache
     FREE      epoch, segment, offset, size, generation   free by handle
     DRAIN     address                              a cached block back to the arena
+    PIN       address, generation                  this process still has views of
+                                                   the block: keep it out of reuse
+    UNPIN     address, generation                  ... its last view is gone
+
+PIN and UNPIN (daemons that say "pins": true in their hello reply) make a
+*pinned* block: one that stays out of the arena and out of every cache after
+its owner freed or recycled it, until the pinning session sends UNPIN or ends.
+A PIN of a cached block of the session's own cache takes it out of the cache
+(the client keeps it aside: it was recycled through somebody else while this
+process viewed it); the UNPIN then gives it back with a notice. Both are
+advisory: a PIN of a block that is no longer live under that generation, and
+an UNPIN of a block the session does not pin, are ignored, never refused.
 
 Notices (in FILL, SYNC and RECYCLE replies) are flat ``address, generation``
 pairs: blocks of this session's cache that went back to it through somebody
@@ -235,7 +248,9 @@ ASSIGN = 1
 UNASSIGN = 2
 FREE_EVENT = 3
 DRAIN = 4
-EVENT_LENGTH = {ASSIGN: 5, UNASSIGN: 3, FREE_EVENT: 6, DRAIN: 2}
+PIN = 5
+UNPIN = 6
+EVENT_LENGTH = {ASSIGN: 5, UNASSIGN: 3, FREE_EVENT: 6, DRAIN: 2, PIN: 3, UNPIN: 3}
 
 
 class Op(IntEnum):

@@ -200,10 +200,11 @@ def render_top(now: Sample, before: Sample | None, state: TopState, rows: int) -
 
 
 def usage_bar(stats: dict[str, Any], size: int, width: int = 50) -> Text:
-    """used | cached | retained | free, as a bar of `width` cells and figures."""
+    """used | cached | retained (pinned included) | free, as a bar of `width`
+    cells and figures."""
     used = stats["used_bytes"]
     cached = stats.get("cached_bytes", 0)
-    retained = stats.get("retained_only_bytes", 0)
+    retained = stats.get("retained_only_bytes", 0) + stats.get("pinned_bytes", 0)
     free = stats["free_bytes"]
     bar = Text("usage [", style="bold")
     shown = 0

@@ -1,19 +1,30 @@
 """Buffer: a zero-copy view of one block of the arena, plus its Handle.
 
 A Buffer is a slice of the one mapping of the arena this process holds, so
-making one costs no system call. `view` is exactly the requested size. After
-`free()` the Buffer's own view is released, so using it raises instead of
-silently touching memory that may belong to someone else by then (views the
-caller derived from it cannot be revoked: drop them first).
+making one costs no system call. `view` is exactly the requested size, made
+the first time it is asked for.
+
+No view outlives its block in this process (the *pin* rule). The view a
+Buffer hands out exports from a private slice of the mapping, its *pin*: every
+slice, cast, numpy array or reader chunk made from the view keeps the pin
+busy, and `pin.release()` raises BufferError exactly while one of them lives.
+So a free (or recycle, or release) checks: the Buffer's own view and its pin
+are released, and if that fails, views derived from them still live: the
+block is *pinned* (the daemon is told, PIN) instead of reused, and the client
+unpins it (UNPIN) once the pin object dies, from a weak reference's callback
+(see client/registry.py). Either way the Buffer is done from then on: `view`,
+`ndarray` and `handle` raise StaleHandle.
 """
 
 from __future__ import annotations
 
+from pickle import PickleBuffer
 from typing import TYPE_CHECKING, Any
 
 from shmarena.client import registry
+from shmarena.errors import StaleHandle
 from shmarena.protocol import Handle
-from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT
+from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT, SEGMENT_SPAN
 
 if TYPE_CHECKING:
     from shmarena.client.cache import Cache
@@ -37,17 +48,23 @@ class Buffer:
         "_size",
         "_gen",
         "_view",
+        "_pin",
         "_state",
         "_cache",
         "_handle",
         "_sealed",
+        "_owner",
+        "_gone",
         "__weakref__",  # client/registry.py finds Buffers by address without keeping them
     )
 
     # _state: "owned" (allocated here), "attached" (no reference), "retained",
-    # or "done" (freed or released). _cache: the client cache it came from, if
-    # any. _handle: made when first read; from then on another process may
-    # know the block.
+    # or "done" (freed, released, recycled; _gone says which). _cache: the
+    # client cache it came from, if any. _handle: made when first read; from
+    # then on another process may know the block. _view / _pin: the view
+    # handed out and the slice it exports from, None until `view` is first
+    # used. _owner: the owner's name when allocated through an Owner (None:
+    # the session's own owner), so a recycle here finds its Buffers.
 
     def __init__(
         self,
@@ -56,7 +73,6 @@ class Buffer:
         offset: int,
         size: int,
         gen: int,
-        view: memoryview,
         state: str,
         cache: Cache | None,
     ) -> None:
@@ -65,19 +81,34 @@ class Buffer:
         self._offset = offset
         self._size = size
         self._gen = gen
-        self._view = view
+        self._view: memoryview | None = None
+        self._pin: memoryview | None = None
         self._state = state
         self._cache = cache
         self._handle: Handle | None = None
         self._sealed = False
+        self._owner: str | None = None
+        self._gone = ""
 
     @property
     def handle(self) -> Handle:
         """Names this block for other processes (`client.attach(handle)`)."""
         handle = self._handle
         if handle is None:
-            if self._cache is not None:
-                self._cache.escape(self._offset)
+            if self._state == "done":
+                raise self._done_error("handle")
+            cache = self._cache
+            if cache is not None and not cache.escape(self._offset, self._gen):
+                self._done("recycled")  # given back through another process
+                raise self._done_error("handle")
+            handle = self._make_handle()
+        return handle
+
+    def _make_handle(self) -> Handle:
+        """The handle, unchecked: for letting go of a reference this process
+        still holds on a block whose Buffer is done (a recycled, retained one)."""
+        handle = self._handle
+        if handle is None:
             address = self._offset
             handle = Handle(
                 self._epoch, address >> SEGMENT_SHIFT, address & OFFSET_MASK, self._size, self._gen
@@ -88,8 +119,84 @@ class Buffer:
     @property
     def view(self) -> memoryview:
         """Writable memoryview of exactly `size` bytes, shared with every
-        process that attaches the same handle."""
-        return self._view
+        process that attaches the same handle. While it (or anything made
+        from it) lives, a free of the block is deferred (see the module's
+        docstring). StaleHandle once the Buffer was freed, released or its
+        owner recycled."""
+        view = self._view
+        if view is not None:
+            return view
+        # The hot case inline: a block of this process's cache, in segment 0.
+        offset, cache = self._offset, self._cache
+        if cache is not None and offset < SEGMENT_SPAN and self._state == "owned":
+            # Still out under our generation: not given back through another process.
+            entry = cache.out.get(offset)
+            if entry is not None and entry[0] == self._gen:
+                pin = cache.view[offset : offset + self._size]
+                # Exports from `pin`, so pin.release() fails while anything made from it lives.
+                view = memoryview(PickleBuffer(pin))
+                if self._sealed:
+                    view = view.toreadonly()
+                self._pin, self._view = pin, view
+                cache.viewed[offset] = self  # so a recycle or a notice here finds it
+                return view
+        return self._make_view()
+
+    def _make_view(self) -> memoryview:
+        if self._state == "done":
+            raise self._done_error("view")
+        offset, size, cache, client = self._offset, self._size, self._cache, self._client
+        if self._epoch != client.epoch:  # the mapping at hand is another arena's
+            raise StaleHandle(
+                f"Buffer.view: this Buffer is from arena epoch {self._epoch}, the daemon "
+                f"{client.name!r} now serves epoch {client.epoch}: it was restarted and the "
+                "block no longer exists; allocate a new buffer",
+                epoch=self._epoch,
+                daemon_epoch=client.epoch,
+            )
+        if cache is not None:
+            entry = cache.out.get(offset)
+            if entry is None or entry[0] != self._gen:
+                # given back through another process, or its session closed
+                self._done("closed" if client._closed else "recycled")
+                raise self._done_error("view")
+        if offset < SEGMENT_SPAN and client._arena_view is not None:
+            pin = client._arena_view[offset : offset + size]
+        else:
+            pin = client._view_at(offset, size)
+        # Exports from `pin`, so pin.release() fails while anything made from it lives.
+        view = memoryview(PickleBuffer(pin))
+        if self._sealed:
+            view = view.toreadonly()
+        self._pin, self._view = pin, view
+        if self._state == "owned":
+            client._viewed[offset] = self  # so a recycle or a notice here finds it
+        return view
+
+    def _release_views(self) -> memoryview | None:
+        """Release this Buffer's own view and pin; the pin if views made from
+        them still live (the block must stay pinned), else None."""
+        view, pin = self._view, self._pin
+        if view is None or pin is None:
+            return None
+        self._view = self._pin = None
+        try:
+            view.release()
+            pin.release()
+        except BufferError:
+            return pin
+        return None
+
+    def _done_error(self, what: str) -> StaleHandle:
+        gone = self._gone or "freed"  # "freed", "released", "recycled" or "closed"
+        return StaleHandle(
+            f"Buffer.{what}: this Buffer (offset {self.offset:#x}, {self._size} bytes) was "
+            f"{gone} already, so it has no bytes any more (its block may be another "
+            "allocation's by now); allocate a new buffer. Views made before that stay "
+            "valid: the block is pinned until the last of them is gone",
+            offset=self._offset,
+            generation=self._gen,
+        )
 
     @property
     def size(self) -> int:
@@ -112,7 +219,8 @@ class Buffer:
 
     def _seal(self) -> None:
         self._sealed = True
-        self._view = self._view.toreadonly()
+        if self._view is not None:
+            self._view = self._view.toreadonly()
 
     @property
     def retained(self) -> bool:
@@ -126,7 +234,7 @@ class Buffer:
         except ImportError:
             raise ImportError("Buffer.ndarray needs numpy: pip install 'shmarena[numpy]'") from None
         if self._state == "done":
-            raise ValueError("the buffer was freed or released: it has no bytes to view")
+            raise self._done_error("ndarray")
         dt = np.dtype(dtype)
         if shape is None:
             count = self._size // dt.itemsize
@@ -141,19 +249,16 @@ class Buffer:
                     f"shape {shape_t} of {dt} needs {count * dt.itemsize} bytes, "
                     f"the buffer has {self._size}"
                 )
+        view = self.view  # the array exports from it: it pins the block while it lives
         registry.register(self)  # so pickling names this block instead of copying it
-        start = self._offset & OFFSET_MASK
-        base = self._client._ndarray_base(self._offset >> SEGMENT_SHIFT)
-        raw = base[start : start + count * dt.itemsize]
-        array = raw.view(dt).reshape(shape_t)
-        if self._sealed:
-            array.flags.writeable = False
-        return array
+        return np.frombuffer(view, dtype=dt, count=count).reshape(shape_t)
 
     def free(self) -> None:
         """Give the block back: to this process's cache if it came from there
-        (no message), else to the daemon without waiting. StaleHandle if it was
-        freed or recycled already."""
+        (no message), else to the daemon without waiting. While views made
+        from `view` live in this process, the block is pinned instead and
+        freed by itself once the last is gone. StaleHandle if it was freed or
+        recycled already."""
         cache = self._cache
         if cache is not None and cache is self._client._cache:  # not the parent's, after fork
             cache.take_back(self)
@@ -165,12 +270,12 @@ class Buffer:
         `Client.attach(handle, retain=True)`)."""
         self._client.release(self)
 
-    def _done(self) -> None:
+    def _done(self, gone: str = "freed") -> None:
+        """From now on the Buffer refuses `view`, `ndarray` and `handle`."""
         self._state = "done"
-        try:
-            self._view.release()
-        except BufferError:
-            pass  # the caller still holds a view made from ours
+        self._gone = gone
+        if self._view is not None:
+            self._release_views()
 
     def __enter__(self) -> Buffer:
         return self

@@ -19,6 +19,11 @@ Two shortcuts keep the daemon's work small without making it wrong:
 - a block whose handle did leave goes back to the cache only when the daemon
   says so (a *notice*), because another process may still retain it.
 
+A block this process still has views of is never pushed back on a free list
+(client/buffer.py, the pin rule): its free is reported (hand-out, PIN, FREE)
+and the block comes back by a notice after the client's UNPIN; a notice for
+a block with live views here is not pushed either, but pinned the same way.
+
 Generations of the blocks this cache hands out are numbered in the session's
 own space (``session << GEN_SHIFT | counter``), so no round trip is needed to
 get one and no other process can make the same.
@@ -39,6 +44,7 @@ from shmarena.protocol import (
     EVENT_LENGTH,
     FREE_EVENT,
     GEN_SHIFT,
+    PIN,
     UNASSIGN,
     Op,
 )
@@ -119,6 +125,7 @@ class Cache:
         self.wake = wake
         self.client = client
         self.view = view  # segment 0; the client maps the others
+        self.viewed = client._viewed  # the client's table of Buffers with views (the pin rule)
         self.classes: dict[int, int] = {}  # size -> class, memo
         self._gens = itertools.count((session << GEN_SHIFT) + 1)
 
@@ -159,24 +166,33 @@ class Cache:
             self.unreported.append(offset)
             if not self.dirty:
                 self._queued()
-        if offset < SEGMENT_SPAN:  # segment 0
-            view = self.view[offset : offset + size]
-        else:
-            view = self.client._view_at(offset, size)
-        return Buffer(self.client, self.epoch, offset, size, gen, view, "owned", self)
+        return Buffer(self.client, self.epoch, offset, size, gen, "owned", self)
 
     def take_back(self, buf: Buffer) -> int:
         """Free a Buffer this cache handed out; its class bytes. The hot path
         of free: a block whose handle never left the process goes straight
         back on its free list, and if the daemon never heard of it, it never
         will."""
+        offset = buf._offset
+        view = buf._view
+        if view is not None:  # views were made: they may outlive the Buffer
+            if buf._state != "owned":
+                raise self._stale(offset, buf._gen, freed=True)
+            pin = buf._pin
+            buf._view = buf._pin = None
+            self.viewed.pop(offset, None)  # one Buffer per block out of this cache
+            try:
+                view.release()
+                pin.release()  # type: ignore[union-attr]
+            except BufferError:  # views made from it live on: keep the block
+                if self.client._can_pin:
+                    return self.free_pinned(buf, pin)  # type: ignore[arg-type]
         if buf._handle is not None:  # its handle may be elsewhere
             cls = self.free_through_daemon(
-                buf._offset, buf._gen, buf._size, freed=buf._state != "owned"
+                offset, buf._gen, buf._size, freed=buf._state != "owned"
             )
             buf._done()
             return cls
-        offset = buf._offset
         with self.lock:
             entry = self.out.pop(offset, None)
             if entry is None or entry[0] != buf._gen or buf._state != "owned":
@@ -190,11 +206,45 @@ class Cache:
             cls = entry[3]
             self._push(cls, offset)
             buf._state = "done"
-        try:
-            buf._view.release()
-        except BufferError:
-            pass  # the caller still holds a view made from ours
         return cls
+
+    def free_pinned(self, buf: Buffer, pin: memoryview) -> int:
+        """Free a Buffer of this cache whose views outlive it: the daemon
+        learns of the hand-out, the pin and the free, and gives the block
+        back with a notice once the client unpins it. Its class bytes."""
+        offset, gen = buf._offset, buf._gen
+        with self.lock:
+            entry = self.out.get(offset)
+            if entry is None or entry[0] != gen or entry[1] != buf._size:
+                raise self._stale(offset, gen)
+            self._report(offset)
+            del self.out[offset]
+            self.awaiting[offset] = (gen, entry[3])
+            segment, local = offset >> SEGMENT_SHIFT, offset & (SEGMENT_SPAN - 1)
+            self.pending += (PIN, offset, gen)
+            self.pending += (FREE_EVENT, self.epoch, segment, local, buf._size, gen)
+            if not self.dirty:
+                self._queued()
+        buf._done()
+        self.client._watch(pin, offset, gen)
+        return entry[3]
+
+    def pin_out(self, offset: int, gen: int) -> None:
+        """A block handed out here keeps views past its owner's recycle: its
+        hand-out is reported (if it was not) and pinned; it stays out (in
+        `out`) until the notice that follows the client's UNPIN."""
+        with self.lock:
+            self._report(offset)
+            self.pending += (PIN, offset, gen)
+            if not self.dirty:
+                self._queued()
+
+    def post(self, *events: int) -> None:
+        """Queue events about blocks that are not this cache's (PIN, UNPIN)."""
+        with self.lock:
+            self.pending += events
+            if not self.dirty:
+                self._queued()
 
     def _stale(
         self, offset: int, gen: int, raw: bool = False, freed: bool | None = None
@@ -253,11 +303,16 @@ class Cache:
             if not self.dirty:
                 self._queued()
 
-    def escape(self, offset: int) -> None:
+    def escape(self, offset: int, gen: int) -> bool:
         """The block's handle is leaving this process: its hand-out must be
-        reported, never folded away."""
+        reported, never folded away. False if the block is no longer out
+        under `gen` (it came back through another process)."""
         with self.lock:
+            entry = self.out.get(offset)
+            if entry is None or entry[0] != gen:
+                return False
             self._report(offset)
+            return True
 
     def _report(self, offset: int) -> None:
         entry = self.out.get(offset)
@@ -317,11 +372,24 @@ class Cache:
         through someone else, or released by the last reader)."""
         if not flat:
             return
+        viewed = self.viewed
         with self.lock:
             for i in range(0, len(flat) - 1, 2):
                 offset, gen = flat[i], flat[i + 1]
                 entry = self.out.get(offset)
                 if entry is not None and entry[0] == gen:
+                    buf = viewed.get(offset)
+                    if buf is not None and buf._gen == gen and buf._cache is self:
+                        del viewed[offset]
+                        pin = buf._release_views()
+                        buf._done("recycled")
+                        if pin is not None and self.client._can_pin:
+                            # Views of it live here: aside (in `out`) until they are gone.
+                            self.pending += (PIN, offset, gen)
+                            if not self.dirty:
+                                self._queued()
+                            self.client._watch(pin, offset, gen)
+                            continue
                     del self.out[offset]
                     self._push(entry[3], offset)
                 elif self.awaiting.get(offset, (0, 0))[0] == gen:

@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-from shmarena.client import arrays, names
+from shmarena.client import arrays, names, registry
 from shmarena.client.buffer import Buffer
 from shmarena.client.cache import FLUSH_DELAY_S, Cache
 from shmarena.client.transport import Transport
@@ -49,7 +49,9 @@ from shmarena.protocol import (
     MAX_BATCH,
     MAX_LISTING_ROWS,
     MAX_WAIT_S,
+    PIN,
     PROTOCOL_VERSION,
+    UNPIN,
     Handle,
     Op,
 )
@@ -59,8 +61,6 @@ from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT, SEGMENT_SPAN
 
 # (shm name, epoch) -> (mapping, memoryview of all of it), one per process.
 _MAPPINGS: dict[tuple[str, int], tuple[mmap.mmap, memoryview]] = {}
-# (shm name, epoch) -> numpy uint8 array over all of it, made on first use.
-_ARRAYS: dict[tuple[str, int], Any] = {}
 # key -> clients of this process that use the mapping; the last to close
 # unmaps it if no buffer is left over it (see `_unmap`)
 _MAPPING_USERS: dict[tuple[str, int], int] = {}
@@ -150,13 +150,19 @@ class Owner:
         are those of an owner with a quota, which the daemon checks."""
         client = self.client
         if self.detached or self.quota or timeout is not None or site or client.track_sites:
-            return client._alloc_direct(size, self.name, self.detached, timeout, site)
-        return client._alloc_cached(size, self.id, self.name)
+            buf = client._alloc_direct(size, self.name, self.detached, timeout, site)
+        else:
+            buf = client._alloc_cached(size, self.id, self.name)
+        buf._owner = self.name  # a recycle in this process finds it (Client.recycle)
+        return buf
 
     def alloc_many(self, sizes: Sequence[int]) -> list[Buffer]:
-        return self.client._alloc_many(
+        bufs = self.client._alloc_many(
             sizes, self.name, self.detached, self.id, direct=bool(self.quota)
         )
+        for buf in bufs:
+            buf._owner = self.name
+        return bufs
 
     def recycle(self) -> Recycled:
         return self.client.recycle(self.name)
@@ -251,6 +257,14 @@ class Client:
         self._owner_ids: dict[str, tuple[int, int]] = {}
         # A SessionLost found by the heartbeat thread, raised by the next call.
         self._pending_loss: SessionLost | None = None
+        # The pin rule (client/buffer.py): address -> this process's live
+        # Buffer allocated there that made a view (or came from the daemon),
+        # so a recycle, a notice or a free by handle finds its views; and the
+        # weak references that unpin a pinned block when its pin dies.
+        self._viewed: dict[int, Buffer] = {}
+        self._pins: dict[int, weakref.ref[memoryview]] = {}  # id(ref) -> ref
+        self._can_pin = False  # the daemon understands PIN / UNPIN
+        self._prune_at = 1024  # table size at which dropped, unviewed Buffers are let go
         self._alive_at = 0.0  # monotonic time of the last reply (lease mode only)
         self._connect()
         _CLIENTS.add(self)
@@ -285,6 +299,7 @@ class Client:
         self._arena_key, self._arena_view = key, view
         self._views, self._keys = {0: view}, {0: key}
         self._token = int(info.get("token", 0))
+        self._can_pin = bool(info.get("pins"))
         cache = self._cache
         if not info.get("resumed"):
             transport.next_id, transport.unconfirmed = 1, []  # a new session counts anew
@@ -380,6 +395,7 @@ class Client:
         self._transport = None
         self._heartbeat = None
         self._cache = None  # the parent's: its blocks are the parent session's
+        self._viewed, self._pins = {}, {}  # the parent's Buffers and pins
         self._flusher = None
         self._flush_wake = threading.Event()
         self._lock = threading.Lock()
@@ -423,6 +439,9 @@ class Client:
                 return  # another thread got there first
             self._transport = None
             self._cache = None  # its blocks are gone; its Buffers refuse a free
+            # Its blocks went with it (the daemon restarted): nothing to pin.
+            self._viewed.clear()
+            self._pins.clear()
             self._stop_heartbeat.set()
             if stash:
                 self._pending_loss = error
@@ -472,12 +491,15 @@ class Client:
 
     def close(self) -> None:
         """End the session: the daemon recycles this session's owners (not the
-        detached ones). Buffers stay mapped but must not be used after."""
+        detached ones) and drops its pins. Its Buffers are done; views made
+        from them stay mapped but must not be used after: their blocks may be
+        reused (views must not outlive the client they came from)."""
         if self._closed:
             return
         self._closed = True
         self._stop_heartbeat.set()
         self._flush_wake.set()
+        self._forget_views("closed")
         transport = self._transport
         if transport is None or self._pid != os.getpid():
             self._transport = None
@@ -497,16 +519,77 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- the pin rule (client/buffer.py) -------------------------------------
+
+    def _forget_views(self, gone: str) -> None:
+        """The session ends: its Buffers are done and its pins go with it
+        (the daemon drops a session's pins when it ends). Views made from
+        them must not outlive the session: their blocks may be reused."""
+        viewed = list(self._viewed.values())
+        self._viewed.clear()
+        for buf in viewed:
+            buf._done(gone)
+        self._pins.clear()
+        cache = self._cache
+        if cache is not None:
+            with cache.lock:
+                cache.out.clear()  # so its other Buffers refuse a view too
+
+    def _watch(self, pin: memoryview, address: int, gen: int) -> None:
+        """Unpin the block once `pin`, kept alive only by the views made from
+        it, is gone. The callback may run anywhere (in the garbage collector,
+        inside a lock holder): it takes no lock and sends nothing, it only
+        queues the work for the registry's worker thread."""
+        registry.start_worker()
+        pins, session = self._pins, self.session
+
+        def gone(ref: weakref.ref[memoryview], queue_unpin: Any = registry.queue_unpin) -> None:
+            pins.pop(id(ref), None)
+            try:
+                queue_unpin(self, session, address, gen)
+            except Exception:  # interpreter shutdown: the session ends, and its pins with it
+                pass
+
+        ref = weakref.ref(pin, gone)
+        pins[id(ref)] = ref
+
+    def _unpin(self, session: int, address: int, gen: int) -> None:
+        """The last view of a pinned block is gone (on the worker thread)."""
+        cache = self._cache
+        if cache is None or self._closed or session != self.session or self._pid != os.getpid():
+            return  # that session is over, and its pins with it
+        cache.post(UNPIN, address, gen)
+
+    def _pin_owner(self, name: str) -> list[Buffer]:
+        """Before a recycle of `name` by this process: release the views of
+        its Buffers here and pin the blocks whose views outlive them. The
+        Buffers, to be marked done once the recycle went through."""
+        implicit = name == f"session-{self.session}"
+        found = [
+            b
+            for b in list(self._viewed.values())
+            if b._owner == name or (implicit and b._owner is None)
+        ]
+        cache = self._cache
+        for buf in found:
+            address = buf._offset
+            if self._viewed.get(address) is buf:
+                del self._viewed[address]
+            pin = buf._release_views()
+            if pin is None or not self._can_pin or cache is None:
+                continue
+            if buf._cache is cache:
+                cache.pin_out(address, buf._gen)
+            else:
+                cache.post(PIN, address, buf._gen)
+            self._watch(pin, address, buf._gen)
+        return found
+
     @property
     def cache_max_bytes(self) -> int:
         """The largest size served from this process's cache (0: no cache)."""
         cache = self._cache
         return cache.max_bytes if cache is not None else 0
-
-    def _ndarray_base(self, segment: int = 0) -> Any:
-        if segment not in self._keys:
-            self._segment_view(segment)
-        return _ndarray_base(self._keys[segment])
 
     # -- segments ----------------------------------------------------------
 
@@ -595,9 +678,26 @@ class Client:
 
     def _buffer(self, wire: list[int], state: str) -> Buffer:
         _, segment, offset, size, gen = wire
-        view = self._segment_view(segment)[offset : offset + size]
+        self._segment_view(segment)  # mapped now: a view of it is made on first use
         address = segment << SEGMENT_SHIFT | offset
-        return Buffer(self, self.epoch, address, size, gen, view, state, None)
+        buf = Buffer(self, self.epoch, address, size, gen, state, None)
+        if state == "owned":
+            self._viewed[address] = buf  # a recycle here marks it done (cheap next to the trip)
+            if len(self._viewed) >= self._prune_at:
+                self._prune_viewed()
+        return buf
+
+    def _prune_viewed(self) -> None:
+        """Forget the Buffers of the table nobody else references and that
+        made no view (their blocks may have been freed by another process,
+        which this one never hears of): nothing can use them any more."""
+        viewed = self._viewed
+        for address in list(viewed):
+            buf = viewed.get(address)
+            # references: the table, `buf`, getrefcount's argument
+            if buf is not None and buf._view is None and sys.getrefcount(buf) <= 3:
+                del viewed[address]
+        self._prune_at = max(1024, 2 * len(viewed))
 
     def alloc(self, size: int, *, timeout: float | None = None, site: str | None = None) -> Buffer:
         """A buffer of exactly `size` bytes, owned by this session.
@@ -772,6 +872,11 @@ class Client:
         (StaleHandle: it was freed or recycled already) is raised by the next
         call. Buffers are all checked before any is freed. Returns the number
         of blocks and bytes (as carved) given back.
+
+        A block this process still has views of (a slice of `buf.view`, an
+        array from `buf.ndarray`, a reader chunk ...) is not reused until the
+        last of them is gone: it is *pinned* (`stats()["pinned_bytes"]`) and
+        freed by itself then. The Buffer is done at once either way.
         """
         items = [target] if isinstance(target, (Buffer, Handle)) else list(target)
         seen = set()
@@ -808,12 +913,25 @@ class Client:
         cache = buf._cache
         if cache is not None and cache is self._cache:
             return cache.take_back(buf)
-        segment, offset = buf._offset >> SEGMENT_SHIFT, buf._offset & OFFSET_MASK
-        carved = self._post_free((self.epoch, segment, offset, buf._size, buf._gen))
+        address = buf._offset
+        if self._viewed.get(address) is buf:
+            del self._viewed[address]
+        segment, offset = address >> SEGMENT_SHIFT, address & OFFSET_MASK
+        handle = (self.epoch, segment, offset, buf._size, buf._gen)
+        pin = buf._release_views()
+        if pin is not None and self._can_pin and self._cache is not None:
+            # Views of it outlive the Buffer: pinned, freed, unpinned when they go.
+            self._cache.post(PIN, address, buf._gen)
+            self._watch(pin, address, buf._gen)
+        carved = self._post_free(handle)
         buf._done()
         return carved
 
     def _free_handle(self, handle: Handle) -> int:
+        address = handle.segment << SEGMENT_SHIFT | handle.offset
+        buf = self._viewed.get(address) if 0 <= handle.offset <= OFFSET_MASK else None
+        if buf is not None and buf._gen == handle.generation and buf._size == handle.size:
+            return self._free_buffer(buf)  # its views here are checked as for buf.free()
         cache = self._cache
         if cache is not None and handle.generation >> GEN_SHIFT == self.session:
             if not 0 <= handle.offset <= OFFSET_MASK or handle.segment < 0:
@@ -872,10 +990,19 @@ class Client:
 
     def release(self, target: Buffer | Handle) -> None:
         """Drop a reference taken with `attach(..., retain=True)` or `retain()`."""
-        handle = _handle_of(target)
+        if isinstance(target, Buffer):
+            handle = target._make_handle()  # its owner may have been recycled: still ours
+        else:
+            handle = _as_handle(target)
+        pin = target._release_views() if isinstance(target, Buffer) else None
+        cache = self._cache
+        if pin is not None and self._can_pin and cache is not None:
+            # Views of it outlive this reference: keep the block out of reuse.
+            cache.post(PIN, target._offset, handle.generation)  # type: ignore[union-attr]
+            self._watch(pin, target._offset, handle.generation)  # type: ignore[union-attr]
         self._request(Op.RELEASE, [list(handle)])
         if isinstance(target, Buffer):
-            target._done()
+            target._done("released")
 
     def ndarray(
         self, shape: Any, dtype: Any = "float64", order: str = "C", *, site: str | None = None
@@ -921,12 +1048,17 @@ class Client:
     def recycle(self, name: str) -> Recycled:
         """Free every block the owner holds, in one call, and remove the owner.
 
+        Its Buffers in this process are done; blocks this process still has
+        views of are pinned until the last of them is gone (see `free`).
         UnknownOwner if there is no owner of that name.
         """
+        ours = self._pin_owner(name) if self._viewed else []
         try:
             (blocks, freed), notices = self._request(Op.RECYCLE, name)
         finally:
             self._owner_ids.pop(name, None)  # its id goes with it (Owner.id)
+        for buf in ours:
+            buf._done("recycled")
         if self._cache is not None:
             self._cache.notice(notices)
         return Recycled(blocks, freed)
@@ -1148,7 +1280,6 @@ def _unmap(key: tuple[str, int]) -> None:
     if found is None:
         return
     mapping, view = found
-    _ARRAYS.pop(key, None)
     try:
         view.release()
         mapping.close()
@@ -1156,17 +1287,6 @@ def _unmap(key: tuple[str, int]) -> None:
         _MAPPINGS[key] = (mapping, memoryview(mapping))
         return
     del _MAPPINGS[key]
-
-
-def _ndarray_base(key: tuple[str, int]) -> Any:
-    """One numpy uint8 array over the whole mapping, per process: slicing it
-    is several times cheaper than np.frombuffer per buffer."""
-    base = _ARRAYS.get(key)
-    if base is None:
-        import numpy as np
-
-        base = _ARRAYS[key] = np.frombuffer(_MAPPINGS[key][0], dtype=np.uint8)
-    return base
 
 
 def _freed_already(buf: Buffer) -> StaleHandle:

@@ -14,7 +14,9 @@ last memoryview, numpy array or pyarrow buffer made from it is gone. The
 finalizer must never take a lock or talk to the daemon (it may run inside any
 code, a lock holder's included): it only puts the Buffer on a SimpleQueue
 (documented as safe in finalizers), and one thread per process sends the
-releases and frees.
+releases and frees. The weak-reference callbacks that unpin a block when the
+last view of it dies (client/buffer.py, the pin rule) queue their work here
+the same way (`queue_unpin`).
 """
 
 from __future__ import annotations
@@ -32,8 +34,17 @@ from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT
 
 if TYPE_CHECKING:
     from shmarena.client.buffer import Buffer
+    from shmarena.client.client import Client
 
-__all__ = ["address_of", "export", "find", "mapping_ranges", "register"]
+__all__ = [
+    "address_of",
+    "export",
+    "find",
+    "mapping_ranges",
+    "queue_unpin",
+    "register",
+    "start_worker",
+]
 
 
 # -- addresses ---------------------------------------------------------------
@@ -192,7 +203,8 @@ def _deref(ref: weakref.ref[Buffer]) -> Buffer | None:
 
 # -- exporters that let go of their block ------------------------------------
 
-_ACTIONS: queue.SimpleQueue[tuple[str, Buffer]] = queue.SimpleQueue()
+# ("release" | "free", Buffer), or ("unpin", (client, session, address, generation))
+_ACTIONS: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
 _WORKER: list[Any] = [None, 0]  # thread, pid it runs in
 _WORKER_LOCK = threading.Lock()
 _CLASSES: dict[int, type] = {}
@@ -222,7 +234,7 @@ def export(buf: Buffer, then: str = "") -> memoryview:
     `then` = "release" releases the Buffer, "free" frees it, "" does nothing;
     both happen on a worker thread, shortly after."""
     if then:
-        _start_worker()
+        start_worker()
     view = buf.view
     exporter = _exporter_class(buf._size).from_address(address_of(view))
     exporter._buf = buf
@@ -232,7 +244,13 @@ def export(buf: Buffer, then: str = "") -> memoryview:
     return memoryview(exporter).cast("B")
 
 
-def _start_worker() -> None:
+def queue_unpin(client: Client, session: int, address: int, generation: int) -> None:
+    """For a weak reference's callback: have the worker unpin a block. Takes
+    no lock (SimpleQueue.put is safe anywhere)."""
+    _ACTIONS.put(("unpin", (client, session, address, generation)))
+
+
+def start_worker() -> None:
     thread, pid = _WORKER
     if thread is not None and pid == os.getpid() and thread.is_alive():
         return
@@ -260,7 +278,18 @@ def _work() -> None:
                 break
         releases: dict[int, list[Buffer]] = {}
         for then, buf in batch:
-            if buf._state == "done" or buf._client._closed:
+            if then == "unpin":
+                client, session, address, generation = buf
+                try:
+                    client._unpin(session, address, generation)
+                except Exception:
+                    pass  # the client is gone or closing: so is its session, and its pins
+                continue
+            if buf._client._closed:
+                continue
+            # A recycle here makes a Buffer done, but a reference it holds
+            # (a retain) is still this process's to release.
+            if buf._state == "done" and (then == "free" or buf._gone != "recycled"):
                 continue
             if then == "free":
                 try:
@@ -271,20 +300,20 @@ def _work() -> None:
                 releases.setdefault(id(buf._client), []).append(buf)
         for bufs in releases.values():
             _release_all(bufs)
-        bufs = batch = releases = None  # type: ignore[assignment]  # keep no Buffer alive while waiting
+        bufs = batch = releases = buf = client = None  # type: ignore[assignment]  # keep none alive
 
 
 def _release_all(bufs: list[Buffer]) -> None:
     client = bufs[0]._client
     try:
-        client._request(Op.RELEASE, [list(b.handle) for b in bufs])
+        client._request(Op.RELEASE, [list(b._make_handle()) for b in bufs])
     except Exception:
         # All or none: one bad handle (its session ended, say) refuses the
         # batch, so try each on its own; what fails has nothing to release.
         for buf in bufs:
             try:
-                client._request(Op.RELEASE, [list(buf.handle)])
+                client._request(Op.RELEASE, [list(buf._make_handle())])
             except Exception:
                 pass
     for buf in bufs:
-        buf._done()
+        buf._done("released")

@@ -17,6 +17,7 @@ from shmarena.shm.segments import SEGMENT_SHIFT, Segmented
 
 CACHED = "(cached)"  # holder of a block sitting in a client's cache
 RETAINED = "(retained)"  # holder of a freed block still retained by a reader
+PINNED = "(pinned)"  # holder of a freed block a process still has views of (no retain)
 
 
 def layout(ledger: Ledger, max_blocks: int = MAX_BLOCKS_REPLY) -> dict[str, Any]:
@@ -86,4 +87,6 @@ def _holder(ledger: Ledger, address: int) -> str:
         return "(unknown)"
     if block.owner is not None:
         return block.owner
-    return CACHED if block.cached else RETAINED
+    if block.cached:
+        return CACHED
+    return PINNED if block.pins and not block.retainers else RETAINED

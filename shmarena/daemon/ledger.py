@@ -24,6 +24,11 @@ can never disagree: every live allocation there is exactly one `Block` here.
   let go while the session lives (the session learns of it from a *notice*);
   so a client can never be left holding a block the ledger gave to someone
   else. When the session ends, its cache goes back to the arena.
+- A *pin* is a session's word that its process still has views of a block
+  (PIN/UNPIN events). A pinned block that its owner lets go stays out of the
+  arena and out of every cache (counted as pinned) until the last pin goes,
+  by UNPIN or by the end of the pinning session; then it goes where a
+  released block goes.
 
 Time comes in as ``now`` (seconds since the epoch); nothing here reads a clock.
 Errors are raised as `shmarena.errors` exceptions; the service turns them into
@@ -60,7 +65,9 @@ from shmarena.protocol import (
     MAX_OWNERS_PER_SESSION,
     MAX_REMEMBERED_FREES,
     MAX_SIZE_BYTES,
+    PIN,
     UNASSIGN,
+    UNPIN,
     Handle,
 )
 from shmarena.shm.segments import (
@@ -103,6 +110,7 @@ class Block:
     cache_session: int = 0  # the session whose cache it came from, 0 for none
     cached: bool = False  # sitting in that cache right now
     site: str = ""  # where it was allocated, if the client said (leak hunting)
+    pins: dict[int, int] | None = None  # session id -> PINs not yet UNPINned
 
 
 @dataclass(eq=False)
@@ -131,6 +139,7 @@ class Session:
     watched: bool  # True: a pidfd tells us when it dies; False: lease
     owners: set[str] = field(default_factory=set)
     retained: set[int] = field(default_factory=set)  # offsets of blocks it retains
+    pinned: set[int] = field(default_factory=set)  # offsets of blocks it pins
     cached: set[int] = field(default_factory=set)  # offsets of blocks in its cache
     notices: list[int] = field(default_factory=list)  # flat offset, generation pairs
     # ASSIGN events name owners by number: id -> name and back, for the
@@ -285,6 +294,13 @@ class Ledger:
                 self.changes.blocks.add(offset)
                 self._maybe_release(block)
         session.retained.clear()
+        for offset in list(session.pinned):  # its process is gone or closed: so are its views
+            block = self.blocks.get(offset)
+            if block is not None and block.pins:
+                block.pins.pop(session_id, None)
+                self.changes.blocks.add(offset)
+                self._maybe_release(block)
+        session.pinned.clear()
         for offset in list(session.cached):
             self._drain(session, self.blocks[offset])
         for name in session.owner_id_of:  # detached owners it had ids for
@@ -705,6 +721,7 @@ class Ledger:
         return (
             block.owner is not None
             and not block.retainers
+            and not block.pins
             and block.generation >> GEN_SHIFT == block.cache_session
         )
 
@@ -750,7 +767,7 @@ class Ledger:
     def _maybe_release(self, block: Block, notify: bool = True) -> None:
         """A block nobody holds any more goes back where it came from: the
         cache of its (living) session, else the arena."""
-        if block.owner is not None or block.retainers:
+        if block.owner is not None or block.retainers or block.pins:
             return
         session = self.sessions.get(block.cache_session) if block.cache_session else None
         if session is None:
@@ -1010,9 +1027,51 @@ class Ledger:
                     if block is None or not block.cached or block.cache_session != session.id:
                         raise StaleHandle(f"drain: no block of this cache at {event[1]:#x}")
                     self._drain(session, block)
+                elif kind == PIN:
+                    self.pin(session, event[1], event[2])
+                elif kind == UNPIN:
+                    self.unpin(session, event[1], event[2])
             except (StaleHandle, InvalidRequest, AccessDenied) as error:
                 problems.append(error)
         return problems
+
+    def pin(self, session: Session, offset: int, generation: int) -> None:
+        """The session's process has views of the block: keep it out of reuse
+        once its owner lets go. A block of the session's own cache is taken
+        out of it (the client keeps it aside). A block no longer live under
+        `generation` is left alone: there is nothing to keep."""
+        block = self.blocks.get(offset)
+        if block is None or block.generation != generation:
+            return
+        if block.cached:
+            if block.cache_session != session.id:
+                return
+            self._cache_out(session, block)
+        elif block.owner is None and not block.retainers and not block.pins:
+            return
+        if block.pins is None:
+            block.pins = {}
+        block.pins[session.id] = block.pins.get(session.id, 0) + 1
+        session.pinned.add(offset)
+        self.changes.blocks.add(offset)
+
+    def unpin(self, session: Session, offset: int, generation: int) -> None:
+        """The last view the session's process had of the block is gone: a
+        block nobody else holds goes where a released block goes (a notice
+        tells its cache). An UNPIN that matches no PIN is ignored."""
+        block = self.blocks.get(offset)
+        if block is None or block.generation != generation or not block.pins:
+            return
+        count = block.pins.get(session.id, 0)
+        if not count:
+            return
+        self.changes.blocks.add(offset)
+        if count > 1:
+            block.pins[session.id] = count - 1
+            return
+        del block.pins[session.id]
+        session.pinned.discard(offset)
+        self._maybe_release(block)
 
     def _may_assign(self, block: Block, generation: int) -> bool:
         return (
@@ -1207,7 +1266,21 @@ class Ledger:
     # -- reading -------------------------------------------------------------
 
     def retained_only(self) -> list[Block]:
-        return [b for b in self.blocks.values() if b.owner is None and not b.cached]
+        """Blocks freed by their owners that readers still retain (pinned or not)."""
+        return [
+            b
+            for b in self.blocks.values()
+            if b.owner is None and not b.cached and not (b.pins and not b.retainers)
+        ]
+
+    def pinned(self) -> list[Block]:
+        """Blocks freed by their owners and kept only because a process still
+        has views of them (pinned, retained by nobody)."""
+        return [
+            b
+            for b in self.blocks.values()
+            if b.owner is None and not b.cached and b.pins and not b.retainers
+        ]
 
     def check(self) -> list[str]:
         """Every invariant between ledger and allocator; empty when healthy."""
@@ -1241,11 +1314,17 @@ class Ledger:
                     problems.append(f"cached block {block.offset:#x} is in no living cache")
                 if block.owner is not None or block.retainers:
                     problems.append(f"cached block {block.offset:#x} is also held")
-            elif block.owner is None and not block.retainers:
+            elif block.owner is None and not block.retainers and not block.pins:
                 problems.append(f"block {block.offset:#x} has neither owner nor retainer")
             for sid in block.retainers or ():
                 if sid != QUEUED and sid not in self.sessions:
                     problems.append(f"block {block.offset:#x} retained by ended session {sid}")
+            for sid, count in (block.pins or {}).items():
+                pinner = self.sessions.get(sid)
+                if pinner is None or block.offset not in pinner.pinned or count < 1:
+                    problems.append(f"block {block.offset:#x} pinned by ended session {sid}")
+            if block.cached and block.pins:
+                problems.append(f"cached block {block.offset:#x} is also pinned")
         if cached != self.cached_bytes:
             problems.append(
                 f"cached bytes per session {self.cached_bytes} != sum over blocks {cached}"
@@ -1256,6 +1335,10 @@ class Ledger:
                 held = self.blocks.get(offset)
                 if held is None or not held.cached or held.cache_session != session.id:
                     problems.append(f"session {session.id} caches {offset:#x} it does not hold")
+            for offset in session.pinned:
+                held = self.blocks.get(offset)
+                if held is None or not (held.pins or {}).get(session.id):
+                    problems.append(f"session {session.id} pins {offset:#x} it does not pin")
         return problems
 
     def _check_owner_ids(self, session: Session) -> list[str]:

@@ -1033,6 +1033,7 @@ class Service:
                 "version": info.version,
                 "token": self.tokens[session_id],
                 "resumed": resumed,
+                "pins": True,  # PIN / UNPIN events are understood (protocol.py, EVENTS)
                 "numa": {
                     "policy": info.numa_policy,
                     "nodes": list(info.numa_nodes),
@@ -1399,6 +1400,7 @@ class Service:
         in README.md, "stats keys")."""
         ledger, buddy, info = self.ledger, self.ledger.space, self.info
         retained_only = ledger.retained_only()
+        pinned = ledger.pinned()
         cached_blocks = sum(len(s.cached) for s in ledger.sessions.values())
         largest = buddy.largest_free_bytes()
         free = buddy.free_bytes
@@ -1423,10 +1425,12 @@ class Service:
             "cached_blocks": cached_blocks,
             "retained_only_bytes": sum(b.carved for b in retained_only),
             "retained_only_blocks": len(retained_only),
+            "pinned_bytes": sum(b.carved for b in pinned),
+            "pinned_blocks": len(pinned),
             "free_bytes": free,
             "largest_free_bytes": largest,
             "min_block_bytes": info.min_block_bytes,
-            "live_blocks": len(ledger.blocks) - len(retained_only) - cached_blocks,
+            "live_blocks": len(ledger.blocks) - len(retained_only) - len(pinned) - cached_blocks,
             "owners": len(ledger.owners),
             "sessions": len(ledger.sessions),
             "fragmentation": round(1 - largest / free, 4) if free else 0.0,
@@ -1589,6 +1593,8 @@ class Service:
         rows = []
         for session in sessions:
             owners = [ledger.owners[n] for n in session.owners if n in ledger.owners]
+            pinned = [ledger.blocks[o] for o in session.pinned if o in ledger.blocks]
+            pinned = [b for b in pinned if b.owner is None]  # let go by their owners
             rows.append(
                 {
                     "session": session.id,
@@ -1605,6 +1611,8 @@ class Service:
                     "owner_ids": len(session.owner_ids),
                     "cached_blocks": len(session.cached),
                     "cached_bytes": session.cached_bytes,
+                    "pinned_blocks": len(pinned),
+                    "pinned_bytes": sum(b.carved for b in pinned),
                     "waiting_requests": self.kept_requests(session.id),
                 }
             )

@@ -389,6 +389,7 @@ def inspect_file(path: str) -> tuple[dict[str, Any], list[str]]:
                     "owner": b.owner,
                     "cached": b.cached,
                     "retainers": sorted(b.retainers or ()),
+                    "pinned_by": sorted(b.pins or ()),
                 }
                 for b in sorted(ledger.blocks.values(), key=lambda b: b.offset)
             ],

@@ -51,7 +51,11 @@ class Link:
 
 def block_image(b: Block) -> list[Any]:
     retainers = [x for pair in b.retainers.items() for x in pair] if b.retainers else None
-    return [b.offset, b.size, b.carved, b.generation, b.owner, retainers, b.cache_session, b.cached]
+    image = [b.offset, b.size, b.carved, b.generation, b.owner, retainers]
+    image += [b.cache_session, b.cached]
+    if b.pins:  # a ninth field, only when pinned: older tables have eight
+        image.append([x for pair in b.pins.items() for x in pair])
+    return image
 
 
 def owner_image(o: Owner) -> list[Any]:
@@ -233,9 +237,15 @@ def build(state: State, name: str, space: Space, now: float) -> tuple[Ledger, di
                 del session.owner_ids[owner_id]
         session.owner_id_of = {n: i for i, n in session.owner_ids.items()}
     for image in state.blocks.values():
-        offset, size, carved, gen, oname, flat, cache_session, cached = image
+        offset, size, carved, gen, oname, flat, cache_session, cached = image[:8]
         retainers = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None
         block = Block(offset, size, carved, gen, oname, retainers, cache_session, bool(cached))
+        pins = image[8] if len(image) > 8 else None
+        if pins:
+            block.pins = dict(zip(pins[::2], pins[1::2], strict=True))
+            for sid in block.pins:
+                if sid in ledger.sessions:
+                    ledger.sessions[sid].pinned.add(offset)
         ledger.blocks[offset] = block
         if oname is not None:
             owner = ledger.owners.get(oname)

@@ -36,6 +36,7 @@ STATE_KEYS = (
     "cached_bytes",
     "free_bytes",
     "retained_only_bytes",
+    "pinned_bytes",
     "live_blocks",
     "owners",
 )

@@ -539,6 +539,7 @@ def test_sixteen_threads_share_one_client(make_daemon: Callable[..., Daemon], ca
         stats["used_bytes"]
         + stats["cached_bytes"]
         + stats["retained_only_bytes"]
+        + stats["pinned_bytes"]
         + stats["free_bytes"]
     )
     assert client.check() == []

@@ -237,8 +237,8 @@ def test_double_free_and_stale_handles(client: shmarena.Client) -> None:
     client.stats()  # its refusal arrives while this call waits ...
     with pytest.raises(shmarena.StaleHandle, match="double free"):
         client.list_owners()  # ... and is raised by the next one, before it is sent
-    with pytest.raises(ValueError):
-        buf.view[0]  # the Buffer's own view is released on free
+    with pytest.raises(shmarena.StaleHandle, match="freed already"):
+        buf.view[0]  # a freed Buffer refuses its view (issue 20)
     assert client.check() == []
 
 

@@ -71,6 +71,7 @@ GAUGE_KEYS = {
     "shmarena_cached_bytes": "cached_bytes",
     "shmarena_cached_blocks": "cached_blocks",
     "shmarena_retained_only_bytes": "retained_only_bytes",
+    "shmarena_pinned_bytes": "pinned_bytes",
     "shmarena_queued_bytes": "queued_bytes",
     "shmarena_fragmentation_ratio": "fragmentation",
     "shmarena_live_blocks": "live_blocks",

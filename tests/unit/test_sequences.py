@@ -1,6 +1,6 @@
 """Sequences of requests against the pure service, as a hypothesis state
 machine: several sessions interleave allocs (some waiting), frees, owners and
-recycles, retains and releases (with duplicates), names (waiting lookups),
+recycles, retains and releases (with duplicates), pins and unpins, names (waiting lookups),
 queues (waiting puts and gets on full and empty queues, closes), byes,
 session deaths, malformed frames, and clock jumps that expire several kept
 requests in one turn. After every step the service has not raised, `check`
@@ -15,7 +15,17 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from shmarena.daemon.service import ArenaInfo, Service
-from shmarena.protocol import FREE_ID_BIT, OK, PROTOCOL_VERSION, SEQUENCED_OPS, Op, decode, encode
+from shmarena.protocol import (
+    FREE_ID_BIT,
+    OK,
+    PIN,
+    PROTOCOL_VERSION,
+    SEQUENCED_OPS,
+    UNPIN,
+    Op,
+    decode,
+    encode,
+)
 
 MIN = 4096
 SLOTS = 3
@@ -187,6 +197,15 @@ class Sequences(RuleBasedStateMachine):
         if who is not None:
             handles = self.some(indexes)
             self.send(who, Op.RELEASE, handles + handles[:1] if twice else handles)
+
+    @rule(index=slot, indexes=picks, unpin=st.booleans())
+    def pin(self, index: int, indexes: list[int], unpin: bool) -> None:
+        who = self.who(index)
+        if who is not None:
+            events: list[int] = []
+            for _, segment, offset, _, generation in self.some(indexes):
+                events += (UNPIN if unpin else PIN, segment << 40 | offset, generation)
+            self.send(who, Op.POST, events)
 
     # -- names and queues ------------------------------------------------------
 

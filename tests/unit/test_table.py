@@ -33,9 +33,11 @@ from shmarena.protocol import (
     GEN_SHIFT,
     LATE_ERR,
     OK,
+    PIN,
     PROTOCOL_VERSION,
     SEQUENCED_OPS,
     UNASSIGN,
+    UNPIN,
     Op,
     decode,
     encode,
@@ -243,6 +245,10 @@ class FakeClient:
                 handles = self.world.pick_handles()
                 if handles:
                     events += [FREE_EVENT, *handles[0]]
+            elif kind < 0.92 and self.world.handles:
+                # this process views a block (PIN), or stops (UNPIN)
+                _, segment, offset, _, gen = rng.choice(self.world.handles)
+                events += [rng.choice((PIN, PIN, UNPIN)), segment << 40 | offset, gen]
             elif self.cache_free:
                 offset = self.cache_free.pop(rng.randrange(len(self.cache_free)))
                 events += [DRAIN, offset]
@@ -370,6 +376,7 @@ def session_picture(s: Session) -> dict[str, Any]:
         "owners": sorted(s.owners),
         "retained": sorted(s.retained),
         "cached": sorted(s.cached),
+        "pinned": sorted(s.pinned),
         "notices": list(s.notices),
         "owner_ids": sorted(s.owner_ids.items()),
         "next_owner_id": s.next_owner_id,
@@ -477,10 +484,11 @@ def test_rebuilt_table_equals_the_live_ledger(allocator: str) -> None:
 
 def test_the_random_workload_reaches_the_interesting_states() -> None:
     """The workload is only worth as much as what it reaches: cached blocks,
-    retained-only blocks, notices, detached owners of ended sessions, resumed
+    retained-only blocks, pinned blocks, notices, detached owners of ended sessions, resumed
     sessions and lease expiries must all occur across the seeds."""
     seen: dict[str, int] = dict.fromkeys(
-        ("cached", "retained_only", "notices", "orphan_detached", "resumed", "expired", "oom"),
+        ("cached", "retained_only", "pinned", "notices", "orphan_detached", "resumed", "expired")
+        + ("oom",),
         0,
     )
     for seed in range(40):
@@ -490,6 +498,7 @@ def test_the_random_workload_reaches_the_interesting_states() -> None:
             ledger = world.service.ledger
             seen["cached"] += any(b.cached for b in ledger.blocks.values())
             seen["retained_only"] += bool(ledger.retained_only())
+            seen["pinned"] += bool(ledger.pinned())
             seen["notices"] += any(s.notices for s in ledger.sessions.values())
             seen["orphan_detached"] += any(
                 o.session_id not in ledger.sessions for o in ledger.owners.values()
