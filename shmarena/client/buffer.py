@@ -77,7 +77,7 @@ class Buffer:
         handle = self._handle
         if handle is None:
             if self._cache is not None:
-                self._cache.escape(self._offset)
+                self._cache.escape(self._offset, self._gen)
             address = self._offset
             handle = Handle(
                 self._epoch, address >> SEGMENT_SHIFT, address & OFFSET_MASK, self._size, self._gen

@@ -42,6 +42,7 @@ from shmarena.protocol import (
     UNASSIGN,
     Op,
 )
+from shmarena.shm.gens import FREED, LIVE
 from shmarena.shm.segments import SEGMENT_SHIFT, SEGMENT_SPAN
 
 if TYPE_CHECKING:
@@ -218,6 +219,7 @@ class Cache:
             self._report(offset)
             del self.out[offset]
             self.awaiting[offset] = (gen, entry[3])
+            self.client._mark(offset, gen, FREED)  # attach refuses it from now on
             segment, local = offset >> SEGMENT_SHIFT, offset & (SEGMENT_SPAN - 1)
             self.pending += (FREE_EVENT, self.epoch, segment, local, size, gen)
             if not self.dirty:
@@ -236,11 +238,15 @@ class Cache:
             if not self.dirty:
                 self._queued()
 
-    def escape(self, offset: int) -> None:
+    def escape(self, offset: int, gen: int = 0) -> None:
         """The block's handle is leaving this process: its hand-out must be
-        reported, never folded away."""
+        reported, never folded away, and the generation table must say it
+        is live (so that another process can attach it)."""
         with self.lock:
             self._report(offset)
+            entry = self.out.get(offset)
+            if entry is not None and entry[0] == gen:
+                self.client._mark(offset, gen, LIVE)
 
     def _report(self, offset: int) -> None:
         entry = self.out.get(offset)

@@ -59,6 +59,7 @@ from shmarena.protocol import (
     UNASSIGN,
     Handle,
 )
+from shmarena.shm.gens import ENDED, FREED, LIVE, RECYCLED, any_of_session
 from shmarena.shm.segments import (
     MAX_SEGMENTS,
     OFFSET_MASK,
@@ -190,6 +191,10 @@ class Ledger:
         # Called with each block that leaves its owner (freed, recycled, handed
         # back to a cache): a name bound to it vanishes (daemon/exchange.py).
         self.unowned: Callable[[Block], None] | None = None
+        # Called as (address, generation, reason) to keep the generation table
+        # (shm/gens.py) right: LIVE when the daemon hands a block out itself,
+        # a reason when a block leaves its owner, before it can be reused.
+        self.gens: Callable[[int, int, int], None] | None = None
         # --quota-per-session: carved bytes a session may hold in the owners
         # it created (detached ones too, while it lives) and its cache (0: no
         # quota).
@@ -235,7 +240,7 @@ class Ledger:
         for name in sorted(session.owners):
             owner = self.owners.get(name)
             if owner is not None and owner.scope == SESSION:
-                result = self.recycle(name)
+                result = self.recycle(name, ENDED)
                 blocks += result.blocks
                 freed += result.bytes
         for offset in list(session.retained):
@@ -246,6 +251,8 @@ class Ledger:
                 self._maybe_release(block)
         session.retained.clear()
         for offset in list(session.cached):
+            if self.gens is not None:  # a hand-out it never reported dies with it
+                self.gens(offset, any_of_session(session_id), ENDED)
             self._drain(session, self.blocks[offset])
         for name in session.owner_id_of:  # detached owners it had ids for
             owner = self.owners.get(name)
@@ -339,8 +346,9 @@ class Ledger:
         if owner.scope == DETACHED:
             self.detached_owners -= 1
 
-    def recycle(self, name: str) -> Freed:
-        """Free every block the owner holds and forget the owner."""
+    def recycle(self, name: str, reason: int = RECYCLED) -> Freed:
+        """Free every block the owner holds and forget the owner (`reason`:
+        why, for the generation table: RECYCLED, or ENDED with its session)."""
         owner = self.owners.pop(name, None)
         if owner is None:
             raise UnknownOwner(
@@ -358,6 +366,8 @@ class Ledger:
             self._forget_owner_id(session_id, owner_id)
         count, freed = len(owner.blocks), owner.bytes
         for block in list(owner.blocks.values()):
+            if self.gens is not None:
+                self.gens(block.offset, block.generation, reason)
             self._disown(block, owner)
         return Freed(count, freed)
 
@@ -423,6 +433,8 @@ class Ledger:
             block = Block(offset, size, carved, self.generation, None, site=site[:MAX_SITE])
             self.blocks[offset] = block
             self._own(block, owner)
+            if self.gens is not None:
+                self.gens(offset, block.generation, LIVE)
             result.append(block)
         return result
 
@@ -444,6 +456,8 @@ class Ledger:
             owner = self.owners[block.owner] if block.owner is not None else None
             freed += block.carved
             if owner is not None:
+                if self.gens is not None:
+                    self.gens(block.offset, block.generation, FREED)
                 self._disown(block, owner)
         return Freed(len(blocks), freed)
 
