@@ -289,7 +289,10 @@ class Client:
         self._segment_info = segments
         self._arena_key, self._arena_view = key, view
         self._views, self._keys = {0: view}, {0: key}
-        self._tables = {} if table is None else {0: table}
+        # Resumed: the tables of other segments mapped so far are still the
+        # daemon's (escape() may write them before a new lookup maps them).
+        kept = self._tables if info.get("resumed") else {}
+        self._tables = {**kept, 0: table} if table is not None else {}
         self._min_shift = int(info["min_block_bytes"]).bit_length() - 1
         self._token = int(info.get("token", 0))
         cache = self._cache
@@ -889,8 +892,12 @@ class Client:
             )
         else:
             what = gens.what_happened(word, handle.generation) or "it is not live"
+        place = f"offset {handle.offset:#x}" + (
+            f" of segment {handle.segment}" if handle.segment else ""
+        )
         return StaleHandle(
-            f"attach of handle {tuple(handle)}: {what}; nothing was attached (the bytes there "
+            f"attach of handle {tuple(handle)} ({place}): {what}; nothing was attached (the "
+            "bytes there "
             "may belong to someone else now). Attach while the producer still holds the "
             "block, or keep it alive for the consumer: attach(handle, retain=True) as soon as "
             "the handle arrives, or send it through a shmarena queue (which holds a reference "

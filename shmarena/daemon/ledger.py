@@ -367,7 +367,14 @@ class Ledger:
         count, freed = len(owner.blocks), owner.bytes
         for block in list(owner.blocks.values()):
             if self.gens is not None:
-                self.gens(block.offset, block.generation, reason)
+                # A session that ends takes every hand-out of its cache with
+                # it, reported or not (a report may have died with it).
+                ended = reason == ENDED and block.cache_session == owner.session_id
+                self.gens(
+                    block.offset,
+                    any_of_session(block.cache_session) if ended else block.generation,
+                    reason,
+                )
             self._disown(block, owner)
         return Freed(count, freed)
 
