@@ -83,6 +83,45 @@ def attach_in_child(daemon: Daemon, handles: list[Handle]) -> list[list[str]]:
     return json.loads(out)  # type: ignore[no-any-return]
 
 
+STOPPED_CONSUMER = """
+import json, sys, shmarena
+c = shmarena.connect(timeout_s=2.0)
+print("ready", flush=True)
+out = []
+for wire in json.loads(sys.stdin.readline()):
+    try:
+        c.attach(shmarena.Handle(*wire))
+    except shmarena.ShmArenaError as error:
+        out.append(type(error).__name__ + ": " + str(error))
+    else:
+        out.append("ok")
+print(json.dumps(out), flush=True)
+sys.stdin.readline()
+"""
+
+
+def attach_in_child_while_daemon_stopped(daemon: Daemon, handles: list[Handle]) -> list[str]:
+    """Per handle, what a plain attach in another process (connected before)
+    gives while the daemon is SIGSTOPped: "ok" or "<error class>: <message>"
+    (a round trip would end in DaemonUnavailable after 2 s)."""
+    child = daemon.python(STOPPED_CONSUMER, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        with daemon_stopped(daemon):
+            child.stdin.write(json.dumps([list(h) for h in handles]) + "\n")
+            child.stdin.flush()
+            rows = json.loads(child.stdout.readline())
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.wait(timeout=30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return rows  # type: ignore[no-any-return]
+
+
 # -- refusals -------------------------------------------------------------------
 
 
@@ -96,6 +135,8 @@ def test_attach_of_a_freed_block_is_refused_without_a_round_trip(daemon: Daemon,
     buf.free()
     message = refused_locally(daemon, client, handle)
     assert "freed" in message and "retain=True" in message, message
+    [elsewhere] = attach_in_child_while_daemon_stopped(daemon, [handle])
+    assert elsewhere.startswith("StaleHandle: ") and "freed" in elsewhere, elsewhere
     client.sync()
     [[plain, retained]] = attach_in_child(daemon, [handle])
     assert plain.startswith("stale:") and "freed" in plain, plain
@@ -196,6 +237,8 @@ def test_attach_after_the_producer_was_killed_says_its_session_ended(daemon: Dae
     for handle in handles:
         message = refused_locally(daemon, client, handle)
         assert "session ended" in message and "exited" in message, message
+    for row in attach_in_child_while_daemon_stopped(daemon, handles):
+        assert row.startswith("StaleHandle: ") and "session ended" in row, row
     for plain, retained in attach_in_child(daemon, handles):
         assert plain.startswith("stale:") and "session ended" in plain, plain
         assert retained.startswith("stale:"), retained
@@ -223,6 +266,7 @@ def test_live_handles_attach_here_and_in_another_process(daemon: Daemon, size: i
             assert bytes(client.attach(handle).view[:4]) == f"b{i:03}".encode()
     rows = attach_in_child(daemon, handles)
     assert rows == [[f"ok {f'b{i:03}'.encode().hex()}"] * 2 for i in range(3)]
+    assert attach_in_child_while_daemon_stopped(daemon, handles) == ["ok"] * 3
 
 
 def test_an_early_cache_handle_attaches_before_the_daemon_heard_of_it(daemon: Daemon) -> None:
