@@ -872,10 +872,10 @@ class Client:
                 f"handle {tuple(handle)} lies outside segment {handle.segment} of the arena, "
                 f"which has {len(view)} bytes"
             )
-        table = self._tables.get(handle.segment)
-        if table is not None:
-            index = handle.offset >> self._min_shift
-            if index << self._min_shift != handle.offset or table[index] != handle.generation:
+        table = self._tables.get(handle[1])
+        if table is not None:  # the block's word: live under this very generation?
+            offset, shift = handle[2], self._min_shift
+            if table[offset >> shift] != handle[4] or offset & ((1 << shift) - 1):
                 raise self._not_live(handle, table)
         if retain:
             self._request(Op.RETAIN, [list(handle)])
