@@ -597,6 +597,8 @@ class Server:
         """What only the server knows: the pages as the kernel reports them,
         NUMA placement, and the persistent table's figures."""
         extra: dict[str, Any] = self.store.stats() if self.store is not None else {}
+        # what the generation tables that `attach` checks take (8 bytes per min block)
+        extra["generation_table_bytes"] = sum(t.mapping.size() for t in self.tables.values())
         extra["replies"] = {
             "queued_bytes": sum(self.backlog_bytes.values()),
             "clients_behind": len(self.backlog),

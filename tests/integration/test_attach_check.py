@@ -316,6 +316,7 @@ def test_the_table_goes_with_the_daemon_and_a_crashed_ones_is_removed(
     daemon = make_daemon()
     assert table_files(daemon) == [os.path.basename(daemon.shm_path) + ".gens"]
     client = daemon.client()
+    assert client.stats()["generation_table_bytes"] == 64 * MiB // 4096 * 8  # 8 B per 4 KiB
     handle = client.alloc(64 * KiB).handle
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGKILL)
