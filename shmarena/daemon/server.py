@@ -380,6 +380,7 @@ class Server:
             )
         self.service.segments[0]["gens"] = self.tables[0].locator
         self.service.ledger.gens = self._mark
+        self.service.extra_checks = self._check_tables
         self.service.extra_stats = self._extra_stats
         self.service.faults = frozenset(opts.debug_fail)
         if store is not None and state is not None:
@@ -462,6 +463,24 @@ class Server:
         for block in ledger.blocks.values():
             if block.owner is not None and not gens.is_live(words[block.offset >> shift]):
                 words[block.offset >> shift] = block.generation
+
+    def _check_tables(self) -> list[str]:
+        """The generation tables against the ledger (part of `check`)."""
+        assert self.service is not None
+        problems = []
+        per_segment: dict[int, dict[int, tuple[int, bool, bool]]] = {i: {} for i in self.tables}
+        for block in self.service.ledger.blocks.values():
+            blocks = per_segment.get(block.offset >> SEGMENT_SHIFT)
+            if blocks is not None:
+                blocks[block.offset & OFFSET_MASK] = (
+                    block.generation,
+                    block.owner is not None,
+                    block.cached,
+                )
+        for index, table in self.tables.items():
+            words = table.words.tolist()
+            problems += gens.check_words(words, table.shift, per_segment[index], index)
+        return problems
 
     def _mark(self, address: int, generation: int, reason: int) -> None:
         """The ledger's writes to the generation tables (Ledger.gens)."""

@@ -101,3 +101,36 @@ def what_happened(word: int, generation: int) -> str | None:
     if word & LOW_BITS == generation & LOW_BITS:
         return why
     return f"the block there was handed out again since, and let go again ({why})"
+
+
+def check_words(
+    words: list[int], shift: int, blocks: dict[int, tuple[int, bool, bool]], segment: int = 0
+) -> list[str]:
+    """What is wrong with a segment's table, given the ledger's blocks of it
+    (offset -> (generation, held by an owner, in a cache)); empty when right.
+
+    A live word must name a block the ledger has that is held or cached (a
+    cache may have handed it out under its own generation, unreported yet).
+    A block the daemon numbered and an owner holds must be live under its
+    generation, or freed by its holder whose FREE is on the way."""
+    problems: list[str] = []
+    where = f" of segment {segment}" if segment else ""
+    for index, word in enumerate(words):
+        if not is_live(word):
+            continue
+        found = blocks.get(index << shift)
+        if found is None or not (found[1] or found[2]):
+            problems.append(
+                f"generation table{where}: offset {index << shift:#x} is live under "
+                f"generation {word}, but no owner or cache holds a block there"
+            )
+    for offset, (generation, held, _) in blocks.items():
+        if not held or generation >> GEN_SHIFT:
+            continue  # only what the daemon numbered is its to know
+        word = words[offset >> shift]
+        if word != generation and word != dead_word(generation, FREED):
+            problems.append(
+                f"generation table{where}: block {offset:#x} is held under generation "
+                f"{generation}, its word says {word:#x}"
+            )
+    return problems

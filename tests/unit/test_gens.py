@@ -94,3 +94,16 @@ def test_a_dead_sessions_cache_hand_outs_die_with_it_reported_or_not() -> None:
 
 
 MIB = 1 << 20
+
+
+def test_check_words_finds_a_live_word_without_a_block_and_a_block_without_its_word() -> None:
+    shift = 12
+    blocks = {0: (5, True, False), 4096: ((3 << GEN_SHIFT) + 1, False, True)}
+    words = [5, (3 << GEN_SHIFT) + 2, 0, 0]  # a cache may hand out unreported
+    assert gens.check_words(words, shift, blocks) == []
+    words[0] = gens.dead_word(5, gens.FREED)  # freed by its holder, FREE on the way
+    assert gens.check_words(words, shift, blocks) == []
+    words[2] = 9
+    assert "0x2000 is live under generation 9" in gens.check_words(words, shift, blocks)[0]
+    words[2], words[0] = 0, 0
+    assert "block 0x0 is held under generation 5" in gens.check_words(words, shift, blocks)[0]
