@@ -445,8 +445,9 @@ class Server:
         recovered ledger: a word live under a generation no owner holds now
         goes dead (lost in the restart), unless the block sits in a living
         session's cache, which may have handed it out under its own
-        generation before the crash; a block an owner holds is live (unless
-        its cache handed it out again since, under a newer generation)."""
+        generation before the crash; a block the daemon handed out itself
+        and an owner holds is live. (The words of cache hand-outs are the
+        clients': written when a handle left the process, they are kept.)"""
         assert self.service is not None
         ledger, table = self.service.ledger, self.tables[0]
         words, shift = table.words, table.shift
@@ -460,8 +461,8 @@ class Server:
                 if word >> GEN_SHIFT == block.cache_session:
                     continue
             words[index] = gens.dead_word(word, gens.RECLAIMED)
-        for block in ledger.blocks.values():
-            if block.owner is not None and not gens.is_live(words[block.offset >> shift]):
+        for block in ledger.blocks.values():  # what the daemon handed out itself
+            if block.owner is not None and not block.generation >> GEN_SHIFT:
                 words[block.offset >> shift] = block.generation
 
     def _check_tables(self) -> list[str]:
