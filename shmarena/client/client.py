@@ -886,11 +886,13 @@ class Client:
         index = handle.offset >> self._min_shift
         word = table[index]
         if index << self._min_shift != handle.offset:
+            reason = "not_a_block"
             what = (
                 f"offset {handle.offset:#x} is not the start of a block (blocks start at "
                 f"multiples of {1 << self._min_shift} bytes): not a handle shmarena gave out"
             )
         else:
+            reason = gens.reason_key(word, handle.generation)
             what = gens.what_happened(word, handle.generation) or "it is not live"
         place = f"offset {handle.offset:#x}" + (
             f" of segment {handle.segment}" if handle.segment else ""
@@ -903,6 +905,7 @@ class Client:
             "the handle arrives, or send it through a shmarena queue (which holds a reference "
             "until the message is taken)",
             handle=list(handle),
+            reason=reason,
             word=word,
         )
 

@@ -84,6 +84,21 @@ def table_bytes(segment_bytes: int, min_block: int, page_bytes: int = 4096) -> i
     return -(-raw // page_bytes) * page_bytes
 
 
+_KEYS = {FREED: "freed", RECYCLED: "recycled", ENDED: "session_ended", RECLAIMED: "reclaimed"}
+
+
+def reason_key(word: int, generation: int) -> str:
+    """`what_happened` as a key for programs (StaleHandle details "reason"):
+    live, never, handed_out_again, freed, recycled, session_ended, reclaimed."""
+    if word == generation:
+        return "live"
+    if word == 0:
+        return "never"
+    if is_live(word) or word & LOW_BITS != generation & LOW_BITS:
+        return "handed_out_again"
+    return _KEYS.get((word >> REASON_SHIFT) & 0x7F, "let_go")
+
+
 def what_happened(word: int, generation: int) -> str | None:
     """Why a block whose table word is `word` is not live under
     `generation`, in words; None when it is."""

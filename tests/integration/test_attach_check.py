@@ -150,6 +150,9 @@ def test_attach_after_the_owner_was_recycled_says_so(daemon: Daemon, size: int) 
         handle = batch.alloc(size).handle
     message = refused_locally(daemon, client, handle)
     assert "recycled" in message, message
+    with pytest.raises(StaleHandle) as refused:
+        client.attach(handle)
+    assert refused.value.details["reason"] == "recycled"
     [[plain, retained]] = attach_in_child(daemon, [handle])
     assert plain.startswith("stale:") and "recycled" in plain, plain
     assert retained.startswith("stale:"), retained

@@ -40,6 +40,9 @@ def test_words_tell_freed_from_handed_out_again_and_never() -> None:
         assert not gens.is_live(dead)
         assert word in (gens.what_happened(dead, 5) or "")
         assert "handed out again" in (gens.what_happened(dead, 6) or "")
+    keys = [gens.reason_key(w, 5) for w in (5, 0, 9, gens.dead_word(6, gens.FREED))]
+    assert keys == ["live", "never", "handed_out_again", "handed_out_again"]
+    assert gens.reason_key(gens.dead_word(5, gens.ENDED), 5) == "session_ended"
     cache_gen = (7 << GEN_SHIFT) + 3
     assert gens.is_live(cache_gen) and gens.is_live((1 << 23) - 1 << GEN_SHIFT | 1)
 
