@@ -850,9 +850,16 @@ class Client:
         """A Buffer over the block `handle` names, allocated by any process.
 
         Plain attach costs no round trip and takes no reference: the block
-        lives as long as its owner keeps it. With `retain=True` this process
-        holds a reference: a free or recycle of the owner then waits until
-        `buf.release()` (or this process's death) before the memory is reused.
+        lives as long as its owner keeps it. It checks the handle against the
+        arena's generation table (shared memory, shm/gens.py) and raises
+        StaleHandle, saying what happened, unless the block is live under the
+        handle's generation: freed, owner recycled, its session ended (the
+        producer exited), handed out again since, or never handed out. A block
+        freed *after* a plain attach is not noticed: the Buffer then looks at
+        bytes that may be handed out again. With `retain=True` this process
+        holds a reference (the daemon refuses a freed block too): a free or
+        recycle of the owner then waits until `buf.release()` (or this
+        process's death) before the memory is reused.
         """
         handle = _as_handle(handle)
         if handle.epoch != self.epoch:
