@@ -51,7 +51,6 @@ from shmarena.daemon.store import DEFAULT_COMPACT_BYTES, Store, new_epoch
 from shmarena.daemon.table import State
 from shmarena.errors import DaemonStartError, ShmArenaError
 from shmarena.protocol import (
-    GEN_SHIFT,
     LATE_ERR,
     MAX_BUFFERED_REPLIES,
     MAX_FRAME_BYTES,
@@ -442,28 +441,18 @@ class Server:
 
     def _rebuild_table(self) -> None:
         """Make the kept generation table of a recovered arena agree with the
-        recovered ledger: a word live under a generation no owner holds now
-        goes dead (lost in the restart), unless the block sits in a living
-        session's cache, which may have handed it out under its own
-        generation before the crash; a block the daemon handed out itself
-        and an owner holds is live. (The words of cache hand-outs are the
-        clients': written when a handle left the process, they are kept.)"""
+        recovered ledger (see gens.rebuilt)."""
         assert self.service is not None
         ledger, table = self.service.ledger, self.tables[0]
-        words, shift = table.words, table.shift
-        for index, word in enumerate(words):
-            if not gens.is_live(word):
-                continue
-            block = ledger.blocks.get(index << shift)
-            if block is not None and block.owner is not None and block.generation == word:
-                continue
-            if block is not None and block.cache_session in ledger.sessions:
-                if word >> GEN_SHIFT == block.cache_session:
-                    continue
-            words[index] = gens.dead_word(word, gens.RECLAIMED)
-        for block in ledger.blocks.values():  # what the daemon handed out itself
-            if block.owner is not None and not block.generation >> GEN_SHIFT:
-                words[block.offset >> shift] = block.generation
+        blocks = {
+            b.offset: (b.generation, b.owner is not None, b.cache_session)
+            for b in ledger.blocks.values()
+        }
+        words = table.words
+        for index, word in gens.rebuilt(
+            words.tolist(), table.shift, blocks, set(ledger.sessions)
+        ).items():
+            words[index] = word
 
     def _check_tables(self) -> list[str]:
         """The generation tables against the ledger (part of `check`)."""

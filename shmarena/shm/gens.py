@@ -149,3 +149,32 @@ def check_words(
                 f"{generation}, its word says {word:#x}"
             )
     return problems
+
+
+def rebuilt(
+    words: list[int], shift: int, blocks: dict[int, tuple[int, bool, int]], sessions: set[int]
+) -> dict[int, int]:
+    """The writes (index -> word) that make a kept table agree with a ledger
+    recovered after a restart (`blocks`: offset -> (generation, held by an
+    owner, the session whose cache it came from or 0); `sessions`: those
+    recovered). A word live under a generation no owner holds goes dead
+    (RECLAIMED), unless the block came from a living session's cache and
+    the word is of that session (a hand-out whose report the crash lost);
+    a block the daemon numbered and an owner holds is live. The words of
+    cache hand-outs are the clients' and are kept."""
+    writes: dict[int, int] = {}
+    for index, word in enumerate(words):
+        if not is_live(word):
+            continue
+        found = blocks.get(index << shift)
+        if found is not None:
+            generation, held, cache_session = found
+            if held and generation == word:
+                continue
+            if cache_session in sessions and word >> GEN_SHIFT == cache_session:
+                continue
+        writes[index] = dead_word(word, RECLAIMED)
+    for offset, (generation, held, _) in blocks.items():
+        if held and not generation >> GEN_SHIFT and words[offset >> shift] != generation:
+            writes[offset >> shift] = generation
+    return writes

@@ -110,3 +110,23 @@ def test_check_words_finds_a_live_word_without_a_block_and_a_block_without_its_w
     assert "0x2000 is live under generation 9" in gens.check_words(words, shift, blocks)[0]
     words[2], words[0] = 0, 0
     assert "block 0x0 is held under generation 5" in gens.check_words(words, shift, blocks)[0]
+
+
+def test_rebuild_after_a_restart_keeps_what_is_held_and_kills_what_was_lost() -> None:
+    shift, session = 12, 3
+    mine = (session << GEN_SHIFT) + 9
+    blocks = {
+        0: (5, True, 0),  # the daemon's, held
+        4096: ((session << GEN_SHIFT) + 1, False, session),  # in a living cache
+        8192: (7, True, 0),  # held, its word lost (zeros after a reboot)
+    }
+    words = [5, mine, 0, 11, (4 << GEN_SHIFT) + 2]  # 3, 4: live, no block any more
+    writes = gens.rebuilt(words, shift, blocks, {session})
+    assert writes == {
+        2: 7,
+        3: gens.dead_word(11, gens.RECLAIMED),
+        4: gens.dead_word((4 << GEN_SHIFT) + 2, gens.RECLAIMED),
+    }
+    assert "restarted" in (gens.what_happened(writes[3], 11) or "")
+    # The cache's session did not come back: its hand-out's word dies too.
+    assert 1 in gens.rebuilt(words, shift, blocks, set())
