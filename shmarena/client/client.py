@@ -1282,6 +1282,14 @@ def _check_size(size: int) -> None:
 
 
 def _as_handle(value: Any) -> Handle:
+    if type(value) is Handle:  # the common case, checked without a loop (attach's hot path)
+        e, s, o, z, g = value
+        if (
+            type(e) is type(s) is type(o) is type(z) is type(g) is int
+            and -_HANDLE_FIELD_LIMIT <= min(value)
+            and max(value) < 2 * _HANDLE_FIELD_LIMIT
+        ):
+            return value
     if isinstance(value, Handle):
         handle = value
     elif isinstance(value, (tuple, list)) and len(value) == 5:
