@@ -906,11 +906,10 @@ class Client:
         )
         return StaleHandle(
             f"attach of handle {tuple(handle)} ({place}): {what}; nothing was attached (the "
-            "bytes there "
-            "may belong to someone else now). Attach while the producer still holds the "
-            "block, or keep it alive for the consumer: attach(handle, retain=True) as soon as "
-            "the handle arrives, or send it through a shmarena queue (which holds a reference "
-            "until the message is taken)",
+            "bytes there may belong to someone else now). Attach while the producer still "
+            "holds the block, or keep it alive for the consumer: attach(handle, retain=True) "
+            "as soon as the handle arrives, or send it through a shmarena queue (which holds "
+            "a reference until the message is taken)",
             handle=list(handle),
             reason=reason,
             word=word,
