@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import shmarena
 from shmarena import Handle, StaleHandle
@@ -383,3 +385,68 @@ def test_check_compares_the_table_with_the_ledger(daemon: Daemon) -> None:
         table[index] = 0
     assert client.check() == []
     held.free()
+
+
+# -- any interleaving -------------------------------------------------------------
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("alloc"), st.integers(0, 2), st.booleans()),
+        st.tuples(st.just("free"), st.integers(0, 63)),
+        st.tuples(st.just("recycle")),
+        st.tuples(st.just("attach"), st.integers(0, 63)),
+        st.tuples(st.just("sync")),
+    ),
+    max_size=40,
+)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=OPS)
+def test_attach_accepts_exactly_the_live_handles(daemon: Daemon, ops: list[tuple]) -> None:
+    """Whatever a producer does (cached and daemon sizes, its own blocks and an
+    owner's, frees, recycles), a consumer's plain attach of any handle it
+    ever published succeeds exactly while that block is live, and then shows
+    the producer's bytes."""
+    producer, consumer = daemon.client(), daemon.client()
+    sizes = [4 * KiB, 64 * KiB, 2 * MiB]  # cached, cached, daemon
+    owner = producer.owner("o")
+    live: list[tuple[shmarena.Buffer, bool]] = []  # (buffer, in owner "o")
+    published: list[tuple[Handle, bytes]] = []
+    dead: set[Handle] = set()
+    try:
+        for op in ops:
+            if op[0] == "alloc" and len(live) < 16:
+                buf = (owner if op[2] else producer).alloc(sizes[op[1]])
+                stamp = len(published).to_bytes(8, "little")
+                buf.view[:8] = stamp
+                published.append((buf.handle, stamp))
+                live.append((buf, op[2]))
+            elif op[0] == "free" and live:
+                buf, _ = live.pop(op[1] % len(live))
+                dead.add(buf.handle)
+                buf.free()
+            elif op[0] == "recycle":
+                dead.update(b.handle for b, in_owner in live if in_owner)
+                live = [(b, in_owner) for b, in_owner in live if not in_owner]
+                producer.recycle("o")
+                owner = producer.owner("o")
+            elif op[0] == "attach" and published:
+                handle, stamp = published[op[1] % len(published)]
+                if handle in dead:
+                    with pytest.raises(StaleHandle):
+                        consumer.attach(handle)
+                else:
+                    assert bytes(consumer.attach(handle).view[:8]) == stamp
+            elif op[0] == "sync":
+                producer.sync()
+        assert producer.check() == []
+    finally:
+        daemon.clients.remove(producer)
+        daemon.clients.remove(consumer)
+        producer.close()
+        consumer.close()
