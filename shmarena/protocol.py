@@ -84,7 +84,10 @@ Requests, in the order of ``Op`` (arguments after the request id):
     CHECK      -> [problem:str]  (empty when healthy)
     SHUTDOWN   -> nil, then the daemon stops
     SEGMENTS   -> [map]   the arena's segments now: index, size, and where
-                          to map it (``shm``: a name, or ``path`` and ``offset``)
+                          to map it (``shm``: a name, or ``path`` and ``offset``),
+                          and ``gens``: where its generation table lives (a map
+                          of the same kind, plus ``serial``, which changes when
+                          the daemon makes the table anew under the same name)
 
 Named buffers and queues (see daemon/exchange.py). Requests that may wait
 carry ``wait_s``: the daemon keeps the request and answers it as soon as it
@@ -152,6 +155,17 @@ process viewed it); the UNPIN then gives it back with a notice. Both are
 advisory: a PIN of a block that is no longer live under that generation, and
 an UNPIN of a block the session does not pin, are ignored, never refused.
 
+The generation table (shm/gens.py): one 64-bit word per minimum block of each
+segment, in shared memory the client maps with the segment (HELLO's and
+SEGMENTS' ``gens``): 0 never handed out, a generation: live under it, top
+bit set: let go (reason and low generation bits). The daemon writes it for
+what it hands out and lets go; a client writes the live word of a block its
+cache handed out before that block's handle leaves the process (reading
+``Buffer.handle``), and the dead word when it frees such a block; `attach`
+reads it. Protocol 7 made these writes a client's duty, so a protocol 6
+client (which does not write them) is refused at HELLO: its handles would be
+refused by every attach.
+
 Notices (in FILL, SYNC and RECYCLE replies) are flat ``address, generation``
 pairs: blocks of this session's cache that went back to it through somebody
 else (a free by handle, a recycle, the last release of a retained block).
@@ -171,7 +185,7 @@ import msgpack
 
 from shmarena.errors import InvalidRequest, ProtocolError, ShmArenaError, to_wire
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7  # 7: clients keep the generation table (see above)
 
 # Limits. Frames above MAX_FRAME_BYTES are dropped by ZeroMQ (ZMQ_MAXMSGSIZE)
 # before they reach Python.

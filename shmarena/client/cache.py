@@ -48,6 +48,7 @@ from shmarena.protocol import (
     UNASSIGN,
     Op,
 )
+from shmarena.shm.gens import FREED, LIVE
 from shmarena.shm.segments import SEGMENT_SHIFT, SEGMENT_SPAN
 
 if TYPE_CHECKING:
@@ -285,6 +286,7 @@ class Cache:
             self._report(offset)
             del self.out[offset]
             self.awaiting[offset] = (gen, entry[3])
+            self.client._mark(offset, gen, FREED)  # attach refuses it from now on
             segment, local = offset >> SEGMENT_SHIFT, offset & (SEGMENT_SPAN - 1)
             self.pending += (FREE_EVENT, self.epoch, segment, local, size, gen)
             if not self.dirty:
@@ -305,13 +307,15 @@ class Cache:
 
     def escape(self, offset: int, gen: int) -> bool:
         """The block's handle is leaving this process: its hand-out must be
-        reported, never folded away. False if the block is no longer out
-        under `gen` (it came back through another process)."""
+        reported, never folded away, and the generation table must say it is
+        live (so that another process can attach it). False if the block is
+        no longer out under `gen` (it came back through another process)."""
         with self.lock:
             entry = self.out.get(offset)
             if entry is None or entry[0] != gen:
                 return False
             self._report(offset)
+            self.client._mark(offset, gen, LIVE)
             return True
 
     def _report(self, offset: int) -> None:

@@ -55,6 +55,7 @@ from shmarena.protocol import (
     Handle,
     Op,
 )
+from shmarena.shm import gens
 from shmarena.shm.arena import map_segment
 from shmarena.shm.backing import map_file
 from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT, SEGMENT_SPAN
@@ -244,6 +245,10 @@ class Client:
         self._segment_info: dict[int, dict[str, Any]] = {}
         self._views: dict[int, memoryview] = {}
         self._keys: dict[int, tuple[str, int]] = {}
+        # segment -> its generation table, 64-bit words (shm/gens.py); absent
+        # for a daemon that keeps none
+        self._tables: dict[int, memoryview] = {}
+        self._min_shift = 12
         self._used: set[tuple[str, int]] = set()  # mapping keys counted in _MAPPING_USERS
         self._cache: Cache | None = None
         self._flush_wake = threading.Event()
@@ -289,6 +294,7 @@ class Client:
             first = segments[0]
             key = (_locator(first), info["epoch"])
             view = _map(key, first, self.populate, self._used, transport.daemon_uid)
+            table = _map_table(first, info["epoch"], self._used, transport.daemon_uid)
         except BaseException:
             transport.close()
             raise
@@ -298,6 +304,11 @@ class Client:
         self._segment_info = segments
         self._arena_key, self._arena_view = key, view
         self._views, self._keys = {0: view}, {0: key}
+        # Resumed: the tables of other segments mapped so far are still the
+        # daemon's (escape() may write them before a new lookup maps them).
+        kept = self._tables if info.get("resumed") else {}
+        self._tables = {**kept, 0: table} if table is not None else {}
+        self._min_shift = int(info["min_block_bytes"]).bit_length() - 1
         self._token = int(info.get("token", 0))
         self._can_pin = bool(info.get("pins"))
         cache = self._cache
@@ -619,8 +630,11 @@ class Client:
                     raise
                 where = None  # released since this client learnt of it: ask again
                 continue
+            table = _map_table(where, self.epoch, self._used, self._daemon_uid)
             with self._lock:
                 self._views[segment], self._keys[segment] = view, key
+                if table is not None:
+                    self._tables[segment] = table
             return view
         raise StaleHandle(
             f"segment {segment} of arena {self.name!r} (epoch {self.epoch}) does not exist: "
@@ -918,6 +932,8 @@ class Client:
             del self._viewed[address]
         segment, offset = address >> SEGMENT_SHIFT, address & OFFSET_MASK
         handle = (self.epoch, segment, offset, buf._size, buf._gen)
+        if buf._state == "owned":  # attach refuses it from now on, not once the daemon heard
+            self._mark(address, buf._gen, gens.FREED)
         pin = buf._release_views()
         if pin is not None and self._can_pin and self._cache is not None:
             # Views of it outlive the Buffer: pinned, freed, unpinned when they go.
@@ -955,9 +971,16 @@ class Client:
         """A Buffer over the block `handle` names, allocated by any process.
 
         Plain attach costs no round trip and takes no reference: the block
-        lives as long as its owner keeps it. With `retain=True` this process
-        holds a reference: a free or recycle of the owner then waits until
-        `buf.release()` (or this process's death) before the memory is reused.
+        lives as long as its owner keeps it. It checks the handle against the
+        arena's generation table (shared memory, shm/gens.py) and raises
+        StaleHandle, saying what happened, unless the block is live under the
+        handle's generation: freed, owner recycled, its session ended (the
+        producer exited), handed out again since, or never handed out. A block
+        freed *after* a plain attach is not noticed: the Buffer then looks at
+        bytes that may be handed out again. With `retain=True` this process
+        holds a reference (the daemon refuses a freed block too): a free or
+        recycle of the owner then waits until `buf.release()` (or this
+        process's death) before the memory is reused.
         """
         handle = _as_handle(handle)
         if handle.epoch != self.epoch:
@@ -977,9 +1000,54 @@ class Client:
                 f"handle {tuple(handle)} lies outside segment {handle.segment} of the arena, "
                 f"which has {len(view)} bytes"
             )
+        table = self._tables.get(handle[1])
+        if table is not None:  # the block's word: live under this very generation?
+            offset, shift = handle[2], self._min_shift
+            if table[offset >> shift] != handle[4] or offset & ((1 << shift) - 1):
+                raise self._not_live(handle, table)
         if retain:
             self._request(Op.RETAIN, [list(handle)])
         return self._buffer(list(handle), "retained" if retain else "attached")
+
+    def _not_live(self, handle: Handle, table: memoryview) -> StaleHandle:
+        """Why attach refuses `handle`, from its block's word in the table."""
+        index = handle.offset >> self._min_shift
+        word = table[index]
+        if index << self._min_shift != handle.offset:
+            reason = "not_a_block"
+            what = (
+                f"offset {handle.offset:#x} is not the start of a block (blocks start at "
+                f"multiples of {1 << self._min_shift} bytes): not a handle shmarena gave out"
+            )
+        else:
+            reason = gens.reason_key(word, handle.generation)
+            what = gens.what_happened(word, handle.generation) or "it is not live"
+        place = f"offset {handle.offset:#x}" + (
+            f" of segment {handle.segment}" if handle.segment else ""
+        )
+        return StaleHandle(
+            f"attach of handle {tuple(handle)} ({place}): {what}; nothing was attached (the "
+            "bytes there may belong to someone else now). Attach while the producer still "
+            "holds the block, or keep it alive for the consumer: attach(handle, retain=True) "
+            "as soon as the handle arrives, or send it through a shmarena queue (which holds "
+            "a reference until the message is taken)",
+            handle=list(handle),
+            reason=reason,
+            word=word,
+        )
+
+    def _mark(self, address: int, generation: int, reason: int) -> None:
+        """Write a block's word in the generation table: live under
+        `generation` (reason gens.LIVE; its handle is leaving this process),
+        or let go for `reason` if it is still live under `generation`."""
+        table = self._tables.get(address >> SEGMENT_SHIFT)
+        if table is None:
+            return
+        index = (address & OFFSET_MASK) >> self._min_shift
+        if reason == gens.LIVE:
+            table[index] = generation
+        elif table[index] == generation:
+            table[index] = gens.dead_word(generation, reason)
 
     def retain(self, target: Buffer | Handle) -> None:
         """Take a reader's reference on a block (see `attach`)."""
@@ -1236,11 +1304,13 @@ def _map(
     populate: bool,
     used: set[tuple[str, int]],
     owner_uid: int | None,
+    words: bool = False,
 ) -> memoryview:
     """The process's one mapping of a segment: shm by name, or a file (a
     backing file, a hugetlbfs file, the daemon's memfd) by path and offset,
     made only if it belongs to `owner_uid`, the daemon's uid. The client
-    whose `used` set this is counts as one of its users."""
+    whose `used` set this is counts as one of its users. With `words`, the
+    view is of 64-bit words (a generation table)."""
     with _MAPPINGS_LOCK:
         found = _MAPPINGS.get(key)
         if found is None:
@@ -1250,12 +1320,32 @@ def _map(
             else:
                 offset = int(where["offset"])
                 mapping = map_file(str(where["path"]), size, offset, populate, owner_uid)
-            found = (mapping, memoryview(mapping))
+            found = (mapping, memoryview(mapping).cast("Q") if words else memoryview(mapping))
             _MAPPINGS[key] = found
         if key not in used:
             used.add(key)
             _MAPPING_USERS[key] = _MAPPING_USERS.get(key, 0) + 1
         return found[1]
+
+
+def _map_table(
+    where: dict[str, Any], epoch: int, used: set[tuple[str, int]], owner_uid: int | None
+) -> memoryview | None:
+    """The process's one mapping of a segment's generation table, as 64-bit
+    words; None when the daemon keeps none (an older daemon)."""
+    table = where.get("gens")
+    if not table:
+        return None
+    return _map(_table_key(where, epoch), table, False, used, owner_uid, words=True)
+
+
+def _table_key(where: dict[str, Any], epoch: int) -> tuple[str, int]:
+    """A table's mapping key: its name or path, the serial the daemon gave
+    it (a name comes back with another object after a restart) and its
+    segment's index."""
+    table = where["gens"]
+    name = table.get("shm") or table["path"]
+    return (f"{name}@{int(table.get('serial', 0))}#{int(where.get('index', 0))}", epoch)
 
 
 def _unmap_released(epoch: int, rows: list[dict[str, Any]]) -> None:
@@ -1264,6 +1354,7 @@ def _unmap_released(epoch: int, rows: list[dict[str, Any]]) -> None:
     indices only grow, so an older table cannot hide a newer segment),
     unless a buffer still looks at them."""
     listed = {_locator(row) for row in rows}
+    listed |= {_table_key(row, epoch)[0] for row in rows if row.get("gens")}
     newest = max((int(row["index"]) for row in rows), default=0)
     with _MAPPINGS_LOCK:
         for key in list(_MAPPINGS):
@@ -1280,11 +1371,12 @@ def _unmap(key: tuple[str, int]) -> None:
     if found is None:
         return
     mapping, view = found
+    words = view.format == "Q"  # a generation table
     try:
         view.release()
         mapping.close()
     except BufferError:  # buffers (or arrays made from them) still look at it
-        _MAPPINGS[key] = (mapping, memoryview(mapping))
+        _MAPPINGS[key] = (mapping, memoryview(mapping).cast("Q") if words else memoryview(mapping))
         return
     del _MAPPINGS[key]
 
@@ -1316,6 +1408,14 @@ def _check_size(size: int) -> None:
 
 
 def _as_handle(value: Any) -> Handle:
+    if type(value) is Handle:  # the common case, checked without a loop (attach's hot path)
+        e, s, o, z, g = value
+        if (
+            type(e) is type(s) is type(o) is type(z) is type(g) is int
+            and -_HANDLE_FIELD_LIMIT <= min(value)
+            and max(value) < 2 * _HANDLE_FIELD_LIMIT
+        ):
+            return value
     if isinstance(value, Handle):
         handle = value
     elif isinstance(value, (tuple, list)) and len(value) == 5:

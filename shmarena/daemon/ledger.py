@@ -70,6 +70,7 @@ from shmarena.protocol import (
     UNPIN,
     Handle,
 )
+from shmarena.shm.gens import ENDED, FREED, LIVE, RECYCLED, any_of_session
 from shmarena.shm.segments import (
     MAX_SEGMENTS,
     OFFSET_MASK,
@@ -225,6 +226,10 @@ class Ledger:
         # Called with each block that leaves its owner (freed, recycled, handed
         # back to a cache): a name bound to it vanishes (daemon/exchange.py).
         self.unowned: Callable[[Block], None] | None = None
+        # Called as (address, generation, reason) to keep the generation table
+        # (shm/gens.py) right: LIVE when the daemon hands a block out itself,
+        # a reason when a block leaves its owner, before it can be reused.
+        self.gens: Callable[[int, int, int], None] | None = None
         # --quota-per-session: carved bytes a session may hold in the owners
         # it created (detached ones too, while it lives) and its cache (0: no
         # quota).
@@ -282,7 +287,7 @@ class Ledger:
             for name in sorted(session.owners):
                 owner = self.owners.get(name)
                 if owner is not None and owner.scope == SESSION:
-                    result = self.recycle(name)
+                    result = self.recycle(name, ENDED)
                     blocks += result.blocks
                     freed += result.bytes
         finally:
@@ -302,6 +307,8 @@ class Ledger:
                 self._maybe_release(block)
         session.pinned.clear()
         for offset in list(session.cached):
+            if self.gens is not None:  # a hand-out it never reported dies with it
+                self.gens(offset, any_of_session(session_id), ENDED)
             self._drain(session, self.blocks[offset])
         for name in session.owner_id_of:  # detached owners it had ids for
             owner = self.owners.get(name)
@@ -395,8 +402,9 @@ class Ledger:
         if owner.scope == DETACHED:
             self.detached_owners -= 1
 
-    def recycle(self, name: str) -> Freed:
-        """Free every block the owner holds and forget the owner."""
+    def recycle(self, name: str, reason: int = RECYCLED) -> Freed:
+        """Free every block the owner holds and forget the owner (`reason`:
+        why, for the generation table: RECYCLED, or ENDED with its session)."""
         owner = self.owners.pop(name, None)
         if owner is None:
             raise UnknownOwner(
@@ -415,6 +423,15 @@ class Ledger:
         count, freed = len(owner.blocks), owner.bytes
         why = self._leaving or (RECYCLED, "")
         for block in list(owner.blocks.values()):
+            if self.gens is not None:
+                # A session that ends takes every hand-out of its cache with
+                # it, reported or not (a report may have died with it).
+                ended = reason == ENDED and block.cache_session == owner.session_id
+                self.gens(
+                    block.offset,
+                    any_of_session(block.cache_session) if ended else block.generation,
+                    reason,
+                )
             self._disown(block, owner, why=why)
         return Freed(count, freed)
 
@@ -480,6 +497,8 @@ class Ledger:
             block = Block(offset, size, carved, self.generation, None, site=site[:MAX_SITE])
             self.blocks[offset] = block
             self._own(block, owner)
+            if self.gens is not None:
+                self.gens(offset, block.generation, LIVE)
             result.append(block)
         return result
 
@@ -505,6 +524,8 @@ class Ledger:
             owner = self.owners[block.owner] if block.owner is not None else None
             freed += block.carved
             if owner is not None:
+                if self.gens is not None:
+                    self.gens(block.offset, block.generation, FREED)
                 self._disown(block, owner)
         return Freed(len(blocks), freed)
 

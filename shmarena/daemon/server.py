@@ -64,9 +64,10 @@ from shmarena.rundir import (
     prepare_runtime_dir,
     write_note,
 )
-from shmarena.shm import hugepages, numa
-from shmarena.shm.arena import Arena, Pages, remove_stale_segments
+from shmarena.shm import gens, hugepages, numa
+from shmarena.shm.arena import Arena, GenTable, Pages, remove_stale_segments
 from shmarena.shm.journal import CrashPoints
+from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT
 
 DEFAULT_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 # `stats` reads the pages' placement from /proc again after this long.
@@ -211,6 +212,7 @@ class Server:
         self.shm_name = shm_name(options.name)
         self.lock_fd: int | None = None
         self.arenas: dict[int, Arena] = {}  # segment index -> its memory
+        self.tables: dict[int, GenTable] = {}  # segment index -> its generation table
         self.pages = Pages()
         self._placement_cache: tuple[float, set[int], dict[int, dict[str, Any]]] | None = None
         self.pages_kind = "shm"  # or hugetlbfs, thp-shm, thp-memfd
@@ -367,6 +369,17 @@ class Server:
         )
         if 0 in self.arenas:
             self.service.segments[0] = {"index": 0, **self.arenas[0].locator}
+            self.tables[0] = GenTable.create(
+                self.shm_name, size_bytes, min_block, self.gid, self.arenas[0].kind
+            )
+        else:
+            assert opts.backing is not None
+            self.tables[0] = GenTable.beside(
+                os.path.abspath(opts.backing) + gens.TABLE_SUFFIX, size_bytes, min_block, self.gid
+            )
+        self.service.segments[0]["gens"] = self.tables[0].locator
+        self.service.ledger.gens = self._mark
+        self.service.extra_checks = self._check_tables
         self.service.extra_stats = self._extra_stats
         self.service.faults = frozenset(opts.debug_fail)
         if store is not None and state is not None:
@@ -403,6 +416,8 @@ class Server:
         service = self.service
         ledger, links = store.build(state, self.options.name, now)
         service.adopt(ledger, links, now)
+        self._rebuild_table()
+        ledger.gens = self._mark
         for note in store.recovered.notes:
             self.log(note, "recovery_note")
         if store.recovered.reset:
@@ -423,6 +438,45 @@ class Server:
         self.log(
             store.describe(), "table_opened", backing=store.backing.path, durability=store.mode
         )
+
+    def _rebuild_table(self) -> None:
+        """Make the kept generation table of a recovered arena agree with the
+        recovered ledger (see gens.rebuilt)."""
+        assert self.service is not None
+        ledger, table = self.service.ledger, self.tables[0]
+        blocks = {
+            b.offset: (b.generation, b.owner is not None, b.cache_session)
+            for b in ledger.blocks.values()
+        }
+        words = table.words
+        for index, word in gens.rebuilt(
+            words.tolist(), table.shift, blocks, set(ledger.sessions)
+        ).items():
+            words[index] = word
+
+    def _check_tables(self) -> list[str]:
+        """The generation tables against the ledger (part of `check`)."""
+        assert self.service is not None
+        problems = []
+        per_segment: dict[int, dict[int, tuple[int, bool, bool]]] = {i: {} for i in self.tables}
+        for block in self.service.ledger.blocks.values():
+            blocks = per_segment.get(block.offset >> SEGMENT_SHIFT)
+            if blocks is not None:
+                blocks[block.offset & OFFSET_MASK] = (
+                    block.generation,
+                    block.owner is not None,
+                    block.cached,
+                )
+        for index, table in self.tables.items():
+            words = table.words.tolist()
+            problems += gens.check_words(words, table.shift, per_segment[index], index)
+        return problems
+
+    def _mark(self, address: int, generation: int, reason: int) -> None:
+        """The ledger's writes to the generation tables (Ledger.gens)."""
+        table = self.tables.get(address >> SEGMENT_SHIFT)
+        if table is not None:
+            table.mark(address & OFFSET_MASK, generation, reason)
 
     # -- pages: NUMA, huge pages, segments ------------------------------------
 
@@ -482,8 +536,21 @@ class Server:
                      "segment_add_failed", "warning", index=index, size_bytes=size_bytes,
                      error=str(exc))  # fmt: skip
             return False
+        try:
+            table = GenTable.create(shm_name(self.options.name, index), size_bytes,
+                                    self.service.info.min_block_bytes, self.gid,
+                                    arena.kind)  # fmt: skip
+        except Exception as exc:
+            arena.close(unlink=True)
+            if growth is not None:
+                growth.last_failure = f"its generation table: {exc}"
+            self.log(f"could not add segment {index}: its generation table: {exc}",
+                     "segment_add_failed", "warning", index=index, size_bytes=size_bytes,
+                     error=str(exc))  # fmt: skip
+            return False
         self.arenas[index] = arena
-        self.service.segments[index] = {"index": index, **arena.locator}
+        self.tables[index] = table
+        self.service.segments[index] = {"index": index, **arena.locator, "gens": table.locator}
         total = sum(a.size_bytes for a in self.arenas.values())
         self.log(
             f"added segment {index}: {format_size(size_bytes)} at {arena.where}; "
@@ -502,6 +569,9 @@ class Server:
             arena = self.arenas.pop(index)
             self.service.segments.pop(index, None)
             arena.close(unlink=True)
+            table = self.tables.pop(index, None)
+            if table is not None:
+                table.close(unlink=True)
             self.log(
                 f"released segment {index} ({format_size(arena.size_bytes)}): empty for "
                 f"{self.options.shrink_after_s:g} s",
@@ -536,6 +606,8 @@ class Server:
         """What only the server knows: the pages as the kernel reports them,
         NUMA placement, and the persistent table's figures."""
         extra: dict[str, Any] = self.store.stats() if self.store is not None else {}
+        # what the generation tables that `attach` checks take (8 bytes per min block)
+        extra["generation_table_bytes"] = sum(t.mapping.size() for t in self.tables.values())
         extra["replies"] = {
             "queued_bytes": sum(self.backlog_bytes.values()),
             "clients_behind": len(self.backlog),
@@ -1094,6 +1166,9 @@ class Server:
             for arena in self.arenas.values():
                 arena.close(unlink=True)
             self.arenas.clear()
+        for table in self.tables.values():
+            table.close(unlink=True)  # a backing file's table stays: it is a kept file
+        self.tables.clear()
         if self.lock_fd is not None:
             remove(self.lock_path)
             os.close(self.lock_fd)

@@ -307,6 +307,7 @@ class Service:
         # back: session -> deadline (see adopt).
         self.recovering: dict[int, float] = {}
         self.extra_stats: Callable[[], dict[str, Any]] = dict
+        self.extra_checks: Callable[[], list[str]] = list  # the server's (generation tables)
         self.exchange = Exchange(self.ledger, info.epoch)
         self.ledger.session_quota = info.quota_per_session
         # ALLOCs waiting for room, first come first served (`ALLOC ... wait_s`):
@@ -1619,7 +1620,7 @@ class Service:
         return self._paged_reply(request, rows, None if more is None else str(more))
 
     def check(self) -> list[str]:
-        problems = self.ledger.check() + self.exchange.check()
+        problems = self.ledger.check() + self.exchange.check() + self.extra_checks()
         for peer, session_id in self.peers.items():
             if self.session_peer.get(session_id) != peer:
                 problems.append(f"peer map disagrees for session {session_id}")

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import mmap
 import os
+import secrets
 import stat
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ import posix_ipc
 from shmarena.config import format_size
 from shmarena.errors import DaemonStartError, ShmArenaError
 from shmarena.rundir import check_owner
+from shmarena.shm import gens
 
 SHM_MOUNT = "/dev/shm"
 
@@ -255,7 +257,8 @@ def remove_stale(shm_name: str) -> bool:
 
 
 def remove_stale_segments(shm_name: str, directory: str = SHM_MOUNT) -> list[str]:
-    """Remove the added segments (``NAME.1``, ``NAME.2``, ...) that a daemon
+    """Remove the added segments (``NAME.1``, ``NAME.2``, ...) and the
+    generation tables (``NAME.gens``, ``NAME.1.gens``, ...) that a daemon
     which died left in `directory` (/dev/shm, or a hugetlbfs mount); the
     paths removed. DaemonStartError when a live daemon still holds one."""
     base = shm_name.lstrip("/") + "."
@@ -264,8 +267,14 @@ def remove_stale_segments(shm_name: str, directory: str = SHM_MOUNT) -> list[str
         names = os.listdir(directory)
     except OSError:
         return removed
+    table = gens.TABLE_SUFFIX
     for entry in sorted(names):
-        if not (entry.startswith(base) and entry[len(base) :].isdigit()):
+        rest = entry[len(base) :]
+        if directory == SHM_MOUNT and rest == table[1:]:  # segment 0's generation table
+            rest = "0"
+        elif directory == SHM_MOUNT and rest.endswith(table):  # an added segment's
+            rest = rest[: -len(table)]
+        if not (entry.startswith(base) and rest.isdigit()):
             continue
         path = os.path.join(directory, entry)
         if remove_stale("/" + entry) if directory == SHM_MOUNT else _remove_stale_file(path):
@@ -388,3 +397,77 @@ def _permission_message(shm_name: str) -> str:
         f"permission denied mapping {path} ({found}, this process runs as uid {os.getuid()}); "
         "run as the daemon's user, or start the daemon with --group"
     )
+
+
+class GenTable:
+    """A segment's generation table (shm/gens.py) as the daemon holds it: a
+    shm object or memfd made with the segment, or, beside a backing file, a
+    file that outlives the daemon (clients that resume after a restart keep
+    their mapping of it)."""
+
+    def __init__(
+        self, fd: int, mapping: mmap.mmap, locator: dict[str, Any], min_block: int, arena: Arena
+    ) -> None:
+        self.fd = fd
+        self.mapping = mapping
+        self.words = memoryview(mapping).cast("Q")
+        self.locator = locator
+        self.shift = min_block.bit_length() - 1
+        self._arena = arena  # what to close (and, for shm, unlink)
+
+    @classmethod
+    def create(
+        cls, shm_name: str, segment_bytes: int, min_block: int, gid: int | None, kind: str
+    ) -> GenTable:
+        """A new, zeroed table for a segment of `segment_bytes` (its kind:
+        memfd for a memfd segment, shm otherwise), named after the segment."""
+        size = gens.table_bytes(segment_bytes, min_block, mmap.PAGESIZE)
+        pages = Pages("memfd" if kind == "memfd" else "shm")
+        arena = Arena.create(shm_name + gens.TABLE_SUFFIX, size, gid, pages)
+        locator = {**arena.locator, "serial": secrets.randbits(62)}
+        return cls(arena.fd, arena.mapping, locator, min_block, arena)
+
+    @classmethod
+    def beside(cls, path: str, segment_bytes: int, min_block: int, gid: int | None) -> GenTable:
+        """The table of a backing file: the file `path`, created if missing,
+        kept (with its words) across restarts; the daemon rebuilds it from
+        its recovered ledger at start."""
+        size = gens.table_bytes(segment_bytes, min_block, mmap.PAGESIZE)
+        mode = 0o600 if gid is None else 0o660
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+        except OSError as exc:
+            raise DaemonStartError(
+                f"cannot open the generation table {path} beside the backing file: "
+                f"{exc.strerror}; make its directory writable for the daemon's user"
+            ) from None
+        try:
+            if gid is not None:
+                os.fchown(fd, -1, gid)
+            os.fchmod(fd, mode)
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, 0)  # another size of arena or block: start from zeros
+                os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, size)
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            os.close(fd)
+            raise DaemonStartError(f"cannot size the generation table {path}: {exc}") from None
+        arena = Arena(path, size, fd, mapping, "", "file")
+        locator = {"path": path, "offset": 0, "size": size, "serial": 0}
+        return cls(fd, mapping, locator, min_block, arena)
+
+    def mark(self, offset: int, generation: int, reason: int) -> None:
+        """Write the word of the block at `offset` (within the segment): live
+        under `generation`, or let go for `reason` unless a newer hand-out
+        is live there (see gens.may_kill)."""
+        index = offset >> self.shift
+        words = self.words
+        if reason == gens.LIVE:
+            words[index] = generation
+        elif gens.may_kill(words[index], generation):
+            words[index] = gens.dead_word(generation, reason)
+
+    def close(self, unlink: bool = True) -> None:
+        self.words.release()
+        self._arena.close(unlink)

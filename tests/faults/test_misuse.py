@@ -456,11 +456,12 @@ def test_attach_of_a_handle_outside_the_arena(daemon: Daemon, observer: shmarena
     for junk in ("nope", (1, 2, 3), [epoch, 0, 0, 4096]):
         error = refusal(actor, lambda j=junk: actor.attach(j))  # type: ignore[misc]
         assert_refused(error, shmarena.InvalidRequest, "not a shmarena handle")
-    # Inside the arena but no block there: a plain attach costs no round trip
-    # and cannot know; retaining it asks the daemon, which refuses.
+    # Inside the arena but no block there: the generation table says so, to a
+    # plain attach (no round trip) and to a retaining one alike.
     nowhere = Handle(epoch, 0, n - (1 << 20), 4096, 1)
-    error = refusal(actor, lambda: actor.attach(nowhere, retain=True))
-    assert_refused(error, shmarena.StaleHandle, f"{nowhere.offset:#x}")
+    for retain in (False, True):
+        error = refusal(actor, lambda r=retain: actor.attach(nowhere, retain=r))  # type: ignore[misc]
+        assert_refused(error, shmarena.StaleHandle, f"{nowhere.offset:#x}", "never handed out")
     assert snapshot(observer) == before
     assert observer.check() == []
     assert_all_freeable(actor, observer, [keep])

@@ -523,7 +523,8 @@ def test_killpg_leaves_no_dev_shm_entry_and_unlink_recovers_the_blocks(arena: Da
         what="the daemon to end the killed child's session",
     )
     new_entries = sorted(e for e in dev_shm() - before if not e.startswith("shmarena-"))
-    assert mapped == {arena.shm_path}, f"the child mapped more than the arena: {mapped}"
+    table = arena.shm_path + ".gens"  # the arena's generation table (attach checks it)
+    assert mapped == {arena.shm_path, table}, f"the child mapped more than the arena: {mapped}"
     assert new_entries == [], f"/dev/shm gained {new_entries} when the group was killed"
     assert not [n for n in names if os.path.exists(f"/dev/shm/{n}")]
 

@@ -35,7 +35,19 @@ c.close()
 
 def segment_files(daemon: Daemon) -> list[str]:
     base = os.path.basename(daemon.shm_path)
-    return sorted(f for f in os.listdir("/dev/shm") if f == base or f.startswith(base + "."))
+    return sorted(
+        f
+        for f in os.listdir("/dev/shm")
+        if (f == base or f.startswith(base + ".")) and not f.endswith(".gens")
+    )
+
+
+def table_files(daemon: Daemon) -> list[str]:
+    """The generation tables in /dev/shm: NAME.gens, NAME.1.gens, ..."""
+    base = os.path.basename(daemon.shm_path)
+    return sorted(
+        f for f in os.listdir("/dev/shm") if f.startswith(base + ".") and f.endswith(".gens")
+    )
 
 
 def test_900_mib_across_segments_then_released_when_idle(
@@ -96,6 +108,7 @@ def test_900_mib_across_segments_then_released_when_idle(
     stats = client.stats()
     assert stats["size_bytes"] == 64 * MiB and stats["used_bytes"] == 0
     assert segment_files(daemon) == [os.path.basename(daemon.shm_path)]
+    assert table_files(daemon) == [os.path.basename(daemon.shm_path) + ".gens"]  # theirs went too
     assert client.check() == []
     # It grows again when asked to (new indices: released ones are not reused).
     again = client.alloc(100 * MiB)
@@ -224,8 +237,10 @@ def test_segments_a_dead_daemon_left_are_removed_at_start(
     child.kill()
     child.wait(timeout=30)
     assert len(segment_files(daemon)) == 3  # what a crash leaves
+    assert len(table_files(daemon)) == 3
     again = make_daemon("8M", ["--max-size", "64M"], name=daemon.name)
     assert segment_files(again) == [os.path.basename(again.shm_path)]
+    assert table_files(again) == [os.path.basename(again.shm_path) + ".gens"]
     log = again.stop()
     assert "removed stale segment" in log and f"{again.shm_path}.2" in log
     again.assert_clean()

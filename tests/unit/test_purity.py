@@ -12,6 +12,7 @@ PURE_MODULES = [
     "shm/buddy.py",
     "shm/extents.py",
     "shm/space.py",
+    "shm/gens.py",
     "client/cache.py",
     "daemon/ledger.py",
     "daemon/service.py",
