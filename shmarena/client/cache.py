@@ -189,9 +189,7 @@ class Cache:
                 if self.client._can_pin:
                     return self.free_pinned(buf, pin)  # type: ignore[arg-type]
         if buf._handle is not None:  # its handle may be elsewhere
-            cls = self.free_through_daemon(
-                offset, buf._gen, buf._size, freed=buf._state != "owned"
-            )
+            cls = self.free_through_daemon(offset, buf._gen, buf._size, freed=buf._state != "owned")
             buf._done()
             return cls
         with self.lock:

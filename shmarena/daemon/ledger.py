@@ -70,7 +70,7 @@ from shmarena.protocol import (
     UNPIN,
     Handle,
 )
-from shmarena.shm.gens import ENDED, FREED, LIVE, RECYCLED, any_of_session
+from shmarena.shm import gens as words
 from shmarena.shm.segments import (
     MAX_SEGMENTS,
     OFFSET_MASK,
@@ -287,7 +287,7 @@ class Ledger:
             for name in sorted(session.owners):
                 owner = self.owners.get(name)
                 if owner is not None and owner.scope == SESSION:
-                    result = self.recycle(name, ENDED)
+                    result = self.recycle(name, words.ENDED)
                     blocks += result.blocks
                     freed += result.bytes
         finally:
@@ -308,7 +308,7 @@ class Ledger:
         session.pinned.clear()
         for offset in list(session.cached):
             if self.gens is not None:  # a hand-out it never reported dies with it
-                self.gens(offset, any_of_session(session_id), ENDED)
+                self.gens(offset, words.any_of_session(session_id), words.ENDED)
             self._drain(session, self.blocks[offset])
         for name in session.owner_id_of:  # detached owners it had ids for
             owner = self.owners.get(name)
@@ -402,7 +402,7 @@ class Ledger:
         if owner.scope == DETACHED:
             self.detached_owners -= 1
 
-    def recycle(self, name: str, reason: int = RECYCLED) -> Freed:
+    def recycle(self, name: str, reason: int = words.RECYCLED) -> Freed:
         """Free every block the owner holds and forget the owner (`reason`:
         why, for the generation table: RECYCLED, or ENDED with its session)."""
         owner = self.owners.pop(name, None)
@@ -426,10 +426,10 @@ class Ledger:
             if self.gens is not None:
                 # A session that ends takes every hand-out of its cache with
                 # it, reported or not (a report may have died with it).
-                ended = reason == ENDED and block.cache_session == owner.session_id
+                ended = reason == words.ENDED and block.cache_session == owner.session_id
                 self.gens(
                     block.offset,
-                    any_of_session(block.cache_session) if ended else block.generation,
+                    words.any_of_session(block.cache_session) if ended else block.generation,
                     reason,
                 )
             self._disown(block, owner, why=why)
@@ -498,7 +498,7 @@ class Ledger:
             self.blocks[offset] = block
             self._own(block, owner)
             if self.gens is not None:
-                self.gens(offset, block.generation, LIVE)
+                self.gens(offset, block.generation, words.LIVE)
             result.append(block)
         return result
 
@@ -525,7 +525,7 @@ class Ledger:
             freed += block.carved
             if owner is not None:
                 if self.gens is not None:
-                    self.gens(block.offset, block.generation, FREED)
+                    self.gens(block.offset, block.generation, words.FREED)
                 self._disown(block, owner)
         return Freed(len(blocks), freed)
 
