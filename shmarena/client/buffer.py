@@ -22,7 +22,7 @@ from pickle import PickleBuffer
 from typing import TYPE_CHECKING, Any
 
 from shmarena.client import registry
-from shmarena.errors import StaleHandle
+from shmarena.errors import StaleHandle, lifetime_error
 from shmarena.protocol import Handle
 from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT, SEGMENT_SPAN
 
@@ -189,11 +189,13 @@ class Buffer:
 
     def _done_error(self, what: str) -> StaleHandle:
         gone = self._gone or "freed"  # "freed", "released", "recycled" or "closed"
-        return StaleHandle(
-            f"Buffer.{what}: this Buffer (offset {self.offset:#x}, {self._size} bytes) was "
-            f"{gone} already, so it has no bytes any more (its block may be another "
-            "allocation's by now); allocate a new buffer. Views made before that stay "
-            "valid: the block is pinned until the last of them is gone",
+        rule = "owner_recycled" if gone == "recycled" else "use_after_free"
+        return lifetime_error(
+            rule,
+            f"Buffer.{what} of the buffer at offset {self.offset:#x} ({self._size} bytes)",
+            f"it was {gone} already, so it has no bytes any more (its block may be another "
+            "allocation's by now); views made before that stay valid: the block is pinned "
+            "until the last of them is gone",
             offset=self._offset,
             generation=self._gen,
         )

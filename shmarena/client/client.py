@@ -1383,10 +1383,13 @@ def _unmap(key: tuple[str, int]) -> None:
 
 def _freed_already(buf: Buffer) -> StaleHandle:
     where = f"offset {buf.offset:#x}" + (f" of segment {buf.segment}" if buf.segment else "")
+    recycled = buf._gone == "recycled"
     return lifetime_error(
-        "double_free",
+        "owner_recycled" if recycled else "double_free",
         f"free of the buffer at {where} (generation {buf._gen})",
-        "this Buffer was freed (or released) already; nothing was freed",
+        "its owner was recycled already; nothing was freed"
+        if recycled
+        else "this Buffer was freed (or released) already; nothing was freed",
         offset=buf.offset,
         generation=buf._gen,
     )
