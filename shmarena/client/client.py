@@ -1004,7 +1004,11 @@ class Client:
         if table is not None:  # the block's word: live under this very generation?
             offset, shift = handle[2], self._min_shift
             if table[offset >> shift] != handle[4] or offset & ((1 << shift) - 1):
-                raise self._not_live(handle, table)
+                refusal = self._not_live(handle, table)
+                if retain:  # the daemon may know more (whose, which pid): its word wins
+                    self._request(Op.RETAIN, [list(handle)])
+                    self._request(Op.RELEASE, [list(handle)])  # it took it: the table rules
+                raise refusal
         if retain:
             self._request(Op.RETAIN, [list(handle)])
         return self._buffer(list(handle), "retained" if retain else "attached")
@@ -1025,12 +1029,10 @@ class Client:
         place = f"offset {handle.offset:#x}" + (
             f" of segment {handle.segment}" if handle.segment else ""
         )
-        return StaleHandle(
-            f"attach of handle {tuple(handle)} ({place}): {what}; nothing was attached (the "
-            "bytes there may belong to someone else now). Attach while the producer still "
-            "holds the block, or keep it alive for the consumer: attach(handle, retain=True) "
-            "as soon as the handle arrives, or send it through a shmarena queue (which holds "
-            "a reference until the message is taken)",
+        return lifetime_error(
+            _RULE_OF_REASON.get(reason, "use_after_free"),
+            f"attach of handle {tuple(handle)} ({place})",
+            f"{what}; nothing was attached (the bytes there may belong to someone else now)",
             handle=list(handle),
             reason=reason,
             word=word,
@@ -1439,6 +1441,13 @@ def _as_handle(value: Any) -> Handle:
 
 
 _HANDLE_FIELD_LIMIT = 1 << 63
+# The rule a stale attach broke, by what the generation table says happened.
+_RULE_OF_REASON = {
+    "recycled": "owner_recycled",
+    "session_ended": "producer_exited",
+    "never": "handle_altered",
+    "not_a_block": "handle_altered",
+}
 
 
 def _handle_of(item: Buffer | Handle) -> Handle:
