@@ -450,3 +450,84 @@ def test_attach_accepts_exactly_the_live_handles(daemon: Daemon, ops: list[tuple
         daemon.clients.remove(consumer)
         producer.close()
         consumer.close()
+
+
+ATTACHER = """
+import sys, shmarena
+c = shmarena.connect()
+for line in sys.stdin:
+    try:
+        buf = c.attach(shmarena.Handle(*map(int, line.split())))
+    except shmarena.StaleHandle as error:
+        print("stale", error.details.get("reason"), flush=True)
+    else:
+        print("ok", bytes(buf.view[:8]).hex(), flush=True)
+c.close()
+"""
+
+
+def test_attach_in_another_process_accepts_exactly_the_live_handles(daemon: Daemon) -> None:
+    """As above, with the consumer a process of its own (one for every
+    example), asked over a pipe after each step of the producer."""
+    child = daemon.python(ATTACHER, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdin is not None and child.stdout is not None
+    stdin, stdout = child.stdin, child.stdout
+
+    def attach(handle: Handle) -> list[str]:
+        stdin.write(" ".join(map(str, handle)) + "\n")
+        stdin.flush()
+        return stdout.readline().split()
+
+    attaches = [0]
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(ops=OPS)
+    def run(ops: list[tuple]) -> None:
+        producer = shmarena.connect(daemon.name, runtime_dir=daemon.run_dir)
+        sizes = [4 * KiB, 64 * KiB, 2 * MiB]
+        owner = producer.owner("o")
+        live: list[tuple[shmarena.Buffer, bool]] = []
+        published: list[tuple[Handle, bytes]] = []
+        dead: set[Handle] = set()
+        try:
+            for op in ops:
+                if op[0] == "alloc" and len(live) < 16:
+                    buf = (owner if op[2] else producer).alloc(sizes[op[1]])
+                    stamp = os.urandom(8)
+                    buf.view[:8] = stamp
+                    published.append((buf.handle, stamp))
+                    live.append((buf, op[2]))
+                elif op[0] == "free" and live:
+                    buf, _ = live.pop(op[1] % len(live))
+                    dead.add(buf.handle)
+                    buf.free()
+                elif op[0] == "recycle":
+                    dead.update(b.handle for b, in_owner in live if in_owner)
+                    live = [(b, in_owner) for b, in_owner in live if not in_owner]
+                    producer.recycle("o")
+                    owner = producer.owner("o")
+                elif op[0] == "sync":
+                    producer.sync()
+                if not published:
+                    continue
+                # After each step: the handle it names (attach) or the newest one.
+                pick = op[1] if op[0] == "attach" else -1
+                handle, stamp = published[pick % len(published)]
+                answer = attach(handle)
+                attaches[0] += 1
+                if handle in dead:
+                    assert answer[0] == "stale", (handle, answer)
+                    assert answer[1] in ("freed", "recycled", "handed_out_again"), answer
+                else:
+                    assert answer == ["ok", stamp.hex()], (handle, answer)
+            assert producer.check() == []
+        finally:
+            producer.close()
+
+    try:
+        run()
+    finally:
+        stdin.close()
+        assert child.wait(timeout=30) == 0
+    print(f"FIGURE: {attaches[0]} attaches in another process checked")
+    assert attaches[0] >= 100
