@@ -1005,8 +1005,13 @@ class Client:
             offset, shift = handle[2], self._min_shift
             if table[offset >> shift] != handle[4] or offset & ((1 << shift) - 1):
                 refusal = self._not_live(handle, table)
-                if retain:  # the daemon may know more (whose, which pid): its word wins
-                    self._request(Op.RETAIN, [list(handle)])
+                if retain:  # the daemon may remember more (whose, which pid)
+                    try:
+                        self._request(Op.RETAIN, [list(handle)])
+                    except StaleHandle as error:
+                        if error.details.get("reason"):
+                            raise
+                        raise refusal from None
                     self._request(Op.RELEASE, [list(handle)])  # it took it: the table rules
                 raise refusal
         if retain:
