@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 
 import shmarena
@@ -324,7 +325,6 @@ def test_a_reader_chunk_and_a_client_ndarray_slice_pin_their_blocks(
 def test_loaded_views_outlive_a_free_by_the_producer_in_the_same_process(
     client: shmarena.Client,
 ) -> None:
-    np = pytest.importorskip("numpy")
     used = settled(client)["used_bytes"]
     produced = client.ndarray(64 * KIB, "uint8")
     produced[:] = 7
