@@ -401,6 +401,41 @@ OPS = st.lists(
 )
 
 
+class Producer:
+    """The producer of the interleavings below: it allocates (cached and daemon
+    sizes, blocks of its own and of owner "o"), frees, recycles and syncs, and
+    knows every handle it published and which of them are dead."""
+
+    SIZES = (4 * KiB, 64 * KiB, 2 * MiB)  # cached, cached, daemon
+
+    def __init__(self, client: shmarena.Client) -> None:
+        self.client = client
+        self.owner = client.owner("o")
+        self.live: list[tuple[shmarena.Buffer, bool]] = []  # (buffer, in owner "o")
+        self.published: list[tuple[Handle, bytes]] = []
+        self.dead: set[Handle] = set()
+
+    def step(self, op: tuple) -> None:
+        """Apply `op` (an item of OPS; "attach" is the consumer's)."""
+        if op[0] == "alloc" and len(self.live) < 16:
+            buf = (self.owner if op[2] else self.client).alloc(self.SIZES[op[1]])
+            stamp = os.urandom(8)
+            buf.view[:8] = stamp
+            self.published.append((buf.handle, stamp))
+            self.live.append((buf, op[2]))
+        elif op[0] == "free" and self.live:
+            buf, _ = self.live.pop(op[1] % len(self.live))
+            self.dead.add(buf.handle)
+            buf.free()
+        elif op[0] == "recycle":
+            self.dead.update(b.handle for b, in_owner in self.live if in_owner)
+            self.live = [(b, in_owner) for b, in_owner in self.live if not in_owner]
+            self.client.recycle("o")
+            self.owner = self.client.owner("o")
+        elif op[0] == "sync":
+            self.client.sync()
+
+
 @settings(
     max_examples=100,
     deadline=None,
@@ -413,37 +448,17 @@ def test_attach_accepts_exactly_the_live_handles(daemon: Daemon, ops: list[tuple
     ever published succeeds exactly while that block is live, and then shows
     the producer's bytes."""
     producer, consumer = daemon.client(), daemon.client()
-    sizes = [4 * KiB, 64 * KiB, 2 * MiB]  # cached, cached, daemon
-    owner = producer.owner("o")
-    live: list[tuple[shmarena.Buffer, bool]] = []  # (buffer, in owner "o")
-    published: list[tuple[Handle, bytes]] = []
-    dead: set[Handle] = set()
+    made = Producer(producer)
     try:
         for op in ops:
-            if op[0] == "alloc" and len(live) < 16:
-                buf = (owner if op[2] else producer).alloc(sizes[op[1]])
-                stamp = len(published).to_bytes(8, "little")
-                buf.view[:8] = stamp
-                published.append((buf.handle, stamp))
-                live.append((buf, op[2]))
-            elif op[0] == "free" and live:
-                buf, _ = live.pop(op[1] % len(live))
-                dead.add(buf.handle)
-                buf.free()
-            elif op[0] == "recycle":
-                dead.update(b.handle for b, in_owner in live if in_owner)
-                live = [(b, in_owner) for b, in_owner in live if not in_owner]
-                producer.recycle("o")
-                owner = producer.owner("o")
-            elif op[0] == "attach" and published:
-                handle, stamp = published[op[1] % len(published)]
-                if handle in dead:
+            made.step(op)
+            if op[0] == "attach" and made.published:
+                handle, stamp = made.published[op[1] % len(made.published)]
+                if handle in made.dead:
                     with pytest.raises(StaleHandle):
                         consumer.attach(handle)
                 else:
                     assert bytes(consumer.attach(handle).view[:8]) == stamp
-            elif op[0] == "sync":
-                producer.sync()
         assert producer.check() == []
     finally:
         daemon.clients.remove(producer)
@@ -484,38 +499,18 @@ def test_attach_in_another_process_accepts_exactly_the_live_handles(daemon: Daem
     @given(ops=OPS)
     def run(ops: list[tuple]) -> None:
         producer = shmarena.connect(daemon.name, runtime_dir=daemon.run_dir)
-        sizes = [4 * KiB, 64 * KiB, 2 * MiB]
-        owner = producer.owner("o")
-        live: list[tuple[shmarena.Buffer, bool]] = []
-        published: list[tuple[Handle, bytes]] = []
-        dead: set[Handle] = set()
+        made = Producer(producer)
         try:
             for op in ops:
-                if op[0] == "alloc" and len(live) < 16:
-                    buf = (owner if op[2] else producer).alloc(sizes[op[1]])
-                    stamp = os.urandom(8)
-                    buf.view[:8] = stamp
-                    published.append((buf.handle, stamp))
-                    live.append((buf, op[2]))
-                elif op[0] == "free" and live:
-                    buf, _ = live.pop(op[1] % len(live))
-                    dead.add(buf.handle)
-                    buf.free()
-                elif op[0] == "recycle":
-                    dead.update(b.handle for b, in_owner in live if in_owner)
-                    live = [(b, in_owner) for b, in_owner in live if not in_owner]
-                    producer.recycle("o")
-                    owner = producer.owner("o")
-                elif op[0] == "sync":
-                    producer.sync()
-                if not published:
+                made.step(op)
+                if not made.published:
                     continue
                 # After each step: the handle it names (attach) or the newest one.
                 pick = op[1] if op[0] == "attach" else -1
-                handle, stamp = published[pick % len(published)]
+                handle, stamp = made.published[pick % len(made.published)]
                 answer = attach(handle)
                 attaches[0] += 1
-                if handle in dead:
+                if handle in made.dead:
                     assert answer[0] == "stale", (handle, answer)
                     assert answer[1] in ("freed", "recycled", "handed_out_again"), answer
                 else:
