@@ -146,7 +146,7 @@ EVENTS, the body of POST, one flat list of integers, applied in order:
                                                    the block: keep it out of reuse
     UNPIN     address, generation                  ... its last view is gone
 
-PIN and UNPIN (daemons that say "pins": true in their hello reply) make a
+PIN and UNPIN (protocol 7 on) make a
 *pinned* block: one that stays out of the arena and out of every cache after
 its owner freed or recycled it, until the pinning session sends UNPIN or ends.
 A PIN of a cached block of the session's own cache takes it out of the cache

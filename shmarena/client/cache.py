@@ -186,8 +186,7 @@ class Cache:
                 view.release()
                 pin.release()  # type: ignore[union-attr]
             except BufferError:  # views made from it live on: keep the block
-                if self.client._can_pin:
-                    return self.free_pinned(buf, pin)  # type: ignore[arg-type]
+                return self.free_pinned(buf, pin)  # type: ignore[arg-type]
         if buf._handle is not None:  # its handle may be elsewhere
             cls = self.free_through_daemon(offset, buf._gen, buf._size, freed=buf._state != "owned")
             buf._done()
@@ -385,7 +384,7 @@ class Cache:
                         del viewed[offset]
                         pin = buf._release_views()
                         buf._done("recycled")
-                        if pin is not None and self.client._can_pin:
+                        if pin is not None:
                             # Views of it live here: aside (in `out`) until they are gone.
                             self.pending += (PIN, offset, gen)
                             if not self.dirty:

@@ -268,7 +268,6 @@ class Client:
         # weak references that unpin a pinned block when its pin dies.
         self._viewed: dict[int, Buffer] = {}
         self._pins: dict[int, weakref.ref[memoryview]] = {}  # id(ref) -> ref
-        self._can_pin = False  # the daemon understands PIN / UNPIN
         self._prune_at = 1024  # table size at which dropped, unviewed Buffers are let go
         self._alive_at = 0.0  # monotonic time of the last reply (lease mode only)
         self._connect()
@@ -310,7 +309,6 @@ class Client:
         self._tables = {**kept, 0: table} if table is not None else {}
         self._min_shift = int(info["min_block_bytes"]).bit_length() - 1
         self._token = int(info.get("token", 0))
-        self._can_pin = bool(info.get("pins"))
         cache = self._cache
         if not info.get("resumed"):
             transport.next_id, transport.unconfirmed = 1, []  # a new session counts anew
@@ -587,7 +585,7 @@ class Client:
             if self._viewed.get(address) is buf:
                 del self._viewed[address]
             pin = buf._release_views()
-            if pin is None or not self._can_pin or cache is None:
+            if pin is None or cache is None:
                 continue
             if buf._cache is cache:
                 cache.pin_out(address, buf._gen)
@@ -935,7 +933,7 @@ class Client:
         if buf._state == "owned":  # attach refuses it from now on, not once the daemon heard
             self._mark(address, buf._gen, gens.FREED)
         pin = buf._release_views()
-        if pin is not None and self._can_pin and self._cache is not None:
+        if pin is not None and self._cache is not None:
             # Views of it outlive the Buffer: pinned, freed, unpinned when they go.
             self._cache.post(PIN, address, buf._gen)
             self._watch(pin, address, buf._gen)
@@ -1071,7 +1069,7 @@ class Client:
             handle = _as_handle(target)
         pin = target._release_views() if isinstance(target, Buffer) else None
         cache = self._cache
-        if pin is not None and self._can_pin and cache is not None:
+        if pin is not None and cache is not None:
             # Views of it outlive this reference: keep the block out of reuse.
             cache.post(PIN, target._offset, handle.generation)  # type: ignore[union-attr]
             self._watch(pin, target._offset, handle.generation)  # type: ignore[union-attr]

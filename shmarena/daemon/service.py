@@ -1034,7 +1034,6 @@ class Service:
                 "version": info.version,
                 "token": self.tokens[session_id],
                 "resumed": resumed,
-                "pins": True,  # PIN / UNPIN events are understood (protocol.py, EVENTS)
                 "numa": {
                     "policy": info.numa_policy,
                     "nodes": list(info.numa_nodes),
