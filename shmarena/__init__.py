@@ -7,10 +7,9 @@
 This module is the public API, re-exported; nothing else lives here.
 """
 
-__version__ = "0.9.0"
-
 from typing import Any
 
+from shmarena._version import __version__
 from shmarena.client.arrays import attach_array, share
 from shmarena.client.buffer import Buffer, Handle
 from shmarena.client.client import Client, Owner, Recycled, connect

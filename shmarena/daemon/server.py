@@ -33,7 +33,7 @@ from typing import Any
 
 import zmq
 
-from shmarena import __version__
+from shmarena._version import __version__
 from shmarena.config import (
     DEFAULT_LEASE_S,
     DEFAULT_MIN_BLOCK_BYTES,
