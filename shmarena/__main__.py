@@ -1,5 +1,7 @@
 """python -m shmarena: the same as the `shmarena` command."""
 
+from __future__ import annotations
+
 import sys
 
 from shmarena.cli import main

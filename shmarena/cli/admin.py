@@ -1,0 +1,236 @@
+"""The admin commands: ask the running daemon through the client library
+(one way to do a thing), then print what it answered (`shmarena.cli.render`).
+
+Each `cmd_*` takes the parsed arguments and returns the exit code; the
+daemon's refusals (ShmArenaError) and its absence (DaemonUnavailable) are
+turned into exit codes by `shmarena.cli.main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from shmarena.cli.parser import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, quota_arg
+from shmarena.cli.render import (
+    print_inspect,
+    print_json,
+    print_stats,
+    print_status,
+    print_table,
+    since,
+)
+from shmarena.client.client import Client
+from shmarena.config import format_age, format_size
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.name, runtime_dir=args.run_dir, timeout_s=args.timeout, label="cli")
+
+
+def _query(args: argparse.Namespace, ask: Callable[[Client], Any]) -> Any:
+    """Ask the daemon through the client library; with --json print the
+    answer and return None, else return it for a table."""
+    with _client(args) as client:
+        data = ask(client)
+    if args.json:
+        print_json(data)
+        return None
+    return data
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """`shmarena status`: one screen."""
+    stats = _query(args, Client.stats)
+    if stats is not None:
+        print_status(stats)
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """`shmarena stats`: everything."""
+    stats = _query(args, Client.stats)
+    if stats is not None:
+        print_stats(stats)
+    return EXIT_OK
+
+
+def _owner_rows(client: Client, older_than: float | None, sort: str | None) -> list[Any]:
+    rows = client.list_owners()
+    if older_than is not None:
+        rows = [r for r in rows if r["age_s"] >= older_than]
+    if sort == "bytes":
+        rows.sort(key=lambda r: (-r["bytes"], r["name"]))
+    elif sort == "age":
+        rows.sort(key=lambda r: (-r["age_s"], r["name"]))
+    elif sort == "name":
+        rows.sort(key=lambda r: r["name"])
+    return rows
+
+
+def _sites_cell(row: dict[str, Any]) -> str:
+    sites = row.get("sites") or []
+    return "; ".join(f"{s['site']} ({format_size(s['bytes'])})" for s in sites[:2]) or "-"
+
+
+def cmd_owners(args: argparse.Namespace) -> int:
+    """`shmarena owners`: per owner, what it holds and where it was allocated."""
+    rows = _query(args, lambda client: _owner_rows(client, args.older_than, args.sort))
+    if rows is None:
+        return EXIT_OK
+    columns = [("name", "left"), ("scope", "left")] + [
+        (name, "right") for name in ("session", "pid", "blocks", "bytes", "quota", "age")
+    ]
+    columns.append(("sites", "left"))
+    cells = (
+        (
+            row["name"],
+            row["scope"],
+            str(row["session"]),
+            str(row["pid"]) + ("" if row.get("alive", True) else " (gone)"),
+            str(row["blocks"]),
+            format_size(row["bytes"]),
+            format_size(row["quota"]) if row.get("quota") else "-",
+            format_age(row["age_s"]),
+            _sites_cell(row),
+        )
+        for row in rows
+    )
+    print_table(f"owners of {args.name!r}", columns, cells)
+    return EXIT_OK
+
+
+def cmd_clients(args: argparse.Namespace) -> int:
+    """`shmarena clients`: the connected sessions, this command not counted."""
+    rows = _query(
+        args, lambda client: [r for r in client.list_clients() if r["session"] != client.session]
+    )
+    if rows is None:
+        return EXIT_OK
+    names = ("session", "pid", "label", "since", "watch", "owners", "blocks", "bytes", "cached")
+    cells = (
+        (
+            str(row["session"]),
+            str(row["pid"]),
+            row["label"],
+            since(row["since"], row["age_s"]),
+            row["watch"],
+            str(row["owners"]),
+            str(row["blocks"]),
+            format_size(row["bytes"]),
+            format_size(row.get("cached_bytes", 0)),
+        )
+        for row in rows
+    )
+    print_table(f"clients of {args.name!r}", [(n, "left") for n in names], cells)
+    return EXIT_OK
+
+
+def cmd_names(args: argparse.Namespace) -> int:
+    """`shmarena names`: the published names."""
+    rows = _query(args, lambda client: client.names(args.prefix))
+    if rows is None:
+        return EXIT_OK
+    columns = [("name", "left"), ("owner", "left")] + [
+        (name, "right") for name in ("session", "bytes", "sealed", "age")
+    ]
+    cells = (
+        (
+            row["name"],
+            row["owner"],
+            str(row["session"]),
+            format_size(row["bytes"]),
+            "yes" if row["sealed"] else "no",
+            format_age(row["age_s"]),
+        )
+        for row in rows
+    )
+    print_table(f"names in {args.name!r}", columns, cells)
+    return EXIT_OK
+
+
+def cmd_quota(args: argparse.Namespace) -> int:
+    """`shmarena quota`: show the quotas, or set an owner's or the per-session one."""
+    try:
+        per_session = None if args.per_session is None else quota_arg(args.per_session)
+        size = None if args.size is None else quota_arg(args.size)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        print(f"shmarena quota: {exc}; give a size like 64M, or none", file=sys.stderr)
+        return EXIT_USAGE
+    with _client(args) as client:
+        if per_session is not None:
+            client.set_quota("", per_session)
+        if args.owner is not None and size is not None:
+            client.set_quota(args.owner, size)
+        stats = client.stats()
+        owners = [r for r in client.list_owners() if r.get("quota") or r["name"] == args.owner]
+    if args.owner is not None and not any(r["name"] == args.owner for r in owners):
+        print(f"shmarena quota: no owner named {args.owner!r}; see `shmarena owners`")
+        return EXIT_REFUSED
+    data = {
+        "per_session_bytes": stats["quota_per_session_bytes"],
+        "owners": [{k: r[k] for k in ("name", "scope", "bytes", "quota")} for r in owners],
+    }
+    if args.json:
+        print_json(data)
+        return EXIT_OK
+    shown = format_size(data["per_session_bytes"]) if data["per_session_bytes"] else "none"
+    print(f"per-session quota: {shown}")
+    if not data["owners"]:
+        print("no owner has a quota of its own (set one: shmarena quota OWNER SIZE)")
+        return EXIT_OK
+    cells = (
+        (
+            r["name"],
+            r["scope"],
+            format_size(r["bytes"]),
+            format_size(r["quota"]) if r["quota"] else "none",
+        )
+        for r in data["owners"]
+    )
+    columns = [("owner", "left"), ("scope", "left"), ("bytes", "right"), ("quota", "right")]
+    print_table(f"owner quotas of {args.name!r}", columns, cells)
+    return EXIT_OK
+
+
+def cmd_recycle(args: argparse.Namespace) -> int:
+    """`shmarena recycle OWNER`: free every block the owner holds."""
+    with _client(args) as client:
+        result = client.recycle(args.owner)
+    print(f"recycled {args.owner!r}: {result.blocks} blocks, {format_size(result.bytes)}")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """`shmarena check`: the daemon verifies its invariants; exit 1 if one is broken."""
+    with _client(args) as client:
+        problems = client.check()
+    if problems:
+        for problem in problems:
+            print(f"BROKEN: {problem}")
+        return EXIT_REFUSED
+    print("ok: allocator and ledger invariants hold")
+    return EXIT_OK
+
+
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    """`shmarena shutdown`: ask the daemon to stop cleanly."""
+    client = _client(args)
+    pid = client.info.get("pid")
+    client.shutdown()
+    print(f"shmarena daemon {args.name!r} (pid {pid}) is stopping")
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """`shmarena inspect PATH`: a backing file and its table, without a daemon."""
+    from shmarena.daemon.store import inspect_file  # the daemon's code, only here
+
+    report, problems = inspect_file(args.path)
+    if args.json:
+        print_json({**report, "problems": problems})
+    else:
+        print_inspect(report, problems, args.blocks)
+    return EXIT_REFUSED if problems else EXIT_OK
