@@ -18,6 +18,7 @@ from shmarena.cli.parser import (
     EXIT_REFUSED,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    add_daemon_options,
 )
 from shmarena.client.client import Client
 from shmarena.config import (
@@ -49,8 +50,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     if refused:
         print(f"shmarena daemon: {refused}", file=sys.stderr)
         return EXIT_USAGE
-    if args.detach:
-        return _detach(options)
+    if args.detach:  # the child gets the options as given and applies the same defaults
+        return _detach(args)
     return _run(options)
 
 
@@ -172,53 +173,31 @@ def _metrics_refusal(args: argparse.Namespace) -> str:
     return missing_package()
 
 
+def daemon_argv(args: argparse.Namespace) -> list[str]:
+    """`daemon` and the options it was given, as the detached child's command
+    line. The options are read off the parser itself, so one added there is
+    never left behind here; one left at its default is left out."""
+    argv = ["daemon", "--name", args.name, "--runtime-dir", args.run_dir]
+    parser = argparse.ArgumentParser(add_help=False)
+    add_daemon_options(parser)
+    for action in parser._actions:
+        value = getattr(args, action.dest)
+        if action.dest == "detach" or value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # a switch
+            argv.append(flag)
+        elif isinstance(value, list):  # repeatable
+            for item in value:
+                argv += [flag, str(item)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
 def _detach(args: argparse.Namespace) -> int:
     """Start the daemon as a new session leader and wait until it answers."""
-    command = shmarena_command(
-        "daemon",
-        "--name",
-        args.name,
-        "--runtime-dir",
-        args.run_dir,
-        "--lease",
-        str(args.lease),
-        "--log-format",
-        args.log_format,
-    )
-    if args.quota_per_session:
-        command += ["--quota-per-session", str(args.quota_per_session)]
-    if args.min_block is not None:
-        command += ["--min-block", str(args.min_block)]
-    if args.allocator is not None:
-        command += ["--allocator", args.allocator]
-    if args.size is not None:
-        command += ["--size", str(args.size)]
-    if args.group is not None:
-        command += ["--group", args.group]
-    if args.numa_node is not None:
-        command += ["--numa-node", str(args.numa_node)]
-    if args.numa_interleave:
-        command += ["--numa-interleave"]
-    if args.hugepages:
-        command += ["--hugepages"]
-    if args.max_size is not None:
-        command += ["--max-size", str(args.max_size), "--shrink-after", str(args.shrink_after)]
-    if args.metrics_port is not None:
-        command += ["--metrics-port", str(args.metrics_port), "--metrics-bind", args.metrics_bind]
-    if args.backing is not None:
-        command += ["--backing", os.path.abspath(args.backing)]
-        command += ["--durability", args.durability, "--grace", str(args.grace)]
-    if args.debug_drop_replies or args.debug_delay_ms:
-        command += [
-            "--debug-drop-replies",
-            str(args.debug_drop_replies),
-            "--debug-delay-ms",
-            str(args.debug_delay_ms),
-        ]
-        if args.debug_seed is not None:
-            command += ["--debug-seed", str(args.debug_seed)]
-    for op in args.debug_fail:
-        command += ["--debug-fail", op]
+    command = shmarena_command(*daemon_argv(args))
     # The runtime dir as the daemon would make or accept it, before the log
     # is opened in it (never through a link someone left there).
     from shmarena.daemon.server import resolve_group
