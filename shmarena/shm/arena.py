@@ -27,6 +27,7 @@ from shmarena.config import format_size
 from shmarena.errors import DaemonStartError, ShmArenaError
 from shmarena.rundir import check_owner
 from shmarena.shm import gens
+from shmarena.shm.nospace import no_space_message
 
 SHM_MOUNT = "/dev/shm"
 
@@ -333,26 +334,6 @@ def _no_space_message(shm_name: str, size_bytes: int, exc: OSError, pages: Pages
         f"start the daemon with a smaller --size, free space in {mount}, "
         "or enlarge the mount (docker: --shm-size)",
     )  # fmt: skip
-
-
-def no_space_message(what: str, directory: str, size_bytes: int, exc: OSError, advice: str) -> str:
-    """Why `what` could not be given `size_bytes` in `directory`, with the free
-    space there, and what to do."""
-    try:
-        st = os.statvfs(directory)
-        available, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-        free = f"{format_size(available)} free of {format_size(total)}"
-    except OSError:
-        free = "free space unknown"
-    reason = (
-        "not enough space"
-        if exc.errno in (errno.ENOSPC, errno.ENOMEM)
-        else os.strerror(exc.errno or 0)
-    )
-    return (
-        f"cannot size {what} to {format_size(size_bytes)}: {reason} on {directory} ({free}); "
-        f"{advice}"
-    )
 
 
 def map_segment(

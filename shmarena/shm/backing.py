@@ -48,8 +48,8 @@ from dataclasses import dataclass
 from shmarena.config import DEFAULT_MIN_BLOCK_BYTES, format_size
 from shmarena.errors import DaemonStartError, ShmArenaError
 from shmarena.rundir import check_owner
-from shmarena.shm.arena import no_space_message
 from shmarena.shm.journal import fsync_dir
+from shmarena.shm.nospace import no_space_message
 
 MAGIC = b"SHMARENA"
 FORMAT = 1
