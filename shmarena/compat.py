@@ -16,6 +16,7 @@ must never touch the arena except through the client.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import operator
 import os
@@ -80,7 +81,7 @@ class SharedMemory:
         create: bool = False,
         size: int = 0,
         *,
-        track: bool = True,
+        track: bool = True,  # noqa: ARG002 - the 3.13 signature; no tracker to tell
         client: Client | None = None,
     ) -> None:
         size = _check_size(size, create)
@@ -143,10 +144,8 @@ class SharedMemory:
         # the native API): the owner we just made holds nothing; remove it.
         rows = [row for row in self._client.names(name) if row["name"] == name]
         if rows and rows[0].get("owner") != owner_name:
-            try:
+            with contextlib.suppress(UnknownOwner):
                 self._client.recycle(owner_name)
-            except UnknownOwner:
-                pass
 
     def _attach(self, name: str) -> Buffer:
         try:
@@ -182,10 +181,9 @@ class SharedMemory:
         view, self._buf = self._buf, None
         self._block = None
         if view is not None:
-            try:
+            # arrays over it still exist: the export releases once they go
+            with contextlib.suppress(BufferError):
                 view.release()
-            except BufferError:
-                pass  # arrays over it still exist: the export releases once they go
 
     def unlink(self) -> None:
         """Destroy the segment: its name goes at once, its bytes once the
@@ -222,12 +220,11 @@ def _let_go(block: Buffer, retained: bool) -> None:
     """Release and free a block this process just made (best effort: if the
     daemon is gone, so is the block)."""
     client = block._client
-    try:
+    # Any error at all: this cleanup runs on another error's way out and must not hide it.
+    with contextlib.suppress(Exception):
         if retained:
             client.release(block.handle)
         client.free(block)
-    except Exception:
-        pass
 
 
 def _rebuild(cls: type[SharedMemory], name: str, size: int, daemon: str, run_dir: str) -> Any:

@@ -36,6 +36,7 @@ Tasks make arrays in the arena with `shmarena.dask.ndarray(shape, dtype)` or
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import os
@@ -43,8 +44,9 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol.serialize import register_serialization_family
@@ -154,7 +156,8 @@ def ndarray(shape: Any, dtype: Any = "float64", order: str = "C") -> Any:
 
 def _task_site() -> str | None:
     """'dask KEY' inside a task (the block's site in `shmarena owners`)."""
-    from distributed.worker import thread_state
+    # The task's thread state (distributed.worker re-exports this same object).
+    from dask.context import thread_state
 
     key = getattr(thread_state, "key", None)
     return f"dask {key}" if key is not None else None
@@ -233,13 +236,15 @@ def _loads(header: dict[str, Any], frames: list[Any]) -> Any:
 
 
 def _release_quietly(client: Client, handle: Handle) -> None:
-    try:
+    with contextlib.suppress(ShmArenaError):  # the session or the block is gone already
         client.release(handle)
-    except ShmArenaError:
-        pass  # the session or the block is gone already
 
 
-register_serialization_family(FAMILY, _dumps, _loads)
+# `register_serialization_family` has no annotations upstream: typed here.
+_register_family = cast(
+    Callable[[str, Callable[..., Any], Callable[..., Any]], None], register_serialization_family
+)
+_register_family(FAMILY, _dumps, _loads)
 
 
 # -- the plugin ----------------------------------------------------------------
@@ -375,10 +380,8 @@ def _register(client: Client, address: str) -> Buffer:
     buf = client.alloc(len(address.encode()) or 1)
     buf.view[: len(address.encode())] = address.encode()
     name = _REGISTERED + address
-    try:
+    with contextlib.suppress(ShmArenaError):
         client.unpublish(name)  # a worker that was here before us, at this address
-    except ShmArenaError:
-        pass
     client.publish(name, buf)
     return buf
 

@@ -25,8 +25,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-import shmarena
+from shmarena.client.buffer import Buffer, Handle
+from shmarena.client.client import Owner, connect
 from shmarena.config import format_size
+from shmarena.errors import DaemonUnavailable, OutOfMemory, ShmArenaError
 from shmarena.spawn import shmarena_command
 
 START_TIMEOUT_S = 20.0
@@ -54,7 +56,7 @@ def _producer(
     done: Any,
 ) -> None:
     latencies: list[int] = []
-    with shmarena.connect(name, runtime_dir=run_dir, label=f"demo-producer-{index}") as client:
+    with connect(name, runtime_dir=run_dir, label=f"demo-producer-{index}") as client:
         for batch in range(batches):
             owner_name = f"demo-{os.getppid()}-p{index}-b{batch}"
             owner = client.owner(owner_name, detached=True)
@@ -67,14 +69,14 @@ def _producer(
     done.put(latencies)
 
 
-def _alloc_waiting(owner: shmarena.Owner, size: int, latencies: list[int]) -> shmarena.Buffer:
+def _alloc_waiting(owner: Owner, size: int, latencies: list[int]) -> Buffer:
     """Allocate; when the arena is full, wait for the consumer to recycle."""
     deadline = time.monotonic() + OOM_WAIT_S
     while True:
         t0 = time.perf_counter_ns()
         try:
             buf = owner.alloc(size)
-        except shmarena.OutOfMemory:
+        except OutOfMemory:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.005)  # backpressure: the consumer is behind
@@ -85,10 +87,10 @@ def _alloc_waiting(owner: shmarena.Owner, size: int, latencies: list[int]) -> sh
 
 def _answers(name: str, run_dir: str) -> bool:
     try:
-        with shmarena.connect(name, runtime_dir=run_dir, timeout_s=1.0) as client:
+        with connect(name, runtime_dir=run_dir, timeout_s=1.0) as client:
             client.ping()
         return True
-    except shmarena.DaemonUnavailable:
+    except DaemonUnavailable:
         return False
 
 
@@ -114,9 +116,9 @@ def _start_daemon(args: argparse.Namespace, console: Console) -> subprocess.Pope
 
 def _stop_daemon(process: subprocess.Popen[bytes], name: str, run_dir: str) -> None:
     try:
-        with shmarena.connect(name, runtime_dir=run_dir, timeout_s=2.0) as client:
+        with connect(name, runtime_dir=run_dir, timeout_s=2.0) as client:
             client.shutdown()
-    except shmarena.ShmArenaError:
+    except ShmArenaError:
         process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=10)
@@ -154,7 +156,7 @@ def _pipeline(args: argparse.Namespace, console: Console) -> int:
     # Bounded: producers wait instead of outrunning the consumer.
     work = ctx.Queue(maxsize=max(2, args.producers * 2))
     done = ctx.Queue()
-    with shmarena.connect(args.name, runtime_dir=args.run_dir, label="demo-consumer") as client:
+    with connect(args.name, runtime_dir=args.run_dir, label="demo-consumer") as client:
         used_before = client.stats()["used_bytes"]
         producers = [
             ctx.Process(
@@ -198,7 +200,7 @@ def _pipeline(args: argparse.Namespace, console: Console) -> int:
                             return 1
                         continue
                     for wire, crc in frames:
-                        buf = client.attach(shmarena.Handle(*wire))
+                        buf = client.attach(Handle(*wire))
                         if zlib.crc32(buf.view) == crc:
                             verified += 1
                         else:

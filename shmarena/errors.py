@@ -9,12 +9,12 @@ is never raised itself.
 The daemon turns an exception into an error reply in exactly one place
 (`daemon/service.py`), the client turns an error reply back into an exception
 in exactly one place (`client/transport.py`); both go through `to_wire` and
-`from_wire` below. This module is pure: no I/O.
+`from_wire` below. This module is pure: no I/O, and it imports nothing that
+loads threads (not even `queue`: see `QueueError`).
 """
 
 from __future__ import annotations
 
-import queue
 from typing import Any
 
 
@@ -167,18 +167,40 @@ class InternalError(ShmArenaError):
     code = "internal_error"
 
 
-class QueueEmpty(ShmArenaError, queue.Empty):
-    """`Queue.get` found no message (within its timeout). Also a `queue.Empty`,
-    so code written for `multiprocessing.Queue` catches it unchanged."""
+class QueueError(ShmArenaError):
+    """Base of QueueEmpty and QueueFull; never raised itself.
+
+    A client raises them as `queue.Empty` and `queue.Full` too, so code written
+    for `multiprocessing.Queue` catches them unchanged. Those two stdlib classes
+    live in `queue`, which imports threading, and the daemon's pure core imports
+    this module; so the classes here are the daemon's, and `from_wire` gives a
+    client their subclasses that also derive from the stdlib class, built on
+    first use (`client_class`). `except shmarena.QueueFull` catches both.
+    """
+
+    #: the class of `queue` a client's instance also derives from
+    stdlib_base = ""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Unpickling happens in a client: it gets the class from_wire gives,
+        # the stdlib-compatible one (pickle could not find that one by name).
+        return from_wire, (self.code, self.message, self.details)
+
+
+class QueueEmpty(QueueError):
+    """`Queue.get` found no message (within its timeout). In a client also a
+    `queue.Empty`, so code written for `multiprocessing.Queue` catches it unchanged."""
 
     code = "queue_empty"
+    stdlib_base = "Empty"
 
 
-class QueueFull(ShmArenaError, queue.Full):
-    """`Queue.put` found the queue at its `maxsize` (within its timeout). Also
-    a `queue.Full`, as `multiprocessing.Queue` raises."""
+class QueueFull(QueueError):
+    """`Queue.put` found the queue at its `maxsize` (within its timeout). In a
+    client also a `queue.Full`, as `multiprocessing.Queue` raises."""
 
     code = "queue_full"
+    stdlib_base = "Full"
 
 
 class DaemonUnavailable(ShmArenaError):
@@ -321,12 +343,35 @@ def to_wire(error: ShmArenaError) -> tuple[str, str, dict[str, Any]]:
     return error.code, error.message, dict(error.details)
 
 
+_CLIENT_CLASSES: dict[type[ShmArenaError], type[ShmArenaError]] = {}
+
+
+def client_class(cls: type[ShmArenaError]) -> type[ShmArenaError]:
+    """The class a client raises for `cls`: `cls` itself, or for a QueueError its
+    subclass that is also the stdlib's `queue.Empty` / `queue.Full`."""
+    if not issubclass(cls, QueueError):
+        return cls
+    if cls not in _CLIENT_CLASSES:
+        # Imported here, not at the top: `queue` loads threading, and only a
+        # client (never the daemon) turns a wire error into an exception.
+        import queue
+
+        namespace = {
+            "__module__": __name__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+        }
+        base = getattr(queue, cls.stdlib_base)
+        _CLIENT_CLASSES[cls] = type(cls.__name__, (cls, base), namespace)
+    return _CLIENT_CLASSES[cls]
+
+
 def from_wire(code: object, message: object, details: object) -> ShmArenaError:
     """The exception for an error reply; unknown codes become the base class
     so an older client still gets the daemon's message."""
     cls = _BY_CODE.get(code, ShmArenaError) if isinstance(code, str) else ShmArenaError
     text = message if isinstance(message, str) else repr(message)
     extra = details if isinstance(details, dict) else {}
-    error = cls(text)
+    error = client_class(cls)(text)
     error.details = {str(k): v for k, v in extra.items()}
     return error

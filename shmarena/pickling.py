@@ -31,6 +31,7 @@ Who frees what (the lifetime rule):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -224,7 +225,7 @@ def _unpacked(data: bytes | bytearray | memoryview, valid: Callable[[Any], bool]
     try:
         value = msgpack.unpackb(data, raw=False)
         return value if valid(value) else None
-    except Exception:
+    except Exception:  # noqa: BLE001 - msgpack raises many kinds; all mean "not ours"
         return None
 
 
@@ -257,10 +258,8 @@ def free_all(bufs: list[Buffer]) -> None:
     or a session the daemon reclaimed already, has nothing to give back."""
     for buf in bufs:
         if buf._state != "done":
-            try:
+            with contextlib.suppress(ShmArenaError):
                 buf.free()
-            except ShmArenaError:
-                pass
 
 
 def retain_all(
@@ -320,10 +319,8 @@ def release_all(bufs: list[Buffer]) -> None:
     """Release the retained ones among `bufs` (as free_all, quietly)."""
     for buf in bufs:
         if buf._state == "retained":
-            try:
+            with contextlib.suppress(ShmArenaError):
                 buf.release()
-            except ShmArenaError:
-                pass
 
 
 # -- dumps / loads -----------------------------------------------------------
@@ -400,10 +397,9 @@ def loads(
         release_all(buffers)
         raise
     if envelope["owner"] is not None and not keep:
-        try:
+        # loaded before, or discarded: our retains keep the blocks
+        with contextlib.suppress(UnknownOwner):
             client.recycle(envelope["owner"])
-        except UnknownOwner:
-            pass  # loaded before, or discarded: our retains keep the blocks
     return obj
 
 
@@ -412,7 +408,5 @@ def discard(data: bytes | bytearray | memoryview, *, client: Client | None = Non
     its owner). Loads that already happened keep their objects."""
     envelope = _envelope(data)
     if envelope["owner"] is not None:
-        try:
+        with contextlib.suppress(UnknownOwner):  # loaded (without keep) or discarded already
             _client(client).recycle(envelope["owner"])
-        except UnknownOwner:
-            pass  # loaded (without keep) or discarded already

@@ -178,6 +178,7 @@ else (a changed meaning, a removed argument) bumps ``PROTOCOL_VERSION``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Any, NamedTuple
 
@@ -192,7 +193,6 @@ PROTOCOL_VERSION = 7  # 7: clients keep the generation table (see above)
 MAX_FRAME_BYTES = 1 << 20
 MAX_BATCH = 4096
 MAX_OWNER_NAME = 200
-MAX_LABEL = 200
 MAX_SIZE_BYTES = 1 << 62
 REPLY_CACHE_ENTRIES = 256
 MAX_PID = 1 << 22  # Linux's PID_MAX_LIMIT
@@ -268,6 +268,9 @@ EVENT_LENGTH = {ASSIGN: 5, UNASSIGN: 3, FREE_EVENT: 6, DRAIN: 2, PIN: 3, UNPIN: 
 
 
 class Op(IntEnum):
+    """What a request asks for: the first item of every request frame. Numbers
+    are part of the protocol: a new op takes a new number, none is ever reused."""
+
     HELLO = 1
     BYE = 2
     PING = 3
@@ -428,6 +431,9 @@ FREE_ID_BIT = 1 << 62
 
 
 class Request(NamedTuple):
+    """A request frame as `parse_request` checked it: its op, its id, and its
+    arguments converted to what the schema says (handles as Handle, ...)."""
+
     op: Op
     request_id: int
     args: tuple[Any, ...]
@@ -437,56 +443,56 @@ def _is_int(value: object) -> bool:
     return type(value) is int
 
 
+# Whether a value is of a kind; the kinds whose value is converted as well are
+# finished in `_check_arg`.
+_ACCEPTS: dict[str, Callable[[Any], bool]] = {
+    INT: _is_int,
+    STR: lambda value: isinstance(value, str),
+    OPT_STR: lambda value: value is None or isinstance(value, str),
+    BOOL: lambda value: isinstance(value, bool),
+    INTS: lambda value: (
+        isinstance(value, list) and len(value) <= MAX_BATCH and all(map(_is_int, value))
+    ),
+    HANDLES: lambda value: isinstance(value, list) and len(value) <= MAX_BATCH,
+    BIN: lambda value: isinstance(value, bytes) and len(value) <= MAX_PAYLOAD_BYTES,
+    NUM: lambda value: type(value) in (int, float) and 0 <= value <= MAX_WAIT_S,
+    EVENTS: lambda value: (
+        isinstance(value, list) and len(value) <= MAX_EVENTS and all(map(_is_int, value))
+    ),
+}
+
+
 def _check_arg(op: Op, name: str, kind: str, value: Any) -> Any:
-    ok: bool
-    if kind == INT:
-        ok = _is_int(value)
-    elif kind == STR:
-        ok = isinstance(value, str)
-    elif kind == OPT_STR:
-        ok = value is None or isinstance(value, str)
-    elif kind == BOOL:
-        ok = isinstance(value, bool)
-    elif kind == INTS:
-        ok = isinstance(value, list) and len(value) <= MAX_BATCH and all(map(_is_int, value))
-        if ok:
-            return value
-    elif kind == HANDLES:
-        ok = isinstance(value, list) and len(value) <= MAX_BATCH
-        if ok:
-            return [parse_handle(op, item) for item in value]
-    elif kind == BIN:
-        ok = isinstance(value, bytes) and len(value) <= MAX_PAYLOAD_BYTES
-        if isinstance(value, bytes) and not ok:
-            raise InvalidRequest(
-                f"{op.name.lower()}: argument {name!r} has {len(value)} bytes, at most "
-                f"{MAX_PAYLOAD_BYTES} are carried in a request; put larger data in a block",
-                op=op.name.lower(),
-                argument=name,
-            )
-    elif kind == NUM:
-        ok = type(value) in (int, float) and 0 <= value <= MAX_WAIT_S
-        if ok:
-            return float(value)
-    elif kind == HANDLE:
+    if kind == HANDLE:
         return parse_handle(op, value)
-    elif kind == EVENTS:
-        if isinstance(value, list) and len(value) <= MAX_EVENTS and all(map(_is_int, value)):
-            return parse_events(value)
-        ok = False
-    else:  # pragma: no cover - a schema typo
-        raise AssertionError(kind)
-    if not ok:
-        shown = type(value).__name__
-        limit = MAX_EVENTS if kind == EVENTS else MAX_BATCH
-        if kind in (INTS, HANDLES, EVENTS) and isinstance(value, list) and len(value) > limit:
-            shown = f"a list of {len(value)} items (at most {limit} per request)"
+    if kind == BIN and isinstance(value, bytes) and len(value) > MAX_PAYLOAD_BYTES:
         raise InvalidRequest(
-            f"{op.name.lower()}: argument {name!r} must be {kind}, got {shown}",
+            f"{op.name.lower()}: argument {name!r} has {len(value)} bytes, at most "
+            f"{MAX_PAYLOAD_BYTES} are carried in a request; put larger data in a block",
             op=op.name.lower(),
             argument=name,
         )
+    if not _ACCEPTS[kind](value):
+        raise _wrong_kind(op, name, kind, value)
+    if kind == HANDLES:
+        return [parse_handle(op, item) for item in value]
+    if kind == NUM:
+        return float(value)
+    if kind == EVENTS:
+        return parse_events(value)
     return value
+
+
+def _wrong_kind(op: Op, name: str, kind: str, value: Any) -> InvalidRequest:
+    shown = type(value).__name__
+    limit = MAX_EVENTS if kind == EVENTS else MAX_BATCH
+    if kind in (INTS, HANDLES, EVENTS) and isinstance(value, list) and len(value) > limit:
+        shown = f"a list of {len(value)} items (at most {limit} per request)"
+    return InvalidRequest(
+        f"{op.name.lower()}: argument {name!r} must be {kind}, got {shown}",
+        op=op.name.lower(),
+        argument=name,
+    )
 
 
 def parse_handle(op: Op, value: Any) -> Handle:
@@ -588,16 +594,17 @@ def decode(payload: bytes) -> Any:
         )
     except ProtocolError:
         raise
-    except Exception as exc:  # msgpack raises many kinds; all mean "not a message"
+    except Exception as exc:  # noqa: BLE001 - msgpack raises many kinds; all mean "not a message"
         raise ProtocolError(f"undecodable frame ({type(exc).__name__}: {exc})"[:200]) from None
 
 
-def _refuse_ext(code: int, data: bytes) -> Any:
+def _refuse_ext(code: int, _data: bytes) -> Any:
     raise ProtocolError(f"msgpack extension type {code} is not part of the protocol")
 
 
 def encode(message: Any) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
+    packed: bytes = msgpack.packb(message, use_bin_type=True)
+    return packed
 
 
 def encoder() -> Any:
@@ -613,7 +620,3 @@ def ok_reply(request_id: int, *result: Any) -> list[Any]:
 def error_reply(request_id: int, error: ShmArenaError) -> list[Any]:
     code, message, details = to_wire(error)
     return [ERR, request_id, code, message, details]
-
-
-def handle_to_wire(handle: Handle) -> list[int]:
-    return list(handle)

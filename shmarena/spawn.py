@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 import sys
 
-import shmarena
-
 # argv: -c PACKAGE_ROOT ARGS...; the root replaces sys.path[0] before any import.
 _BOOT = (
     "import sys; sys.path[0] = sys.argv.pop(1); sys.argv[0] = 'shmarena'; "
@@ -26,7 +24,8 @@ _BOOT = (
 
 def package_root() -> str:
     """The directory that holds the shmarena package this process runs."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(shmarena.__file__)))
+    # this file is PACKAGE_ROOT/shmarena/spawn.py
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def shmarena_command(*args: str) -> list[str]:

@@ -9,6 +9,7 @@ counted, and a note says how many once there is room again.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -52,10 +53,8 @@ class QueuedWriter:
             line = self._queue.get()
             if line is None:
                 return
-            try:
+            with contextlib.suppress(OSError, ValueError):  # stderr closed: nothing left to tell
                 self.sink(line)
-            except (OSError, ValueError):  # stderr closed: nothing left to tell
-                pass
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Write what is queued (waiting at most `timeout_s` for a slow
@@ -63,11 +62,9 @@ class QueuedWriter:
         if not self._thread.is_alive():
             return
         if self.dropped:
-            try:
+            with contextlib.suppress(queue.Full):
                 self._queue.put(self.note(self.dropped), timeout=timeout_s)
                 self.dropped = 0
-            except queue.Full:
-                pass
         try:
             self._queue.put(None, timeout=timeout_s)
         except queue.Full:

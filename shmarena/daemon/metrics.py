@@ -22,6 +22,7 @@ imported only when the endpoint starts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -30,7 +31,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import Any, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from shmarena.errors import DaemonStartError
@@ -189,11 +190,9 @@ class Exporter:
     def answer(self, stats: Callable[[], dict[str, Any]]) -> None:
         """Called by the loop when `fd` is readable: publish a snapshot taken
         now for every scrape that asked so far."""
-        try:
+        with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_r, 512):
                 pass
-        except BlockingIOError:
-            pass
         with self._cond:
             asked = self._asked
         if asked == self._done:
@@ -212,10 +211,9 @@ class Exporter:
         with self._cond:
             self._asked += 1
             mine = self._asked
-            try:
+            # the pipe is full of wake-ups: the loop is coming anyway
+            with contextlib.suppress(BlockingIOError):
                 os.write(self._wake_w, b"m")
-            except BlockingIOError:
-                pass  # the pipe is full of wake-ups: the loop is coming anyway
             got = self._cond.wait_for(
                 lambda: self._done >= mine or self._closing, timeout=SNAPSHOT_TIMEOUT_S
             )
@@ -264,11 +262,9 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
             if not full:
                 self._open[request] = time.monotonic()
         if full:
-            try:
+            with contextlib.suppress(OSError):
                 request.setblocking(False)
                 request.send(OVER_CAP_REPLY)
-            except OSError:
-                pass
             self.shutdown_request(request)
             return
         try:
@@ -293,10 +289,8 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
         with self._open_lock:
             overdue = [c for c, t in self._open.items() if now - t > METRICS_CONNECTION_MAX_S]
         for connection in overdue:
-            try:
+            with contextlib.suppress(OSError):  # closed already
                 connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # closed already
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if isinstance(sys.exc_info()[1], OSError):
@@ -422,7 +416,8 @@ def families(
         "Time the daemon's loop spent on a request (not the time a kept request waited)",
         labels=["op"],
     )
-    labels = [floatToGoString(b) for b in bounds] + ["+Inf"]
+    go_float = cast(Callable[[float], str], floatToGoString)  # untyped upstream
+    labels = [go_float(b) for b in bounds] + ["+Inf"]
     for op, (cumulative, total_s) in sorted(latency.items()):
         duration.add_metric([op], list(zip(labels, cumulative, strict=True)), sum_value=total_s)
     yield duration

@@ -69,6 +69,10 @@ class Recovered:
 
 
 class Store:
+    """The on-disk table of one file-backed arena: recovers it at start, commits
+    the ledger's changes as journal frames, compacts the journal into a
+    snapshot, and writes the final snapshot at a clean stop."""
+
     def __init__(
         self,
         backing: Backing,

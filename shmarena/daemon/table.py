@@ -39,6 +39,9 @@ SNAP, DELTA, OPEN = "snap", "delta", "open"
 
 @dataclass
 class Link:
+    """What the service keeps per session besides the ledger (see above): saved
+    with the session so that a restarted daemon can resume it."""
+
     token: int = 0
     peer: bytes = b""
     seen: int = 0
@@ -161,6 +164,10 @@ class State:
             return
         else:
             raise ValueError(f"unknown table record kind {kind!r}")
+        self._fold_images(record)
+
+    def _fold_images(self, record: dict[str, Any]) -> None:
+        """The images of a snapshot or delta: a one-item image is a removal."""
         self.generation = int(record["gen"])
         self.next_session = int(record["next"])
         for image in record["b"]:
@@ -202,6 +209,15 @@ def build(state: State, name: str, space: Space, now: float) -> tuple[Ledger, di
     space.restore((image[0], image[2]) for image in state.blocks.values())
     ledger.generation = state.generation
     ledger._next_session = state.next_session
+    links = _build_sessions(state, ledger, now)
+    _build_owners(state, ledger)
+    for image in state.blocks.values():
+        _build_block(image, ledger)
+    ledger.take_changes()
+    return ledger, links
+
+
+def _build_sessions(state: State, ledger: Ledger, now: float) -> dict[int, Link]:
     links: dict[int, Link] = {}
     for image in state.sessions.values():
         # Table format 1 had no kept requests: 11 items.
@@ -221,6 +237,10 @@ def build(state: State, name: str, space: Space, now: float) -> tuple[Ledger, di
         links[sid] = Link(
             token, bytes(peer), seen, (reply[0], bytes(reply[1])) if reply else None, kept
         )
+    return links
+
+
+def _build_owners(state: State, ledger: Ledger) -> None:
     for image in state.owners.values():
         oname, scope, sid, pid, created = image[:5]
         uid = image[5] if len(image) > 5 else -1
@@ -236,36 +256,36 @@ def build(state: State, name: str, space: Space, now: float) -> tuple[Ledger, di
             elif owner_id:  # went with its owner in a change the table did not keep
                 del session.owner_ids[owner_id]
         session.owner_id_of = {n: i for i, n in session.owner_ids.items()}
-    for image in state.blocks.values():
-        offset, size, carved, gen, oname, flat, cache_session, cached = image[:8]
-        retainers = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None
-        block = Block(offset, size, carved, gen, oname, retainers, cache_session, bool(cached))
-        pins = image[8] if len(image) > 8 else None
-        if pins:
-            block.pins = dict(zip(pins[::2], pins[1::2], strict=True))
-            for sid in block.pins:
-                if sid in ledger.sessions:
-                    ledger.sessions[sid].pinned.add(offset)
-        ledger.blocks[offset] = block
-        if oname is not None:
-            owner = ledger.owners.get(oname)
-            if owner is None:
-                raise ValueError(f"block {offset:#x} names owner {oname!r}, which is not there")
-            owner.blocks[offset] = block
-            owner.bytes += carved
-            ledger.owned_bytes += carved
-            ledger.requested_bytes += size
-        for sid in retainers or ():
+
+
+def _build_block(image: list[Any], ledger: Ledger) -> None:
+    offset, size, carved, gen, oname, flat, cache_session, cached = image[:8]
+    retainers = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None
+    block = Block(offset, size, carved, gen, oname, retainers, cache_session, bool(cached))
+    pins = image[8] if len(image) > 8 else None
+    if pins:
+        block.pins = dict(zip(pins[::2], pins[1::2], strict=True))
+        for sid in block.pins:
             if sid in ledger.sessions:
-                ledger.sessions[sid].retained.add(offset)
-        if cached:
-            holder = ledger.sessions.get(cache_session)
-            if holder is None:
-                raise ValueError(f"cached block {offset:#x} belongs to no session")
-            holder.cached.add(offset)
-            holder.cached_bytes += carved
-    ledger.take_changes()
-    return ledger, links
+                ledger.sessions[sid].pinned.add(offset)
+    ledger.blocks[offset] = block
+    if oname is not None:
+        owner = ledger.owners.get(oname)
+        if owner is None:
+            raise ValueError(f"block {offset:#x} names owner {oname!r}, which is not there")
+        owner.blocks[offset] = block
+        owner.bytes += carved
+        ledger.owned_bytes += carved
+        ledger.requested_bytes += size
+    for sid in retainers or ():
+        if sid in ledger.sessions:
+            ledger.sessions[sid].retained.add(offset)
+    if cached:
+        holder = ledger.sessions.get(cache_session)
+        if holder is None:
+            raise ValueError(f"cached block {offset:#x} belongs to no session")
+        holder.cached.add(offset)
+        holder.cached_bytes += carved
 
 
 def inspect(

@@ -12,6 +12,7 @@ views exist; they never unlink. Nothing here decides policy.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -27,6 +28,7 @@ from shmarena.config import format_size
 from shmarena.errors import DaemonStartError, ShmArenaError
 from shmarena.rundir import check_owner
 from shmarena.shm import gens
+from shmarena.shm.nospace import no_space_message
 
 SHM_MOUNT = "/dev/shm"
 
@@ -139,19 +141,16 @@ class Arena:
 
     def close(self, unlink: bool = True) -> None:
         """Unmap (if no view is left), release the lock and remove the segment."""
-        try:
+        # a view is still exported; the mapping goes with the process
+        with contextlib.suppress(BufferError):
             self.mapping.close()
-        except BufferError:
-            pass  # a view is still exported; the mapping goes with the process
         if unlink:
             if self.kind == "shm":
                 _unlink_quietly(self.shm_name)
             elif self.path:
                 _unlink_file(self.path)
-        try:
+        with contextlib.suppress(OSError):
             os.close(self.fd)
-        except OSError:
-            pass
 
 
 def _create_shm(shm_name: str, mode: int) -> int:
@@ -182,10 +181,8 @@ def _create_file(path: str, mode: int) -> int:
 
 
 def _unlink_file(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _bind(mapping: mmap.mmap, size_bytes: int, pages: Pages) -> dict[str, Any]:
@@ -303,10 +300,8 @@ def _remove_stale_file(path: str) -> bool:
 
 
 def _unlink_quietly(shm_name: str) -> None:
-    try:
+    with contextlib.suppress(posix_ipc.ExistentialError):
         posix_ipc.unlink_shared_memory(shm_name)
-    except posix_ipc.ExistentialError:
-        pass
 
 
 def _no_space_message(shm_name: str, size_bytes: int, exc: OSError, pages: Pages) -> str:
@@ -333,26 +328,6 @@ def _no_space_message(shm_name: str, size_bytes: int, exc: OSError, pages: Pages
         f"start the daemon with a smaller --size, free space in {mount}, "
         "or enlarge the mount (docker: --shm-size)",
     )  # fmt: skip
-
-
-def no_space_message(what: str, directory: str, size_bytes: int, exc: OSError, advice: str) -> str:
-    """Why `what` could not be given `size_bytes` in `directory`, with the free
-    space there, and what to do."""
-    try:
-        st = os.statvfs(directory)
-        available, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-        free = f"{format_size(available)} free of {format_size(total)}"
-    except OSError:
-        free = "free space unknown"
-    reason = (
-        "not enough space"
-        if exc.errno in (errno.ENOSPC, errno.ENOMEM)
-        else os.strerror(exc.errno or 0)
-    )
-    return (
-        f"cannot size {what} to {format_size(size_bytes)}: {reason} on {directory} ({free}); "
-        f"{advice}"
-    )
 
 
 def map_segment(

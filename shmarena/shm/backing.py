@@ -34,6 +34,7 @@ written to.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -48,8 +49,8 @@ from dataclasses import dataclass
 from shmarena.config import DEFAULT_MIN_BLOCK_BYTES, format_size
 from shmarena.errors import DaemonStartError, ShmArenaError
 from shmarena.rundir import check_owner
-from shmarena.shm.arena import no_space_message
 from shmarena.shm.journal import fsync_dir
+from shmarena.shm.nospace import no_space_message
 
 MAGIC = b"SHMARENA"
 FORMAT = 1
@@ -65,6 +66,9 @@ _STAMP = struct.Struct("<8sQI")  # magic, commit number, CRC-32 of the two
 
 @dataclass(frozen=True)
 class Header:
+    """The fixed header at the start of an arena file: where the data lies, how it
+    is carved, who made it and when. `pack`/`read_header` turn it to bytes and back."""
+
     data_offset: int
     data_bytes: int
     min_block_bytes: int
@@ -172,10 +176,8 @@ class Backing:
         os.pwrite(self.fd, pack_stamp(commit), STAMP_OFFSET)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             os.close(self.fd)
-        except OSError:
-            pass
 
 
 def read_header(path: str) -> Header:
@@ -330,10 +332,8 @@ def discard(backing: Backing) -> None:
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _no_space(path: str, size_bytes: int, exc: OSError) -> str:

@@ -44,6 +44,9 @@ from shmarena.shm.space import Space
 
 
 class Buddy(Space):
+    """The buddy allocator (see the theory of operation above): free blocks kept
+    as one set of block numbers per order."""
+
     def __init__(self, size_bytes: int, min_block_bytes: int = 4096) -> None:
         super().__init__(size_bytes, min_block_bytes)
         units = self.units

@@ -54,6 +54,9 @@ class Pool:
 
 @dataclass(frozen=True)
 class Survey:
+    """What the host offers in huge pages: the reserved pools by page size, the
+    hugetlbfs mounts, and the transparent huge page switches for shared memory."""
+
     pools: dict[int, Pool] = field(default_factory=dict)  # page bytes -> pool
     default_page_bytes: int = 2 << 20  # Hugepagesize in /proc/meminfo
     mounts: list[tuple[str, int]] = field(default_factory=list)  # hugetlbfs (point, page bytes)
@@ -64,6 +67,9 @@ class Survey:
 
 @dataclass(frozen=True)
 class Plan:
+    """How the arena will get huge pages: reserved ones from a hugetlbfs mount, or
+    transparent ones on /dev/shm or on a memfd."""
+
     kind: str  # "hugetlbfs", "thp-shm" or "thp-memfd"
     page_bytes: int
     directory: str = ""  # the hugetlbfs mount (kind "hugetlbfs")
@@ -202,14 +208,9 @@ def survey() -> Survey:
     entries: dict[str, dict[str, str]] = {}
     try:
         for name in os.listdir(HUGEPAGES_SYSFS):
-            files = {}
-            for key in ("nr_hugepages", "free_hugepages", "resv_hugepages"):
-                try:
-                    with open(os.path.join(HUGEPAGES_SYSFS, name, key)) as f:
-                        files[key] = f.read()
-                except OSError:
-                    pass
-            entries[name] = files
+            keys = ("nr_hugepages", "free_hugepages", "resv_hugepages")
+            read = {key: _read_or_none(os.path.join(HUGEPAGES_SYSFS, name, key)) for key in keys}
+            entries[name] = {key: text for key, text in read.items() if text is not None}
     except OSError:
         pass
     try:
@@ -223,3 +224,11 @@ def survey() -> Survey:
     except OSError:
         shmem = "never"
     return Survey(parse_pools(entries), default_page, mounts, shmem, devshm, pmd_bytes())
+
+
+def _read_or_none(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None

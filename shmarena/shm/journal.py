@@ -88,7 +88,7 @@ class CrashPoints:
 
 
 def encode_frame(record: Any) -> bytes:
-    payload = msgpack.packb(record, use_bin_type=True)
+    payload: bytes = msgpack.packb(record, use_bin_type=True)
     return _FRAME.pack(FRAME_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
@@ -131,7 +131,7 @@ def _frames(data: bytes) -> Iterator[tuple[int, Any | None, str]]:
             )
         try:
             record = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - msgpack raises many kinds; all mean damage
             raise _Damaged(
                 f"the frame at byte {position} is complete and its checksum is right, but it "
                 f"does not decode ({exc})"

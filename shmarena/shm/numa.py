@@ -31,7 +31,6 @@ SYSFS_NODES = "/sys/devices/system/node"
 
 MPOL_DEFAULT, MPOL_PREFERRED, MPOL_BIND, MPOL_INTERLEAVE = 0, 1, 2, 3
 POLICY_NAMES = {MPOL_BIND: "bind", MPOL_INTERLEAVE: "interleave", MPOL_PREFERRED: "prefer"}
-MPOL_MF_STRICT = 1 << 0
 
 # mbind(2) has no libc wrapper; libnuma has one, else the raw system call.
 _SYS_MBIND = {"x86_64": 237, "aarch64": 235, "arm64": 235, "ppc64le": 259, "s390x": 268}
@@ -69,6 +68,8 @@ def parse_node_meminfo(text: str) -> int | None:
 
 @dataclass(frozen=True)
 class Node:
+    """One NUMA node as sysfs describes it: its CPUs and its memory."""
+
     id: int
     cpus: tuple[int, ...]
     memory_bytes: int | None  # None: sysfs did not say
@@ -76,6 +77,8 @@ class Node:
 
 @dataclass(frozen=True)
 class Topology:
+    """The host's NUMA nodes by id (empty where the kernel has no NUMA support)."""
+
     nodes: dict[int, Node] = field(default_factory=dict)
 
     @property

@@ -14,6 +14,11 @@ from itertools import pairwise
 
 
 class Space:
+    """Base of the two allocators: sizes counted in minimum blocks, the table of
+    live allocations, and the checks that do not depend on the free-space
+    structure. Never built by itself: `Extents` and `Buddy` subclass it, and
+    `Segmented` (several of them behind the same interface)."""
+
     def __init__(self, size_bytes: int, min_block_bytes: int = 4096) -> None:
         if (
             type(min_block_bytes) is not int

@@ -44,9 +44,8 @@ def daemon_stopped(daemon: Daemon) -> Iterator[None]:
 def refused_locally(daemon: Daemon, client: shmarena.Client, handle: Handle) -> str:
     """The message of the StaleHandle a plain attach raises with the daemon
     stopped (so without a round trip); then `retain=True` must raise too."""
-    with daemon_stopped(daemon):
-        with pytest.raises(StaleHandle) as refused:
-            client.attach(handle)
+    with daemon_stopped(daemon), pytest.raises(StaleHandle) as refused:
+        client.attach(handle)
     with pytest.raises(StaleHandle):
         client.attach(handle, retain=True)
     message = str(refused.value)

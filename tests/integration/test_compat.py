@@ -24,6 +24,7 @@ with the stdlib (whose resource tracker dies in the same group).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -578,10 +579,8 @@ def test_killpg_leaks_dev_shm_entries_with_the_stdlib(arena: Daemon) -> None:
         )
     finally:
         for name in names:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"/dev/shm/{name}")
-            except FileNotFoundError:
-                pass
     assert not [n for n in names if os.path.exists(f"/dev/shm/{n}")]
 
 

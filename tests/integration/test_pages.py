@@ -380,7 +380,8 @@ def test_growth_without_free_huge_pages_is_out_of_memory_saying_why(
     says why; the daemon goes on serving and nothing is left behind."""
     if hugepages.survey().mounts:
         pytest.skip("hugetlbfs is mounted already; the daemon might pick that mount")
-    with machine_settings(nr_hugepages=16, shmem=None), hugetlbfs_mount() as point:
+    # Two withs: the mount is checked empty after the daemon stopped, before it goes.
+    with machine_settings(nr_hugepages=16, shmem=None), hugetlbfs_mount() as point:  # noqa: SIM117
         with stopped_after(make_daemon("32M", ["--hugepages", "--max-size", "128M"])) as daemon:
             child = daemon.python(GROW_PAST_PAGES, stdout=subprocess.PIPE)
             out, _ = child.communicate(timeout=60)

@@ -16,6 +16,7 @@ It stops early once STOP_FILE exists.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -90,10 +91,8 @@ def main() -> None:
             if scratch and (rng.random() < 0.5 or len(scratch) > 64):
                 scratch.pop(rng.randrange(len(scratch))).free()
             else:
-                try:
+                with contextlib.suppress(shmarena.OutOfMemory):
                     scratch.append(client.alloc(rng.randint(1, 32 << 10)))
-                except shmarena.OutOfMemory:
-                    pass
             continue
         for b in bufs:
             stamp(b)

@@ -48,7 +48,7 @@ class Arena:
     def start(self, *extra: str, expect_up: bool = True) -> bool:
         """Start the daemon; True once it answers, False if it died first
         (a crash point reached while starting)."""
-        log = open(os.path.join(self.run_dir, f"{self.name}.log"), "ab")
+        log = open(os.path.join(self.run_dir, f"{self.name}.log"), "ab")  # noqa: SIM115 - the daemon writes it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shmarena", "daemon", "--backing", self.path,
              "--size", self.size, "--grace", str(GRACE_S), *extra],
