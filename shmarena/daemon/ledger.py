@@ -30,6 +30,11 @@ can never disagree: every live allocation there is exactly one `Block` here.
   by UNPIN or by the end of the pinning session; then it goes where a
   released block goes.
 
+Beside it, each with one job and none importing it at run time: the records
+(daemon/records.py), why a block went (gone.py), when the arena grows
+(growth.py), the words of refusals for want of room (refusals.py) and the
+consistency check (audit.py).
+
 Time comes in as ``now`` (seconds since the epoch); nothing here reads a clock.
 Errors are raised as `shmarena.errors` exceptions; the service turns them into
 replies.
@@ -122,6 +127,10 @@ __all__ = [
 
 
 class Ledger:
+    """The books of one arena: who holds which block, and the allocator's
+    only writer (see the module's docstring for sessions, owners, retains,
+    holds, caches and pins)."""
+
     def __init__(self, name: str, epoch: int, space: Space, growth: Growth | None = None) -> None:
         self.name = name
         self.epoch = epoch
@@ -159,6 +168,11 @@ class Ledger:
         self.gone: OrderedDict[int, Gone] = OrderedDict()
         self.max_remembered_frees = MAX_REMEMBERED_FREES
         self._leaving: tuple[str, str] | None = None
+
+    def _mark(self, address: int, generation: int, reason: int) -> None:
+        """Keep the generation table right (`gens`), if the daemon keeps one."""
+        if self.gens is not None:
+            self.gens(address, generation, reason)
 
     def limits(self) -> dict[str, int]:
         return {
@@ -220,8 +234,8 @@ class Ledger:
                 self._maybe_release(block)
         session.pinned.clear()
         for offset in list(session.cached):
-            if self.gens is not None:  # a hand-out it never reported dies with it
-                self.gens(offset, words.any_of_session(session_id), words.ENDED)
+            # a hand-out it never reported dies with it
+            self._mark(offset, words.any_of_session(session_id), words.ENDED)
             self._drain(session, self.blocks[offset])
         for name in session.owner_id_of:  # detached owners it had ids for
             owner = self.owners.get(name)
@@ -257,23 +271,9 @@ class Ledger:
                 scope=owner.scope,
             )
         if owner.uid != session.uid and not session.admin:
-            raise AccessDenied(
-                f"owner {name!r} was created by uid {owner.uid}; uid {session.uid} (session "
-                f"{session_id}, pid {session.pid}) may use only its own user's owners. Use an "
-                "owner of your own, or ask the daemon's user (or root) to act on it",
-                owner=name,
-                owner_uid=owner.uid,
-                uid=session.uid,
-            )
+            raise refusals.owner_of_another_user(owner, session)
         if owner.scope == SESSION and owner.session_id != session_id:
-            raise InvalidRequest(
-                f"owner {name!r} belongs to session {owner.session_id} (pid {owner.pid}); "
-                "a session-scoped owner is used only by the process that created it; "
-                "use another name, or a detached owner to share one between processes",
-                owner=name,
-                session=owner.session_id,
-                pid=owner.pid,
-            )
+            raise refusals.owner_of_another_session(owner)
         return owner
 
     def _create_owner(self, name: str, scope: str, session: Session, now: float) -> Owner:
@@ -319,15 +319,14 @@ class Ledger:
         count, freed = len(owner.blocks), owner.bytes
         why = self._leaving or (RECYCLED, "")
         for block in list(owner.blocks.values()):
-            if self.gens is not None:
-                # A session that ends takes every hand-out of its cache with
-                # it, reported or not (a report may have died with it).
-                ended = reason == words.ENDED and block.cache_session == owner.session_id
-                self.gens(
-                    block.offset,
-                    words.any_of_session(block.cache_session) if ended else block.generation,
-                    reason,
-                )
+            # A session that ends takes every hand-out of its cache with it,
+            # reported or not (a report may have died with it).
+            ended = reason == words.ENDED and block.cache_session == owner.session_id
+            self._mark(
+                block.offset,
+                words.any_of_session(block.cache_session) if ended else block.generation,
+                reason,
+            )
             self._disown(block, owner, why=why)
         return Freed(count, freed)
 
@@ -393,8 +392,7 @@ class Ledger:
             block = Block(offset, size, carved, self.generation, None, site=site[:MAX_SITE])
             self.blocks[offset] = block
             self._own(block, owner)
-            if self.gens is not None:
-                self.gens(offset, block.generation, words.LIVE)
+            self._mark(offset, block.generation, words.LIVE)
             result.append(block)
         return result
 
@@ -420,8 +418,7 @@ class Ledger:
             owner = self.owners[block.owner] if block.owner is not None else None
             freed += block.carved
             if owner is not None:
-                if self.gens is not None:
-                    self.gens(block.offset, block.generation, words.FREED)
+                self._mark(block.offset, block.generation, words.FREED)
                 self._disown(block, owner)
         return Freed(len(blocks), freed)
 
@@ -431,15 +428,7 @@ class Ledger:
         for block in blocks:
             owner = self.owners.get(block.owner) if block.owner is not None else None
             if owner is not None and owner.uid != session.uid:
-                raise AccessDenied(
-                    f"free of block {block.offset:#x}: it is held by owner {owner.name!r} of "
-                    f"uid {owner.uid}; uid {session.uid} (session {session.id}, pid "
-                    f"{session.pid}) may free only its own user's blocks; nothing was freed. "
-                    "Ask the daemon's user (or root) to free or recycle it",
-                    owner=owner.name,
-                    owner_uid=owner.uid,
-                    uid=session.uid,
-                )
+                raise refusals.free_of_another_user(block, owner, session)
 
     def retain(self, session_id: int, handles: Iterable[Handle], now: float = 0.0) -> int:
         session = self.sessions[session_id]

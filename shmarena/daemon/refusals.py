@@ -1,10 +1,11 @@
-"""The words of the ledger's refusals for want of room. Pure.
+"""The words of the ledger's longer refusals. Pure.
 
 An arena that is full, fragmented or too small, an owner or a session over
-its quota, a session or arena at its bound on owners: each refusal says what
-was asked, what was found and what to do (STYLE.md, "Errors are part of the
-API"), with the figures also as details. The ledger decides that a request
-is refused; this module only words it, from the ledger's figures.
+its quota, a session or arena at its bound on owners, an owner or block of
+another user or session: each refusal says what was asked, what was found
+and what to do (STYLE.md, "Errors are part of the API"), with the figures
+also as details. The ledger decides that a request is refused; this module
+only words it, from the ledger's records and figures.
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from shmarena.config import format_size
-from shmarena.daemon.records import Owner, Session
-from shmarena.errors import LimitReached, OutOfMemory, QuotaExceeded
+from shmarena.daemon.records import Block, Owner, Session
+from shmarena.errors import (
+    AccessDenied,
+    InvalidRequest,
+    LimitReached,
+    OutOfMemory,
+    QuotaExceeded,
+)
 from shmarena.shm.segments import Segmented
 
 if TYPE_CHECKING:
@@ -147,4 +154,41 @@ def too_many_detached(name: str, arena: str, held: int, bound: int) -> LimitReac
         limit="detached_owners",
         value=bound,
         owner=name,
+    )
+
+
+def owner_of_another_user(owner: Owner, session: Session) -> AccessDenied:
+    """The refusal of an owner created by another uid to a session not an administrator."""
+    return AccessDenied(
+        f"owner {owner.name!r} was created by uid {owner.uid}; uid {session.uid} (session "
+        f"{session.id}, pid {session.pid}) may use only its own user's owners. Use an "
+        "owner of your own, or ask the daemon's user (or root) to act on it",
+        owner=owner.name,
+        owner_uid=owner.uid,
+        uid=session.uid,
+    )
+
+
+def owner_of_another_session(owner: Owner) -> InvalidRequest:
+    """The refusal of a session-scoped owner to any session but its own."""
+    return InvalidRequest(
+        f"owner {owner.name!r} belongs to session {owner.session_id} (pid {owner.pid}); "
+        "a session-scoped owner is used only by the process that created it; "
+        "use another name, or a detached owner to share one between processes",
+        owner=owner.name,
+        session=owner.session_id,
+        pid=owner.pid,
+    )
+
+
+def free_of_another_user(block: Block, owner: Owner, session: Session) -> AccessDenied:
+    """The refusal of a free of another uid's block to a session not an administrator."""
+    return AccessDenied(
+        f"free of block {block.offset:#x}: it is held by owner {owner.name!r} of "
+        f"uid {owner.uid}; uid {session.uid} (session {session.id}, pid "
+        f"{session.pid}) may free only its own user's blocks; nothing was freed. "
+        "Ask the daemon's user (or root) to free or recycle it",
+        owner=owner.name,
+        owner_uid=owner.uid,
+        uid=session.uid,
     )
