@@ -26,8 +26,8 @@ def audit(ledger: Ledger) -> list[str]:
     problems += _owners(ledger)
     cached = 0
     for block in ledger.blocks.values():
-        if live.get(block.offset) != block.carved:
-            problems.append(f"block {block.offset:#x} carved size disagrees with the allocator")
+        if live.get(block.address) != block.carved:
+            problems.append(f"block {block.address:#x} carved size disagrees with the allocator")
         if block.cached:
             cached += block.carved
         problems += _block(ledger, block)
@@ -47,10 +47,10 @@ def _owners(ledger: Ledger) -> list[str]:
     for owner in ledger.owners.values():
         if owner.bytes != sum(b.carved for b in owner.blocks.values()):
             problems.append(f"owner {owner.name!r} byte count is off")
-        for offset, block in owner.blocks.items():
+        for address, block in owner.blocks.items():
             owned += block.carved
-            if block.owner != owner.name or ledger.blocks.get(offset) is not block:
-                problems.append(f"block {offset:#x} of owner {owner.name!r} is misfiled")
+            if block.owner != owner.name or ledger.blocks.get(address) is not block:
+                problems.append(f"block {address:#x} of owner {owner.name!r} is misfiled")
     detached = sum(owner.scope == DETACHED for owner in ledger.owners.values())
     if detached != ledger.detached_owners:
         problems.append(f"{ledger.detached_owners} detached owners counted, {detached} exist")
@@ -62,10 +62,10 @@ def _owners(ledger: Ledger) -> list[str]:
 def _block(ledger: Ledger, block: Block) -> list[str]:
     """A block is held by something alive, and by one thing when cached."""
     problems = []
-    at = f"{block.offset:#x}"
+    at = f"{block.address:#x}"
     if block.cached:
         session = ledger.sessions.get(block.cache_session)
-        if session is None or block.offset not in session.cached:
+        if session is None or block.address not in session.cached:
             problems.append(f"cached block {at} is in no living cache")
         if block.owner is not None or block.retainers:
             problems.append(f"cached block {at} is also held")
@@ -78,7 +78,7 @@ def _block(ledger: Ledger, block: Block) -> list[str]:
     ]
     for sid, count in (block.pins or {}).items():
         pinner = ledger.sessions.get(sid)
-        if pinner is None or block.offset not in pinner.pinned or count < 1:
+        if pinner is None or block.address not in pinner.pinned or count < 1:
             problems.append(f"block {at} pinned by ended session {sid}")
     if block.cached and block.pins:
         problems.append(f"cached block {at} is also pinned")
@@ -88,14 +88,14 @@ def _block(ledger: Ledger, block: Block) -> list[str]:
 def _session(ledger: Ledger, session: Session) -> list[str]:
     """What a session says it caches and pins, the blocks say too."""
     problems = []
-    for offset in session.cached:
-        held = ledger.blocks.get(offset)
+    for address in session.cached:
+        held = ledger.blocks.get(address)
         if held is None or not held.cached or held.cache_session != session.id:
-            problems.append(f"session {session.id} caches {offset:#x} it does not hold")
-    for offset in session.pinned:
-        held = ledger.blocks.get(offset)
+            problems.append(f"session {session.id} caches {address:#x} it does not hold")
+    for address in session.pinned:
+        held = ledger.blocks.get(address)
         if held is None or not (held.pins or {}).get(session.id):
-            problems.append(f"session {session.id} pins {offset:#x} it does not pin")
+            problems.append(f"session {session.id} pins {address:#x} it does not pin")
     return problems
 
 

@@ -159,11 +159,11 @@ class Exchange:
                 + "; unpublish it first, or pick another name",
                 name=name,
             )
-        if block.offset in self.by_block:
+        if block.address in self.by_block:
             raise NameExists(
-                f"the block at {block.offset:#x} is published already as "
-                f"{self.by_block[block.offset]!r}; a block has one name",
-                name=self.by_block[block.offset],
+                f"the block at {block.address:#x} is published already as "
+                f"{self.by_block[block.address]!r}; a block has one name",
+                name=self.by_block[block.address],
             )
         mine = self.names_by_session.get(session_id, 0)
         if mine >= self.max_names_per_session:
@@ -186,7 +186,7 @@ class Exchange:
             )
         self.names[name] = Name(name, block, block.generation, sealed, session_id, now)
         self.names_by_session[session_id] = mine + 1
-        self.by_block[block.offset] = name
+        self.by_block[block.address] = name
         self._event("publish", name, self._wire(block))
         self._meet((Op.LOOKUP, name), lambda: name in self.names)
 
@@ -220,7 +220,7 @@ class Exchange:
         ]
 
     def _unowned(self, block: Block) -> None:
-        name = self.by_block.get(block.offset)
+        name = self.by_block.get(block.address)
         if name is not None:
             self._forget(self.names[name])
 
@@ -231,8 +231,8 @@ class Exchange:
             self.names_by_session[entry.session_id] = left
         else:
             del self.names_by_session[entry.session_id]
-        del self.by_block[entry.block.offset]
-        handle = [self.epoch, *_split(entry.block.offset), entry.block.size, entry.generation]
+        del self.by_block[entry.block.address]
+        handle = [self.epoch, *_split(entry.block.address), entry.block.size, entry.generation]
         self._event("recycle", entry.name, handle)
 
     # -- events --------------------------------------------------------------
@@ -431,7 +431,7 @@ class Exchange:
         problems = []
         for name, entry in self.names.items():
             block = entry.block
-            if self.ledger.blocks.get(block.offset) is not block or block.owner is None:
+            if self.ledger.blocks.get(block.address) is not block or block.owner is None:
                 problems.append(f"name {name!r} is bound to a block that is not owned")
             elif block.generation != entry.generation:
                 problems.append(f"name {name!r} is bound to an older generation")
@@ -443,7 +443,7 @@ class Exchange:
         return problems + self.book.check() + self.room.check()
 
     def _wire(self, block: Block) -> list[int]:
-        return [self.epoch, *_split(block.offset), block.size, block.generation]
+        return [self.epoch, *_split(block.address), block.size, block.generation]
 
 
 def _split(address: int) -> tuple[int, int]:

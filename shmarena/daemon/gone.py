@@ -43,10 +43,10 @@ class Gone:
     pid: int
 
 
-def remember(memory: OrderedDict[int, Gone], offset: int, gone: Gone, limit: int) -> None:
-    """Note why the block at `offset` went, forgetting the oldest beyond `limit`."""
-    memory.pop(offset, None)  # re-inserted: the newest is last
-    memory[offset] = gone
+def remember(memory: OrderedDict[int, Gone], address: int, gone: Gone, limit: int) -> None:
+    """Note why the block at `address` went, forgetting the oldest beyond `limit`."""
+    memory.pop(address, None)  # re-inserted: the newest is last
+    memory[address] = gone
     if len(memory) > limit:
         memory.popitem(last=False)
 

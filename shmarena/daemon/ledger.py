@@ -139,7 +139,7 @@ class Ledger:
         self.empty_since: dict[int, float] = {}  # added segment -> when it was seen empty
         self.sessions: dict[int, Session] = {}
         self.owners: dict[str, Owner] = {}
-        self.blocks: dict[int, Block] = {}  # offset -> block, live or retained-only
+        self.blocks: dict[int, Block] = {}  # address -> block, live or retained-only
         self.generation = 0
         self.requested_bytes = 0  # bytes asked for by the blocks owners hold
         self.owned_bytes = 0  # carved bytes of blocks owners hold
@@ -219,24 +219,24 @@ class Ledger:
                     freed += result.bytes
         finally:
             self._leaving = None
-        for offset in list(session.retained):
-            block = self.blocks.get(offset)
+        for address in list(session.retained):
+            block = self.blocks.get(address)
             if block is not None and block.retainers:
                 block.retainers.pop(session_id, None)
-                self.changes.blocks.add(offset)
+                self.changes.blocks.add(address)
                 self._maybe_release(block)
         session.retained.clear()
-        for offset in list(session.pinned):  # its process is gone or closed: so are its views
-            block = self.blocks.get(offset)
+        for address in list(session.pinned):  # its process is gone or closed: so are its views
+            block = self.blocks.get(address)
             if block is not None and block.pins:
                 block.pins.pop(session_id, None)
-                self.changes.blocks.add(offset)
+                self.changes.blocks.add(address)
                 self._maybe_release(block)
         session.pinned.clear()
-        for offset in list(session.cached):
+        for address in list(session.cached):
             # a hand-out it never reported dies with it
-            self._mark(offset, words.any_of_session(session_id), words.ENDED)
-            self._drain(session, self.blocks[offset])
+            self._mark(address, words.any_of_session(session_id), words.ENDED)
+            self._drain(session, self.blocks[address])
         for name in session.owner_id_of:  # detached owners it had ids for
             owner = self.owners.get(name)
             if owner is not None:
@@ -323,7 +323,7 @@ class Ledger:
             # reported or not (a report may have died with it).
             ended = reason == words.ENDED and block.cache_session == owner.session_id
             self._mark(
-                block.offset,
+                block.address,
                 words.any_of_session(block.cache_session) if ended else block.generation,
                 reason,
             )
@@ -365,34 +365,34 @@ class Ledger:
             if not existed:  # a refused request leaves no trace
                 self._undo_new_owner(name, session_id)
             raise
-        offsets: list[int] = []
+        addresses: list[int] = []
         for i, size in enumerate(sizes):
-            offset = space.alloc(size)
+            address = space.alloc(size)
             if (
-                offset is None
+                address is None
                 and self.growth is not None
                 and self._grow(sum(map(space.carved_bytes, sizes[i:])), size)
             ):
-                offset = space.alloc(size)
-            if offset is None:
-                for taken in offsets:
+                address = space.alloc(size)
+            if address is None:
+                for taken in addresses:
                     space.free(taken)
                 if not existed:  # a refused request leaves no trace
                     self._undo_new_owner(name, session_id)
                 raise self.never_fits(size) or self._out_of_memory(
                     size, sum(sizes) if len(sizes) > 1 else None
                 )
-            offsets.append(offset)
+            addresses.append(address)
         if self.empty_since:  # a segment in use again is not idle
-            grower.mark_busy(self.empty_since, offsets)
+            grower.mark_busy(self.empty_since, addresses)
         result = []
-        for offset, size in zip(offsets, sizes, strict=True):
+        for address, size in zip(addresses, sizes, strict=True):
             self.generation += 1
-            carved = space.allocation_bytes(offset) or 0
-            block = Block(offset, size, carved, self.generation, None, site=site[:MAX_SITE])
-            self.blocks[offset] = block
+            carved = space.allocation_bytes(address) or 0
+            block = Block(address, size, carved, self.generation, None, site=site[:MAX_SITE])
+            self.blocks[address] = block
             self._own(block, owner)
-            self._mark(offset, block.generation, words.LIVE)
+            self._mark(address, block.generation, words.LIVE)
             result.append(block)
         return result
 
@@ -418,7 +418,7 @@ class Ledger:
             owner = self.owners[block.owner] if block.owner is not None else None
             freed += block.carved
             if owner is not None:
-                self._mark(block.offset, block.generation, words.FREED)
+                self._mark(block.address, block.generation, words.FREED)
                 self._disown(block, owner)
         return Freed(len(blocks), freed)
 
@@ -439,8 +439,8 @@ class Ledger:
             if block.retainers is None:
                 block.retainers = {}
             block.retainers[session_id] = block.retainers.get(session_id, 0) + 1
-            session.retained.add(block.offset)
-            self.changes.blocks.add(block.offset)
+            session.retained.add(block.address)
+            self.changes.blocks.add(block.address)
         return len(blocks)
 
     def hold(self, handles: Iterable[Handle], now: float = 0.0) -> list[Block]:
@@ -452,7 +452,7 @@ class Ledger:
             if block.retainers is None:
                 block.retainers = {}
             block.retainers[QUEUED] = block.retainers.get(QUEUED, 0) + 1
-            self.changes.blocks.add(block.offset)
+            self.changes.blocks.add(block.address)
         return blocks
 
     def pass_holds(self, session_id: int, blocks: Iterable[Block]) -> None:
@@ -462,7 +462,7 @@ class Ledger:
             assert block.retainers and block.retainers.get(QUEUED, 0) > 0
             self._drop_ref(block, QUEUED, release=False)
             block.retainers[session_id] = block.retainers.get(session_id, 0) + 1
-            session.retained.add(block.offset)
+            session.retained.add(block.address)
 
     def drop_holds(self, blocks: Iterable[Block]) -> None:
         """A queued message is gone untaken (its queue was removed)."""
@@ -472,7 +472,7 @@ class Ledger:
     def _drop_ref(self, block: Block, key: int, release: bool = True) -> bool:
         """Drop one of `key`'s references on `block`; True if it was the last."""
         assert block.retainers is not None
-        self.changes.blocks.add(block.offset)
+        self.changes.blocks.add(block.address)
         count = block.retainers[key] - 1
         if count:
             block.retainers[key] = count
@@ -491,27 +491,27 @@ class Ledger:
         blocks = self._settle_all(found, handles, 0.0)
         listed: dict[int, int] = {}
         for block in blocks:
-            listed[block.offset] = listed.get(block.offset, 0) + 1
+            listed[block.address] = listed.get(block.address, 0) + 1
         for block in blocks:
             held = (block.retainers or {}).get(session_id, 0)
-            if held < listed[block.offset]:
-                twice = f" {listed[block.offset]} times" if listed[block.offset] > 1 else ""
+            if held < listed[block.address]:
+                twice = f" {listed[block.address]} times" if listed[block.address] > 1 else ""
                 raise InvalidRequest(
                     lifetime_message(
                         "release_unretained",
-                        f"release of block {block.offset:#x}{twice} by session {session_id}",
+                        f"release of block {block.address:#x}{twice} by session {session_id}",
                         f"the session retains it {held} time(s)"
                         + (" (the same handle is listed twice)" if twice else "")
                         + "; nothing was released",
                     ),
                     rule="release_unretained",
-                    offset=block.offset,
-                    listed=listed[block.offset],
+                    offset=block.address,
+                    listed=listed[block.address],
                     retained=held,
                 )
         for block in blocks:
             if self._drop_ref(block, session_id):
-                session.retained.discard(block.offset)
+                session.retained.discard(block.address)
         return len(blocks)
 
     def lookup(self, handle: Handle, for_free: bool, now: float = 0.0) -> Block:
@@ -538,8 +538,8 @@ class Ledger:
         request lists it twice."""
         settled: set[int] = set()
         for (block, early), handle in zip(found, handles, strict=True):
-            if early and block.offset not in settled:
-                settled.add(block.offset)
+            if early and block.address not in settled:
+                settled.add(block.address)
                 self._settle(block, handle, now)
         return [block for block, _ in found]
 
@@ -606,16 +606,16 @@ class Ledger:
         self._assign(session, block, handle.size, handle.generation, 0, now)
 
     def _own(self, block: Block, owner: Owner) -> None:
-        self.changes.blocks.add(block.offset)
-        owner.blocks[block.offset] = block
+        self.changes.blocks.add(block.address)
+        owner.blocks[block.address] = block
         owner.bytes += block.carved
         self.owned_bytes += block.carved
         self.requested_bytes += block.size
         block.owner = owner.name
 
     def _unown(self, block: Block, owner: Owner) -> None:
-        self.changes.blocks.add(block.offset)
-        del owner.blocks[block.offset]
+        self.changes.blocks.add(block.address)
+        del owner.blocks[block.address]
         owner.bytes -= block.carved
         self.owned_bytes -= block.carved
         self.requested_bytes -= block.size
@@ -627,7 +627,7 @@ class Ledger:
         self, block: Block, owner: Owner, notify: bool = True, why: tuple[str, str] = (FREED, "")
     ) -> None:
         gone = Gone(block.generation, why[0], why[1], owner.name, owner.pid)
-        remember(self.gone, block.offset, gone, self.max_remembered_frees)
+        remember(self.gone, block.address, gone, self.max_remembered_frees)
         self._unown(block, owner)
         self._maybe_release(block, notify)
 
@@ -638,14 +638,14 @@ class Ledger:
             return
         session = self.sessions.get(block.cache_session) if block.cache_session else None
         if session is None:
-            self.changes.blocks.add(block.offset)
-            del self.blocks[block.offset]
-            self.space.free(block.offset)
+            self.changes.blocks.add(block.address)
+            del self.blocks[block.address]
+            self.space.free(block.address)
             return
         block.size = block.carved
         self._cache_in(session, block)
         if notify:
-            session.notices += (block.offset, block.generation)
+            session.notices += (block.address, block.generation)
             self.changes.sessions.add(session.id)
 
     # -- client caches -------------------------------------------------------
@@ -675,13 +675,13 @@ class Ledger:
 
         def give_back() -> None:
             for group in taken:
-                for offset in group:
-                    space.free(offset)
+                for address in group:
+                    space.free(address)
 
         for class_bytes, count, need in triples:
-            offsets, room = self._carve(class_bytes, count, need, room)
-            taken.append(offsets)
-            if len(offsets) < need:
+            addresses, room = self._carve(class_bytes, count, need, room)
+            taken.append(addresses)
+            if len(addresses) < need:
                 give_back()
                 raise self._out_of_memory(class_bytes, class_bytes * need if need > 1 else None)
         try:
@@ -689,12 +689,12 @@ class Ledger:
         except BaseException:
             give_back()
             raise
-        for (class_bytes, _, _), offsets in zip(triples, taken, strict=True):
+        for (class_bytes, _, _), addresses in zip(triples, taken, strict=True):
             if self.empty_since:
-                grower.mark_busy(self.empty_since, offsets)
-            for offset in offsets:
-                block = Block(offset, class_bytes, class_bytes, mark, None, None, session_id)
-                self.blocks[offset] = block
+                grower.mark_busy(self.empty_since, addresses)
+            for address in addresses:
+                block = Block(address, class_bytes, class_bytes, mark, None, None, session_id)
+                self.blocks[address] = block
                 self._cache_in(session, block)
         return taken, direct
 
@@ -717,25 +717,25 @@ class Ledger:
     ) -> tuple[list[int], int | None]:
         """Up to `count` blocks of `class_bytes` (the arena grows for the first
         `need` only), the ones beyond `need` within `room` bytes; and the room left."""
-        offsets: list[int] = []
+        addresses: list[int] = []
         for _ in range(count):
-            if room is not None and len(offsets) >= need:
+            if room is not None and len(addresses) >= need:
                 if room < class_bytes:
                     break  # more would take the session over its quota
                 room -= class_bytes
-            offset = self.space.alloc(class_bytes)
-            short = need - len(offsets)
+            address = self.space.alloc(class_bytes)
+            short = need - len(addresses)
             if (
-                offset is None
+                address is None
                 and short > 0
                 and self.growth is not None
                 and self._grow(short * class_bytes, class_bytes)
             ):
-                offset = self.space.alloc(class_bytes)
-            if offset is None:
+                address = self.space.alloc(class_bytes)
+            if address is None:
                 break
-            offsets.append(offset)
-        return offsets, room
+            addresses.append(address)
+        return addresses, room
 
     # -- quotas ----------------------------------------------------------------
 
@@ -900,12 +900,12 @@ class Ledger:
                 problems.append(error)
         return problems
 
-    def pin(self, session: Session, offset: int, generation: int) -> None:
+    def pin(self, session: Session, address: int, generation: int) -> None:
         """The session's process has views of the block: keep it out of reuse
         once its owner lets go. A block of the session's own cache is taken
         out of it (the client keeps it aside). A block no longer live under
         `generation` is left alone: there is nothing to keep."""
-        block = self.blocks.get(offset)
+        block = self.blocks.get(address)
         if block is None or block.generation != generation:
             return
         if block.cached:
@@ -917,25 +917,25 @@ class Ledger:
         if block.pins is None:
             block.pins = {}
         block.pins[session.id] = block.pins.get(session.id, 0) + 1
-        session.pinned.add(offset)
-        self.changes.blocks.add(offset)
+        session.pinned.add(address)
+        self.changes.blocks.add(address)
 
-    def unpin(self, session: Session, offset: int, generation: int) -> None:
+    def unpin(self, session: Session, address: int, generation: int) -> None:
         """The last view the session's process had of the block is gone: a
         block nobody else holds goes where a released block goes (a notice
         tells its cache). An UNPIN that matches no PIN is ignored."""
-        block = self.blocks.get(offset)
+        block = self.blocks.get(address)
         if block is None or block.generation != generation or not block.pins:
             return
         count = block.pins.get(session.id, 0)
         if not count:
             return
-        self.changes.blocks.add(offset)
+        self.changes.blocks.add(address)
         if count > 1:
             block.pins[session.id] = count - 1
             return
         del block.pins[session.id]
-        session.pinned.discard(offset)
+        session.pinned.discard(address)
         self._maybe_release(block)
 
     def _may_assign(self, block: Block, generation: int) -> bool:
@@ -946,14 +946,14 @@ class Ledger:
         )
 
     def _event_assign(self, session: Session, event: tuple[int, ...], now: float) -> None:
-        _, offset, size, generation, owner_id = event
-        block = self.blocks.get(offset)
+        _, address, size, generation, owner_id = event
+        block = self.blocks.get(address)
         if block is None or block.cache_session != session.id:
-            raise StaleHandle(f"assign: no block of this session's cache at {offset:#x}")
+            raise StaleHandle(f"assign: no block of this session's cache at {address:#x}")
         if block.cached:
             if self._may_assign(block, generation):
                 if not 0 < size <= block.carved:
-                    raise InvalidRequest(f"assign: size {size} does not fit block {offset:#x}")
+                    raise InvalidRequest(f"assign: size {size} does not fit block {address:#x}")
                 self._assign(session, block, size, generation, owner_id, now)
             # else: already handed out and given back through another process
             return
@@ -966,7 +966,7 @@ class Ledger:
             return
         if block.generation >= generation:
             return  # handed out and let go before this report arrived
-        raise StaleHandle(f"assign: block {offset:#x} is not in this session's cache")
+        raise StaleHandle(f"assign: block {address:#x} is not in this session's cache")
 
     def _assign(
         self, session: Session, block: Block, size: int, generation: int, owner_id: int, now: float
@@ -978,8 +978,8 @@ class Ledger:
         self._own(block, owner)
 
     def _event_unassign(self, session: Session, event: tuple[int, ...]) -> None:
-        _, offset, generation = event
-        block = self.blocks.get(offset)
+        _, address, generation = event
+        block = self.blocks.get(address)
         if (
             block is not None
             and block.cache_session == session.id
@@ -987,28 +987,28 @@ class Ledger:
         ):
             return  # a handle of a newer hand-out came first and applied this (see lookup)
         if block is None or block.cache_session != session.id or block.generation != generation:
-            raise StaleHandle(f"unassign: block {offset:#x} generation {generation} is not live")
+            raise StaleHandle(f"unassign: block {address:#x} generation {generation} is not live")
         if block.cached:
             return  # it came back through another process first (recycle, free by handle)
         if block.owner is None:
-            raise StaleHandle(f"unassign: block {offset:#x} was freed already")
+            raise StaleHandle(f"unassign: block {address:#x} was freed already")
         self._disown(block, self.owners[block.owner], notify=False)
 
     def _drain(self, session: Session, block: Block) -> None:
         self._cache_out(session, block)
-        del self.blocks[block.offset]
-        self.space.free(block.offset)
+        del self.blocks[block.address]
+        self.space.free(block.address)
 
     def _cache_in(self, session: Session, block: Block) -> None:
-        self.changes.blocks.add(block.offset)
+        self.changes.blocks.add(block.address)
         block.cached = True
-        session.cached.add(block.offset)
+        session.cached.add(block.address)
         session.cached_bytes += block.carved
 
     def _cache_out(self, session: Session, block: Block) -> None:
-        self.changes.blocks.add(block.offset)
+        self.changes.blocks.add(block.address)
         block.cached = False
-        session.cached.discard(block.offset)
+        session.cached.discard(block.address)
         session.cached_bytes -= block.carved
 
     @property

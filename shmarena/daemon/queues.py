@@ -295,6 +295,6 @@ class QueueBook:
                 f"queue {queue.name!r} holds a block that is gone"
                 for message in queue.messages
                 for block in message.blocks
-                if self.ledger.blocks.get(block.offset) is not block
+                if self.ledger.blocks.get(block.address) is not block
             ]
         return problems

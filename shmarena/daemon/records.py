@@ -28,7 +28,7 @@ MAX_SITE = 200  # characters of an allocation site kept
 class Block:
     """One allocation: where it is, how big, which hand-out, who holds it."""
 
-    offset: int
+    address: int
     size: int  # bytes the user asked for (the class size while cached)
     carved: int  # bytes the allocator holds for it (size rounded up to min block)
     generation: int
@@ -38,6 +38,12 @@ class Block:
     cached: bool = False  # sitting in that cache right now
     site: str = ""  # where it was allocated, if the client said (leak hunting)
     pins: dict[int, int] | None = None  # session id -> PINs not yet UNPINned
+
+    @property
+    def offset(self) -> int:
+        """The old name of `address`, read by daemon/service.py and server.py
+        until they are renamed too (after the h21 merge): remove it then."""
+        return self.address
 
 
 @dataclass(eq=False)
@@ -49,7 +55,7 @@ class Owner:
     session_id: int
     pid: int
     created_at: float
-    blocks: dict[int, Block] = field(default_factory=dict)  # offset -> block
+    blocks: dict[int, Block] = field(default_factory=dict)  # address -> block
     bytes: int = 0
     quota: int = 0  # carved bytes it may hold; 0: no quota of its own
     # session -> the id ASSIGN events of that session use for this owner
@@ -69,10 +75,10 @@ class Session:
     last_seen: float
     watched: bool  # True: a pidfd tells us when it dies; False: lease
     owners: set[str] = field(default_factory=set)
-    retained: set[int] = field(default_factory=set)  # offsets of blocks it retains
-    pinned: set[int] = field(default_factory=set)  # offsets of blocks it pins
-    cached: set[int] = field(default_factory=set)  # offsets of blocks in its cache
-    notices: list[int] = field(default_factory=list)  # flat offset, generation pairs
+    retained: set[int] = field(default_factory=set)  # addresses of blocks it retains
+    pinned: set[int] = field(default_factory=set)  # addresses of blocks it pins
+    cached: set[int] = field(default_factory=set)  # addresses of blocks in its cache
+    notices: list[int] = field(default_factory=list)  # flat address, generation pairs
     # ASSIGN events name owners by number: id -> name and back, for the
     # owners that exist (an id goes with its owner and is never given again,
     # so a post still on the way cannot come to mean another owner). Id 0 is

@@ -184,7 +184,7 @@ def owner_of_another_session(owner: Owner) -> InvalidRequest:
 def free_of_another_user(block: Block, owner: Owner, session: Session) -> AccessDenied:
     """The refusal of a free of another uid's block to a session not an administrator."""
     return AccessDenied(
-        f"free of block {block.offset:#x}: it is held by owner {owner.name!r} of "
+        f"free of block {block.address:#x}: it is held by owner {owner.name!r} of "
         f"uid {owner.uid}; uid {session.uid} (session {session.id}, pid "
         f"{session.pid}) may free only its own user's blocks; nothing was freed. "
         "Ask the daemon's user (or root) to free or recycle it",
