@@ -30,6 +30,11 @@ can never disagree: every live allocation there is exactly one `Block` here.
   by UNPIN or by the end of the pinning session; then it goes where a
   released block goes.
 
+Beside it, each with one job and none importing it at run time: the records
+(daemon/records.py), why a block went (gone.py), when the arena grows
+(growth.py), the words of refusals for want of room (refusals.py) and the
+consistency check (audit.py).
+
 Time comes in as ``now`` (seconds since the epoch); nothing here reads a clock.
 Errors are raised as `shmarena.errors` exceptions; the service turns them into
 replies.
@@ -39,13 +44,38 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
-from shmarena.config import format_size
+from shmarena.daemon import growth as grower
+from shmarena.daemon import refusals
+from shmarena.daemon.audit import audit
+from shmarena.daemon.gone import (
+    FREED,
+    RECYCLED,
+    SESSION_ENDED,
+    Gone,
+    gone_error,
+    place,
+    remember,
+)
+from shmarena.daemon.growth import Growth
+from shmarena.daemon.records import (
+    DETACHED,
+    IMPLICIT_PREFIX,
+    MAX_SITE,
+    QUEUED,
+    SESSION,
+    Block,
+    Changes,
+    Freed,
+    Owner,
+    Session,
+    check_owner_name,
+    check_size,
+    implicit_owner,
+)
 from shmarena.errors import (
     AccessDenied,
     InvalidRequest,
-    LimitReached,
     OutOfMemory,
     QuotaExceeded,
     ShmArenaError,
@@ -61,154 +91,46 @@ from shmarena.protocol import (
     GEN_SHIFT,
     MAX_DETACHED_OWNERS,
     MAX_FILLS,
-    MAX_OWNER_NAME,
     MAX_OWNERS_PER_SESSION,
     MAX_REMEMBERED_FREES,
-    MAX_SIZE_BYTES,
     PIN,
     UNASSIGN,
     UNPIN,
     Handle,
 )
 from shmarena.shm import gens as words
-from shmarena.shm.segments import (
-    MAX_SEGMENTS,
-    OFFSET_MASK,
-    SEGMENT_SHIFT,
-    Segmented,
-    plan_growth,
-)
+from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT, Segmented
 from shmarena.shm.space import Space
 
-SESSION = "session"
-DETACHED = "detached"
-# Why a block left its owner (Gone.reason): a free, its owner's recycle, or
-# the end of the session its owner belonged to.
-FREED = "freed"
-RECYCLED = "recycled"
-SESSION_ENDED = "session_ended"
-_SESSION_ENDINGS = {  # Service.end_session's reasons, as a refusal says them
-    "ended": "said bye (client.close)",
-    "exited": "exited",
-    "lease_expired": "stopped answering and its lease expired",
-    "quarantined": "was cut off by the daemon",
-}
-IMPLICIT_PREFIX = "session-"
-# The retainer key of references held by queued messages (daemon/exchange.py):
-# sessions are numbered from 1, so 0 is nobody's session.
-QUEUED = 0
-MAX_SITE = 200  # characters of an allocation site kept
-
-
-@dataclass(eq=False, slots=True)
-class Block:
-    offset: int
-    size: int  # bytes the user asked for (the class size while cached)
-    carved: int  # bytes the allocator holds for it (size rounded up to min block)
-    generation: int
-    owner: str | None  # None while cached, or once freed/recycled while still retained
-    retainers: dict[int, int] | None = None  # session id -> count
-    cache_session: int = 0  # the session whose cache it came from, 0 for none
-    cached: bool = False  # sitting in that cache right now
-    site: str = ""  # where it was allocated, if the client said (leak hunting)
-    pins: dict[int, int] | None = None  # session id -> PINs not yet UNPINned
-
-
-@dataclass(eq=False)
-class Owner:
-    name: str
-    scope: str
-    session_id: int
-    pid: int
-    created_at: float
-    blocks: dict[int, Block] = field(default_factory=dict)  # offset -> block
-    bytes: int = 0
-    quota: int = 0  # carved bytes it may hold; 0: no quota of its own
-    # session -> the id ASSIGN events of that session use for this owner
-    ids: dict[int, int] = field(default_factory=dict)
-    uid: int = -1  # the user of the session that created it (-1: not known)
-
-
-@dataclass(eq=False)
-class Session:
-    id: int
-    pid: int
-    start_ticks: int
-    label: str
-    since: float
-    last_seen: float
-    watched: bool  # True: a pidfd tells us when it dies; False: lease
-    owners: set[str] = field(default_factory=set)
-    retained: set[int] = field(default_factory=set)  # offsets of blocks it retains
-    pinned: set[int] = field(default_factory=set)  # offsets of blocks it pins
-    cached: set[int] = field(default_factory=set)  # offsets of blocks in its cache
-    notices: list[int] = field(default_factory=list)  # flat offset, generation pairs
-    # ASSIGN events name owners by number: id -> name and back, for the
-    # owners that exist (an id goes with its owner and is never given again,
-    # so a post still on the way cannot come to mean another owner). Id 0 is
-    # the session's own owner, for as long as the session lives.
-    owner_ids: dict[int, str] = field(default_factory=dict)
-    owner_id_of: dict[str, int] = field(default_factory=dict)
-    next_owner_id: int = 1
-    cached_bytes: int = 0
-    # Who the process is, as the kernel told the daemon (README "Access"): an
-    # administrator may act on every user's owners and blocks, others on their
-    # own uid's only. The defaults are for the pure core's tests.
-    uid: int = 0
-    gid: int = 0
-    admin: bool = True
-
-
-@dataclass
-class Changes:
-    """What changed since the last `take_changes`: the keys of blocks, owners
-    and sessions to write again (or as gone, when no longer there), and
-    owner ids as (session, index, name), name None for an id that went with
-    its owner. A persistent daemon writes these to its journal; the others
-    just drop them."""
-
-    blocks: set[int] = field(default_factory=set)
-    owners: set[str] = field(default_factory=set)
-    sessions: set[int] = field(default_factory=set)
-    owner_ids: list[tuple[int, int, str | None]] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.blocks or self.owners or self.sessions or self.owner_ids)
-
-
-@dataclass(frozen=True, slots=True)
-class Gone:
-    """What the ledger remembers of a block that left its owner."""
-
-    generation: int
-    reason: str  # FREED, RECYCLED or SESSION_ENDED
-    how: str  # for SESSION_ENDED: how the session ended
-    owner: str
-    pid: int
-
-
-@dataclass(frozen=True)
-class Freed:
-    blocks: int
-    bytes: int
-
-
-@dataclass
-class Growth:
-    """How the arena may grow (`--max-size`): up to `max_bytes` in all, by
-    segments of whole `granule`s. `make(index, size)` is the server's: it
-    creates the segment's memory and answers whether it could. An added
-    segment that stays empty for `idle_s` seconds is released (0: never)."""
-
-    max_bytes: int
-    granule: int
-    make: Callable[[int, int], bool]
-    idle_s: float = 30.0
-    failures: int = 0  # segments `make` could not create since the last it could
-    last_failure: str = ""
+# The records and rules other modules have always imported from here
+# (daemon/records.py, gone.py and growth.py hold them now).
+__all__ = [
+    "DETACHED",
+    "FREED",
+    "IMPLICIT_PREFIX",
+    "QUEUED",
+    "RECYCLED",
+    "SESSION",
+    "SESSION_ENDED",
+    "Block",
+    "Changes",
+    "Freed",
+    "Gone",
+    "Growth",
+    "Ledger",
+    "Owner",
+    "Session",
+    "check_owner_name",
+    "check_size",
+    "implicit_owner",
+]
 
 
 class Ledger:
+    """The books of one arena: who holds which block, and the allocator's
+    only writer (see the module's docstring for sessions, owners, retains,
+    holds, caches and pins)."""
+
     def __init__(self, name: str, epoch: int, space: Space, growth: Growth | None = None) -> None:
         self.name = name
         self.epoch = epoch
@@ -217,7 +139,7 @@ class Ledger:
         self.empty_since: dict[int, float] = {}  # added segment -> when it was seen empty
         self.sessions: dict[int, Session] = {}
         self.owners: dict[str, Owner] = {}
-        self.blocks: dict[int, Block] = {}  # offset -> block, live or retained-only
+        self.blocks: dict[int, Block] = {}  # address -> block, live or retained-only
         self.generation = 0
         self.requested_bytes = 0  # bytes asked for by the blocks owners hold
         self.owned_bytes = 0  # carved bytes of blocks owners hold
@@ -246,6 +168,11 @@ class Ledger:
         self.gone: OrderedDict[int, Gone] = OrderedDict()
         self.max_remembered_frees = MAX_REMEMBERED_FREES
         self._leaving: tuple[str, str] | None = None
+
+    def _mark(self, address: int, generation: int, reason: int) -> None:
+        """Keep the generation table right (`gens`), if the daemon keeps one."""
+        if self.gens is not None:
+            self.gens(address, generation, reason)
 
     def limits(self) -> dict[str, int]:
         return {
@@ -292,32 +219,29 @@ class Ledger:
                     freed += result.bytes
         finally:
             self._leaving = None
-        for offset in list(session.retained):
-            block = self.blocks.get(offset)
+        for address in list(session.retained):
+            block = self.blocks.get(address)
             if block is not None and block.retainers:
                 block.retainers.pop(session_id, None)
-                self.changes.blocks.add(offset)
+                self.changes.blocks.add(address)
                 self._maybe_release(block)
         session.retained.clear()
-        for offset in list(session.pinned):  # its process is gone or closed: so are its views
-            block = self.blocks.get(offset)
+        for address in list(session.pinned):  # its process is gone or closed: so are its views
+            block = self.blocks.get(address)
             if block is not None and block.pins:
                 block.pins.pop(session_id, None)
-                self.changes.blocks.add(offset)
+                self.changes.blocks.add(address)
                 self._maybe_release(block)
         session.pinned.clear()
-        for offset in list(session.cached):
-            if self.gens is not None:  # a hand-out it never reported dies with it
-                self.gens(offset, words.any_of_session(session_id), words.ENDED)
-            self._drain(session, self.blocks[offset])
+        for address in list(session.cached):
+            # a hand-out it never reported dies with it
+            self._mark(address, words.any_of_session(session_id), words.ENDED)
+            self._drain(session, self.blocks[address])
         for name in session.owner_id_of:  # detached owners it had ids for
             owner = self.owners.get(name)
             if owner is not None:
                 owner.ids.pop(session_id, None)
         return Freed(blocks, freed)
-
-    def session(self, session_id: int) -> Session:
-        return self.sessions[session_id]
 
     # -- owners --------------------------------------------------------------
 
@@ -347,46 +271,18 @@ class Ledger:
                 scope=owner.scope,
             )
         if owner.uid != session.uid and not session.admin:
-            raise AccessDenied(
-                f"owner {name!r} was created by uid {owner.uid}; uid {session.uid} (session "
-                f"{session_id}, pid {session.pid}) may use only its own user's owners. Use an "
-                "owner of your own, or ask the daemon's user (or root) to act on it",
-                owner=name,
-                owner_uid=owner.uid,
-                uid=session.uid,
-            )
+            raise refusals.owner_of_another_user(owner, session)
         if owner.scope == SESSION and owner.session_id != session_id:
-            raise InvalidRequest(
-                f"owner {name!r} belongs to session {owner.session_id} (pid {owner.pid}); "
-                "a session-scoped owner is used only by the process that created it; "
-                "use another name, or a detached owner to share one between processes",
-                owner=name,
-                session=owner.session_id,
-                pid=owner.pid,
-            )
+            raise refusals.owner_of_another_session(owner)
         return owner
 
     def _create_owner(self, name: str, scope: str, session: Session, now: float) -> Owner:
         if len(session.owners) >= self.max_owners_per_session:
-            raise LimitReached(
-                f"owner {name!r} was not created: session {session.id} (pid {session.pid}) "
-                f"has {len(session.owners)} owners, the most one session may create "
-                "(owners_per_session, its detached ones included while it lives); recycle "
-                "the owners it no longer needs (leaving `with client.owner(...)` does)",
-                limit="owners_per_session",
-                value=self.max_owners_per_session,
-                owner=name,
-            )
+            raise refusals.too_many_owners(name, session, self.max_owners_per_session)
         if scope == DETACHED:
             if self.detached_owners >= self.max_detached_owners:
-                raise LimitReached(
-                    f"detached owner {name!r} was not created: arena {self.name!r} has "
-                    f"{self.detached_owners} detached owners, the most it keeps "
-                    "(detached_owners); recycle the ones nobody uses (`shmarena owners` "
-                    "lists them with their age)",
-                    limit="detached_owners",
-                    value=self.max_detached_owners,
-                    owner=name,
+                raise refusals.too_many_detached(
+                    name, self.name, self.detached_owners, self.max_detached_owners
                 )
             self.detached_owners += 1
         owner = Owner(name, scope, session.id, session.pid, now, uid=session.uid)
@@ -423,15 +319,14 @@ class Ledger:
         count, freed = len(owner.blocks), owner.bytes
         why = self._leaving or (RECYCLED, "")
         for block in list(owner.blocks.values()):
-            if self.gens is not None:
-                # A session that ends takes every hand-out of its cache with
-                # it, reported or not (a report may have died with it).
-                ended = reason == words.ENDED and block.cache_session == owner.session_id
-                self.gens(
-                    block.offset,
-                    words.any_of_session(block.cache_session) if ended else block.generation,
-                    reason,
-                )
+            # A session that ends takes every hand-out of its cache with it,
+            # reported or not (a report may have died with it).
+            ended = reason == words.ENDED and block.cache_session == owner.session_id
+            self._mark(
+                block.address,
+                words.any_of_session(block.cache_session) if ended else block.generation,
+                reason,
+            )
             self._disown(block, owner, why=why)
         return Freed(count, freed)
 
@@ -465,40 +360,39 @@ class Ledger:
         owner = self.open_owner(name, session_id, detached and owner_name is not None, now)
         space = self.space
         try:
-            self._check_quotas(session_id, owner, sizes)
+            self._check_quotas(owner, sizes)
         except QuotaExceeded:
             if not existed:  # a refused request leaves no trace
                 self._undo_new_owner(name, session_id)
             raise
-        offsets: list[int] = []
+        addresses: list[int] = []
         for i, size in enumerate(sizes):
-            offset = space.alloc(size)
+            address = space.alloc(size)
             if (
-                offset is None
+                address is None
                 and self.growth is not None
                 and self._grow(sum(map(space.carved_bytes, sizes[i:])), size)
             ):
-                offset = space.alloc(size)
-            if offset is None:
-                for taken in offsets:
+                address = space.alloc(size)
+            if address is None:
+                for taken in addresses:
                     space.free(taken)
                 if not existed:  # a refused request leaves no trace
                     self._undo_new_owner(name, session_id)
                 raise self.never_fits(size) or self._out_of_memory(
                     size, sum(sizes) if len(sizes) > 1 else None
                 )
-            offsets.append(offset)
+            addresses.append(address)
         if self.empty_since:  # a segment in use again is not idle
-            self._busy(offsets)
+            grower.mark_busy(self.empty_since, addresses)
         result = []
-        for offset, size in zip(offsets, sizes, strict=True):
+        for address, size in zip(addresses, sizes, strict=True):
             self.generation += 1
-            carved = space.allocation_bytes(offset) or 0
-            block = Block(offset, size, carved, self.generation, None, site=site[:MAX_SITE])
-            self.blocks[offset] = block
+            carved = space.allocation_bytes(address) or 0
+            block = Block(address, size, carved, self.generation, None, site=site[:MAX_SITE])
+            self.blocks[address] = block
             self._own(block, owner)
-            if self.gens is not None:
-                self.gens(offset, block.generation, words.LIVE)
+            self._mark(address, block.generation, words.LIVE)
             result.append(block)
         return result
 
@@ -524,8 +418,7 @@ class Ledger:
             owner = self.owners[block.owner] if block.owner is not None else None
             freed += block.carved
             if owner is not None:
-                if self.gens is not None:
-                    self.gens(block.offset, block.generation, words.FREED)
+                self._mark(block.address, block.generation, words.FREED)
                 self._disown(block, owner)
         return Freed(len(blocks), freed)
 
@@ -535,15 +428,7 @@ class Ledger:
         for block in blocks:
             owner = self.owners.get(block.owner) if block.owner is not None else None
             if owner is not None and owner.uid != session.uid:
-                raise AccessDenied(
-                    f"free of block {block.offset:#x}: it is held by owner {owner.name!r} of "
-                    f"uid {owner.uid}; uid {session.uid} (session {session.id}, pid "
-                    f"{session.pid}) may free only its own user's blocks; nothing was freed. "
-                    "Ask the daemon's user (or root) to free or recycle it",
-                    owner=owner.name,
-                    owner_uid=owner.uid,
-                    uid=session.uid,
-                )
+                raise refusals.free_of_another_user(block, owner, session)
 
     def retain(self, session_id: int, handles: Iterable[Handle], now: float = 0.0) -> int:
         session = self.sessions[session_id]
@@ -554,8 +439,8 @@ class Ledger:
             if block.retainers is None:
                 block.retainers = {}
             block.retainers[session_id] = block.retainers.get(session_id, 0) + 1
-            session.retained.add(block.offset)
-            self.changes.blocks.add(block.offset)
+            session.retained.add(block.address)
+            self.changes.blocks.add(block.address)
         return len(blocks)
 
     def hold(self, handles: Iterable[Handle], now: float = 0.0) -> list[Block]:
@@ -567,7 +452,7 @@ class Ledger:
             if block.retainers is None:
                 block.retainers = {}
             block.retainers[QUEUED] = block.retainers.get(QUEUED, 0) + 1
-            self.changes.blocks.add(block.offset)
+            self.changes.blocks.add(block.address)
         return blocks
 
     def pass_holds(self, session_id: int, blocks: Iterable[Block]) -> None:
@@ -577,7 +462,7 @@ class Ledger:
             assert block.retainers and block.retainers.get(QUEUED, 0) > 0
             self._drop_ref(block, QUEUED, release=False)
             block.retainers[session_id] = block.retainers.get(session_id, 0) + 1
-            session.retained.add(block.offset)
+            session.retained.add(block.address)
 
     def drop_holds(self, blocks: Iterable[Block]) -> None:
         """A queued message is gone untaken (its queue was removed)."""
@@ -587,7 +472,7 @@ class Ledger:
     def _drop_ref(self, block: Block, key: int, release: bool = True) -> bool:
         """Drop one of `key`'s references on `block`; True if it was the last."""
         assert block.retainers is not None
-        self.changes.blocks.add(block.offset)
+        self.changes.blocks.add(block.address)
         count = block.retainers[key] - 1
         if count:
             block.retainers[key] = count
@@ -606,27 +491,27 @@ class Ledger:
         blocks = self._settle_all(found, handles, 0.0)
         listed: dict[int, int] = {}
         for block in blocks:
-            listed[block.offset] = listed.get(block.offset, 0) + 1
+            listed[block.address] = listed.get(block.address, 0) + 1
         for block in blocks:
             held = (block.retainers or {}).get(session_id, 0)
-            if held < listed[block.offset]:
-                twice = f" {listed[block.offset]} times" if listed[block.offset] > 1 else ""
+            if held < listed[block.address]:
+                twice = f" {listed[block.address]} times" if listed[block.address] > 1 else ""
                 raise InvalidRequest(
                     lifetime_message(
                         "release_unretained",
-                        f"release of block {block.offset:#x}{twice} by session {session_id}",
+                        f"release of block {block.address:#x}{twice} by session {session_id}",
                         f"the session retains it {held} time(s)"
                         + (" (the same handle is listed twice)" if twice else "")
                         + "; nothing was released",
                     ),
                     rule="release_unretained",
-                    offset=block.offset,
-                    listed=listed[block.offset],
+                    offset=block.address,
+                    listed=listed[block.address],
                     retained=held,
                 )
         for block in blocks:
             if self._drop_ref(block, session_id):
-                session.retained.discard(block.offset)
+                session.retained.discard(block.address)
         return len(blocks)
 
     def lookup(self, handle: Handle, for_free: bool, now: float = 0.0) -> Block:
@@ -653,8 +538,8 @@ class Ledger:
         request lists it twice."""
         settled: set[int] = set()
         for (block, early), handle in zip(found, handles, strict=True):
-            if early and block.offset not in settled:
-                settled.add(block.offset)
+            if early and block.address not in settled:
+                settled.add(block.address)
                 self._settle(block, handle, now)
         return [block for block, _ in found]
 
@@ -675,57 +560,24 @@ class Ledger:
         )
         if block is not None and self._early(block, handle):
             return block, True
-        if block is not None and block.generation == handle.generation and not block.cached:
-            if block.size != handle.size:  # (a cached block's size is its class's)
-                raise lifetime_error(
-                    "handle_altered",
-                    f"{asked} of {handle.size} bytes at {_place(handle)}",
-                    f"the live block there has {block.size} bytes: not a handle the daemon "
-                    "gave out; nothing was done",
-                    handle=list(handle),
-                )
-        if block is None or block.generation != handle.generation:
-            raise self._gone_error(handle, asked, for_free, block)
-        if block.cached or (for_free and block.owner is None):
-            raise self._gone_error(handle, asked, for_free, block)
-        return block, False
-
-    def _gone_error(
-        self, handle: Handle, asked: str, for_free: bool, block: Block | None
-    ) -> StaleHandle:
-        """Why the block `handle` names is not live (as far as the ledger
-        remembers), as the rule the caller broke."""
-        what = f"{asked} of the block at {_place(handle)} (generation {handle.generation})"
-        memory = self.gone.get(handle.segment << SEGMENT_SHIFT | handle.offset)
-        details: dict[str, object] = {"handle": list(handle), "reason": ""}
-        if memory is not None and memory.generation == handle.generation:
-            details.update(reason=memory.reason, owner=memory.owner, pid=memory.pid)
-            if memory.reason == RECYCLED:
-                found, rule = f"its owner {memory.owner!r} was recycled", "owner_recycled"
-            elif memory.reason == SESSION_ENDED:
-                how = _SESSION_ENDINGS.get(memory.how, f"ended ({memory.how})")
-                found = (
-                    f"its owner {memory.owner!r} went with its session when process "
-                    f"{memory.pid} {how}"
-                )
-                rule = "producer_exited"
-                details["ended"] = memory.how
-            else:
-                found, rule = f"it was freed by its owner {memory.owner!r}", "use_after_free"
-        else:
-            found, rule = (
-                "it was freed, or its owner recycled or its process ended",
-                ("use_after_free"),
+        if (
+            block is not None
+            and block.generation == handle.generation
+            and not block.cached
+            and block.size != handle.size  # (a cached block's size is its class's)
+        ):
+            raise lifetime_error(
+                "handle_altered",
+                f"{asked} of {handle.size} bytes at {place(handle)}",
+                f"the live block there has {block.size} bytes: not a handle the daemon "
+                "gave out; nothing was done",
+                handle=list(handle),
             )
-        if block is not None and block.generation != handle.generation and not block.cached:
-            found += ", and the block has been handed out again since"
-        elif block is not None and block.retainers and not block.cached:
-            found += f"; it stays mapped only while {len(block.retainers)} reader(s) retain it"
-        if for_free and asked == "free":
-            found += "; nothing was freed"
-            if rule != "owner_recycled":
-                rule = "double_free"
-        return lifetime_error(rule, what, found, **details)
+        if block is None or block.generation != handle.generation:
+            raise gone_error(self.gone, handle, asked, for_free, block)
+        if block.cached or (for_free and block.owner is None):
+            raise gone_error(self.gone, handle, asked, for_free, block)
+        return block, False
 
     def _early(self, block: Block, handle: Handle) -> bool:
         """Whether `handle` is a newer hand-out of a cache block than the daemon
@@ -754,16 +606,16 @@ class Ledger:
         self._assign(session, block, handle.size, handle.generation, 0, now)
 
     def _own(self, block: Block, owner: Owner) -> None:
-        self.changes.blocks.add(block.offset)
-        owner.blocks[block.offset] = block
+        self.changes.blocks.add(block.address)
+        owner.blocks[block.address] = block
         owner.bytes += block.carved
         self.owned_bytes += block.carved
         self.requested_bytes += block.size
         block.owner = owner.name
 
     def _unown(self, block: Block, owner: Owner) -> None:
-        self.changes.blocks.add(block.offset)
-        del owner.blocks[block.offset]
+        self.changes.blocks.add(block.address)
+        del owner.blocks[block.address]
         owner.bytes -= block.carved
         self.owned_bytes -= block.carved
         self.requested_bytes -= block.size
@@ -774,16 +626,10 @@ class Ledger:
     def _disown(
         self, block: Block, owner: Owner, notify: bool = True, why: tuple[str, str] = (FREED, "")
     ) -> None:
-        self._remember(block, owner, why)
+        gone = Gone(block.generation, why[0], why[1], owner.name, owner.pid)
+        remember(self.gone, block.address, gone, self.max_remembered_frees)
         self._unown(block, owner)
         self._maybe_release(block, notify)
-
-    def _remember(self, block: Block, owner: Owner, why: tuple[str, str]) -> None:
-        gone = self.gone
-        gone.pop(block.offset, None)  # re-inserted: the newest is last
-        gone[block.offset] = Gone(block.generation, why[0], why[1], owner.name, owner.pid)
-        if len(gone) > self.max_remembered_frees:
-            gone.popitem(last=False)
 
     def _maybe_release(self, block: Block, notify: bool = True) -> None:
         """A block nobody holds any more goes back where it came from: the
@@ -792,14 +638,14 @@ class Ledger:
             return
         session = self.sessions.get(block.cache_session) if block.cache_session else None
         if session is None:
-            self.changes.blocks.add(block.offset)
-            del self.blocks[block.offset]
-            self.space.free(block.offset)
+            self.changes.blocks.add(block.address)
+            del self.blocks[block.address]
+            self.space.free(block.address)
             return
         block.size = block.carved
         self._cache_in(session, block)
         if notify:
-            session.notices += (block.offset, block.generation)
+            session.notices += (block.address, block.generation)
             self.changes.sessions.add(session.id)
 
     # -- client caches -------------------------------------------------------
@@ -825,40 +671,17 @@ class Ledger:
         triples = self._check_fills(session_id, fills, mark)
         space = self.space
         taken: list[list[int]] = []
-        room = None  # bytes the session may still take into its cache, None: any
-        if self.session_quota:
-            required = sum(c * need for c, _, need in triples)
-            required += sum(space.carved_bytes(size) for size in sizes)
-            held = self.session_held(session)
-            if held + required > self.session_quota:
-                raise self._over_session_quota(session, held, required)
-            room = self.session_quota - held - required
+        room = self._cache_room(session, triples, sizes)
 
         def give_back() -> None:
             for group in taken:
-                for offset in group:
-                    space.free(offset)
+                for address in group:
+                    space.free(address)
 
         for class_bytes, count, need in triples:
-            offsets: list[int] = []
-            taken.append(offsets)
-            for _ in range(count):
-                if room is not None and len(offsets) >= need:
-                    if room < class_bytes:
-                        break  # more would take the session over its quota
-                    room -= class_bytes
-                offset = space.alloc(class_bytes)
-                if offset is None:
-                    short = need - len(offsets)
-                    if short <= 0 or self.growth is None:
-                        break
-                    if not self._grow(short * class_bytes, class_bytes):
-                        break
-                    offset = space.alloc(class_bytes)
-                    if offset is None:
-                        break
-                offsets.append(offset)
-            if len(offsets) < need:
+            addresses, room = self._carve(class_bytes, count, need, room)
+            taken.append(addresses)
+            if len(addresses) < need:
                 give_back()
                 raise self._out_of_memory(class_bytes, class_bytes * need if need > 1 else None)
         try:
@@ -866,14 +689,53 @@ class Ledger:
         except BaseException:
             give_back()
             raise
-        for (class_bytes, _, _), offsets in zip(triples, taken, strict=True):
+        for (class_bytes, _, _), addresses in zip(triples, taken, strict=True):
             if self.empty_since:
-                self._busy(offsets)
-            for offset in offsets:
-                block = Block(offset, class_bytes, class_bytes, mark, None, None, session_id)
-                self.blocks[offset] = block
+                grower.mark_busy(self.empty_since, addresses)
+            for address in addresses:
+                block = Block(address, class_bytes, class_bytes, mark, None, None, session_id)
+                self.blocks[address] = block
                 self._cache_in(session, block)
         return taken, direct
+
+    def _cache_room(
+        self, session: Session, triples: list[tuple[int, ...]], sizes: list[int]
+    ) -> int | None:
+        """Bytes the session may take into its cache beyond what a fill needs
+        (None: any); the session quota's refusal if it cannot have even that."""
+        if not self.session_quota:
+            return None
+        required = sum(c * need for c, _, need in triples)
+        required += sum(self.space.carved_bytes(size) for size in sizes)
+        held = self.session_held(session)
+        if held + required > self.session_quota:
+            raise self._over_session_quota(session, held, required)
+        return self.session_quota - held - required
+
+    def _carve(
+        self, class_bytes: int, count: int, need: int, room: int | None
+    ) -> tuple[list[int], int | None]:
+        """Up to `count` blocks of `class_bytes` (the arena grows for the first
+        `need` only), the ones beyond `need` within `room` bytes; and the room left."""
+        addresses: list[int] = []
+        for _ in range(count):
+            if room is not None and len(addresses) >= need:
+                if room < class_bytes:
+                    break  # more would take the session over its quota
+                room -= class_bytes
+            address = self.space.alloc(class_bytes)
+            short = need - len(addresses)
+            if (
+                address is None
+                and short > 0
+                and self.growth is not None
+                and self._grow(short * class_bytes, class_bytes)
+            ):
+                address = self.space.alloc(class_bytes)
+            if address is None:
+                break
+            addresses.append(address)
+        return addresses, room
 
     # -- quotas ----------------------------------------------------------------
 
@@ -899,9 +761,9 @@ class Ledger:
         if owner is None:  # a new owner has no quota of its own
             scope = DETACHED if detached and owner_name is not None else SESSION
             owner = Owner(name, scope, session_id, self.sessions[session_id].pid, 0.0)
-        self._check_quotas(session_id, owner, sizes)
+        self._check_quotas(owner, sizes)
 
-    def _check_quotas(self, session_id: int, owner: Owner, sizes: list[int]) -> None:
+    def _check_quotas(self, owner: Owner, sizes: list[int]) -> None:
         # The session quota binds the session that created the owner, while
         # it lives (for a session-scoped owner, the caller itself).
         creator = self.sessions.get(owner.session_id)
@@ -909,32 +771,14 @@ class Ledger:
             return
         carved = sum(self.space.carved_bytes(size) for size in sizes)
         if owner.quota and owner.bytes + carved > owner.quota:
-            raise QuotaExceeded(
-                f"alloc of {format_size(carved)} into owner {owner.name!r} refused: its quota "
-                f"is {format_size(owner.quota)} and it holds {format_size(owner.bytes)}; free "
-                f"or recycle some of it, or raise the quota (shmarena quota {owner.name} SIZE)",
-                owner=owner.name,
-                quota_bytes=owner.quota,
-                held_bytes=owner.bytes,
-                requested_bytes=carved,
-            )
+            raise refusals.over_owner_quota(owner, carved)
         if self.session_quota and creator is not None:
             held = self.session_held(creator)
             if held + carved > self.session_quota:
                 raise self._over_session_quota(creator, held, carved)
 
     def _over_session_quota(self, session: Session, held: int, asked: int) -> QuotaExceeded:
-        return QuotaExceeded(
-            f"alloc of {format_size(asked)} refused: session {session.id} (pid {session.pid}) "
-            f"holds {format_size(held)} (its cache included) of its quota of "
-            f"{format_size(self.session_quota)} per session (--quota-per-session; the "
-            "detached owners it created count too); free or recycle some, or have the "
-            "daemon's user raise it (shmarena quota --per-session SIZE)",
-            quota_bytes=self.session_quota,
-            held_bytes=held,
-            requested_bytes=asked,
-            session=session.id,
-        )
+        return refusals.over_session_quota(session, self.session_quota, held, asked)
 
     def set_quota(self, target: str, quota: int) -> None:
         """Set an owner's quota ("" : the per-session one); 0 removes it.
@@ -1056,12 +900,12 @@ class Ledger:
                 problems.append(error)
         return problems
 
-    def pin(self, session: Session, offset: int, generation: int) -> None:
+    def pin(self, session: Session, address: int, generation: int) -> None:
         """The session's process has views of the block: keep it out of reuse
         once its owner lets go. A block of the session's own cache is taken
         out of it (the client keeps it aside). A block no longer live under
         `generation` is left alone: there is nothing to keep."""
-        block = self.blocks.get(offset)
+        block = self.blocks.get(address)
         if block is None or block.generation != generation:
             return
         if block.cached:
@@ -1073,25 +917,25 @@ class Ledger:
         if block.pins is None:
             block.pins = {}
         block.pins[session.id] = block.pins.get(session.id, 0) + 1
-        session.pinned.add(offset)
-        self.changes.blocks.add(offset)
+        session.pinned.add(address)
+        self.changes.blocks.add(address)
 
-    def unpin(self, session: Session, offset: int, generation: int) -> None:
+    def unpin(self, session: Session, address: int, generation: int) -> None:
         """The last view the session's process had of the block is gone: a
         block nobody else holds goes where a released block goes (a notice
         tells its cache). An UNPIN that matches no PIN is ignored."""
-        block = self.blocks.get(offset)
+        block = self.blocks.get(address)
         if block is None or block.generation != generation or not block.pins:
             return
         count = block.pins.get(session.id, 0)
         if not count:
             return
-        self.changes.blocks.add(offset)
+        self.changes.blocks.add(address)
         if count > 1:
             block.pins[session.id] = count - 1
             return
         del block.pins[session.id]
-        session.pinned.discard(offset)
+        session.pinned.discard(address)
         self._maybe_release(block)
 
     def _may_assign(self, block: Block, generation: int) -> bool:
@@ -1102,28 +946,27 @@ class Ledger:
         )
 
     def _event_assign(self, session: Session, event: tuple[int, ...], now: float) -> None:
-        _, offset, size, generation, owner_id = event
-        block = self.blocks.get(offset)
+        _, address, size, generation, owner_id = event
+        block = self.blocks.get(address)
         if block is None or block.cache_session != session.id:
-            raise StaleHandle(f"assign: no block of this session's cache at {offset:#x}")
+            raise StaleHandle(f"assign: no block of this session's cache at {address:#x}")
         if block.cached:
             if self._may_assign(block, generation):
                 if not 0 < size <= block.carved:
-                    raise InvalidRequest(f"assign: size {size} does not fit block {offset:#x}")
+                    raise InvalidRequest(f"assign: size {size} does not fit block {address:#x}")
                 self._assign(session, block, size, generation, owner_id, now)
             # else: already handed out and given back through another process
             return
         if block.generation == generation and block.owner is not None:
             # Assigned already by a handle that arrived first: move it to its owner.
             wanted = session.owner_ids.get(owner_id)
-            if wanted is not None:
-                if wanted != block.owner:
-                    self._unown(block, self.owners[block.owner])
-                    self._own(block, self.open_owner(wanted, session.id, False, now))
+            if wanted is not None and wanted != block.owner:
+                self._unown(block, self.owners[block.owner])
+                self._own(block, self.open_owner(wanted, session.id, False, now))
             return
         if block.generation >= generation:
             return  # handed out and let go before this report arrived
-        raise StaleHandle(f"assign: block {offset:#x} is not in this session's cache")
+        raise StaleHandle(f"assign: block {address:#x} is not in this session's cache")
 
     def _assign(
         self, session: Session, block: Block, size: int, generation: int, owner_id: int, now: float
@@ -1135,8 +978,8 @@ class Ledger:
         self._own(block, owner)
 
     def _event_unassign(self, session: Session, event: tuple[int, ...]) -> None:
-        _, offset, generation = event
-        block = self.blocks.get(offset)
+        _, address, generation = event
+        block = self.blocks.get(address)
         if (
             block is not None
             and block.cache_session == session.id
@@ -1144,28 +987,28 @@ class Ledger:
         ):
             return  # a handle of a newer hand-out came first and applied this (see lookup)
         if block is None or block.cache_session != session.id or block.generation != generation:
-            raise StaleHandle(f"unassign: block {offset:#x} generation {generation} is not live")
+            raise StaleHandle(f"unassign: block {address:#x} generation {generation} is not live")
         if block.cached:
             return  # it came back through another process first (recycle, free by handle)
         if block.owner is None:
-            raise StaleHandle(f"unassign: block {offset:#x} was freed already")
+            raise StaleHandle(f"unassign: block {address:#x} was freed already")
         self._disown(block, self.owners[block.owner], notify=False)
 
     def _drain(self, session: Session, block: Block) -> None:
         self._cache_out(session, block)
-        del self.blocks[block.offset]
-        self.space.free(block.offset)
+        del self.blocks[block.address]
+        self.space.free(block.address)
 
     def _cache_in(self, session: Session, block: Block) -> None:
-        self.changes.blocks.add(block.offset)
+        self.changes.blocks.add(block.address)
         block.cached = True
-        session.cached.add(block.offset)
+        session.cached.add(block.address)
         session.cached_bytes += block.carved
 
     def _cache_out(self, session: Session, block: Block) -> None:
-        self.changes.blocks.add(block.offset)
+        self.changes.blocks.add(block.address)
         block.cached = False
-        session.cached.discard(block.offset)
+        session.cached.discard(block.address)
         session.cached_bytes -= block.carved
 
     @property
@@ -1174,72 +1017,13 @@ class Ledger:
         return sum(s.cached_bytes for s in self.sessions.values())
 
     def _out_of_memory(self, size: int, batch_total: int | None) -> OutOfMemory:
-        space = self.space
-        largest = space.largest_free_bytes()
-        free = space.free_bytes
-        index = space.fragmentation_index(size)
-        batch = f" (in a batch of {format_size(batch_total)})" if batch_total else ""
-        figures = (
-            f"asked {format_size(size)}{batch}, largest free block {format_size(largest)}, "
-            f"free {format_size(free)} in total"
-        )
-        if free >= space.carved_bytes(size):
-            state = "fragmented"
-            figures += f" (fragmentation index {index if index is not None else 0:.2f})"
-        else:
-            state = "full"
-        if self.cached_bytes:
-            figures += f"; {format_size(self.cached_bytes)} more sit unused in client caches"
-        top = sorted(self.owners.values(), key=lambda o: o.bytes, reverse=True)[:3]
-        holders = ", ".join(f"{o.name} {format_size(o.bytes)}" for o in top if o.bytes)
-        if holders:
-            figures += f"; largest owners: {holders}"
-        growth = self.growth
-        if growth is not None:
-            figures += (
-                f"; the arena has grown to {format_size(space.size_bytes)} of its --max-size "
-                f"{format_size(growth.max_bytes)}"
-            )
-            if growth.failures:
-                figures += f" (adding a segment failed: {growth.last_failure})"
-        return OutOfMemory(
-            f"arena {self.name!r} is {state}: {figures}; free buffers, recycle an owner "
-            "(`shmarena owners` shows who holds what) or start the daemon with a larger "
-            + ("--max-size" if growth is not None else "--size"),
-            requested_bytes=size,
-            largest_free_bytes=largest,
-            free_bytes=free,
-            fragmentation_index=index,
-            state=state,
-            top_owners=[[o.name, o.bytes] for o in top if o.bytes],
-        )
+        return refusals.out_of_memory(self, size, batch_total)
 
     def never_fits(self, size: int) -> OutOfMemory | None:
         """The refusal of a buffer this arena could not hold even empty (and
         grown to its --max-size, if it may grow), or None if it might fit:
         waiting for frees would not help such a request."""
-        space, growth = self.space, self.growth
-        if growth is not None and isinstance(space, Segmented):
-            needs, can, flag = space.spaces[0].room_for(size), growth.max_bytes, "--max-size"
-            what = f"it may grow to {format_size(can)} in all (--max-size)"
-        else:
-            needs, can, flag = space.room_for(size), space.size_bytes, "--size"
-            what = f"its whole size is {format_size(can)}"
-        if needs <= can:
-            return None
-        carved = f" (a block of {format_size(needs)})" if needs != size else ""
-        largest, free = space.largest_free_bytes(), space.free_bytes
-        return OutOfMemory(
-            f"arena {self.name!r} can never hold this buffer: asked {format_size(size)}{carved}, "
-            f"largest free block {format_size(largest)}, free {format_size(free)} in total, "
-            f"and {what}; waiting for frees would not help: ask for less, split the buffer, "
-            f"or start the daemon with a larger {flag}",
-            requested_bytes=size,
-            largest_free_bytes=largest,
-            free_bytes=free,
-            possible_bytes=can,
-            state="too_large",
-        )
+        return refusals.never_fits(self, size)
 
     # -- growth --------------------------------------------------------------
 
@@ -1248,23 +1032,7 @@ class Ledger:
         least), if the cap allows and the server can make it."""
         growth, space = self.growth, self.space
         assert growth is not None and isinstance(space, Segmented)
-        if len(space.spaces) >= MAX_SEGMENTS:
-            return False
-        need = max(space.carved_bytes(need_bytes), space.spaces[0].room_for(size))
-        planned = plan_growth(space.size_bytes, need, growth.max_bytes, growth.granule)
-        if planned is None:
-            return False
-        index = space.next_index
-        if not growth.make(index, planned):
-            growth.failures += 1
-            return False
-        growth.failures, growth.last_failure = 0, ""  # only a current failure is news
-        space.add(index, planned)
-        return True
-
-    def _busy(self, addresses: list[int]) -> None:
-        for addr in addresses:
-            self.empty_since.pop(addr >> SEGMENT_SHIFT, None)
+        return grower.grow(growth, space, need_bytes, size)
 
     def trim(self, now: float) -> list[int]:
         """The added segments that have been empty for the idle period, now
@@ -1272,17 +1040,7 @@ class Ledger:
         growth, space = self.growth, self.space
         if growth is None or not isinstance(space, Segmented) or growth.idle_s <= 0:
             return []
-        released = []
-        for index, part in list(space.spaces.items()):
-            if index == 0 or part.live:
-                self.empty_since.pop(index, None)
-                continue
-            since = self.empty_since.setdefault(index, now)
-            if now - since >= growth.idle_s:
-                space.remove(index)
-                del self.empty_since[index]
-                released.append(index)
-        return released
+        return grower.trim(growth, space, self.empty_since, now)
 
     # -- reading -------------------------------------------------------------
 
@@ -1305,97 +1063,4 @@ class Ledger:
 
     def check(self) -> list[str]:
         """Every invariant between ledger and allocator; empty when healthy."""
-        problems = list(self.space.check())
-        live = dict(self.space.allocations())
-        if set(live) != set(self.blocks):
-            problems.append(
-                f"ledger has {len(self.blocks)} blocks, the allocator {len(live)} allocations"
-            )
-        owned = 0
-        for owner in self.owners.values():
-            if owner.bytes != sum(b.carved for b in owner.blocks.values()):
-                problems.append(f"owner {owner.name!r} byte count is off")
-            for offset, block in owner.blocks.items():
-                owned += block.carved
-                if block.owner != owner.name or self.blocks.get(offset) is not block:
-                    problems.append(f"block {offset:#x} of owner {owner.name!r} is misfiled")
-        detached = sum(owner.scope == DETACHED for owner in self.owners.values())
-        if detached != self.detached_owners:
-            problems.append(f"{self.detached_owners} detached owners counted, {detached} exist")
-        if owned != self.owned_bytes:
-            problems.append(f"owned bytes {self.owned_bytes} != sum over owners {owned}")
-        cached = 0
-        for block in self.blocks.values():
-            if live.get(block.offset) != block.carved:
-                problems.append(f"block {block.offset:#x} carved size disagrees with the allocator")
-            if block.cached:
-                cached += block.carved
-                session = self.sessions.get(block.cache_session)
-                if session is None or block.offset not in session.cached:
-                    problems.append(f"cached block {block.offset:#x} is in no living cache")
-                if block.owner is not None or block.retainers:
-                    problems.append(f"cached block {block.offset:#x} is also held")
-            elif block.owner is None and not block.retainers and not block.pins:
-                problems.append(f"block {block.offset:#x} has neither owner nor retainer")
-            for sid in block.retainers or ():
-                if sid != QUEUED and sid not in self.sessions:
-                    problems.append(f"block {block.offset:#x} retained by ended session {sid}")
-            for sid, count in (block.pins or {}).items():
-                pinner = self.sessions.get(sid)
-                if pinner is None or block.offset not in pinner.pinned or count < 1:
-                    problems.append(f"block {block.offset:#x} pinned by ended session {sid}")
-            if block.cached and block.pins:
-                problems.append(f"cached block {block.offset:#x} is also pinned")
-        if cached != self.cached_bytes:
-            problems.append(
-                f"cached bytes per session {self.cached_bytes} != sum over blocks {cached}"
-            )
-        for session in self.sessions.values():
-            problems += self._check_owner_ids(session)
-            for offset in session.cached:
-                held = self.blocks.get(offset)
-                if held is None or not held.cached or held.cache_session != session.id:
-                    problems.append(f"session {session.id} caches {offset:#x} it does not hold")
-            for offset in session.pinned:
-                held = self.blocks.get(offset)
-                if held is None or not (held.pins or {}).get(session.id):
-                    problems.append(f"session {session.id} pins {offset:#x} it does not pin")
-        return problems
-
-    def _check_owner_ids(self, session: Session) -> list[str]:
-        problems = []
-        if {n: i for i, n in session.owner_ids.items()} != session.owner_id_of:
-            problems.append(f"session {session.id}: owner ids by number and by name disagree")
-        for owner_id, name in session.owner_ids.items():
-            owner = self.owners.get(name)
-            if owner_id >= session.next_owner_id:
-                problems.append(f"session {session.id}: owner id {owner_id} not given yet")
-            if owner_id and (owner is None or owner.ids.get(session.id) != owner_id):
-                problems.append(f"session {session.id}: owner id {owner_id} names no owner")
-        return problems
-
-
-def _place(handle: Handle) -> str:
-    """ "offset 0x2000", or "offset 0x2000 of segment 3" beyond segment 0."""
-    where = f"offset {handle.offset:#x}"
-    return where if handle.segment == 0 else f"{where} of segment {handle.segment}"
-
-
-def implicit_owner(session_id: int) -> str:
-    return f"{IMPLICIT_PREFIX}{session_id}"
-
-
-def check_owner_name(name: str) -> None:
-    if not name or len(name) > MAX_OWNER_NAME or not name.isprintable():
-        raise InvalidRequest(
-            f"owner name must be 1-{MAX_OWNER_NAME} printable characters, got {name!r:.60}",
-            owner=name[:MAX_OWNER_NAME],
-        )
-
-
-def check_size(size: int) -> None:
-    if size <= 0 or size > MAX_SIZE_BYTES:
-        raise InvalidRequest(
-            f"buffer size must be a positive number of bytes, got {size}",
-            requested_bytes=size,
-        )
+        return audit(self)

@@ -386,7 +386,7 @@ def inspect_file(path: str) -> tuple[dict[str, Any], list[str]]:
             ],
             blocks=[
                 {
-                    "offset": b.offset,
+                    "offset": b.address,
                     "size": b.size,
                     "carved": b.carved,
                     "generation": b.generation,
@@ -395,7 +395,7 @@ def inspect_file(path: str) -> tuple[dict[str, Any], list[str]]:
                     "retainers": sorted(b.retainers or ()),
                     "pinned_by": sorted(b.pins or ()),
                 }
-                for b in sorted(ledger.blocks.values(), key=lambda b: b.offset)
+                for b in sorted(ledger.blocks.values(), key=lambda b: b.address)
             ],
         )
     return report, problems

@@ -54,7 +54,7 @@ class Link:
 
 def block_image(b: Block) -> list[Any]:
     retainers = [x for pair in b.retainers.items() for x in pair] if b.retainers else None
-    image = [b.offset, b.size, b.carved, b.generation, b.owner, retainers]
+    image = [b.address, b.size, b.carved, b.generation, b.owner, retainers]
     image += [b.cache_session, b.cached]
     if b.pins:  # a ninth field, only when pinned: older tables have eight
         image.append([x for pair in b.pins.items() for x in pair])
@@ -259,32 +259,32 @@ def _build_owners(state: State, ledger: Ledger) -> None:
 
 
 def _build_block(image: list[Any], ledger: Ledger) -> None:
-    offset, size, carved, gen, oname, flat, cache_session, cached = image[:8]
+    address, size, carved, gen, oname, flat, cache_session, cached = image[:8]
     retainers = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None
-    block = Block(offset, size, carved, gen, oname, retainers, cache_session, bool(cached))
+    block = Block(address, size, carved, gen, oname, retainers, cache_session, bool(cached))
     pins = image[8] if len(image) > 8 else None
     if pins:
         block.pins = dict(zip(pins[::2], pins[1::2], strict=True))
         for sid in block.pins:
             if sid in ledger.sessions:
-                ledger.sessions[sid].pinned.add(offset)
-    ledger.blocks[offset] = block
+                ledger.sessions[sid].pinned.add(address)
+    ledger.blocks[address] = block
     if oname is not None:
         owner = ledger.owners.get(oname)
         if owner is None:
-            raise ValueError(f"block {offset:#x} names owner {oname!r}, which is not there")
-        owner.blocks[offset] = block
+            raise ValueError(f"block {address:#x} names owner {oname!r}, which is not there")
+        owner.blocks[address] = block
         owner.bytes += carved
         ledger.owned_bytes += carved
         ledger.requested_bytes += size
     for sid in retainers or ():
         if sid in ledger.sessions:
-            ledger.sessions[sid].retained.add(offset)
+            ledger.sessions[sid].retained.add(address)
     if cached:
         holder = ledger.sessions.get(cache_session)
         if holder is None:
-            raise ValueError(f"cached block {offset:#x} belongs to no session")
-        holder.cached.add(offset)
+            raise ValueError(f"cached block {address:#x} belongs to no session")
+        holder.cached.add(address)
         holder.cached_bytes += carved
 
 

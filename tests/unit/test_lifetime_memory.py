@@ -4,8 +4,10 @@ the lifetime rule that was broken. Pure: the service driven directly."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
+from shmarena.daemon.gone import FREED, Gone, remember
 from shmarena.protocol import ERR, Op
 from tests.unit.test_service import Peer, make_service
 
@@ -85,3 +87,10 @@ def test_the_memory_is_bounded_and_forgets_the_oldest_first() -> None:
     _, _, details = refused(peer, Op.RETAIN, [handles[-1]])  # remembered
     assert details["reason"] == "freed"
     assert service.check() == []
+
+
+def test_remember_keeps_the_newest_last_and_forgets_beyond_its_bound() -> None:
+    memory: OrderedDict[int, Gone] = OrderedDict()
+    for address in (0x1000, 0x2000, 0x3000, 0x1000):  # 0x1000 again: now the newest
+        remember(memory, address, Gone(address, FREED, "", "o", 1), limit=2)
+    assert list(memory) == [0x3000, 0x1000]
