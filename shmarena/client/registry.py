@@ -29,6 +29,8 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from shmarena.client.lifecycle import DONE, LIVE_STATES, OWNED, ATTACHED, State
+from shmarena.client.mappings import MAPPINGS
 from shmarena.protocol import Op
 from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT
 
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from shmarena.client.client import Client
 
 __all__ = [
+    "LIVE_STATES",
     "address_of",
     "export",
     "find",
@@ -104,10 +107,10 @@ _BASES: dict[tuple[str, int], tuple[memoryview, int]] = {}
 def register(buf: Buffer) -> None:
     """Remember where `buf`'s block lies, so that memory inside it is found
     by `find`. Costs a dict insert and a weak reference."""
-    key = buf._client._keys.get(buf._offset >> SEGMENT_SHIFT)
+    key = buf._client._keys.get(buf._address >> SEGMENT_SHIFT)
     if key is None:
         return
-    offset = buf._offset & OFFSET_MASK
+    offset = buf._address & OFFSET_MASK
     blocks = _BLOCKS.get(key)
     if blocks is None:
         blocks = _BLOCKS[key] = {}
@@ -136,9 +139,7 @@ def register(buf: Buffer) -> None:
 
 
 def _base(key: tuple[str, int]) -> tuple[int, int] | None:
-    from shmarena.client.client import _MAPPINGS
-
-    found = _MAPPINGS.get(key)
+    found = MAPPINGS.get(key)
     if found is None:
         return None
     view = found[1]
@@ -150,22 +151,16 @@ def _base(key: tuple[str, int]) -> tuple[int, int] | None:
 
 def mapping_ranges() -> list[tuple[int, int]]:
     """(start, end) addresses of every arena segment this process has mapped."""
-    from shmarena.client.client import _MAPPINGS
-
     ranges = []
-    for key in list(_MAPPINGS):
+    for key in list(MAPPINGS):
         base = _base(key)
         if base is not None:
             ranges.append((base[0], base[0] + base[1]))
     return ranges
 
 
-# A Buffer in any of these states still maps its block (not freed or released).
-LIVE_STATES = ("owned", "attached", "retained")
-
-
 def find(
-    address: int, nbytes: int, states: tuple[str, ...] = ("owned", "attached")
+    address: int, nbytes: int, states: tuple[State, ...] = (OWNED, ATTACHED)
 ) -> tuple[Buffer, int] | None:
     """The live registered Buffer whose block holds the bytes [address,
     address + nbytes), and where they start in it; None if no such block is
@@ -198,7 +193,7 @@ def find(
 
 def _deref(ref: weakref.ref[Buffer]) -> Buffer | None:
     buf = ref()
-    return None if buf is None or buf._state == "done" else buf
+    return None if buf is None or buf._state == DONE else buf
 
 
 # -- exporters that let go of their block ------------------------------------
@@ -289,7 +284,7 @@ def _work() -> None:
                 continue
             # A recycle here makes a Buffer done, but a reference it holds
             # (a retain) is still this process's to release.
-            if buf._state == "done" and (then == "free" or buf._gone != "recycled"):
+            if buf._state == DONE and (then == "free" or buf._gone != "recycled"):
                 continue
             if then == "free":
                 try:
@@ -316,4 +311,4 @@ def _release_all(bufs: list[Buffer]) -> None:
             except Exception:
                 pass
     for buf in bufs:
-        buf._done("released")
+        buf._done("release")
