@@ -27,9 +27,7 @@ class Attaching(ClientBase):
         daemon says where it lives (one round trip per new segment).
         StaleHandle when the segment no longer exists (released when empty)."""
         view = self._views.get(segment)
-        if view is not None and (
-            segment == 0 or mappings.mapped_view(self._keys[segment]) is view
-        ):
+        if view is not None and (segment == 0 or mappings.mapped_view(self._keys[segment]) is view):
             return view
         with self._lock:
             where = self._segment_info.get(segment)
@@ -150,10 +148,8 @@ class Attaching(ClientBase):
 
     def release(self, target: Buffer | Handle) -> None:
         """Drop a reference taken with `attach(..., retain=True)` or `retain()`."""
-        if isinstance(target, Buffer):
-            handle = target._make_handle()  # its owner may have been recycled: still ours
-        else:
-            handle = as_handle(target)
+        # A Buffer's owner may have been recycled: the reference is still ours.
+        handle = target._make_handle() if isinstance(target, Buffer) else as_handle(target)
         pin = target._release_views() if isinstance(target, Buffer) else None
         cache = self._cache
         if pin is not None and cache is not None:

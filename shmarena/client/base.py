@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from shmarena.client.mappings import Key
     from shmarena.client.transport import Transport
     from shmarena.errors import SessionLost
-    from shmarena.protocol import Op
+    from shmarena.protocol import Handle, Op
 
 
 class ClientBase:
@@ -88,3 +88,11 @@ class ClientBase:
         def _watch(self, pin: memoryview, address: int, gen: int) -> None: ...  # freeing.py
 
         def _pin_owner(self, name: str) -> list[Buffer]: ...  # freeing.py
+
+        def _free_buffer(self, buf: Buffer) -> int: ...  # freeing.py
+
+        def _take_back(self, buf: Buffer, cache: Cache) -> int: ...  # freeing.py
+
+        def _view_at(self, address: int, size: int) -> memoryview: ...  # attaching.py
+
+        def release(self, target: Buffer | Handle) -> None: ...  # attaching.py

@@ -32,8 +32,8 @@ from shmarena.protocol import Handle
 from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT, SEGMENT_SPAN
 
 if TYPE_CHECKING:
+    from shmarena.client.base import ClientBase
     from shmarena.client.cache import Cache
-    from shmarena.client.client import Client
 
 __all__ = ["Buffer", "Handle"]
 
@@ -74,7 +74,7 @@ class Buffer:
 
     def __init__(
         self,
-        client: Client,
+        client: ClientBase,
         epoch: int,
         address: int,
         size: int,

@@ -417,7 +417,7 @@ class Cache:
         else:
             handles = result if op is Op.ALLOC else result[0]
         for handle in handles:
-            self.post_free(tuple(handle))  # type: ignore[arg-type]
+            self.post_free(tuple(handle))
 
     def drain_all(self) -> int:
         """Queue every free cached block for return to the arena; bytes queued."""

@@ -20,6 +20,7 @@ touched from the child.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import threading
 import time
@@ -292,10 +293,9 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
                 cache, transport = self._cache, self._transport
                 if cache is None or transport is None or not cache.dirty:
                     break  # everything went out with a request meanwhile: idle again
-                try:
+                # Whatever fails here, the next call that waits for the daemon reports.
+                with contextlib.suppress(Exception):
                     transport.flush()
-                except Exception:  # noqa: BLE001 - the next call that waits reports it
-                    pass
 
     def _forked(self) -> None:
         if self._transport is not None:
@@ -428,7 +428,6 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
     @property
     def cache_max_bytes(self) -> int:
         """The largest size served from this process's cache (0: no cache)."""
@@ -467,7 +466,6 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
             transport.close()
 
 
-
 def connect(
     name: str | None = None,
     *,
@@ -493,6 +491,6 @@ def connect(
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
+
 def _default_runtime_dir() -> str:
     return runtime_dir(os.environ, os.getuid())
-

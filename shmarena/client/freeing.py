@@ -176,9 +176,10 @@ class Freeing(ClientBase):
 
         def gone(ref: weakref.ref[memoryview], queue_unpin: Any = registry.queue_unpin) -> None:
             pins.pop(id(ref), None)
-            try:
+            # Not contextlib.suppress: at interpreter shutdown, module globals may be gone.
+            try:  # noqa: SIM105
                 queue_unpin(self, session, address, gen)
-            except Exception:  # noqa: BLE001 - interpreter shutdown: the session ends, and its pins with it
+            except Exception:  # noqa: BLE001 - at shutdown the session ends, and its pins too
                 pass
 
         ref = weakref.ref(pin, gone)

@@ -19,7 +19,7 @@ def as_handle(value: Any) -> Handle:
         e, s, o, z, g = value
         if (
             type(e) is type(s) is type(o) is type(z) is type(g) is int
-            and -_HANDLE_FIELD_LIMIT <= min(value)
+            and min(value) >= -_HANDLE_FIELD_LIMIT
             and max(value) < 2 * _HANDLE_FIELD_LIMIT
         ):
             return value

@@ -40,7 +40,11 @@ def refuse_objects(dtype: Any, what: str) -> None:
 
 
 def ndarray(
-    client: Allocating, shape: Any, dtype: Any = "float64", order: str = "C", site: str | None = None
+    client: Allocating,
+    shape: Any,
+    dtype: Any = "float64",
+    order: str = "C",
+    site: str | None = None,
 ) -> Any:
     """A new, uninitialised array in a block of its own (see `Client.ndarray`)."""
     np = numpy_or_error("Client.ndarray")
@@ -68,7 +72,6 @@ def ndarray_like(client: Allocating, array: Any, site: str | None = None) -> Any
     out = ndarray(client, source.shape, source.dtype, "F" if fortran else "C", site)
     out[...] = source
     return out
-
 
 
 class Arrays(ClientBase):

@@ -3,6 +3,7 @@ Client's `owner`, `set_quota` and `recycle`)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -85,10 +86,8 @@ class Owner:
 
     def __exit__(self, *exc: object) -> None:
         if not self.detached:
-            try:
+            with contextlib.suppress(UnknownOwner):  # recycled inside the block already
                 self.recycle()
-            except UnknownOwner:
-                pass  # recycled inside the block already
 
     def __repr__(self) -> str:
         scope = "detached" if self.detached else "session"
