@@ -16,7 +16,7 @@ from typing import Any
 from shmarena.client.base import ClientBase
 from shmarena.client.buffer import Buffer
 from shmarena.client.cache import Cache
-from shmarena.client.lifecycle import OWNED, State
+from shmarena.client.lifecycle import OWNED, STATES, State
 from shmarena.errors import InvalidRequest, OutOfMemory, QuotaExceeded
 from shmarena.protocol import MAX_BATCH, MAX_WAIT_S, Op
 from shmarena.shm.segments import SEGMENT_SHIFT, SEGMENT_SPAN
@@ -243,7 +243,7 @@ class Allocating(ClientBase):
         _, segment, offset, size, gen = wire
         self._segment_view(segment)  # mapped now: a view of it is made on first use
         address = segment << SEGMENT_SHIFT | offset
-        state = State(state)
+        state = STATES[state]
         buf = Buffer(self, self.epoch, address, size, gen, state, None)
         if state is OWNED:
             self._viewed[address] = buf  # a recycle here marks it done (cheap next to the trip)

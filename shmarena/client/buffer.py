@@ -252,17 +252,29 @@ class Buffer:
         freed by itself once the last is gone. StaleHandle if it was freed or
         recycled already."""
         cache, client = self._cache, self._client
-        if cache is not None and cache is client._cache:  # not the parent's, after fork
-            if self._view is None and self._handle is None and self._state is OWNED:
-                # The hot path: the table's ("owned", "free") -> "done", inlined
-                # (the state was just checked). The cache refuses a block
-                # that is not out under our generation.
-                cache.give_back(self._address, self._gen)
-                self._state = DONE
-            else:
-                client._take_back(self, cache)
-        else:
+        if cache is None or cache is not client._cache:  # not the parent's, after fork
             client._free_buffer(self)
+            return
+        if self._handle is not None or self._state is not OWNED:
+            client._take_back(self, cache)  # its handle may be elsewhere, or it is done
+            return
+        view = self._view
+        if view is not None:  # views were made: they may outlive the Buffer
+            pin = self._pin
+            self._view = self._pin = None
+            client._viewed.pop(self._address, None)
+            try:
+                view.release()
+                pin.release()  # type: ignore[union-attr]
+            except BufferError:  # views made from them live on: the block is pinned
+                self._view, self._pin = view, pin
+                client._take_back(self, cache)
+                return
+        # The hot path: the table's ("owned", "free") -> "done", inlined (the
+        # state was just checked). The cache refuses a block that is not out
+        # under our generation.
+        cache.give_back(self._address, self._gen)
+        self._state = DONE
 
     def release(self) -> None:
         """Drop this process's reference on an attached block (see

@@ -19,7 +19,7 @@ from shmarena.client.base import ClientBase
 from shmarena.client.buffer import Buffer
 from shmarena.client.cache import Cache
 from shmarena.client.handles import as_handle, other_epoch
-from shmarena.client.lifecycle import DONE, OWNED, refusal
+from shmarena.client.lifecycle import DONE, OWNED, move, refusal
 from shmarena.client.owners import Recycled
 from shmarena.errors import lifetime_error
 from shmarena.protocol import GEN_SHIFT, PIN, UNPIN, Handle, Op
@@ -117,14 +117,14 @@ class Freeing(ClientBase):
                 pin.release()  # type: ignore[union-attr]
             except BufferError:  # views made from it live on: keep the block
                 cls = cache.free_pinned(address, buf._gen, buf._size)
-                buf._done("free")
+                move(buf, "free")
                 self._watch(pin, address, buf._gen)  # type: ignore[arg-type]
                 return cls
         if buf._handle is not None:  # its handle may be elsewhere
             cls = cache.free_through_daemon(address, buf._gen, buf._size, freed=False)
         else:
             cls = cache.give_back(address, buf._gen)
-        buf._done("free")
+        move(buf, "free")  # its views are released already
         return cls
 
     def _free_handle(self, handle: Handle) -> int:

@@ -32,10 +32,17 @@ class State(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+    # Hash as the string it equals, so a plain "retained" (from a caller that
+    # predates this Enum) finds the same table entries without a conversion:
+    # `State(x)` costs a microsecond, too much for attach or a free.
+    __hash__ = str.__hash__
+
 
 OWNED, ATTACHED, RETAINED, DONE = State.OWNED, State.ATTACHED, State.RETAINED, State.DONE
 # A Buffer in any of these states still maps its block (not freed or released).
 LIVE_STATES = (OWNED, ATTACHED, RETAINED)
+# Its value (or the member itself) -> the member.
+STATES: dict[str, State] = {state.value: state for state in State}
 
 # (state, event) -> the state after it. A pair not listed is refused by `move`.
 # "use" (view, ndarray, handle) leaves a live Buffer as it is; "free" of an
@@ -72,7 +79,7 @@ def move(buf: Lived, event: str, what: str = "") -> None:
     that ends records how (`_gone`). StaleHandle, naming the rule, if the
     table does not allow `event` now; `what` names the call for the message
     (a use: "view", "handle", ...)."""
-    after = TRANSITIONS.get((State(buf._state), event))
+    after = TRANSITIONS.get((buf._state, event))
     if after is None:
         raise refusal(buf, event, what)
     buf._state = after
