@@ -15,11 +15,14 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from shmarena.client.buffer import Buffer
     from shmarena.client.cache import Cache
     from shmarena.client.gentables import GenTables
     from shmarena.client.lifecycle import State
     from shmarena.client.mappings import Key
+    from shmarena.client.owners import Recycled
     from shmarena.client.transport import Transport
     from shmarena.errors import SessionLost
     from shmarena.protocol import Handle, Op
@@ -96,3 +99,7 @@ class ClientBase:
         def _view_at(self, address: int, size: int) -> memoryview: ...  # attaching.py
 
         def release(self, target: Buffer | Handle) -> None: ...  # attaching.py
+
+        def free(  # freeing.py
+            self, target: Buffer | Handle | Iterable[Buffer | Handle]
+        ) -> Recycled: ...
