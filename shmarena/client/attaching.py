@@ -96,7 +96,14 @@ class Attaching(ClientBase):
         handle = as_handle(handle)
         if handle.epoch != self.epoch:
             raise other_epoch(handle.epoch, self.epoch, "attach")
-        self._check_bounds(handle)
+        # Inside a segment of the arena? (inline: attach is a hot path)
+        try:
+            view = self._segment_view(handle.segment) if handle.segment >= 0 else None
+        except StaleHandle:
+            view = None
+        offset, size = handle.offset, handle.size
+        if view is None or offset < 0 or size <= 0 or offset + size > len(view):
+            self._refuse_bounds(handle, view)
         gentables = self._gentables
         table = gentables.tables.get(handle[1])
         if table is not None:  # the block's word: live under this very generation?
@@ -107,23 +114,18 @@ class Attaching(ClientBase):
             self._request(Op.RETAIN, [list(handle)])
         return self._buffer(list(handle), RETAINED if retain else ATTACHED)
 
-    def _check_bounds(self, handle: Handle) -> None:
-        """InvalidRequest unless `handle` lies inside a segment of the arena."""
-        try:
-            view = self._segment_view(handle.segment) if handle.segment >= 0 else None
-        except StaleHandle:
-            view = None
+    def _refuse_bounds(self, handle: Handle, view: memoryview | None) -> None:
+        """InvalidRequest for a handle outside the arena's segments."""
         if view is None:
             sizes = {k: int(v["size"]) for k, v in self._segment_info.items()}
             raise InvalidRequest(
                 f"handle {tuple(handle)} names segment {handle.segment}, which arena "
                 f"{self.name!r} does not have: its segments (index: bytes) are {sizes}"
             )
-        if handle.offset < 0 or handle.size <= 0 or handle.offset + handle.size > len(view):
-            raise InvalidRequest(
-                f"handle {tuple(handle)} lies outside segment {handle.segment} of the arena, "
-                f"which has {len(view)} bytes"
-            )
+        raise InvalidRequest(
+            f"handle {tuple(handle)} lies outside segment {handle.segment} of the arena, "
+            f"which has {len(view)} bytes"
+        )
 
     def _refuse_attach(self, handle: Handle, refusal: StaleHandle, retain: bool) -> None:
         """Raise the refusal of an attach the table says is stale; for a
