@@ -94,9 +94,10 @@ class Allocating(ClientBase):
         cache = self._cache
         if cache is not None and type(size) is int and 0 < size <= cache.max_bytes:
             got = cache.hand_out(size, 0)
-            if got is not None:
-                return Buffer(self, self.epoch, got[0], size, got[1], OWNED, cache)
-            return self._alloc_miss(size, 0, None)
+            if got is None:
+                return self._alloc_miss(size, 0, None)
+            address, gen = got
+            return Buffer(self, self.epoch, address, size, gen, OWNED, cache)
         return self._alloc(size, None, False)
 
     def alloc_many(self, sizes: Sequence[int]) -> list[Buffer]:
