@@ -16,6 +16,7 @@ import ast
 from typing import TYPE_CHECKING, Any
 
 from shmarena.client import registry
+from shmarena.client.ndarrays import ndarray, ndarray_like, numpy_or_error, refuse_objects
 from shmarena.errors import StaleHandle, lifetime_error
 from shmarena.protocol import Handle
 
@@ -31,14 +32,6 @@ TOKEN_PREFIX = "shmarena:1:"
 _FIELDS = 10
 
 
-def _numpy(what: str) -> Any:
-    try:
-        import numpy
-    except ImportError:
-        raise ImportError(f"{what} needs numpy: pip install 'shmarena[numpy]'") from None
-    return numpy
-
-
 def default_client() -> Client:
     """The client `attach_array` uses when given none: the process's shared
     one of `shmarena.client.default` (one `shmarena.connect()` per process,
@@ -47,46 +40,6 @@ def default_client() -> Client:
     from shmarena.client.default import default_client as shared  # it imports client.py
 
     return shared()
-
-
-def _refuse_objects(np: Any, dtype: Any, what: str) -> None:
-    if dtype.hasobject:
-        raise TypeError(
-            f"{what}: dtype {dtype} holds Python object pointers, which mean nothing in "
-            "another process and cannot live in shared memory; use a numeric, string "
-            "(e.g. 'U16', 'S16') or structured dtype without objects"
-        )
-
-
-def ndarray(
-    client: Client, shape: Any, dtype: Any = "float64", order: str = "C", site: str | None = None
-) -> Any:
-    """A new, uninitialised array in a block of its own (see `Client.ndarray`)."""
-    np = _numpy("Client.ndarray")
-    dt = np.dtype(dtype)
-    _refuse_objects(np, dt, "Client.ndarray")
-    if order not in ("C", "F"):
-        raise ValueError(f"Client.ndarray: order must be 'C' or 'F', not {order!r}")
-    shape_t = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
-    if any(n < 0 for n in shape_t):
-        raise ValueError(f"Client.ndarray: shape {shape_t} has a negative dimension")
-    count = 1
-    for n in shape_t:
-        count *= n
-    buf = client.alloc(max(count * dt.itemsize, 1), site=site)  # an empty one needs a block too
-    registry.register(buf)
-    view = registry.export(buf, then="free")
-    return np.ndarray(shape_t, dtype=dt, buffer=view, order=order)
-
-
-def ndarray_like(client: Client, array: Any, site: str | None = None) -> Any:
-    """A copy of `array` in a block of its own (see `Client.ndarray_like`)."""
-    np = _numpy("Client.ndarray_like")
-    source = np.asarray(array)
-    fortran = source.flags.f_contiguous and not source.flags.c_contiguous
-    out = ndarray(client, source.shape, source.dtype, "F" if fortran else "C", site)
-    out[...] = source
-    return out
 
 
 def _extent(array: Any) -> tuple[int, int]:
@@ -113,13 +66,13 @@ def share(array: Any) -> str:
     has attached, and from then on the receiver's retained array keeps the
     block by itself. ValueError if the array's data is not in an arena block
     this process knows: copy it in with `client.ndarray_like(array)` first."""
-    np = _numpy("shmarena.share")
+    np = numpy_or_error("shmarena.share")
     if not isinstance(array, np.ndarray):
         raise TypeError(
             f"shmarena.share takes a numpy array, not {type(array).__name__}; "
             "for a Buffer send buf.handle instead"
         )
-    _refuse_objects(np, array.dtype, "shmarena.share")
+    refuse_objects(array.dtype, "shmarena.share")
     low, high = _extent(array)
     found = registry.find(low, high - low, registry.LIVE_STATES)
     if found is None:
@@ -182,7 +135,7 @@ def attach_array(token: str, *, client: Client | None = None) -> Any:
     automatically after the last is gone (or when the process dies). Uses
     `client`, else `default_client()`. StaleHandle if the block is gone
     already (the sharer dropped its array before this attach)."""
-    np = _numpy("shmarena.attach_array")
+    np = numpy_or_error("shmarena.attach_array")
     handle, first, shape, strides, writable, dtype = _parse(np, token)
     client = client or default_client()
     if handle.epoch != client.epoch:

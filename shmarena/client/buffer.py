@@ -14,6 +14,10 @@ block is *pinned* (the daemon is told, PIN) instead of reused, and the client
 unpins it (UNPIN) once the pin object dies, from a weak reference's callback
 (see client/registry.py). Either way the Buffer is done from then on: `view`,
 `ndarray` and `handle` raise StaleHandle.
+
+Its states and their changes are the table of client/lifecycle.py. A Buffer
+knows its Client and the Cache it came from only as objects it was given:
+this module imports neither.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from pickle import PickleBuffer
 from typing import TYPE_CHECKING, Any
 
 from shmarena.client import registry
-from shmarena.errors import StaleHandle, lifetime_error
+from shmarena.client.lifecycle import DONE, OWNED, RETAINED, State, move
+from shmarena.errors import StaleHandle
 from shmarena.protocol import Handle
 from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT, SEGMENT_SPAN
 
 if TYPE_CHECKING:
+    from shmarena.client.base import ClientBase
     from shmarena.client.cache import Cache
-    from shmarena.client.client import Client
 
 __all__ = ["Buffer", "Handle"]
 
@@ -44,7 +49,7 @@ class Buffer:
     __slots__ = (
         "_client",
         "_epoch",
-        "_offset",
+        "_address",
         "_size",
         "_gen",
         "_view",
@@ -58,8 +63,9 @@ class Buffer:
         "__weakref__",  # client/registry.py finds Buffers by address without keeping them
     )
 
-    # _state: "owned" (allocated here), "attached" (no reference), "retained",
-    # or "done" (freed, released, recycled; _gone says which). _cache: the
+    # _state: a lifecycle.State, changed by lifecycle.move only (one inlined
+    # exception: Buffer.free's hot path); _gone says how a done Buffer ended.
+    # _address: segment << SEGMENT_SHIFT | offset. _cache: the
     # client cache it came from, if any. _handle: made when first read; from
     # then on another process may know the block. _view / _pin: the view
     # handed out and the slice it exports from, None until `view` is first
@@ -68,17 +74,17 @@ class Buffer:
 
     def __init__(
         self,
-        client: Client,
+        client: ClientBase,
         epoch: int,
-        offset: int,
+        address: int,
         size: int,
         gen: int,
-        state: str,
+        state: State,
         cache: Cache | None,
     ) -> None:
         self._client = client
         self._epoch = epoch
-        self._offset = offset
+        self._address = address
         self._size = size
         self._gen = gen
         self._view: memoryview | None = None
@@ -95,12 +101,11 @@ class Buffer:
         """Names this block for other processes (`client.attach(handle)`)."""
         handle = self._handle
         if handle is None:
-            if self._state == "done":
-                raise self._done_error("handle")
+            move(self, "use", "handle")
             cache = self._cache
-            if cache is not None and not cache.escape(self._offset, self._gen):
-                self._done("recycled")  # given back through another process
-                raise self._done_error("handle")
+            if cache is not None and not cache.escape(self._address, self._gen):
+                self._done("recycle")  # given back through another process
+                move(self, "use", "handle")  # refused: it is done
             handle = self._make_handle()
         return handle
 
@@ -109,7 +114,7 @@ class Buffer:
         still holds on a block whose Buffer is done (a recycled, retained one)."""
         handle = self._handle
         if handle is None:
-            address = self._offset
+            address = self._address
             handle = Handle(
                 self._epoch, address >> SEGMENT_SHIFT, address & OFFSET_MASK, self._size, self._gen
             )
@@ -127,25 +132,24 @@ class Buffer:
         if view is not None:
             return view
         # The hot case inline: a block of this process's cache, in segment 0.
-        offset, cache = self._offset, self._cache
-        if cache is not None and offset < SEGMENT_SPAN and self._state == "owned":
+        address, cache = self._address, self._cache
+        if cache is not None and address < SEGMENT_SPAN and self._state is OWNED:
             # Still out under our generation: not given back through another process.
-            entry = cache.out.get(offset)
+            entry = cache.out.get(address)
             if entry is not None and entry[0] == self._gen:
-                pin = cache.view[offset : offset + self._size]
+                pin = cache.view[address : address + self._size]
                 # Exports from `pin`, so pin.release() fails while anything made from it lives.
                 view = memoryview(PickleBuffer(pin))
                 if self._sealed:
                     view = view.toreadonly()
                 self._pin, self._view = pin, view
-                cache.viewed[offset] = self  # so a recycle or a notice here finds it
+                self._client._viewed[address] = self  # so a recycle or a notice here finds it
                 return view
         return self._make_view()
 
     def _make_view(self) -> memoryview:
-        if self._state == "done":
-            raise self._done_error("view")
-        offset, size, cache, client = self._offset, self._size, self._cache, self._client
+        move(self, "use", "view")
+        address, size, cache, client = self._address, self._size, self._cache, self._client
         if self._epoch != client.epoch:  # the mapping at hand is another arena's
             raise StaleHandle(
                 f"Buffer.view: this Buffer is from arena epoch {self._epoch}, the daemon "
@@ -154,23 +158,21 @@ class Buffer:
                 epoch=self._epoch,
                 daemon_epoch=client.epoch,
             )
-        if cache is not None:
-            entry = cache.out.get(offset)
-            if entry is None or entry[0] != self._gen:
-                # given back through another process, or its session closed
-                self._done("closed" if client._closed else "recycled")
-                raise self._done_error("view")
-        if offset < SEGMENT_SPAN and client._arena_view is not None:
-            pin = client._arena_view[offset : offset + size]
+        if cache is not None and not cache.is_out(address, self._gen):
+            # given back through another process, or its session closed
+            self._done("close" if client._closed else "recycle")
+            move(self, "use", "view")  # refused: it is done
+        if address < SEGMENT_SPAN and client._arena_view is not None:
+            pin = client._arena_view[address : address + size]
         else:
-            pin = client._view_at(offset, size)
+            pin = client._view_at(address, size)
         # Exports from `pin`, so pin.release() fails while anything made from it lives.
         view = memoryview(PickleBuffer(pin))
         if self._sealed:
             view = view.toreadonly()
         self._pin, self._view = pin, view
-        if self._state == "owned":
-            client._viewed[offset] = self  # so a recycle or a notice here finds it
+        if self._state is OWNED:
+            client._viewed[address] = self  # so a recycle or a notice here finds it
         return view
 
     def _release_views(self) -> memoryview | None:
@@ -187,32 +189,20 @@ class Buffer:
             return pin
         return None
 
-    def _done_error(self, what: str) -> StaleHandle:
-        gone = self._gone or "freed"  # "freed", "released", "recycled" or "closed"
-        rule = "owner_recycled" if gone == "recycled" else "use_after_free"
-        return lifetime_error(
-            rule,
-            f"Buffer.{what} of the buffer at offset {self.offset:#x} ({self._size} bytes)",
-            f"it was {gone} already, so it has no bytes any more (its block may be another "
-            "allocation's by now); views made before that stay valid: the block is pinned "
-            "until the last of them is gone",
-            offset=self._offset,
-            generation=self._gen,
-        )
-
     @property
     def size(self) -> int:
+        """The size asked for, in bytes (the block may be larger)."""
         return self._size
 
     @property
     def offset(self) -> int:
         """Where the block starts in its segment."""
-        return self._offset & OFFSET_MASK
+        return self._address & OFFSET_MASK
 
     @property
     def segment(self) -> int:
         """The arena segment the block lies in (0 unless the arena grew)."""
-        return self._offset >> SEGMENT_SHIFT
+        return self._address >> SEGMENT_SHIFT
 
     @property
     def sealed(self) -> bool:
@@ -226,7 +216,8 @@ class Buffer:
 
     @property
     def retained(self) -> bool:
-        return self._state == "retained"
+        """Attached with a reference this process holds (`release()` drops it)."""
+        return self._state == RETAINED
 
     def ndarray(self, shape: Any = None, dtype: Any = "uint8") -> Any:
         """A numpy array over the same bytes (no copy). `shape` defaults to as
@@ -235,8 +226,7 @@ class Buffer:
             import numpy as np
         except ImportError:
             raise ImportError("Buffer.ndarray needs numpy: pip install 'shmarena[numpy]'") from None
-        if self._state == "done":
-            raise self._done_error("ndarray")
+        move(self, "use", "ndarray")
         dt = np.dtype(dtype)
         if shape is None:
             count = self._size // dt.itemsize
@@ -261,21 +251,40 @@ class Buffer:
         from `view` live in this process, the block is pinned instead and
         freed by itself once the last is gone. StaleHandle if it was freed or
         recycled already."""
-        cache = self._cache
-        if cache is not None and cache is self._client._cache:  # not the parent's, after fork
-            cache.take_back(self)
-        else:
-            self._client._free_buffer(self)
+        cache, client = self._cache, self._client
+        if cache is None or cache is not client._cache:  # not the parent's, after fork
+            client._free_buffer(self)
+            return
+        if self._handle is not None or self._state is not OWNED:
+            client._take_back(self, cache)  # its handle may be elsewhere, or it is done
+            return
+        view = self._view
+        if view is not None:  # views were made: they may outlive the Buffer
+            pin = self._pin
+            self._view = self._pin = None
+            client._viewed.pop(self._address, None)
+            try:
+                view.release()
+                pin.release()  # type: ignore[union-attr]
+            except BufferError:  # views made from them live on: the block is pinned
+                self._view, self._pin = view, pin
+                client._take_back(self, cache)
+                return
+        # The hot path: the table's ("owned", "free") -> "done", inlined (the
+        # state was just checked). The cache refuses a block that is not out
+        # under our generation.
+        cache.give_back(self._address, self._gen)
+        self._state = DONE
 
     def release(self) -> None:
         """Drop this process's reference on an attached block (see
         `Client.attach(handle, retain=True)`)."""
         self._client.release(self)
 
-    def _done(self, gone: str = "freed") -> None:
-        """From now on the Buffer refuses `view`, `ndarray` and `handle`."""
-        self._state = "done"
-        self._gone = gone
+    def _done(self, event: str = "free") -> None:
+        """End the Buffer by `event` ("free", "release", "recycle", "close";
+        see lifecycle.py): from now on it refuses `view`, `ndarray` and `handle`."""
+        move(self, event)
         if self._view is not None:
             self._release_views()
 
@@ -283,9 +292,9 @@ class Buffer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._state == "owned":
+        if self._state == OWNED:
             self.free()
-        elif self._state == "retained":
+        elif self._state == RETAINED:
             self.release()
 
     def __repr__(self) -> str:

@@ -22,7 +22,13 @@ Two shortcuts keep the daemon's work small without making it wrong:
 A block this process still has views of is never pushed back on a free list
 (client/buffer.py, the pin rule): its free is reported (hand-out, PIN, FREE)
 and the block comes back by a notice after the client's UNPIN; a notice for
-a block with live views here is not pushed either, but pinned the same way.
+a block with live views here is not pushed either, but pinned the same way
+(the client's `recall` says which).
+
+The cache is integer bookkeeping: it hands out (address, generation) pairs
+and takes them back; it knows no Buffer and no Client (the client builds the
+Buffers and routes their frees). An *address* is `segment << SEGMENT_SHIFT |
+offset` (shm/segments.py).
 
 Generations of the blocks this cache hands out are numbered in the session's
 own space (``session << GEN_SHIFT | counter``), so no round trip is needed to
@@ -34,9 +40,8 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from shmarena.client.buffer import Buffer
 from shmarena.errors import StaleHandle, lifetime_error
 from shmarena.protocol import (
     ASSIGN,
@@ -50,9 +55,6 @@ from shmarena.protocol import (
 )
 from shmarena.shm.gens import FREED, LIVE
 from shmarena.shm.segments import SEGMENT_SHIFT, SEGMENT_SPAN
-
-if TYPE_CHECKING:
-    from shmarena.client.client import Client
 
 CACHE_MAX_BYTES = 1 << 20  # largest size served from the cache
 BATCH_BYTES = 2 << 20  # what one refill of a class aims to carve
@@ -89,6 +91,17 @@ def split_events(flat: list[int], limit: int = POST_CHUNK) -> list[list[int]]:
 
 
 class Cache:
+    """One session's cache of free blocks by size class, and the queue of
+    what the daemon must hear about them (see the module's docstring).
+
+    `wake` is called when the first event queues up (the client's flusher
+    sends it); `mark(address, generation, reason)` writes a block's word in
+    the generation table; `recall(cache, address, generation)` is asked, under the
+    lock, about a block the daemon gave back while it is still out here: it
+    ends this process's Buffer of it, and says True if views of it live on
+    (the block then stays out, pinned, until the notice after the UNPIN).
+    """
+
     def __init__(
         self,
         session: int,
@@ -96,7 +109,8 @@ class Cache:
         min_block: int,
         arena_bytes: int,
         wake: Callable[[], None],
-        client: Client,
+        mark: Callable[[int, int, int], None],
+        recall: Callable[[Cache, int, int], bool],
         view: memoryview,
         enabled: bool = True,
     ) -> None:
@@ -113,26 +127,29 @@ class Cache:
         self.cap = max(4 * self.batch_bytes, min(MAX_CACHED_BYTES, arena_bytes // 16))
         self.free_bytes = 0
         self.lock = threading.Lock()
-        self.lists: dict[int, list[int]] = {}  # class bytes -> free offsets
+        self.lists: dict[int, list[int]] = {}  # class bytes -> free addresses
         self.high: dict[int, int] = {}  # class bytes -> length that triggers a drain
-        # offset -> [generation, size, owner id, class, reported], for every
+        # address -> [generation, size, owner id, class, reported], for every
         # block handed out here and not given back yet
         self.out: dict[int, list[int]] = {}
-        self.unreported: list[int] = []  # offsets handed out since the last flush
-        # offset -> (generation, class): freed through the daemon, back on its word
+        self.unreported: list[int] = []  # addresses handed out since the last flush
+        # address -> (generation, class): freed through the daemon, back on its word
         self.awaiting: dict[int, tuple[int, int]] = {}
         self.pending: list[int] = []  # events in order
         self.dirty = False
         self.wake = wake
-        self.client = client
-        self.view = view  # segment 0; the client maps the others
-        self.viewed = client._viewed  # the client's table of Buffers with views (the pin rule)
+        self._write_word = mark
+        self._recall = recall
+        # Segment 0 of the arena these addresses are in, for the Buffers of
+        # its blocks (a view of it is a slice: no lookup on the hot path).
+        self.view = view
         self.classes: dict[int, int] = {}  # size -> class, memo
         self._gens = itertools.count((session << GEN_SHIFT) + 1)
 
     # -- sizes ---------------------------------------------------------------
 
     def class_of(self, size: int) -> int:
+        """The size class serving `size` (memoised)."""
         cls = self.classes.get(size)
         if cls is None:
             cls = size_class(size, self.min_block)
@@ -141,6 +158,7 @@ class Cache:
         return cls
 
     def batch(self, cls: int) -> int:
+        """How many blocks of class `cls` one refill brings."""
         return max(1, min(MAX_BATCH_BLOCKS, self.batch_bytes // cls))
 
     def mark(self) -> int:
@@ -148,92 +166,72 @@ class Cache:
         return next(self._gens)
 
     def missing(self, cls: int, count: int) -> int:
+        """How many of `count` blocks of class `cls` the free list lacks."""
         return max(0, count - len(self.lists.get(cls, ())))
 
     # -- the hot path --------------------------------------------------------
 
-    def hand_out(self, size: int, owner_id: int) -> Buffer | None:
-        """A Buffer of `size` bytes from the free list of its class, or None
-        on a miss. The hot path: keep it short."""
+    def hand_out(self, size: int, owner_id: int) -> tuple[int, int] | None:
+        """(address, generation) of a block of `size` bytes from the free
+        list of its class, or None on a miss. The hot path: keep it short."""
         cls = self.classes.get(size) or self.class_of(size)
         with self.lock:
             free = self.lists.get(cls)
             if not free:
                 return None
-            offset = free.pop()
+            address = free.pop()
             self.free_bytes -= cls
             gen = next(self._gens)
-            self.out[offset] = [gen, size, owner_id, cls, False]
-            self.unreported.append(offset)
+            self.out[address] = [gen, size, owner_id, cls, False]
+            self.unreported.append(address)
             if not self.dirty:
                 self._queued()
-        return Buffer(self.client, self.epoch, offset, size, gen, "owned", self)
+        return address, gen
 
-    def take_back(self, buf: Buffer) -> int:
-        """Free a Buffer this cache handed out; its class bytes. The hot path
-        of free: a block whose handle never left the process goes straight
-        back on its free list, and if the daemon never heard of it, it never
-        will."""
-        offset = buf._offset
-        view = buf._view
-        if view is not None:  # views were made: they may outlive the Buffer
-            if buf._state != "owned":
-                raise self._stale(offset, buf._gen, freed=True)
-            pin = buf._pin
-            buf._view = buf._pin = None
-            self.viewed.pop(offset, None)  # one Buffer per block out of this cache
-            try:
-                view.release()
-                pin.release()  # type: ignore[union-attr]
-            except BufferError:  # views made from it live on: keep the block
-                return self.free_pinned(buf, pin)  # type: ignore[arg-type]
-        if buf._handle is not None:  # its handle may be elsewhere
-            cls = self.free_through_daemon(offset, buf._gen, buf._size, freed=buf._state != "owned")
-            buf._done()
-            return cls
+    def give_back(self, address: int, gen: int) -> int:
+        """Take back a block handed out here whose handle never left the
+        process and that no view looks at; its class bytes. The hot path of
+        free: straight back on its free list, and if the daemon never heard
+        of it, it never will. StaleHandle if it is not out under `gen`."""
         with self.lock:
-            entry = self.out.pop(offset, None)
-            if entry is None or entry[0] != buf._gen or buf._state != "owned":
+            entry = self.out.pop(address, None)
+            if entry is None or entry[0] != gen:
                 if entry is not None:
-                    self.out[offset] = entry
-                raise self._stale(offset, buf._gen, freed=buf._state != "owned")
+                    self.out[address] = entry
+                raise self.stale(address, gen, freed=False)
             if entry[4]:  # reported: report its return too
-                self.pending += (UNASSIGN, offset, entry[0])
+                self.pending += (UNASSIGN, address, entry[0])
                 if not self.dirty:
                     self._queued()
             cls = entry[3]
-            self._push(cls, offset)
-            buf._state = "done"
+            self._push(cls, address)
         return cls
 
-    def free_pinned(self, buf: Buffer, pin: memoryview) -> int:
-        """Free a Buffer of this cache whose views outlive it: the daemon
-        learns of the hand-out, the pin and the free, and gives the block
-        back with a notice once the client unpins it. Its class bytes."""
-        offset, gen = buf._offset, buf._gen
+    def free_pinned(self, address: int, gen: int, size: int) -> int:
+        """Free a block of this cache whose views outlive its Buffer: the
+        daemon learns of the hand-out, the pin and the free, and gives the
+        block back with a notice once the client unpins it. Its class bytes."""
         with self.lock:
-            entry = self.out.get(offset)
-            if entry is None or entry[0] != gen or entry[1] != buf._size:
-                raise self._stale(offset, gen)
-            self._report(offset)
-            del self.out[offset]
-            self.awaiting[offset] = (gen, entry[3])
-            segment, local = offset >> SEGMENT_SHIFT, offset & (SEGMENT_SPAN - 1)
-            self.pending += (PIN, offset, gen)
-            self.pending += (FREE_EVENT, self.epoch, segment, local, buf._size, gen)
+            entry = self.out.get(address)
+            if entry is None or entry[0] != gen or entry[1] != size:
+                raise self.stale(address, gen)
+            self._report(address)
+            del self.out[address]
+            self.awaiting[address] = (gen, entry[3])
+            segment, local = address >> SEGMENT_SHIFT, address & (SEGMENT_SPAN - 1)
+            self.pending += (PIN, address, gen)
+            self.pending += (FREE_EVENT, self.epoch, segment, local, size, gen)
             if not self.dirty:
                 self._queued()
-        buf._done()
-        self.client._watch(pin, offset, gen)
         return entry[3]
 
-    def pin_out(self, offset: int, gen: int) -> None:
+    def pin_out(self, address: int, gen: int) -> None:
         """A block handed out here keeps views past its owner's recycle: its
         hand-out is reported (if it was not) and pinned; it stays out (in
         `out`) until the notice that follows the client's UNPIN."""
         with self.lock:
-            self._report(offset)
-            self.pending += (PIN, offset, gen)
+            self._report(address)
+            self.pending += (PIN, address, gen)
             if not self.dirty:
                 self._queued()
 
@@ -244,19 +242,21 @@ class Cache:
             if not self.dirty:
                 self._queued()
 
-    def _stale(
-        self, offset: int, gen: int, raw: bool = False, freed: bool | None = None
+    def stale(
+        self, address: int, gen: int, raw: bool = False, freed: bool | None = None
     ) -> StaleHandle:
         """The refusal of a free of a block this cache does not have out under
-        `gen`. `offset` is an address, or with `raw` a handle's offset as given;
-        `freed`: whether the Buffer itself was freed already (None: not known,
-        a free by handle). Called with the lock held."""
-        where = f"offset {offset:#x}"
-        if offset >= SEGMENT_SPAN and not raw:
-            where = f"offset {offset & (SEGMENT_SPAN - 1):#x} of segment {offset >> SEGMENT_SHIFT}"
+        `gen`. `address` is an address, or with `raw` a handle's offset as
+        given; `freed`: whether the Buffer itself was freed already (None: not
+        known, a free by handle)."""
+        where = f"offset {address:#x}"
+        if address >= SEGMENT_SPAN and not raw:
+            where = (
+                f"offset {address & (SEGMENT_SPAN - 1):#x} of segment {address >> SEGMENT_SHIFT}"
+            )
         asked = f"free of the block at {where} (generation {gen})"
-        entry = self.out.get(offset)
-        if freed or self.awaiting.get(offset, (0, 0))[0] == gen:
+        entry = self.out.get(address)
+        if freed or self.awaiting.get(address, (0, 0))[0] == gen:
             found, rule = "it was freed already", "double_free"
         elif freed is False:
             found = "its owner was recycled (or the block was freed by its handle) since"
@@ -266,25 +266,25 @@ class Cache:
         if entry is not None and entry[0] != gen:
             found += ", and the block has been handed out again since"
         return lifetime_error(
-            rule, asked, found + "; nothing was freed", offset=offset, generation=gen
+            rule, asked, found + "; nothing was freed", offset=address, generation=gen
         )
 
     def free_through_daemon(
-        self, offset: int, gen: int, size: int, freed: bool | None = None
+        self, address: int, gen: int, size: int, freed: bool | None = None
     ) -> int:
         """Free a block handed out here whose handle may be in another process
         (which may retain it): the daemon frees it and, once nobody holds it,
         gives it back with a notice. Its class bytes; StaleHandle if it is not
         out under that generation (freed or recycled already)."""
         with self.lock:
-            entry = self.out.get(offset)
+            entry = self.out.get(address)
             if entry is None or entry[0] != gen or entry[1] != size:
-                raise self._stale(offset, gen, freed=freed)
-            self._report(offset)
-            del self.out[offset]
-            self.awaiting[offset] = (gen, entry[3])
-            self.client._mark(offset, gen, FREED)  # attach refuses it from now on
-            segment, local = offset >> SEGMENT_SHIFT, offset & (SEGMENT_SPAN - 1)
+                raise self.stale(address, gen, freed=freed)
+            self._report(address)
+            del self.out[address]
+            self.awaiting[address] = (gen, entry[3])
+            self._write_word(address, gen, FREED)  # attach refuses it from now on
+            segment, local = address >> SEGMENT_SHIFT, address & (SEGMENT_SPAN - 1)
             self.pending += (FREE_EVENT, self.epoch, segment, local, size, gen)
             if not self.dirty:
                 self._queued()
@@ -302,28 +302,39 @@ class Cache:
             if not self.dirty:
                 self._queued()
 
-    def escape(self, offset: int, gen: int) -> bool:
+    def escape(self, address: int, gen: int) -> bool:
         """The block's handle is leaving this process: its hand-out must be
         reported, never folded away, and the generation table must say it is
         live (so that another process can attach it). False if the block is
         no longer out under `gen` (it came back through another process)."""
         with self.lock:
-            entry = self.out.get(offset)
+            entry = self.out.get(address)
             if entry is None or entry[0] != gen:
                 return False
-            self._report(offset)
-            self.client._mark(offset, gen, LIVE)
+            self._report(address)
+            self._write_word(address, gen, LIVE)
             return True
 
-    def _report(self, offset: int) -> None:
-        entry = self.out.get(offset)
+    def is_out(self, address: int, gen: int) -> bool:
+        """Whether the block is handed out here under `gen` (not given back,
+        not taken back through another process)."""
+        entry = self.out.get(address)
+        return entry is not None and entry[0] == gen
+
+    def forget_out(self) -> None:
+        """The session ended: nothing is out any more (its Buffers refuse a view)."""
+        with self.lock:
+            self.out.clear()
+
+    def _report(self, address: int) -> None:
+        entry = self.out.get(address)
         if entry is not None and not entry[4]:
             entry[4] = True
-            self.pending += (ASSIGN, offset, entry[1], entry[0], entry[2])
+            self.pending += (ASSIGN, address, entry[1], entry[0], entry[2])
 
-    def _push(self, cls: int, offset: int) -> None:
+    def _push(self, cls: int, address: int) -> None:
         free = self.lists[cls]
-        free.append(offset)
+        free.append(address)
         self.free_bytes += cls
         if len(free) > self.high[cls] or self.free_bytes > self.cap:
             self._drain_cold(cls)
@@ -351,50 +362,46 @@ class Cache:
         extra = len(free) - keep
         if extra <= 0:
             return
-        for offset in free[:extra]:
-            self.pending += (DRAIN, offset)
+        for address in free[:extra]:
+            self.pending += (DRAIN, address)
         del free[:extra]
         self.free_bytes -= cls * extra
 
     # -- what the daemon said ------------------------------------------------
 
-    def add(self, cls: int, offsets: list[int]) -> None:
+    def add(self, cls: int, addresses: list[int]) -> None:
+        """Blocks of class `cls` a refill brought: onto its free list."""
         with self.lock:
             if cls not in self.lists:
                 self.lists[cls] = []
                 self.high[cls] = 2 * self.batch(cls)
-            self.lists[cls].extend(offsets)
-            self.free_bytes += cls * len(offsets)
+            self.lists[cls].extend(addresses)
+            self.free_bytes += cls * len(addresses)
             if self.free_bytes > self.cap:
                 self._drain_cold(cls)
 
     def notice(self, flat: list[int]) -> None:
         """Blocks the daemon put back into this cache (freed or recycled
-        through someone else, or released by the last reader)."""
+        through someone else, or released by the last reader), as flat
+        [address, generation, ...]."""
         if not flat:
             return
-        viewed = self.viewed
+        recall = self._recall
         with self.lock:
             for i in range(0, len(flat) - 1, 2):
-                offset, gen = flat[i], flat[i + 1]
-                entry = self.out.get(offset)
+                address, gen = flat[i], flat[i + 1]
+                entry = self.out.get(address)
                 if entry is not None and entry[0] == gen:
-                    buf = viewed.get(offset)
-                    if buf is not None and buf._gen == gen and buf._cache is self:
-                        del viewed[offset]
-                        pin = buf._release_views()
-                        buf._done("recycled")
-                        if pin is not None:
-                            # Views of it live here: aside (in `out`) until they are gone.
-                            self.pending += (PIN, offset, gen)
-                            if not self.dirty:
-                                self._queued()
-                            self.client._watch(pin, offset, gen)
-                            continue
-                    del self.out[offset]
-                    self._push(entry[3], offset)
-                elif self.awaiting.get(offset, (0, 0))[0] == gen:
-                    self._push(self.awaiting.pop(offset)[1], offset)
+                    if recall(self, address, gen):
+                        # Views of it live here: aside (in `out`) until they are gone.
+                        self.pending += (PIN, address, gen)
+                        if not self.dirty:
+                            self._queued()
+                        continue
+                    del self.out[address]
+                    self._push(entry[3], address)
+                elif self.awaiting.get(address, (0, 0))[0] == gen:
+                    self._push(self.awaiting.pop(address)[1], address)
 
     def orphan(self, op: Op, args: tuple[Any, ...], result: list[Any]) -> None:
         """The answer to an allocating request the caller gave up on (it timed
@@ -403,22 +410,22 @@ class Cache:
         if op is Op.FILL:
             taken, direct, notices = result
             fills = args[0]
-            for i, offsets in enumerate(taken):
-                self.add(fills[3 * i], offsets)  # this session's cache blocks: keep them
+            for i, addresses in enumerate(taken):
+                self.add(fills[3 * i], addresses)  # this session's cache blocks: keep them
             self.notice(notices)
             handles = direct
         else:
             handles = result if op is Op.ALLOC else result[0]
         for handle in handles:
-            self.post_free(tuple(handle))  # type: ignore[arg-type]
+            self.post_free(tuple(handle))
 
     def drain_all(self) -> int:
         """Queue every free cached block for return to the arena; bytes queued."""
         with self.lock:
             total = 0
             for cls, free in self.lists.items():
-                for offset in free:
-                    self.pending += (DRAIN, offset)
+                for address in free:
+                    self.pending += (DRAIN, address)
                 total += cls * len(free)
                 free.clear()
             self.free_bytes = 0
@@ -435,10 +442,10 @@ class Cache:
             flat = self.pending
             self.pending = []
             out = self.out
-            for offset in self.unreported:
-                entry = out.get(offset)
+            for address in self.unreported:
+                entry = out.get(address)
                 if entry is not None and not entry[4]:  # still out, not reported
                     entry[4] = True
-                    flat += (ASSIGN, offset, entry[1], entry[0], entry[2])
+                    flat += (ASSIGN, address, entry[1], entry[0], entry[2])
             self.unreported.clear()
         return split_events(flat)

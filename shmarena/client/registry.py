@@ -22,6 +22,7 @@ the same way (`queue_unpin`).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import os
 import queue
@@ -29,6 +30,8 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from shmarena.client.lifecycle import ATTACHED, DONE, LIVE_STATES, OWNED, State
+from shmarena.client.mappings import MAPPINGS
 from shmarena.protocol import Op
 from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT
 
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
     from shmarena.client.client import Client
 
 __all__ = [
+    "LIVE_STATES",
     "address_of",
     "export",
     "find",
@@ -104,10 +108,10 @@ _BASES: dict[tuple[str, int], tuple[memoryview, int]] = {}
 def register(buf: Buffer) -> None:
     """Remember where `buf`'s block lies, so that memory inside it is found
     by `find`. Costs a dict insert and a weak reference."""
-    key = buf._client._keys.get(buf._offset >> SEGMENT_SHIFT)
+    key = buf._client._keys.get(buf._address >> SEGMENT_SHIFT)
     if key is None:
         return
-    offset = buf._offset & OFFSET_MASK
+    offset = buf._address & OFFSET_MASK
     blocks = _BLOCKS.get(key)
     if blocks is None:
         blocks = _BLOCKS[key] = {}
@@ -136,9 +140,7 @@ def register(buf: Buffer) -> None:
 
 
 def _base(key: tuple[str, int]) -> tuple[int, int] | None:
-    from shmarena.client.client import _MAPPINGS
-
-    found = _MAPPINGS.get(key)
+    found = MAPPINGS.get(key)
     if found is None:
         return None
     view = found[1]
@@ -150,22 +152,16 @@ def _base(key: tuple[str, int]) -> tuple[int, int] | None:
 
 def mapping_ranges() -> list[tuple[int, int]]:
     """(start, end) addresses of every arena segment this process has mapped."""
-    from shmarena.client.client import _MAPPINGS
-
     ranges = []
-    for key in list(_MAPPINGS):
+    for key in list(MAPPINGS):
         base = _base(key)
         if base is not None:
             ranges.append((base[0], base[0] + base[1]))
     return ranges
 
 
-# A Buffer in any of these states still maps its block (not freed or released).
-LIVE_STATES = ("owned", "attached", "retained")
-
-
 def find(
-    address: int, nbytes: int, states: tuple[str, ...] = ("owned", "attached")
+    address: int, nbytes: int, states: tuple[State, ...] = (OWNED, ATTACHED)
 ) -> tuple[Buffer, int] | None:
     """The live registered Buffer whose block holds the bytes [address,
     address + nbytes), and where they start in it; None if no such block is
@@ -198,7 +194,7 @@ def find(
 
 def _deref(ref: weakref.ref[Buffer]) -> Buffer | None:
     buf = ref()
-    return None if buf is None or buf._state == "done" else buf
+    return None if buf is None or buf._state == DONE else buf
 
 
 # -- exporters that let go of their block ------------------------------------
@@ -207,14 +203,16 @@ def _deref(ref: weakref.ref[Buffer]) -> Buffer | None:
 _ACTIONS: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
 _WORKER: list[Any] = [None, 0]  # thread, pid it runs in
 _WORKER_LOCK = threading.Lock()
-_CLASSES: dict[int, type] = {}
+_CLASSES: dict[int, Any] = {}
 
 
-def _exporter_class(size: int) -> type:
+def _exporter_class(size: int) -> Any:
+    """A ctypes array class of `size` bytes whose instances queue their
+    action (see `export`) when they die."""
     cls = _CLASSES.get(size)
     if cls is None:
 
-        class Exporter(ctypes.c_char * size):  # type: ignore[misc, valid-type]
+        class Exporter(ctypes.c_char * size):  # type: ignore[misc]
             # `_then`: "release", "free" or "" (nothing to do); `_pid`: the
             # process that may act on the Buffer (not a forked child).
             def __del__(self) -> None:
@@ -271,31 +269,28 @@ def _work() -> None:
         batch = [_ACTIONS.get()]
         if os.getpid() != me:
             return
-        while len(batch) < 1024:
-            try:
-                batch.append(_ACTIONS.get_nowait())
-            except queue.Empty:
-                break
+        # This thread is the queue's only reader: not empty, get_nowait succeeds.
+        while len(batch) < 1024 and not _ACTIONS.empty():
+            batch.append(_ACTIONS.get_nowait())
         releases: dict[int, list[Buffer]] = {}
         for then, buf in batch:
             if then == "unpin":
                 client, session, address, generation = buf
-                try:
+                # Failing, the client is gone or closing: so is its session, and its pins.
+                with contextlib.suppress(Exception):
                     client._unpin(session, address, generation)
-                except Exception:
-                    pass  # the client is gone or closing: so is its session, and its pins
                 continue
             if buf._client._closed:
                 continue
             # A recycle here makes a Buffer done, but a reference it holds
             # (a retain) is still this process's to release.
-            if buf._state == "done" and (then == "free" or buf._gone != "recycled"):
+            if buf._state == DONE and (then == "free" or buf._gone != "recycled"):
                 continue
             if then == "free":
-                try:
+                # Failing, it was freed or recycled meanwhile, or the daemon is
+                # gone: nothing to give back. The worker must go on either way.
+                with contextlib.suppress(Exception):
                     buf.free()
-                except Exception:
-                    pass  # freed or recycled meanwhile, or the daemon is gone: nothing to give back
             else:
                 releases.setdefault(id(buf._client), []).append(buf)
         for bufs in releases.values():
@@ -307,13 +302,11 @@ def _release_all(bufs: list[Buffer]) -> None:
     client = bufs[0]._client
     try:
         client._request(Op.RELEASE, [list(b._make_handle()) for b in bufs])
-    except Exception:
+    except Exception:  # noqa: BLE001 - any refusal: retried one by one below
         # All or none: one bad handle (its session ended, say) refuses the
         # batch, so try each on its own; what fails has nothing to release.
         for buf in bufs:
-            try:
+            with contextlib.suppress(Exception):
                 client._request(Op.RELEASE, [list(buf._make_handle())])
-            except Exception:
-                pass
     for buf in bufs:
-        buf._done("released")
+        buf._done("release")
