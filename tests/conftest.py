@@ -175,6 +175,50 @@ def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
         client.close()
     shared.clients.clear()
     assert shared.proc is not None and shared.proc.poll() is None, "the shared daemon died"
+    assert_arena_empty(shared)
+
+
+# What a test may leave to the next in a module that shares a daemon: nothing
+# but the probe's own session.
+EMPTY_ARENA = {
+    "used_bytes": 0,
+    "cached_bytes": 0,
+    "live_blocks": 0,
+    "retained_only_blocks": 0,
+    "pinned_blocks": 0,
+    "owners": 0,
+    "names": 0,
+    "waiting_requests": 0,
+    "queues": 0,
+    "sessions": 1,
+}
+
+
+def assert_arena_empty(daemon: Daemon) -> None:
+    """Fail unless the daemon holds nothing but the probe's own session: what
+    a test may leave to the next one in a module that shares a daemon. Child
+    processes' sessions may take a moment to end, so this waits for it."""
+    with shmarena.connect(daemon.name, runtime_dir=daemon.run_dir) as probe:
+        left: dict[str, Any] = {}
+
+        def empty() -> bool:
+            stats = probe.stats()
+            left.update({key: stats[key] for key in EMPTY_ARENA if key != "queues"})
+            left["queues"] = len(stats["queues"])
+            return left == EMPTY_ARENA
+
+        if not wait_until_quietly(empty, timeout_s=10):
+            pytest.fail(f"the test left this in the shared daemon: {left}")
+        assert probe.check() == []
+
+
+def wait_until_quietly(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Whether `condition` held before `timeout_s` passed."""
+    try:
+        testing.wait_until(condition, timeout_s, "the condition")
+    except TimeoutError:
+        return False
+    return True
 
 
 @pytest.fixture
