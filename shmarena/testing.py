@@ -31,7 +31,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import IO, Any, TypeVar
 
 from shmarena.client.client import Client, connect
@@ -298,12 +297,7 @@ class Daemon:
     def __enter__(self) -> Daemon:
         return self if self.proc is not None else self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_exc_info: object) -> None:
         self.close()
 
 

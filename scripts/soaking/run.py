@@ -153,10 +153,6 @@ class Soak:
         self.daemon.start(timeout_s=30)
         self.daemon_pid = self.daemon.pid
 
-    def read_log(self) -> str:
-        """The end of what the daemon wrote."""
-        return self.daemon.output()[-4000:] if self.daemon is not None else ""
-
     def connect(self, label: str) -> Any:
         import shmarena
 
