@@ -136,6 +136,8 @@ def shm_create_unlink(size: int) -> Callable[[int], None]:
 
 @dataclass
 class Target:
+    """A goal of the benchmark and the figure measured for it (met or missed)."""
+
     name: str
     value: float
     op: str  # "<=" or ">="

@@ -49,6 +49,8 @@ def _parent_death_signal() -> None:
 
 @dataclass
 class Incarnation:
+    """One worker process (worker id `wid`, its `inc`-th start) as the soak sees it."""
+
     wid: int
     inc: int
     proc: Any  # SpawnProcess
@@ -68,6 +70,9 @@ class Incarnation:
 
 
 class Soak:
+    """One soak run: its daemon, checker and workers, the kills, the pollers
+    and every figure they produce."""
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.size_bytes: int = args.size

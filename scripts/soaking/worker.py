@@ -26,6 +26,8 @@ from soaking.stamps import (
 
 @dataclass
 class Live:
+    """A buffer a worker holds, with what its stamp and the accounting need."""
+
     buf: Any  # shmarena.Buffer
     owner: str | None  # None: the session's own owner
     seq: int
