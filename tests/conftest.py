@@ -139,6 +139,15 @@ def make_daemon(run_dir: str) -> Iterator[Callable[..., Daemon]]:
         daemon.assert_clean()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--own-daemons",
+        action="store_true",
+        help="every test gets a daemon of its own, also in modules marked shared_daemon "
+        "(to rule out sharing when a test fails)",
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
@@ -165,7 +174,8 @@ def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
     """One running daemon with a 64 MiB arena: the test's own, or in a module
     marked `shared_daemon` the module's, whose clients made for the test are
     closed after it (their sessions end, and their blocks with them)."""
-    if request.node.get_closest_marker("shared_daemon") is None:
+    shared_module = request.node.get_closest_marker("shared_daemon") is not None
+    if not shared_module or request.config.getoption("--own-daemons"):
         make: Callable[..., Daemon] = request.getfixturevalue("make_daemon")
         yield make()
         return
