@@ -51,9 +51,11 @@ How to run it (from the repository root, in a venv with shmarena installed):
     python scripts/bench.py --save-baseline base.json
     python scripts/bench.py --compare base.json --threshold 10
 
-The script starts its own daemons (`python -m shmarena daemon --detach`, names
-`bench-<pid>-<n>`, runtime dirs from mkdtemp) and stops them at the end, also
-on errors and Ctrl-C; afterwards nothing of it is left in /dev/shm.
+The script starts its own daemons (shmarena.testing: `python -m shmarena
+daemon` in a session of its own, names `bench-<pid>-<n>`, runtime dirs from
+mkdtemp) and stops them at the end, also on errors and Ctrl-C; afterwards
+nothing of it is left in /dev/shm. The sections live in scripts/benchmarks/,
+one module each; this file is the harness: options, order, JSON, --compare.
 
 How to read it:
 

@@ -2,8 +2,8 @@
 
 What one run does:
 
-- starts its own daemon (`python -m shmarena daemon --name soak-<pid>-<rand>`)
-  with a private runtime dir (a fresh temporary directory);
+- starts its own daemon (shmarena.testing: `python -m shmarena daemon`, name
+  soak-<pid>-<rand>) with a private runtime dir (a fresh temporary directory);
 - runs --procs worker processes for --duration seconds. Each allocates and
   frees buffers of 64 B .. 4 MiB (log-uniform: most are served by the
   per-process cache, sizes above 1 MiB go to the daemon), into a few
@@ -44,6 +44,9 @@ op counts slightly undercount; errors and corruptions are sent at once.
 Exit status: 0 when no error, no corrupted byte, `check` always clean and the
 accounting held; 1 otherwise (the reasons are printed); 130 on Ctrl-C, 143
 on SIGTERM. Everything it started is stopped and removed in every case.
+
+The parts live in scripts/soaking/ (stamps, worker, checker, run, figures);
+this file is the command line.
 """
 
 from __future__ import annotations
