@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
         limits = pinger.stats().get("limits", {})
         per_session = min(args.waiters, limits.get("kept_requests_per_session", args.waiters))
-        parkers = []
+        parkers: list[Parker] = []
         left = args.waiters
         while left > 0:
             parker = Parker(context, os.path.join(run_dir, f"{name}.sock"), f"parker{len(parkers)}")

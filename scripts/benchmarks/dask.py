@@ -105,11 +105,11 @@ def started_cluster(stack: contextlib.ExitStack, plugin: Any = None) -> DaskClus
     # the other cluster of this section has: it takes a free one, and warns.
     with signals_deferred(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Port 8787 is already in use", UserWarning)
-        cluster = distributed.LocalCluster(
+        cluster = distributed.LocalCluster(  # type: ignore[no-untyped-call]
             n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
         )
         stack.callback(cleanup(cluster.close))
-        client = distributed.Client(cluster)
+        client = distributed.Client(cluster)  # type: ignore[no-untyped-call]
         stack.callback(cleanup(client.close))
     client.wait_for_workers(2, timeout=CHILD_TIMEOUT_S)
     if plugin is not None:
@@ -127,7 +127,7 @@ def dask_handoff(cluster: DaskCluster, produce: Callable[[int], Any]) -> tuple[f
 
     client = cluster.client
     source = client.submit(produce, DASK_SIZE, workers=[cluster.a], pure=False)
-    distributed.wait(source, timeout=CHILD_TIMEOUT_S)
+    distributed.wait(source, timeout=CHILD_TIMEOUT_S)  # type: ignore[no-untyped-call]
     t0 = time.perf_counter()
     sink = client.submit(_dask_checksum, source, workers=[cluster.b], pure=False)
     total = sink.result(timeout=CHILD_TIMEOUT_S)

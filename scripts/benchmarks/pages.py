@@ -108,7 +108,7 @@ def huge_pages_for(size: int) -> Iterator[dict[str, str]]:
         missing = {}
         plan = hugepages.plan(survey, size, False)
         has_mount = any(
-            survey.pools.get(page) and survey.pools[page].available * page >= size  # type: ignore[operator]
+            survey.pools.get(page) and survey.pools[page].available * page >= size
             for _, page in survey.mounts
         )
         missing["hugetlbfs"] = "" if has_mount else (plan if isinstance(plan, str) else "no pages")

@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from soaking.checker import checker_main
 from soaking.stamps import COUNT_KEYS, send_quietly
@@ -219,7 +219,8 @@ class Soak:
         }
         if self.checker_conn is not None:
             sources[self.checker_conn] = None
-        for conn in wait(list(sources), timeout=timeout_s):
+        ready = cast("list[Connection]", wait(list(sources), timeout=timeout_s))
+        for conn in ready:
             owner = sources[conn]
             while True:
                 try:
