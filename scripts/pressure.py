@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -34,6 +31,7 @@ import msgpack
 import zmq
 
 import shmarena
+from shmarena import testing
 from shmarena.protocol import PROTOCOL_VERSION, Op
 
 HELLO_ID = 1 << 62  # HELLO is outside the numbered sequence
@@ -121,23 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pings", type=int, default=2000, help="pings per latency figure")
     args = parser.parse_args(argv)
 
-    run_dir = tempfile.mkdtemp(prefix="shmarena-pressure-")
-    name = f"pressure{os.getpid()}"
-    env = dict(os.environ, SHMARENA_RUNTIME_DIR=run_dir)
-    command = [sys.executable, "-m", "shmarena", "daemon", "--name", name, "--size", "64M"]
-    daemon = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    daemon = testing.start_daemon("64M", name=f"pressure{os.getpid()}", timeout_s=30)
+    name, run_dir = daemon.name, daemon.run_dir
     rows: list[tuple[str, float, float, float, float, float]] = []
     context: zmq.Context[Any] = zmq.Context()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                pinger = shmarena.connect(name, runtime_dir=run_dir, label="pinger")
-                break
-            except shmarena.DaemonUnavailable:
-                if daemon.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        pinger = shmarena.connect(name, runtime_dir=run_dir, label="pinger")
 
         def stage(label: str) -> None:
             cpu = daemon_cpu_s(daemon.pid)
@@ -156,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
         limits = pinger.stats().get("limits", {})
         per_session = min(args.waiters, limits.get("kept_requests_per_session", args.waiters))
-        parkers = []
+        parkers: list[Parker] = []
         left = args.waiters
         while left > 0:
             parker = Parker(context, os.path.join(run_dir, f"{name}.sock"), f"parker{len(parkers)}")
@@ -197,17 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             owners = pinger.stats()["owners"]
             print(f"  owners left in the daemon: {owners}")
         problems = pinger.check()
-        print(f"  check: {'clean' if not problems else problems}")
+        print(f"  check: {problems or 'clean'}")
         pinger.close()
     finally:
         context.destroy(linger=0)
-        daemon.terminate()
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        daemon.close(timeout_s=30)
     print()
     print(f"{'stage':<28} {'ping p50 us':>12} {'ping p99 us':>12} {'CPU us/ping':>12} "
           f"{'idle CPU %':>11} {'daemon RSS MiB':>15}")  # fmt: skip

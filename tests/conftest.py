@@ -1,27 +1,24 @@
-"""Fixtures that run the real thing: a daemon subprocess with a unique name and
-runtime dir per test, and a check afterwards that it left nothing behind
+"""Fixtures that run the real thing: a daemon subprocess (shmarena.testing)
+with a unique name and runtime dir per test, or one per module for modules
+marked `shared_daemon`, and a check afterwards that it left nothing behind
 (no process, socket, lock or /dev/shm entry)."""
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 import shmarena
-from shmarena.config import shm_name, socket_path
-from shmarena.shm.arena import shm_path
+from shmarena import testing
+from shmarena.testing import unique_name
+
+__all__ = ["REPO", "Daemon", "can_unshare", "subprocess_env", "unique_name", "wait_for"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,88 +45,36 @@ def can_unshare(*flags: str) -> bool:
     return probe.returncode == 0
 
 
-def unique_name(prefix: str = "t") -> str:
-    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
 def subprocess_env(run_dir: str, name: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["SHMARENA_RUNTIME_DIR"] = run_dir
-    env["SHMARENA_NAME"] = name
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    """The environment of a child process that talks to daemon `name`."""
+    return testing.Daemon(name, run_dir).env
 
 
-@dataclass
-class Daemon:
-    name: str
-    run_dir: str
-    size: str
-    extra: list[str] = field(default_factory=list)
-    proc: subprocess.Popen[str] | None = None
-    clients: list[shmarena.Client] = field(default_factory=list)
-    stopped: bool = False
+class Daemon(testing.Daemon):
+    """shmarena.testing's daemon, failing the test (not erroring it) when
+    the daemon misbehaves, plus helpers only the tests need."""
 
-    @property
-    def env(self) -> dict[str, str]:
-        return subprocess_env(self.run_dir, self.name)
-
-    @property
-    def socket_path(self) -> str:
-        return socket_path(self.run_dir, self.name)
-
-    @property
-    def shm_path(self) -> str:
-        return shm_path(shm_name(self.name))
-
-    def start(self) -> Daemon:
-        size = ["--size", self.size] if self.size else []  # "": a backing file's own
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shmarena", "daemon", *size, *self.extra],
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        wait_for(self._answers, timeout_s=20, what=f"daemon {self.name} to answer")
+    def start(self, timeout_s: float = 20.0) -> Daemon:
+        try:
+            super().start(timeout_s)
+        except testing.DaemonError as error:
+            pytest.fail(str(error))
         return self
 
     def _answers(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            out = self.proc.stdout.read() if self.proc.stdout else ""
-            pytest.fail(f"daemon exited with {self.proc.returncode}:\n{out}")
+        """For subclasses that start the process themselves (then wait_for)."""
         try:
-            with shmarena.connect(self.name, runtime_dir=self.run_dir, timeout_s=0.5) as c:
-                c.ping()
-            return True
-        except shmarena.DaemonUnavailable:
-            return False
+            return self.answers()
+        except testing.DaemonError as error:
+            pytest.fail(str(error))
 
-    def client(self, **kwargs: Any) -> shmarena.Client:
-        c = shmarena.connect(self.name, runtime_dir=self.run_dir, **kwargs)
-        self.clients.append(c)
-        return c
-
-    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "shmarena", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+    def cli(  # type: ignore[override]
+        self, *args: str, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        result = super().cli(*args)
         if check and result.returncode != 0:
             pytest.fail(f"shmarena {' '.join(args)} -> {result.returncode}\n{result.stderr}")
         return result
-
-    def python(self, code: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
-        """Start a Python child process that talks to this daemon."""
-        return subprocess.Popen(
-            [sys.executable, "-c", code, *args],
-            env=self.env,
-            text=True,
-            **kwargs,
-        )
 
     def read_in_child(self, handle: Any, count: int) -> bytes:
         """The first `count` bytes of the block `handle` names, as another
@@ -147,50 +92,11 @@ class Daemon:
         assert child.returncode == 0, f"the reading child exited with {child.returncode}"
         return bytes.fromhex(out.strip())
 
-    def stop(self) -> str:
-        errors = []
-        for c in self.clients:
-            try:
-                c.close()
-            except Exception as error:  # stop the daemon anyway, then report
-                errors.append(error)
-        self.clients.clear()
+    def stop(self, timeout_s: float = 10.0) -> str:
         try:
-            return self._stop_process()
-        finally:
-            if errors:
-                pytest.fail(f"closing a client of {self.name} raised {errors[0]!r}")
-
-    def _stop_process(self) -> str:
-        out = ""
-        if self.proc is None or self.stopped:
-            return out
-        self.stopped = True
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                out, _ = self.proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                out, _ = self.proc.communicate()
-                pytest.fail(f"daemon {self.name} ignored SIGTERM for 10 s:\n{out}")
-        else:
-            out, _ = self.proc.communicate()
-        return out
-
-    def assert_clean(self) -> None:
-        leftovers = [p for p in (self.socket_path, self.shm_path) if os.path.exists(p)]
-        leftovers += glob.glob(glob.escape(self.shm_path) + ".*")  # added segments
-        leftovers += (
-            [
-                os.path.join(self.run_dir, f)
-                for f in os.listdir(self.run_dir)
-                if f.startswith(self.name) and not f.endswith(".log")
-            ]
-            if os.path.isdir(self.run_dir)
-            else []
-        )
-        assert not leftovers, f"daemon {self.name} left behind: {leftovers}"
+            return super().stop(timeout_s)
+        except testing.DaemonError as error:
+            pytest.fail(str(error))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -209,8 +115,7 @@ def nothing_left_in_dev_shm() -> Iterator[None]:
 
 @pytest.fixture
 def run_dir() -> Iterator[str]:
-    # Short, so the ipc socket path stays under the 107-byte limit.
-    path = tempfile.mkdtemp(prefix="shma-", dir="/tmp")
+    path = testing.new_runtime_dir()
     try:
         yield path
     finally:
@@ -234,10 +139,96 @@ def make_daemon(run_dir: str) -> Iterator[Callable[..., Daemon]]:
         daemon.assert_clean()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--own-daemons",
+        action="store_true",
+        help="every test gets a daemon of its own, also in modules marked shared_daemon "
+        "(to rule out sharing when a test fails)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "shared_daemon: the `daemon` fixture is one daemon for the whole module (its tests "
+        "use unique owners and names, and never stop, restart or limit the daemon)",
+    )
+
+
+@pytest.fixture(scope="module")
+def module_daemon() -> Iterator[Daemon]:
+    """One daemon with a 64 MiB arena for a whole test module (a start costs
+    about a second on a busy machine); stopped and checked clean after it."""
+    shared = Daemon(unique_name(), testing.new_runtime_dir(), "64M", own_run_dir=True)
+    try:
+        yield shared.start()
+        shared.stop()
+        shared.assert_clean()
+    finally:
+        shared.remove_leftovers()  # only after a failure is there anything to remove
+
+
 @pytest.fixture
-def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
-    """One running daemon with a 64 MiB arena."""
-    return make_daemon()
+def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
+    """One running daemon with a 64 MiB arena: the test's own, or in a module
+    marked `shared_daemon` the module's, whose clients made for the test are
+    closed after it (their sessions end, and their blocks with them)."""
+    shared_module = request.node.get_closest_marker("shared_daemon") is not None
+    if not shared_module or request.config.getoption("--own-daemons"):
+        make: Callable[..., Daemon] = request.getfixturevalue("make_daemon")
+        yield make()
+        return
+    shared: Daemon = request.getfixturevalue("module_daemon")
+    yield shared
+    for client in shared.clients:
+        client.close()
+    shared.clients.clear()
+    assert shared.proc is not None and shared.proc.poll() is None, "the shared daemon died"
+    assert_arena_empty(shared)
+
+
+# What a test may leave to the next in a module that shares a daemon: nothing
+# but the probe's own session.
+EMPTY_ARENA = {
+    "used_bytes": 0,
+    "cached_bytes": 0,
+    "live_blocks": 0,
+    "retained_only_blocks": 0,
+    "pinned_blocks": 0,
+    "owners": 0,
+    "names": 0,
+    "waiting_requests": 0,
+    "queues": 0,
+    "sessions": 1,
+}
+
+
+def assert_arena_empty(daemon: Daemon) -> None:
+    """Fail unless the daemon holds nothing but the probe's own session: what
+    a test may leave to the next one in a module that shares a daemon. Child
+    processes' sessions may take a moment to end, so this waits for it."""
+    with shmarena.connect(daemon.name, runtime_dir=daemon.run_dir) as probe:
+        left: dict[str, Any] = {}
+
+        def empty() -> bool:
+            stats = probe.stats()
+            left.update({key: stats[key] for key in EMPTY_ARENA if key != "queues"})
+            left["queues"] = len(stats["queues"])
+            return left == EMPTY_ARENA
+
+        if not wait_until_quietly(empty, timeout_s=10):
+            pytest.fail(f"the test left this in the shared daemon: {left}")
+        assert probe.check() == []
+
+
+def wait_until_quietly(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Whether `condition` held before `timeout_s` passed."""
+    try:
+        testing.wait_until(condition, timeout_s, "the condition")
+    except TimeoutError:
+        return False
+    return True
 
 
 @pytest.fixture

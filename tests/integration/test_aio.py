@@ -20,6 +20,9 @@ import shmarena
 import shmarena.aio
 from tests.conftest import REPO, Daemon, wait_for
 
+# One daemon for the whole module (tests/conftest.py: shared_daemon).
+pytestmark = pytest.mark.shared_daemon
+
 MiB = 1 << 20
 
 

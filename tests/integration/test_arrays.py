@@ -17,6 +17,9 @@ import shmarena
 from shmarena.client import arrays, default, registry
 from tests.conftest import Daemon, wait_for
 
+# One daemon for the whole module (tests/conftest.py: shared_daemon).
+pytestmark = pytest.mark.shared_daemon
+
 MiB = 1 << 20
 
 # A child that attaches each token given on the command line and prints, per

@@ -25,6 +25,9 @@ import shmarena
 from shmarena import Handle, StaleHandle
 from tests.conftest import Daemon, wait_for
 
+# One daemon for the whole module (tests/conftest.py: shared_daemon).
+pytestmark = pytest.mark.shared_daemon
+
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = [pytest.param(64 * KiB, id="cached"), pytest.param(8 * MiB, id="daemon")]
 

@@ -19,6 +19,9 @@ import shmarena
 import shmarena.aio
 from tests.conftest import Daemon
 
+# One daemon for the whole module (tests/conftest.py: shared_daemon).
+pytestmark = pytest.mark.shared_daemon
+
 MiB = 1 << 20
 
 

@@ -15,6 +15,9 @@ import pytest
 import shmarena
 from tests.conftest import Daemon, wait_for
 
+# One daemon for the whole module (tests/conftest.py: shared_daemon).
+pytestmark = pytest.mark.shared_daemon
+
 # A child process that attaches a handle read from stdin, checks what A wrote,
 # writes its own answer into the same bytes, and says so.
 READER = r"""

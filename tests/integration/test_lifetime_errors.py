@@ -16,6 +16,9 @@ import pytest
 import shmarena
 from tests.conftest import Daemon, wait_for
 
+# One daemon for the whole module (tests/conftest.py: shared_daemon).
+pytestmark = pytest.mark.shared_daemon
+
 SMALL = 16000  # served from the client's cache
 LARGE = 4 << 20  # above any cache's limit: the daemon carves it
 CACHES = [pytest.param(True, id="cache"), pytest.param(False, id="nocache")]

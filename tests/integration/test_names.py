@@ -11,6 +11,9 @@ import pytest
 import shmarena
 from tests.conftest import Daemon, wait_for
 
+# One daemon for the whole module (tests/conftest.py: shared_daemon).
+pytestmark = pytest.mark.shared_daemon
+
 
 def test_lookup_returns_when_another_process_publishes(daemon: Daemon) -> None:
     c = daemon.client()

@@ -18,6 +18,9 @@ import pytest
 import shmarena
 from tests.conftest import Daemon, wait_for
 
+# One daemon for the whole module (tests/conftest.py: shared_daemon).
+pytestmark = pytest.mark.shared_daemon
+
 # A child that loads the message on stdin and prints, per large column, whether
 # its data lies inside this process's arena mapping; then checks the values.
 LOAD_IN_CHILD = """

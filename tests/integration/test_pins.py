@@ -24,6 +24,9 @@ import shmarena
 from shmarena import BufferReader, StaleHandle
 from tests.conftest import Daemon, wait_for
 
+# One daemon for the whole module (tests/conftest.py: shared_daemon).
+pytestmark = pytest.mark.shared_daemon
+
 KIB, MIB = 1 << 10, 1 << 20
 PATTERN = 0x5A
 FRESH = 48

@@ -68,6 +68,9 @@ import pytest
 import shmarena
 from tests.conftest import Daemon, wait_for
 
+# One daemon for the whole module (tests/conftest.py: shared_daemon).
+pytestmark = pytest.mark.shared_daemon
+
 TIMEOUT_S = 60.0  # for gets and joins that must succeed: only a hang reaches it
 SHORT_S = 0.2  # for gets and puts that must time out
 
