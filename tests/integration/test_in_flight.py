@@ -1,0 +1,80 @@
+"""Several requests of one client in flight on its one socket: a waiting
+`Queue.get`, a subscription's `get` and an asyncio lookup cost no session and
+no thread of their own, and every waiter is answered when its item comes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from typing import Any
+
+import shmarena
+import shmarena.aio
+from tests.conftest import Daemon, wait_for
+
+
+def os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def wait_many(client: shmarena.Client, count: int, tag: str) -> dict[str, int]:
+    """`count` threads in Queue.get, `count` subscriptions each with a thread
+    in get, `count` asyncio lookups in flight; the process's threads (less
+    the ones this test made) and the daemon's sessions while they wait."""
+    queue = shmarena.Queue(client=client)
+    subs = [client.subscribe(f"{tag}/{i}/") for i in range(count)]
+    got: list[Any] = []
+    lock = threading.Lock()
+
+    def take(get: Any) -> None:
+        item = get(timeout=60)
+        with lock:
+            got.append(item)
+
+    made = [threading.Thread(target=take, args=(queue.get,)) for _ in range(count)]
+    made += [threading.Thread(target=take, args=(sub.get,)) for sub in subs]
+    loop = asyncio.new_event_loop()
+    aclient = loop.run_until_complete(
+        shmarena.aio.connect(client.name, runtime_dir=client.runtime_dir)
+    )
+    lookups = [loop.create_task(aclient.lookup(f"{tag}/aio/{i}", timeout=60)) for i in range(count)]
+    loop_thread = threading.Thread(target=loop.run_until_complete, args=(asyncio.gather(*lookups),))
+    for thread in [*made, loop_thread]:
+        thread.start()
+    # 3 * count requests kept by the daemon: every waiter is waiting now
+    wait_for(lambda: client.stats()["waiting_requests"] == 3 * count, what="the waiters")
+    figures = {
+        "python_threads": threading.active_count() - len(made) - 1,
+        "os_threads": os_threads() - len(made) - 1,
+        "sessions": client.stats()["sessions"],
+    }
+    for i in range(count):
+        queue.put(i)
+        client.publish(f"{tag}/{i}/x", client.alloc(4096))
+        client.publish(f"{tag}/aio/{i}", client.alloc(4096))
+    for thread in [*made, loop_thread]:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    assert sorted(x for x in got if isinstance(x, int)) == list(range(count))
+    events = [x for x in got if not isinstance(x, int)]
+    assert sorted(e.name for e in events) == sorted(f"{tag}/{i}/x" for i in range(count))
+    found = [task.result() for task in lookups]
+    assert [buf.size for buf in found] == [4096] * count
+    for buf in found:
+        buf.release()
+    loop.run_until_complete(aclient.close())
+    loop.close()
+    for sub in subs:
+        sub.close()
+    queue.close()
+    return figures
+
+
+def test_waiting_calls_cost_no_session_and_no_thread(daemon: Daemon) -> None:
+    client = daemon.client()
+    wait_many(client, 1, "warm")  # the client's own threads (its flusher) start once
+    one = wait_many(client, 1, "one")
+    eight = wait_many(client, 8, "eight")
+    print(f"\nFIGURE: 1 waiter of each kind {one}, 8 of each kind {eight}")
+    assert one == eight
