@@ -317,25 +317,32 @@ class AsyncClient:
         client must first open a session (forked, lost, or a loss to report).
         Cancelled, its result (should it come) goes to `undo` on the worker."""
         client = self.sync_client
-        transport = client._transport
         timeout_s = wait_s + client.timeout_s
-        if (
-            self._closed
-            or transport is None
-            or transport.closed
-            or client._pid != os.getpid()
-            or client._pending_loss is not None
-        ):
-            return await self._call(
-                lambda: client._request(op, *args, wait_s, timeout_s=timeout_s), undo=undo
-            )
         executor = self._executor
         undo_later = None if undo is None else lambda result: _undo_later(executor, undo, result)
-        try:
-            return await aio_requests.request(transport, op, (*args, wait_s), timeout_s, undo_later)
-        except SessionLost as error:
-            client._lose_session(transport, error)
-            raise
+        while True:
+            transport = client._transport
+            if (
+                self._closed
+                or transport is None
+                or transport.closed
+                or client._pid != os.getpid()
+                or client._pending_loss is not None
+            ):
+                return await self._call(
+                    lambda: client._request(op, *args, wait_s, timeout_s=timeout_s), undo=undo
+                )
+            try:
+                return await aio_requests.request(
+                    transport, op, (*args, wait_s), timeout_s, undo_later
+                )
+            except SessionLost as error:
+                client._lose_session(transport, error)
+                raise
+            except DaemonUnavailable:
+                if transport.closed and not client._closed and client._transport is not transport:
+                    continue  # another thread found the session lost meanwhile: the new one
+                raise
 
     def _cache_hit(self, size: int, owner_id: int) -> Buffer | None:
         """A buffer from the process's cache without leaving the loop's
@@ -466,9 +473,9 @@ class AsyncClient:
 
     async def lookup(self, name: str, timeout: float | None = 0.0) -> Buffer:
         """The block bound to `name` as a retained Buffer (see `Client.lookup`).
-        A lookup that waits runs on a thread of its own, in slices, so it does
-        not hold up this client's other calls; a cancelled lookup releases
-        the block it found."""
+        A lookup that waits is a request in flight on the client's socket, so
+        it holds up none of this client's other calls; a cancelled lookup
+        releases the block it found."""
         lookup = self._named("lookup")
         if timeout == 0:
             return await self._call(lookup, name, 0.0, undo=_release)

@@ -17,11 +17,11 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from shmarena.client.buffer import Buffer
 from shmarena.errors import DaemonUnavailable, QueueEmpty, QueueFull, UnknownName
 from shmarena.protocol import MAX_WAIT_S, Handle, Op
 
 if TYPE_CHECKING:
+    from shmarena.client.buffer import Buffer
     from shmarena.client.client import Client
 
 
@@ -53,10 +53,15 @@ def request_waiting(client: Client, op: Op, *args: Any, timeout: float | None) -
 
 
 def publish(client: Client, name: str, target: Buffer | Handle, sealed: bool) -> Handle:
-    handle = target.handle if isinstance(target, Buffer) else Handle(*target)
+    # A Handle is a tuple (or its wire form, a list); anything else is a Buffer.
+    buf: Buffer | None = None
+    if isinstance(target, (tuple, list)):
+        handle = Handle(*target)
+    else:
+        buf, handle = target, target.handle
     client._request(Op.PUBLISH, name, list(handle), sealed)
-    if sealed and isinstance(target, Buffer):
-        target._seal()
+    if sealed and buf is not None:
+        buf._seal()
     return handle
 
 
@@ -87,7 +92,8 @@ class Subscription:
         self._client = client
         self._closed = False
         self._events: deque[Event] = deque()
-        _, self._cursor, _ = client._request(Op.EVENTS, -1, prefix, 0.0)
+        _, cursor, _ = client._request(Op.EVENTS, -1, prefix, 0.0)
+        self._cursor = int(cursor)
 
     def get(self, timeout: float | None = None) -> Event:
         """The next event; TimeoutError if none comes within `timeout` seconds."""
@@ -114,7 +120,7 @@ class Subscription:
         OverflowError if the daemon's log dropped some before they were read."""
         events, cursor, oldest = result
         missed = oldest - self._cursor
-        self._cursor = cursor
+        self._cursor = int(cursor)
         for seq, kind, name, wire in events:
             self._events.append(Event(seq, kind, name, Handle(*wire) if wire else None))
         if missed > 0:

@@ -343,12 +343,14 @@ class Transport:
         """The reply handed to `call`, unless there is none yet or it asks for
         lost frames again (then they are sent, and the wait goes on)."""
         reply = call.reply
+        while reply is not None and reply[0] != OK and len(reply) > 2 and reply[2] == Resend.code:
+            call.reply = None
+            self._resend(reply)
+            self._drain(call)  # the sends may have taken the descriptor's signal
+            reply = call.reply
         if reply is None:
             return None
         call.reply = None
-        if reply[0] != OK and len(reply) > 2 and reply[2] == Resend.code:
-            self._resend(reply)
-            return None
         # The daemon applied every number up to this call's: forget their frames.
         unconfirmed = self.unconfirmed
         if unconfirmed and unconfirmed[-1][0] <= call.high:
