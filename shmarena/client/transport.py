@@ -82,7 +82,11 @@ MAX_ORPHANS = 256
 # Frames of state-changing requests are kept until a reply shows the daemon
 # has them (see Transport.unconfirmed); past this many, a flush asks for one.
 MAX_UNCONFIRMED = 256
-_POLLIN = select.POLLIN | select.POLLERR | select.POLLHUP | select.POLLNVAL
+# Plain ints: pyzmq's enum members cost microseconds per operation on the
+# path of every request.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 # Fault injection for tests (see README, "Fault injection"): with
@@ -228,12 +232,16 @@ class Transport:
         raises the refusal of an earlier one-way request, if one came back.
         """
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        with self.lock:
+        self.lock.acquire()
+        try:
             self._check_open()
             if late:
                 self._raise_late()
             call = self._send(op, args)
-        reply = self._await(call, timeout)
+        except BaseException:
+            self.lock.release()
+            raise
+        reply = self._await(call, timeout)  # releases the lock
         if _FAULT is not None:
             _fault("after_reply", op.name.lower())
         if reply[0] == OK:
@@ -268,34 +276,41 @@ class Transport:
     def _await(self, call: Call, timeout: float) -> list[Any]:
         """The reply to `call` (not a Resend): read the socket as the reader,
         or wait for the reader to hand it over; send it again every
-        `retry_s`; DaemonUnavailable at the deadline."""
+        `retry_s`; DaemonUnavailable at the deadline. Entered with the lock
+        held (the send and the first wait need no second acquire), leaves
+        without it."""
+        lock = self.lock
         step = min(timeout, self.retry_s)
-        start = time.monotonic()
-        deadline, retry_at = start + timeout, start + step
-        self.lock.acquire()
+        retry_at = deadline = 0.0  # set at the first wait
+        readable = False  # the descriptor said something came
         try:
             while True:
-                self._check_open()
-                self._drain(call)
-                reply = self._take(call)
-                if reply is not None:
-                    return reply
+                self._drain(call, readable)  # after every socket call, before any wait
+                readable = False
+                if call.reply is not None:
+                    reply = self._take(call)
+                    if reply is not None:
+                        return reply
                 now = time.monotonic()
-                if now >= retry_at:
+                if not retry_at:
+                    retry_at, deadline = now + step, now + timeout
+                elif now >= retry_at:
                     if now >= deadline:
                         raise self._give_up(call, timeout)
                     self.resent += 1
                     self.socket.send(call.frame)  # the same id: a repeat is answered, not re-run
                     retry_at = now + step
-                elif self._reader is None or self._reader is call:
+                    continue
+                if self._reader is None or self._reader is call:
                     self._reader = call
-                    self.lock.release()
+                    lock.release()
                     try:
-                        self._poll(retry_at - now)
+                        readable = self._poll(retry_at - now)
                     finally:
-                        self.lock.acquire()
+                        lock.acquire()
                 else:
                     self._turn.wait(retry_at - now)
+                self._check_open()
         finally:
             self._calls.pop(call.request_id, None)
             if self._reader is call:
@@ -304,24 +319,34 @@ class Transport:
                     self._close_pipe()
                 elif self._calls:
                     self._turn.notify_all()  # one of them reads next
-            self.lock.release()
+            lock.release()
 
-    def _poll(self, seconds: float) -> None:
+    def _poll(self, seconds: float) -> bool:
         """Wait (without the lock) until the socket may have something, a
-        thread woke the reader, or `seconds` passed."""
+        thread woke the reader, or `seconds` passed; whether the socket's
+        descriptor was readable."""
+        readable = False
         for fd, _ in self._poller.poll(max(1, math.ceil(seconds * 1000))):
             if fd == self._wake_r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(fd, 4096)
+            else:
+                readable = True
+        return readable
 
-    def _drain(self, me: Call | None) -> None:
+    def _drain(self, me: Call | None, readable: bool = False) -> None:
         """Hand every reply that came to its call (under the lock, after any
         socket call: the descriptor signals only new arrivals). `me` is the
-        calling thread's own call, if any."""
+        calling thread's own call, if any; `readable`: the descriptor just
+        said something came, so try a read before asking EVENTS."""
         sock = self.socket
         woken = False
-        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            reply = decode(sock.recv(zmq.NOBLOCK))
+        while readable or int(sock.getsockopt(_EVENTS)) & _POLLIN:
+            readable = False
+            try:
+                reply = decode(sock.recv(_NOBLOCK))
+            except zmq.Again:
+                break  # the descriptor spoke of something else
             if not isinstance(reply, list) or len(reply) < 2:
                 raise ProtocolError(f"malformed reply from the daemon: {reply!r:.80}")
             call = self._calls.get(reply[1])
@@ -329,6 +354,10 @@ class Transport:
                 self._keep_if_late(reply)  # or a late reply to a request given up on
                 continue
             call.reply = reply
+            if call is me and len(self._calls) == 1:
+                # Nobody else waits: leave the rest for the next caller, who
+                # reads EVENTS before waiting (saves a call on every request).
+                break
             if call is not me:
                 if call.notify is not None:
                     call.notify()

@@ -78,3 +78,20 @@ def test_waiting_calls_cost_no_session_and_no_thread(daemon: Daemon) -> None:
     eight = wait_many(client, 8, "eight")
     print(f"\nFIGURE: 1 waiter of each kind {one}, 8 of each kind {eight}")
     assert one == eight
+
+
+def test_clients_share_one_context_and_leave_no_descriptor(daemon: Daemon) -> None:
+    """Every Client of the process uses the one ZeroMQ Context: clients add
+    no thread, and a closed one leaves no descriptor behind."""
+    first = daemon.client()
+    first.ping()
+    threads, fds = os_threads(), len(os.listdir("/proc/self/fd"))
+    clients = [daemon.client() for _ in range(8)]
+    for client in clients:
+        client.ping()
+    assert os_threads() == threads  # no I/O thread per client
+    for client in clients:
+        client.close()
+    # ZeroMQ's reaper thread closes a socket's own descriptors just after
+    wait_for(lambda: len(os.listdir("/proc/self/fd")) == fds, what="the descriptors to close")
+    first.close()
