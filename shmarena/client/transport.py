@@ -10,15 +10,12 @@ Every socket call happens under one short lock. Of the threads waiting for a
 reply, one at a time (the reader) waits on the socket's file descriptor
 without the lock, then reads what came and hands each reply to the call it
 answers; when its own reply is there it passes the reading role on to
-another waiting thread (leader/follower: no thread of the transport's own,
-and no thread hop on a plain request). ZeroMQ's descriptor is edge
-triggered: after every socket call, `zmq.EVENTS` is read and what came is
-handed out before anyone waits on it again, and a thread that hands the
-reader its reply wakes it through a pipe.
-
-It belongs to the process that made it: after fork() the client makes a new
-one instead of touching this one (see client.py). Its socket comes from the
-process's one ZeroMQ Context (client/context.py).
+another waiting thread (leader/follower: no thread of its own, no thread
+hop on a plain request). ZeroMQ's descriptor is edge triggered: after every
+socket call `zmq.EVENTS` is read and what came handed out before anyone waits
+on it again; a thread that hands the reader its reply wakes it through a pipe.
+Its socket comes from the process's one ZeroMQ Context (client/context.py);
+after fork() the client makes a new Transport instead of touching this one.
 
 One-way requests (POST: batched bookkeeping and frees) get no reply when they
 succeed. A refusal comes back later as a LATE_ERR reply; it is kept and raised
@@ -206,6 +203,12 @@ class Transport:
         if follow is not None:  # the same session from a new socket
             self.next_id = follow.next_id
             self.unconfirmed = list(follow.unconfirmed)
+        # Sequenced calls a caller was waiting for when this socket closed:
+        # sent again from the socket that follows this one
+        # with their own id, so a request the daemon keeps is not made twice
+        # (its reply goes to the session's new socket: see `_adopt`).
+        self._dropped: list[Call] = []
+        self._predecessor = follow
         self.resent = 0  # requests sent again: unanswered ones, and lost ones
         self._resent_after: tuple[int, float] = (-1, 0.0)  # (seen, when) of the last Resend
         self.closed = False
@@ -251,7 +254,10 @@ class Transport:
     def _send(self, op: Op, args: tuple[Any, ...]) -> Call:
         """Number, send and register one request (under the lock)."""
         self._send_pending(more=True)
-        if op in SEQUENCED_OPS:
+        call = self._adopt(op, args)
+        if call is not None:
+            request_id, frame = call.request_id, call.frame
+        elif op in SEQUENCED_OPS:
             request_id = self.next_id
             self.next_id += 1
             frame = self.encode([int(op), request_id, *args])
@@ -260,7 +266,8 @@ class Transport:
             request_id = self.next_free
             self.next_free += 1
             frame = self.encode([int(op), request_id, *args])
-        call = Call(request_id, op, args, frame, self.next_id - 1)
+        if call is None:
+            call = Call(request_id, op, args, frame, self.next_id - 1)
         self._calls[request_id] = call
         if _FAULT is not None:
             _fault("before_send", op.name.lower())
@@ -272,6 +279,27 @@ class Transport:
         if _FAULT is not None:
             _fault("after_send", op.name.lower())
         return call
+
+    def _adopt(self, op: Op, args: tuple[Any, ...]) -> Call | None:
+        """A call the socket this one follows dropped as it closed, if this
+        request repeats it (same op, same arguments but for the wait): sent
+        again as it was, same id; the caller that retries gets its reply."""
+        before = self._predecessor
+        if before is None or op not in SEQUENCED_OPS:
+            return None
+        calls = before._dropped
+        for index, call in enumerate(calls):
+            if call.op is op and _fixed(call.args) == _fixed(args):
+                del calls[index]
+                call.reply = None
+                return call
+        return None
+
+    def _drop(self, call: Call) -> None:
+        """Keep a sequenced call the closing of this socket cut short, for
+        the socket that follows it (see `_adopt`)."""
+        if call.request_id < FREE_ID_BIT:
+            self._dropped.append(call)
 
     def _await(self, call: Call, timeout: float) -> list[Any]:
         """The reply to `call` (not a Resend): read the socket as the reader,
@@ -310,7 +338,9 @@ class Transport:
                         lock.acquire()
                 else:
                     self._turn.wait(retry_at - now)
-                self._check_open()
+                if self.closed:
+                    self._drop(call)
+                    self._check_open()
         finally:
             self._calls.pop(call.request_id, None)
             if self._reader is call:
@@ -428,6 +458,8 @@ class Transport:
         """The result items of `call` (raising the daemon's error), or None
         while none came; DaemonUnavailable once the socket is closed."""
         with self.lock:
+            if self.closed:
+                self._drop(call)
             self._check_open()
             self._drain(call)
             reply = self._take(call)
@@ -607,6 +639,11 @@ def _close_dropped(sock: zmq.Socket[Any], pipe: tuple[int, int], pid: int) -> No
         sock.close(linger=0)
         for fd in pipe:
             os.close(fd)
+
+
+def _fixed(args: tuple[Any, ...]) -> list[Any]:
+    """A request's arguments less its wait (the only float among them)."""
+    return [arg for arg in args if not isinstance(arg, float)]
 
 
 def _error(reply: list[Any]) -> ShmArenaError:

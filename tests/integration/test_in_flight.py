@@ -95,3 +95,52 @@ def test_clients_share_one_context_and_leave_no_descriptor(daemon: Daemon) -> No
     # ZeroMQ's reaper thread closes a socket's own descriptors just after
     wait_for(lambda: len(os.listdir("/proc/self/fd")) == fds, what="the descriptors to close")
     first.close()
+
+
+def test_a_wait_in_flight_survives_a_reconnect_without_taking_twice(daemon: Daemon) -> None:
+    """A thread waits in Queue.get while another reconnects the client: the
+    get goes on over the new socket as the same request (the daemon keeps it
+    and answers it there), so no message is taken twice or lost."""
+    client = daemon.client()
+    queue = shmarena.Queue(client=client)
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(queue.get(timeout=60)))
+    waiter.start()
+    wait_for(lambda: client.stats()["waiting_requests"] == 1, what="the get to wait")
+    session = client.session
+    client.reconnect()
+    assert client.session == session  # the same session, from a new socket
+    queue.put("first")
+    queue.put("second")
+    waiter.join(timeout=60)
+    assert got == ["first"]
+    assert queue.get(timeout=10) == "second"
+    assert client.stats()["waiting_requests"] == 0
+    queue.close()
+
+
+def test_an_asyncio_lookup_in_flight_survives_a_reconnect(daemon: Daemon) -> None:
+    """The same for a waiting asyncio lookup: it is answered once, over the
+    new socket, and holds the only reference it took."""
+    writer = daemon.client()
+
+    async def main() -> None:
+        aclient = await shmarena.aio.connect(daemon.name, runtime_dir=daemon.run_dir)
+        waiting = asyncio.ensure_future(aclient.lookup("re/one", timeout=60))
+        client = aclient.sync_client
+        while client.stats()["waiting_requests"] != 1:
+            await asyncio.sleep(0.01)
+        await aclient.reconnect()
+        buf = writer.alloc(4096)
+        writer.publish("re/one", buf)
+        found = await asyncio.wait_for(waiting, 60)
+        assert found.handle == buf.handle
+        await aclient.release(found)
+        await aclient.sync()
+        writer.free(buf)
+        writer.sync()
+        assert writer.stats()["retained_only_blocks"] == 0
+        assert writer.stats()["waiting_requests"] == 0
+        await aclient.close()
+
+    asyncio.run(main())
