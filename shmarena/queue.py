@@ -159,7 +159,7 @@ class Queue:
             ((payload, handles),) = data._request(Op.QGET, self._name, 0, 0.0)
         else:
             ((payload, handles),) = names.request_waiting(
-                data, Op.QGET, self._name, data.session, timeout=timeout
+                data, Op.QGET, self._name, 0, timeout=timeout
             )
         buffers = [data._buffer(list(h), "retained") for h in handles]
         try:
