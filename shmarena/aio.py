@@ -17,6 +17,11 @@ daemon and nothing to cache hits. One thread per client keeps the calls of a
 client in order (a `sync()` runs after everything awaited or cancelled before
 it) and a slow call of one client never holds up another client.
 
+Calls that wait in the daemon for something to happen (a lookup with a
+timeout, a subscription's next events) do not take the worker: each is a
+request in flight on the client's own socket, awaited in the loop with no
+thread of its own (shmarena/aio_requests.py), so it holds up no other call.
+
 Cancellation never leaks a block. A call that hands something out (alloc,
 alloc_many, an owner's alloc, attach/retain with a reference, lookup) carries
 its undo. If the awaiting task is cancelled before the worker started the
@@ -32,17 +37,21 @@ after they started, they still complete.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
-from shmarena import errors
+from shmarena import aio_requests
+from shmarena.client import names
 from shmarena.client.buffer import Buffer, Handle
 from shmarena.client.client import Client, Owner, Recycled, _handle_of
 from shmarena.config import DEFAULT_RETRY_S, DEFAULT_TIMEOUT_S
-from shmarena.errors import DaemonUnavailable, ShmArenaError
+from shmarena.errors import DaemonUnavailable, SessionLost, ShmArenaError, UnknownName
+from shmarena.protocol import Op
 
 __all__ = ["AsyncClient", "AsyncOwner", "AsyncSubscription", "Opening", "connect"]
 
@@ -50,12 +59,10 @@ T = TypeVar("T")
 _log = logging.getLogger("shmarena.aio")
 _NOTHING: Any = object()
 
-# Named buffers' "not there (yet)"; () (catches nothing) before they existed.
-_UNKNOWN_NAME: Any = getattr(errors, "UnknownName", ())
-
-# A waiting lookup and a subscription's get wait in slices of this long, so a
-# cancelled or closed one lets go of its thread within this time.
-WAIT_SLICE_S = 0.25
+# A waiting lookup and a subscription's wait ask the daemon to keep them at
+# most this long at a time, so one given up on (cancelled, closed) holds no
+# kept request in the daemon for longer than this.
+WAIT_SLICE_S = 1.0
 
 
 class _Slot:
@@ -209,61 +216,62 @@ class AsyncOwner:
 
 class AsyncSubscription:
     """An async iterator of the events of `client.subscribe(prefix)` (see
-    `shmarena.Client.subscribe`). Its waits run on a thread of its own, so
-    they never hold up the client's other calls; a `get` that timed out or was
-    cancelled loses no event: the next `get` receives it."""
+    `shmarena.Client.subscribe`). Its waits are requests in flight on the
+    client's socket, so they never hold up the client's other calls; a `get`
+    that timed out or was cancelled loses no event: the next `get` receives it."""
 
-    def __init__(self, subscription: Any, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, subscription: names.Subscription, aclient: AsyncClient) -> None:
         self.subscription = subscription  # the sync Subscription
-        self._executor = executor
-        self._pending: Future[Any] | None = None
-        self._closed = threading.Event()
+        self._aclient = aclient
+        self._pending: asyncio.Future[names.Event] | None = None
+        self._closed = False
 
-    def _wait(self) -> Any:
-        while not self._closed.is_set():
-            try:
-                return self.subscription.get(timeout=WAIT_SLICE_S)
-            except TimeoutError:
-                continue
-        return _NOTHING
+    async def _next(self) -> names.Event:
+        sub = self.subscription
+        while True:
+            event = sub.ready()
+            if event is not None:
+                return event
+            sub.absorb(await self._aclient._kept(Op.EVENTS, sub.cursor, sub.prefix))
 
-    async def get(self, timeout: float | None = None) -> Any:
+    async def get(self, timeout: float | None = None) -> names.Event:
         """The next event; TimeoutError when none came within `timeout` s,
         ValueError once the subscription is closed."""
-        if self._pending is None and not self._closed.is_set():
-            self._pending = self._executor.submit(self._wait)
-        pending = self._pending
-        if pending is None:
+        if self._closed:
             raise ValueError("this subscription is closed; subscribe again")
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._next())
+        pending = self._pending
         try:
             # shield: a timeout or a cancel leaves the wait running, for the
             # next get to take its event
-            event = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(pending)), timeout)
+            return await asyncio.wait_for(asyncio.shield(pending), timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(f"no event came within {timeout} s") from None
         finally:
             if pending.done():
                 self._pending = None
-        if event is _NOTHING:
-            raise ValueError("this subscription is closed; subscribe again")
-        return event
 
-    def __aiter__(self) -> AsyncIterator[Any]:
+    def __aiter__(self) -> AsyncIterator[names.Event]:
         return self
 
-    async def __anext__(self) -> Any:
+    async def __anext__(self) -> names.Event:
         try:
             return await self.get()
         except ValueError:
             raise StopAsyncIteration from None
 
     async def close(self) -> None:
-        """Stop the subscription and its thread."""
-        if self._closed.is_set():
+        """Stop the subscription and its wait."""
+        if self._closed:
             return
-        self._closed.set()
-        await asyncio.wrap_future(self._executor.submit(self.subscription.close))
-        self._executor.shutdown(wait=False)  # its wait ends within one slice
+        self._closed = True
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ShmArenaError):
+                await pending
+        self.subscription.close()
 
     async def __aenter__(self) -> AsyncSubscription:
         return self
@@ -284,8 +292,6 @@ class AsyncClient:
         self.sync_client = client
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="shmarena-aio")
         self._closed = False
-        # waiting lookups: their stop flags and their ends, for close()
-        self._waits: dict[Future[Any], threading.Event] = {}
 
     # -- plumbing -----------------------------------------------------------
 
@@ -298,6 +304,45 @@ class AsyncClient:
                 socket_path=self.sync_client.socket_path,
             )
         return await _run(self._executor, fn, args, undo)
+
+    async def _kept(
+        self,
+        op: Op,
+        *args: Any,
+        wait_s: float = WAIT_SLICE_S,
+        undo: Callable[[Any], Any] | None = None,
+    ) -> list[Any]:
+        """A request the daemon may keep up to `wait_s`, in flight on the
+        client's socket without a thread; on the worker instead when the
+        client must first open a session (forked, lost, or a loss to report).
+        Cancelled, its result (should it come) goes to `undo` on the worker."""
+        client = self.sync_client
+        timeout_s = wait_s + client.timeout_s
+        executor = self._executor
+        undo_later = None if undo is None else lambda result: _undo_later(executor, undo, result)
+        while True:
+            transport = client._transport
+            if (
+                self._closed
+                or transport is None
+                or transport.closed
+                or client._pid != os.getpid()
+                or client._pending_loss is not None
+            ):
+                return await self._call(
+                    lambda: client._request(op, *args, wait_s, timeout_s=timeout_s), undo=undo
+                )
+            try:
+                return await aio_requests.request(
+                    transport, op, (*args, wait_s), timeout_s, undo_later
+                )
+            except SessionLost as error:
+                client._lose_session(transport, error)
+                raise
+            except DaemonUnavailable:
+                if transport.closed and not client._closed and client._transport is not transport:
+                    continue  # another thread found the session lost meanwhile: the new one
+                raise
 
     def _cache_hit(self, size: int, owner_id: int) -> Buffer | None:
         """A buffer from the process's cache without leaving the loop's
@@ -428,43 +473,37 @@ class AsyncClient:
 
     async def lookup(self, name: str, timeout: float | None = 0.0) -> Buffer:
         """The block bound to `name` as a retained Buffer (see `Client.lookup`).
-        A lookup that waits runs on a thread of its own, in slices, so it does
-        not hold up this client's other calls; a cancelled lookup releases
-        the block it found."""
+        A lookup that waits is a request in flight on the client's socket, so
+        it holds up none of this client's other calls; a cancelled lookup
+        releases the block it found."""
         lookup = self._named("lookup")
         if timeout == 0:
             return await self._call(lookup, name, 0.0, undo=_release)
         if self._closed:
             await self._call(lookup, name, 0.0)  # raises the closed error
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"timeout must be 0 or more seconds, or None; got {timeout}")
+        client = self.sync_client
         loop = asyncio.get_running_loop()
-        stop = threading.Event()
         deadline = None if timeout is None else loop.time() + timeout
 
-        def wait() -> Buffer:
-            while True:
-                left = None if deadline is None else max(0.0, deadline - loop.time())
-                piece = WAIT_SLICE_S if left is None else min(WAIT_SLICE_S, left)
-                try:
-                    return lookup(name, piece)  # type: ignore[no-any-return]
-                except _UNKNOWN_NAME as error:
-                    if stop.is_set():
-                        raise
-                    if piece == left:  # the whole timeout is over: say so
-                        raise type(error)(
-                            f"{error} (the asyncio lookup waited {timeout:g} s in all)",
-                            **error.details,
-                        ) from None
+        def release(result: list[Any]) -> None:
+            client.release(Handle(*result[0][0]))
 
-        waiter = ThreadPoolExecutor(1, thread_name_prefix="shmarena-aio-lookup")
-        ended: Future[None] = Future()
-        self._waits[ended] = stop
-        try:
-            return await _run(waiter, wait, (), undo=_release)
-        finally:
-            stop.set()
-            waiter.submit(ended.set_result, None)
-            waiter.shutdown(wait=False)
-            self._waits.pop(ended, None)
+        while True:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            wait_s = WAIT_SLICE_S if left is None else min(WAIT_SLICE_S, left)
+            try:
+                result = await self._kept(Op.LOOKUP, name, wait_s=wait_s, undo=release)
+            except UnknownName as error:
+                if left is None or wait_s < left:
+                    continue
+                raise type(error)(
+                    f"{error} (the asyncio lookup waited {timeout:g} s in all)", **error.details
+                ) from None
+            # At once, in the loop's thread: a cancel cannot come between the
+            # reply (a reference taken) and the Buffer that will release it.
+            return names.found(client, result)
 
     async def names(self, prefix: str = "") -> list[dict[str, Any]]:
         """The bound names starting with `prefix` (see `Client.names`)."""
@@ -477,8 +516,7 @@ class AsyncClient:
 
         async def make() -> AsyncSubscription:
             subscription = await self._call(self._named("subscribe"), prefix, undo=_close)
-            executor = ThreadPoolExecutor(1, thread_name_prefix="shmarena-aio-sub")
-            return AsyncSubscription(subscription, executor)
+            return AsyncSubscription(subscription, self)
 
         return Opening(make)
 
@@ -543,10 +581,7 @@ class AsyncClient:
         Cancelled, the close still completes and the thread still ends."""
         if self._closed:
             return
-        self._closed = True
-        for ended, stop in list(self._waits.items()):  # waiting lookups end within a slice
-            stop.set()
-            await asyncio.shield(asyncio.wrap_future(ended))
+        self._closed = True  # waits in flight end as the socket closes
         executor = self._executor
         future = executor.submit(self.sync_client.close)
         # From the worker itself, so the thread ends even if this await is

@@ -11,10 +11,11 @@ consumer killed at any moment costs the others nothing and leaks nothing.
 
 Each process talks through its data client (the one given, else the
 process's default client, see client/default.py), which also holds what it
-took. A put that must wait for room and a get that may wait go over a
-connection of the calling thread's own, so a thread blocked in `get` never
-holds up another thread's `put` on the same queue. The daemon answers a
-kept request the moment it can be met; nothing here polls.
+took. A put that must wait for room and a get that may wait are requests in
+flight on that client's one socket among its others (client/transport.py),
+so a thread blocked in `get` never holds up another thread's `put` on the
+same queue, and waiting threads cost no session or thread of their own. The
+daemon answers a kept request the moment it can be met; nothing here polls.
 
 The queue lives while any process that opened it lives: the creator opens it,
 an unpickled copy (spawn, Pool or executor initargs) opens it at once, a
@@ -24,13 +25,13 @@ has left, the daemon drops the queue and gives back what it held.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import threading
 import uuid
 from typing import Any
 
 from shmarena.client import names
-from shmarena.client.client import Client, connect
+from shmarena.client.client import Client
 from shmarena.client.default import default_client
 from shmarena.errors import QueueFull, ShmArenaError
 from shmarena.pickling import DEFAULT_THRESHOLD, free_all, pack, release_all, unpack
@@ -75,9 +76,6 @@ class Queue:
         self._pid = os.getpid()
         self._closed = False
         self._opened = False
-        self._local = threading.local()
-        self._waiters: list[Client] = []
-        self._lock = threading.Lock()
         self._client: Client | None = self._given  # the data client, found once per process
 
     # -- pickling: a queue travels by name -----------------------------------
@@ -126,21 +124,6 @@ class Queue:
             self._opened = True
         return client
 
-    def _waiter(self, data: Client) -> Client:
-        """The calling thread's connection for requests that wait."""
-        client: Client | None = getattr(self._local, "client", None)
-        if client is None or client._closed:
-            client = connect(
-                data.name,
-                runtime_dir=data.runtime_dir,
-                cache=False,
-                label=f"waits on queue {self._name}",
-            )
-            self._local.client = client
-            with self._lock:
-                self._waiters.append(client)
-        return client
-
     def _check_open(self) -> Client:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
@@ -160,7 +143,7 @@ class Queue:
             except QueueFull:
                 if not block or (timeout is not None and timeout <= 0):
                     raise
-                names.request_waiting(self._waiter(data), Op.QPUT, *args, timeout=timeout)
+                names.request_waiting(data, Op.QPUT, *args, timeout=timeout)
         finally:
             free_all(packed.made)  # the queue holds its own reference now
 
@@ -176,7 +159,7 @@ class Queue:
             ((payload, handles),) = data._request(Op.QGET, self._name, 0, 0.0)
         else:
             ((payload, handles),) = names.request_waiting(
-                self._waiter(data), Op.QGET, self._name, data.session, timeout=timeout
+                data, Op.QGET, self._name, 0, timeout=timeout
             )
         buffers = [data._buffer(list(h), "retained") for h in handles]
         try:
@@ -208,14 +191,9 @@ class Queue:
             return
         self._closed = True
         if self._pid == os.getpid() and self._opened:
-            try:
+            # the daemon gone: so is the queue
+            with contextlib.suppress(ShmArenaError):
                 self._data()._request(Op.QCLOSE, self._name)
-            except ShmArenaError:
-                pass  # the daemon is gone: so is the queue
-        with self._lock:
-            waiters, self._waiters = self._waiters, []
-        for client in waiters:
-            client.close()
 
     def join_thread(self) -> None:
         """Nothing to wait for (a put is done when it returns); like the

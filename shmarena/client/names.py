@@ -6,8 +6,9 @@ waiting requests itself (daemon/exchange.py) and answers the moment they can
 be met, so nothing here polls: a wait is one request, asked again only after
 `MAX_WAIT_S` or when the client's own retry timer fires.
 
-A Subscription talks over a connection of its own, so a thread blocked on
-`get` never holds up the Client it came from.
+A Subscription uses its Client's session and socket: a thread blocked on
+`get` is one request in flight among the client's others, and holds none of
+them up (see client/transport.py). It ends with `close()` or with its Client.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from shmarena.client.buffer import Buffer
-from shmarena.errors import QueueEmpty, QueueFull, UnknownName
+from shmarena.errors import DaemonUnavailable, QueueEmpty, QueueFull, UnknownName
 from shmarena.protocol import MAX_WAIT_S, Handle, Op
 
 if TYPE_CHECKING:
+    from shmarena.client.buffer import Buffer
     from shmarena.client.client import Client
 
 
@@ -52,15 +53,25 @@ def request_waiting(client: Client, op: Op, *args: Any, timeout: float | None) -
 
 
 def publish(client: Client, name: str, target: Buffer | Handle, sealed: bool) -> Handle:
-    handle = target.handle if isinstance(target, Buffer) else Handle(*target)
+    # A Handle is a tuple (or its wire form, a list); anything else is a Buffer.
+    buf: Buffer | None = None
+    if isinstance(target, (tuple, list)):
+        handle = Handle(*target)
+    else:
+        buf, handle = target, target.handle
     client._request(Op.PUBLISH, name, list(handle), sealed)
-    if sealed and isinstance(target, Buffer):
-        target._seal()
+    if sealed and buf is not None:
+        buf._seal()
     return handle
 
 
 def lookup(client: Client, name: str, timeout: float | None) -> Buffer:
-    ((wire, sealed),) = request_waiting(client, Op.LOOKUP, name, timeout=timeout)
+    return found(client, request_waiting(client, Op.LOOKUP, name, timeout=timeout))
+
+
+def found(client: Client, result: list[Any]) -> Buffer:
+    """The retained Buffer of a LOOKUP's result."""
+    ((wire, sealed),) = result
     buf = client._buffer(list(wire), "retained")
     if sealed:
         buf._seal()
@@ -77,42 +88,60 @@ class Subscription:
     """
 
     def __init__(self, client: Client, prefix: str) -> None:
-        from shmarena.client.client import Client
-
         self.prefix = prefix
-        self._client = Client(
-            client.name,
-            runtime_dir=client.runtime_dir,
-            timeout_s=client.timeout_s,
-            label=f"subscriber {prefix!r}",
-            cache=False,
-        )
+        self._client = client
+        self._closed = False
         self._events: deque[Event] = deque()
-        _, self._cursor, _ = self._client._request(Op.EVENTS, -1, prefix, 0.0)
+        _, cursor, _ = client._request(Op.EVENTS, -1, prefix, 0.0)
+        self._cursor = int(cursor)
 
     def get(self, timeout: float | None = None) -> Event:
         """The next event; TimeoutError if none comes within `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._events:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            events, cursor, oldest = request_waiting(
-                self._client, Op.EVENTS, self._cursor, self.prefix, timeout=left
-            )
-            missed = oldest - self._cursor
-            self._cursor = cursor
-            for seq, kind, name, wire in events:
-                self._events.append(Event(seq, kind, name, Handle(*wire) if wire else None))
-            if missed > 0:
-                raise OverflowError(
-                    f"subscriber of {self.prefix!r} fell behind: {missed} events were "
-                    "dropped from the daemon's log before it read them; it goes on "
-                    "with the next ones"
+            if self._closed:
+                raise DaemonUnavailable(
+                    f"this subscription to names starting with {self.prefix!r} is closed; "
+                    "subscribe again",
+                    socket_path=self._client.socket_path,
                 )
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self.absorb(
+                request_waiting(self._client, Op.EVENTS, self._cursor, self.prefix, timeout=left)
+            )
             if not self._events and deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(
                     f"no event for names starting with {self.prefix!r} within {timeout:g} s"
                 )
         return self._events.popleft()
+
+    def absorb(self, result: list[Any]) -> None:
+        """Queue the events of an EVENTS result (asked for from `cursor`);
+        OverflowError if the daemon's log dropped some before they were read."""
+        events, cursor, oldest = result
+        missed = oldest - self._cursor
+        self._cursor = int(cursor)
+        for seq, kind, name, wire in events:
+            self._events.append(Event(seq, kind, name, Handle(*wire) if wire else None))
+        if missed > 0:
+            raise OverflowError(
+                f"subscriber of {self.prefix!r} fell behind: {missed} events were "
+                "dropped from the daemon's log before it read them; it goes on "
+                "with the next ones"
+            )
+
+    @property
+    def cursor(self) -> int:
+        """The sequence number of the next event to ask the daemon for."""
+        return self._cursor
+
+    def ready(self) -> Event | None:
+        """The next event already received, if any (no request)."""
+        return self._events.popleft() if self._events else None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def __iter__(self) -> Subscription:
         return self
@@ -121,7 +150,9 @@ class Subscription:
         return self.get()
 
     def close(self) -> None:
-        self._client.close()
+        """Stop following: a later `get` raises DaemonUnavailable. The daemon
+        keeps nothing for a subscriber, so there is nothing to tell it."""
+        self._closed = True
 
     def __enter__(self) -> Subscription:
         return self

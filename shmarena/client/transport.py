@@ -1,9 +1,21 @@
-"""One DEALER socket to the daemon: request ids, timeouts, one-way posts, and
-the ONE place where an error reply becomes an exception.
+"""One DEALER socket to the daemon: request ids, timeouts, one-way posts,
+several requests in flight at once, and the ONE place where an error reply
+becomes an exception.
 
-A Transport is safe to share between threads (one request at a time, under a
-lock). It belongs to the process that made it: after fork() the client makes
-a new one instead of touching this one (see client.py).
+A Transport is safe to share between threads, and a thread waiting for its
+reply never holds up another thread's request: a request waiting in the
+daemon (a Queue.get, a subscription, a lookup with a timeout) is one request
+in flight among others on the same socket, its reply matched by request id.
+Every socket call happens under one short lock. Of the threads waiting for a
+reply, one at a time (the reader) waits on the socket's file descriptor
+without the lock, then reads what came and hands each reply to the call it
+answers; when its own reply is there it passes the reading role on to
+another waiting thread (leader/follower: no thread of its own, no thread
+hop on a plain request). ZeroMQ's descriptor is edge triggered: after every
+socket call `zmq.EVENTS` is read and what came handed out before anyone waits
+on it again; a thread that hands the reader its reply wakes it through a pipe.
+Its socket comes from the process's one ZeroMQ Context (client/context.py);
+after fork() the client makes a new Transport instead of touching this one.
 
 One-way requests (POST: batched bookkeeping and frees) get no reply when they
 succeed. A refusal comes back later as a LATE_ERR reply; it is kept and raised
@@ -13,10 +25,12 @@ mistaken for the answer to something else and no result is lost to it.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import re
+import select
 import signal
-import stat
 import threading
 import time
 import weakref
@@ -25,6 +39,8 @@ from typing import Any
 
 import zmq
 
+from shmarena.client.context import dealer_socket
+from shmarena.client.reach import check_reachable, refusing
 from shmarena.config import DEFAULT_RETRY_S
 from shmarena.errors import (
     DaemonUnavailable,
@@ -45,7 +61,6 @@ from shmarena.protocol import (
     decode,
     encoder,
 )
-from shmarena.rundir import check_runtime_dir, check_socket
 
 
 def _no_events() -> list[list[int]]:
@@ -64,6 +79,11 @@ MAX_ORPHANS = 256
 # Frames of state-changing requests are kept until a reply shows the daemon
 # has them (see Transport.unconfirmed); past this many, a flush asks for one.
 MAX_UNCONFIRMED = 256
+# Plain ints: pyzmq's enum members cost microseconds per operation on the
+# path of every request.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 # Fault injection for tests (see README, "Fault injection"): with
@@ -104,7 +124,31 @@ def _fault(point: str, op: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class Call:
+    """One request in flight: its frame (sent again, same id, while no reply
+    comes), the highest sequence number sent up to and with it (its reply
+    shows the daemon applied every number up to that one), and its reply
+    once the reader handed it over."""
+
+    __slots__ = ("request_id", "op", "args", "frame", "high", "reply", "notify")
+
+    def __init__(self, request_id: int, op: Op, args: tuple[Any, ...], frame: bytes, high: int):
+        self.request_id = request_id
+        self.op = op
+        self.args = args
+        self.frame = frame
+        self.high = high
+        self.reply: list[Any] | None = None
+        # For a call waited for by an event loop (see `start`): told, from
+        # any thread and under the lock, when its reply came or the socket closed.
+        self.notify: Callable[[], None] | None = None
+
+
 class Transport:
+    """The client's one socket to its daemon, shared by all its threads (see
+    the module docstring): `request` sends one request and waits for its
+    reply, `flush` sends queued bookkeeping, `close` closes the socket."""
+
     def __init__(
         self,
         socket_path: str,
@@ -120,8 +164,7 @@ class Transport:
         # The uid the daemon runs as (its runtime dir's owner): the client
         # maps only segments of that uid.
         self.daemon_uid = check_reachable(socket_path, name)
-        self.context: zmq.Context[Any] = zmq.Context()
-        sock = self.context.socket(zmq.DEALER)
+        sock = dealer_socket()
         # A routing id of our own, secret like a token: a daemon that restarts
         # on a persistent arena knows this socket again when it reconnects.
         self.routing_id = b"\x01" + os.urandom(15)
@@ -130,13 +173,25 @@ class Transport:
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES * 64)
         sock.connect(f"ipc://{socket_path}")
         self.socket = sock
-        # A Transport dropped unclosed in a reference cycle: the collector
-        # clears weak references before it runs __del__, so the context's own
-        # __del__ would no longer see the socket and wait for it for ever.
-        # This callback runs before that and closes both.
-        self._finalizer = weakref.finalize(self, _close_dropped, sock, self.context, os.getpid())
+        # The reader waits on the socket's descriptor and on a pipe another
+        # thread writes to when it handed the reader its reply (or closed).
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller = select.poll()
+        self._fd = int(sock.getsockopt(zmq.FD))
+        self._poller.register(self._fd, select.POLLIN)
+        self._poller.register(self._wake_r, select.POLLIN)
+        # A Transport dropped unclosed in a reference cycle: close its socket
+        # and pipe (never a parent's after fork).
+        self._finalizer = weakref.finalize(
+            self, _close_dropped, sock, (self._wake_r, self._wake_w), os.getpid()
+        )
         self._finalizer.atexit = False  # at exit, Client closes what it must flush
         self.lock = threading.Lock()
+        self._turn = threading.Condition(self.lock)  # a reply came, or the reader left
+        self._calls: dict[int, Call] = {}  # request id -> call in flight
+        self._reader: Call | None = None  # the call whose thread reads the socket
         # State-changing requests are numbered 1, 2, ... per session (the
         # daemon applies each number once, in order); others use free ids.
         # Sent frames stay in `unconfirmed` until a reply shows the daemon
@@ -148,6 +203,12 @@ class Transport:
         if follow is not None:  # the same session from a new socket
             self.next_id = follow.next_id
             self.unconfirmed = list(follow.unconfirmed)
+        # Sequenced calls a caller was waiting for when this socket closed:
+        # sent again from the socket that follows this one
+        # with their own id, so a request the daemon keeps is not made twice
+        # (its reply goes to the session's new socket: see `_adopt`).
+        self._dropped: list[Call] = []
+        self._predecessor = follow
         self.resent = 0  # requests sent again: unanswered ones, and lost ones
         self._resent_after: tuple[int, float] = (-1, 0.0)  # (seen, when) of the last Resend
         self.closed = False
@@ -156,7 +217,6 @@ class Transport:
         # reach the daemon first (the client's cache events), as POST bodies.
         self.pending: Callable[[], list[list[int]]] = _no_events
         self.late: list[ShmArenaError] = []
-        self.rcvtimeo = -1
         # request id -> (op, args) of allocating requests given up on; and what
         # to do with their results should they come after all.
         self.given_up: dict[int, tuple[Op, tuple[Any, ...]]] = {}
@@ -167,74 +227,270 @@ class Transport:
     ) -> list[Any]:
         """Send one request and wait for its reply; returns the result items.
 
-        An unanswered request is sent again (same id) every `retry_s`: the
+        Other threads' requests go out and get their replies meanwhile. An
+        unanswered request is sent again (same id) every `retry_s`: the
         daemon answers a repeat from its reply cache, so it never runs twice.
         Raises the daemon's error as its exception class, or DaemonUnavailable
         when no reply comes within the timeout. First, unless `late` is False,
         raises the refusal of an earlier one-way request, if one came back.
         """
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        with self.lock:
+        self.lock.acquire()
+        try:
             self._check_open()
-            sock = self.socket
             if late:
                 self._raise_late()
-            self._send_pending(more=True)
-            if op in SEQUENCED_OPS:
-                request_id = self.next_id
-                self.next_id += 1
-                frame = self.encode([int(op), request_id, *args])
-                self.unconfirmed.append((request_id, frame))
-            else:
-                request_id = self.next_free
-                self.next_free += 1
-                frame = self.encode([int(op), request_id, *args])
-            if _FAULT is not None:
-                _fault("before_send", op.name.lower())
-            sock.send(frame)
-            if _FAULT is not None:
-                _fault("after_send", op.name.lower())
-            wait_ms = max(1, int(min(timeout, self.retry_s) * 1000))
-            if wait_ms != self.rcvtimeo:  # a blocking recv wakes faster than a poll
-                sock.setsockopt(zmq.RCVTIMEO, wait_ms)
-                self.rcvtimeo = wait_ms
-            deadline = 0.0
+            call = self._send(op, args)
+        except BaseException:
+            self.lock.release()
+            raise
+        reply = self._await(call, timeout)  # releases the lock
+        if _FAULT is not None:
+            _fault("after_reply", op.name.lower())
+        if reply[0] == OK:
+            return reply[2:]
+        raise _error(reply)
+
+    def _send(self, op: Op, args: tuple[Any, ...]) -> Call:
+        """Number, send and register one request (under the lock)."""
+        self._send_pending(more=True)
+        call = self._adopt(op, args)
+        if call is not None:
+            request_id, frame = call.request_id, call.frame
+        elif op in SEQUENCED_OPS:
+            request_id = self.next_id
+            self.next_id += 1
+            frame = self.encode([int(op), request_id, *args])
+            self.unconfirmed.append((request_id, frame))
+        else:
+            request_id = self.next_free
+            self.next_free += 1
+            frame = self.encode([int(op), request_id, *args])
+        if call is None:
+            call = Call(request_id, op, args, frame, self.next_id - 1)
+        self._calls[request_id] = call
+        if _FAULT is not None:
+            _fault("before_send", op.name.lower())
+        try:
+            self.socket.send(frame)
+        except BaseException:
+            del self._calls[request_id]
+            raise
+        if _FAULT is not None:
+            _fault("after_send", op.name.lower())
+        return call
+
+    def _adopt(self, op: Op, args: tuple[Any, ...]) -> Call | None:
+        """A call the socket this one follows dropped as it closed, if this
+        request repeats it (same op, same arguments but for the wait): sent
+        again as it was, same id; the caller that retries gets its reply."""
+        before = self._predecessor
+        if before is None or op not in SEQUENCED_OPS:
+            return None
+        calls = before._dropped
+        for index, call in enumerate(calls):
+            if call.op is op and _fixed(call.args) == _fixed(args):
+                del calls[index]
+                call.reply = None
+                return call
+        return None
+
+    def _drop(self, call: Call) -> None:
+        """Keep a sequenced call the closing of this socket cut short, for
+        the socket that follows it (see `_adopt`)."""
+        if call.request_id < FREE_ID_BIT:
+            self._dropped.append(call)
+
+    def _await(self, call: Call, timeout: float) -> list[Any]:
+        """The reply to `call` (not a Resend): read the socket as the reader,
+        or wait for the reader to hand it over; send it again every
+        `retry_s`; DaemonUnavailable at the deadline. Entered with the lock
+        held (the send and the first wait need no second acquire), leaves
+        without it."""
+        lock = self.lock
+        step = min(timeout, self.retry_s)
+        retry_at = deadline = 0.0  # set at the first wait
+        readable = False  # the descriptor said something came
+        try:
             while True:
-                try:
-                    reply_frame = sock.recv()
-                except zmq.Again:
-                    now = time.monotonic()
-                    if not deadline:  # first miss: only now is the clock worth reading
-                        deadline = now - wait_ms / 1000 + timeout
+                self._drain(call, readable)  # after every socket call, before any wait
+                readable = False
+                if call.reply is not None:
+                    reply = self._take(call)
+                    if reply is not None:
+                        return reply
+                now = time.monotonic()
+                if not retry_at:
+                    retry_at, deadline = now + step, now + timeout
+                elif now >= retry_at:
                     if now >= deadline:
-                        if op in ALLOCATING_OPS:
-                            self.given_up[request_id] = (op, args)
-                            if len(self.given_up) > MAX_ORPHANS:
-                                del self.given_up[next(iter(self.given_up))]
-                        raise DaemonUnavailable(
-                            f"daemon {self.name!r} did not answer {op.name.lower()} within "
-                            f"{timeout:g} s at {self.socket_path}; "
-                            + (_refusing(self.socket_path) or "is it running (`shmarena status`)?"),
-                            socket_path=self.socket_path,
-                        ) from None
+                        raise self._give_up(call, timeout)
                     self.resent += 1
-                    sock.send(frame)  # the same id: a repeat is answered, not re-run
+                    self.socket.send(call.frame)  # the same id: a repeat is answered, not re-run
+                    retry_at = now + step
                     continue
-                reply = decode(reply_frame)
-                if not isinstance(reply, list) or len(reply) < 2:
-                    raise ProtocolError(f"malformed reply from the daemon: {reply!r:.80}")
-                if reply[1] != request_id:
-                    self._keep_if_late(reply)
-                    continue  # or a late reply to an earlier request that timed out
-                if reply[0] != OK and len(reply) > 2 and reply[2] == Resend.code:
-                    self._resend(reply)
-                    continue
-                self.unconfirmed.clear()  # the daemon answers in order: it has all of them
-                if _FAULT is not None:
-                    _fault("after_reply", op.name.lower())
-                if reply[0] == OK:
-                    return reply[2:]
-                raise _error(reply)
+                if self._reader is None or self._reader is call:
+                    self._reader = call
+                    lock.release()
+                    try:
+                        readable = self._poll(retry_at - now)
+                    finally:
+                        lock.acquire()
+                else:
+                    self._turn.wait(retry_at - now)
+                if self.closed:
+                    self._drop(call)
+                    self._check_open()
+        finally:
+            self._calls.pop(call.request_id, None)
+            if self._reader is call:
+                self._reader = None
+                if self.closed:
+                    self._close_pipe()
+                elif self._calls:
+                    self._turn.notify_all()  # one of them reads next
+            lock.release()
+
+    def _poll(self, seconds: float) -> bool:
+        """Wait (without the lock) until the socket may have something, a
+        thread woke the reader, or `seconds` passed; whether the socket's
+        descriptor was readable."""
+        readable = False
+        for fd, _ in self._poller.poll(max(1, math.ceil(seconds * 1000))):
+            if fd == self._wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(fd, 4096)
+            else:
+                readable = True
+        return readable
+
+    def _drain(self, me: Call | None, readable: bool = False) -> None:
+        """Hand every reply that came to its call (under the lock, after any
+        socket call: the descriptor signals only new arrivals). `me` is the
+        calling thread's own call, if any; `readable`: the descriptor just
+        said something came, so try a read before asking EVENTS."""
+        sock = self.socket
+        woken = False
+        while readable or int(sock.getsockopt(_EVENTS)) & _POLLIN:
+            readable = False
+            try:
+                reply = decode(sock.recv(_NOBLOCK))
+            except zmq.Again:
+                break  # the descriptor spoke of something else
+            if not isinstance(reply, list) or len(reply) < 2:
+                raise ProtocolError(f"malformed reply from the daemon: {reply!r:.80}")
+            call = self._calls.get(reply[1])
+            if call is None:
+                self._keep_if_late(reply)  # or a late reply to a request given up on
+                continue
+            call.reply = reply
+            if call is me and len(self._calls) == 1:
+                # Nobody else waits: leave the rest for the next caller, who
+                # reads EVENTS before waiting (saves a call on every request).
+                break
+            if call is not me:
+                if call.notify is not None:
+                    call.notify()
+                elif call is self._reader:
+                    self._wake()
+                else:
+                    woken = True
+        if woken:
+            self._turn.notify_all()
+
+    def _take(self, call: Call) -> list[Any] | None:
+        """The reply handed to `call`, unless there is none yet or it asks for
+        lost frames again (then they are sent, and the wait goes on)."""
+        reply = call.reply
+        while reply is not None and reply[0] != OK and len(reply) > 2 and reply[2] == Resend.code:
+            call.reply = None
+            self._resend(reply)
+            self._drain(call)  # the sends may have taken the descriptor's signal
+            reply = call.reply
+        if reply is None:
+            return None
+        call.reply = None
+        # The daemon applied every number up to this call's: forget their frames.
+        unconfirmed = self.unconfirmed
+        if unconfirmed and unconfirmed[-1][0] <= call.high:
+            unconfirmed.clear()
+        elif unconfirmed:
+            count = next(
+                (i for i, (rid, _) in enumerate(unconfirmed) if rid > call.high), len(unconfirmed)
+            )
+            del unconfirmed[:count]
+        return reply
+
+    def _give_up(self, call: Call, timeout: float) -> DaemonUnavailable:
+        if call.op in ALLOCATING_OPS:
+            self.given_up[call.request_id] = (call.op, call.args)
+            if len(self.given_up) > MAX_ORPHANS:
+                del self.given_up[next(iter(self.given_up))]
+        return DaemonUnavailable(
+            f"daemon {self.name!r} did not answer {call.op.name.lower()} within "
+            f"{timeout:g} s at {self.socket_path}; "
+            + (refusing(self.socket_path) or "is it running (`shmarena status`)?"),
+            socket_path=self.socket_path,
+        )
+
+    # -- for a caller that waits elsewhere (an event loop: shmarena/aio.py) --
+
+    @property
+    def fd(self) -> int:
+        """The descriptor to watch for replies (edge triggered: call `pump`
+        when it is readable, and `check` after every wake-up)."""
+        return self._fd
+
+    def start(self, op: Op, args: tuple[Any, ...], notify: Callable[[], None]) -> Call:
+        """Send a request without waiting for it (after raising a refusal of
+        an earlier one-way request, if one came back); `notify` is called
+        from any thread when its reply came or the socket closed. Its
+        owner then calls `check`, `resend` every `retry_s`, and `forget`."""
+        with self.lock:
+            self._check_open()
+            self._raise_late()
+            call = self._send(op, args)
+            call.notify = notify
+            self._drain(call)
+            return call
+
+    def check(self, call: Call) -> list[Any] | None:
+        """The result items of `call` (raising the daemon's error), or None
+        while none came; DaemonUnavailable once the socket is closed."""
+        with self.lock:
+            if self.closed:
+                self._drop(call)
+            self._check_open()
+            self._drain(call)
+            reply = self._take(call)
+        if reply is None:
+            return None
+        if reply[0] == OK:
+            return reply[2:]
+        raise _error(reply)
+
+    def resend(self, call: Call, timeout: float, overdue: bool) -> None:
+        """Send `call` again (same id); with `overdue`, give up on it instead
+        (DaemonUnavailable, as `request` does after `timeout` seconds)."""
+        with self.lock:
+            self._check_open()
+            if overdue:
+                self._calls.pop(call.request_id, None)
+                raise self._give_up(call, timeout)
+            self.resent += 1
+            self.socket.send(call.frame)
+            self._drain(call)
+
+    def forget(self, call: Call) -> None:
+        """Its caller no longer waits for it: a reply is dropped as a late one."""
+        with self.lock:
+            self._calls.pop(call.request_id, None)
+
+    def pump(self) -> None:
+        """Hand out whatever replies came (an event loop's reader callback)."""
+        with self.lock:
+            if not self.closed:
+                self._drain(None)
 
     def flush(self) -> None:
         """Send the pending bookkeeping now, without waiting for anything
@@ -243,6 +499,7 @@ class Transport:
             if self.closed:
                 return
             self._send_pending()
+            self._drain(None)
             confirm = len(self.unconfirmed) > MAX_UNCONFIRMED
         if confirm:
             self.request(Op.PING, late=False)
@@ -304,21 +561,6 @@ class Transport:
         if _FAULT is not None and frames and not more:
             _fault("after_send", "post")
 
-    def _collect(self) -> None:
-        """Read what already came in (refusals of one-way requests, late
-        replies to requests that timed out), without waiting."""
-        sock = self.socket
-        if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # cheaper than poll(0)
-            return
-        while True:
-            try:
-                frame = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            reply = decode(frame)
-            if isinstance(reply, list) and len(reply) >= 2:
-                self._keep_if_late(reply)
-
     def _keep_if_late(self, reply: list[Any]) -> None:
         if reply[0] == LATE_ERR:
             if len(reply) > 2 and reply[2] == Resend.code:
@@ -331,7 +573,7 @@ class Transport:
                 self.orphan(request[0], request[1], reply[2:])
 
     def _raise_late(self) -> None:
-        self._collect()
+        self._drain(None)
         if self.late:
             # A lost session explains every other refusal: it goes first.
             lost = [e for e in self.late if isinstance(e, SessionLost)]
@@ -353,9 +595,10 @@ class Transport:
             )
 
     def close(self, wait_s: float | None = None, linger_s: float = 0.0) -> None:
-        """Close the socket. With `linger_s`, first send the pending
-        bookkeeping and give it that long to leave. With `wait_s`, give up
-        instead if another thread holds the socket that long (at exit)."""
+        """Close the socket (never the process's Context); requests still in
+        flight raise DaemonUnavailable. With `linger_s`, first send the
+        pending bookkeeping and give it that long to leave. With `wait_s`,
+        give up instead if another thread holds the lock that long (at exit)."""
         if not self.lock.acquire(timeout=-1 if wait_s is None else wait_s):
             return
         try:
@@ -370,91 +613,37 @@ class Transport:
                 except zmq.ZMQError:
                     pass
             self.socket.close(linger=linger)
-            self.context.term()
             self._finalizer.detach()
+            if self._reader is None:
+                self._close_pipe()  # else the reader closes it as it leaves
+            else:
+                self._wake()
+            self._turn.notify_all()
+            for call in self._calls.values():
+                if call.notify is not None:
+                    call.notify()
         finally:
             self.lock.release()
 
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: it will wake anyway
+            os.write(self._wake_w, b"\0")
 
-def _close_dropped(sock: zmq.Socket[Any], context: zmq.Context[Any], pid: int) -> None:
+    def _close_pipe(self) -> None:
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+def _close_dropped(sock: zmq.Socket[Any], pipe: tuple[int, int], pid: int) -> None:
     if os.getpid() == pid and not sock.closed:  # never a parent's socket after fork
         sock.close(linger=0)
-        context.term()
+        for fd in pipe:
+            os.close(fd)
 
 
-def check_reachable(socket_path: str, name: str) -> int:
-    """DaemonUnavailable, saying why, unless the runtime dir and the socket
-    may be trusted (see shmarena.rundir), the socket exists and this process
-    may connect to it (a refused permission would otherwise look like a
-    daemon that never answers). The uid the daemon runs as."""
-    run_dir = os.path.dirname(socket_path)
-    owner_uid = check_runtime_dir(run_dir, name, socket_path)
-    if not os.access(run_dir, os.X_OK) and os.path.isdir(run_dir):
-        raise DaemonUnavailable(
-            f"cannot reach daemon {name!r}: permission denied on its runtime dir "
-            f"{run_dir} ({_describe(run_dir)}; this process runs as uid {os.getuid()}, "
-            f"gid {os.getgid()}); run as the daemon's user, or start the daemon with "
-            "--group G and run as a member of G",
-            socket_path=socket_path,
-        )
-    refusing = _refusing(socket_path)
-    if refusing:
-        raise DaemonUnavailable(refusing, socket_path=socket_path)
-    if not os.path.exists(socket_path):
-        # It may have stopped listening just now (and said why since).
-        refusing = _refusing(socket_path)
-        if refusing:
-            raise DaemonUnavailable(refusing, socket_path=socket_path)
-        raise DaemonUnavailable(
-            f"no shmarena daemon named {name!r}: socket {socket_path} does not exist; "
-            f"start one with `shmarena daemon --name {name}` (or check --name, "
-            "SHMARENA_NAME and SHMARENA_RUNTIME_DIR)",
-            socket_path=socket_path,
-        )
-    if owner_uid is None:  # the dir was made after it was checked: check it now
-        owner_uid = check_runtime_dir(run_dir, name, socket_path)
-        if owner_uid is None:
-            raise DaemonUnavailable(
-                f"daemon {name!r} stopped listening on {socket_path} just now; try again",
-                socket_path=socket_path,
-            )
-    check_socket(socket_path, name, owner_uid)
-    if not os.access(socket_path, os.W_OK):
-        if not os.path.exists(socket_path):  # gone between the two checks
-            raise DaemonUnavailable(
-                _refusing(socket_path)
-                or f"daemon {name!r} stopped listening on {socket_path} just now; try again",
-                socket_path=socket_path,
-            )
-        raise DaemonUnavailable(
-            f"cannot reach daemon {name!r}: permission denied on its socket {socket_path} "
-            f"({_describe(socket_path)}; this process runs as uid {os.getuid()}, gid "
-            f"{os.getgid()}); run as the daemon's user, or start the daemon with --group G "
-            "and run as a member of G",
-            socket_path=socket_path,
-        )
-    return owner_uid
-
-
-def _refusing(socket_path: str) -> str:
-    """Why the daemon does not take new clients now, if it said so."""
-    path = socket_path + ".refusing"
-    try:  # never through a link, never blocking on a FIFO
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return ""
-    with os.fdopen(fd, errors="replace") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return ""
-        return f.read(4096).strip()
-
-
-def _describe(path: str) -> str:
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        return f"cannot stat: {exc.strerror}"
-    return f"mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid}, group gid {st.st_gid}"
+def _fixed(args: tuple[Any, ...]) -> list[Any]:
+    """A request's arguments less its wait (the only float among them)."""
+    return [arg for arg in args if not isinstance(arg, float)]
 
 
 def _error(reply: list[Any]) -> ShmArenaError:
