@@ -49,6 +49,7 @@ from shmarena import aio_requests
 from shmarena.client import names
 from shmarena.client.buffer import Buffer, Handle
 from shmarena.client.client import Client, Owner, Recycled, _handle_of
+from shmarena.client.lifecycle import move
 from shmarena.config import DEFAULT_RETRY_S, DEFAULT_TIMEOUT_S
 from shmarena.errors import DaemonUnavailable, SessionLost, ShmArenaError, UnknownName
 from shmarena.protocol import Op
@@ -359,7 +360,7 @@ class AsyncClient:
             or "alloc" in vars(client)  # the lease-checking alloc is installed
         ):
             return None
-        return cache.hand_out(size, owner_id)
+        return client._from_cache(size, owner_id)
 
     # -- plain properties ---------------------------------------------------
 
@@ -434,7 +435,7 @@ class AsyncClient:
             client.release(handle)
             if was_attached:
                 assert isinstance(target, Buffer)
-                target._state = "attached"
+                move(target, "unretain")
 
         await self._call(client.retain, target, undo=undo)
 
