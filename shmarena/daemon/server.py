@@ -445,8 +445,14 @@ class Server:
             if isinstance(effect, Log):
                 self.log.emit(effect.event)
             elif isinstance(effect, Watch):
-                watching = self.watcher.watch(effect.session, effect.pid, effect.start_ticks)
-                answered = self.service.watched(effect.session, watching)
+                watching = self._isolated(
+                    "watching a client",
+                    self.watcher.watch,
+                    effect.session,
+                    effect.pid,
+                    effect.start_ticks,
+                )
+                answered = self.service.watched(effect.session, bool(watching))
                 if answered is not None:
                     replies.append(answered)
             elif isinstance(effect, Unwatch):

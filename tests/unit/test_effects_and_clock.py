@@ -4,8 +4,12 @@ sleeping."""
 
 from __future__ import annotations
 
+import ast
+import pathlib
+
 import pytest
 
+import shmarena.daemon
 from shmarena.daemon.clock import ManualClock, SystemClock
 from shmarena.daemon.effects import Log, Outcome, Stop, Unwatch, Watch
 from shmarena.daemon.service import ArenaInfo, Service
@@ -137,3 +141,35 @@ def test_bye_and_shutdown_are_effects_for_the_server() -> None:
     admin, _ = hello(service, clock, b"admin", watched=True)
     outcome = admin.send(Op.SHUTDOWN)
     assert Stop() in outcome.effects and decode(outcome.replies[0][1])[0] == OK
+
+
+IO_MODULES = {"zmq", "mmap", "socket", "os", "time", "posix_ipc", "subprocess", "signal", "select"}
+IO_MODULES |= {"threading", "queue"}
+SERVICE_MODULES = [
+    "service.py",
+    "admission.py",
+    "effects.py",
+    "model.py",
+    "failures.py",
+    "handlers/__init__.py",
+    "handlers/base.py",
+    "handlers/alloc.py",
+    "handlers/owners.py",
+    "handlers/exchange.py",
+    "handlers/sessions.py",
+    "handlers/admin.py",
+    "handlers/paging.py",
+]
+
+
+@pytest.mark.parametrize("module", SERVICE_MODULES)
+def test_the_service_and_what_was_split_from_it_stay_pure(module: str) -> None:
+    path = pathlib.Path(shmarena.daemon.__file__).parent / module
+    roots: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    found = roots & IO_MODULES
+    assert not found, f"daemon/{module} imports {sorted(found)}; keep I/O in the server"
