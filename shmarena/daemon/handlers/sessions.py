@@ -63,7 +63,7 @@ def _identity(svc: Service, claimed_pid: int, creds: Creds | None) -> tuple[int,
     return creds.uid, creds.gid, creds.pid
 
 
-def _check_hello(svc: Service, peer: bytes, request: Request) -> None:
+def _check_hello(request: Request) -> None:
     version, claimed_pid = request.args[:2]
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
@@ -74,11 +74,6 @@ def _check_hello(svc: Service, peer: bytes, request: Request) -> None:
         )
     if not 0 < claimed_pid <= MAX_PID:
         raise InvalidRequest(f"hello: pid must be in 1..{MAX_PID}, got {claimed_pid}")
-    if peer not in svc.admission.peers and svc.ledger._next_session > MAX_SESSIONS:
-        raise ShmArenaError(
-            f"daemon {svc.info.name!r} has opened {MAX_SESSIONS} sessions since it "
-            "started, its limit; restart it"
-        )
 
 
 def _resume(
@@ -117,9 +112,14 @@ def _resume(
 def hello(svc: Service, peer: bytes, request: Request, now: float, creds: Creds | None) -> Result:
     """HELLO: the session of this peer (resumed with a token, or new: then
     None, and a Watch effect; `Service.watched` answers it)."""
-    _check_hello(svc, peer, request)
+    _check_hello(request)
     _, claimed_pid, start_ticks, label, resume = request.args
     identity = _identity(svc, claimed_pid, creds)
+    if peer not in svc.admission.peers and svc.ledger._next_session > MAX_SESSIONS:
+        raise ShmArenaError(
+            f"daemon {svc.info.name!r} has opened {MAX_SESSIONS} sessions since it "
+            "started, its limit; restart it"
+        )
     session_id = svc.admission.peers.get(peer)
     resumed = False
     if session_id is None and len(resume) == 2:
