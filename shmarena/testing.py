@@ -35,9 +35,17 @@ from typing import IO, Any, TypeVar
 
 from shmarena.client.client import Client, connect
 from shmarena.config import shm_name, socket_path
+from shmarena.daemon.clock import ManualClock  # re-exported: pure tests of timers
 from shmarena.errors import DaemonUnavailable
 
-__all__ = ["Daemon", "DaemonError", "start_daemon", "unique_name", "wait_until"]
+__all__ = [
+    "Daemon",
+    "DaemonError",
+    "ManualClock",
+    "start_daemon",
+    "unique_name",
+    "wait_until",
+]
 
 # The repository (or site-packages dir) this shmarena comes from: the daemon's
 # child process imports the same code, even when it is not installed.

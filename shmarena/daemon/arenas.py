@@ -174,7 +174,7 @@ class Arenas:
         recovered ledger (see gens.rebuilt)."""
         table = self.tables[0]
         blocks = {
-            b.offset: (b.generation, b.owner is not None, b.cache_session)
+            b.address: (b.generation, b.owner is not None, b.cache_session)
             for b in ledger.blocks.values()
         }
         words = table.words
@@ -189,9 +189,9 @@ class Arenas:
         problems: list[str] = []
         per_segment: dict[int, dict[int, tuple[int, bool, bool]]] = {i: {} for i in self.tables}
         for block in self.service.ledger.blocks.values():
-            blocks = per_segment.get(block.offset >> SEGMENT_SHIFT)
+            blocks = per_segment.get(block.address >> SEGMENT_SHIFT)
             if blocks is not None:
-                blocks[block.offset & OFFSET_MASK] = (
+                blocks[block.address & OFFSET_MASK] = (
                     block.generation,
                     block.owner is not None,
                     block.cached,

@@ -171,20 +171,6 @@ class Exporter:
         )
         self._thread.start()
 
-    def timed(self, service: Any) -> Callable[[bytes, bytes, float, Any], bytes]:
-        """`service.handle`, timing each request it parsed under its op."""
-        handle, observe, clock = service.handle, self.latency.observe, time.perf_counter
-
-        def timed_handle(peer: bytes, payload: bytes, now: float, creds: Any = None) -> bytes:
-            start = clock()
-            reply: bytes = handle(peer, payload, now, creds)
-            op = service.last_op
-            if op is not None:
-                observe(op, clock() - start)
-            return reply
-
-        return timed_handle
-
     # -- the loop's side -------------------------------------------------
 
     def answer(self, stats: Callable[[], dict[str, Any]]) -> None:

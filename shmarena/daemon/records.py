@@ -39,12 +39,6 @@ class Block:
     site: str = ""  # where it was allocated, if the client said (leak hunting)
     pins: dict[int, int] | None = None  # session id -> PINs not yet UNPINned
 
-    @property
-    def offset(self) -> int:
-        """The old name of `address`, read by daemon/service.py and server.py
-        until they are renamed too (after the h21 merge): remove it then."""
-        return self.address
-
 
 @dataclass(eq=False)
 class Owner:

@@ -109,7 +109,7 @@ class AllocQueue:
 
 def wire(svc: Service, block: Block) -> list[int]:
     """A block as a handle on the wire: epoch, segment, offset, size, generation."""
-    address = block.offset
+    address = block.address
     return [
         svc.info.epoch,
         address >> SEGMENT_SHIFT,
