@@ -25,6 +25,10 @@ AS_OTHER_USER = r"""
 import os, sys
 import shmarena
 from shmarena.shm.arena import map_segment
+# `import shmarena` is lazy: load it all while still root, since the other
+# user cannot read this Python's files (a real user has a Python of their own).
+for _name in shmarena.__all__:
+    getattr(shmarena, _name)
 
 uid, shm_name, size = int(sys.argv[1]), sys.argv[3], int(sys.argv[4])
 groups = [int(g) for g in sys.argv[2].split(",") if g]

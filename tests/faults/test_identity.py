@@ -148,6 +148,10 @@ AS_MEMBER = r"""
 import os, sys
 import shmarena
 from shmarena.protocol import Handle
+# `import shmarena` is lazy: load it all while still root, since the other
+# user cannot read this Python's files (a real user has a Python of their own).
+for _name in shmarena.__all__:
+    getattr(shmarena, _name)
 
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
 theirs_owner, theirs_handle = sys.argv[3], Handle(*map(int, sys.argv[4].split(",")))

@@ -161,3 +161,63 @@ def test_no_module_is_too_long() -> None:
         if lines > LONGER_ALLOWED.get(relative, MAX_LINES):
             too_long.append(f"{relative}: {lines} lines")
     assert not too_long, f"modules over {MAX_LINES} lines: {too_long}"
+
+
+# Which part may import which (docs/architecture.md, "Layers"): a module whose
+# name starts with the key may not import a module whose name starts with any
+# of the prefixes listed. The daemon and the client meet only in the shared
+# core (protocol, errors, config, shm); the CLI and the test harness sit on top.
+_USER_SIDE = (
+    "shmarena.client",
+    "shmarena.aio",
+    "shmarena.queue",
+    "shmarena.pickling",
+    "shmarena.compat",
+    "shmarena.reader",
+    "shmarena.dask",
+)
+FORBIDDEN_EDGES = {
+    "shmarena.daemon": (*_USER_SIDE, "shmarena.cli", "shmarena.testing", "shmarena.demo"),
+    "shmarena.shm": (*_USER_SIDE, "shmarena.daemon", "shmarena.cli", "shmarena.testing"),
+    "shmarena.protocol": (*_USER_SIDE, "shmarena.daemon", "shmarena.shm", "shmarena.cli"),
+    "shmarena.errors": ("shmarena",),
+    "shmarena.config": ("shmarena",),
+    "shmarena._version": ("shmarena",),
+    **{side: ("shmarena.daemon", "shmarena.cli", "shmarena.testing") for side in _USER_SIDE},
+}
+
+
+def _under(module: str, prefix: str) -> bool:
+    """`module` is `prefix` or inside it, by whole dotted parts."""
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every edge `a -> b` that FORBIDDEN_EDGES rules out."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        for start, banned in FORBIDDEN_EDGES.items():
+            if not _under(module, start):
+                continue
+            found.extend(
+                f"{module} -> {target}"
+                for target in sorted(targets)
+                if target != module and any(_under(target, b) for b in banned)
+            )
+    return found
+
+
+def test_each_part_imports_only_the_parts_below_it() -> None:
+    found = layer_violations(import_graph(PACKAGE))
+    assert not found, "imports across layers:\n" + "\n".join(found)
+
+
+def test_the_layer_check_sees_a_daemon_module_importing_the_client() -> None:
+    graph = {
+        "shmarena.daemon.x": {"shmarena.client.cache", "shmarena.protocol"},
+        "shmarena.client.y": {"shmarena.cli", "shmarena.client.z"},
+    }
+    assert layer_violations(graph) == [
+        "shmarena.client.y -> shmarena.cli",
+        "shmarena.daemon.x -> shmarena.client.cache",
+    ]
