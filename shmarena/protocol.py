@@ -36,7 +36,7 @@ with request id 0 tells it which of its requests the daemon has.
 Requests, in the order of ``Op`` (arguments after the request id):
 
     HELLO      version:int, pid:int, start_ticks:int, label:str, resume:[int]
-               -> info:map  (see Service._hello for the keys)
+               -> info:map  (see daemon/handlers/sessions.py for the keys)
                `resume` is [session, token] from an earlier hello of this same
                process: the daemon binds this socket to that session again if
                it still exists (info "resumed": true), else opens a new one.
@@ -423,7 +423,7 @@ WAITING_OPS = frozenset({Op.ALLOC, Op.LOOKUP, Op.EVENTS, Op.QPUT, Op.QGET})
 ONE_WAY_OPS = frozenset({Op.POST})
 # Requests that change state are numbered 1, 2, 3 ... per session, in the
 # order the client sends them; the daemon applies each number once and in
-# order (see Service.handle), so a repeat is answered and not run again, and
+# order (see daemon/admission.py), so a repeat is answered and not run again, and
 # frames lost with a crashed daemon are noticed and sent again. Other requests
 # carry ids with FREE_ID_BIT set, outside that sequence.
 SEQUENCED_OPS = MUTATING_OPS | ONE_WAY_OPS

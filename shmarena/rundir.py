@@ -18,7 +18,7 @@ controls all of that, so both sides check it before they use it:
   is in (a --group daemon). The socket must be a socket owned by the dir's
   owner; so must every segment the daemon names (see `check_owner`).
 
-The rules live here once; server.py, cli.py and the client call them.
+The rules live here once; the daemon, the cli package and the client call them.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ difference of two samples (rich's Live; `--once` prints one frame). `map`
 draws the BLOCKS layout along the address space, one row per segment, each
 cell coloured by the holder of most of its bytes: as text, or with `--png` as
 an image through Pillow (the optional `map` extra). Everything goes through
-the client library, like the other admin commands in cli.py.
+the client library, like the other admin commands in shmarena/cli/admin.py.
 """
 
 from __future__ import annotations

@@ -196,7 +196,7 @@ class QueueBook:
     def _check_taker(self, session_id: int, name: str, taker: int) -> None:
         sessions = self.ledger.sessions
         mine, theirs = sessions[session_id], sessions.get(taker)
-        # pids are the kernel's (daemon/service.py, hello); 0 is a process
+        # pids are the kernel's (daemon/handlers/sessions.py, hello); 0 is a process
         # the daemon cannot see, which is nobody's proof of anything
         if theirs is None or theirs.pid != mine.pid or not mine.pid:
             found = "no such session" if theirs is None else f"it is process {theirs.pid}'s"
