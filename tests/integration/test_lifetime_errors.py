@@ -190,6 +190,10 @@ def test_loads_of_an_array_its_producer_freed_names_the_producer(daemon: Daemon)
     array = producer.ndarray((1 << 17,), "float64")
     array[:] = 3.0
     data = shmarena.dumps(array, client=producer)
+    # The daemon must know the block is handed out before "used is 0" can mean
+    # "freed": a cache hand-out is reported a few ms later, on its own.
+    producer.sync()
+    assert used(consumer) > 0
     del array
     gc.collect()
     wait_for(lambda: used(consumer) == 0, what="the dropped array's block to be freed")
