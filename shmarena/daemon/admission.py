@@ -90,7 +90,8 @@ class Admission:
         self.ended: OrderedDict[bytes, tuple[int, str, float]] = OrderedDict()
         self.seen: dict[int, int] = {}  # session -> last sequenced request id applied
         # Sessions recovered from a persistent table, until their client is
-        # back: session -> deadline (see Service.adopt).
+        # back: session -> deadline (see Service.adopt). Exactly the sessions
+        # whose state is RECOVERING (lifecycle.py; Service.check says so).
         self.recovering: dict[int, float] = {}
         # (session, request id) of the kept (waiting) requests, so a client's
         # retry of one is dropped instead of run again.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shmarena.daemon.lifecycle import SessionState
 from shmarena.errors import InvalidRequest
 from shmarena.protocol import MAX_OWNER_NAME, MAX_SIZE_BYTES
 
@@ -87,6 +88,9 @@ class Session:
     uid: int = 0
     gid: int = 0
     admin: bool = True
+    # Where it is in its life (lifecycle.py; changed only by lifecycle.move).
+    # Not kept in a table: a restored session is made recovering by adopt.
+    state: SessionState = SessionState.JOINING
 
 
 @dataclass

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shmarena.daemon import failures
+from shmarena.daemon import failures, lifecycle
 from shmarena.daemon.admission import Admission, Creds, admitted, is_admin, who_may
 from shmarena.daemon.effects import Effect, Log, Outcome, SegmentMaker, Stop, Unwatch, Watch
 from shmarena.daemon.exchange import Exchange
@@ -54,6 +54,7 @@ from shmarena.daemon.handlers.alloc import AllocQueue
 from shmarena.daemon.handlers.base import Call, Result
 from shmarena.daemon.handlers.sessions import PendingHello
 from shmarena.daemon.ledger import QUEUED, Freed, Growth, Ledger
+from shmarena.daemon.lifecycle import RECOVERING, IllegalMove
 from shmarena.daemon.logs import LogEvent
 from shmarena.daemon.model import ALLOCATORS, OP_NAMES, ArenaInfo, Counters
 from shmarena.daemon.table import Link
@@ -237,6 +238,7 @@ class Service:
         pending = self.pending_hellos.pop(session_id, None)
         if session is None:
             return None
+        lifecycle.move(session, "watched")
         session.watched = watching
         if pending is None:
             return None
@@ -297,6 +299,8 @@ class Service:
                 exchange_ops.deliver_met(self, now)
                 return b""
             answer = result
+        except IllegalMove as error:  # a daemon bug, not a refusal: handled as one
+            answer = self.internal_error(self.last_op or "a request", error, session_id, now)
         except ShmArenaError as error:
             answer = error
             if isinstance(error, OutOfMemory) and session_id is not None:
@@ -513,6 +517,7 @@ class Service:
         """Every invariant the daemon keeps, as a list of problems (none: [])."""
         problems = self.ledger.check() + self.exchange.check() + self.extra_checks()
         problems += self.admission.check(self.ledger.sessions)
+        problems += lifecycle.check(self.ledger.sessions.values(), self.admission.recovering)
         return problems + self.alloc_queue.check()
 
     # -- sessions --------------------------------------------------------------
@@ -523,13 +528,18 @@ class Service:
 
     def resumed(self, session_id: int) -> None:
         """A session's client spoke: a recovered one is back."""
-        if self.admission.recovering.pop(session_id, None) is not None:
+        session = self.ledger.sessions.get(session_id)
+        if session is not None and session.state is RECOVERING:
+            lifecycle.move(session, "resumed")
+            self.admission.recovering.pop(session_id, None)
             self.counters.sessions_resumed += 1
 
     def end_session(self, session_id: int, reason: str = "ended", now: float = 0.0) -> Freed:
         """The session is over (bye, process died, lease expired): reclaim it."""
         session = self.ledger.sessions.get(session_id)
-        recovered = session_id in self.admission.recovering
+        recovered = session is not None and session.state is RECOVERING
+        if session is not None:  # (one ended already: what is left of it goes below)
+            lifecycle.move(session, reason)  # the reason is the event
         freed = self.ledger.end_session(session_id, reason)
         if session is not None:
             sessions.log_end(self, session, reason, recovered, freed)
@@ -552,7 +562,7 @@ class Service:
         ended = [
             s.id
             for s in self.ledger.sessions.values()
-            if not s.watched and s.last_seen < limit and s.id not in recovering
+            if not s.watched and s.last_seen < limit and s.state is not RECOVERING
         ]
         for session_id in ended:
             self.reclaim(session_id, "lease_expired", now)
@@ -594,6 +604,9 @@ class Service:
         for session in ledger.sessions.values():
             session.admin = self.is_admin(session.uid)
         for session_id, link in links.items():
+            restored = ledger.sessions.get(session_id)
+            if restored is not None:
+                lifecycle.move(restored, "restored")
             self.admission.adopt(session_id, link, now + self.info.grace_s)
 
     def recovering_peers(self) -> list[tuple[int, bytes]]:
@@ -604,9 +617,10 @@ class Service:
     def connected(self, peer: bytes, now: float) -> None:
         """A client socket (re)connected: a recovered session is back."""
         session_id = self.admission.peers.get(peer)
-        if session_id is not None and session_id in self.admission.recovering:
-            self.resumed(session_id)
-            self.ledger.sessions[session_id].last_seen = now
+        session = None if session_id is None else self.ledger.sessions.get(session_id)
+        if session is not None and session.state is RECOVERING:
+            self.resumed(session.id)
+            session.last_seen = now
 
     def resend_note(self, session_id: int) -> bytes:
         """A message for a recovered session's client: the last of its

@@ -30,6 +30,7 @@ PURE_MODULES = [
     "shmarena.daemon.effects",
     "shmarena.daemon.model",
     "shmarena.daemon.failures",
+    "shmarena.daemon.lifecycle",
     "shmarena.daemon.handlers",
     "shmarena.daemon.handlers.alloc",
     "shmarena.daemon.handlers.owners",

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class PendingHello:
-    """A new session's hello, answered once its Watch is done."""
+    """A new session's hello, answered once its Watch is done (the session
+    is JOINING until then: lifecycle.py)."""
 
     peer: bytes
     request_id: int
