@@ -50,7 +50,8 @@ END_EVENTS = ("ended", "exited", "lease_expired", "not_resumed", "quarantined")
 # A Session record starts JOINING: opened by a hello, or rebuilt from a table
 # (then the service adopts it: "restored"). "watched" again of a live or
 # recovering session is the server watching a restored session's process,
-# or putting a session on a lease when its pidfd could not be read. A lease
+# or putting a session on a lease when it could not reclaim it after its
+# pidfd said the process died (the lease ends it then). A lease
 # runs only while the process is not known to be watched: never while the
 # session is recovering (the grace is its clock then), and only a recovered
 # session can miss the grace.

@@ -24,9 +24,11 @@ The daemon survives its own bugs. An exception that is not a refusal (a
 answer, goes to `internal_error`: it is counted (`counters.internal_errors`),
 queued as an `internal_error` log event with its traceback, and answered to
 that request as `InternalError`; the server sends its own per-turn failures
-(timers, reclaims, the metrics snapshot) there too. What the failed request
-touched is then checked rather than undone: the ledger, exchange and peer
-maps are run through `check`. Clean, the daemon simply goes on (the request
+(timers, reclaims, the metrics snapshot) there too, and so does a move a
+session's lifecycle refuses (lifecycle.py: `IllegalMove`, an InternalError
+that is a bug, not a refusal). What the failed request touched is then
+checked rather than undone: the ledger, exchange, peer maps and session
+states are run through `check`. Clean, the daemon simply goes on (the request
 may have been partly applied, and its reply says so). Not clean, the session
 whose request failed is quarantined: it is ended as if its process had died,
 so everything it held in session scope is reclaimed and its waiters and
