@@ -11,40 +11,19 @@ import pytest
 
 import shmarena.daemon
 from shmarena.daemon.clock import ManualClock, SystemClock
-from shmarena.daemon.effects import Log, Outcome, Stop, Unwatch, Watch
+from shmarena.daemon.effects import Log, Stop, Unwatch, Watch
 from shmarena.daemon.service import ArenaInfo, Service
 from shmarena.protocol import (
     ERR,
-    FREE_ID_BIT,
     OK,
     PROTOCOL_VERSION,
-    SEQUENCED_OPS,
     Op,
     decode,
-    encode,
 )
+from tests.unit.receiving import Client
 
 KiB = 1024
 LEASE_S = 10.0
-
-
-class Client:
-    """A fake client that speaks to `Service.receive` and performs nothing:
-    the test is the server."""
-
-    def __init__(self, service: Service, clock: ManualClock, ident: bytes) -> None:
-        self.service, self.clock, self.ident = service, clock, ident
-        self.rid, self.free_rid = 0, FREE_ID_BIT
-
-    def send(self, op: Op, *args: object) -> Outcome:
-        if op in SEQUENCED_OPS:
-            self.rid += 1
-            rid = self.rid
-        else:
-            self.free_rid += 1
-            rid = self.free_rid
-        frame = encode([int(op), rid, *args])
-        return self.service.receive(self.ident, frame, self.clock.time())
 
 
 def make(size: int = 256 * KiB) -> tuple[Service, ManualClock]:

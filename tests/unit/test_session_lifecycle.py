@@ -12,7 +12,7 @@ import pytest
 
 from shmarena.daemon import table
 from shmarena.daemon.clock import ManualClock
-from shmarena.daemon.effects import Log, Outcome, Watch
+from shmarena.daemon.effects import Log, Watch
 from shmarena.daemon.lifecycle import (
     END_EVENTS,
     ENDED,
@@ -28,8 +28,8 @@ from shmarena.daemon.lifecycle import (
 from shmarena.daemon.records import Session
 from shmarena.daemon.service import ArenaInfo, Service
 from shmarena.errors import InternalError
-from shmarena.protocol import ERR, FREE_ID_BIT, OK, PROTOCOL_VERSION, SEQUENCED_OPS, Op, decode
-from shmarena.protocol import encode as encode_frame
+from shmarena.protocol import ERR, OK, PROTOCOL_VERSION, Op, decode
+from tests.unit.receiving import Client
 
 KiB = 1024
 LEASE_S = 10.0
@@ -109,24 +109,6 @@ def test_check_holds_the_states_against_the_grace_deadlines() -> None:
 
 
 # -- the service, driven through it ---------------------------------------------
-
-
-class Client:
-    """A fake client that speaks to `Service.receive`; the test is the server."""
-
-    def __init__(self, service: Service, clock: ManualClock, ident: bytes) -> None:
-        self.service, self.clock, self.ident = service, clock, ident
-        self.rid, self.free_rid = 0, FREE_ID_BIT
-
-    def send(self, op: Op, *args: object) -> Outcome:
-        if op in SEQUENCED_OPS:
-            self.rid += 1
-            rid = self.rid
-        else:
-            self.free_rid += 1
-            rid = self.free_rid
-        frame = encode_frame([int(op), rid, *args])
-        return self.service.receive(self.ident, frame, self.clock.time())
 
 
 def make(clock: ManualClock | None = None) -> tuple[Service, ManualClock]:
