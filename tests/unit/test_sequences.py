@@ -16,16 +16,15 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from shmarena.daemon.service import ArenaInfo, Service
 from shmarena.protocol import (
-    FREE_ID_BIT,
     OK,
     PIN,
     PROTOCOL_VERSION,
-    SEQUENCED_OPS,
     UNPIN,
     Op,
     decode,
     encode,
 )
+from tests.unit.receiving import RequestIds
 
 MIN = 4096
 SLOTS = 3
@@ -36,22 +35,6 @@ QUEUES = ("q1", "q2")
 slot = st.integers(0, SLOTS - 1)
 wait = st.sampled_from([0.0, 0.0, 0.5, 1.0, 3.0])
 picks = st.lists(st.integers(0, 7), min_size=1, max_size=3)  # among the latest handles
-
-
-class RequestIds:
-    """A client's request ids as the protocol numbers them: state-changing
-    requests 1, 2, 3 ...; the others outside that sequence (FREE_ID_BIT)."""
-
-    def __init__(self) -> None:
-        self.rid = 0
-        self.free_rid = FREE_ID_BIT
-
-    def next_id(self, op: Op) -> int:
-        if op in SEQUENCED_OPS:
-            self.rid += 1
-            return self.rid
-        self.free_rid += 1
-        return self.free_rid
 
 
 class Session(RequestIds):

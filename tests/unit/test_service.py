@@ -16,11 +16,11 @@ from shmarena.protocol import (
     LATE_ERR,
     OK,
     PROTOCOL_VERSION,
-    SEQUENCED_OPS,
     Op,
     decode,
     encode,
 )
+from tests.unit.receiving import RequestIds
 
 EPOCH = 77
 MIN = 4096
@@ -31,7 +31,7 @@ def make_service(size: int = 1 << 20, watch: bool = True) -> Service:
     return Service(info, watch=lambda sid, pid, ticks: watch)
 
 
-class Peer:
+class Peer(RequestIds):
     """A fake client: a routing id plus a request counter (the service is pure,
     so this is the real wire format, only without the socket)."""
 
@@ -43,19 +43,12 @@ class Peer:
         self.service = service
         self.ident = ident
         self.creds = creds  # who the kernel says the process is (None: the daemon's user)
-        self.rid = 0  # state-changing requests count 1, 2, ... per session
-        self.free_rid = FREE_ID_BIT  # the others take ids outside that sequence
+        RequestIds.__init__(self)  # state-changing requests 1, 2, ...; others apart
         self.now = 100.0
         self.session = self.ok(Op.HELLO, PROTOCOL_VERSION, pid, 5, "t")[0]["session"]
 
     def raw(self, op: Op, *args: object) -> list:
-        if op in SEQUENCED_OPS:
-            self.rid += 1
-            rid = self.rid
-        else:
-            self.free_rid += 1
-            rid = self.free_rid
-        frame = encode([int(op), rid, *args])
+        frame = encode([int(op), self.next_id(op), *args])
         return decode(self.service.handle(self.ident, frame, self.now, self.creds))
 
     def ok(self, op: Op, *args: object) -> list:
