@@ -133,6 +133,7 @@ from benchmarks.measure import Report  # noqa: E402
 from benchmarks.memory import section_memory  # noqa: E402
 from benchmarks.pages import section_pages  # noqa: E402
 from benchmarks.persist import section_persist  # noqa: E402
+from benchmarks.pipeline import section_pipeline  # noqa: E402
 from benchmarks.scale import section_scale  # noqa: E402
 from benchmarks.throughput import section_throughput  # noqa: E402
 
@@ -222,12 +223,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-SECTIONS = ("latency", "throughput", "handoff", "memory", "scale", "persist", "pages", "dask")
+SECTIONS = (
+    "latency",
+    "throughput",
+    "handoff",
+    "pipeline",
+    "memory",
+    "scale",
+    "persist",
+    "pages",
+    "dask",
+)
 
 
 def run_all(plan: Plan, report: Report, sections: Sequence[str] = SECTIONS) -> None:
     ctx = mp.get_context("spawn")
-    if {"latency", "throughput", "handoff"} & set(sections):
+    if {"latency", "throughput", "handoff", "pipeline"} & set(sections):
         with contextlib.ExitStack() as stack:
             scratch = tempfile.mkdtemp(prefix="shmb-")
             stack.callback(cleanup(shutil.rmtree, scratch, True))
@@ -238,6 +249,8 @@ def run_all(plan: Plan, report: Report, sections: Sequence[str] = SECTIONS) -> N
                 section_throughput(plan, main_daemon, ctx, report)
             if "handoff" in sections:
                 section_handoff(plan, main_daemon, ctx, report)
+            if "pipeline" in sections:
+                section_pipeline(plan, main_daemon, ctx, report)
     if "memory" in sections:
         section_memory(plan, report)
     if "scale" in sections:

@@ -10,6 +10,7 @@ from typing import Any
 
 import zmq
 
+from benchmarks import iox
 from benchmarks.common import (
     ACK,
     CHEAP_BATCH,
@@ -123,13 +124,31 @@ def section_latency(
                 variant(f"uncached@{label}", alloc_free(uncached, size), 1, uncached.sync),
                 variant(f"shared_memory@{label}", shm_create_unlink(size), CHEAP_BATCH, None),
             ]
+        if iox.available():  # iceoryx2's loan+release, from one pool of 16 MiB buckets
+            node = iox.Node()
+            stack.callback(cleanup(node.close))
+            publisher = node.publisher(iox.service_name("latency"), max(LATENCY_SIZES))
+            variants += [
+                variant(
+                    f"iceoryx2@{size_label(size)}",
+                    iox.loan_release(publisher, size),
+                    CHEAP_BATCH,
+                    None,
+                )
+                for size in LATENCY_SIZES
+            ]
+        else:
+            note(iox.MISSING)
         variants.append(variant("floor", zmq_round_trip(dealer), 1, None))
         held = uncached.alloc(64 * KiB)  # another session's block, as a reader meets it
         stack.callback(cleanup(held.free))
         variants.append(variant("attach", attach_only(cached, held.handle), CHEAP_BATCH, None))
         interleave(variants, plan.rounds, plan.chunk_budget_s)
 
-    by_key = {v.key: v.summary() for v in variants}
+    summarize_latency({v.key: v.summary() for v in variants}, plan, report)
+
+
+def summarize_latency(by_key: dict[str, Any], plan: Plan, report: Report) -> None:
     floor = by_key["floor"]
     table = new_table(
         f"1. alloc+free latency per pair ({plan.rounds} interleaved rounds)",
@@ -145,8 +164,9 @@ def section_latency(
     for size in LATENCY_SIZES:
         label = size_label(size)
         row = {
-            name: by_key[f"{name}@{label}"]
-            for name in ("cached", "cached+view", "uncached", "shared_memory")
+            name: by_key[key]
+            for name in ("cached", "cached+view", "uncached", "shared_memory", "iceoryx2")
+            if (key := f"{name}@{label}") in by_key
         }
         results["sizes"][label] = row
         faster = report.ratio(
@@ -169,6 +189,15 @@ def section_latency(
             "uncached": f"{fmt_ratio(over_floor)} floor",
             "shared_memory": "",
         }
+        if "iceoryx2" in row:
+            over = report.ratio(
+                f"latency.cached_over_iceoryx2@{label}",
+                safe_div(row["cached"]["median_us"], row["iceoryx2"]["median_us"]),
+                LOWER,
+                "multiple of iceoryx2: cached alloc+free median / iceoryx2 loan+release median",
+                round_ratios(row["cached"], row["iceoryx2"]),
+            )
+            ratios["iceoryx2"] = f"loan+release; cached: {fmt_ratio(over)}"
         for name, figures in row.items():
             table.add_row(
                 label,
@@ -219,3 +248,25 @@ def section_latency(
             1.3,
             "×",
         )
+    report.target(
+        "alloc+free 16 MiB (cached client) vs shared_memory (x faster)",
+        report.ratios["latency.cached_vs_shared_memory@16MiB"]["value"],
+        ">=",
+        10,
+        "×",
+    )
+    for label in ("4KiB", "64KiB", "1MiB"):
+        key = f"latency.cached_over_iceoryx2@{label}"
+        if key in report.ratios:
+            report.target(
+                f"cached alloc+free over iceoryx2 loan+release at {spaced(label)}",
+                report.ratios[key]["value"],
+                "<=",
+                1.6,
+                "×",
+            )
+
+
+def spaced(label: str) -> str:
+    """64KiB -> 64 KiB, for the targets table."""
+    return label.replace("KiB", " KiB").replace("MiB", " MiB")
