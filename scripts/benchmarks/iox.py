@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-MISSING = "iceoryx2 not installed (pip install 'shmarena[bench]'): its columns are skipped"
+MISSING = "iceoryx2 not installed (the bench extra of shmarena has it): its columns are skipped"
 
 try:
     import iceoryx2 as _iox
