@@ -1,11 +1,12 @@
 """Benchmark shmarena against its alternatives and its own floors, side by side.
 
-What it measures (one run, eight sections):
+What it measures (one run, nine sections):
 
 1. alloc+free latency per pair at 4 KiB, 64 KiB, 1 MiB and 16 MiB for a cached
    client (cache=True), an uncached client (cache=False: every call is a round
    trip to the daemon), multiprocessing.shared_memory (create, close, unlink),
-   and the transport floor: one raw ZeroMQ DEALER -> ROUTER round trip of a
+   iceoryx2's loan+release of an unsent sample (where it is installed), and
+   the transport floor: one raw ZeroMQ DEALER -> ROUTER round trip of a
    30-byte message to an echo process.
 2. aggregate cached alloc+free throughput at 64 KiB with one and with two
    client processes started together (each its own client).
@@ -16,9 +17,16 @@ What it measures (one run, eight sections):
    through a shmarena.Queue (one already in the arena: named, not copied; and a
    plain one: copied into the arena once), and the token floor (8 bytes
    through the same Pipe / multiprocessing.Queue, plus the ack).
-4. memory efficiency of a fresh 1 GiB arena (uncached): log-uniform requests of
+   pipeline (listed here, run right after 3): frames of 1 and 16 MiB from a
+   producer to a reader process: alloc, write every byte, hand over, the
+   reader reads every page (one byte per 4 KiB) and answers, free; shmarena
+   (default client, plain attach), shared_memory (a segment per frame, and
+   one reused), multiprocessing.Queue, iceoryx2 where installed.
+4. memory efficiency of a fresh 1 GiB arena: log-uniform requests of
    4 KiB .. 4 MiB (fixed seed) until the first OutOfMemory, then ten rounds of
-   "free a random half of the live buffers, refill until OutOfMemory".
+   "free a random half of the live buffers, refill until OutOfMemory"; by one
+   uncached client, and by a default client (cache on) while three more
+   processes hold warm caches (each allocated and freed a spread of sizes).
 5. scale: 64 KiB alloc+free latency (cached and uncached) with 1 000 and with
    1 000 000 live blocks (100 000 with --quick) in the daemon, and the daemon's
    RSS at both. Two daemons started alike (256 MiB, min block 64 B) hold the
