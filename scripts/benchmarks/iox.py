@@ -18,7 +18,7 @@ from typing import Any
 MISSING = "iceoryx2 not installed (the bench extra of shmarena has it): its columns are skipped"
 
 try:
-    import iceoryx2 as _iox
+    import iceoryx2 as _iox  # type: ignore[import-untyped]  # it ships no type hints
 
     _iox.set_log_level(_iox.LogLevel.Error)  # its warnings about stale nodes are not ours
 except ImportError:  # optional: the sections skip it

@@ -88,6 +88,13 @@ def read_pages(view: memoryview, value: int) -> bool:
     return bool((frame[::PAGE] == value).all() and frame[-1] == value)
 
 
+def segment_view(segment: SharedMemory) -> memoryview:
+    """A segment's memoryview (None only after close())."""
+    view = segment.buf
+    assert view is not None, f"{segment.name} is closed"
+    return view
+
+
 class Reader:
     """The reader process's side: one handler per variant."""
 
@@ -104,13 +111,13 @@ class Reader:
             return read_pages(buf.view, value)
         if kind == "shared_memory":
             segment = SharedMemory(name=payload)
-            ok = read_pages(segment.buf, value)
+            ok = read_pages(segment_view(segment), value)
             segment.close()
             return ok
         if kind == "shm_reused":
             if payload not in self.segments:
                 self.segments[payload] = SharedMemory(name=payload)
-            return read_pages(self.segments[payload].buf, value)
+            return read_pages(segment_view(self.segments[payload]), value)
         if kind == "queue":
             frame = self.queue.get(timeout=CHILD_TIMEOUT_S)
             return read_pages(memoryview(frame), value)
@@ -182,7 +189,7 @@ class Producer:
                 with signals_deferred():  # never left behind in /dev/shm
                     segment = SharedMemory(create=True, size=size)
                 try:
-                    fill(value)(segment.buf)
+                    fill(value)(segment_view(segment))
                     self.answer("shared_memory", segment.name, value)
                 finally:
                     with signals_deferred():
@@ -195,7 +202,7 @@ class Producer:
         def run(count: int) -> None:
             for _ in range(count):
                 value = self.next_value()
-                fill(value)(segment.buf)
+                fill(value)(segment_view(segment))
                 self.answer("shm_reused", segment.name, value)
 
         return run
