@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from shmarena.daemon.handlers.base import Result
 from shmarena.errors import AccessDenied, InvalidRequest
 from shmarena.protocol import PUSH, PUSH_NOTICES, PUSH_RECLAIM, Request, encoder
 
@@ -55,7 +54,7 @@ class Pushes:
         self.encode = encoder()
 
 
-def listen(svc: Service, peer: bytes, request: Request, creds: Creds | None) -> Result:
+def listen(svc: Service, peer: bytes, request: Request, creds: Creds | None) -> tuple[Any, ...]:
     """LISTEN: `peer` becomes the push socket of the session it names."""
     session_id, token = request.args
     session = svc.ledger.sessions.get(session_id)
