@@ -120,7 +120,8 @@ request (the client's retry) is dropped, not run again.
                process, which becomes the session's push socket (one per session; from
                the session's own pid and uid only). Pushes: PUSH_NOTICES with flat
                notices (taken: no FILL or SYNC repeats them); PUSH_RECLAIM with the
-               bytes wanted: give the cache's free blocks back (DRAIN), then PING
+               bytes wanted (0: the arena is nearly full): give the cache's free
+               blocks back (DRAIN events), then PING (daemon/pressure.py)
 
 The arena's layout, read-only (for `shmarena map`):
 
@@ -172,9 +173,10 @@ reads it. Protocol 7 made these writes a client's duty, so a protocol 6
 client (which does not write them) is refused at HELLO: its handles would be
 refused by every attach.
 
-Notices (in FILL, SYNC and RECYCLE replies) are flat ``address, generation``
-pairs: blocks of this session's cache that went back to it through somebody
-else (a free by handle, a recycle, the last release of a retained block).
+Notices (pushed to a LISTEN socket, else in FILL, SYNC and RECYCLE replies) are
+flat ``address, generation`` pairs: blocks of this session's cache that went
+back to it through somebody else (a free by handle, a recycle, the last release
+of a retained block).
 
 Evolving the protocol: a new optional argument goes at the end of a request
 and gets a default here, so older clients keep working; a new result goes in a
