@@ -146,10 +146,12 @@ class Listener:
 def _read(sub: Subscription) -> None:
     """Everything that came on the socket (until EVENTS says no more)."""
     sock = sub.sock
-    while int(sock.getsockopt(_EVENTS)) & _POLLIN:
+    while True:
         try:
+            if not int(sock.getsockopt(_EVENTS)) & _POLLIN:
+                return
             frame = sock.recv(_NOBLOCK)
-        except zmq.Again:
+        except zmq.ZMQError:  # Again, or a socket closed under us (the Context ended)
             return
         # A push must never end the thread: whatever is wrong, the next request reports.
         with contextlib.suppress(Exception):
