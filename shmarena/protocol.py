@@ -11,6 +11,7 @@ message of one frame:
     ok reply:     [0, request_id, result, ...]
     error reply:  [1, request_id, code, message, details]
     late error:   [2, request_id, code, message, details]   (of a one-way request)
+    push:         [3, kind, payload]        (unasked, to a LISTEN socket; see below)
 
 ``request_id`` is chosen by the client; a reply carries the id of the request
 it answers. Requests that change state (SEQUENCED_OPS: the mutating ones and
@@ -115,6 +116,12 @@ request (the client's retry) is dropped, not run again.
     QCLOSE     name:str                  -> nil    this session stops using the queue
     QUOTA      target:str, bytes:int     -> [target, bytes]: set the quota of owner
                `target` ("": the per-session quota); 0 removes it
+    LISTEN     session:int, token:int    -> nil: sent from a second socket of a client
+               process, which becomes the session's push socket (one per session; from
+               the session's own pid and uid only). Pushes: PUSH_NOTICES with flat
+               notices (taken: no FILL or SYNC repeats them); PUSH_RECLAIM with the
+               bytes wanted (0: the arena is nearly full): give the cache's free
+               blocks back (DRAIN events), then PING (daemon/pressure.py)
 
 The arena's layout, read-only (for `shmarena map`):
 
@@ -166,9 +173,10 @@ reads it. Protocol 7 made these writes a client's duty, so a protocol 6
 client (which does not write them) is refused at HELLO: its handles would be
 refused by every attach.
 
-Notices (in FILL, SYNC and RECYCLE replies) are flat ``address, generation``
-pairs: blocks of this session's cache that went back to it through somebody
-else (a free by handle, a recycle, the last release of a retained block).
+Notices (pushed to a LISTEN socket, else in FILL, SYNC and RECYCLE replies) are
+flat ``address, generation`` pairs: blocks of this session's cache that went
+back to it through somebody else (a free by handle, a recycle, the last release
+of a retained block).
 
 Evolving the protocol: a new optional argument goes at the end of a request
 and gets a default here, so older clients keep working; a new result goes in a
@@ -257,6 +265,9 @@ HANDLE_COST_BYTES = 64
 OK = 0
 ERR = 1
 LATE_ERR = 2
+PUSH = 3  # push kinds, the second item of a push frame:
+PUSH_NOTICES = 1
+PUSH_RECLAIM = 2
 
 ASSIGN = 1
 UNASSIGN = 2
@@ -302,6 +313,7 @@ class Op(IntEnum):
     QCLOSE = 35
     BLOCKS = 36
     QUOTA = 37
+    LISTEN = 38
 
 
 class Handle(NamedTuple):
@@ -391,6 +403,7 @@ SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
     Op.QCLOSE: (("name", STR, REQUIRED),),
     Op.BLOCKS: (("max_blocks", INT, MAX_BLOCKS_REPLY),),
     Op.QUOTA: (("target", STR, REQUIRED), ("bytes", INT, REQUIRED)),
+    Op.LISTEN: (("session", INT, REQUIRED), ("token", INT, REQUIRED)),
 }
 
 

@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from shmarena.client import mappings
+from shmarena.client import mappings, pushes
 from shmarena.client.admin import Admin
 from shmarena.client.allocating import Allocating
 from shmarena.client.attaching import Attaching
@@ -154,6 +154,7 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
         self._cache: Cache | None = None
         self._flush_wake = threading.Event()
         self._flusher: threading.Thread | None = None
+        self._push: weakref.finalize[Any, Any] | None = None  # closes this session's push socket
         self._pid = os.getpid()
         self._closed = False
         # rows asked for per page of a listing (list_owners, ...); the daemon
@@ -235,6 +236,20 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
         else:  # the class's own methods: no lease to check on the hot path
             self.__dict__.pop("alloc", None)
             self.__dict__.pop("_alloc_cached", None)
+        self._listen(cache, transport)
+
+    def _listen(self, cache: Cache, transport: Transport) -> None:
+        """A push socket for this session (client/pushes.py), replacing the
+        last one: notices and requests to give memory back come on it."""
+        if self._push is not None:
+            self._push()  # the previous session's (or socket's)
+            self._push = None
+        if not cache.max_bytes:
+            return  # no cache: nothing to be told, nothing to give
+        sub = pushes.subscribe(self.socket_path, self.session, self._token, cache, transport)
+        if sub is not None:
+            self._push = weakref.finalize(self, pushes.unsubscribe, sub, os.getpid())
+            self._push.atexit = False  # at exit the listener closes them all
 
     def _start_heartbeat(self, lease_s: float) -> None:
         """For a session the daemon cannot watch by pid: ping every third of
@@ -306,6 +321,9 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
         self._flusher = None
         self._flush_wake = threading.Event()
         self._lock = threading.Lock()
+        if self._push is not None:
+            self._push.detach()  # the parent's push socket: never touched here
+            self._push = None
 
     def _lease_checked(self, method: Callable[..., Buffer], lease_s: float) -> Any:
         """`method`, checking the session first when the lease may have run out."""
@@ -421,6 +439,8 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
             self._transport = None
             transport.close()
             mappings.unuse(self._used)
+            if self._push is not None:
+                self._push()  # its push socket, closed by the listener thread
 
     def __enter__(self) -> Client:
         return self

@@ -145,6 +145,7 @@ class Ledger:
         self.owned_bytes = 0  # carved bytes of blocks owners hold
         self._next_session = 1
         self.changes = Changes()
+        self.noticed: set[int] = set()  # sessions given notices since the last look (pushes)
         # Called with each block that leaves its owner (freed, recycled, handed
         # back to a cache): a name bound to it vanishes (daemon/exchange.py).
         self.unowned: Callable[[Block], None] | None = None
@@ -647,6 +648,7 @@ class Ledger:
         if notify:
             session.notices += (block.address, block.generation)
             self.changes.sessions.add(session.id)
+            self.noticed.add(session.id)
 
     # -- client caches -------------------------------------------------------
 

@@ -189,6 +189,7 @@ class Service:
         self.faults: frozenset[str] = frozenset()
         self.quarantine_next: dict[int, float] = {}  # session -> when (see quarantine)
         self._encode: Callable[[Any], bytes] = encoder()
+        self.pushes = sessions.Pushes()  # push sockets, reclaim (daemon/pressure.py)
 
     @staticmethod
     def new_space(info: ArenaInfo, grow: SegmentMaker = _no_grow) -> tuple[Space, Growth | None]:
@@ -214,6 +215,7 @@ class Service:
         in-process caller) counts as the daemon's own user and trusts the
         pid in the HELLO."""
         frame = self._receive(peer, payload, now, creds)
+        sessions.after_request(self, peer, now)  # pushes: notices (daemon/pressure.py)
         replies = [(peer, frame)] if frame else []
         return Outcome(replies + self.take_outbox(), self.take_effects())
 
@@ -327,7 +329,7 @@ class Service:
     ) -> Result:
         self.last_op = name = OP_NAMES[request.op]
         self.counters.ops[name] = self.counters.ops.get(name, 0) + 1
-        if request.op is Op.HELLO:
+        if request.op is Op.HELLO or request.op is Op.LISTEN:  # a peer without a session
             return sessions.hello(self, peer, request, now, creds)
         if session_id is None:
             raise self.admission.no_session(peer, name, now, self.info)

@@ -42,6 +42,7 @@ PURE_MODULES = [
     "shmarena.daemon.records",
     "shmarena.daemon.gone",
     "shmarena.daemon.growth",
+    "shmarena.daemon.pressure",
     "shmarena.daemon.refusals",
     "shmarena.daemon.audit",
     "shmarena.daemon.exchange",

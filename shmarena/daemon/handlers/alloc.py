@@ -2,7 +2,11 @@
 
 An ALLOC with `wait_s` that does not fit is kept in `AllocQueue`, first come
 first served; frees make room and `serve_alloc_waiters` (called from
-`Service.wake`) meets the waiting ones in arrival order.
+`Service.wake`) meets the waiting ones in arrival order. An ALLOC, ALLOC_MANY
+or FILL that does not fit while other sessions' caches hold the bytes it
+needs asks them for their blocks (daemon/pressure.py) and is kept the same
+way, for RECLAIM_WAIT_S at most: then it gets the OutOfMemory it would have
+had, unchanged.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from shmarena.daemon import pressure
 from shmarena.daemon.handlers.base import Call, Result
 from shmarena.daemon.ledger import Block, check_size
 from shmarena.errors import AccessDenied, OutOfMemory, QuotaExceeded, ShmArenaError, StaleHandle
-from shmarena.protocol import Handle, Op
+from shmarena.protocol import MAX_KEPT_PER_SESSION, Handle, Op, Request
 from shmarena.shm.segments import SEGMENT_SHIFT
 
 if TYPE_CHECKING:
@@ -24,7 +29,9 @@ if TYPE_CHECKING:
 
 @dataclass(eq=False, slots=True)
 class AllocWaiter:
-    """An ALLOC kept until frees make room for it or `deadline` passes."""
+    """An ALLOC kept until frees make room for it or `deadline` passes; or an
+    ALLOC, ALLOC_MANY or FILL kept while other caches are asked for room
+    (`reclaim`: its refusal is the one it had, unchanged)."""
 
     session_id: int
     request_id: int
@@ -32,6 +39,8 @@ class AllocWaiter:
     since: float
     deadline: float
     seq: int = 0
+    op: Op = Op.ALLOC
+    reclaim: bool = False
 
 
 class AllocQueue:
@@ -142,13 +151,40 @@ def _alloc_now(c: Call) -> Block | None:
         return None
 
 
+def _keep_for_reclaim(c: Call, error: OutOfMemory, wanted: int) -> Result:
+    """Keep an allocation that does not fit while other caches are asked
+    for their blocks (see the module's docstring); else raise its `error`."""
+    svc = c.svc
+    if (
+        isinstance(error, QuotaExceeded)
+        or error.details.get("state") == "too_large"
+        or svc.kept_requests(c.session) >= MAX_KEPT_PER_SESSION
+        or not pressure.reclaim(svc, c.session, wanted, c.now)
+    ):
+        raise error
+    request = c.request
+    deadline = c.now + pressure.RECLAIM_WAIT_S
+    waiter = AllocWaiter(c.session, request.request_id, c.args, c.now, deadline)
+    waiter.op, waiter.reclaim = request.op, True
+    svc.alloc_queue.add(waiter)
+    if request.op is Op.ALLOC:
+        svc.admission.wait_kept(c.session, Op.ALLOC, request.request_id, deadline)
+    else:  # not a waiting op: a table does not keep it across a restart
+        svc.admission.waiting.add((c.session, request.request_id))
+    return None
+
+
 def alloc(c: Call) -> Result:
     """ALLOC: one block, or kept until there is room (`wait_s`)."""
     svc = c.svc
     if (c.session, c.request.request_id) in svc.admission.waiting:
         return None  # a retry of one that waits already
-    block = _alloc_now(c)
+    try:
+        block = _alloc_now(c)
+    except OutOfMemory as error:
+        return _keep_for_reclaim(c, error, c.args[0])
     if block is None:
+        pressure.reclaim(svc, c.session, c.args[0], c.now)
         svc.may_keep(c.session, c.request)
         deadline = c.now + c.args[3]
         svc.alloc_queue.add(AllocWaiter(c.session, c.request.request_id, c.args, c.now, deadline))
@@ -156,15 +192,27 @@ def alloc(c: Call) -> Result:
         svc.counters.alloc_waits += 1
         return None
     svc.counters.allocs += 1
+    pressure.watermark(svc, c.now)
     return (wire(svc, block),)
 
 
-def alloc_many(c: Call) -> Result:
-    """ALLOC_MANY: all the blocks or none."""
+def _alloc_many_now(c: Call) -> tuple[Any, ...]:
     sizes, owner, detached, site = c.args
     blocks = c.svc.ledger.alloc_many(c.session, sizes, owner, detached, c.now, site)
     c.svc.counters.allocs += len(blocks)
     return ([wire(c.svc, b) for b in blocks],)
+
+
+def alloc_many(c: Call) -> Result:
+    """ALLOC_MANY: all the blocks or none."""
+    if (c.session, c.request.request_id) in c.svc.admission.waiting:
+        return None  # a retry of one kept while caches are asked
+    try:
+        result = _alloc_many_now(c)
+    except OutOfMemory as error:
+        return _keep_for_reclaim(c, error, sum(c.args[0]))
+    pressure.watermark(c.svc, c.now)
+    return result
 
 
 def free(c: Call) -> Result:
@@ -175,8 +223,7 @@ def free(c: Call) -> Result:
     return ([freed.blocks, freed.bytes],)
 
 
-def fill(c: Call) -> Result:
-    """FILL: refill a client cache's size classes (and carve direct sizes)."""
+def _fill_now(c: Call) -> tuple[Any, ...]:
     fills, mark, sizes, owner, detached = c.args
     svc = c.svc
     taken, direct = svc.ledger.fill(c.session, fills, mark, sizes, owner, detached, c.now)
@@ -184,6 +231,20 @@ def fill(c: Call) -> Result:
     svc.counters.filled_blocks += sum(map(len, taken))
     svc.counters.allocs += len(direct)
     return (taken, [wire(svc, b) for b in direct], svc.ledger.take_notices(c.session))
+
+
+def fill(c: Call) -> Result:
+    """FILL: refill a client cache's size classes (and carve direct sizes)."""
+    if (c.session, c.request.request_id) in c.svc.admission.waiting:
+        return None  # a retry of one kept while caches are asked
+    try:
+        result = _fill_now(c)
+    except OutOfMemory as error:
+        fills, sizes = c.args[0], c.args[2]
+        needed = sum(fills[i] * fills[i + 2] for i in range(0, len(fills) - 2, 3))
+        return _keep_for_reclaim(c, error, needed + sum(sizes))
+    pressure.watermark(c.svc, c.now)
+    return result
 
 
 def post(c: Call) -> Result:
@@ -221,37 +282,40 @@ def release(c: Call) -> Result:
     return (c.svc.ledger.release(c.session, c.args[0]),)
 
 
-def _try_alloc(svc: Service, waiter: AllocWaiter, now: float) -> Block:
-    """The block for a waiting ALLOC; a bug on the way is this waiter's
-    InternalError (a ShmArenaError: answered like any refusal)."""
-    size, owner, detached, _, site = waiter.args
+def _try_alloc(svc: Service, waiter: AllocWaiter, now: float) -> tuple[Any, ...]:
+    """The reply values of a waiting allocation; a bug on the way is this
+    waiter's InternalError (a ShmArenaError: answered like any refusal)."""
     try:
         if "wake" in svc.faults:
             raise RuntimeError("fault injected by --debug-fail wake")
-        return svc.ledger.alloc(waiter.session_id, size, owner, detached, now, site)
+        if waiter.op is not Op.ALLOC:
+            request = Request(waiter.op, waiter.request_id, waiter.args)
+            call = Call(svc, waiter.session_id, request, now)
+            return _fill_now(call) if waiter.op is Op.FILL else _alloc_many_now(call)
+        size, owner, detached, _, site = waiter.args
+        block = svc.ledger.alloc(waiter.session_id, size, owner, detached, now, site)
+        svc.counters.allocs += 1
+        return (wire(svc, block),)
     except ShmArenaError:
         raise
     except Exception as error:  # noqa: BLE001 - a bug of ours: this waiter's internal error
         raise svc.internal_error("a waiting alloc", error, waiter.session_id, now) from None
 
 
-def _answer(svc: Service, waiter: AllocWaiter, result: Block | ShmArenaError, now: float) -> None:
+def _answer(
+    svc: Service, waiter: AllocWaiter, answer: tuple[Any, ...] | ShmArenaError, now: float
+) -> None:
     svc.alloc_queue.forget(waiter)
     svc.counters.alloc_waited_s += now - waiter.since
-    if isinstance(result, Block):
-        svc.counters.allocs += 1
-        answer: tuple[Any, ...] | ShmArenaError = (wire(svc, result),)
-    else:
-        answer = result
-    svc.answer_kept(waiter.session_id, waiter.request_id, Op.ALLOC, answer)
+    svc.answer_kept(waiter.session_id, waiter.request_id, waiter.op, answer)
 
 
 def _timed_out(svc: Service, waiter: AllocWaiter, now: float) -> None:
     """A waiter whose time ran out: room may have come this very turn."""
     try:
-        block: Block | ShmArenaError = _try_alloc(svc, waiter, now)
+        block: tuple[Any, ...] | ShmArenaError = _try_alloc(svc, waiter, now)
     except OutOfMemory as error:
-        if not isinstance(error, QuotaExceeded):
+        if not isinstance(error, QuotaExceeded) and not waiter.reclaim:
             svc.counters.alloc_wait_timeouts += 1
             error.message = f"{error.message}; waited {now - waiter.since:.3g} s for room"
             error.args = (error.message,)
@@ -267,18 +331,21 @@ def serve_alloc_waiters(svc: Service, now: float) -> None:
     yet holds the others back (a large request is not starved by a stream
     of small ones); any whose time ran out gets its out_of_memory, and
     one that meets a quota gets that at once (waiting for room would not
-    help it). Only the first is tried while it does not fit."""
+    help it). Only the first is tried while it does not fit; one kept for a
+    reclaim gets its refusal once every asked session answered."""
     queue = svc.alloc_queue
     while (waiter := queue.due(now)) is not None:
         _timed_out(svc, waiter, now)
     while queue.waiters:
         waiter = next(iter(queue.waiters.values()))
         try:
-            block: Block | ShmArenaError = _try_alloc(svc, waiter, now)
+            block: tuple[Any, ...] | ShmArenaError = _try_alloc(svc, waiter, now)
         except QuotaExceeded as error:  # a policy: answered at once, not kept
             block = error
-        except OutOfMemory:
-            break  # no room yet: it holds the others back
+        except OutOfMemory as error:
+            if not waiter.reclaim or not pressure.all_answered(svc, now):
+                break  # no room yet: it holds the others back
+            block = error  # nobody has more to give
         except ShmArenaError as error:  # the owner went meanwhile, say
             block = error
         _answer(svc, waiter, block, now)

@@ -1,5 +1,8 @@
 """HELLO and BYE: a client's session begins (or resumes) and ends. Pure.
 
+LISTEN, the other request of a socket without a session, makes that socket
+the push socket of a session of the same process (daemon/pressure.py).
+
 A new session is answered only once the server says whether it watches the
 client's process (the `Watch` effect, then `Service.watched`): the hello
 reply tells the client whether it must keep a lease alive.
@@ -15,8 +18,11 @@ from shmarena.daemon.admission import Creds, who_may
 from shmarena.daemon.effects import Watch
 from shmarena.daemon.handlers.base import Call, Result
 from shmarena.daemon.ledger import Freed
+from shmarena.daemon.pressure import Pushes, after_request, listen
 from shmarena.errors import AccessDenied, InvalidRequest, ProtocolError, ShmArenaError
-from shmarena.protocol import MAX_PID, MAX_SESSIONS, PROTOCOL_VERSION, Request
+from shmarena.protocol import MAX_PID, MAX_SESSIONS, PROTOCOL_VERSION, Op, Request
+
+__all__ = ["Pushes", "after_request", "bye", "hello", "hello_reply", "joined", "log_end"]
 
 if TYPE_CHECKING:
     from shmarena.daemon.service import Service
@@ -112,7 +118,9 @@ def _resume(
 
 def hello(svc: Service, peer: bytes, request: Request, now: float, creds: Creds | None) -> Result:
     """HELLO: the session of this peer (resumed with a token, or new: then
-    None, and a Watch effect; `Service.watched` answers it)."""
+    None, and a Watch effect; `Service.watched` answers it). LISTEN too."""
+    if request.op is Op.LISTEN:
+        return listen(svc, peer, request, creds)
     _check_hello(request)
     _, claimed_pid, start_ticks, label, resume = request.args
     identity = _identity(svc, claimed_pid, creds)
