@@ -125,6 +125,7 @@ from benchmarks.common import (  # noqa: E402
     on_sigterm,
 )
 from benchmarks.compare import compare, jsonable, leftovers, print_targets  # noqa: E402
+from benchmarks.daemoncpu import section_daemoncpu  # noqa: E402
 from benchmarks.dask import section_dask  # noqa: E402
 from benchmarks.handoff import section_handoff  # noqa: E402
 from benchmarks.harness import started_daemon  # noqa: E402
@@ -222,7 +223,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-SECTIONS = ("latency", "throughput", "handoff", "memory", "scale", "persist", "pages", "dask")
+SECTIONS = (
+    "latency", "throughput", "handoff", "memory", "scale", "persist", "pages", "dask", "daemoncpu",
+)  # fmt: skip
 
 
 def run_all(plan: Plan, report: Report, sections: Sequence[str] = SECTIONS) -> None:
@@ -248,6 +251,8 @@ def run_all(plan: Plan, report: Report, sections: Sequence[str] = SECTIONS) -> N
         section_pages(plan, report)
     if "dask" in sections:
         section_dask(plan, report)
+    if "daemoncpu" in sections:
+        section_daemoncpu(plan, report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
