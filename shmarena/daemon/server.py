@@ -42,6 +42,7 @@ from shmarena.daemon.logwriter import QueuedWriter
 from shmarena.daemon.metrics import METRICS_MAX_CONNECTIONS, Exporter
 from shmarena.daemon.options import DaemonOptions, resolve_group
 from shmarena.daemon.outbound import Outbound
+from shmarena.daemon.poller import EpollPoller
 from shmarena.daemon.service import Creds, Service
 from shmarena.daemon.startup import announce, arena_info, log_stop, take_lock
 from shmarena.daemon.store import Store, new_epoch
@@ -93,7 +94,7 @@ class Server:
         self.context: zmq.Context[Any] | None = None
         self.router: zmq.Socket[Any] | None = None
         self.service: Service | None = None
-        self.poller = zmq.Poller()
+        self.poller = EpollPoller()
         self.listener = Listener(
             options.name, self.socket_path, self.gid, options.metrics_port is not None
         )
@@ -240,7 +241,7 @@ class Server:
         self.outbound = Outbound(router, self.log, self.service.session_of, self.clock)
         self.outbound.debug(opts.debug_drop_replies, opts.debug_delay_ms, opts.debug_seed)
         self.listener.listen(router)
-        self.poller.register(router, zmq.POLLIN)
+        self.poller.register(router, zmq.POLLIN, always=True)  # replies go out on it
         self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.poller.register(self.monitor, zmq.POLLIN)
         if opts.metrics_port is not None:
@@ -587,6 +588,7 @@ class Server:
             self.context.term()
             self.context = None
         self.watcher.close()
+        self.poller.close()
         if self.store is not None:
             remove(self.socket_path)
             try:
