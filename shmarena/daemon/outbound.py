@@ -21,6 +21,11 @@ from shmarena.daemon.clock import Clock
 from shmarena.daemon.logs import EventLog
 from shmarena.protocol import LATE_ERR, MAX_BUFFERED_REPLIES, MAX_QUEUED_REPLY_BYTES
 
+# Plain ints for the per-reply sends (zmq's flags are enums: `|` on them runs
+# Python code).
+NOBLOCK = int(zmq.NOBLOCK)
+MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+
 
 class Outbound:
     """Sends replies to peers (see the module's docstring)."""
@@ -71,7 +76,11 @@ class Outbound:
             self._queue(peer, reply)
             return
         try:
-            self.router.send_multipart((peer, reply), zmq.NOBLOCK)
+            # Two frames, as send_multipart sends them without its per-frame
+            # checks. A ROUTER takes or refuses the message at its first frame
+            # (the routing id): full pipe (Again) or gone peer (ROUTER_MANDATORY).
+            self.router.send(peer, MORE_NOBLOCK)
+            self.router.send(reply, NOBLOCK)
         except zmq.Again:  # its pipe is full
             self._queue(peer, reply)
         except zmq.ZMQError:  # never fatal: the peer is gone

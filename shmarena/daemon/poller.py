@@ -30,7 +30,9 @@ from typing import Any
 
 import zmq
 
-POLLIN = zmq.POLLIN
+# Plain ints: zmq's are IntFlags, whose `&` runs through enum's Python code.
+POLLIN = int(zmq.POLLIN)
+EVENTS = int(zmq.EVENTS)
 
 
 class EpollPoller(zmq.Poller):
@@ -82,11 +84,11 @@ class EpollPoller(zmq.Poller):
         looked: set[int] = set()  # sockets whose state is known now
         for fd, socket in self._always:
             looked.add(fd)
-            if socket.getsockopt(zmq.EVENTS) & POLLIN:
+            if socket.getsockopt(EVENTS) & POLLIN:
                 ready.append((socket, POLLIN))
         for fd in list(self._sticky):
             looked.add(fd)
-            if self._sockets[fd].getsockopt(zmq.EVENTS) & POLLIN:
+            if self._sockets[fd].getsockopt(EVENTS) & POLLIN:
                 ready.append((self._sockets[fd], POLLIN))
             else:
                 self._sticky.discard(fd)
@@ -99,7 +101,7 @@ class EpollPoller(zmq.Poller):
             socket = self._sockets.get(fd)
             if socket is None:
                 ready.append((fd, POLLIN))
-            elif fd not in looked and socket.getsockopt(zmq.EVENTS) & POLLIN:
+            elif fd not in looked and socket.getsockopt(EVENTS) & POLLIN:
                 if all(fd != always for always, _ in self._always):
                     self._sticky.add(fd)
                 ready.append((socket, POLLIN))

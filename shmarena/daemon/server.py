@@ -63,6 +63,11 @@ __all__ = ["DaemonOptions", "Server", "process_start_ticks", "resolve_group", "r
 
 # Messages handled per wake-up of the loop before pidfds and timers get a turn.
 MESSAGES_PER_WAKE = 32
+# Plain ints for the per-message calls (zmq's are enums: `|` and `&` on them
+# run Python code).
+NOBLOCK, RCVMORE, EVENTS, POLLIN = (
+    int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+)  # fmt: skip
 # Unix socket paths are limited to 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 
@@ -368,19 +373,22 @@ class Server:
 
     def _read_requests(self) -> None:
         """Drain what is pending, up to a bound: a steady stream of requests
-        must not starve the pidfds, signals and timers."""
+        must not starve the pidfds, signals and timers. The poll said a
+        message waits; after each, the socket's EVENTS says whether another
+        does (a recv that finds none raises, which costs more)."""
         assert self.router is not None and self.service is not None
+        router = self.router
         each = self.store is not None and self.options.durability == "sync"
         for _ in range(MESSAGES_PER_WAKE):
             try:
-                peer = self.router.recv(zmq.NOBLOCK)
+                peer = router.recv(NOBLOCK)
             except zmq.Again:
                 break
             payloads, creds = self._read_message(peer)
             now = self.clock.time()
             for payload in payloads:
                 self._deliver(self._receive(peer, payload, now, creds), commit=each)
-            if self._stopping:
+            if self._stopping or not router.getsockopt(EVENTS) & POLLIN:
                 break
         self._commit()
         self._flush()
@@ -398,7 +406,7 @@ class Server:
             first = router.recv(copy=False)
             creds = peer_creds(first, self.gid)
             payloads = [first.bytes]
-        while router.getsockopt(zmq.RCVMORE):
+        while router.getsockopt(RCVMORE):
             frame = router.recv()
             if len(payloads) <= MAX_FRAMES:
                 payloads.append(frame)
