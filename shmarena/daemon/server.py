@@ -314,7 +314,7 @@ class Server:
         forget them (a shm arena keeps no table)."""
         assert self.service is not None
         if self.store is None:
-            self.service.ledger.take_changes()
+            self.service.ledger.drop_changes()
             return
         try:
             try:
@@ -364,9 +364,11 @@ class Server:
     def _wait_ms(self, tick_ms: int) -> int:
         """How long the next poll may wait: until the next timer is due."""
         assert self.service is not None and self.outbound is not None
-        wait_ms = tick_ms if not self.service.recovering_peers() else min(tick_ms, 50)
+        service = self.service
+        recovering = service.admission.recovering and service.recovering_peers()
+        wait_ms = tick_ms if not recovering else min(tick_ms, 50)
         wait_ms = self.outbound.wait_ms(wait_ms)
-        wake_at = self.service.next_wake()
+        wake_at = service.next_wake()
         if wake_at is not None:
             wait_ms = min(wait_ms, max(0, int((wake_at - self.clock.time()) * 1000) + 1))
         return wait_ms
@@ -377,7 +379,7 @@ class Server:
         message waits; after each, the socket's EVENTS says whether another
         does (a recv that finds none raises, which costs more)."""
         assert self.router is not None and self.service is not None
-        router = self.router
+        router: Any = self.router  # (its getsockopt says int | bytes; EVENTS is an int)
         each = self.store is not None and self.options.durability == "sync"
         for _ in range(MESSAGES_PER_WAKE):
             try:
@@ -475,6 +477,23 @@ class Server:
         requests that what happened may have met."""
         assert self.router is not None and self.service is not None
         service, isolated = self.service, self._isolated
+        if len(events) > 1 or self.router not in events:  # (else only requests came)
+            self._on_descriptors(events)
+        if service.admission.recovering and service.recovering_peers():
+            isolated("probing recovered sessions", self._probe_recovering)
+        # Kept requests met by what happened above, or whose time ran out
+        if service.has_waiters():
+            isolated("the kept requests", service.wake, self.clock.time())
+            outbox = service.take_outbox()
+            if outbox:
+                self._commit()  # what met them is durable before they hear of it
+            self._deliver(Outcome(outbox, service.take_effects()))
+            self._flush()
+
+    def _on_descriptors(self, events: dict[Any, int]) -> None:
+        """A pidfd, the monitor, the signal pipe or the metrics endpoint is readable."""
+        assert self.router is not None and self.service is not None
+        service, isolated = self.service, self._isolated
         for session_id in self.watcher.died(events):
             self._on_death(session_id)
         if self.monitor is not None and self.monitor in events:
@@ -486,16 +505,6 @@ class Server:
         if self.metrics is not None and self.metrics.fd in events:
             isolated("a metrics scrape", self.metrics.answer,
                      lambda: service.stats(self.clock.time()))  # fmt: skip
-        if service.recovering_peers():
-            isolated("probing recovered sessions", self._probe_recovering)
-        # Kept requests met by what happened above, or whose time ran out
-        if service.has_waiters():
-            isolated("the kept requests", service.wake, self.clock.time())
-            outbox = service.take_outbox()
-            if outbox:
-                self._commit()  # what met them is durable before they hear of it
-            self._deliver(Outcome(outbox, service.take_effects()))
-            self._flush()
 
     def _on_death(self, session_id: int) -> None:
         """A watched client's pidfd is readable: its process is gone."""
