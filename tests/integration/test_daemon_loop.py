@@ -98,3 +98,21 @@ def test_peers_bursting_at_once_are_all_answered(daemon: Daemon, context: zmq.Co
         assert [peer.reply()[1] for _ in sent[i]] == sent[i]
     result = daemon.cli("check")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_more_connections_than_the_monitor_pipe_holds(
+    daemon: Daemon, context: zmq.Context[Any]
+) -> None:
+    """Each connection and disconnection is an event on the ROUTER's monitor
+    socket, whose inproc pipe holds 2000 (both ends' high-water marks of
+    1000): unread, they would stall ZeroMQ's I/O thread and with it the
+    daemon. The loop reads them as they come."""
+    for _ in range(1100):  # 2200 events
+        socket = context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(f"ipc://{daemon.socket_path}")
+        socket.send(msgpack.packb([int(Op.PING), FREE_ID_BIT + 1]))  # no session: refused
+        assert socket.poll(10_000), "no reply within 10 s"
+        assert msgpack.unpackb(socket.recv())[0] == ERR
+        socket.close(0)
+    assert daemon.client().ping() > 0
