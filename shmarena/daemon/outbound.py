@@ -53,6 +53,7 @@ class Outbound:
         # --debug-drop-replies / --debug-delay-ms (0: off)
         self.drop_fraction = 0.0
         self.delay_ms = 0.0
+        self._debugging = False
         self._debug = random.Random()
         self._held: list[tuple[float, int, bytes, bytes]] = []  # delayed replies (debug)
 
@@ -60,16 +61,17 @@ class Outbound:
         """Drop this fraction of replies (never late errors) and hold each
         back by up to `delay_ms`: fault injection for tests."""
         self.drop_fraction, self.delay_ms = drop_fraction, delay_ms
+        self._debugging = drop_fraction > 0 or delay_ms > 0
         self._debug = random.Random(seed)
 
     @property
     def debugging(self) -> bool:
         """Whether replies are dropped or delayed on purpose."""
-        return self.drop_fraction > 0 or self.delay_ms > 0
+        return self._debugging
 
     def send(self, peer: bytes, reply: bytes) -> None:
         """Send `reply` to `peer` now, or queue it behind that peer's others."""
-        if self.debugging:
+        if self._debugging:  # (an attribute: a property costs a call per reply)
             self._debug_send(peer, reply)
             return
         if self.backlog and peer in self.backlog:  # after the replies waiting for it

@@ -431,7 +431,9 @@ class Server:
         """Perform an outcome's effects, then send its replies (with a
         durable table: once what they acknowledge is written, see _flush)."""
         assert self.outbound is not None
-        replies = outcome.replies + self._perform(outcome.effects)
+        replies = outcome.replies
+        if outcome.effects:
+            replies = replies + self._perform(outcome.effects)
         if commit:
             self._commit()
         if self._durable:
