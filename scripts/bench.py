@@ -133,6 +133,7 @@ from benchmarks.common import (  # noqa: E402
     on_sigterm,
 )
 from benchmarks.compare import compare, jsonable, leftovers, print_targets  # noqa: E402
+from benchmarks.daemoncpu import section_daemoncpu  # noqa: E402
 from benchmarks.dask import section_dask  # noqa: E402
 from benchmarks.handoff import section_handoff  # noqa: E402
 from benchmarks.harness import started_daemon  # noqa: E402
@@ -241,6 +242,7 @@ SECTIONS = (
     "persist",
     "pages",
     "dask",
+    "daemoncpu",
 )
 
 
@@ -269,6 +271,8 @@ def run_all(plan: Plan, report: Report, sections: Sequence[str] = SECTIONS) -> N
         section_pages(plan, report)
     if "dask" in sections:
         section_dask(plan, report)
+    if "daemoncpu" in sections:
+        section_daemoncpu(plan, report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

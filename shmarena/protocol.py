@@ -456,6 +456,15 @@ def _is_int(value: object) -> bool:
     return type(value) is int
 
 
+def _all_ints(values: list[Any]) -> bool:
+    """Whether every item is exactly an int (bool is not): the types are
+    gathered in C, without a Python call per item."""
+    return not set(map(type, values)) - _INT_ONLY
+
+
+_INT_ONLY = {int}
+
+
 # Whether a value is of a kind; the kinds whose value is converted as well are
 # finished in `_check_arg`.
 _ACCEPTS: dict[str, Callable[[Any], bool]] = {
@@ -463,15 +472,11 @@ _ACCEPTS: dict[str, Callable[[Any], bool]] = {
     STR: lambda value: isinstance(value, str),
     OPT_STR: lambda value: value is None or isinstance(value, str),
     BOOL: lambda value: isinstance(value, bool),
-    INTS: lambda value: (
-        isinstance(value, list) and len(value) <= MAX_BATCH and all(map(_is_int, value))
-    ),
+    INTS: lambda value: isinstance(value, list) and len(value) <= MAX_BATCH and _all_ints(value),
     HANDLES: lambda value: isinstance(value, list) and len(value) <= MAX_BATCH,
     BIN: lambda value: isinstance(value, bytes) and len(value) <= MAX_PAYLOAD_BYTES,
     NUM: lambda value: type(value) in (int, float) and 0 <= value <= MAX_WAIT_S,
-    EVENTS: lambda value: (
-        isinstance(value, list) and len(value) <= MAX_EVENTS and all(map(_is_int, value))
-    ),
+    EVENTS: lambda value: isinstance(value, list) and len(value) <= MAX_EVENTS and _all_ints(value),
 }
 
 
@@ -510,7 +515,7 @@ def _wrong_kind(op: Op, name: str, kind: str, value: Any) -> InvalidRequest:
 
 def parse_handle(op: Op, value: Any) -> Handle:
     """A Handle from its wire form, or InvalidRequest naming what was wrong."""
-    if isinstance(value, list) and len(value) == 5 and all(map(_is_int, value)):
+    if isinstance(value, list) and len(value) == 5 and _all_ints(value):
         return Handle(*value)
     raise InvalidRequest(
         f"{op.name.lower()}: a handle is [epoch, segment, offset, size, generation] "

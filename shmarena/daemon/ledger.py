@@ -186,6 +186,12 @@ class Ledger:
         changes, self.changes = self.changes, Changes()
         return changes
 
+    def drop_changes(self) -> None:
+        """Forget what changed (no table keeps it): a new Changes only when
+        something did, since the server calls this on every wake-up."""
+        if self.changes:
+            self.changes = Changes()
+
     # -- sessions ------------------------------------------------------------
 
     def open_session(

@@ -21,6 +21,11 @@ from shmarena.daemon.clock import Clock
 from shmarena.daemon.logs import EventLog
 from shmarena.protocol import LATE_ERR, MAX_BUFFERED_REPLIES, MAX_QUEUED_REPLY_BYTES
 
+# Plain ints for the per-reply sends (zmq's flags are enums: `|` on them runs
+# Python code).
+NOBLOCK = int(zmq.NOBLOCK)
+MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+
 
 class Outbound:
     """Sends replies to peers (see the module's docstring)."""
@@ -48,6 +53,7 @@ class Outbound:
         # --debug-drop-replies / --debug-delay-ms (0: off)
         self.drop_fraction = 0.0
         self.delay_ms = 0.0
+        self._debugging = False
         self._debug = random.Random()
         self._held: list[tuple[float, int, bytes, bytes]] = []  # delayed replies (debug)
 
@@ -55,23 +61,28 @@ class Outbound:
         """Drop this fraction of replies (never late errors) and hold each
         back by up to `delay_ms`: fault injection for tests."""
         self.drop_fraction, self.delay_ms = drop_fraction, delay_ms
+        self._debugging = drop_fraction > 0 or delay_ms > 0
         self._debug = random.Random(seed)
 
     @property
     def debugging(self) -> bool:
         """Whether replies are dropped or delayed on purpose."""
-        return self.drop_fraction > 0 or self.delay_ms > 0
+        return self._debugging
 
     def send(self, peer: bytes, reply: bytes) -> None:
         """Send `reply` to `peer` now, or queue it behind that peer's others."""
-        if self.debugging:
+        if self._debugging:  # (an attribute: a property costs a call per reply)
             self._debug_send(peer, reply)
             return
         if self.backlog and peer in self.backlog:  # after the replies waiting for it
             self._queue(peer, reply)
             return
         try:
-            self.router.send_multipart((peer, reply), zmq.NOBLOCK)
+            # Two frames, as send_multipart sends them without its per-frame
+            # checks. A ROUTER takes or refuses the message at its first frame
+            # (the routing id): full pipe (Again) or gone peer (ROUTER_MANDATORY).
+            self.router.send(peer, MORE_NOBLOCK)
+            self.router.send(reply, NOBLOCK)
         except zmq.Again:  # its pipe is full
             self._queue(peer, reply)
         except zmq.ZMQError:  # never fatal: the peer is gone

@@ -42,6 +42,7 @@ from shmarena.daemon.logwriter import QueuedWriter
 from shmarena.daemon.metrics import METRICS_MAX_CONNECTIONS, Exporter
 from shmarena.daemon.options import DaemonOptions, resolve_group
 from shmarena.daemon.outbound import Outbound
+from shmarena.daemon.poller import EpollPoller
 from shmarena.daemon.service import Creds, Service
 from shmarena.daemon.startup import announce, arena_info, log_stop, take_lock
 from shmarena.daemon.store import Store, new_epoch
@@ -62,6 +63,11 @@ __all__ = ["DaemonOptions", "Server", "process_start_ticks", "resolve_group", "r
 
 # Messages handled per wake-up of the loop before pidfds and timers get a turn.
 MESSAGES_PER_WAKE = 32
+# Plain ints for the per-message calls (zmq's are enums: `|` and `&` on them
+# run Python code).
+NOBLOCK, RCVMORE, EVENTS, POLLIN = (
+    int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+)  # fmt: skip
 # Unix socket paths are limited to 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 
@@ -93,7 +99,7 @@ class Server:
         self.context: zmq.Context[Any] | None = None
         self.router: zmq.Socket[Any] | None = None
         self.service: Service | None = None
-        self.poller = zmq.Poller()
+        self.poller = EpollPoller()
         self.listener = Listener(
             options.name, self.socket_path, self.gid, options.metrics_port is not None
         )
@@ -240,7 +246,7 @@ class Server:
         self.outbound = Outbound(router, self.log, self.service.session_of, self.clock)
         self.outbound.debug(opts.debug_drop_replies, opts.debug_delay_ms, opts.debug_seed)
         self.listener.listen(router)
-        self.poller.register(router, zmq.POLLIN)
+        self.poller.register(router, zmq.POLLIN, always=True)  # replies go out on it
         self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.poller.register(self.monitor, zmq.POLLIN)
         if opts.metrics_port is not None:
@@ -308,7 +314,7 @@ class Server:
         forget them (a shm arena keeps no table)."""
         assert self.service is not None
         if self.store is None:
-            self.service.ledger.take_changes()
+            self.service.ledger.drop_changes()
             return
         try:
             try:
@@ -358,28 +364,33 @@ class Server:
     def _wait_ms(self, tick_ms: int) -> int:
         """How long the next poll may wait: until the next timer is due."""
         assert self.service is not None and self.outbound is not None
-        wait_ms = tick_ms if not self.service.recovering_peers() else min(tick_ms, 50)
+        service = self.service
+        recovering = service.admission.recovering and service.recovering_peers()
+        wait_ms = tick_ms if not recovering else min(tick_ms, 50)
         wait_ms = self.outbound.wait_ms(wait_ms)
-        wake_at = self.service.next_wake()
+        wake_at = service.next_wake()
         if wake_at is not None:
             wait_ms = min(wait_ms, max(0, int((wake_at - self.clock.time()) * 1000) + 1))
         return wait_ms
 
     def _read_requests(self) -> None:
         """Drain what is pending, up to a bound: a steady stream of requests
-        must not starve the pidfds, signals and timers."""
+        must not starve the pidfds, signals and timers. The poll said a
+        message waits; after each, the socket's EVENTS says whether another
+        does (a recv that finds none raises, which costs more)."""
         assert self.router is not None and self.service is not None
+        router: Any = self.router  # (its getsockopt says int | bytes; EVENTS is an int)
         each = self.store is not None and self.options.durability == "sync"
         for _ in range(MESSAGES_PER_WAKE):
             try:
-                peer = self.router.recv(zmq.NOBLOCK)
+                peer = router.recv(NOBLOCK)
             except zmq.Again:
                 break
             payloads, creds = self._read_message(peer)
             now = self.clock.time()
             for payload in payloads:
                 self._deliver(self._receive(peer, payload, now, creds), commit=each)
-            if self._stopping:
+            if self._stopping or not router.getsockopt(EVENTS) & POLLIN:
                 break
         self._commit()
         self._flush()
@@ -397,7 +408,7 @@ class Server:
             first = router.recv(copy=False)
             creds = peer_creds(first, self.gid)
             payloads = [first.bytes]
-        while router.getsockopt(zmq.RCVMORE):
+        while router.getsockopt(RCVMORE):
             frame = router.recv()
             if len(payloads) <= MAX_FRAMES:
                 payloads.append(frame)
@@ -420,7 +431,9 @@ class Server:
         """Perform an outcome's effects, then send its replies (with a
         durable table: once what they acknowledge is written, see _flush)."""
         assert self.outbound is not None
-        replies = outcome.replies + self._perform(outcome.effects)
+        replies = outcome.replies
+        if outcome.effects:
+            replies = replies + self._perform(outcome.effects)
         if commit:
             self._commit()
         if self._durable:
@@ -466,6 +479,23 @@ class Server:
         requests that what happened may have met."""
         assert self.router is not None and self.service is not None
         service, isolated = self.service, self._isolated
+        if len(events) > 1 or self.router not in events:  # (else only requests came)
+            self._on_descriptors(events)
+        if service.admission.recovering and service.recovering_peers():
+            isolated("probing recovered sessions", self._probe_recovering)
+        # Kept requests met by what happened above, or whose time ran out
+        if service.has_waiters():
+            isolated("the kept requests", service.wake, self.clock.time())
+            outbox = service.take_outbox()
+            if outbox:
+                self._commit()  # what met them is durable before they hear of it
+            self._deliver(Outcome(outbox, service.take_effects()))
+            self._flush()
+
+    def _on_descriptors(self, events: dict[Any, int]) -> None:
+        """A pidfd, the monitor, the signal pipe or the metrics endpoint is readable."""
+        assert self.router is not None and self.service is not None
+        service, isolated = self.service, self._isolated
         for session_id in self.watcher.died(events):
             self._on_death(session_id)
         if self.monitor is not None and self.monitor in events:
@@ -477,16 +507,6 @@ class Server:
         if self.metrics is not None and self.metrics.fd in events:
             isolated("a metrics scrape", self.metrics.answer,
                      lambda: service.stats(self.clock.time()))  # fmt: skip
-        if service.recovering_peers():
-            isolated("probing recovered sessions", self._probe_recovering)
-        # Kept requests met by what happened above, or whose time ran out
-        if service.has_waiters():
-            isolated("the kept requests", service.wake, self.clock.time())
-            outbox = service.take_outbox()
-            if outbox:
-                self._commit()  # what met them is durable before they hear of it
-            self._deliver(Outcome(outbox, service.take_effects()))
-            self._flush()
 
     def _on_death(self, session_id: int) -> None:
         """A watched client's pidfd is readable: its process is gone."""
@@ -587,6 +607,7 @@ class Server:
             self.context.term()
             self.context = None
         self.watcher.close()
+        self.poller.close()
         if self.store is not None:
             remove(self.socket_path)
             try:

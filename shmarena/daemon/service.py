@@ -217,6 +217,8 @@ class Service:
         frame = self._receive(peer, payload, now, creds)
         sessions.after_request(self, peer, now)  # pushes: notices (daemon/pressure.py)
         replies = [(peer, frame)] if frame else []
+        if not (self.outbox or self.effects or self.log_events):  # the common case
+            return Outcome(replies, [])
         return Outcome(replies + self.take_outbox(), self.take_effects())
 
     def handle(self, peer: bytes, payload: bytes, now: float, creds: Creds | None = None) -> bytes:
@@ -254,6 +256,8 @@ class Service:
         """The effects since the last call, log events last (the server
         performs them after every call into the service)."""
         effects, self.effects = self.effects, []
+        if not self.log_events:
+            return effects
         return effects + [Log(event) for event in self.take_log()]
 
     def take_outbox(self) -> list[tuple[bytes, bytes]]:

@@ -15,9 +15,11 @@ if TYPE_CHECKING:
 Result = tuple[Any, ...] | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
-    """One request of one session, as a handler sees it."""
+    """One request of one session, as a handler sees it: read-only by
+    convention (not `frozen`: a frozen dataclass is built through
+    object.__setattr__ per field, five times the cost, on every request)."""
 
     svc: Service
     session: int
