@@ -133,6 +133,7 @@ from benchmarks.measure import Report  # noqa: E402
 from benchmarks.memory import section_memory  # noqa: E402
 from benchmarks.pages import section_pages  # noqa: E402
 from benchmarks.persist import section_persist  # noqa: E402
+from benchmarks.queueing import section_queueing  # noqa: E402
 from benchmarks.scale import section_scale  # noqa: E402
 from benchmarks.throughput import section_throughput  # noqa: E402
 
@@ -222,7 +223,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-SECTIONS = ("latency", "throughput", "handoff", "memory", "scale", "persist", "pages", "dask")
+SECTIONS = (
+    "latency",
+    "throughput",
+    "handoff",
+    "memory",
+    "scale",
+    "persist",
+    "pages",
+    "dask",
+    "queueing",
+)
 
 
 def run_all(plan: Plan, report: Report, sections: Sequence[str] = SECTIONS) -> None:
@@ -248,6 +259,8 @@ def run_all(plan: Plan, report: Report, sections: Sequence[str] = SECTIONS) -> N
         section_pages(plan, report)
     if "dask" in sections:
         section_dask(plan, report)
+    if "queueing" in sections:
+        section_queueing(plan, ctx, report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
