@@ -330,22 +330,33 @@ class QueueBook:
         flat = first
         ahead = self.ahead_by_session.get(session_id, 0)
         room = min(max_count - 1, self.max_taken_ahead - ahead)
-        taken = 0
-        size = len(first[0])
-        while (
-            taken < room and queue.messages and size + len(queue.messages[0].payload) <= max_bytes
-        ):
+        size, taken = len(first[0]), 0
+        kept = queue.ahead.setdefault(session_id, deque())
+        while taken < room and queue.messages:
+            if size + len(queue.messages[0].payload) > max_bytes:
+                break
             message = queue.messages.popleft()
-            if message.handles:
-                self.ledger.retain(session_id, [Handle(*h) for h in message.handles])
-            queue.ahead.setdefault(session_id, deque()).append(message)
+            self._retain_held(session_id, message.blocks)
+            kept.append(message)
             flat += [message.payload, message.handles]
             size += len(message.payload)
             taken += 1
+        if not kept:
+            del queue.ahead[session_id]
         if taken:
             queue.ahead_total += taken
             self.ahead_by_session[session_id] = ahead + taken
         return [flat, queue.qsize]
+
+    def _retain_held(self, session_id: int, blocks: list[Block]) -> None:
+        """The session retains blocks the queue holds and keeps holding (its
+        producer may have freed them: they live by their references)."""
+        session = self.ledger.sessions[session_id]
+        for block in blocks:
+            assert block.retainers is not None
+            block.retainers[session_id] = block.retainers.get(session_id, 0) + 1
+            session.retained.add(block.address)
+            self.ledger.changes.blocks.add(block.address)
 
     def ack(self, session_id: int, name: str, count: int) -> None:
         """The oldest `count` messages the session took ahead were delivered."""

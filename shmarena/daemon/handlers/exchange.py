@@ -121,13 +121,19 @@ def qclose(c: Call) -> Result:
 def qputs(c: Call) -> Result:
     """QPUTS (one-way): several messages, in order, into reserved or free room."""
     name, messages = c.args
-    c.svc.exchange.book.put_many(c.session, name, messages, c.now)
+    try:
+        c.svc.exchange.book.put_many(c.session, name, messages, c.now)
+    finally:
+        # A one-way request that succeeds gets no reply, and the service
+        # answers the waiters it met only along with a reply: answer them here.
+        deliver_met(c.svc, c.now)
     return (None,)
 
 
 def qack(c: Call) -> Result:
     """QACK (one-way): messages taken ahead were delivered."""
     c.svc.exchange.book.ack(c.session, c.args[0], c.args[1])
+    deliver_met(c.svc, c.now)  # the puts it made room for (see qputs)
     return (None,)
 
 
