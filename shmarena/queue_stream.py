@@ -75,6 +75,7 @@ class Stream:
         self.transport: Any = None  # the socket the credit and the messages ahead are of
         self.errors: list[ShmArenaError] = []
         self.wake = threading.Event()
+        self.scheduled = False  # the thread was woken for what is queued now
         self.thread: threading.Thread | None = None
 
     def check(self) -> None:
@@ -89,7 +90,9 @@ class Stream:
                 self.ahead.clear()
                 self.transport = None
         transport = self.client._transport
-        if transport is not None:
+        # Only what came back already (a late error lands in `late` whenever
+        # any call reads the socket): a look at a list, not a socket call.
+        if transport is not None and transport.late:
             try:
                 transport.raise_late()
             except ShmArenaError as error:
@@ -169,18 +172,18 @@ class Stream:
 
     def next_want(self, name: str, got: int, asked: int, left: int, most: int) -> None:
         """How many the next take of `name` asks for: one at first (a get then
-        behaves as a plain get), doubling after several takes in a row that
-        got all they asked and left more queued, so a consumer behind a busy
-        producer takes many per round trip; back to one when it catches up."""
+        behaves as a plain get, and a process that gets a few messages and
+        stops holds none ahead), then, after two takes in a row that got all
+        they asked and left more queued, enough for what is queued (up to
+        `most`), so a consumer behind a busy producer takes many per round trip."""
         with self.lock:
             if got >= asked and left > 0:
                 streak = self.streak.get(name, 0) + 1
                 self.streak[name] = streak
-                if streak >= 4:
-                    self.want[name] = min(most, asked * 2)
+                if streak >= 2:
+                    self.want[name] = min(most, max(asked * 2, left + 1))
             else:
                 self.streak[name] = 0
-                self.want[name] = max(1, min(asked, got))
 
     def forget(self, name: str) -> tuple[int, int]:
         """Leave queue `name`: (credit, messages taken ahead) it had."""
@@ -224,6 +227,9 @@ class Stream:
 
     def _later(self) -> None:
         """Have the Stream's thread send what is queued after GATHER_S."""
+        if self.scheduled:
+            return  # an Event.set per put costs microseconds
+        self.scheduled = True
         if self.thread is None:
             thread = threading.Thread(target=self._loop, name="shmarena-queue", daemon=True)
             self.thread = thread
@@ -238,6 +244,7 @@ class Stream:
             if self.pid != pid or self.client._closed:
                 return
             time.sleep(GATHER_S)  # let a burst gather into one frame
+            self.scheduled = False  # what is queued from here on wakes it again
             # Whatever fails here, the next call on a queue reports (`check`).
             with contextlib.suppress(Exception):
                 self.flush()
