@@ -33,9 +33,9 @@ from typing import Any
 from shmarena.client import names
 from shmarena.client.client import Client
 from shmarena.client.default import default_client
-from shmarena.errors import InvalidRequest, QueueFull, ShmArenaError
+from shmarena.errors import QueueFull, ShmArenaError
 from shmarena.pickling import DEFAULT_THRESHOLD, free_all, pack, release_all, unpack
-from shmarena.protocol import MAX_PAYLOAD_BYTES, MAX_PREFETCH, MAX_QUEUE_CREDIT, Op
+from shmarena.protocol import MAX_PREFETCH, MAX_QUEUE_CREDIT, Op
 from shmarena.queue_stream import Stream, stream_of
 
 __all__ = ["Queue"]
@@ -148,14 +148,6 @@ class Queue:
         stream.check()
         packed = pack(obj, data, self._threshold)
         try:
-            if len(packed.payload) > MAX_PAYLOAD_BYTES:
-                raise InvalidRequest(
-                    f"put to queue {self._name!r}: the pickle of this object has "
-                    f"{len(packed.payload)} bytes in band, at most {MAX_PAYLOAD_BYTES} "
-                    "(MAX_PAYLOAD_BYTES); lower the Queue's threshold so its large buffers "
-                    "go into blocks, or put large data in a block",
-                    queue=self._name,
-                )
             handles = [list(h) for h in packed.handles]
             want = self._credit_wanted()
             if want == 1:  # a small bounded queue: each put takes its slot itself

@@ -304,8 +304,10 @@ class Exchange:
 
     @property
     def kept_total(self) -> int:
-        """How many waiters are kept, all sessions."""
-        return self.room.kept_total
+        """How many waiters are kept, all sessions, counting those met but not
+        answered yet (a session's end meets queue gets outside any request:
+        the service answers them at its next wake, which this makes it do)."""
+        return self.room.kept_total + len(self.met)
 
     @property
     def by_session(self) -> dict[int, dict[int, Waiter]]:
