@@ -43,6 +43,9 @@ __all__ = ["Queue"]
 # In-band bytes one get may take ahead (the blocks of large buffers are not
 # counted: they stay in the arena whoever holds them).
 TAKE_AHEAD_BYTES = 256 << 10
+# A put whose pickle carries this many bytes in band, or any block, waits for
+# the daemon (QPUT); smaller ones go one-way (QPUTS).
+WAITED_PAYLOAD_BYTES = 32 << 10
 
 
 class Queue:
@@ -140,9 +143,10 @@ class Queue:
         """Put `obj` on the queue; with `block`, wait up to `timeout` seconds
         (None: for ever) for room in a full queue, else raise queue.Full.
 
-        The put goes to the daemon without waiting for it, batched with the
-        puts right after it (queue_stream.py), into room reserved beforehand:
-        a refusal (a bound on queued bytes) is raised by the next call."""
+        A small message goes to the daemon without waiting for it, batched
+        with the puts right after it (queue_stream.py), into room reserved
+        beforehand: a refusal is raised by the next call on a queue. A message
+        with large buffers (blocks) or a large pickle waits for the daemon."""
         data = self._check_open()
         stream = stream_of(data)
         stream.check()
@@ -150,7 +154,11 @@ class Queue:
         try:
             handles = [list(h) for h in packed.handles]
             want = self._credit_wanted()
-            if want == 1:  # a small bounded queue: each put takes its slot itself
+            if want == 1 or handles or len(packed.payload) >= WAITED_PAYLOAD_BYTES:
+                # A small bounded queue (each put takes its slot itself), or a
+                # large message: its round trip is small next to its data, its
+                # blocks are not kept waiting, and a refusal (a block freed
+                # meanwhile, a bound on queued bytes) is raised right here.
                 stream.flush()
                 self._put_waiting(data, packed.payload, handles, block, timeout)
                 free_all(packed.made)

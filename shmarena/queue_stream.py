@@ -74,6 +74,7 @@ class Stream:
         self.streak: dict[str, int] = {}
         self.transport: Any = None  # the socket the credit and the messages ahead are of
         self.errors: list[ShmArenaError] = []
+        self.sent = False  # frames went out since `confirm` last made sure they arrived
         self.wake = threading.Event()
         self.scheduled = False  # the thread was woken for what is queued now
         self.thread: threading.Thread | None = None
@@ -223,7 +224,18 @@ class Stream:
                     return
                 continue  # a late refusal of an earlier frame: this one is not sent yet
             transport.forget(call)
+            self.sent = True
             return
+
+    def confirm(self) -> None:
+        """Send what is queued and wait until the daemon has it (a round trip
+        after it on the same socket): at exit, since a process that ends with
+        os._exit (a multiprocessing child) drops what its socket still holds."""
+        self.flush()
+        transport = self.client._transport
+        if self.sent and transport is not None and self.pid == os.getpid():
+            self.sent = False
+            transport.request(Op.PING, late=False)
 
     def _later(self) -> None:
         """Have the Stream's thread send what is queued after GATHER_S."""
@@ -294,4 +306,4 @@ def _flush_at_exit() -> None:
     for stream in list(_STREAMS.values()):
         if stream.pid == os.getpid() and not stream.client._closed:
             with contextlib.suppress(Exception):
-                stream.flush()
+                stream.confirm()

@@ -101,13 +101,13 @@ def test_a_bounded_queue_still_bounds_one_way_puts(daemon: Daemon) -> None:
 
 def test_a_refused_one_way_put_is_raised_by_the_next_call(daemon: Daemon) -> None:
     client = daemon.client()
-    # In band (the threshold is far above them, and a pickle this short is
-    # carried in the message): 60 KiB each, so the 16 MiB bound on one
-    # queue's in-band bytes is passed at about the 273rd.
+    # In band (the threshold is far above them) and small enough to go one-way:
+    # 30 KiB each, so the 16 MiB bound on one queue's in-band bytes is passed
+    # at about the 545th.
     q = shmarena.Queue(client=client, threshold=1 << 30)
-    payload = b"x" * (60 << 10)
+    payload = b"x" * (30 << 10)
     with pytest.raises(shmarena.LimitReached) as refused:
-        for _ in range(320):
+        for _ in range(640):
             q.put(payload)
         q.qsize()
     text = str(refused.value)
@@ -116,7 +116,7 @@ def test_a_refused_one_way_put_is_raised_by_the_next_call(daemon: Daemon) -> Non
     with contextlib.suppress(shmarena.LimitReached):
         q.qsize()  # refusals of frames sent before the first one came back
     left = q.qsize()  # each refusal is raised once; the queue goes on
-    assert 250 < left < 280
+    assert 500 < left < 560
     q.get(timeout=5)
     q.put(b"small")
     assert q.qsize() == left
