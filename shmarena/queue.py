@@ -85,6 +85,7 @@ class Queue:
         self._closed = False
         self._opened = False
         self._client: Client | None = self._given  # the data client, found once per process
+        self._stream: Stream | None = None  # its Stream (queue_stream.py)
 
     # -- pickling: a queue travels by name -----------------------------------
 
@@ -125,6 +126,12 @@ class Queue:
             client = self._client = default_client(*self._where)
         return client
 
+    def _stream_of(self, data: Client) -> Stream:
+        stream = self._stream
+        if stream is None or stream.client is not data:
+            stream = self._stream = stream_of(data)
+        return stream
+
     def _open(self) -> Client:
         client = self._data()
         if not self._opened:
@@ -148,7 +155,7 @@ class Queue:
         beforehand: a refusal is raised by the next call on a queue. A message
         with large buffers (blocks) or a large pickle waits for the daemon."""
         data = self._check_open()
-        stream = stream_of(data)
+        stream = self._stream_of(data)
         stream.check()
         packed = pack(obj, data, self._threshold)
         try:
@@ -164,13 +171,13 @@ class Queue:
                 free_all(packed.made)
                 return
             stream.room_for(len(packed.payload))
-            if not stream.take_credit(self._name):
+            # Another thread may take the slots just reserved: reserve again.
+            while not stream.put(self._name, packed.payload, handles, packed.made):
                 stream.flush()
                 self._reserve(data, stream, want, block, timeout)
         except BaseException:
-            free_all(packed.made)  # nothing was sent
+            free_all(packed.made)  # not sent (a Buffer freed already is skipped)
             raise
-        stream.put(self._name, packed.payload, handles, packed.made)
 
     def _credit_wanted(self) -> int:
         """Puts to reserve room for in one round trip: many on an unbounded
@@ -198,7 +205,7 @@ class Queue:
             credit, _ = data._request(Op.QRESERVE, self._name, want, 0.0)
         else:
             credit, _ = names.request_waiting(data, Op.QRESERVE, self._name, want, timeout=timeout)
-        stream.add_credit(self._name, int(credit) - 1)  # one for this put
+        stream.add_credit(self._name, int(credit))
 
     def put_nowait(self, obj: Any) -> None:
         """`put(obj, block=False)`."""
@@ -213,7 +220,7 @@ class Queue:
         by the next gets without asking the daemon; should this process die
         before handing them out, they go back to the queue for the others."""
         data = self._check_open()
-        stream = stream_of(data)
+        stream = self._stream_of(data)
         stream.check()
         message = stream.next_ahead(self._name)
         if message is None:
@@ -250,7 +257,7 @@ class Queue:
         """How many messages the daemon holds for this queue now and no
         process has got yet (this process's puts and gets included)."""
         data = self._check_open()
-        stream = stream_of(data)
+        stream = self._stream_of(data)
         stream.check()
         stream.flush()
         ((size, _),) = data._request(Op.QSTAT, self._name)
@@ -274,7 +281,7 @@ class Queue:
             # the daemon gone: so is the queue
             with contextlib.suppress(ShmArenaError):
                 data = self._data()
-                stream = stream_of(data)
+                stream = self._stream_of(data)
                 stream.flush()
                 _, ahead = stream.forget(self._name)
                 if ahead:  # not handed out: back to the queue for the others

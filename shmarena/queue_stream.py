@@ -104,9 +104,14 @@ class Stream:
 
     # -- puts ----------------------------------------------------------------
 
-    def put(self, name: str, payload: bytes, handles: list[list[int]], made: list[Buffer]) -> None:
-        """Queue one put (the caller took a credit); sent with its batch."""
+    def put(self, name: str, payload: bytes, handles: list[list[int]], made: list[Buffer]) -> bool:
+        """Queue one put into a slot reserved for `name` and send it with its
+        batch; False (nothing queued) when no slot is left."""
         with self.lock:
+            credit = self.credit.get(name, 0)
+            if not credit:
+                return False
+            self.credit[name] = credit - 1
             last = self.items[-1] if self.items else None
             if last is not None and last[0] is Op.QPUTS and last[1] == name:
                 last[2] += (payload, handles)
@@ -124,6 +129,7 @@ class Stream:
                 self.flush()
         if not now:
             self._later()
+        return True
 
     def room_for(self, payload_bytes: int) -> None:
         """Send what is queued first if `payload_bytes` more would make the
@@ -131,15 +137,8 @@ class Stream:
         if self.batch_bytes + payload_bytes >= MAX_BATCH_BYTES:
             self.flush()
 
-    def take_credit(self, name: str) -> bool:
-        with self.lock:
-            credit = self.credit.get(name, 0)
-            if not credit:
-                return False
-            self.credit[name] = credit - 1
-            return True
-
     def add_credit(self, name: str, credit: int) -> None:
+        """The slots reserved for `name` now (QRESERVE's answer)."""
         with self.lock:
             self.credit[name] = credit
             self.transport = self.client._transport
