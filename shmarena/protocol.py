@@ -116,15 +116,12 @@ request (the client's retry) is dropped, not run again.
     QUOTA      target:str, bytes:int     -> [target, bytes]: set the quota of owner
                `target` ("": the per-session quota); 0 removes it
 
-Queue traffic without a round trip per message (see daemon/queues.py):
-    QPUTS      name:str, messages:[payload:bin, [handle], ...]  one-way, in order,
-               each into a slot the session reserved, else free room
-    QRESERVE   name:str, want:int, wait_s:num -> [credit, qsize]  reserve room for QPUTS
-    QTAKE      name:str, max_count:int, max_bytes:int, wait_s:num
-               -> [[payload, [handle], ...], qsize]  the oldest message, and more
-               *taken ahead* (held by the queue until QACK, requeued if the session ends)
-    QACK       name:str, count:int       one-way: the oldest `count` taken ahead arrived
-    QUNTAKE    name:str, count:int       -> nil: the newest `count` go back to the front
+Queue ops without a round trip per message (daemon/queues.py has the rules):
+
+    QPUTS name, messages:[payload, [handle], ...]  one-way, into reserved or free room
+    QRESERVE name, want, wait_s -> [credit, qsize]          QACK name, count  (one-way)
+    QTAKE name, max_count, max_bytes, wait_s -> [[payload, [handle], ...], qsize]
+    QUNTAKE name, count -> nil
 
 The arena's layout, read-only (for `shmarena map`):
 
