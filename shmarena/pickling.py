@@ -111,6 +111,14 @@ def pack(
     in one round trip); on any failure the blocks made so far are freed."""
     if threshold < 1:
         raise ValueError(f"threshold must be at least 1 byte, got {threshold}")
+    # The common small message first, with the plain pickler: a pickle shorter
+    # than `threshold` that sent no buffer out of band holds no buffer the
+    # full path below would place in a block, so it is what that path makes.
+    seen: list[pickle.PickleBuffer] = []
+    quick = pickle.dumps(obj, protocol=5, buffer_callback=seen.append)
+    if not seen and len(quick) < threshold and len(quick) <= _INLINE_STREAM:
+        return Packed(msgpack.packb([_FORMAT, quick, None, []], use_bin_type=True), [], [])
+    del seen, quick
     outside: list[tuple[memoryview, tuple[Buffer, int] | None]] = []
 
     def place(picklebuffer: pickle.PickleBuffer) -> bool:
