@@ -43,8 +43,8 @@ __all__ = ["Queue"]
 # In-band bytes one get may take ahead (the blocks of large buffers are not
 # counted: they stay in the arena whoever holds them).
 TAKE_AHEAD_BYTES = 256 << 10
-# A put whose pickle carries this many bytes in band, or any block, waits for
-# the daemon (QPUT); smaller ones go one-way (QPUTS).
+# A put whose pickle carries this many bytes in band, or that names blocks it
+# did not copy its data into, waits for the daemon (QPUT); others go one-way.
 WAITED_PAYLOAD_BYTES = 32 << 10
 
 
@@ -150,10 +150,10 @@ class Queue:
         """Put `obj` on the queue; with `block`, wait up to `timeout` seconds
         (None: for ever) for room in a full queue, else raise queue.Full.
 
-        A small message goes to the daemon without waiting for it, batched
-        with the puts right after it (queue_stream.py), into room reserved
-        beforehand: a refusal is raised by the next call on a queue. A message
-        with large buffers (blocks) or a large pickle waits for the daemon."""
+        A message goes to the daemon without waiting for it, batched with the
+        puts right after it (queue_stream.py), into room reserved beforehand:
+        a refusal is raised by the next call on a queue. One that names blocks
+        already in the arena, or carries a large pickle, waits for the daemon."""
         data = self._check_open()
         stream = self._stream_of(data)
         stream.check()
@@ -161,11 +161,12 @@ class Queue:
         try:
             handles = [list(h) for h in packed.handles]
             want = self._credit_wanted()
-            if want == 1 or handles or len(packed.payload) >= WAITED_PAYLOAD_BYTES:
-                # A small bounded queue (each put takes its slot itself), or a
-                # large message: its round trip is small next to its data, its
-                # blocks are not kept waiting, and a refusal (a block freed
-                # meanwhile, a bound on queued bytes) is raised right here.
+            named = len(handles) > len(packed.made)  # blocks it did not make itself
+            if want == 1 or named or len(packed.payload) >= WAITED_PAYLOAD_BYTES:
+                # A small bounded queue (each put takes its slot itself), a
+                # message naming blocks of the arena (one may have been freed
+                # meanwhile) or a large pickle (a bound on queued bytes): it
+                # waits for the daemon, so a refusal is raised right here.
                 stream.flush()
                 self._put_waiting(data, packed.payload, handles, block, timeout)
                 free_all(packed.made)
