@@ -17,6 +17,13 @@ so a thread blocked in `get` never holds up another thread's `put` on the
 same queue, and waiting threads cost no session or thread of their own. The
 daemon answers a kept request the moment it can be met; nothing here polls.
 
+Most puts do not wait for the daemon: they go one-way and batched, into room
+reserved beforehand, and a get that keeps finding messages waiting takes the
+next ones ahead in the same round trip (shmarena/queue_stream.py; the rules
+on the daemon's side are in daemon/queues.py). A put naming blocks already in
+the arena, or with a large pickle, a put on a small bounded queue, and every
+get that finds nothing taken ahead still wait for the daemon.
+
 The queue lives while any process that opened it lives: the creator opens it,
 an unpickled copy (spawn, Pool or executor initargs) opens it at once, a
 forked child at its first use; `close()` leaves it. When the last process
@@ -57,9 +64,12 @@ class Queue:
     `maxsize` 0 means unbounded. `name` lets unrelated processes share a
     queue (default: a fresh unique name). `client` chooses the daemon and
     the connection (default: `shmarena.connect()`'s daemon). Differences
-    from the stdlib: a put returns once the daemon holds the message (no
-    feeder thread, so an unpicklable object raises in `put` itself), and
-    received buffers that share their block with the sender are read-only.
+    from the stdlib: an unpicklable object raises in `put` itself (it is
+    pickled there; only the sending is deferred, as the stdlib's feeder
+    thread does, and a put is visible to other processes shortly after it
+    returns, to this one at once); received buffers that share their block
+    with the sender are read-only; `qsize` also counts the messages other
+    consumers took ahead and have not handed out yet.
     """
 
     def __init__(

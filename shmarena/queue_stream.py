@@ -21,7 +21,9 @@ the daemon anything sends the Stream first. Between calls a thread of the
 Stream's own sends what gathered after GATHER_S (a burst of puts becomes one
 frame, as the client's flusher batches its bookkeeping); a put that carries
 blocks goes at once, and so does a batch that reached MAX_BATCH_BYTES or
-MAX_BATCH_MESSAGES. At exit, what is left is sent before the clients close.
+MAX_BATCH_MESSAGES. Before a fork what is queued is sent (the child's puts
+come after its parent's); at exit it is sent and confirmed by a round trip,
+since a process that ends with os._exit drops what its socket still holds.
 """
 
 from __future__ import annotations
