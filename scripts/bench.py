@@ -143,6 +143,7 @@ from benchmarks.memory import section_memory  # noqa: E402
 from benchmarks.pages import section_pages  # noqa: E402
 from benchmarks.persist import section_persist  # noqa: E402
 from benchmarks.pipeline import section_pipeline  # noqa: E402
+from benchmarks.queueing import section_queueing  # noqa: E402
 from benchmarks.scale import section_scale  # noqa: E402
 from benchmarks.throughput import section_throughput  # noqa: E402
 
@@ -243,6 +244,7 @@ SECTIONS = (
     "pages",
     "dask",
     "daemoncpu",
+    "queueing",
 )
 
 
@@ -273,6 +275,8 @@ def run_all(plan: Plan, report: Report, sections: Sequence[str] = SECTIONS) -> N
         section_dask(plan, report)
     if "daemoncpu" in sections:
         section_daemoncpu(plan, report)
+    if "queueing" in sections:
+        section_queueing(plan, ctx, report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

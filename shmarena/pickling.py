@@ -111,6 +111,14 @@ def pack(
     in one round trip); on any failure the blocks made so far are freed."""
     if threshold < 1:
         raise ValueError(f"threshold must be at least 1 byte, got {threshold}")
+    # The common small message first, with the plain pickler: a pickle shorter
+    # than `threshold` that sent no buffer out of band holds no buffer the
+    # full path below would place in a block, so it is what that path makes.
+    seen: list[pickle.PickleBuffer] = []
+    quick = pickle.dumps(obj, protocol=5, buffer_callback=seen.append)
+    if not seen and len(quick) < threshold and len(quick) <= _INLINE_STREAM:
+        return Packed(msgpack.packb([_FORMAT, quick, None, []], use_bin_type=True), [], [])
+    del seen, quick
     outside: list[tuple[memoryview, tuple[Buffer, int] | None]] = []
 
     def place(picklebuffer: pickle.PickleBuffer) -> bool:
@@ -142,9 +150,11 @@ def _place(
     outside: list[tuple[memoryview, tuple[Buffer, int] | None]],
     alloc: Any,
 ) -> Packed:
+    big_stream = data.nbytes > _INLINE_STREAM
+    if not outside and not big_stream:  # the common small message: all in band
+        return Packed(msgpack.packb([_FORMAT, bytes(data), None, []], use_bin_type=True), [], [])
     copies = [raw for raw, found in outside if found is None]
     sizes = [raw.nbytes for raw in copies]
-    big_stream = data.nbytes > _INLINE_STREAM
     if big_stream:
         sizes.append(data.nbytes)
     made: list[Buffer] = []
@@ -189,6 +199,10 @@ def unpack(payload: bytes, buffers: list[Buffer]) -> Any:
     same order), each retained for this process: every buffer of the result
     views its block, and each Buffer is released when the last view of it is
     gone. A Buffer no view needs is released at once."""
+    if not buffers:  # the common small message: all in band, one decode
+        plain = _unpacked(payload, _in_band)
+        if plain is not None:
+            return pickle.loads(plain[1])
     body = _decode(payload, len(buffers))
     exports: dict[int, memoryview] = {}
 
@@ -227,6 +241,18 @@ def _unpacked(data: bytes | bytearray | memoryview, valid: Callable[[Any], bool]
         return value if valid(value) else None
     except Exception:  # noqa: BLE001 - msgpack raises many kinds; all mean "not ours"
         return None
+
+
+def _in_band(body: Any) -> bool:
+    """`body` is a payload of `pack` that names no block."""
+    return (
+        type(body) is list
+        and len(body) == 4
+        and body[0] == _FORMAT
+        and type(body[1]) is bytes
+        and body[2] is None
+        and body[3] == []
+    )
 
 
 def _decode(payload: bytes, count: int) -> list[Any]:

@@ -123,6 +123,13 @@ request (the client's retry) is dropped, not run again.
                bytes wanted (0: the arena is nearly full): give the cache's free
                blocks back (DRAIN events), then PING (daemon/pressure.py)
 
+Queue ops without a round trip per message (daemon/queues.py has the rules):
+
+    QPUTS name, messages:[payload, [handle], ...]  one-way, into reserved or free room
+    QRESERVE name, want, wait_s -> [credit, qsize]          QACK name, count  (one-way)
+    QTAKE name, max_count, max_bytes, wait_s -> [[payload, [handle], ...], qsize]
+    QUNTAKE name, count -> nil
+
 The arena's layout, read-only (for `shmarena map`):
 
     BLOCKS     max_blocks:int -> map: "segments": per segment {index, size_bytes, complete,
@@ -212,6 +219,9 @@ GEN_SHIFT = 40
 MAX_SESSIONS = (1 << 23) - 1  # so a session's generations fit in 64 bits
 MAX_NAME = 200  # characters in a published name or a queue name
 MAX_PAYLOAD_BYTES = 256 << 10  # the in-band part of one queued message
+MAX_QUEUE_CREDIT = 1024  # slots one QRESERVE may reserve
+MAX_PREFETCH = 256  # messages one QTAKE may take ahead
+MAX_TAKEN_AHEAD = 4096  # "taken_ahead_per_session", all queues (daemon/queues.py)
 MAX_QUEUED = 1 << 20  # messages in one queue, whatever its maxsize
 MAX_WAIT_S = 3600.0  # the longest one waiting request is kept; clients ask again
 MAX_KEPT_PER_SESSION = 1024  # waiting requests (all ops together) one session may have kept
@@ -314,6 +324,11 @@ class Op(IntEnum):
     BLOCKS = 36
     QUOTA = 37
     LISTEN = 38
+    QPUTS = 39
+    QRESERVE = 40
+    QTAKE = 41
+    QACK = 42
+    QUNTAKE = 43
 
 
 class Handle(NamedTuple):
@@ -339,10 +354,12 @@ EVENTS = "flat list of events"
 BIN = "bytes"
 NUM = "a number of seconds"
 HANDLE = "a handle"
+LIST = "a list"  # checked item by item by its handler (QPUTS: daemon/queues.py)
 
 # op -> ((argument name, kind, default or REQUIRED), ...). A trailing argument
 # with a default may be omitted by older clients.
 REQUIRED = object()
+_WAIT = ("wait_s", NUM, 0.0)
 SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
     Op.HELLO: (
         ("version", INT, REQUIRED),
@@ -404,6 +421,11 @@ SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
     Op.BLOCKS: (("max_blocks", INT, MAX_BLOCKS_REPLY),),
     Op.QUOTA: (("target", STR, REQUIRED), ("bytes", INT, REQUIRED)),
     Op.LISTEN: (("session", INT, REQUIRED), ("token", INT, REQUIRED)),
+    Op.QPUTS: (("name", STR, REQUIRED), ("messages", LIST, REQUIRED)),
+    Op.QRESERVE: (("name", STR, REQUIRED), ("want", INT, 1), _WAIT),
+    Op.QTAKE: (("name", STR, REQUIRED), ("max_count", INT, 1), ("max_bytes", INT, 0), _WAIT),
+    Op.QACK: (("name", STR, REQUIRED), ("count", INT, REQUIRED)),
+    Op.QUNTAKE: (("name", STR, REQUIRED), ("count", INT, REQUIRED)),
 }
 
 
@@ -428,12 +450,13 @@ MUTATING_OPS = frozenset(
         Op.QGET,  # takes a message
         Op.QCLOSE,
         Op.QUOTA,
+        *(Op.QRESERVE, Op.QTAKE, Op.QUNTAKE),  # reserve room, take, put back
     }
 )
 # Ops whose request the daemon may keep until it can be met (`wait_s`).
-WAITING_OPS = frozenset({Op.ALLOC, Op.LOOKUP, Op.EVENTS, Op.QPUT, Op.QGET})
+WAITING_OPS = frozenset({Op.ALLOC, Op.LOOKUP, Op.EVENTS, Op.QPUT, Op.QGET, Op.QRESERVE, Op.QTAKE})
 # Ops that get no reply when they succeed; a refusal comes back as LATE_ERR.
-ONE_WAY_OPS = frozenset({Op.POST})
+ONE_WAY_OPS = frozenset({Op.POST, Op.QPUTS, Op.QACK})
 # Requests that change state are numbered 1, 2, 3 ... per session, in the
 # order the client sends them; the daemon applies each number once and in
 # order (see daemon/admission.py), so a repeat is answered and not run again, and
@@ -474,6 +497,7 @@ _ACCEPTS: dict[str, Callable[[Any], bool]] = {
     BOOL: lambda value: isinstance(value, bool),
     INTS: lambda value: isinstance(value, list) and len(value) <= MAX_BATCH and _all_ints(value),
     HANDLES: lambda value: isinstance(value, list) and len(value) <= MAX_BATCH,
+    LIST: lambda value: isinstance(value, list) and len(value) <= MAX_BATCH,
     BIN: lambda value: isinstance(value, bytes) and len(value) <= MAX_PAYLOAD_BYTES,
     NUM: lambda value: type(value) in (int, float) and 0 <= value <= MAX_WAIT_S,
     EVENTS: lambda value: isinstance(value, list) and len(value) <= MAX_EVENTS and _all_ints(value),

@@ -17,6 +17,13 @@ so a thread blocked in `get` never holds up another thread's `put` on the
 same queue, and waiting threads cost no session or thread of their own. The
 daemon answers a kept request the moment it can be met; nothing here polls.
 
+Most puts do not wait for the daemon: they go one-way and batched, into room
+reserved beforehand, and a get that keeps finding messages waiting takes the
+next ones ahead in the same round trip (shmarena/queue_stream.py; the rules
+on the daemon's side are in daemon/queues.py). A put naming blocks already in
+the arena, or with a large pickle, a put on a small bounded queue, and every
+get that finds nothing taken ahead still wait for the daemon.
+
 The queue lives while any process that opened it lives: the creator opens it,
 an unpickled copy (spawn, Pool or executor initargs) opens it at once, a
 forked child at its first use; `close()` leaves it. When the last process
@@ -35,9 +42,17 @@ from shmarena.client.client import Client
 from shmarena.client.default import default_client
 from shmarena.errors import QueueFull, ShmArenaError
 from shmarena.pickling import DEFAULT_THRESHOLD, free_all, pack, release_all, unpack
-from shmarena.protocol import Op
+from shmarena.protocol import MAX_PREFETCH, MAX_QUEUE_CREDIT, Op
+from shmarena.queue_stream import Stream, stream_of
 
 __all__ = ["Queue"]
+
+# In-band bytes one get may take ahead (the blocks of large buffers are not
+# counted: they stay in the arena whoever holds them).
+TAKE_AHEAD_BYTES = 256 << 10
+# A put whose pickle carries this many bytes in band, or that names blocks it
+# did not copy its data into, waits for the daemon (QPUT); others go one-way.
+WAITED_PAYLOAD_BYTES = 32 << 10
 
 
 class Queue:
@@ -49,9 +64,12 @@ class Queue:
     `maxsize` 0 means unbounded. `name` lets unrelated processes share a
     queue (default: a fresh unique name). `client` chooses the daemon and
     the connection (default: `shmarena.connect()`'s daemon). Differences
-    from the stdlib: a put returns once the daemon holds the message (no
-    feeder thread, so an unpicklable object raises in `put` itself), and
-    received buffers that share their block with the sender are read-only.
+    from the stdlib: an unpicklable object raises in `put` itself (it is
+    pickled there; only the sending is deferred, as the stdlib's feeder
+    thread does, and a put is visible to other processes shortly after it
+    returns, to this one at once); received buffers that share their block
+    with the sender are read-only; `qsize` also counts the messages other
+    consumers took ahead and have not handed out yet.
     """
 
     def __init__(
@@ -77,6 +95,7 @@ class Queue:
         self._closed = False
         self._opened = False
         self._client: Client | None = self._given  # the data client, found once per process
+        self._stream: Stream | None = None  # its Stream (queue_stream.py)
 
     # -- pickling: a queue travels by name -----------------------------------
 
@@ -117,6 +136,12 @@ class Queue:
             client = self._client = default_client(*self._where)
         return client
 
+    def _stream_of(self, data: Client) -> Stream:
+        stream = self._stream
+        if stream is None or stream.client is not data:
+            stream = self._stream = stream_of(data)
+        return stream
+
     def _open(self) -> Client:
         client = self._data()
         if not self._opened:
@@ -133,19 +158,65 @@ class Queue:
 
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Put `obj` on the queue; with `block`, wait up to `timeout` seconds
-        (None: for ever) for room in a full queue, else raise queue.Full."""
+        (None: for ever) for room in a full queue, else raise queue.Full.
+
+        A message goes to the daemon without waiting for it, batched with the
+        puts right after it (queue_stream.py), into room reserved beforehand:
+        a refusal is raised by the next call on a queue. One that names blocks
+        already in the arena, or carries a large pickle, waits for the daemon."""
         data = self._check_open()
+        stream = self._stream_of(data)
+        stream.check()
         packed = pack(obj, data, self._threshold)
         try:
-            args = (self._name, packed.payload, [list(h) for h in packed.handles])
-            try:
-                data._request(Op.QPUT, *args, 0.0)
-            except QueueFull:
-                if not block or (timeout is not None and timeout <= 0):
-                    raise
-                names.request_waiting(data, Op.QPUT, *args, timeout=timeout)
-        finally:
-            free_all(packed.made)  # the queue holds its own reference now
+            handles = [list(h) for h in packed.handles]
+            want = self._credit_wanted()
+            named = len(handles) > len(packed.made)  # blocks it did not make itself
+            if want == 1 or named or len(packed.payload) >= WAITED_PAYLOAD_BYTES:
+                # A small bounded queue (each put takes its slot itself), a
+                # message naming blocks of the arena (one may have been freed
+                # meanwhile) or a large pickle (a bound on queued bytes): it
+                # waits for the daemon, so a refusal is raised right here.
+                stream.flush()
+                self._put_waiting(data, packed.payload, handles, block, timeout)
+                free_all(packed.made)
+                return
+            stream.room_for(len(packed.payload))
+            # Another thread may take the slots just reserved: reserve again.
+            while not stream.put(self._name, packed.payload, handles, packed.made):
+                stream.flush()
+                self._reserve(data, stream, want, block, timeout)
+        except BaseException:
+            free_all(packed.made)  # not sent (a Buffer freed already is skipped)
+            raise
+
+    def _credit_wanted(self) -> int:
+        """Puts to reserve room for in one round trip: many on an unbounded
+        queue, an eighth of a bounded one (room reserved and unused counts as
+        taken for other producers), one on a small one."""
+        if self._maxsize == 0:
+            return MAX_QUEUE_CREDIT
+        return max(1, min(MAX_QUEUE_CREDIT, self._maxsize // 8))
+
+    def _put_waiting(
+        self, data: Client, payload: bytes, handles: list[Any], block: bool, timeout: float | None
+    ) -> None:
+        args = (self._name, payload, handles)
+        try:
+            data._request(Op.QPUT, *args, 0.0)
+        except QueueFull:
+            if not block or (timeout is not None and timeout <= 0):
+                raise
+            names.request_waiting(data, Op.QPUT, *args, timeout=timeout)
+
+    def _reserve(
+        self, data: Client, stream: Stream, want: int, block: bool, timeout: float | None
+    ) -> None:
+        if not block or (timeout is not None and timeout <= 0):
+            credit, _ = data._request(Op.QRESERVE, self._name, want, 0.0)
+        else:
+            credit, _ = names.request_waiting(data, Op.QRESERVE, self._name, want, timeout=timeout)
+        stream.add_credit(self._name, int(credit))
 
     def put_nowait(self, obj: Any) -> None:
         """`put(obj, block=False)`."""
@@ -153,14 +224,19 @@ class Queue:
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Remove and return the oldest object; with `block`, wait up to
-        `timeout` seconds (None: for ever) for one, else raise queue.Empty."""
+        `timeout` seconds (None: for ever) for one, else raise queue.Empty.
+
+        A consumer that keeps finding messages waiting takes several per
+        round trip: the ones after the first are taken ahead and handed out
+        by the next gets without asking the daemon; should this process die
+        before handing them out, they go back to the queue for the others."""
         data = self._check_open()
-        if not block or (timeout is not None and timeout <= 0):
-            ((payload, handles),) = data._request(Op.QGET, self._name, 0, 0.0)
-        else:
-            ((payload, handles),) = names.request_waiting(
-                data, Op.QGET, self._name, 0, timeout=timeout
-            )
+        stream = self._stream_of(data)
+        stream.check()
+        message = stream.next_ahead(self._name)
+        if message is None:
+            message = self._take(data, stream, block, timeout)
+        payload, handles = message
         buffers = [data._buffer(list(h), "retained") for h in handles]
         try:
             return unpack(payload, buffers)
@@ -168,13 +244,35 @@ class Queue:
             release_all(buffers)
             raise
 
+    def _take(
+        self, data: Client, stream: Stream, block: bool, timeout: float | None
+    ) -> tuple[bytes, list[Any]]:
+        stream.flush()  # this process's own puts and acks first
+        want = stream.want.get(self._name, 1)
+        args = (self._name, want, TAKE_AHEAD_BYTES if want > 1 else 0)
+        if not block or (timeout is not None and timeout <= 0):
+            flat, left = data._request(Op.QTAKE, *args, 0.0)
+        else:
+            flat, left = names.request_waiting(data, Op.QTAKE, *args, timeout=timeout)
+        messages = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        if len(messages) > 1:
+            stream.keep_ahead(self._name, messages[1:])
+        stream.next_want(self._name, len(messages), want, int(left), MAX_PREFETCH + 1)
+        return messages[0]
+
     def get_nowait(self) -> Any:
         """`get(block=False)`."""
         return self.get(block=False)
 
     def qsize(self) -> int:
-        """How many messages the daemon holds for this queue now."""
-        ((size, _),) = self._check_open()._request(Op.QSTAT, self._name)
+        """How many messages the daemon holds for this queue now and no
+        process has got yet (this process's puts and gets included)."""
+        data = self._check_open()
+        stream = self._stream_of(data)
+        stream.check()
+        stream.flush()
+        ((size, _),) = data._request(Op.QSTAT, self._name)
+        stream.check()  # a refusal of one of the puts it counted
         return int(size)
 
     def empty(self) -> bool:
@@ -193,7 +291,13 @@ class Queue:
         if self._pid == os.getpid() and self._opened:
             # the daemon gone: so is the queue
             with contextlib.suppress(ShmArenaError):
-                self._data()._request(Op.QCLOSE, self._name)
+                data = self._data()
+                stream = self._stream_of(data)
+                stream.flush()
+                _, ahead = stream.forget(self._name)
+                if ahead:  # not handed out: back to the queue for the others
+                    data._request(Op.QUNTAKE, self._name, ahead)
+                data._request(Op.QCLOSE, self._name)
 
     def join_thread(self) -> None:
         """Nothing to wait for (a put is done when it returns); like the

@@ -304,8 +304,10 @@ class Exchange:
 
     @property
     def kept_total(self) -> int:
-        """How many waiters are kept, all sessions."""
-        return self.room.kept_total
+        """How many waiters are kept, all sessions, counting those met but not
+        answered yet (a session's end meets queue gets outside any request:
+        the service answers them at its next wake, which this makes it do)."""
+        return self.room.kept_total + len(self.met)
 
     @property
     def by_session(self) -> dict[int, dict[int, Waiter]]:
@@ -328,7 +330,7 @@ class Exchange:
         """Answer the waiters whose time ran out with their refusal."""
         for waiter in self.room.due(now):
             self.met.append((waiter, self.timed_out(waiter, now)))
-            queue = self.queues.get(waiter.args[0]) if waiter.op in (Op.QGET, Op.QPUT) else None
+            queue = self.queues.get(waiter.args[0]) if waiter.op in _QUEUE_WAITS else None
             if queue is not None:
                 self.book.maybe_remove(queue)
 
@@ -384,6 +386,10 @@ class Exchange:
             if waiter.op is Op.QPUT:
                 size = self.put(waiter.session_id, args[0], args[1], args[2], waiter.deadline)
                 return None if size is None else [size]
+            if waiter.op is Op.QTAKE:
+                return self.book.take(waiter.session_id, args[0], args[1], args[2])
+            if waiter.op is Op.QRESERVE:
+                return self.book.reserve(waiter.session_id, args[0], args[1])
         # Whatever goes wrong meeting one request is that request's refusal
         # (the service answers it): it must not end the loop over the others.
         except Exception as error:  # noqa: BLE001
@@ -406,7 +412,7 @@ class Exchange:
             return [[], max(args[0], 0), oldest]
         if waiter.op is Op.LOOKUP:
             return self._unknown(args[0], args[-1])
-        if waiter.op is Op.QGET:
+        if waiter.op in (Op.QGET, Op.QTAKE):
             return QueueEmpty(f"queue {args[0]!r} stayed empty for {args[-1]:g} s", queue=args[0])
         # The queue may be gone already: a put that timed out before this one,
         # in the same turn, was the last thing keeping it.
@@ -444,6 +450,9 @@ class Exchange:
 
     def _wire(self, block: Block) -> list[int]:
         return [self.epoch, *_split(block.address), block.size, block.generation]
+
+
+_QUEUE_WAITS = (Op.QGET, Op.QPUT, Op.QTAKE, Op.QRESERVE)
 
 
 def _split(address: int) -> tuple[int, int]:

@@ -278,8 +278,9 @@ def test_put_waits_for_room(make_queue, ctx):
 
 
 def test_get(make_queue, ctx):
-    """CPython: _TestQueue.test_get. A child's puts are all visible once it says
-    so; every get signature returns them in order; an empty queue raises
+    """CPython: _TestQueue.test_get. A child's puts become visible after it says
+    so (one-way, as the stdlib's feeder thread: CPython sleeps DELTA here);
+    every get signature returns them in order; an empty queue raises
     queue.Empty whatever block/timeout say."""
     q = make_queue()
     can_start, can_continue = ctx.Event(), ctx.Event()
@@ -287,6 +288,7 @@ def test_get(make_queue, ctx):
         assert q.empty() is True
         can_start.set()
         assert can_continue.wait(TIMEOUT_S)
+        wait_for(lambda: q.qsize() == 4, what="the child's four puts")
         assert q.empty() is False
 
         assert q.get(True, None) == 2

@@ -23,6 +23,7 @@ from shmarena.protocol import (
     MAX_QUEUES,
     MAX_QUEUES_PER_SESSION,
     MAX_REMEMBERED_FREES,
+    MAX_TAKEN_AHEAD,
     MESSAGE_COST_BYTES,
     Op,
 )
@@ -242,6 +243,7 @@ def test_every_limit_is_in_stats() -> None:
         "queues": MAX_QUEUES,
         "queued_payload_bytes_per_queue": MAX_QUEUE_PAYLOAD_BYTES,
         "queued_payload_bytes": MAX_QUEUED_PAYLOAD_BYTES,
+        "taken_ahead_per_session": MAX_TAKEN_AHEAD,
         "kept_requests_per_session": MAX_KEPT_PER_SESSION,
         "listing_rows": MAX_LISTING_ROWS,
         "remembered_frees": MAX_REMEMBERED_FREES,

@@ -43,5 +43,10 @@ HANDLERS: dict[Op, Handler] = {
     Op.QSTAT: exchange.qstat,
     Op.QCLOSE: exchange.qclose,
     Op.QUOTA: owners.quota,
+    Op.QPUTS: exchange.qputs,
+    Op.QRESERVE: exchange.waitable,
+    Op.QTAKE: exchange.waitable,
+    Op.QACK: exchange.qack,
+    Op.QUNTAKE: exchange.quntake,
     Op.BLOCKS: admin.blocks,
 }

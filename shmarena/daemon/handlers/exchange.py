@@ -1,7 +1,8 @@
 """Handlers of named buffers, queues and events: PUBLISH, UNPUBLISH, NAMES,
-LOOKUP, EVENTS, QOPEN, QPUT, QGET, QSTAT, QCLOSE. Pure.
+LOOKUP, EVENTS, QOPEN, QPUT, QGET, QSTAT, QCLOSE, QPUTS, QRESERVE, QTAKE, QACK,
+QUNTAKE. Pure.
 
-LOOKUP, EVENTS, QPUT and QGET may wait (`wait_s`): the exchange keeps them
+LOOKUP, EVENTS, QPUT, QGET, QRESERVE and QTAKE may wait (`wait_s`): the exchange keeps them
 and `deliver_met` answers them when something another session did meets
 them or their time runs out.
 """
@@ -114,4 +115,29 @@ def qstat(c: Call) -> Result:
 def qclose(c: Call) -> Result:
     """QCLOSE: this session stops using a queue."""
     c.svc.exchange.close_queue(c.session, c.args[0])
+    return (None,)
+
+
+def qputs(c: Call) -> Result:
+    """QPUTS (one-way): several messages, in order, into reserved or free room."""
+    name, messages = c.args
+    try:
+        c.svc.exchange.book.put_many(c.session, name, messages, c.now)
+    finally:
+        # A one-way request that succeeds gets no reply, and the service
+        # answers the waiters it met only along with a reply: answer them here.
+        deliver_met(c.svc, c.now)
+    return (None,)
+
+
+def qack(c: Call) -> Result:
+    """QACK (one-way): messages taken ahead were delivered."""
+    c.svc.exchange.book.ack(c.session, c.args[0], c.args[1])
+    deliver_met(c.svc, c.now)  # the puts it made room for (see qputs)
+    return (None,)
+
+
+def quntake(c: Call) -> Result:
+    """QUNTAKE: messages taken ahead go back to the front of the queue."""
+    c.svc.exchange.book.untake(c.session, c.args[0], c.args[1])
     return (None,)
