@@ -98,7 +98,7 @@ class Allocating(ClientBase):
                 return self._alloc_miss(size, 0, None)
             address, gen = got
             return Buffer(self, self.epoch, address, size, gen, OWNED, cache)
-        return self._alloc(size, None, False)
+        return self._alloc_large(size, 0, None)
 
     def alloc_many(self, sizes: Sequence[int]) -> list[Buffer]:
         """Several buffers; all or none, one round trip at most."""
@@ -108,9 +108,12 @@ class Allocating(ClientBase):
         """A Buffer from this session's cache without a round trip, or None
         (no cache, a size it does not serve, or a miss)."""
         cache = self._cache
-        if cache is None or type(size) is not int or not 0 < size <= cache.max_bytes:
+        if cache is None or type(size) is not int or not 0 < size <= cache.large_max:
             return None
-        got = cache.hand_out(size, owner_id)
+        if size <= cache.max_bytes:
+            got = cache.hand_out(size, owner_id)
+        else:
+            got = cache.hand_out_large(size, owner_id)
         if got is None:
             return None
         return Buffer(self, self.epoch, got[0], size, got[1], OWNED, cache)
@@ -122,7 +125,22 @@ class Allocating(ClientBase):
             if got is not None:
                 return Buffer(self, self.epoch, got[0], size, got[1], OWNED, cache)
             return self._alloc_miss(size, owner_id, owner)
-        return self._alloc(size, owner, False)
+        return self._alloc_large(size, owner_id, owner)
+
+    def _alloc_large(self, size: int, owner_id: int, owner: str | None) -> Buffer:
+        """A size above the size classes: a kept large block that fits it
+        (client/large.py), else one carved for it as a block of this session's
+        cache (one FILL), else (beyond the budget, or no cache) a direct ALLOC."""
+        cache = self._cache
+        if cache is None or type(size) is not int or not 0 < size <= cache.large_max:
+            return self._alloc(size, owner, False)
+        got = cache.hand_out_large(size, owner_id)
+        while got is None:
+            self._refill(cache, [cache.carve_size(size), 1, 1], [], owner)
+            got = cache.hand_out_large(size, owner_id)  # None: another thread took it
+            if got is None and cache is not self._cache:  # forked meanwhile
+                return self._alloc(size, owner, False)
+        return Buffer(self, self.epoch, got[0], size, got[1], OWNED, cache)
 
     def _alloc_miss(self, size: int, owner_id: int, owner: str | None) -> Buffer:
         """Refill the class (one round trip), then take from it."""

@@ -42,6 +42,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from shmarena.client.large import DECAY_S, LargeBlocks, large_budget
 from shmarena.errors import StaleHandle, lifetime_error
 from shmarena.protocol import (
     ASSIGN,
@@ -71,6 +72,10 @@ def size_class(size: int, min_block: int) -> int:
         return -(-size // min_block) * min_block
     step = 1 << ((size - 1).bit_length() - 4)
     return -(-size // step) * step
+
+
+def _never() -> float:
+    return 0.0
 
 
 def split_events(flat: list[int], limit: int = POST_CHUNK) -> list[list[int]]:
@@ -113,6 +118,7 @@ class Cache:
         recall: Callable[[Cache, int, int], bool],
         view: memoryview,
         enabled: bool = True,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.session = session
         self.epoch = epoch
@@ -125,6 +131,16 @@ class Cache:
         self.max_bytes = min(CACHE_MAX_BYTES, self.batch_bytes) if enabled else 0
         # Free bytes the cache may sit on before it gives the coldest back.
         self.cap = max(4 * self.batch_bytes, min(MAX_CACHED_BYTES, arena_bytes // 16))
+        # Free large blocks (above max_bytes, up to the budget) kept for reuse
+        # (client/large.py); `large_max` 0: none are.
+        self.large = LargeBlocks(large_budget(arena_bytes) if enabled else 0)
+        self.large_max = self.large.budget if self.large.budget > self.max_bytes else 0
+        # Seconds, for the decay (time.monotonic; this module does no I/O).
+        # Without one (a unit test) every kept block counts as just freed.
+        self.clock = clock if clock is not None else _never
+        self.decay_s = DECAY_S  # idle seconds after which a kept large block goes back
+        self.timed = False  # the flusher knows when the coldest large block is due
+        self.urgent = False  # the flusher should send without gathering first
         self.free_bytes = 0
         self.lock = threading.Lock()
         self.lists: dict[int, list[int]] = {}  # class bytes -> free addresses
@@ -165,6 +181,11 @@ class Cache:
         """A generation newer than any handed out so far (for a refill)."""
         return next(self._gens)
 
+    def carve_size(self, size: int) -> int:
+        """What a large block for `size` is carved to: whole minimum blocks."""
+        unit = self.min_block
+        return -(-size // unit) * unit
+
     def missing(self, cls: int, count: int) -> int:
         """How many of `count` blocks of class `cls` the free list lacks."""
         return max(0, count - len(self.lists.get(cls, ())))
@@ -183,6 +204,23 @@ class Cache:
             self.free_bytes -= cls
             gen = next(self._gens)
             self.out[address] = [gen, size, owner_id, cls, False]
+            self.unreported.append(address)
+            if not self.dirty:
+                self._queued()
+        return address, gen
+
+    def hand_out_large(self, size: int, owner_id: int) -> tuple[int, int] | None:
+        """(address, generation) of a kept large block that fits `size` with
+        little to spare (client/large.py), or None on a miss."""
+        unit = self.min_block
+        need = -(-size // unit) * unit
+        with self.lock:
+            got = self.large.take(need)
+            if got is None:
+                return None
+            address, carved = got
+            gen = next(self._gens)
+            self.out[address] = [gen, size, owner_id, carved, False]
             self.unreported.append(address)
             if not self.dirty:
                 self._queued()
@@ -286,9 +324,15 @@ class Cache:
             self._write_word(address, gen, FREED)  # attach refuses it from now on
             segment, local = address >> SEGMENT_SHIFT, address & (SEGMENT_SPAN - 1)
             self.pending += (FREE_EVENT, self.epoch, segment, local, size, gen)
-            if not self.dirty:
+            cls = entry[3]
+            if cls > self.max_bytes or not self.lists.get(cls):
+                # Nothing left to reuse meanwhile: the sooner the daemon hears,
+                # the sooner the block can come back (no gathering first).
+                self.urgent = True
                 self._queued()
-        return entry[3]
+            elif not self.dirty:
+                self._queued()
+        return cls
 
     def _queued(self) -> None:
         """The first event since the last flush: the flusher must know."""
@@ -333,7 +377,10 @@ class Cache:
             self.pending += (ASSIGN, address, entry[1], entry[0], entry[2])
 
     def _push(self, cls: int, address: int) -> None:
-        free = self.lists[cls]
+        free = self.lists.get(cls)
+        if free is None:  # a large block: no class of its own
+            self._keep_large(address, cls)
+            return
         free.append(address)
         self.free_bytes += cls
         if len(free) > self.high[cls] or self.free_bytes > self.cap:
@@ -367,11 +414,40 @@ class Cache:
         del free[:extra]
         self.free_bytes -= cls * extra
 
+    def _keep_large(self, address: int, carved: int, trim: bool = True) -> None:
+        """A free large block: kept for reuse, within the budget (a new one,
+        about to be handed out, without trimming: nothing need go for it)."""
+        for cold, _ in self.large.put(address, carved, self.clock(), trim):
+            self.pending += (DRAIN, cold)
+            if not self.dirty:
+                self._queued()
+        if not self.timed:  # the flusher must learn when it is due
+            self.timed = True
+            self.wake()
+
+    def decay(self) -> float | None:
+        """Give back the large blocks idle for DECAY_S (client/large.py);
+        seconds until the next is due, None when none is kept. The flusher's."""
+        with self.lock:
+            now = self.clock()
+            for address, _ in self.large.expired(now, self.decay_s):
+                self.pending += (DRAIN, address)
+                if not self.dirty:
+                    self._queued()
+            due = self.large.due_in(now, self.decay_s)
+            self.timed = due is not None
+            return due
+
     # -- what the daemon said ------------------------------------------------
 
     def add(self, cls: int, addresses: list[int]) -> None:
-        """Blocks of class `cls` a refill brought: onto its free list."""
+        """Blocks of class `cls` a refill brought: onto its free list (a large
+        block: kept among the large ones)."""
         with self.lock:
+            if cls > self.max_bytes and cls not in self.lists:
+                for address in addresses:
+                    self._keep_large(address, cls, trim=False)
+                return
             if cls not in self.lists:
                 self.lists[cls] = []
                 self.high[cls] = 2 * self.batch(cls)
@@ -420,7 +496,8 @@ class Cache:
             self.post_free(tuple(handle))
 
     def drain_all(self) -> int:
-        """Queue every free cached block for return to the arena; bytes queued."""
+        """Queue every free cached block, large ones too, for return to the
+        arena; bytes queued. Safe from any thread at any time."""
         with self.lock:
             total = 0
             for cls, free in self.lists.items():
@@ -429,6 +506,9 @@ class Cache:
                 total += cls * len(free)
                 free.clear()
             self.free_bytes = 0
+            for address, carved in self.large.clear():
+                self.pending += (DRAIN, address)
+                total += carved
             if total and not self.dirty:
                 self._queued()
             return total
