@@ -6,6 +6,11 @@ is a whole number of minimum blocks: up to 8 minimum blocks every multiple,
 above that 8 classes per power of two, so a class exceeds the size it serves
 by less than 1/8 (12.5 %) beyond the page rounding every allocation pays.
 
+Sizes above `max_bytes`, up to the large-block budget (`large_max`), are
+carved to their pages as blocks of this cache too (a FILL of one block of
+that size), and once freed are kept for reuse by client/large.py: best fit,
+a byte budget, and an idle decay the client's flusher drives (`decay`).
+
 A hit is a list pop (alloc) or push (free) under a lock, plus a few dict
 operations; nothing is sent. What the daemon must know (which owner a block
 went to, that it came back) queues up as *events* and leaves in batches
@@ -238,11 +243,18 @@ class Cache:
                     self.out[address] = entry
                 raise self.stale(address, gen, freed=False)
             if entry[4]:  # reported: report its return too
-                self.pending += (UNASSIGN, address, entry[0])
+                self.pending += (UNASSIGN, address, gen)
                 if not self.dirty:
                     self._queued()
             cls = entry[3]
-            self._push(cls, address)
+            free = self.lists.get(cls)  # _push, inlined for the hot path
+            if free is None:
+                self._keep_large(address, cls)
+                return cls
+            free.append(address)
+            self.free_bytes += cls
+            if len(free) > self.high[cls] or self.free_bytes > self.cap:
+                self._drain_cold(cls)
         return cls
 
     def free_pinned(self, address: int, gen: int, size: int) -> int:

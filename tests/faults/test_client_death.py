@@ -110,7 +110,7 @@ cid, action, arm = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 MiB = 1 << 20
 c = shmarena.connect(label=f"victim-{cid}")  # hello 1
 n = shmarena.connect(label=f"victim-{cid}-nocache", cache=False)  # hello 2
-kept = [c.alloc(2 * MiB)]  # alloc 1
+kept = [c.alloc(2 * MiB, site="victim")]  # alloc 1 (labelled: not from the cache)
 kept += [c.alloc(65536) for _ in range(3)]  # fill 1, then two cache hits
 kept += n.alloc_many([4096, 12288])  # alloc_many 1
 session_owner = c.owner(f"victim-{cid}-s")  # owner 1
@@ -149,7 +149,7 @@ elif action == "loop":
 elif action == "hello":
     shmarena.connect(label=f"victim-{cid}-late")  # hello 3
 elif action == "alloc":
-    c.alloc(3 * MiB)  # alloc 2
+    c.alloc(3 * MiB, site="victim")  # alloc 2 (labelled: not from the cache)
 elif action == "alloc_many":
     n.alloc_many([4096, 8192])  # alloc_many 3
 elif action == "fill":
