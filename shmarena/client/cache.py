@@ -201,7 +201,10 @@ class Cache:
         """(address, generation) of a block of `size` bytes from the free
         list of its class, or None on a miss. The hot path: keep it short."""
         cls = self.classes.get(size) or self.class_of(size)
-        with self.lock:
+        lock = self.lock
+        # acquire/release, not `with`: half the cost on this path (no __exit__ call)
+        lock.acquire()
+        try:
             free = self.lists.get(cls)
             if not free:
                 return None
@@ -212,6 +215,8 @@ class Cache:
             self.unreported.append(address)
             if not self.dirty:
                 self._queued()
+        finally:
+            lock.release()
         return address, gen
 
     def hand_out_large(self, size: int, owner_id: int) -> tuple[int, int] | None:
@@ -236,7 +241,9 @@ class Cache:
         process and that no view looks at; its class bytes. The hot path of
         free: straight back on its free list, and if the daemon never heard
         of it, it never will. StaleHandle if it is not out under `gen`."""
-        with self.lock:
+        lock = self.lock
+        lock.acquire()  # not `with`: see hand_out
+        try:
             entry = self.out.pop(address, None)
             if entry is None or entry[0] != gen:
                 if entry is not None:
@@ -255,6 +262,8 @@ class Cache:
             self.free_bytes += cls
             if len(free) > self.high[cls] or self.free_bytes > self.cap:
                 self._drain_cold(cls)
+        finally:
+            lock.release()
         return cls
 
     def free_pinned(self, address: int, gen: int, size: int) -> int:
