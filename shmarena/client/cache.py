@@ -145,7 +145,6 @@ class Cache:
         self.clock = clock if clock is not None else _never
         self.decay_s = DECAY_S  # idle seconds after which a kept large block goes back
         self.timed = False  # the flusher knows when the coldest large block is due
-        self.urgent = False  # the flusher should send without gathering first
         self.free_bytes = 0
         self.lock = threading.Lock()
         self.lists: dict[int, list[int]] = {}  # class bytes -> free addresses
@@ -345,15 +344,9 @@ class Cache:
             self._write_word(address, gen, FREED)  # attach refuses it from now on
             segment, local = address >> SEGMENT_SHIFT, address & (SEGMENT_SPAN - 1)
             self.pending += (FREE_EVENT, self.epoch, segment, local, size, gen)
-            cls = entry[3]
-            if cls > self.max_bytes or not self.lists.get(cls):
-                # Nothing left to reuse meanwhile: the sooner the daemon hears,
-                # the sooner the block can come back (no gathering first).
-                self.urgent = True
+            if not self.dirty:
                 self._queued()
-            elif not self.dirty:
-                self._queued()
-        return cls
+        return entry[3]
 
     def _queued(self) -> None:
         """The first event since the last flush: the flusher must know."""

@@ -285,8 +285,7 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
         at most, never while none is kept). Busy, it looks every
         FLUSH_DELAY_S, so a stream of events costs 200 wake-ups a second, not
         one per event (a wake-up per event slows every round trip of a
-        two-CPU machine); an urgent event (a free whose block should come back
-        soon) goes without that gathering delay."""
+        two-CPU machine)."""
         wake = self._flush_wake
         due: float | None = None
         while True:
@@ -295,11 +294,7 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
             while True:
                 if self._closed or self._pid != os.getpid():
                     return
-                cache = self._cache
-                if cache is not None and cache.urgent:
-                    cache.urgent = False
-                else:
-                    time.sleep(FLUSH_DELAY_S)  # let a burst gather into one message
+                time.sleep(FLUSH_DELAY_S)  # let a burst gather into one message
                 cache, transport = self._cache, self._transport
                 if cache is None or transport is None:
                     due = None
