@@ -1,6 +1,8 @@
 """The Client's allocation paths: a cache hit (no round trip), a refill of a
-size class (one FILL), a direct ALLOC (large, labelled, detached, quota'd or
-waiting), and alloc_many (one round trip at most).
+size class (one FILL), a large block (a kept one, client/large.py, or one
+carved for it by one FILL), a direct ALLOC (beyond the large-block budget,
+labelled, detached, quota'd or waiting), and alloc_many (one round trip at
+most; its large sizes are direct ALLOCs).
 
 The cache (client/cache.py) hands out addresses and generations; Buffers are
 built here, and only here for blocks of this session.
