@@ -79,6 +79,14 @@ def size_class(size: int, min_block: int) -> int:
     return -(-size // step) * step
 
 
+def largest_class(limit: int, min_block: int) -> int:
+    """The largest size class of at most `limit` bytes (`min_block` if none)."""
+    if limit <= 8 * min_block:
+        return max(min_block, limit // min_block * min_block)
+    step = 1 << ((limit - 1).bit_length() - 4)
+    return limit // step * step
+
+
 def _never() -> float:
     return 0.0
 
@@ -133,7 +141,11 @@ class Cache:
         self.batch_bytes = max(min_block, min(BATCH_BYTES, arena_bytes // 64))
         # Disabled: nothing is served from here; the queue still carries the
         # one-way frees.
-        self.max_bytes = min(CACHE_MAX_BYTES, self.batch_bytes) if enabled else 0
+        # A class itself, so no size it serves has a class above it: every
+        # block above max_bytes is a large one (client/large.py).
+        self.max_bytes = largest_class(min(CACHE_MAX_BYTES, self.batch_bytes), min_block)
+        if not enabled:
+            self.max_bytes = 0
         # Free bytes the cache may sit on before it gives the coldest back.
         self.cap = max(4 * self.batch_bytes, min(MAX_CACHED_BYTES, arena_bytes // 16))
         # Free large blocks (above max_bytes, up to the budget) kept for reuse

@@ -3,7 +3,7 @@ the slack, the budget, and the idle decay; and their path through the Cache."""
 
 from __future__ import annotations
 
-from shmarena.client.cache import Cache
+from shmarena.client.cache import Cache, largest_class, size_class
 from shmarena.client.large import GRAIN_S, LargeBlocks, large_budget
 from shmarena.protocol import ASSIGN, DRAIN
 
@@ -76,3 +76,24 @@ def test_a_large_block_goes_round_the_cache_without_events() -> None:
     assert cache.decay() is None
     assert cache.take_events() == [[DRAIN, address]]
     assert ASSIGN not in cache.pending
+
+
+def test_no_size_class_reaches_above_the_cached_sizes() -> None:
+    """Whatever the arena, sizes up to max_bytes have classes up to max_bytes:
+    a block above it is always a large one, never a class's."""
+    for arena in (48 * MIB, 50 * MIB, 64 * MIB, 100 * MIB, 3 * MIB + 8192, 1 << 30):
+        for unit in (4096, 65536):
+            cache = Cache(
+                session=1,
+                epoch=1,
+                min_block=unit,
+                arena_bytes=arena,
+                wake=lambda: None,
+                mark=lambda *_: None,
+                recall=lambda *_: False,
+                view=memoryview(bytearray(0)),
+            )
+            top = cache.max_bytes
+            assert size_class(top, unit) == top
+            assert all(size_class(s, unit) <= top for s in range(1, top + 1, 997))
+            assert largest_class(top + unit, unit) >= top
