@@ -69,7 +69,7 @@ def _fills_for(cache: Cache, sizes: list[int]) -> tuple[list[int], list[int]]:
     for cls, count in wanted.items():
         missing = cache.missing(cls, count)
         if missing:
-            fills += (cls, min(4096, missing + cache.batch(cls)), missing)
+            fills += (cls, min(4096, missing + cache.refill_count(cls)), missing)
     return fills, large
 
 
@@ -167,7 +167,7 @@ class Allocating(ClientBase):
             if cache is None:  # forked: the next request opens our own session
                 return self._alloc(size, owner, False)
             cls = cache.class_of(size)
-            self._refill(cache, [cls, cache.batch(cls), 1], [], owner)
+            self._refill(cache, [cls, cache.refill_count(cls), 1], [], owner)
             got = cache.hand_out(size, owner_id)
             if got is not None:  # else another thread took them first: again
                 return Buffer(self, self.epoch, got[0], size, got[1], OWNED, cache)

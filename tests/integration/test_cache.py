@@ -179,19 +179,20 @@ def test_populate_maps_the_arena_up_front(daemon: Daemon) -> None:
 
 
 def test_recycling_an_own_owner_refills_the_cache(client: shmarena.Client) -> None:
-    client.alloc(65536).free()  # the class is filled once: 16 blocks in a 64 MiB arena
+    client.alloc(65536).free()  # the class is filled: 2, then 4 and 8 blocks (refills ramp up)
     with client.owner("frame-batch") as batch:
         first = {batch.alloc(65536).offset for _ in range(12)}
     # Leaving the block recycled the owner; its blocks came back to this
-    # process's cache with the reply, so the next 12 need no refill (only 4
+    # process's cache with the reply, so the next 12 need no refill (only 2
     # would be left otherwise).
+    fills = client.stats()["counters"]["fills"]
     before = round_trips(client)
     with client.owner("frame-batch") as batch:
         second = {batch.alloc(65536).offset for _ in range(12)}
     assert len(second & first) >= 8
     # one OWNER and one RECYCLE round trip, and this stats call: no FILL
     assert round_trips(client) - before == 3
-    assert client.stats()["counters"]["fills"] == 1
+    assert client.stats()["counters"]["fills"] == fills
 
 
 def test_a_cache_never_holds_more_than_its_cap(make_daemon) -> None:
