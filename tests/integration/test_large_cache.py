@@ -56,10 +56,14 @@ def test_a_16_mib_loop_makes_no_request_after_warm_up(make_daemon) -> None:
 
 
 def test_idle_large_blocks_go_back_by_themselves(daemon: Daemon) -> None:
-    worker, watcher = daemon.client(), daemon.client()
+    worker, watcher = keeping(daemon.client()), daemon.client()
     worker.alloc(3 * MIB).free()
     worker.sync()
     assert cached(watcher, worker.session) == 3 * MIB
+    cache = worker._cache
+    assert cache is not None
+    cache.decay_s = 0.5  # from now on (however slow the machine was so far)
+    cache.wake()  # the flusher waits for the old deadline otherwise
     # The worker makes no further call; its flusher gives the block back.
     wait_until(
         lambda: cached(watcher, worker.session) == 0,
