@@ -86,11 +86,15 @@ class Worker:
 
     # bookkeeping
 
-    def carved(self, size: int) -> int:
+    def carved(self, size: int, buf: Any) -> int:
         """The bytes the daemon carves for `size` (README, stats keys: the size
-        class for sizes the cache serves, else rounded up to the minimum block)."""
+        class for sizes the cache serves, else rounded up to the minimum block;
+        a kept large block reused for a smaller size: its own, as the cache says)."""
         if size <= self.cache_max:
             return int(self.size_class(size, self.min_block))
+        entry = getattr(self.client._cache, "out", {}).get(buf._address)
+        if entry is not None and entry[0] == buf._gen:
+            return int(entry[3])
         return -(-size // self.min_block) * self.min_block
 
     def new_owner(self) -> None:
@@ -125,7 +129,7 @@ class Worker:
                 self.error(f"alloc({size}) gave a buffer of {len(buf.view)} bytes")
             self.seq += 1
             write_stamp(buf.view, self.wid, self.inc, self.seq, buf.offset)
-            self.live[self.seq] = Live(buf, name, self.seq, size, self.carved(size))
+            self.live[self.seq] = Live(buf, name, self.seq, size, self.carved(size, buf))
             self.live_bytes += size
             if name is not None:
                 self.members[name].add(self.seq)

@@ -1,6 +1,8 @@
 """The Client's allocation paths: a cache hit (no round trip), a refill of a
-size class (one FILL), a direct ALLOC (large, labelled, detached, quota'd or
-waiting), and alloc_many (one round trip at most).
+size class (one FILL), a large block (a kept one, client/large.py, or one
+carved for it by one FILL), a direct ALLOC (beyond the large-block budget,
+labelled, detached, quota'd or waiting), and alloc_many (one round trip at
+most; its large sizes are direct ALLOCs).
 
 The cache (client/cache.py) hands out addresses and generations; Buffers are
 built here, and only here for blocks of this session.
@@ -67,7 +69,7 @@ def _fills_for(cache: Cache, sizes: list[int]) -> tuple[list[int], list[int]]:
     for cls, count in wanted.items():
         missing = cache.missing(cls, count)
         if missing:
-            fills += (cls, min(4096, missing + cache.batch(cls)), missing)
+            fills += (cls, min(4096, missing + cache.refill_count(cls)), missing)
     return fills, large
 
 
@@ -93,12 +95,28 @@ class Allocating(ClientBase):
             return self._alloc_direct(size, None, False, timeout, site)
         cache = self._cache
         if cache is not None and type(size) is int and 0 < size <= cache.max_bytes:
-            got = cache.hand_out(size, 0)
-            if got is None:
+            # Cache.hand_out(size, 0), inlined (a call and a tuple less on the
+            # hottest path): keep the two in step.
+            cls = cache.classes.get(size) or cache.class_of(size)
+            lock = cache.lock
+            address = gen = -1
+            lock.acquire()
+            try:
+                free = cache.lists.get(cls)
+                if free:
+                    address = free.pop()
+                    cache.free_bytes -= cls
+                    gen = next(cache._gens)
+                    cache.out[address] = [gen, size, 0, cls, False]
+                    cache.unreported.append(address)
+                    if not cache.dirty:
+                        cache._queued()
+            finally:
+                lock.release()
+            if gen < 0:  # a miss: refilled without the lock held
                 return self._alloc_miss(size, 0, None)
-            address, gen = got
             return Buffer(self, self.epoch, address, size, gen, OWNED, cache)
-        return self._alloc(size, None, False)
+        return self._alloc_large(size, 0, None)
 
     def alloc_many(self, sizes: Sequence[int]) -> list[Buffer]:
         """Several buffers; all or none, one round trip at most."""
@@ -108,9 +126,12 @@ class Allocating(ClientBase):
         """A Buffer from this session's cache without a round trip, or None
         (no cache, a size it does not serve, or a miss)."""
         cache = self._cache
-        if cache is None or type(size) is not int or not 0 < size <= cache.max_bytes:
+        if cache is None or type(size) is not int or not 0 < size <= cache.large_max:
             return None
-        got = cache.hand_out(size, owner_id)
+        if size <= cache.max_bytes:
+            got = cache.hand_out(size, owner_id)
+        else:
+            got = cache.hand_out_large(size, owner_id)
         if got is None:
             return None
         return Buffer(self, self.epoch, got[0], size, got[1], OWNED, cache)
@@ -122,7 +143,22 @@ class Allocating(ClientBase):
             if got is not None:
                 return Buffer(self, self.epoch, got[0], size, got[1], OWNED, cache)
             return self._alloc_miss(size, owner_id, owner)
-        return self._alloc(size, owner, False)
+        return self._alloc_large(size, owner_id, owner)
+
+    def _alloc_large(self, size: int, owner_id: int, owner: str | None) -> Buffer:
+        """A size above the size classes: a kept large block that fits it
+        (client/large.py), else one carved for it as a block of this session's
+        cache (one FILL), else (beyond the budget, or no cache) a direct ALLOC."""
+        cache = self._cache
+        if cache is None or type(size) is not int or not 0 < size <= cache.large_max:
+            return self._alloc(size, owner, False)
+        got = cache.hand_out_large(size, owner_id)
+        while got is None:
+            self._refill(cache, [cache.carve_size(size), 1, 1], [], owner)
+            got = cache.hand_out_large(size, owner_id)  # None: another thread took it
+            if got is None and cache is not self._cache:  # forked meanwhile
+                return self._alloc(size, owner, False)
+        return Buffer(self, self.epoch, got[0], size, got[1], OWNED, cache)
 
     def _alloc_miss(self, size: int, owner_id: int, owner: str | None) -> Buffer:
         """Refill the class (one round trip), then take from it."""
@@ -131,7 +167,7 @@ class Allocating(ClientBase):
             if cache is None:  # forked: the next request opens our own session
                 return self._alloc(size, owner, False)
             cls = cache.class_of(size)
-            self._refill(cache, [cls, cache.batch(cls), 1], [], owner)
+            self._refill(cache, [cls, cache.refill_count(cls), 1], [], owner)
             got = cache.hand_out(size, owner_id)
             if got is not None:  # else another thread took them first: again
                 return Buffer(self, self.epoch, got[0], size, got[1], OWNED, cache)

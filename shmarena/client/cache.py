@@ -4,7 +4,13 @@ batched bookkeeping. No I/O here: the client does the round trips.
 Sizes up to `max_bytes` are served from free lists of *size classes*. A class
 is a whole number of minimum blocks: up to 8 minimum blocks every multiple,
 above that 8 classes per power of two, so a class exceeds the size it serves
-by less than 1/8 (12.5 %) beyond the page rounding every allocation pays.
+by less than 1/8 (12.5 %) beyond the page rounding every allocation pays. A
+class's refills bring 2 blocks, then 4, 8, ... up to a batch (`refill_count`).
+
+Sizes above `max_bytes`, up to the large-block budget (`large_max`), are
+carved to their pages as blocks of this cache too (a FILL of one block of
+that size), and once freed are kept for reuse by client/large.py: best fit,
+a byte budget, and an idle decay the client's flusher drives (`decay`).
 
 A hit is a list pop (alloc) or push (free) under a lock, plus a few dict
 operations; nothing is sent. What the daemon must know (which owner a block
@@ -42,6 +48,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from shmarena.client.large import DECAY_S, LargeBlocks, large_budget
 from shmarena.errors import StaleHandle, lifetime_error
 from shmarena.protocol import (
     ASSIGN,
@@ -71,6 +78,18 @@ def size_class(size: int, min_block: int) -> int:
         return -(-size // min_block) * min_block
     step = 1 << ((size - 1).bit_length() - 4)
     return -(-size // step) * step
+
+
+def largest_class(limit: int, min_block: int) -> int:
+    """The largest size class of at most `limit` bytes (`min_block` if none)."""
+    if limit <= 8 * min_block:
+        return max(min_block, limit // min_block * min_block)
+    step = 1 << ((limit - 1).bit_length() - 4)
+    return limit // step * step
+
+
+def _never() -> float:
+    return 0.0
 
 
 def split_events(flat: list[int], limit: int = POST_CHUNK) -> list[list[int]]:
@@ -113,6 +132,7 @@ class Cache:
         recall: Callable[[Cache, int, int], bool],
         view: memoryview,
         enabled: bool = True,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.session = session
         self.epoch = epoch
@@ -122,9 +142,22 @@ class Cache:
         self.batch_bytes = max(min_block, min(BATCH_BYTES, arena_bytes // 64))
         # Disabled: nothing is served from here; the queue still carries the
         # one-way frees.
-        self.max_bytes = min(CACHE_MAX_BYTES, self.batch_bytes) if enabled else 0
+        # A class itself, so no size it serves has a class above it: every
+        # block above max_bytes is a large one (client/large.py).
+        self.max_bytes = largest_class(min(CACHE_MAX_BYTES, self.batch_bytes), min_block)
+        if not enabled:
+            self.max_bytes = 0
         # Free bytes the cache may sit on before it gives the coldest back.
         self.cap = max(4 * self.batch_bytes, min(MAX_CACHED_BYTES, arena_bytes // 16))
+        # Free large blocks (above max_bytes, up to the budget) kept for reuse
+        # (client/large.py); `large_max` 0: none are.
+        self.large = LargeBlocks(large_budget(arena_bytes) if enabled else 0)
+        self.large_max = self.large.budget if self.large.budget > self.max_bytes else 0
+        # Seconds, for the decay (time.monotonic; this module does no I/O).
+        # Without one (a unit test) every kept block counts as just freed.
+        self.clock = clock if clock is not None else _never
+        self.decay_s = DECAY_S  # idle seconds after which a kept large block goes back
+        self.timed = False  # the flusher knows when the coldest large block is due
         self.free_bytes = 0
         self.lock = threading.Lock()
         self.lists: dict[int, list[int]] = {}  # class bytes -> free addresses
@@ -144,6 +177,7 @@ class Cache:
         # its blocks (a view of it is a slice: no lookup on the hot path).
         self.view = view
         self.classes: dict[int, int] = {}  # size -> class, memo
+        self.refills: dict[int, int] = {}  # class -> refills so far (at most 8 counted)
         self._gens = itertools.count((session << GEN_SHIFT) + 1)
 
     # -- sizes ---------------------------------------------------------------
@@ -161,9 +195,26 @@ class Cache:
         """How many blocks of class `cls` one refill brings."""
         return max(1, min(MAX_BATCH_BLOCKS, self.batch_bytes // cls))
 
+    def refill_count(self, cls: int) -> int:
+        """How many blocks the next refill of class `cls` brings: 2 the first
+        time, twice as many each time after, up to a batch. A class asked for
+        now and then never sits on a whole batch (up to 2 MiB) it does not use:
+        with ~80 classes per session and several sessions, those unused
+        batches became holes all over the arena (as jemalloc grows a thread
+        cache's fill count with use, not all at once)."""
+        done = self.refills.get(cls, 0)
+        if done < 8:
+            self.refills[cls] = done + 1
+        return min(self.batch(cls), 2 << done)
+
     def mark(self) -> int:
         """A generation newer than any handed out so far (for a refill)."""
         return next(self._gens)
+
+    def carve_size(self, size: int) -> int:
+        """What a large block for `size` is carved to: whole minimum blocks."""
+        unit = self.min_block
+        return -(-size // unit) * unit
 
     def missing(self, cls: int, count: int) -> int:
         """How many of `count` blocks of class `cls` the free list lacks."""
@@ -175,7 +226,10 @@ class Cache:
         """(address, generation) of a block of `size` bytes from the free
         list of its class, or None on a miss. The hot path: keep it short."""
         cls = self.classes.get(size) or self.class_of(size)
-        with self.lock:
+        lock = self.lock
+        # acquire/release, not `with`: half the cost on this path (no __exit__ call)
+        lock.acquire()
+        try:
             free = self.lists.get(cls)
             if not free:
                 return None
@@ -186,6 +240,25 @@ class Cache:
             self.unreported.append(address)
             if not self.dirty:
                 self._queued()
+        finally:
+            lock.release()
+        return address, gen
+
+    def hand_out_large(self, size: int, owner_id: int) -> tuple[int, int] | None:
+        """(address, generation) of a kept large block that fits `size` with
+        little to spare (client/large.py), or None on a miss."""
+        unit = self.min_block
+        need = -(-size // unit) * unit
+        with self.lock:
+            got = self.large.take(need)
+            if got is None:
+                return None
+            address, carved = got
+            gen = next(self._gens)
+            self.out[address] = [gen, size, owner_id, carved, False]
+            self.unreported.append(address)
+            if not self.dirty:
+                self._queued()
         return address, gen
 
     def give_back(self, address: int, gen: int) -> int:
@@ -193,18 +266,29 @@ class Cache:
         process and that no view looks at; its class bytes. The hot path of
         free: straight back on its free list, and if the daemon never heard
         of it, it never will. StaleHandle if it is not out under `gen`."""
-        with self.lock:
+        lock = self.lock
+        lock.acquire()  # not `with`: see hand_out
+        try:
             entry = self.out.pop(address, None)
             if entry is None or entry[0] != gen:
                 if entry is not None:
                     self.out[address] = entry
                 raise self.stale(address, gen, freed=False)
             if entry[4]:  # reported: report its return too
-                self.pending += (UNASSIGN, address, entry[0])
+                self.pending += (UNASSIGN, address, gen)
                 if not self.dirty:
                     self._queued()
             cls = entry[3]
-            self._push(cls, address)
+            free = self.lists.get(cls)  # _push, inlined for the hot path
+            if free is None:
+                self._keep_large(address, cls)
+                return cls
+            free.append(address)
+            self.free_bytes += cls
+            if len(free) > self.high[cls] or self.free_bytes > self.cap:
+                self._drain_cold(cls)
+        finally:
+            lock.release()
         return cls
 
     def free_pinned(self, address: int, gen: int, size: int) -> int:
@@ -333,7 +417,10 @@ class Cache:
             self.pending += (ASSIGN, address, entry[1], entry[0], entry[2])
 
     def _push(self, cls: int, address: int) -> None:
-        free = self.lists[cls]
+        free = self.lists.get(cls)
+        if free is None:  # a large block: no class of its own
+            self._keep_large(address, cls)
+            return
         free.append(address)
         self.free_bytes += cls
         if len(free) > self.high[cls] or self.free_bytes > self.cap:
@@ -367,11 +454,40 @@ class Cache:
         del free[:extra]
         self.free_bytes -= cls * extra
 
+    def _keep_large(self, address: int, carved: int, trim: bool = True) -> None:
+        """A free large block: kept for reuse, within the budget (a new one,
+        about to be handed out, without trimming: nothing need go for it)."""
+        for cold, _ in self.large.put(address, carved, self.clock(), trim):
+            self.pending += (DRAIN, cold)
+            if not self.dirty:
+                self._queued()
+        if not self.timed:  # the flusher must learn when it is due
+            self.timed = True
+            self.wake()
+
+    def decay(self) -> float | None:
+        """Give back the large blocks idle for DECAY_S (client/large.py);
+        seconds until the next is due, None when none is kept. The flusher's."""
+        with self.lock:
+            now = self.clock()
+            for address, _ in self.large.expired(now, self.decay_s):
+                self.pending += (DRAIN, address)
+                if not self.dirty:
+                    self._queued()
+            due = self.large.due_in(now, self.decay_s)
+            self.timed = due is not None
+            return due
+
     # -- what the daemon said ------------------------------------------------
 
     def add(self, cls: int, addresses: list[int]) -> None:
-        """Blocks of class `cls` a refill brought: onto its free list."""
+        """Blocks of class `cls` a refill brought: onto its free list (a large
+        block: kept among the large ones)."""
         with self.lock:
+            if cls > self.max_bytes and cls not in self.lists:
+                for address in addresses:
+                    self._keep_large(address, cls, trim=False)
+                return
             if cls not in self.lists:
                 self.lists[cls] = []
                 self.high[cls] = 2 * self.batch(cls)
@@ -420,7 +536,8 @@ class Cache:
             self.post_free(tuple(handle))
 
     def drain_all(self) -> int:
-        """Queue every free cached block for return to the arena; bytes queued."""
+        """Queue every free cached block, large ones too, for return to the
+        arena; bytes queued. Safe from any thread at any time."""
         with self.lock:
             total = 0
             for cls, free in self.lists.items():
@@ -429,6 +546,9 @@ class Cache:
                 total += cls * len(free)
                 free.clear()
             self.free_bytes = 0
+            for address, carved in self.large.clear():
+                self.pending += (DRAIN, address)
+                total += carved
             if total and not self.dirty:
                 self._queued()
             return total

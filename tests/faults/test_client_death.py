@@ -110,19 +110,19 @@ cid, action, arm = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 MiB = 1 << 20
 c = shmarena.connect(label=f"victim-{cid}")  # hello 1
 n = shmarena.connect(label=f"victim-{cid}-nocache", cache=False)  # hello 2
-kept = [c.alloc(2 * MiB)]  # alloc 1
-kept += [c.alloc(65536) for _ in range(3)]  # fill 1, then two cache hits
+kept = [c.alloc(2 * MiB, site="victim")]  # alloc 1 (labelled: not from the cache)
+kept += [c.alloc(65536) for _ in range(3)]  # fill 1 (2 blocks), a cache hit, fill 2
 kept += n.alloc_many([4096, 12288])  # alloc_many 1
 session_owner = c.owner(f"victim-{cid}-s")  # owner 1
-kept += session_owner.alloc_many([8192, 8192, 3 * MiB])  # fill 2 (3 MiB direct)
+kept += session_owner.alloc_many([8192, 8192, 3 * MiB])  # fill 3 (3 MiB direct)
 detached = c.owner(f"victim-{cid}-d", detached=True)  # owner 2
 held = detached.alloc_many([4096, 65536, MiB, 2 * MiB])  # alloc_many 2
 for buf in kept + held:
     stamp(buf, cid)
-spare = [c.alloc(size) for size in (4096, 16384, 16384, 131072)]  # fill 3, 4, 5
+spare = [c.alloc(size) for size in (4096, 16384, 16384, 131072)]  # fill 4, 5, 6
 spare[1].handle  # escapes: freed through the daemon, back to the cache by notice
 c.free(spare)  # the cache holds them now
-loose = c.alloc(32768)  # fill 6: a hand-out, reported by the sync
+loose = c.alloc(32768)  # fill 7: a hand-out, reported by the sync
 stamp(loose, cid)
 c.sync()  # sync 1: the daemon knows all of the above
 ready = {"detached": detached.name, "handles": [list(b.handle) for b in held]}
@@ -149,11 +149,11 @@ elif action == "loop":
 elif action == "hello":
     shmarena.connect(label=f"victim-{cid}-late")  # hello 3
 elif action == "alloc":
-    c.alloc(3 * MiB)  # alloc 2
+    c.alloc(3 * MiB, site="victim")  # alloc 2 (labelled: not from the cache)
 elif action == "alloc_many":
     n.alloc_many([4096, 8192])  # alloc_many 3
 elif action == "fill":
-    c.alloc(24576)  # fill 7: a class not cached yet
+    c.alloc(24576)  # fill 8: a class not cached yet
 elif action == "owner":
     c.owner(f"victim-{cid}-s2")  # owner 3
 elif action == "recycle":
@@ -177,7 +177,7 @@ VICTIM_COUNTS = {
     "hello": 3,
     "alloc": 2,
     "alloc_many": 3,
-    "fill": 7,
+    "fill": 8,
     "owner": 3,
     "recycle": 1,
     "sync": 2,

@@ -129,7 +129,9 @@ client = shmarena.connect(timeout_s=1.0)
 rounds = 0
 try:
     while True:
-        for size in (4096, 3 << 20, 65536):
+        # 5 MiB: above the cache's large-block budget (4 MiB here), so every
+        # round asks the daemon and learns when it is gone
+        for size in (4096, 5 << 20, 65536):
             buf = client.alloc(size)
             buf.view[:] = b"L" * size
             buf.free()

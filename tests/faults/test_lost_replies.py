@@ -109,7 +109,7 @@ def test_answers_that_come_after_the_caller_gave_up_are_given_back(daemon: Daemo
     os.kill(daemon.proc.pid, signal.SIGSTOP)
     try:
         with pytest.raises(shmarena.DaemonUnavailable):
-            client.alloc(2 << 20)  # straight from the daemon
+            client.alloc(8 << 20)  # straight from the daemon (above the large-block budget)
         with pytest.raises(shmarena.DaemonUnavailable):
             client.alloc(4096)  # a cache refill
         with pytest.raises(shmarena.DaemonUnavailable):

@@ -232,7 +232,7 @@ def test_cancel_while_the_worker_is_in_the_call_frees_the_block(daemon: Daemon) 
             bufs = []
 
             def alloc_then_wait() -> shmarena.Buffer:
-                buf = client.sync_client.alloc(2 * MiB)
+                buf = client.sync_client.alloc(8 * MiB)  # above the large cache: an ALLOC
                 bufs.append(buf)
                 inside.set()
                 gate.wait(30)
@@ -246,7 +246,7 @@ def test_cancel_while_the_worker_is_in_the_call_frees_the_block(daemon: Daemon) 
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            assert watcher.stats()["used_bytes"] == 2 * MiB  # still held, by the worker
+            assert watcher.stats()["used_bytes"] == 8 * MiB  # still held, by the worker
             gate.set()
             after = await settled(client)
             assert after["used_bytes"] == 0 and after["live_blocks"] == 0

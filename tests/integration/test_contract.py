@@ -122,7 +122,8 @@ def test_free_then_double_free_is_stale(side: Side) -> None:
 
 def test_double_free_by_handle_is_raised_by_sync(side: Side) -> None:
     c = side.client
-    handle = side(c.alloc(2 * MiB)).handle
+    # Above the cache's large-block budget (4 MiB here): a block the daemon hands out itself.
+    handle = side(c.alloc(8 * MiB)).handle
     side(c.free(handle))
     side(c.free(handle))  # sent without waiting: the refusal comes later
     with pytest.raises(shmarena.StaleHandle):

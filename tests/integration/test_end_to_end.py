@@ -227,8 +227,9 @@ def test_double_free_and_stale_handles(client: shmarena.Client) -> None:
     with pytest.raises(shmarena.StaleHandle, match="epoch"):
         client.attach(handle._replace(epoch=handle.epoch + 1))
     # A block the daemon handed out directly is freed without waiting: the
-    # refusal of a second free comes with the next call.
-    big = client.alloc(4 << 20)
+    # refusal of a second free comes with the next call. (Above the cache's
+    # large-block budget, 4 MiB here: smaller ones are the cache's, refused at once.)
+    big = client.alloc(8 << 20)
     big_handle = big.handle
     big.free()
     client.free(big_handle)

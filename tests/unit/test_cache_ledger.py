@@ -180,9 +180,11 @@ def test_fill_is_all_or_none_for_what_is_needed() -> None:
     code, _ = peer.err(Op.FILL, [MIN, 10, 10, 32 * MIN, 2, 2], gen(peer, 1))
     assert code == "out_of_memory"
     assert stats(service)["free_bytes"] == 64 * MIN
-    # What is only wanted is taken if it fits.
-    taken, _, _ = peer.ok(Op.FILL, [32 * MIN, 3, 1], gen(peer, 1))
-    assert len(taken[0]) == 2
+    # What is only wanted is taken if it fits, while a quarter of the arena stays free.
+    taken, _, _ = peer.ok(Op.FILL, [8 * MIN, 8, 1], gen(peer, 1))
+    assert len(taken[0]) == 6  # 48 of 64 units: 16 stay free
+    taken, _, _ = peer.ok(Op.FILL, [8 * MIN, 3, 1], gen(peer, 1))
+    assert len(taken[0]) == 1  # the arena fills up: only what is needed
     code, _ = peer.err(Op.FILL, [MIN, 1, 1], 5)  # a mark outside the session's space
     assert code == "invalid_request"
     assert service.check() == []
