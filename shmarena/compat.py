@@ -29,7 +29,7 @@ from shmarena.client.buffer import Buffer
 from shmarena.client.client import Client
 from shmarena.client.default import default_client
 from shmarena.errors import NameExists, UnknownName, UnknownOwner
-from shmarena.protocol import MAX_NAME, MAX_OWNER_NAME
+from shmarena.limits import MAX_NAME, MAX_OWNER_NAME
 
 __all__ = ["ShareableList", "SharedMemory"]
 

@@ -41,8 +41,9 @@ from shmarena.client import names
 from shmarena.client.client import Client
 from shmarena.client.default import default_client
 from shmarena.errors import QueueFull, ShmArenaError
+from shmarena.limits import MAX_PREFETCH, MAX_QUEUE_CREDIT
 from shmarena.pickling import DEFAULT_THRESHOLD, free_all, pack, release_all, unpack
-from shmarena.protocol import MAX_PREFETCH, MAX_QUEUE_CREDIT, Op
+from shmarena.protocol import Op
 from shmarena.queue_stream import Stream, stream_of
 
 __all__ = ["Queue"]

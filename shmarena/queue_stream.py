@@ -39,8 +39,9 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from shmarena.errors import ShmArenaError
+from shmarena.limits import MAX_FRAME_BYTES
 from shmarena.pickling import free_all
-from shmarena.protocol import MAX_FRAME_BYTES, Op
+from shmarena.protocol import Op
 
 if TYPE_CHECKING:
     from shmarena.client.buffer import Buffer

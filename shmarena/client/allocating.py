@@ -20,7 +20,8 @@ from shmarena.client.buffer import Buffer
 from shmarena.client.cache import Cache
 from shmarena.client.lifecycle import OWNED, STATES, State
 from shmarena.errors import InvalidRequest, OutOfMemory, QuotaExceeded
-from shmarena.protocol import MAX_BATCH, MAX_WAIT_S, Op
+from shmarena.limits import MAX_BATCH, MAX_WAIT_S
+from shmarena.protocol import Op
 from shmarena.shm.segments import SEGMENT_SHIFT, SEGMENT_SPAN
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep

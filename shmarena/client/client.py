@@ -48,7 +48,8 @@ from shmarena.config import (
     socket_path,
 )
 from shmarena.errors import DaemonUnavailable, SessionLost, ShmArenaError
-from shmarena.protocol import MAX_LISTING_ROWS, PROTOCOL_VERSION, Op
+from shmarena.limits import MAX_LISTING_ROWS
+from shmarena.protocol import PROTOCOL_VERSION, Op
 
 # Importable from here as before this module was split (users, aio.py).
 __all__ = ["Buffer", "Client", "Owner", "Recycled", "_handle_of", "connect"]

@@ -18,7 +18,8 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from shmarena.errors import DaemonUnavailable, QueueEmpty, QueueFull, UnknownName
-from shmarena.protocol import MAX_WAIT_S, Handle, Op
+from shmarena.limits import MAX_WAIT_S
+from shmarena.protocol import Handle, Op
 
 if TYPE_CHECKING:
     from shmarena.client.buffer import Buffer

@@ -40,17 +40,8 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from shmarena.client.context import dealer_socket
-from shmarena.protocol import (
-    FREE_ID_BIT,
-    MAX_FRAME_BYTES,
-    OK,
-    PUSH,
-    PUSH_NOTICES,
-    PUSH_RECLAIM,
-    Op,
-    decode,
-    encode,
-)
+from shmarena.limits import MAX_FRAME_BYTES
+from shmarena.protocol import FREE_ID_BIT, OK, PUSH, PUSH_NOTICES, PUSH_RECLAIM, Op, decode, encode
 
 if TYPE_CHECKING:
     from shmarena.client.cache import Cache

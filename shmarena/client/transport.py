@@ -50,17 +50,8 @@ from shmarena.errors import (
     ShmArenaError,
     from_wire,
 )
-from shmarena.protocol import (
-    FREE_ID_BIT,
-    LATE_ERR,
-    MAX_FRAME_BYTES,
-    MAX_FRAMES,
-    OK,
-    SEQUENCED_OPS,
-    Op,
-    decode,
-    encoder,
-)
+from shmarena.limits import MAX_FRAME_BYTES, MAX_FRAMES
+from shmarena.protocol import FREE_ID_BIT, LATE_ERR, OK, SEQUENCED_OPS, Op, decode, encoder
 
 
 def _no_events() -> list[list[int]]:

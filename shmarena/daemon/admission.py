@@ -23,14 +23,8 @@ from dataclasses import dataclass
 from shmarena.daemon.model import ArenaInfo
 from shmarena.daemon.table import Link
 from shmarena.errors import ProtocolError, Resend, SessionLost
-from shmarena.protocol import (
-    LATE_ERR,
-    ONE_WAY_OPS,
-    REPLY_CACHE_ENTRIES,
-    SEQUENCED_OPS,
-    WAITING_OPS,
-    error_reply,
-)
+from shmarena.limits import REPLY_CACHE_ENTRIES
+from shmarena.protocol import LATE_ERR, ONE_WAY_OPS, SEQUENCED_OPS, WAITING_OPS, error_reply
 
 # Peers whose session ended are remembered (bounded) so that their next
 # request learns why, instead of a bare "say hello first".

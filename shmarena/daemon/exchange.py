@@ -42,15 +42,14 @@ from shmarena.errors import (
     QueueFull,
     UnknownName,
 )
-from shmarena.protocol import (
+from shmarena.limits import (
     EVENTS_KEPT,
     MAX_EVENTS_PER_REPLY,
     MAX_NAME,
     MAX_NAMES,
     MAX_NAMES_PER_SESSION,
-    Handle,
-    Op,
 )
+from shmarena.protocol import Handle, Op
 from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT
 
 __all__ = ["Exchange", "Name", "Waiter", "check_name"]

@@ -12,7 +12,7 @@ from typing import Any
 
 from shmarena.daemon.ledger import Ledger
 from shmarena.errors import InvalidRequest
-from shmarena.protocol import MAX_BLOCKS_REPLY
+from shmarena.limits import MAX_BLOCKS_REPLY
 from shmarena.shm.segments import SEGMENT_SHIFT, Segmented
 
 CACHED = "(cached)"  # holder of a block sitting in a client's cache

@@ -84,20 +84,13 @@ from shmarena.errors import (
     lifetime_error,
     lifetime_message,
 )
-from shmarena.protocol import (
-    ASSIGN,
-    DRAIN,
-    FREE_EVENT,
-    GEN_SHIFT,
+from shmarena.limits import (
     MAX_DETACHED_OWNERS,
     MAX_FILLS,
     MAX_OWNERS_PER_SESSION,
     MAX_REMEMBERED_FREES,
-    PIN,
-    UNASSIGN,
-    UNPIN,
-    Handle,
 )
+from shmarena.protocol import ASSIGN, DRAIN, FREE_EVENT, GEN_SHIFT, PIN, UNASSIGN, UNPIN, Handle
 from shmarena.shm import gens as words
 from shmarena.shm.segments import OFFSET_MASK, SEGMENT_SHIFT, Segmented
 from shmarena.shm.space import Space

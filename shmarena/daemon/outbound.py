@@ -19,7 +19,8 @@ import zmq
 
 from shmarena.daemon.clock import Clock
 from shmarena.daemon.logs import EventLog
-from shmarena.protocol import LATE_ERR, MAX_BUFFERED_REPLIES, MAX_QUEUED_REPLY_BYTES
+from shmarena.limits import MAX_BUFFERED_REPLIES, MAX_QUEUED_REPLY_BYTES
+from shmarena.protocol import LATE_ERR
 
 # Plain ints for the per-reply sends (zmq's flags are enums: `|` on them runs
 # Python code).

@@ -38,7 +38,7 @@ from shmarena.config import format_size
 from shmarena.daemon.records import Block
 from shmarena.daemon.waiters import WaitKey, WaitRoom
 from shmarena.errors import InvalidRequest, LimitReached, QueueFull, ShmArenaError
-from shmarena.protocol import (
+from shmarena.limits import (
     HANDLE_COST_BYTES,
     MAX_PAYLOAD_BYTES,
     MAX_PREFETCH,
@@ -50,10 +50,8 @@ from shmarena.protocol import (
     MAX_QUEUES_PER_SESSION,
     MAX_TAKEN_AHEAD,
     MESSAGE_COST_BYTES,
-    Handle,
-    Op,
-    parse_handle,
 )
+from shmarena.protocol import Handle, Op, parse_handle
 
 if TYPE_CHECKING:
     from shmarena.daemon.ledger import Ledger

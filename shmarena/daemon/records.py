@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from shmarena.daemon.lifecycle import SessionState
 from shmarena.errors import InvalidRequest
-from shmarena.protocol import MAX_OWNER_NAME, MAX_SIZE_BYTES
+from shmarena.limits import MAX_OWNER_NAME, MAX_SIZE_BYTES
 
 # An owner's scope: recycled with its session, or kept until recycled.
 SESSION = "session"

@@ -48,7 +48,7 @@ from shmarena.daemon.startup import announce, arena_info, log_stop, take_lock
 from shmarena.daemon.store import Store, new_epoch
 from shmarena.daemon.table import State
 from shmarena.errors import DaemonStartError, ShmArenaError
-from shmarena.protocol import (
+from shmarena.limits import (
     MAX_BUFFERED_REPLIES,
     MAX_FRAME_BYTES,
     MAX_FRAMES,

@@ -61,10 +61,9 @@ from shmarena.daemon.logs import LogEvent
 from shmarena.daemon.model import ALLOCATORS, OP_NAMES, ArenaInfo, Counters
 from shmarena.daemon.table import Link
 from shmarena.errors import AccessDenied, InternalError, LimitReached, OutOfMemory, ShmArenaError
+from shmarena.limits import MAX_KEPT_PER_SESSION, MAX_LISTING_ROWS
 from shmarena.protocol import (
     LATE_ERR,
-    MAX_KEPT_PER_SESSION,
-    MAX_LISTING_ROWS,
     MUTATING_OPS,
     OK,
     ONE_WAY_OPS,

@@ -23,13 +23,7 @@ from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 import shmarena
-from shmarena.protocol import (
-    ASSIGN,
-    DRAIN,
-    ERR,
-    FREE_EVENT,
-    GEN_SHIFT,
-    LATE_ERR,
+from shmarena.limits import (
     MAX_BATCH,
     MAX_EVENTS,
     MAX_FILLS,
@@ -39,6 +33,14 @@ from shmarena.protocol import (
     MAX_PID,
     MAX_SIZE_BYTES,
     MAX_WAIT_S,
+)
+from shmarena.protocol import (
+    ASSIGN,
+    DRAIN,
+    ERR,
+    FREE_EVENT,
+    GEN_SHIFT,
+    LATE_ERR,
     OK,
     ONE_WAY_OPS,
     PROTOCOL_VERSION,

@@ -14,7 +14,8 @@ import pytest
 import zmq
 
 from shmarena.daemon.liveness import process_start_ticks
-from shmarena.protocol import ERR, FREE_ID_BIT, MAX_FRAMES, OK, PROTOCOL_VERSION, Op
+from shmarena.limits import MAX_FRAMES
+from shmarena.protocol import ERR, FREE_ID_BIT, OK, PROTOCOL_VERSION, Op
 from tests.conftest import Daemon
 
 BURST = 300  # well over the messages handled per wake-up and the reply pipe's 16

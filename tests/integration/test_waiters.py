@@ -14,7 +14,8 @@ import pytest
 import zmq
 
 import shmarena
-from shmarena.protocol import MAX_KEPT_PER_SESSION, PROTOCOL_VERSION, Op
+from shmarena.limits import MAX_KEPT_PER_SESSION
+from shmarena.protocol import PROTOCOL_VERSION, Op
 from tests.conftest import Daemon, wait_for
 
 MiB = 1 << 20

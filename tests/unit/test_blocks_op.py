@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from shmarena.daemon.layout import CACHED, RETAINED
-from shmarena.protocol import GEN_SHIFT, MAX_BLOCKS_REPLY, MUTATING_OPS, Op
+from shmarena.limits import MAX_BLOCKS_REPLY
+from shmarena.protocol import GEN_SHIFT, MUTATING_OPS, Op
 from tests.unit.test_service import MIN, Peer, make_service
 
 

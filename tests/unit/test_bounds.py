@@ -8,9 +8,7 @@ import os
 import msgpack
 
 from shmarena.daemon import table
-from shmarena.protocol import (
-    ASSIGN,
-    ERR,
+from shmarena.limits import (
     HANDLE_COST_BYTES,
     MAX_DETACHED_OWNERS,
     MAX_KEPT_PER_SESSION,
@@ -25,8 +23,8 @@ from shmarena.protocol import (
     MAX_REMEMBERED_FREES,
     MAX_TAKEN_AHEAD,
     MESSAGE_COST_BYTES,
-    Op,
 )
+from shmarena.protocol import ASSIGN, ERR, Op
 from tests.unit.test_cache_ledger import filled, gen, post
 from tests.unit.test_service import MIN, Peer, make_service
 

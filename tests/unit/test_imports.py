@@ -182,6 +182,7 @@ FORBIDDEN_EDGES = {
     "shmarena.protocol": (*_USER_SIDE, "shmarena.daemon", "shmarena.shm", "shmarena.cli"),
     "shmarena.errors": ("shmarena",),
     "shmarena.config": ("shmarena",),
+    "shmarena.limits": ("shmarena",),
     "shmarena._version": ("shmarena",),
     **{side: ("shmarena.daemon", "shmarena.cli", "shmarena.testing") for side in _USER_SIDE},
 }

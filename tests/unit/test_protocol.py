@@ -6,7 +6,8 @@ import msgpack
 import pytest
 
 from shmarena.errors import InvalidRequest, ProtocolError
-from shmarena.protocol import MAX_BATCH, Handle, Op, decode, encode, parse_request
+from shmarena.limits import MAX_BATCH
+from shmarena.protocol import Handle, Op, decode, encode, parse_request
 
 
 def test_alloc_request_parses_with_defaults() -> None:

@@ -17,6 +17,7 @@ PURE_MODULES = [
     "shmarena",
     "shmarena._version",
     "shmarena.protocol",
+    "shmarena.limits",
     "shmarena.errors",
     "shmarena.config",
     "shmarena.shm.buddy",

@@ -10,7 +10,8 @@ import time
 
 from shmarena.daemon.exchange import Exchange, Waiter
 from shmarena.daemon.service import ArenaInfo, Service
-from shmarena.protocol import ERR, MAX_KEPT_PER_SESSION, OK, SEQUENCED_OPS, Op, decode
+from shmarena.limits import MAX_KEPT_PER_SESSION
+from shmarena.protocol import ERR, OK, SEQUENCED_OPS, Op, decode
 from tests.unit.test_exchange import outbox, send
 from tests.unit.test_service import EPOCH, MIN, Peer, make_service
 

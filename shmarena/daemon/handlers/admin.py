@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 from shmarena.daemon.handlers.base import Call, Result
 from shmarena.daemon.layout import layout
 from shmarena.daemon.ledger import QUEUED
-from shmarena.protocol import MAX_KEPT_PER_SESSION, PROTOCOL_VERSION
+from shmarena.limits import MAX_KEPT_PER_SESSION
+from shmarena.protocol import PROTOCOL_VERSION
 from shmarena.shm.segments import Segmented
 
 if TYPE_CHECKING:

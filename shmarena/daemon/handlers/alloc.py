@@ -20,7 +20,8 @@ from shmarena.daemon import pressure
 from shmarena.daemon.handlers.base import Call, Result
 from shmarena.daemon.ledger import Block, check_size
 from shmarena.errors import AccessDenied, OutOfMemory, QuotaExceeded, ShmArenaError, StaleHandle
-from shmarena.protocol import MAX_KEPT_PER_SESSION, Handle, Op, Request
+from shmarena.limits import MAX_KEPT_PER_SESSION
+from shmarena.protocol import Handle, Op, Request
 from shmarena.shm.segments import SEGMENT_SHIFT
 
 if TYPE_CHECKING:

@@ -20,7 +20,8 @@ from shmarena.daemon.handlers.base import Call, Result
 from shmarena.daemon.ledger import Freed
 from shmarena.daemon.pressure import Pushes, after_request, listen
 from shmarena.errors import AccessDenied, InvalidRequest, ProtocolError, ShmArenaError
-from shmarena.protocol import MAX_PID, MAX_SESSIONS, PROTOCOL_VERSION, Op, Request
+from shmarena.limits import MAX_PID, MAX_SESSIONS
+from shmarena.protocol import PROTOCOL_VERSION, Op, Request
 
 __all__ = ["Pushes", "after_request", "bye", "hello", "hello_reply", "joined", "log_end"]
 
