@@ -208,7 +208,7 @@ from shmarena.limits import (
     MAX_WAIT_S,
 )
 
-PROTOCOL_VERSION = 7  # 7: clients keep the generation table (see above)
+PROTOCOL_VERSION = 8  # 8: LISTEN and pushes, the queue ops 39..43; 7: generation tables
 
 GEN_SHIFT = 40
 

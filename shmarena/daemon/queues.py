@@ -11,7 +11,7 @@ A get on an empty queue or a put on a full one is kept as a waiter
 (daemon/waiters.py); each put and get here asks the exchange to meet the
 waiters it may have made ready (`meet`).
 
-Traffic without a round trip per message (shmarena.Queue from protocol 7 on):
+Traffic without a round trip per message (shmarena.Queue from protocol 8 on):
 a producer reserves slots (`reserve`, QRESERVE) and then sends its puts
 one-way and batched (`put_many`, QPUTS) while its credit lasts, so `maxsize`
 still bounds the queue: reserved slots count against it, as do messages taken
