@@ -112,8 +112,9 @@ class Listener:
         reason = (
             f"daemon {self.name!r} (pid {os.getpid()}) is not accepting new "
             f"clients: {self.fd_limit - free} of its {self.fd_limit} file descriptors are "
-            "in use (two per client); it accepts again when clients leave. Raise its limit "
-            "(`ulimit -n` / LimitNOFILE=) to serve more clients at once"
+            "in use (two or three per client: a pidfd, the connection, and a second connection "
+            "for pushes from a client with a cache); it accepts again when clients leave. "
+            "Raise its limit (`ulimit -n` / LimitNOFILE=) to serve more clients at once"
         )
         write_note(self.refusing_path, reason + "\n")
         # Out of reach by path, so clients read why instead of timing out;
