@@ -554,7 +554,15 @@ def request_strategy(epoch: int, spared_sessions: set[int]) -> st.SearchStrategy
             st.floats(),
         ),
         "a handle": handle,
+        # QPUTS messages: flat [payload, [handle, ...], ...], well formed or not
+        "a list": st.one_of(
+            st.lists(values, max_size=4),
+            st.lists(st.one_of(st.binary(max_size=16), st.lists(handle, max_size=1)), max_size=6),
+        ),
     }
+    # Every argument kind of every op has a strategy (a new kind needs one here).
+    kinds = {kind for schema in SCHEMAS.values() for _, kind, _ in schema}
+    assert kinds <= right.keys(), f"no strategy for argument kinds {kinds - right.keys()}"
     request_ids = st.one_of(
         st.integers(-(2**63), 2**64 - 1), st.sampled_from(EDGE_INTS), values
     ).filter(lambda rid: rid != MARKER)
