@@ -105,10 +105,13 @@ def pack(
     client: Client,
     threshold: int = DEFAULT_THRESHOLD,
     alloc: Any = None,
+    named: list[Buffer] | None = None,
 ) -> Packed:
     """Pickle `obj` with its buffers of `threshold` bytes or more in the arena.
     `alloc(sizes) -> list[Buffer]` makes the blocks (default: this session's,
-    in one round trip); on any failure the blocks made so far are freed."""
+    in one round trip); on any failure the blocks made so far are freed.
+    `named`, if given, gets the Buffers of the blocks named in place (found
+    in the arena already, not copied): a Queue asks whose they are."""
     if threshold < 1:
         raise ValueError(f"threshold must be at least 1 byte, got {threshold}")
     # The common small message first, with the plain pickler: a pickle shorter
@@ -131,6 +134,8 @@ def pack(
             return True
         found = registry.find(registry.address_of(raw), raw.nbytes, registry.LIVE_STATES)
         outside.append((raw, found))
+        if found is not None and named is not None:
+            named.append(found[0])
         return False  # out of band: placed below, in this order
 
     stream = io.BytesIO()
