@@ -165,6 +165,10 @@ class Queue:
     def _check_open(self) -> Client:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
+        client = self._client
+        # Per put and get: what _open finds in an opened queue, in one test.
+        if self._opened and client is not None and not client._closed and self._pid == os.getpid():
+            return client
         return self._open()
 
     # -- the queue's methods -------------------------------------------------
@@ -184,9 +188,13 @@ class Queue:
         named: list[Buffer] = []
         packed = pack(obj, data, self._threshold, named=named)
         try:
-            handles = [list(h) for h in packed.handles]
+            handles = [list(h) for h in packed.handles] if packed.handles else []
             want = self._credit_wanted()
-            if want == 1 or len(packed.payload) >= WAITED_PAYLOAD_BYTES or _elsewhere(named, data):
+            if (
+                want == 1
+                or len(packed.payload) >= WAITED_PAYLOAD_BYTES
+                or (named and _elsewhere(named, data))
+            ):
                 # A small bounded queue (each put takes its slot itself), a
                 # large pickle (a bound on queued bytes) or a message naming
                 # blocks another client holds (its free could overtake the
@@ -252,7 +260,7 @@ class Queue:
         if message is None:
             message = self._take(data, stream, block, timeout)
         payload, handles = message
-        buffers = [data._buffer(list(h), "retained") for h in handles]
+        buffers = [data._buffer(list(h), "retained") for h in handles] if handles else []
         try:
             return unpack(payload, buffers)
         except BaseException:
