@@ -177,9 +177,9 @@ def _spied(client: shmarena.Client) -> list[Op]:
     return asked
 
 
-@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize(("cache", "size"), [(True, 64 << 10), (True, 1 << 20), (False, 1 << 20)])
 def test_a_put_naming_its_own_blocks_goes_one_way_and_outlives_their_free(
-    daemon: Daemon, cache: bool
+    daemon: Daemon, cache: bool, size: int
 ) -> None:
     # The put leaves before the free on the same socket, so the queue's
     # reference is taken first: the block is not reused while queued.
@@ -188,7 +188,7 @@ def test_a_put_naming_its_own_blocks_goes_one_way_and_outlives_their_free(
     q = shmarena.Queue(client=client)
     asked = _spied(client)
     for i in range(12):
-        buf = client.alloc(1 << 20)
+        buf = client.alloc(size)
         array = buf.ndarray(dtype=np.uint8)
         array[:] = i
         q.put((i, array))
