@@ -105,10 +105,13 @@ def pack(
     client: Client,
     threshold: int = DEFAULT_THRESHOLD,
     alloc: Any = None,
+    named: list[Buffer] | None = None,
 ) -> Packed:
     """Pickle `obj` with its buffers of `threshold` bytes or more in the arena.
     `alloc(sizes) -> list[Buffer]` makes the blocks (default: this session's,
-    in one round trip); on any failure the blocks made so far are freed."""
+    in one round trip); on any failure the blocks made so far are freed.
+    `named`, if given, gets the Buffers of the blocks named in place (found
+    in the arena already, not copied): a Queue asks whose they are."""
     if threshold < 1:
         raise ValueError(f"threshold must be at least 1 byte, got {threshold}")
     # The common small message first, with the plain pickler: a pickle shorter
@@ -117,7 +120,7 @@ def pack(
     seen: list[pickle.PickleBuffer] = []
     quick = pickle.dumps(obj, protocol=5, buffer_callback=seen.append)
     if not seen and len(quick) < threshold and len(quick) <= _INLINE_STREAM:
-        return Packed(msgpack.packb([_FORMAT, quick, None, []], use_bin_type=True), [], [])
+        return Packed(_in_band_payload(quick), [], [])
     del seen, quick
     outside: list[tuple[memoryview, tuple[Buffer, int] | None]] = []
 
@@ -131,6 +134,8 @@ def pack(
             return True
         found = registry.find(registry.address_of(raw), raw.nbytes, registry.LIVE_STATES)
         outside.append((raw, found))
+        if found is not None and named is not None:
+            named.append(found[0])
         return False  # out of band: placed below, in this order
 
     stream = io.BytesIO()
@@ -199,7 +204,10 @@ def unpack(payload: bytes, buffers: list[Buffer]) -> Any:
     same order), each retained for this process: every buffer of the result
     views its block, and each Buffer is released when the last view of it is
     gone. A Buffer no view needs is released at once."""
-    if not buffers:  # the common small message: all in band, one decode
+    if not buffers:  # the common small message: all in band
+        stream = _in_band_stream(payload)
+        if stream is not None:
+            return pickle.loads(stream)
         plain = _unpacked(payload, _in_band)
         if plain is not None:
             return pickle.loads(plain[1])
@@ -231,6 +239,41 @@ def unpack(payload: bytes, buffers: list[Buffer]) -> Any:
         for i, buf in enumerate(buffers):  # named by the message but viewed by nothing
             if i not in viewed and buf._state == "retained":
                 buf.release()
+
+
+# A payload of `pack` that names no block is msgpack's [_FORMAT, stream, nil,
+# []]: the fixarray and _FORMAT (a fixint) before the stream's bin header, nil
+# and an empty fixarray after it. Small messages are framed and unframed here
+# by hand, byte for byte what msgpack makes (a test checks), without building
+# and walking the list.
+_IN_BAND_HEAD = bytes((0x94, _FORMAT))
+_IN_BAND_TAIL = b"\xc0\x90"
+_BIN_HEADS = ((0xC4, 1), (0xC5, 2), (0xC6, 4))  # bin 8, 16, 32: length bytes
+
+
+def _in_band_payload(stream: bytes) -> bytes:
+    """msgpack.packb([_FORMAT, stream, None, []], use_bin_type=True)."""
+    size = len(stream)
+    for kind, width in _BIN_HEADS:
+        if size < 1 << (8 * width):
+            head = _IN_BAND_HEAD + bytes((kind,)) + size.to_bytes(width, "big")
+            return b"".join((head, stream, _IN_BAND_TAIL))
+    raise ValueError(f"a pickle of {size} bytes is too long for msgpack's bin type")
+
+
+def _in_band_stream(payload: bytes) -> memoryview | None:
+    """The stream of a payload `_in_band_payload` made, or None for any other
+    bytes (a payload naming blocks, or anything malformed)."""
+    if payload[:2] != _IN_BAND_HEAD or payload[-2:] != _IN_BAND_TAIL or len(payload) < 5:
+        return None
+    for kind, width in _BIN_HEADS:
+        if payload[2] == kind:
+            start = 3 + width
+            size = int.from_bytes(payload[3:start], "big")
+            if start + size + 2 != len(payload):
+                return None
+            return memoryview(payload)[start : start + size]
+    return None
 
 
 def _unpacked(data: bytes | bytearray | memoryview, valid: Callable[[Any], bool]) -> Any:

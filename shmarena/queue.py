@@ -20,9 +20,12 @@ daemon answers a kept request the moment it can be met; nothing here polls.
 Most puts do not wait for the daemon: they go one-way and batched, into room
 reserved beforehand, and a get that keeps finding messages waiting takes the
 next ones ahead in the same round trip (shmarena/queue_stream.py; the rules
-on the daemon's side are in daemon/queues.py). A put naming blocks already in
-the arena, or with a large pickle, a put on a small bounded queue, and every
-get that finds nothing taken ahead still wait for the daemon.
+on the daemon's side are in daemon/queues.py); so do puts naming blocks
+already in the arena that this process holds through the queue's client
+(their free goes out on the same socket after the put, so the daemon takes
+the queue's reference first). A put naming blocks held through another
+client, or with a large pickle, a put on a small bounded queue, and every get
+that finds nothing taken ahead still wait for the daemon.
 
 The queue lives while any process that opened it lives: the creator opens it,
 an unpickled copy (spawn, Pool or executor initargs) opens it at once, a
@@ -38,6 +41,7 @@ import uuid
 from typing import Any
 
 from shmarena.client import names
+from shmarena.client.buffer import Buffer
 from shmarena.client.client import Client
 from shmarena.client.default import default_client
 from shmarena.errors import QueueFull, ShmArenaError
@@ -54,6 +58,14 @@ TAKE_AHEAD_BYTES = 256 << 10
 # A put whose pickle carries this many bytes in band, or that names blocks it
 # did not copy its data into, waits for the daemon (QPUT); others go one-way.
 WAITED_PAYLOAD_BYTES = 32 << 10
+
+
+def _elsewhere(named: list[Buffer], data: Client) -> bool:
+    """Whether a block named in place is held through a client other than
+    `data`. A block held through `data` may be named one-way: its free or
+    release goes out on the same socket after the put, and the daemon takes
+    the queue's reference on it in that order."""
+    return any(buf._client is not data for buf in named)
 
 
 class Queue:
@@ -153,6 +165,10 @@ class Queue:
     def _check_open(self) -> Client:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
+        client = self._client
+        # Per put and get: what _open finds in an opened queue, in one test.
+        if self._opened and client is not None and not client._closed and self._pid == os.getpid():
+            return client
         return self._open()
 
     # -- the queue's methods -------------------------------------------------
@@ -164,20 +180,26 @@ class Queue:
         A message goes to the daemon without waiting for it, batched with the
         puts right after it (queue_stream.py), into room reserved beforehand:
         a refusal is raised by the next call on a queue. One that names blocks
-        already in the arena, or carries a large pickle, waits for the daemon."""
+        held through another client, or carries a large pickle, waits for the
+        daemon."""
         data = self._check_open()
         stream = self._stream_of(data)
         stream.check()
-        packed = pack(obj, data, self._threshold)
+        named: list[Buffer] = []
+        packed = pack(obj, data, self._threshold, named=named)
         try:
-            handles = [list(h) for h in packed.handles]
+            handles = [list(h) for h in packed.handles] if packed.handles else []
             want = self._credit_wanted()
-            named = len(handles) > len(packed.made)  # blocks it did not make itself
-            if want == 1 or named or len(packed.payload) >= WAITED_PAYLOAD_BYTES:
+            if (
+                want == 1
+                or len(packed.payload) >= WAITED_PAYLOAD_BYTES
+                or (named and _elsewhere(named, data))
+            ):
                 # A small bounded queue (each put takes its slot itself), a
-                # message naming blocks of the arena (one may have been freed
-                # meanwhile) or a large pickle (a bound on queued bytes): it
-                # waits for the daemon, so a refusal is raised right here.
+                # large pickle (a bound on queued bytes) or a message naming
+                # blocks another client holds (its free could overtake the
+                # put on another socket): it waits for the daemon, so a
+                # refusal is raised right here.
                 stream.flush()
                 self._put_waiting(data, packed.payload, handles, block, timeout)
                 free_all(packed.made)
@@ -238,7 +260,7 @@ class Queue:
         if message is None:
             message = self._take(data, stream, block, timeout)
         payload, handles = message
-        buffers = [data._buffer(list(h), "retained") for h in handles]
+        buffers = [data._buffer(list(h), "retained") for h in handles] if handles else []
         try:
             return unpack(payload, buffers)
         except BaseException:

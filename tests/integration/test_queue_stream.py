@@ -152,3 +152,70 @@ def test_the_daemon_refuses_malformed_one_way_queue_requests(daemon: Daemon) -> 
     assert q.qsize() == 0
     assert client.check() == []
     q.close()
+
+
+# Gets `count` (i, array) messages and prints whether each array holds only i.
+CHECKER = """
+import sys, shmarena
+q = shmarena.Queue(name=sys.argv[1])
+for _ in range(int(sys.argv[2])):
+    i, array = q.get(timeout=30)
+    print(i, bool((array == i).all()), flush=True)
+"""
+
+
+def _spied(client: shmarena.Client) -> list[Op]:
+    """The ops `client` will ask the daemon and wait for, from now on."""
+    asked: list[Op] = []
+    request = client._request
+
+    def spy(op: Op, *args: object, **kwargs: object) -> list[object]:
+        asked.append(op)
+        return request(op, *args, **kwargs)  # type: ignore[arg-type]
+
+    client._request = spy  # type: ignore[method-assign]
+    return asked
+
+
+@pytest.mark.parametrize(("cache", "size"), [(True, 64 << 10), (True, 1 << 20), (False, 1 << 20)])
+def test_a_put_naming_its_own_blocks_goes_one_way_and_outlives_their_free(
+    daemon: Daemon, cache: bool, size: int
+) -> None:
+    # The put leaves before the free on the same socket, so the queue's
+    # reference is taken first: the block is not reused while queued.
+    np = pytest.importorskip("numpy")
+    client = daemon.client(cache=cache)
+    q = shmarena.Queue(client=client)
+    asked = _spied(client)
+    for i in range(12):
+        buf = client.alloc(size)
+        array = buf.ndarray(dtype=np.uint8)
+        array[:] = i
+        q.put((i, array))
+        del array
+        buf.free()  # at once: the blocks of the next puts may reuse its room
+    assert Op.QPUT not in asked  # named in place, sent one-way
+    checker = daemon.python(CHECKER, q.name, "12", stdout=subprocess.PIPE)
+    out, _ = checker.communicate(timeout=60)
+    assert checker.returncode == 0
+    assert out.split("\n")[:12] == [f"{i} True" for i in range(12)]
+    assert client.check() == []
+    q.close()
+
+
+def test_a_put_naming_blocks_of_another_client_waits_for_the_daemon(daemon: Daemon) -> None:
+    # Their free could leave on the other client's socket before the put.
+    np = pytest.importorskip("numpy")
+    client, other = daemon.client(), daemon.client()
+    q = shmarena.Queue(client=client)
+    asked = _spied(client)
+    buf = other.alloc(1 << 20)
+    array = buf.ndarray(dtype=np.uint8)
+    array[:] = 3
+    q.put((3, array))
+    assert Op.QPUT in asked
+    del array
+    buf.free()
+    i, got = q.get(timeout=10)
+    assert i == 3 and bool((got == 3).all())
+    q.close()

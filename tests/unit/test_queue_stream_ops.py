@@ -74,3 +74,24 @@ def test_malformed_or_unbounded_queue_requests_are_refused_naming_the_bound() ->
         assert late[0] == LATE_ERR and late[2] == "invalid_request" and words in late[3]
     assert a.ok(Op.QSTAT, "q") == [[0, 0]]
     assert service.check() == []
+
+
+def test_a_batch_of_in_band_puts_uses_credit_then_free_room_and_is_refused_whole_only_past_it() -> (
+    None
+):
+    service = make_service()
+    a = Peer(service, b"a")
+    a.ok(Op.QOPEN, "q", 6)
+    assert a.ok(Op.QRESERVE, "q", 2, 0.0) == [2, 0]
+    # two in reserved slots, two in free room: all queued at once
+    assert send(a, Op.QPUTS, "q", [x for i in range(4) for x in (bytes([i]), [])]) == b""
+    assert a.ok(Op.QSTAT, "q") == [[4, 6]]
+    assert service.check() == []  # the queued bytes and the reservations add up
+    late = decode(send(a, Op.QPUTS, "q", [x for i in range(3) for x in (bytes([i]), [])]))
+    assert late[0] == LATE_ERR and late[2] == "queue_full"
+    assert "the first 2 were queued" in late[3]  # message by message past the room
+    flat, _ = a.ok(Op.QTAKE, "q", 7, 1 << 20, 0.0)
+    assert flat[0::2] == [b"\x00", b"\x01", b"\x02", b"\x03", b"\x00", b"\x01"]
+    assert send(a, Op.QACK, "q", 5) == b""
+    assert a.ok(Op.QSTAT, "q") == [[0, 6]]
+    assert service.check() == []
