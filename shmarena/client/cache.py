@@ -68,6 +68,11 @@ BATCH_BYTES = 2 << 20  # what one refill of a class aims to carve
 MAX_BATCH_BLOCKS = 64
 MAX_CACHED_BYTES = 64 << 20  # free bytes one process's cache holds at most (or 1/16 arena)
 FLUSH_DELAY_S = 0.005  # bookkeeping reaches the daemon this long after it happened, at most
+# A free through the daemon of a block this large is sent at once, in the
+# freeing thread: its notice is back before the next frame of a pipeline is
+# allocated (no FILL for a fresh block), and one send is cheap next to the
+# block's bytes. Smaller ones wait for the flusher (one message per burst).
+INLINE_FREE_BYTES = 4 << 20
 POST_CHUNK = 16384  # integers per POST message (well under MAX_EVENTS and the frame limit)
 
 
@@ -354,12 +359,14 @@ class Cache:
         )
 
     def free_through_daemon(
-        self, address: int, gen: int, size: int, freed: bool | None = None
+        self, address: int, gen: int, size: int, freed: bool | None = None, now: bool = False
     ) -> int:
         """Free a block handed out here whose handle may be in another process
         (which may retain it): the daemon frees it and, once nobody holds it,
         gives it back with a notice. Its class bytes; StaleHandle if it is not
-        out under that generation (freed or recycled already)."""
+        out under that generation (freed or recycled already). With `now`, the
+        caller sends the event at once (Client._send_now): the flusher is not
+        woken for it."""
         with self.lock:
             entry = self.out.get(address)
             if entry is None or entry[0] != gen or entry[1] != size:
@@ -370,9 +377,16 @@ class Cache:
             self._write_word(address, gen, FREED)  # attach refuses it from now on
             segment, local = address >> SEGMENT_SHIFT, address & (SEGMENT_SPAN - 1)
             self.pending += (FREE_EVENT, self.epoch, segment, local, size, gen)
-            if not self.dirty:
+            if not self.dirty and not now:
                 self._queued()
         return entry[3]
+
+    def unsent(self) -> None:
+        """A send at once (free_through_daemon's `now`) failed: the flusher
+        takes what is queued."""
+        with self.lock:
+            if self.pending and not self.dirty:
+                self._queued()
 
     def _queued(self) -> None:
         """The first event since the last flush: the flusher must know."""
