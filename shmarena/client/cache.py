@@ -73,6 +73,11 @@ FLUSH_DELAY_S = 0.005  # bookkeeping reaches the daemon this long after it happe
 # allocated (no FILL for a fresh block), and one send is cheap next to the
 # block's bytes. Smaller ones wait for the flusher (one message per burst).
 INLINE_FREE_BYTES = 4 << 20
+# After its free blocks were asked back (an allocation did not fit, or the
+# daemon's watermark), a cache keeps little for this long: frees go back to
+# the arena at once, where best fit reuses them, instead of sitting here as
+# holes while the arena fills up around them.
+SQUEEZE_S = 2.0
 POST_CHUNK = 16384  # integers per POST message (well under MAX_EVENTS and the frame limit)
 
 
@@ -158,6 +163,10 @@ class Cache:
         # (client/large.py); `large_max` 0: none are.
         self.large = LargeBlocks(large_budget(arena_bytes) if enabled else 0)
         self.large_max = self.large.budget if self.large.budget > self.max_bytes else 0
+        # What the cache keeps normally, and while squeezed (see `squeeze`).
+        self.limits = (self.cap, self.large.budget)
+        self.tight = (min(self.cap, 2 * self.batch_bytes), min(self.large.budget, self.max_bytes))
+        self.squeezed_until: float | None = None
         # Seconds, for the decay (time.monotonic; this module does no I/O).
         # Without one (a unit test) every kept block counts as just freed.
         self.clock = clock if clock is not None else _never
@@ -509,6 +518,18 @@ class Cache:
             self.free_bytes += cls * len(addresses)
             if self.free_bytes > self.cap:
                 self._drain_cold(cls)
+            until = self.squeezed_until
+            if until is not None and self.clock() >= until:  # the pressure is old
+                self.squeezed_until = None
+                self.cap, self.large.budget = self.limits
+
+    def squeeze(self) -> None:
+        """Its blocks were asked back under pressure: for SQUEEZE_S, keep at
+        most two batches of free class blocks and no more free large bytes
+        than the largest class (the first refill after that restores the
+        limits). Under the cache's lock."""
+        self.cap, self.large.budget = self.tight
+        self.squeezed_until = self.clock() + SQUEEZE_S
 
     def notice(self, flat: list[int]) -> None:
         """Blocks the daemon put back into this cache (freed or recycled
@@ -551,7 +572,8 @@ class Cache:
 
     def drain_all(self) -> int:
         """Queue every free cached block, large ones too, for return to the
-        arena; bytes queued. Safe from any thread at any time."""
+        arena, and keep little for a while (`squeeze`: this is asked under
+        pressure); bytes queued. Safe from any thread at any time."""
         with self.lock:
             total = 0
             for cls, free in self.lists.items():
@@ -563,6 +585,7 @@ class Cache:
             for address, carved in self.large.clear():
                 self.pending += (DRAIN, address)
                 total += carved
+            self.squeeze()
             if total and not self.dirty:
                 self._queued()
             return total
