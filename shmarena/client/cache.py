@@ -163,10 +163,10 @@ class Cache:
         # (client/large.py); `large_max` 0: none are.
         self.large = LargeBlocks(large_budget(arena_bytes) if enabled else 0)
         self.large_max = self.large.budget if self.large.budget > self.max_bytes else 0
-        # What the cache keeps normally, and while squeezed (see `squeeze`).
-        self.limits = (self.cap, self.large.budget)
-        self.tight = (min(self.cap, 2 * self.batch_bytes), min(self.large.budget, self.max_bytes))
-        self.squeezed_until: float | None = None
+        # While squeezed (see `squeeze`): the normal cap and large budget, and
+        # until when. One attribute: past 30 an instance's attributes are no
+        # longer shared keys and every attribute read of the hot path slows.
+        self.squeezed: tuple[int, int, float] | None = None
         # Seconds, for the decay (time.monotonic; this module does no I/O).
         # Without one (a unit test) every kept block counts as just freed.
         self.clock = clock if clock is not None else _never
@@ -518,18 +518,22 @@ class Cache:
             self.free_bytes += cls * len(addresses)
             if self.free_bytes > self.cap:
                 self._drain_cold(cls)
-            until = self.squeezed_until
-            if until is not None and self.clock() >= until:  # the pressure is old
-                self.squeezed_until = None
-                self.cap, self.large.budget = self.limits
+            squeezed = self.squeezed
+            if squeezed is not None and self.clock() >= squeezed[2]:  # the pressure is old
+                self.cap, self.large.budget, _ = squeezed
+                self.squeezed = None
 
     def squeeze(self) -> None:
         """Its blocks were asked back under pressure: for SQUEEZE_S, keep at
         most two batches of free class blocks and no more free large bytes
         than the largest class (the first refill after that restores the
         limits). Under the cache's lock."""
-        self.cap, self.large.budget = self.tight
-        self.squeezed_until = self.clock() + SQUEEZE_S
+        cap, budget = self.cap, self.large.budget
+        if self.squeezed is not None:  # squeezed already: the normal limits are saved
+            cap, budget, _ = self.squeezed
+        self.squeezed = (cap, budget, self.clock() + SQUEEZE_S)
+        self.cap = min(cap, 2 * self.batch_bytes)
+        self.large.budget = min(budget, self.max_bytes)
 
     def notice(self, flat: list[int]) -> None:
         """Blocks the daemon put back into this cache (freed or recycled

@@ -22,8 +22,9 @@ def test_after_an_allocation_that_did_not_fit_the_cache_keeps_little(
     client = daemon.client()
     cache = client._cache
     assert cache is not None
-    normal, tight = cache.limits, cache.tight
-    assert cache.cap == normal[0] > tight[0] and cache.squeezed_until is None
+    normal = (cache.cap, cache.large.budget)
+    tight = (2 * cache.batch_bytes, cache.max_bytes)
+    assert normal[0] > tight[0] and normal[1] > tight[1] and cache.squeezed is None
     bufs = []
     with pytest.raises(shmarena.OutOfMemory):
         while True:
@@ -36,8 +37,9 @@ def test_after_an_allocation_that_did_not_fit_the_cache_keeps_little(
     assert stats["requested_bytes"] == 0
     assert stats["used_bytes"] == 0 and stats["cached_bytes"] == cache.free_bytes
     # The squeeze is over: the first refill restores the limits.
-    cache.squeezed_until = cache.clock() - 1.0
+    assert cache.squeezed is not None
+    cache.squeezed = (*cache.squeezed[:2], cache.clock() - 1.0)
     client.alloc(8 * KIB).free()
-    assert (cache.cap, cache.large.budget) == normal and cache.squeezed_until is None
+    assert (cache.cap, cache.large.budget) == normal and cache.squeezed is None
     client.sync()
     assert client.check() == []
