@@ -68,6 +68,16 @@ BATCH_BYTES = 2 << 20  # what one refill of a class aims to carve
 MAX_BATCH_BLOCKS = 64
 MAX_CACHED_BYTES = 64 << 20  # free bytes one process's cache holds at most (or 1/16 arena)
 FLUSH_DELAY_S = 0.005  # bookkeeping reaches the daemon this long after it happened, at most
+# A free through the daemon of a block this large is sent at once, in the
+# freeing thread: its notice is back before the next frame of a pipeline is
+# allocated (no FILL for a fresh block), and one send is cheap next to the
+# block's bytes. Smaller ones wait for the flusher (one message per burst).
+INLINE_FREE_BYTES = 4 << 20
+# After its free blocks were asked back (an allocation did not fit, or the
+# daemon's watermark), a cache keeps little for this long: frees go back to
+# the arena at once, where best fit reuses them, instead of sitting here as
+# holes while the arena fills up around them.
+SQUEEZE_S = 2.0
 POST_CHUNK = 16384  # integers per POST message (well under MAX_EVENTS and the frame limit)
 
 
@@ -153,6 +163,10 @@ class Cache:
         # (client/large.py); `large_max` 0: none are.
         self.large = LargeBlocks(large_budget(arena_bytes) if enabled else 0)
         self.large_max = self.large.budget if self.large.budget > self.max_bytes else 0
+        # While squeezed (see `squeeze`): the normal cap and large budget, and
+        # until when. One attribute: past 30 an instance's attributes are no
+        # longer shared keys and every attribute read of the hot path slows.
+        self.squeezed: tuple[int, int, float] | None = None
         # Seconds, for the decay (time.monotonic; this module does no I/O).
         # Without one (a unit test) every kept block counts as just freed.
         self.clock = clock if clock is not None else _never
@@ -354,12 +368,14 @@ class Cache:
         )
 
     def free_through_daemon(
-        self, address: int, gen: int, size: int, freed: bool | None = None
+        self, address: int, gen: int, size: int, freed: bool | None = None, now: bool = False
     ) -> int:
         """Free a block handed out here whose handle may be in another process
         (which may retain it): the daemon frees it and, once nobody holds it,
         gives it back with a notice. Its class bytes; StaleHandle if it is not
-        out under that generation (freed or recycled already)."""
+        out under that generation (freed or recycled already). With `now`, the
+        caller sends the event at once (Client._send_now): the flusher is not
+        woken for it."""
         with self.lock:
             entry = self.out.get(address)
             if entry is None or entry[0] != gen or entry[1] != size:
@@ -370,9 +386,16 @@ class Cache:
             self._write_word(address, gen, FREED)  # attach refuses it from now on
             segment, local = address >> SEGMENT_SHIFT, address & (SEGMENT_SPAN - 1)
             self.pending += (FREE_EVENT, self.epoch, segment, local, size, gen)
-            if not self.dirty:
+            if not self.dirty and not now:
                 self._queued()
         return entry[3]
+
+    def unsent(self) -> None:
+        """A send at once (free_through_daemon's `now`) failed: the flusher
+        takes what is queued."""
+        with self.lock:
+            if self.pending and not self.dirty:
+                self._queued()
 
     def _queued(self) -> None:
         """The first event since the last flush: the flusher must know."""
@@ -495,6 +518,22 @@ class Cache:
             self.free_bytes += cls * len(addresses)
             if self.free_bytes > self.cap:
                 self._drain_cold(cls)
+            squeezed = self.squeezed
+            if squeezed is not None and self.clock() >= squeezed[2]:  # the pressure is old
+                self.cap, self.large.budget, _ = squeezed
+                self.squeezed = None
+
+    def squeeze(self) -> None:
+        """Its blocks were asked back under pressure: for SQUEEZE_S, keep at
+        most two batches of free class blocks and no more free large bytes
+        than the largest class (the first refill after that restores the
+        limits). Under the cache's lock."""
+        cap, budget = self.cap, self.large.budget
+        if self.squeezed is not None:  # squeezed already: the normal limits are saved
+            cap, budget, _ = self.squeezed
+        self.squeezed = (cap, budget, self.clock() + SQUEEZE_S)
+        self.cap = min(cap, 2 * self.batch_bytes)
+        self.large.budget = min(budget, self.max_bytes)
 
     def notice(self, flat: list[int]) -> None:
         """Blocks the daemon put back into this cache (freed or recycled
@@ -537,7 +576,8 @@ class Cache:
 
     def drain_all(self) -> int:
         """Queue every free cached block, large ones too, for return to the
-        arena; bytes queued. Safe from any thread at any time."""
+        arena, and keep little for a while (`squeeze`: this is asked under
+        pressure); bytes queued. Safe from any thread at any time."""
         with self.lock:
             total = 0
             for cls, free in self.lists.items():
@@ -549,6 +589,7 @@ class Cache:
             for address, carved in self.large.clear():
                 self.pending += (DRAIN, address)
                 total += carved
+            self.squeeze()
             if total and not self.dirty:
                 self._queued()
             return total

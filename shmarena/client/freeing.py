@@ -17,7 +17,7 @@ from typing import Any
 from shmarena.client import registry
 from shmarena.client.base import ClientBase
 from shmarena.client.buffer import Buffer
-from shmarena.client.cache import Cache
+from shmarena.client.cache import INLINE_FREE_BYTES, Cache
 from shmarena.client.handles import as_handle, other_epoch
 from shmarena.client.lifecycle import DONE, OWNED, move, refusal
 from shmarena.client.owners import Recycled
@@ -121,11 +121,27 @@ class Freeing(ClientBase):
                 self._watch(pin, address, buf._gen)  # type: ignore[arg-type]
                 return cls
         if buf._handle is not None:  # its handle may be elsewhere
-            cls = cache.free_through_daemon(address, buf._gen, buf._size, freed=False)
-        else:
-            cls = cache.give_back(address, buf._gen)
+            now = buf._size >= INLINE_FREE_BYTES
+            cls = cache.free_through_daemon(address, buf._gen, buf._size, freed=False, now=now)
+            move(buf, "free")  # its views are released already
+            if now:
+                self._send_now(cache)
+            return cls
+        cls = cache.give_back(address, buf._gen)
         move(buf, "free")  # its views are released already
         return cls
+
+    def _send_now(self, cache: Cache) -> None:
+        """Send a large block's free at once, without waiting for a reply, so
+        the daemon's notice gives it back before this thread asks for the next
+        one; the flusher's delay would make a pipeline carve a fresh block."""
+        transport = self._transport
+        try:
+            if transport is None or not self._ours():
+                raise LookupError("no transport of this process")
+            transport.flush()
+        except Exception:  # noqa: BLE001 - as the flusher: the next call that waits reports
+            cache.unsent()
 
     def _free_handle(self, handle: Handle) -> int:
         address = handle.segment << SEGMENT_SHIFT | handle.offset
@@ -137,7 +153,11 @@ class Freeing(ClientBase):
             if not 0 <= handle.offset <= OFFSET_MASK or handle.segment < 0:
                 raise cache.stale(handle.offset, handle.generation, raw=True)
             # Made by this very cache: it knows whether the block is still out.
-            return cache.free_through_daemon(address, handle.generation, handle.size)
+            now = handle.size >= INLINE_FREE_BYTES
+            cls = cache.free_through_daemon(address, handle.generation, handle.size, now=now)
+            if now:
+                self._send_now(cache)
+            return cls
         return self._post_free(tuple(handle))  # type: ignore[arg-type]
 
     def _post_free(self, handle: tuple[int, int, int, int, int]) -> int:

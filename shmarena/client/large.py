@@ -56,7 +56,10 @@ class LargeBlocks:
 
     def take(self, need: int) -> tuple[int, int] | None:
         """(address, carved) of the smallest kept block of at least `need`
-        bytes and at most 1/SLACK more, taken out; None if none fits."""
+        bytes and at most 1/SLACK more, taken out; None if none fits. Of
+        blocks of that size, the one freed last: its bytes are likeliest
+        still in the CPU's caches (writing 16 MiB frames in turn over six
+        blocks took twice as long per frame as over one, on a 32 MiB L3)."""
         by_size = self.by_size
         i = bisect_left(by_size, (need, -1))
         if i == len(by_size):
@@ -64,6 +67,12 @@ class LargeBlocks:
         carved, address = by_size[i]
         if carved > need + need // SLACK:
             return None
+        freed_at = self.freed_at
+        j = i + 1
+        while j < len(by_size) and by_size[j][0] == carved:  # the same size, freed later?
+            if freed_at[by_size[j][1]][0] >= freed_at[address][0]:
+                i, address = j, by_size[j][1]
+            j += 1
         del by_size[i]
         del self.freed_at[address]
         self.bytes -= carved
