@@ -64,7 +64,8 @@ Requests, in the order of ``Op`` (arguments after the request id):
                any it handed out before: the new cache blocks start there.
     POST       events:[int]               one-way: no reply unless refused
                Cache bookkeeping and frees, flat (see EVENTS below).
-    SYNC       -> notices:[int]           everything sent before is applied
+    SYNC       -> notices:[int], pushed:int   everything sent before is applied; `pushed`:
+               NOTICES pushes sent to this session so far (see LISTEN)
     STATS      -> map
     OWNERS     cursor:str, page:int, order:str -> [map], next:str|nil
     CLIENTS    cursor:str, page:int  -> [map], next:str|nil
@@ -119,7 +120,7 @@ request (the client's retry) is dropped, not run again.
     LISTEN     session:int, token:int    -> nil: sent from a second socket of a client
                process, which becomes the session's push socket (one per session; from
                the session's own pid and uid only). Pushes: PUSH_NOTICES with flat
-               notices (taken: no FILL or SYNC repeats them); PUSH_RECLAIM with the
+               notices and their number (taken: no FILL or SYNC repeats them); PUSH_RECLAIM with the
                bytes wanted (0: the arena is nearly full): give the cache's free
                blocks back (DRAIN events), then PING (daemon/pressure.py)
 

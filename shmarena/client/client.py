@@ -156,6 +156,7 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
         self._flush_wake = threading.Event()
         self._flusher: threading.Thread | None = None
         self._push: weakref.finalize[Any, Any] | None = None  # closes this session's push socket
+        self._push_sub: pushes.Subscription | None = None  # that socket, for sync()
         self._pid = os.getpid()
         self._closed = False
         # rows asked for per page of a listing (list_owners, ...); the daemon
@@ -249,6 +250,7 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
         if not cache.max_bytes:
             return  # no cache: nothing to be told, nothing to give
         sub = pushes.subscribe(self.socket_path, self.session, self._token, cache, transport)
+        self._push_sub = sub
         if sub is not None:
             self._push = weakref.finalize(self, pushes.unsubscribe, sub, os.getpid())
             self._push.atexit = False  # at exit the listener closes them all
@@ -334,6 +336,7 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
         if self._push is not None:
             self._push.detach()  # the parent's push socket: never touched here
             self._push = None
+        self._push_sub = None
 
     def _lease_checked(self, method: Callable[..., Buffer], lease_s: float) -> Any:
         """`method`, checking the session first when the lease may have run out."""
@@ -449,6 +452,7 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
             self._transport = None
             transport.close()
             mappings.unuse(self._used)
+            self._push_sub = None
             if self._push is not None:
                 self._push()  # its push socket, closed by the listener thread
 
@@ -476,10 +480,15 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
         """Wait until the daemon has applied everything this client did so far
         (cache hand-outs, frees sent without waiting). Raises a refusal of any
         of them, as the exception the daemon gave."""
-        (notices,) = self._request(Op.SYNC)
+        notices, pushed = self._request(Op.SYNC)[:2]
         cache, transport = self._cache, self._transport
         if cache is not None:
             cache.notice(notices)
+        sub = self._push_sub
+        if pushed and sub is not None:
+            # Notices pushed before the SYNC reply: back in the cache once
+            # the listener handled them (a lost push only costs the wait).
+            sub.wait_noticed(pushed, self.timeout_s)
         if transport is not None:
             try:
                 transport.raise_late()

@@ -68,6 +68,16 @@ class Subscription:
         self.on_notices = on_notices
         self.on_reclaim = on_reclaim
         self.received = 0  # pushes handled (tests)
+        # The number of the last NOTICES push handled, and its change told
+        # (Client.sync waits for the number the daemon's SYNC reply gives).
+        self.noticed = 0
+        self.noticed_changed = threading.Condition()
+
+    def wait_noticed(self, number: int, timeout_s: float) -> bool:
+        """Wait until the NOTICES push `number` was handled (its blocks are
+        back in the cache); False if it did not come within `timeout_s`."""
+        with self.noticed_changed:
+            return self.noticed_changed.wait_for(lambda: self.noticed >= number, timeout_s)
 
 
 class Listener:
@@ -155,7 +165,13 @@ def _handle(sub: Subscription, frame: bytes) -> None:
         return  # not a push (a reply to a LISTEN given up on)
     sub.received += 1
     if message[1] == PUSH_NOTICES and isinstance(message[2], list):
-        sub.on_notices(message[2])
+        try:
+            sub.on_notices(message[2])
+        finally:
+            if len(message) > 3 and isinstance(message[3], int):
+                with sub.noticed_changed:
+                    sub.noticed = max(sub.noticed, message[3])
+                    sub.noticed_changed.notify_all()
     elif message[1] == PUSH_RECLAIM:
         sub.on_reclaim()
 

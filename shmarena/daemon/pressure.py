@@ -9,7 +9,9 @@ Pushes are ordinary frames to that peer, sent with the replies of the turn
 
 - PUSH_NOTICES: after any request that gave a session notices (a block of its
   cache freed or released through somebody else), the notices go to its push
-  peer at once and are taken: no FILL or SYNC reply repeats them. A session
+  peer at once and are taken: no FILL or SYNC reply repeats them. Each such
+  push carries its number (1, 2, ... per session); SYNC returns the last one,
+  so the client's sync() waits for its listener to have handled it. A session
   without a push peer gets them in those replies, as before.
 - PUSH_RECLAIM: an allocation (ALLOC, ALLOC_MANY, FILL) that does not fit
   while other sessions' caches hold at least the bytes it needs asks those
@@ -50,6 +52,9 @@ class Pushes:
         self.asked: dict[int, float] = {}  # session -> when it was asked, until it answers
         self.watermark_at = float("-inf")  # when the watermark last asked
         self.pushed = 0  # frames pushed (notices and reclaims)
+        # session -> NOTICES pushes sent to it: SYNC returns it, so a client's
+        # sync() can wait until its listener has handled them all
+        self.noticed: dict[int, int] = {}
         self.reclaims = 0  # RECLAIM pushes
         self.encode = encoder()
 
@@ -82,6 +87,7 @@ def listen(svc: Service, peer: bytes, request: Request, creds: Creds | None) -> 
     if len(pushes.peers) > 2 * len(svc.ledger.sessions) + 32:  # ended sessions' peers
         live = svc.ledger.sessions
         pushes.peers = {sid: p for sid, p in pushes.peers.items() if sid in live}
+        pushes.noticed = {sid: n for sid, n in pushes.noticed.items() if sid in live}
     return ()
 
 
@@ -93,9 +99,21 @@ def _push(svc: Service, session_id: int, kind: int, payload: Any) -> bool:
     if session_id not in svc.ledger.sessions:
         del pushes.peers[session_id]  # the session ended: forget its socket
         return False
-    svc.outbox.append((peer, pushes.encode([PUSH, kind, payload])))
+    if kind == PUSH_NOTICES:  # numbered: see `pushed_notices`
+        count = pushes.noticed[session_id] = pushes.noticed.get(session_id, 0) + 1
+        svc.outbox.append((peer, pushes.encode([PUSH, kind, payload, count])))
+    else:
+        svc.outbox.append((peer, pushes.encode([PUSH, kind, payload])))
     pushes.pushed += 1
     return True
+
+
+def pushed_notices(svc: Service, session_id: int) -> int:
+    """How many NOTICES pushes went to the session (each carries its number):
+    the SYNC reply says it, and the client's sync() waits until its listener
+    has handled that many, so the cache is as exact after sync() as the books."""
+    pushes: Pushes = svc.pushes
+    return pushes.noticed.get(session_id, 0)
 
 
 def after_request(svc: Service, peer: bytes, now: float) -> None:

@@ -111,7 +111,7 @@ def test_a_handle_that_arrives_before_its_report_is_honoured() -> None:
     assert stats(service)["used_bytes"] == 0
     assert post(a, ASSIGN, offset, 300, gen(a, 7), 0) is None  # the late report
     assert stats(service)["used_bytes"] == 0 and stats(service)["cached_bytes"] == 4 * MIN
-    assert a.ok(Op.SYNC) == [[offset, gen(a, 7)]]  # A learns the block is back
+    assert a.ok(Op.SYNC) == [[offset, gen(a, 7)], 0]  # A learns the block is back
     # A second free of the same handle is a double free.
     code, message = b.err(Op.FREE, [handle])
     assert code == "stale_handle"
@@ -127,9 +127,9 @@ def test_a_retain_before_the_report_keeps_the_block_until_released() -> None:
     assert post(a, ASSIGN, offset, 300, gen(a, 7), 0, FREE_EVENT, *handle) is None
     s = stats(service)
     assert s["retained_only_bytes"] == MIN and s["cached_bytes"] == 3 * MIN
-    assert a.ok(Op.SYNC) == [[]]  # not back yet: B holds it
+    assert a.ok(Op.SYNC) == [[], 0]  # not back yet: B holds it
     b.ok(Op.RELEASE, [handle])
-    assert a.ok(Op.SYNC) == [[offset, gen(a, 7)]]
+    assert a.ok(Op.SYNC) == [[offset, gen(a, 7)], 0]
     assert stats(service)["cached_bytes"] == 4 * MIN
     assert service.check() == []
 

@@ -51,9 +51,9 @@ def test_a_pinned_cache_block_comes_back_to_its_cache_by_a_notice_after_unpin() 
     assert post(peer, PIN, offset, gen(peer, 2), FREE_EVENT, *handle) is None
     s = stats(service)
     assert s["pinned_bytes"] == MIN and s["cached_bytes"] == 3 * MIN and sum_holds(s)
-    assert peer.ok(Op.SYNC) == [[]]  # no notice while pinned
+    assert peer.ok(Op.SYNC) == [[], 0]  # no notice while pinned
     assert post(peer, UNPIN, offset, gen(peer, 2)) is None
-    assert peer.ok(Op.SYNC) == [[offset, gen(peer, 2)]]
+    assert peer.ok(Op.SYNC) == [[offset, gen(peer, 2)], 0]
     assert stats(service)["cached_bytes"] == 4 * MIN and service.check() == []
 
 
@@ -72,7 +72,7 @@ def test_a_pin_of_a_cached_block_takes_it_out_of_the_cache() -> None:
     assert s["cached_bytes"] == 3 * MIN and s["pinned_bytes"] == MIN and sum_holds(s)
     assert service.check() == []
     assert post(peer, UNPIN, offset, gen(peer, 2)) is None
-    assert peer.ok(Op.SYNC) == [[offset, gen(peer, 2)]]
+    assert peer.ok(Op.SYNC) == [[offset, gen(peer, 2)], 0]
     assert stats(service)["cached_bytes"] == 4 * MIN and service.check() == []
 
 

@@ -96,8 +96,9 @@ def test_notices_are_pushed_after_the_request_that_made_them_and_taken() -> None
     outcome = reader.send(Op.FREE, [[77, 0, address, 100, generation]])
     sent = frames(outcome)
     assert sent[b"r"][0] == OK
-    assert sent[b"a-push"] == [PUSH, PUSH_NOTICES, [address, generation]]
-    assert frames(owner.send(Op.SYNC))[b"a"] == [OK, owner.rid, []]  # never twice
+    assert sent[b"a-push"] == [PUSH, PUSH_NOTICES, [address, generation], 1]  # numbered
+    # never twice; and SYNC says one NOTICES push went out (the client waits for it)
+    assert frames(owner.send(Op.SYNC))[b"a"] == [OK, owner.rid, [], 1]
     assert service.check() == []
 
 

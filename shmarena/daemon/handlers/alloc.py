@@ -269,8 +269,9 @@ def post(c: Call) -> Result:
 
 
 def sync(c: Call) -> Result:
-    """SYNC: the notices waiting for this session."""
-    return (c.svc.ledger.take_notices(c.session),)
+    """SYNC: the notices waiting for this session, and how many notices went
+    to its push socket (daemon/pressure.py) so far."""
+    return (c.svc.ledger.take_notices(c.session), pressure.pushed_notices(c.svc, c.session))
 
 
 def retain(c: Call) -> Result:
