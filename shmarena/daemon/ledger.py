@@ -981,8 +981,8 @@ class Ledger:
         block = self.blocks.get(address)
         if block is None or block.cache_session != session.id:
             raise StaleHandle(f"assign: no block of this session's cache at {address:#x}")
-        if block.cached:
-            if self._may_assign(block, generation):
+        if block.cached:  # (_may_assign, inlined: its cache_session is this session's id)
+            if generation >> GEN_SHIFT == session.id and generation > block.generation:
                 if not 0 < size <= block.carved:
                     raise InvalidRequest(f"assign: size {size} does not fit block {address:#x}")
                 self._assign(session, block, size, generation, owner_id, now)
