@@ -251,10 +251,13 @@ class Ledger:
         Opening an existing owner is allowed from its own session, and for a
         detached owner from any session; the scope must match.
         """
+        owner = self.owners.get(name)
+        if owner is not None and not detached and owner.session_id == session_id:  # noqa: SIM102
+            if owner.scope == SESSION and owner.uid == self.sessions[session_id].uid:
+                return owner  # the common case: the session's own owner (checked when made)
         check_owner_name(name)
         session = self.sessions[session_id]
         scope = DETACHED if detached else SESSION
-        owner = self.owners.get(name)
         if owner is None:
             if name.startswith(IMPLICIT_PREFIX) and name != implicit_owner(session_id):
                 raise InvalidRequest(
@@ -403,6 +406,8 @@ class Ledger:
         With `session_id`, a session that is not an administrator may free
         only blocks whose owner its own user created."""
         handles = list(handles)
+        if len(handles) == 1:
+            return self.free_one(handles[0], now, session_id)
         found = [self._find(h, for_free=True, asked="free") for h in handles]
         if len({id(b) for b, _ in found}) != len(found):
             raise lifetime_error(
@@ -422,7 +427,20 @@ class Ledger:
                 self._disown(block, owner)
         return Freed(len(blocks), freed)
 
-    def _check_may_free(self, session: Session, blocks: list[Block]) -> None:
+    def free_one(self, handle: Handle, now: float = 0.0, session_id: int | None = None) -> Freed:
+        """`free` of one handle (a client's FREE event, most FREE requests):
+        the same checks in the same order, without the lists."""
+        block, early = self._find(handle, for_free=True, asked="free")
+        if session_id is not None:
+            self._check_may_free(self.sessions[session_id], (block,))
+        if early:
+            self._settle(block, handle, now)
+        if block.owner is not None:
+            self._mark(block.address, block.generation, words.FREED)
+            self._disown(block, self.owners[block.owner])
+        return Freed(1, block.carved)
+
+    def _check_may_free(self, session: Session, blocks: Iterable[Block]) -> None:
         if session.admin:
             return
         for block in blocks:
@@ -899,7 +917,7 @@ class Ledger:
                 elif kind == UNASSIGN:
                     self._event_unassign(session, event)
                 elif kind == FREE_EVENT:
-                    self.free([Handle(*event[1:])], now, session_id)
+                    self.free_one(Handle(*event[1:]), now, session_id)
                 elif kind == DRAIN:
                     block = self.blocks.get(event[1])
                     if block is None or not block.cached or block.cache_session != session.id:
@@ -963,8 +981,8 @@ class Ledger:
         block = self.blocks.get(address)
         if block is None or block.cache_session != session.id:
             raise StaleHandle(f"assign: no block of this session's cache at {address:#x}")
-        if block.cached:
-            if self._may_assign(block, generation):
+        if block.cached:  # (_may_assign, inlined: its cache_session is this session's id)
+            if generation >> GEN_SHIFT == session.id and generation > block.generation:
                 if not 0 < size <= block.carved:
                     raise InvalidRequest(f"assign: size {size} does not fit block {address:#x}")
                 self._assign(session, block, size, generation, owner_id, now)

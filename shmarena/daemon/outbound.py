@@ -51,6 +51,7 @@ class Outbound:
         self.not_reading: dict[bytes, int] = {}
         self.dropped_unread = 0  # their pipe and queue were full
         self.undeliverable = 0  # their client was gone
+        self.sends = 0  # sends tried on the router (the loop knows whether it was touched)
         # --debug-drop-replies / --debug-delay-ms (0: off)
         self.drop_fraction = 0.0
         self.delay_ms = 0.0
@@ -72,6 +73,7 @@ class Outbound:
 
     def send(self, peer: bytes, reply: bytes) -> None:
         """Send `reply` to `peer` now, or queue it behind that peer's others."""
+        self.sends += 1
         if self._debugging:  # (an attribute: a property costs a call per reply)
             self._debug_send(peer, reply)
             return
@@ -125,6 +127,7 @@ class Outbound:
         now = self.clock.monotonic()
         while self._held and self._held[0][0] <= now:
             _, _, peer, reply = heapq.heappop(self._held)
+            self.sends += 1
             try:
                 self.router.send_multipart([peer, reply], zmq.NOBLOCK)
             except zmq.ZMQError:  # debug only: a full pipe or a gone client drops it
@@ -166,6 +169,7 @@ class Outbound:
         for peer, queue in list(self.backlog.items()):
             try:
                 while queue:
+                    self.sends += 1
                     send_multipart((peer, queue[0]), NOBLOCK)
                     self.backlog_bytes[peer] -= len(queue.popleft())
                     moved = True

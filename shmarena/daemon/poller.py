@@ -77,12 +77,15 @@ class EpollPoller(zmq.Poller):
         with contextlib.suppress(OSError, ValueError):  # closed already: the kernel dropped it
             self._epoll.unregister(fd)
 
-    def poll(self, timeout: float | None = None) -> list[tuple[Any, int]]:
+    def poll(self, timeout: float | None = None, checked: bool = False) -> list[tuple[Any, int]]:
         """Wait up to `timeout` ms (None or negative: without end) for something
-        readable; (socket or descriptor, POLLIN) for each."""
+        readable; (socket or descriptor, POLLIN) for each. `checked`: the
+        caller read EVENTS of the `always` sockets as not readable and did
+        nothing on them since, so they are not looked at again before the
+        wait (each look is a system call in ZeroMQ)."""
         ready: list[tuple[Any, int]] = []
         looked: set[int] = set()  # sockets whose state is known now
-        for fd, socket in self._always:
+        for fd, socket in () if checked else self._always:
             looked.add(fd)
             if socket.getsockopt(EVENTS) & POLLIN:
                 ready.append((socket, POLLIN))

@@ -21,6 +21,7 @@ the daemon on purpose is a persistent table that cannot be written.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -117,14 +118,8 @@ class Server:
         self._unsent: list[tuple[bytes, bytes]] = []
 
     def _dropped_note(self, count: int) -> str:
-        return self.log.render(
-            LogEvent(
-                "log_dropped",
-                f"{count} log lines dropped: stderr was not read fast enough",
-                "warning",
-                {"lines": count},
-            )
-        )
+        note = f"{count} log lines dropped: stderr was not read fast enough"
+        return self.log.render(LogEvent("log_dropped", note, "warning", {"lines": count}))
 
     # -- start -------------------------------------------------------------
 
@@ -301,10 +296,9 @@ class Server:
         limits = self.service.limits() if self.service is not None else {}
         limits["buffered_replies"] = MAX_BUFFERED_REPLIES
         limits["queued_reply_bytes"] = MAX_QUEUED_REPLY_BYTES
-        if self.metrics is not None:
-            limits["metrics_connections"] = METRICS_MAX_CONNECTIONS
         extra["limits"] = limits
         if self.metrics is not None:
+            limits["metrics_connections"] = METRICS_MAX_CONNECTIONS
             extra["metrics"] = self.metrics.where
         extra.update(self.arenas.page_stats())
         return extra
@@ -340,21 +334,24 @@ class Server:
 
     def serve(self) -> None:
         """Serve until SIGTERM/SIGINT or a shutdown request."""
-        assert self.router is not None and self.service is not None
+        assert self.router is not None and self.service is not None and self.outbound
         self._install_signals()
         info = self.service.info
         where = info.backing or self.arenas.arenas[0].where
         announce(self.log, self.options, info, where, self.arenas.pages_kind)
         tick_ms = int(max(0.1, min(1.0, self.options.lease_s / 4)) * 1000)
         next_tick = self.clock.monotonic()
+        quiet = -1  # replies sent when the router last read as idle (-1: not known)
         while self._stop_signal is None and not self._stopping:
-            events = dict(self.poller.poll(self._wait_ms(tick_ms)))
-            if events.get(self.router):
-                self._read_requests()
-            self._on_events(events)
+            wait_ms = self._wait_ms(tick_ms)  # (may send held replies: before the test)
+            events = dict(self.poller.poll(wait_ms, quiet == self.outbound.sends))
+            quiet = self._read_requests() if events.get(self.router) else -1
+            if self._on_events(events):
+                quiet = -1
             if self.clock.monotonic() >= next_tick:
                 next_tick = self.clock.monotonic() + tick_ms / 1000
                 self._on_tick()
+                quiet = -1
         self._perform(self.service.take_effects())
         service = self.service
         uptime_s = self.clock.time() - service.info.started_at
@@ -373,12 +370,15 @@ class Server:
             wait_ms = min(wait_ms, max(0, int((wake_at - self.clock.time()) * 1000) + 1))
         return wait_ms
 
-    def _read_requests(self) -> None:
+    def _read_requests(self) -> int:
         """Drain what is pending, up to a bound: a steady stream of requests
         must not starve the pidfds, signals and timers. The poll said a
         message waits; after each, the socket's EVENTS says whether another
-        does (a recv that finds none raises, which costs more)."""
-        assert self.router is not None and self.service is not None
+        does (a recv that finds none raises, which costs more). Returns
+        `outbound.sends` if that EVENTS, read after the replies, found none
+        (the next poll need not look again while nothing is sent), else -1."""
+        assert self.router is not None and self.service is not None and self.outbound
+        quiet = -1
         router: Any = self.router  # (its getsockopt says int | bytes; EVENTS is an int)
         each = self.store is not None and self.options.durability == "sync"
         for _ in range(MESSAGES_PER_WAKE):
@@ -390,10 +390,14 @@ class Server:
             now = self.clock.time()
             for payload in payloads:
                 self._deliver(self._receive(peer, payload, now, creds), commit=each)
-            if self._stopping or not router.getsockopt(EVENTS) & POLLIN:
+            if self._stopping:
+                break
+            if not router.getsockopt(EVENTS) & POLLIN:
+                quiet = -1 if self._durable else self.outbound.sends  # (durable: sent below)
                 break
         self._commit()
         self._flush()
+        return quiet
 
     def _read_message(self, peer: bytes) -> tuple[list[bytes], Creds | None]:
         """The frames of one message (a client's queued one-way posts, then
@@ -474,15 +478,18 @@ class Server:
                 self._stopping = True
         return replies
 
-    def _on_events(self, events: dict[Any, int]) -> None:
+    def _on_events(self, events: dict[Any, int]) -> bool:
         """Everything the poll reported besides requests, and the kept
-        requests that what happened may have met."""
+        requests that what happened may have met. Whether it did anything
+        that may have touched the router besides sending replies."""
         assert self.router is not None and self.service is not None
         service, isolated = self.service, self._isolated
-        if len(events) > 1 or self.router not in events:  # (else only requests came)
+        touched = len(events) > 1 or self.router not in events  # (else only requests came)
+        if touched:
             self._on_descriptors(events)
         if service.admission.recovering and service.recovering_peers():
             isolated("probing recovered sessions", self._probe_recovering)
+            touched = True
         # Kept requests met by what happened above, or whose time ran out
         if service.has_waiters():
             isolated("the kept requests", service.wake, self.clock.time())
@@ -491,6 +498,7 @@ class Server:
                 self._commit()  # what met them is durable before they hear of it
             self._deliver(Outcome(outbox, service.take_effects()))
             self._flush()
+        return touched
 
     def _on_descriptors(self, events: dict[Any, int]) -> None:
         """A pidfd, the monitor, the signal pipe or the metrics endpoint is readable."""
@@ -582,11 +590,9 @@ class Server:
         signal.signal(signal.SIGINT, on_signal)
 
     def _drain_wake(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_r, 512):
                 pass
-        except BlockingIOError:
-            pass
 
     # -- stop --------------------------------------------------------------
 

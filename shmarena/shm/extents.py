@@ -101,9 +101,20 @@ class Extents(Space):
             start = self.bins[b].pop()
             self.bins[b].add(start)
         length = free_start[start]
-        self._remove(start, length)
-        if length > units:
-            self._add(start + units, length - units)
+        rest = length - units
+        if rest and _bin(rest) == b:
+            # The tail stays in the extent's bin (a long extent carved from,
+            # a FILL's run of blocks): only its start moves.
+            del free_start[start]
+            free_start[start + units] = rest
+            self.free_end[start + length] = start + units
+            members = self.bins[b]
+            members.discard(start)
+            members.add(start + units)
+        else:
+            self._remove(start, length)
+            if rest:
+                self._add(start + units, rest)
         return self._record(start, units)
 
     def _fit_in_bin(self, b: int, units: int, everything: bool) -> int:
