@@ -33,9 +33,13 @@ FILE_DIRECTIVES = ("daemon",)
 # What a `sh` line may start with besides shmarena, python, pip and .venv/bin/...:
 # programs a reader runs by hand. A word not here fails, so a typo is caught.
 SH_PROGRAMS = frozenset(
-    """cat cd chgrp chmod chown cp curl dask docker echo export free git grep groupadd
-    head install journalctl jq kill ln loginctl ls mkdir mount mv mypy numactl podman
-    printf pytest rm ruff sudo sysctl systemctl tail tee umount useradd usermod""".split()
+    {
+        *("cat", "cd", "chgrp", "chmod", "chown", "cp", "curl", "dask", "docker", "echo"),
+        *("export", "free", "git", "grep", "groupadd", "head", "install", "journalctl", "jq"),
+        *("kill", "ln", "loginctl", "ls", "mkdir", "mount", "mv", "mypy", "numactl", "podman"),
+        *("printf", "pytest", "rm", "ruff", "sudo", "sysctl", "systemctl", "tail", "tee"),
+        *("umount", "useradd", "usermod"),
+    }
 )
 
 _FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
@@ -233,8 +237,10 @@ def _extras() -> set[str]:
 def _check_pip(args: list[str]) -> list[str]:
     problems = []
     for i, arg in enumerate(args):
-        if i > 0 and args[i - 1] in ("-r", "--requirement") and not os.path.exists(
-            os.path.join(REPO, arg)
+        if (
+            i > 0
+            and args[i - 1] in ("-r", "--requirement")
+            and not os.path.exists(os.path.join(REPO, arg))
         ):
             problems.append(f"pip: no requirements file {arg!r} in the repository")
         match = re.match(r"^(shmarena|\.|\./?)\[(?P<extras>[^\]]*)\]$", arg)
@@ -395,7 +401,7 @@ _METRIC = re.compile(r"\bshmarena_[A-Za-z0-9_:]*")
 def load_yaml(body: str) -> Any:
     """yaml.safe_load of `body` (PyYAML is imported here, not at collection)."""
     try:
-        import yaml  # noqa: PLC0415 only yaml blocks need it
+        import yaml  # here: only yaml blocks need it
     except ImportError:
         raise AssertionError(
             "checking a yaml block needs PyYAML: pip install -e '.[test]' (distributed brings it)"

@@ -103,7 +103,9 @@ def run_python(block: Block, sandbox: Sandbox) -> list[str]:
         out = expired.output.decode(errors="replace") if isinstance(expired.output, bytes) else ""
         return [f"{block.where}: still running after {timeout_of(block):g} s\n{_shown(out)}"]
     if done.returncode != 0:
-        return [f"{block.where}: the python block exited with {done.returncode}\n{_shown(done.stdout)}"]
+        return [
+            f"{block.where}: the python block exited with {done.returncode}\n{_shown(done.stdout)}"
+        ]
     return []
 
 
@@ -164,20 +166,28 @@ def normalise(line: str) -> str:
     return " ".join(_NUMBER.sub("N", line).split())
 
 
-def missing_lines(shown: tuple[str, ...], output: str) -> list[str]:
+def _pattern(shown: str) -> re.Pattern[str]:
+    """A normalised shown line as a pattern: `...` inside it is any text."""
+    return re.compile(".*".join(re.escape(part) for part in normalise(shown).split("...")))
+
+
+def missing_lines(shown: tuple[str, ...], output: str, name: str = "") -> list[str]:
     """The shown lines that the real output does not have, in order: each
-    normalised shown line must be the normalised text of a later output line
-    than the one before it; `...` matches any number of lines."""
+    normalised shown line must match a later output line than the one before
+    it; a line `...` matches any number of lines, `...` inside a line any
+    text. The sandbox's daemon `name` reads as "default" in the output."""
+    if name:
+        output = output.replace(name, "default")
     real = [normalise(line) for line in output.splitlines()]
     position = 0
     for i, line in enumerate(shown):
-        want = normalise(line)
-        if want == "...":
+        if line.strip() == "...":
             continue
-        try:
-            position = real.index(want, position) + 1
-        except ValueError:
+        pattern = _pattern(line)
+        found = next((j for j in range(position, len(real)) if pattern.fullmatch(real[j])), None)
+        if found is None:
             return list(shown[i:])
+        position = found + 1
     return []
 
 
@@ -207,11 +217,12 @@ def run_console(block: Block, sandbox: Sandbox) -> list[str]:
                 f"{where}: `{command.text}` exited with {done.returncode}, the block says "
                 f"{command.status} (declare another with `# exit N`)\n{_shown(done.stdout)}"
             ]
-        missing = missing_lines(command.shown, done.stdout)
+        missing = missing_lines(command.shown, done.stdout, sandbox.name)
         if missing:
             return [
                 f"{where}: `{command.text}` did not print the shown line {missing[0]!r} "
-                f"(numbers count as N, spaces are collapsed; shown lines must come in order)\n"
+                f"(numbers count as N, spaces are collapsed, ... is any text, the daemon is "
+                f"'default'; shown lines must come in order)\n"
                 f"{_shown(done.stdout)}"
             ]
     return []
@@ -259,7 +270,9 @@ def stop_daemons_in(run_dir: str) -> list[str]:
         shm = "/dev/shm/" + shm_name(name).lstrip("/")
         entries = [p for p in (socket_path(run_dir, name), shm) if os.path.exists(p)]
         entries += [
-            f"/dev/shm/{f}" for f in os.listdir("/dev/shm") if f.startswith(os.path.basename(shm) + ".")
+            f"/dev/shm/{f}"
+            for f in os.listdir("/dev/shm")
+            if f.startswith(os.path.basename(shm) + ".")
         ]
         for path in entries:
             with contextlib.suppress(FileNotFoundError):

@@ -14,7 +14,9 @@ fence's info string says what the block is; any other (or none) fails:
   `python` are this checkout's. It must exit 0, or N when the line ends in
   `# exit N`. The lines after it are its output, compared loosely: numbers
   are N and whitespace runs one space; each shown line must be one of the
-  real lines, in order (a subset is fine; `...` stands for lines left out).
+  real lines (stdout and stderr), in order. A subset is fine; a line `...`
+  stands for lines left out, `...` inside a line for any text (a path).
+  The file's daemon, whatever its real name, reads as 'default'.
 - ```sh  commands shown, not run (root, systemd, docker, hardware). Every
   `shmarena ...` line must parse with the real parser; a `python`/`pip`/
   `.venv/bin/...` line must name a file, module or extra that exists; any
@@ -56,7 +58,10 @@ FILE_DAEMON_SIZE = "256M"
 
 
 def doc_files() -> list[DocFile]:
-    paths = [os.path.join(REPO, "README.md"), *sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))]
+    paths = [
+        os.path.join(REPO, "README.md"),
+        *sorted(glob.glob(os.path.join(REPO, "docs", "*.md"))),
+    ]
     return [blocks.parse_markdown(path) for path in paths]
 
 
@@ -82,7 +87,9 @@ class FileRun:
                 with shmarena.connect(self.daemon.name, runtime_dir=self.daemon.run_dir) as probe:
                     broken = probe.check()
                 if broken:
-                    problems.append(f"{self.doc.path}: the daemon's check() after the last block: {broken}")
+                    problems.append(
+                        f"{self.doc.path}: the daemon's check() after the last block: {broken}"
+                    )
                 self.daemon.stop()
                 self.daemon.assert_clean()
             left = running.stop_daemons_in(self.sandbox.run_dir)
