@@ -128,30 +128,53 @@ def parse_markdown(path: str, text: str | None = None) -> DocFile:
     file_problems: list[str] = []
     i = 0
     while i < len(lines):
-        match = _FENCE.match(lines[i])
         directive = _DIRECTIVE.match(lines[i])
         if directive:
             found, problems = _parse_directive(directive["body"], f"{name}:{i + 1}")
             file_problems += problems
             file_directives.update((k, v) for k, v in found.items() if k in FILE_DIRECTIVES)
+            next_line = lines[i + 1] if i + 1 < len(lines) else ""
+            if set(found) & set(BLOCK_DIRECTIVES) and not _FENCE.match(next_line):
+                file_problems.append(
+                    f"{name}:{i + 1}: {', '.join(sorted(set(found) & set(BLOCK_DIRECTIVES)))} "
+                    "applies to the block whose fence is on the next line, and none is"
+                )
+        match = _FENCE.match(lines[i])
         if not match:
             i += 1
             continue
-        indent, fence = len(match["indent"]), match["fence"]
-        end = i + 1
-        closing = re.compile(rf"^ *{re.escape(fence[0])}{{{len(fence)},}}\s*$")
-        while end < len(lines) and not closing.match(lines[end]):
-            end += 1
-        # The fence's indentation (a block inside a list item) is not the code's.
-        body = "\n".join(_dedent(line, indent) for line in lines[i + 1 : end])
-        before = _DIRECTIVE.match(lines[i - 1]) if i > 0 else None
-        directives: dict[str, str] = {}
-        if before:
-            found, _ = _parse_directive(before["body"], f"{name}:{i}")
-            directives = {k: v for k, v in found.items() if k in BLOCK_DIRECTIVES}
-        blocks.append(Block(name, i + 1, match["info"].strip(), body + "\n", directives))
+        end = _closing_line(lines, i, match["fence"])
+        block = Block(
+            name,
+            i + 1,
+            match["info"].strip(),
+            # The fence's indentation (a block inside a list item) is not the code's.
+            "\n".join(_dedent(line, len(match["indent"])) for line in lines[i + 1 : end]) + "\n",
+            _block_directives(lines[i - 1] if i > 0 else ""),
+            () if end < len(lines) else (f"{name}:{i + 1}: the block is never closed",),
+        )
+        blocks.append(block)
         i = end + 1
     return DocFile(name, tuple(blocks), file_directives, tuple(file_problems))
+
+
+def _closing_line(lines: list[str], opening: int, fence: str) -> int:
+    """The index of the line that closes the fence (len(lines) if none)."""
+    closing = re.compile(rf"^ *{re.escape(fence[0])}{{{len(fence)},}}\s*$")
+    end = opening + 1
+    while end < len(lines) and not closing.match(lines[end]):
+        end += 1
+    return end
+
+
+def _block_directives(line: str) -> dict[str, str]:
+    """The block directives of the comment on the line before a fence (its
+    problems are the file's, reported once)."""
+    before = _DIRECTIVE.match(line)
+    if not before:
+        return {}
+    found, _ = _parse_directive(before["body"], "")
+    return {k: v for k, v in found.items() if k in BLOCK_DIRECTIVES}
 
 
 # -- the kind ------------------------------------------------------------------

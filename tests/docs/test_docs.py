@@ -92,13 +92,13 @@ class FileRun:
                     )
                 self.daemon.stop()
                 self.daemon.assert_clean()
-            left = running.stop_daemons_in(self.sandbox.run_dir)
-            if left:
-                problems.append(f"{self.doc.path}: a daemon left these behind: {left}")
         finally:
+            left = running.stop_daemons_in(self.sandbox.run_dir)
             if self.daemon is not None:
-                self.daemon.remove_leftovers()
+                left += self.daemon.remove_leftovers()
             self.sandbox.remove()
+        if left:
+            problems.append(f"{self.doc.path}: a daemon left these behind: {left}")
         return problems
 
 

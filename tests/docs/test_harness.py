@@ -197,6 +197,15 @@ def test_directives(tmp_path: os.PathLike[str]) -> None:
     assert second.directives == {}
     assert doc.problems == ("page.md:8: unknown directive 'skip' (known: needs, timeout, daemon)",)
 
+    astray = parse(
+        "<!-- docs: timeout=5 -->\n\n```python\npass\n```\n```text\nnever closed\n", tmp_path
+    )
+    assert astray.problems == (
+        "page.md:1: timeout applies to the block whose fence is on the next line, and none is",
+    )
+    assert astray.blocks[0].directives == {}
+    assert astray.blocks[1].problems == ("page.md:6: the block is never closed",)
+
 
 def test_a_daemon_a_block_leaves_running_is_stopped(sandbox: running.Sandbox) -> None:
     detach = block(
