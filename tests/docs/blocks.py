@@ -37,8 +37,8 @@ SH_PROGRAMS = frozenset(
         *("cat", "cd", "chgrp", "chmod", "chown", "cp", "curl", "dask", "docker", "echo"),
         *("export", "free", "git", "grep", "groupadd", "head", "install", "journalctl", "jq"),
         *("kill", "ln", "loginctl", "ls", "mkdir", "mount", "mv", "mypy", "numactl", "podman"),
-        *("printf", "pytest", "rm", "ruff", "sudo", "sysctl", "systemctl", "tail", "tee"),
-        *("umount", "useradd", "usermod"),
+        *("printf", "ps", "pytest", "rm", "ruff", "source", "sudo", "sysctl", "systemctl"),
+        *("tail", "tee", "umount", "useradd", "usermod", "id"),
     }
 )
 

@@ -32,6 +32,7 @@ from tests.docs.blocks import REPO, Block
 DEFAULT_TIMEOUT_S = 60.0
 _EXIT = re.compile(r"#\s*exit\s+(\d+)\s*$")
 _NUMBER = re.compile(r"\d+(?:\.\d+)*")
+_HEREDOC = re.compile(r"<<-?\s*(['\"]?)(?P<word>\w+)\1")
 
 
 @dataclass
@@ -142,12 +143,17 @@ def parse_console(block: Block) -> tuple[list[Command], list[str]]:
         while text.endswith("\\") and i + 1 < len(lines):
             i += 1
             text = text + "\n" + lines[i]
+        expected = _EXIT.search(text.rsplit("\n", 1)[-1])
+        heredoc = _HEREDOC.search(text)
+        if heredoc:  # the lines up to the terminator are the command's input, not output
+            while i + 1 < len(lines) and lines[i].strip() != heredoc["word"]:
+                i += 1
+                text = text + "\n" + lines[i]
         i += 1
         shown = []
         while i < len(lines) and not lines[i].startswith("$ "):
             shown.append(lines[i])
             i += 1
-        expected = _EXIT.search(text.rsplit("\n", 1)[-1])
         commands.append(
             Command(
                 block.body_line + start,

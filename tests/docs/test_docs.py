@@ -9,8 +9,9 @@ fence's info string says what the block is; any other (or none) fails:
   60 s. Blocks of a file run in order: a block may rely on what an earlier
   one left in the daemon, never on its Python variables. After the file's
   last block the daemon's `check()` must be clean.
-- ```console  a shell session: each `$ ` line (a trailing `\\` continues it)
-  runs by `bash -c` in the same dir and environment, where `shmarena` and
+- ```console  a shell session: each `$ ` line (a trailing `\\` continues it,
+  and a here-document's lines up to its terminator are its input) runs by
+  `bash -c` in the same dir and environment, where `shmarena` and
   `python` are this checkout's. It must exit 0, or N when the line ends in
   `# exit N`. The lines after it are its output, compared loosely: numbers
   are N and whitespace runs one space; each shown line must be one of the

@@ -93,6 +93,12 @@ def test_console_exit_status_is_zero_unless_declared(sandbox: running.Sandbox) -
     assert "`false` exited with 1, the block says 0" in running.run_console(undeclared, sandbox)[0]
     continued = block("console", "$ echo one \\\n  two\none two\n")
     assert running.run_console(continued, sandbox) == []
+    heredoc = block(
+        "console",
+        "$ cat > hello.py <<'EOF'\nprint('hello', 6 * 7)\nEOF\n$ python hello.py\nhello 42\n"
+        "$ python -c 'raise SystemExit(5)' <<EOF  # exit 5\nignored\nEOF\n",
+    )
+    assert running.run_console(heredoc, sandbox) == []
     assert (
         "output before any `$ ` command" in running.run_console(block("console", "x\n"), sandbox)[0]
     )
