@@ -481,5 +481,7 @@ def _is_metric(name: str, live: Iterable[str]) -> bool:
     known = set(live)
     if name in known:
         return True
-    base = re.sub(r"_(bucket|sum|count)$", "", name)
+    # A histogram's series, and a counter's (its family is named without
+    # _total, and a labelled one has no sample before its first increment).
+    base = re.sub(r"_(bucket|sum|count|total)$", "", name)
     return base in known

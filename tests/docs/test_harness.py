@@ -242,3 +242,65 @@ def test_every_markdown_file_of_docs_is_collected() -> None:
         f"docs/{f}" for f in os.listdir(os.path.join(blocks.REPO, "docs")) if f.endswith(".md")
     }
     assert set(FILES) == {"README.md"} | pages
+
+
+WALKTHROUGH = """\
+<!-- docs: daemon=none -->
+
+```console
+$ shmarena daemon --detach --size 32M
+shmarena daemon 'default' running, pid 4242, log ...
+```
+
+```python
+import shmarena
+
+with shmarena.connect() as client:
+    client.publish("frames/1", client.alloc(4096))
+    print(client.stats()["names"])
+```
+
+```console
+$ shmarena status
+...
+```
+"""
+
+
+def test_a_file_without_a_harness_daemon_runs_its_own_and_it_is_stopped(
+    tmp_path: os.PathLike[str],
+) -> None:
+    from tests.docs.test_docs import Runs
+
+    doc = parse(WALKTHROUGH, tmp_path)
+    assert not doc.starts_daemon
+    runs = Runs()
+    run = runs.of(doc)
+    assert run.daemon is None
+    try:
+        results = [
+            (running.run_console if b.info == "console" else running.run_python)(b, run.sandbox)
+            for b in doc.blocks
+        ]
+        assert results == [[], [], []]
+        assert running.daemon_names_in(run.sandbox.run_dir) == [run.sandbox.name]
+    finally:
+        assert runs.finish(doc) == []  # stopped the daemon the first block left running
+    assert not os.path.exists(run.sandbox.run_dir)
+    assert not os.path.exists(f"/dev/shm/shmarena-{run.sandbox.name}")
+
+
+def test_rules_are_checked_against_a_live_scrape() -> None:
+    from tests.docs.test_docs import Scraper
+
+    scraper = Scraper()
+    try:
+        served = scraper.names()
+        assert {"shmarena_up", "shmarena_used_bytes", "shmarena_errors_total"} <= served
+        assert scraper.names() is served  # one daemon, scraped once
+        rule = "groups:\n- name: g\n  rules:\n  - alert: Full\n    expr: shmarena_used_bytes > 0\n"
+        assert blocks.check_yaml(block("yaml", rule), scraper.names) == []
+        typo = rule.replace("used_bytes", "usde_bytes")
+        assert "shmarena_usde_bytes" in blocks.check_yaml(block("yaml", typo), scraper.names)[0]
+    finally:
+        scraper.close()
