@@ -5,7 +5,8 @@ environment whose SHMARENA_NAME and SHMARENA_RUNTIME_DIR name the file's
 daemon, whose PYTHONPATH puts this repository first, and whose PATH starts
 with a directory where `python` is this interpreter and `shmarena` is
 `python -m shmarena` of this repository (so a console block runs the code
-under test, installed or not). `stop_daemons_in` stops whatever daemon a block
+under test, installed or not), and without the COLUMNS and LINES of the
+terminal that runs the tests. `stop_daemons_in` stops whatever daemon a block
 left running in the file's runtime dir.
 
 Like tests/docs/blocks.py, every check returns a list of problems.
@@ -65,6 +66,8 @@ class Sandbox:
         env = testing.Daemon(name, run_dir).env
         env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
         env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+        for inherited in ("COLUMNS", "LINES"):  # the runner's terminal is not the reader's
+            env.pop(inherited, None)
         return cls(cwd, env, name, run_dir)
 
     def remove(self) -> None:
