@@ -60,7 +60,7 @@ class Block:
     info: str
     body: str
     directives: dict[str, str] = field(default_factory=dict)
-    problems: tuple[str, ...] = ()  # found while parsing (an unknown directive)
+    problems: tuple[str, ...] = ()  # found while parsing (a fence never closed)
 
     @property
     def where(self) -> str:
@@ -88,6 +88,7 @@ class DocFile:
 
 
 def shown_path(path: str) -> str:
+    """`path` relative to the repository when it lies inside it (test ids)."""
     absolute = os.path.abspath(path)
     if absolute.startswith(REPO + os.sep):
         return os.path.relpath(absolute, REPO)
@@ -266,7 +267,7 @@ def _check_pip(args: list[str]) -> list[str]:
             and not os.path.exists(os.path.join(REPO, arg))
         ):
             problems.append(f"pip: no requirements file {arg!r} in the repository")
-        match = re.match(r"^(shmarena|\.|\./?)\[(?P<extras>[^\]]*)\]$", arg)
+        match = re.match(r"^(shmarena|\./?)\[(?P<extras>[^\]]*)\]$", arg)
         if match:
             unknown = {e.strip() for e in match["extras"].split(",")} - _extras()
             if unknown:
@@ -295,11 +296,11 @@ def _check_python(args: list[str]) -> list[str]:
             return _check_shmarena(args[i + 2 :])
         if module == "pip":
             return _check_pip(args[i + 2 :])
-        if not module or importlib.util.find_spec(module.split(".")[0]) is None:
-            return [f"python -m {module}: no such module installed"]
-        if importlib.util.find_spec(module) is None:
-            return [f"python -m {module}: no such module installed"]
-        return []
+        try:
+            found = bool(module) and importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # its package is missing
+            found = False
+        return [] if found else [f"python -m {module}: no such module installed"]
     if not os.path.exists(os.path.join(REPO, args[i])):
         return [f"python {args[i]}: no such file in the repository"]
     return []
