@@ -45,7 +45,7 @@ import importlib.util
 import os
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
@@ -77,7 +77,6 @@ class FileRun:
     doc: DocFile
     sandbox: running.Sandbox
     daemon: Daemon | None = None
-    problems: list[str] = field(default_factory=list)
 
     def finish(self) -> list[str]:
         """After the file's last block: the daemon's check, then stop it and
@@ -129,8 +128,8 @@ class Runs:
 def runs() -> Iterator[Runs]:
     opened = Runs()
     yield opened
-    for path in list(opened.open):
-        opened.finish(FILES[path])
+    problems = [p for path in list(opened.open) for p in opened.finish(FILES[path])]
+    assert not problems, "\n".join(problems)
 
 
 class Scraper:
