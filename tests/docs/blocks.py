@@ -44,6 +44,7 @@ SH_PROGRAMS = frozenset(
 
 _FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 _DIRECTIVE = re.compile(r"^\s*<!--\s*docs:(?P<body>.*?)-->\s*$")
+_LIST_ITEM = re.compile(r"^([-*+]|\d+[.)])\s")
 _FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
 _SHELL_OPS = frozenset({"|", "||", "&&", ";", "&"})
 _REDIRECTS = frozenset({">", ">>", "<", ">&", "<&", "&>", "&>>", "<<<"})
@@ -61,6 +62,7 @@ class Block:
     body: str
     directives: dict[str, str] = field(default_factory=dict)
     problems: tuple[str, ...] = ()  # found while parsing (a fence never closed)
+    indented: bool = False  # an indented code block, which has no kind: a failure
 
     @property
     def where(self) -> str:
@@ -141,6 +143,12 @@ def parse_markdown(path: str, text: str | None = None) -> DocFile:
                     "applies to the block whose fence is on the next line, and none is"
                 )
         match = _FENCE.match(lines[i])
+        if not match and _opens_indented_code(lines, i):
+            end = _indented_code_end(lines, i)
+            body = "\n".join(line[4:] for line in lines[i:end]) + "\n"
+            blocks.append(Block(name, i + 1, "", body, indented=True))
+            i = end
+            continue
         if not match:
             i += 1
             continue
@@ -157,6 +165,26 @@ def parse_markdown(path: str, text: str | None = None) -> DocFile:
         blocks.append(block)
         i = end + 1
     return DocFile(name, tuple(blocks), file_directives, tuple(file_problems))
+
+
+def _opens_indented_code(lines: list[str], i: int) -> bool:
+    """Whether line `i` opens an indented code block: four spaces in, after a
+    blank line that follows a line at column 0 other than a list item (an
+    indented paragraph of a list item is not code)."""
+    if not lines[i].startswith("    ") or not lines[i].strip() or i == 0 or lines[i - 1].strip():
+        return False
+    before = next((line for line in reversed(lines[: i - 1]) if line.strip()), "")
+    return bool(before) and not before[0].isspace() and not _LIST_ITEM.match(before)
+
+
+def _indented_code_end(lines: list[str], i: int) -> int:
+    """The index after the last line of the indented code block at `i`."""
+    end = i
+    while end < len(lines) and (lines[end].startswith("    ") or not lines[end].strip()):
+        end += 1
+    while not lines[end - 1].strip():
+        end -= 1
+    return end
 
 
 def _closing_line(lines: list[str], opening: int, fence: str) -> int:
@@ -183,6 +211,11 @@ def _block_directives(line: str) -> dict[str, str]:
 
 def check_kind(block: Block) -> list[str]:
     """A block's info string must be one of the kinds, exactly."""
+    if block.indented:
+        return [
+            f"{block.where}: an indented code block, which the test cannot check: make it a "
+            f"fenced block of one kind: ```{' ```'.join(KINDS)} (see tests/docs/test_docs.py)"
+        ]
     if block.info in KINDS:
         return []
     found = f"info string {block.info!r}" if block.info else "a bare fence (no info string)"

@@ -1,7 +1,8 @@
 """Every fenced code block of README.md and docs/*.md, checked by its kind.
 
 One test per block, named FILE:LINE (the line of its opening fence). The
-fence's info string says what the block is; any other (or none) fails:
+fence's info string says what the block is; any other (or none) fails, and
+so does an indented code block (four spaces in), which has no kind:
 
 - ```python  run as a script by this interpreter in a fresh process, cwd a
   temp dir, SHMARENA_NAME and SHMARENA_RUNTIME_DIR naming the file's daemon

@@ -307,3 +307,15 @@ def test_rules_are_checked_against_a_live_scrape() -> None:
         assert "shmarena_usde_bytes" in blocks.check_yaml(block("yaml", typo), scraper.names)[0]
     finally:
         scraper.close()
+
+
+def test_an_indented_code_block_fails_but_an_indented_list_paragraph_does_not() -> None:
+    doc = blocks.parse_markdown(
+        "page.md",
+        "Run this:\n\n    shmarena daemon --size 1G\n    shmarena status\n\nThen\n\n"
+        "- an item\n\n    its second paragraph, indented\n\n1. another\n\n    more of it\n",
+    )
+    [indented] = doc.blocks
+    assert (indented.line, indented.body) == (3, "shmarena daemon --size 1G\nshmarena status\n")
+    [problem] = blocks.check_kind(indented)
+    assert problem.startswith("page.md:3: an indented code block")
