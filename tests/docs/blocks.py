@@ -344,6 +344,16 @@ def _check_shmarena(args: list[str]) -> list[str]:
     return [] if complaint is None else [f"shmarena {shlex.join(args)}: {complaint}"]
 
 
+def _check_embedded_shmarena(args: list[str]) -> list[str]:
+    """A shmarena command inside another one's arguments (`docker run IMAGE
+    shmarena daemon --size 1G`) must parse too: from `shmarena COMMAND` on."""
+    commands = subcommand_parsers()
+    for k, word in enumerate(args[:-1]):
+        if word == "shmarena" and args[k + 1] in commands and args[k + 1]:
+            return _check_shmarena(args[k + 1 :])
+    return []
+
+
 def check_command(words: list[str]) -> list[str]:
     """Problems of one simple command shown in a `sh` block."""
     program, args = words[0], words[1:]
@@ -360,7 +370,7 @@ def check_command(words: list[str]) -> list[str]:
     if program in ("pip", "pip3"):
         return _check_pip(args)
     if program in SH_PROGRAMS:
-        return []
+        return _check_embedded_shmarena(args)
     return [
         f"{program!r} is neither shmarena, python, pip nor a program of the `sh` allowlist "
         "(SH_PROGRAMS in tests/docs/blocks.py): a typo, or add it there"

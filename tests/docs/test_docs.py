@@ -20,7 +20,8 @@ so does an indented code block (four spaces in), which has no kind:
   stands for lines left out, `...` inside a line for any text (a path).
   The file's daemon, whatever its real name, reads as 'default'.
 - ```sh  commands shown, not run (root, systemd, docker, hardware). Every
-  `shmarena ...` line must parse with the real parser; a `python`/`pip`/
+  `shmarena ...` command (after `sudo` or in a `docker run` too) must parse
+  with the real parser; a `python`/`pip`/
   `.venv/bin/...` line must name a file, module or extra that exists; any
   other command must be in the allowlist (SH_PROGRAMS in blocks.py).
 - ```yaml  must load (yaml.safe_load). A Prometheus rule file (`groups:`)

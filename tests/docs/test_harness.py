@@ -124,7 +124,8 @@ def test_sh_lines_must_exist_and_parse() -> None:
         "    --sort bytes --json | head -1\n"
         "python scripts/bench.py --only dask\n"
         "python -m shmarena status --json 2>/dev/null\n"
-        ".venv/bin/python -m pytest -q\n",
+        ".venv/bin/python -m pytest -q\n"
+        "docker run -d --name shmarena IMAGE shmarena daemon --size 1G\n",
     )
     assert blocks.check_sh(good) == []
     bad = block(
@@ -133,14 +134,16 @@ def test_sh_lines_must_exist_and_parse() -> None:
         "pip install 'shmarena[nope]'\n"
         "python scripts/no_such_script.py\n"
         "python -m no_such_module_here\n"
-        "sudo shmarena daemon --size lots\n",
+        "sudo shmarena daemon --size lots\n"
+        "docker run --name shmarena IMAGE shmarena daemon --sizee 1G\n",
     )
     problems = blocks.check_sh(bad)
-    assert [p.split(":")[1] for p in problems] == ["2", "3", "4", "5", "6"]
+    assert [p.split(":")[1] for p in problems] == ["2", "3", "4", "5", "6", "7"]
     assert "'shmarenaa' is neither shmarena" in problems[0]
     assert "no extra ['nope']" in problems[1]
     assert "no such file" in problems[2] and "no such module" in problems[3]
     assert "--size" in problems[4]
+    assert "shmarena daemon --sizee 1G: " in problems[5]
 
 
 def test_a_synopsis_may_name_only_flags_its_command_has() -> None:
