@@ -50,7 +50,7 @@ class Sandbox:
         """A fresh cwd, a shim bin dir, and (unless given) a unique daemon
         name and a fresh 0700 runtime dir."""
         name = name or testing.unique_name()
-        run_dir = run_dir or testing.new_runtime_dir()
+        run_dir = run_dir or testing.new_runtime_dir("shmd-")
         cwd = tempfile.mkdtemp(prefix="shmarena-docs-")
         bin_dir = os.path.join(cwd, ".bin")
         os.mkdir(bin_dir)

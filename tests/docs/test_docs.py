@@ -147,7 +147,10 @@ class Scraper:
             from prometheus_client.parser import text_string_to_metric_families
 
             self.daemon = Daemon(
-                testing.unique_name(), testing.new_runtime_dir(), "16M", ["--metrics-port", "0"]
+                testing.unique_name(),
+                testing.new_runtime_dir("shmd-"),
+                "16M",
+                ["--metrics-port", "0"],
             )
             self.daemon.own_run_dir = True
             self.daemon.start()
