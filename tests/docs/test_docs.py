@@ -86,12 +86,7 @@ class FileRun:
         problems: list[str] = []
         try:
             if self.daemon is not None:
-                with shmarena.connect(self.daemon.name, runtime_dir=self.daemon.run_dir) as probe:
-                    broken = probe.check()
-                if broken:
-                    problems.append(
-                        f"{self.doc.path}: the daemon's check() after the last block: {broken}"
-                    )
+                problems += self.check_daemon(self.daemon)
                 self.daemon.stop()
                 self.daemon.assert_clean()
         finally:
@@ -102,6 +97,20 @@ class FileRun:
         if left:
             problems.append(f"{self.doc.path}: a daemon left these behind: {left}")
         return problems
+
+    def check_daemon(self, daemon: Daemon) -> list[str]:
+        """The file's daemon, still running, passes its own check()."""
+        try:
+            with shmarena.connect(daemon.name, runtime_dir=daemon.run_dir) as probe:
+                broken = probe.check()
+        except shmarena.DaemonUnavailable as error:
+            return [
+                f"{self.doc.path}: the file's daemon is gone after the last block ({error}); "
+                "a page whose blocks start and stop their own says <!-- docs: daemon=none -->"
+            ]
+        if broken:
+            return [f"{self.doc.path}: the daemon's check() after the last block: {broken}"]
+        return []
 
 
 class Runs:

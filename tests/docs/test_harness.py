@@ -322,3 +322,20 @@ def test_an_indented_code_block_fails_but_an_indented_list_paragraph_does_not() 
     assert (indented.line, indented.body) == (3, "shmarena daemon --size 1G\nshmarena status\n")
     [problem] = blocks.check_kind(indented)
     assert problem.startswith("page.md:3: an indented code block")
+
+
+def test_a_block_that_stops_the_files_daemon_is_told_about_daemon_none(
+    tmp_path: os.PathLike[str],
+) -> None:
+    from tests.docs.test_docs import Runs
+
+    doc = parse("```console\n$ shmarena shutdown\n```\n", tmp_path)
+    runs = Runs()
+    run = runs.of(doc)
+    assert run.daemon is not None
+    try:
+        assert running.run_console(doc.blocks[0], run.sandbox) == []
+    finally:
+        [problem] = runs.finish(doc)
+    assert "the file's daemon is gone after the last block" in problem
+    assert "<!-- docs: daemon=none -->" in problem
