@@ -79,6 +79,7 @@ def arena_info(
         numa_policy=numa.POLICY_NAMES.get(pages.numa_policy, ""),
         numa_nodes=pages.numa_nodes,
         numa_cpus=tuple(node_cpus),
+        warn_used=opts.warn_used or "",
     )
 
 
