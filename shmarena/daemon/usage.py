@@ -180,14 +180,15 @@ class Usage:
     def stats(self, ledger: Ledger) -> dict[str, Any]:
         """The `stats` keys of this module."""
         alarm = self.alarm
-        return {
+        figures: dict[str, Any] = {
             "peak_used_bytes": ledger.peak_bytes,
             "peak_at": self.peak_at,
             "warn_used": None if alarm is None else round(alarm.high / self.capacity, 4),
-            "warn_used_bytes": None if alarm is None else alarm.high,
-            "warn_clear_bytes": None if alarm is None else alarm.low,
             "used_warning": alarm is not None and alarm.up,
         }
+        if alarm is not None:  # (absent without --warn-used: sizes are never null)
+            figures["warn_used_bytes"], figures["warn_clear_bytes"] = alarm.high, alarm.low
+        return figures
 
     def fields(self, used: int) -> dict[str, Any]:
         """The figures of a used_high / used_normal event."""

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 
+from shmarena.daemon.lifecycle import JOINING
 from shmarena.daemon.service import ArenaInfo, Creds, Service
 from shmarena.daemon.usage import DOWN, UP, Alarm, parse_warn_used
 from shmarena.errors import DaemonStartError
@@ -149,6 +150,7 @@ def test_without_warn_used_nothing_is_logged_or_counted() -> None:
     stats = svc.stats(0.0)
     assert usage_events(svc) == [] and stats["warn_used"] is None
     assert stats["used_warning"] is False and stats["counters"]["used_warnings"] == 0
+    assert "warn_used_bytes" not in stats and "warn_clear_bytes" not in stats
 
 
 def test_the_peak_is_the_high_water_mark_of_used_bytes() -> None:
@@ -196,3 +198,21 @@ def test_a_group_member_may_not_reset_the_peak() -> None:
     assert "reset the peak of used bytes" in message and "nothing was changed" in message
     assert svc.stats(0.0)["peak_used_bytes"] == 3 * MIN
     assert admin.ok(Op.STATS, True)[0]["previous_peak_used_bytes"] == 3 * MIN
+
+
+def test_after_a_restart_the_peak_starts_at_the_recovered_use() -> None:
+    first = service(warn_used="50%")
+    peer = Peer(first, b"a")
+    held = [peer.ok(Op.ALLOC, MiB)[0] for _ in range(3)]
+    peer.ok(Op.FREE, held[:1])
+    first.take_log()
+    recovered = first.ledger
+    recovered.peak_bytes = 0  # as table.build makes it: the peak is not in the table
+    for session in recovered.sessions.values():
+        session.state = JOINING  # as table.build makes them
+    again = service(warn_used="50%")
+    again.adopt(recovered, first.links(), 500.0)
+    stats = again.stats(500.0)
+    assert (stats["peak_used_bytes"], stats["peak_at"]) == (2 * MiB, 500.0)
+    assert stats["used_warning"] and [e for e, _ in usage_events(again)] == [UP]
+    assert stats["counters"]["used_warnings"] == 1 and again.check() == []
