@@ -112,7 +112,8 @@ def announce(
             f"; pages bound ({info.numa_policy}) to NUMA node(s) {list(info.numa_nodes)}"
             if info.numa_nodes
             else ""
-        ),
+        )
+        + (f"; warns when {info.warn_used} of it is used" if info.warn_used else ""),
         "start",
         name=info.name,
         pid=os.getpid(),
@@ -129,6 +130,7 @@ def announce(
         group=opts.group or "",
         pages=pages_kind,
         numa_nodes=list(info.numa_nodes),
+        warn_used=info.warn_used or None,
     )
 
 
