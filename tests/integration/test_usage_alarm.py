@@ -106,7 +106,7 @@ def test_warn_used_logs_each_crossing_once_and_the_peak_is_the_high_water_mark(
         buf.free()
     client.close()
     records = parse_lines(daemon.stop())
-    assert records[0]["event"] == "start" and records[0]["warn_used"] == "50%"
+    assert events(records, "start")[0]["warn_used"] == "50%"
     (rose,) = events(records, "used_high")
     (fell,) = events(records, "used_normal")
     assert rose["level"] == "warning" and fell["level"] == "info"
