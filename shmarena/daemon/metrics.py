@@ -368,6 +368,12 @@ def families(
     for metric, key, text in GAUGES:
         yield GaugeMetricFamily(metric, text, value=float(stats[key]))
     yield GaugeMetricFamily("shmarena_segments", "Arena segments", value=len(stats["segments"]))
+    if stats.get("warn_used_bytes") is not None:  # only with --warn-used
+        yield GaugeMetricFamily(
+            "shmarena_used_warning_threshold_bytes",
+            "Used bytes at which --warn-used warns (shmarena_used_warning goes to 1)",
+            value=stats["warn_used_bytes"],
+        )
     yield GaugeMetricFamily("shmarena_queues", "Open queues", value=len(stats["queues"]))
     by_order = GaugeMetricFamily(
         "shmarena_free_blocks",

@@ -64,6 +64,7 @@ def test_warn_used_logs_each_crossing_once_and_the_peak_is_the_high_water_mark(
     samples = scrape(port)
     assert one(samples, "shmarena_used_warning") == 1
     assert one(samples, "shmarena_used_warnings_total") == 1
+    assert one(samples, "shmarena_used_warning_threshold_bytes") == high
 
     # Hovering around the threshold: under it, over it again, no new event
     held.pop(1).free()  # 3 MiB: under the threshold, above the low mark
