@@ -66,7 +66,10 @@ Requests, in the order of ``Op`` (arguments after the request id):
                Cache bookkeeping and frees, flat (see EVENTS below).
     SYNC       -> notices:[int], pushed:int   everything sent before is applied; `pushed`:
                NOTICES pushes sent to this session so far (see LISTEN)
-    STATS      -> map
+    STATS      reset_peak:bool -> map
+               reset_peak (administrators): peak_used_bytes becomes the used bytes
+               now; the map (taken after) has "previous_peak_used_bytes" and
+               "previous_peak_at". Not a sequenced op: a retry resets again.
     OWNERS     cursor:str, page:int, order:str -> [map], next:str|nil
     CLIENTS    cursor:str, page:int  -> [map], next:str|nil
                Listings come in pages of at most `page` rows (capped at
@@ -338,7 +341,7 @@ SCHEMAS: dict[Op, tuple[tuple[str, str, Any], ...]] = {
     ),
     Op.POST: (("events", EVENTS, REQUIRED),),
     Op.SYNC: (),
-    Op.STATS: (),
+    Op.STATS: (("reset_peak", BOOL, False),),
     Op.OWNERS: (("cursor", STR, ""), ("page", INT, 0), ("order", STR, "")),
     Op.CLIENTS: (("cursor", STR, ""), ("page", INT, 0)),
     Op.CHECK: (),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -50,11 +51,29 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    """`shmarena stats`: everything."""
+    """`shmarena stats`: everything; with --reset-peak, reset the peak instead."""
+    if args.reset_peak:
+        return _reset_peak(args)
     stats = _query(args, Client.stats)
     if stats is not None:
         print_stats(stats)
     return EXIT_OK
+
+
+def _reset_peak(args: argparse.Namespace) -> int:
+    """`shmarena stats --reset-peak`: the peak of used bytes before and after."""
+    reset = _query(args, Client.reset_peak)
+    if reset is not None:
+        print(
+            f"peak_used_bytes reset: was {format_size(reset['previous_peak_used_bytes'])} "
+            f"(reached {_utc(reset['previous_peak_at'])}), now "
+            f"{format_size(reset['peak_used_bytes'])} (the used bytes at {_utc(reset['peak_at'])})"
+        )
+    return EXIT_OK
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
 
 
 def _owner_rows(client: Client, older_than: float | None, sort: str | None) -> list[Any]:

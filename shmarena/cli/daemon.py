@@ -109,6 +109,7 @@ def _run(options: argparse.Namespace) -> int:
         metrics_port=options.metrics_port,
         metrics_bind=options.metrics_bind,
         log_format=options.log_format,
+        warn_used=options.warn_used,
     )
     if options.debug_compact_bytes is not None:
         daemon.compact_bytes = options.debug_compact_bytes

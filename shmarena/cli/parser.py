@@ -13,6 +13,7 @@ from collections.abc import Callable
 from shmarena._version import __version__
 from shmarena.config import DEFAULT_LEASE_S, parse_size
 from shmarena.daemon.service import ALLOCATORS
+from shmarena.daemon.usage import parse_warn_used
 from shmarena.shm.journal import CRASH_POINTS
 from shmarena.views import add_commands as add_view_commands
 
@@ -54,6 +55,16 @@ def duration_arg(text: str) -> float:
             f"{text!r} is not an age: give seconds or a number with s, m, h or d (10m)"
         )
     return value
+
+
+def warn_used_arg(text: str) -> str:
+    """A --warn-used threshold: 90%, 0.9 or 900M (argparse type; kept as
+    text, which the daemon parses again, so --detach hands it on as given)."""
+    try:
+        parse_warn_used(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def quota_arg(text: str) -> int:
@@ -233,6 +244,17 @@ def add_daemon_options(daemon: argparse.ArgumentParser) -> None:
         "for journald, Docker and log shippers)",
     )
     daemon.add_argument(
+        "--warn-used",
+        type=warn_used_arg,
+        default=None,
+        metavar="LEVEL",
+        help="log one warning (event used_high) when used bytes reach LEVEL: a percentage "
+        "(90%%) or fraction (0.9) of the arena's size (with --max-size, of that cap), or a "
+        "size (900M); and one used_normal when they fall back 5 points of the size below "
+        "it. Each rise is counted (counters.used_warnings, shmarena_used_warnings_total); "
+        "`stats` shows used_warning while it lasts",
+    )
+    daemon.add_argument(
         "--detach",
         action="store_true",
         help="start in the background and return once the daemon answers",
@@ -291,6 +313,13 @@ def _add_admin_commands(add: AddCommand) -> None:
     ):
         cmd = add(command, text)
         cmd.add_argument("--json", action="store_true", help="print JSON for scripts")
+        if command == "stats":
+            cmd.add_argument(
+                "--reset-peak",
+                action="store_true",
+                help="set peak_used_bytes to the used bytes now and print the peak before "
+                "and after (the daemon's own user and root only)",
+            )
         if command == "owners":
             cmd.add_argument(
                 "--older-than",

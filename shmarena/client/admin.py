@@ -63,6 +63,17 @@ class Admin(ClientBase):
         (stats,) = self._request(Op.STATS)
         return dict(stats)
 
+    def reset_peak(self) -> dict[str, Any]:
+        """Set the daemon's peak of used bytes (`stats()["peak_used_bytes"]`)
+        to its used bytes now, as `shmarena stats --reset-peak` does; only
+        the daemon's own user and root may (AccessDenied otherwise). Returns
+        the peak before and after: previous_peak_used_bytes,
+        previous_peak_at, peak_used_bytes and peak_at (seconds since the
+        epoch)."""
+        (stats,) = self._request(Op.STATS, True)
+        keys = ("previous_peak_used_bytes", "previous_peak_at", "peak_used_bytes", "peak_at")
+        return {key: stats[key] for key in keys}
+
     def blocks(self, max_blocks: int | None = None) -> dict[str, Any]:
         """The arena's layout (what `shmarena map` draws): per segment its used
         blocks as flat [offset, size, holder index] and free runs as flat

@@ -136,6 +136,7 @@ class Ledger:
         self.generation = 0
         self.requested_bytes = 0  # bytes asked for by the blocks owners hold
         self.owned_bytes = 0  # carved bytes of blocks owners hold
+        self.peak_bytes = 0  # the most owned_bytes was since start or a reset (usage.py)
         self._next_session = 1
         self.changes = Changes()
         self.noticed: set[int] = set()  # sessions given notices since the last look (pushes)
@@ -628,6 +629,8 @@ class Ledger:
         owner.blocks[block.address] = block
         owner.bytes += block.carved
         self.owned_bytes += block.carved
+        if self.owned_bytes > self.peak_bytes:  # the one place used bytes grow: exact
+            self.peak_bytes = self.owned_bytes
         self.requested_bytes += block.size
         block.owner = owner.name
 

@@ -298,6 +298,11 @@ GAUGES = (
     ("shmarena_arena_size_bytes", "size_bytes", "Arena size now, all segments"),
     ("shmarena_arena_max_size_bytes", "max_size_bytes", "Cap of --max-size (= size if fixed)"),
     ("shmarena_used_bytes", "used_bytes", "Bytes of blocks held by owners"),
+    ("shmarena_peak_used_bytes", "peak_used_bytes",
+     "The most shmarena_used_bytes was since start or `stats --reset-peak`"),
+    ("shmarena_peak_used_timestamp_seconds", "peak_at", "When that peak was reached, Unix time"),
+    ("shmarena_used_warning", "used_warning",
+     "1 while used bytes are over --warn-used (until they fall 5 points below it), else 0"),
     ("shmarena_requested_bytes", "requested_bytes", "Bytes those blocks were asked for"),
     ("shmarena_free_bytes", "free_bytes", "Free bytes in total"),
     ("shmarena_largest_free_bytes", "largest_free_bytes", "The largest free block"),
@@ -331,6 +336,7 @@ COUNTERS = (
      "Bugs of the daemon caught while handling a request or timer (logged, answered)"),
     ("shmarena_quarantined_sessions", "quarantined_sessions",
      "Sessions ended because the state failed its check after an internal error"),
+    ("shmarena_used_warnings", "used_warnings", "Times used bytes rose to --warn-used"),
 )  # fmt: skip
 
 
@@ -362,6 +368,12 @@ def families(
     for metric, key, text in GAUGES:
         yield GaugeMetricFamily(metric, text, value=float(stats[key]))
     yield GaugeMetricFamily("shmarena_segments", "Arena segments", value=len(stats["segments"]))
+    if stats.get("warn_used_bytes") is not None:  # only with --warn-used
+        yield GaugeMetricFamily(
+            "shmarena_used_warning_threshold_bytes",
+            "Used bytes at which --warn-used warns (shmarena_used_warning goes to 1)",
+            value=stats["warn_used_bytes"],
+        )
     yield GaugeMetricFamily("shmarena_queues", "Open queues", value=len(stats["queues"]))
     by_order = GaugeMetricFamily(
         "shmarena_free_blocks",

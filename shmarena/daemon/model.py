@@ -54,6 +54,8 @@ class ArenaInfo:
     # administrators; with --group, members of that gid may use it (-1: none).
     uid: int = 0
     group_gid: int = -1
+    # --warn-used: the threshold as given ("90%", "0.9", "900M"; "": none), see usage.py
+    warn_used: str = ""
 
     @property
     def first_segment(self) -> dict[str, Any]:
@@ -89,6 +91,7 @@ class Counters:
     # answered as internal_error where there was a request, and logged).
     internal_errors: int = 0
     quarantined_sessions: int = 0  # sessions ended because check failed after one
+    used_warnings: int = 0  # times used bytes rose to --warn-used (usage.py)
     # Requests by op name (each parsed request once, refused or not; a repeat
     # answered from the reply cache is not run again and not counted), and
     # errors by their wire code: what `--metrics-port` exports.

@@ -56,6 +56,9 @@ class DaemonOptions:
     metrics_bind: str = "127.0.0.1"
     # --log-format: "text" (the lines as always) or "json" (one object a line)
     log_format: str = "text"
+    # --warn-used: log (and count) used bytes rising to this and falling back
+    # (daemon/usage.py: "90%", "0.9" or "900M"); None: no alarm.
+    warn_used: str | None = None
 
 
 def resolve_group(group: str) -> int:

@@ -60,6 +60,7 @@ from shmarena.daemon.lifecycle import RECOVERING, IllegalMove
 from shmarena.daemon.logs import LogEvent
 from shmarena.daemon.model import ALLOCATORS, OP_NAMES, ArenaInfo, Counters
 from shmarena.daemon.table import Link
+from shmarena.daemon.usage import Usage
 from shmarena.errors import AccessDenied, InternalError, LimitReached, OutOfMemory, ShmArenaError
 from shmarena.limits import MAX_KEPT_PER_SESSION, MAX_LISTING_ROWS
 from shmarena.protocol import (
@@ -174,6 +175,7 @@ class Service:
         # session did or by their deadline: (peer, frame), for the server to send.
         self.outbox: list[tuple[bytes, bytes]] = []
         self.counters = Counters()
+        self.usage = Usage(info)  # the peak of used bytes, --warn-used (usage.py)
         # The op of the request the last `receive` parsed (None: it did not
         # parse, or was a repeat): the server times requests by it.
         self.last_op: str | None = None
@@ -281,6 +283,9 @@ class Service:
         finally:
             if self.quarantine_next:
                 self.quarantine()
+            ledger, usage = self.ledger, self.usage  # the one compare a request costs it
+            if ledger.owned_bytes != usage.used or ledger.peak_bytes != usage.peak:
+                usage.observe(self, now)
 
     def _handle(self, peer: bytes, payload: bytes, now: float, creds: Creds | None) -> bytes:
         self.counters.requests += 1
@@ -420,6 +425,7 @@ class Service:
             alloc.serve_alloc_waiters(self, now)
         if self.quarantine_next:
             self.quarantine()
+        self.usage.observe(self, now)
 
     def next_wake(self) -> float | None:
         """The earliest deadline of a kept request (None: none kept)."""
@@ -583,6 +589,7 @@ class Service:
         freed = self.end_session(session_id, reason, now)
         self.counters.sessions_reclaimed += 1
         self.counters.reclaimed_bytes += freed.bytes
+        self.usage.observe(self, now)
         return freed
 
     # -- sessions recovered after a restart ------------------------------------
@@ -615,6 +622,7 @@ class Service:
             if restored is not None:
                 lifecycle.move(restored, "restored")
             self.admission.adopt(session_id, link, now + self.info.grace_s)
+        self.usage.restart(self, now)  # the peak and the alarm are not kept (usage.py)
 
     def recovering_peers(self) -> list[tuple[int, bytes]]:
         """Recovered sessions still waiting for their client, with the peer

@@ -79,6 +79,7 @@ def arena_info(
         numa_policy=numa.POLICY_NAMES.get(pages.numa_policy, ""),
         numa_nodes=pages.numa_nodes,
         numa_cpus=tuple(node_cpus),
+        warn_used=opts.warn_used or "",
     )
 
 
@@ -111,7 +112,8 @@ def announce(
             f"; pages bound ({info.numa_policy}) to NUMA node(s) {list(info.numa_nodes)}"
             if info.numa_nodes
             else ""
-        ),
+        )
+        + (f"; warns when {info.warn_used} of it is used" if info.warn_used else ""),
         "start",
         name=info.name,
         pid=os.getpid(),
@@ -128,6 +130,7 @@ def announce(
         group=opts.group or "",
         pages=pages_kind,
         numa_nodes=list(info.numa_nodes),
+        warn_used=info.warn_used or None,
     )
 
 

@@ -9,7 +9,13 @@ import argparse
 import pytest
 
 from shmarena.cli.daemon import daemon_argv
-from shmarena.cli.parser import add_daemon_options, build_parser, fraction_arg, size_arg
+from shmarena.cli.parser import (
+    add_daemon_options,
+    build_parser,
+    fraction_arg,
+    size_arg,
+    warn_used_arg,
+)
 
 NAME, RUN_DIR = "t-detach", "/tmp/shma-detach"
 
@@ -30,9 +36,8 @@ def words_for(action: argparse.Action) -> list[str]:
         return [flag, next(c for c in action.choices if c != action.default)]
     if action.default == []:  # repeatable: twice
         return [flag, "alloc", flag, "wake"]
-    text = {size_arg: "64K", fraction_arg: "0.25", float: "0.25", int: "3"}.get(
-        action.type, "some-text"
-    )
+    samples = {size_arg: "64K", fraction_arg: "0.25", float: "0.25", int: "3"}
+    text = {**samples, warn_used_arg: "90%"}.get(action.type, "some-text")
     return [flag, text]
 
 

@@ -51,6 +51,7 @@ PURE_MODULES = [
     "shmarena.daemon.waiters",
     "shmarena.daemon.table",
     "shmarena.daemon.logs",
+    "shmarena.daemon.usage",
 ]
 # Does no I/O but takes a lock (threading), so only its own imports are read.
 NO_IO_WITH_LOCKS = ["shmarena.client.cache"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from shmarena.config import format_size
 from shmarena.daemon.handlers.base import Call, Result
 from shmarena.daemon.layout import layout
 from shmarena.daemon.ledger import QUEUED
@@ -50,6 +51,7 @@ def stats(svc: Service, now: float) -> dict[str, Any]:
         "segments": svc.segment_rows(),
         "allocator": info.allocator,
         "used_bytes": ledger.owned_bytes,
+        **svc.usage.stats(ledger),  # peak_used_bytes, peak_at, warn_used, used_warning
         "requested_bytes": ledger.requested_bytes,
         "cached_bytes": ledger.cached_bytes,
         "cached_blocks": cached_blocks,
@@ -137,8 +139,26 @@ def segment_rows(svc: Service) -> list[dict[str, Any]]:
 
 
 def stats_op(c: Call) -> Result:
-    """STATS: the snapshot."""
-    return (stats(c.svc, c.now),)
+    """STATS: the snapshot; with reset_peak (administrators), taken after the
+    peak of used bytes was set to the used bytes now, with the peak before."""
+    if not c.args[0]:
+        return (stats(c.svc, c.now),)
+    svc = c.svc
+    svc.require_admin(c.session, "stats --reset-peak", "reset the peak of used bytes")
+    reset = svc.usage.reset_peak(svc.ledger, c.now)
+    session = svc.ledger.sessions[c.session]
+    svc.log(
+        "peak_reset",
+        f"peak of used bytes reset by uid {session.uid} (session {c.session}, pid "
+        f"{session.pid}): was {format_size(reset['previous_peak_used_bytes'])}, now "
+        f"{format_size(reset['peak_used_bytes'])}",
+        session=c.session,
+        **reset,
+    )
+    snapshot = stats(svc, c.now)
+    snapshot["previous_peak_used_bytes"] = reset["previous_peak_used_bytes"]
+    snapshot["previous_peak_at"] = reset["previous_peak_at"]
+    return (snapshot,)
 
 
 def check(c: Call) -> Result:
