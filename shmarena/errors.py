@@ -152,7 +152,7 @@ class LimitReached(InvalidRequest):
 class AccessDenied(ShmArenaError):
     """The operation is administrative (shutdown, quotas, acting on another
     user's owners or blocks) and the calling process's user may not perform
-    it. README "Access" says who may; nothing was changed."""
+    it. docs/reliability.md, "Access" says who may; nothing was changed."""
 
     code = "access_denied"
 

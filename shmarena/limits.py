@@ -42,7 +42,7 @@ MAX_EVENTS_PER_REPLY = 1024
 MAX_BUFFERED_REPLIES = 16
 MAX_QUEUED_REPLY_BYTES = 4 << 20
 
-# What one client may make the daemon hold (README "Reliability"). Each bound
+# What one client may make the daemon hold (docs/reliability.md). Each bound
 # is reported in `stats["limits"]` under the key in its comment, and a request
 # that would pass it is refused with LimitReached naming that key (details
 # `limit`, `value`), changing nothing. The sizes let a heavy legitimate user

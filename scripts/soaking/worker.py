@@ -87,7 +87,7 @@ class Worker:
     # bookkeeping
 
     def carved(self, size: int, buf: Any) -> int:
-        """The bytes the daemon carves for `size` (README, stats keys: the size
+        """The bytes the daemon carves for `size` (docs/stats.md: the size
         class for sizes the cache serves, else rounded up to the minimum block;
         a kept large block reused for a smaller size: its own, as the cache says)."""
         if size <= self.cache_max:

@@ -77,7 +77,7 @@ _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
 
 
-# Fault injection for tests (see README, "Fault injection"): with
+# Fault injection for tests (see docs/reliability.md, "Testing faults"): with
 # SHMARENA_FAULT=POINT:OP[#N] this process SIGKILLs itself at POINT of its
 # Nth request of kind OP (default the first). POINT is before_send (nothing
 # sent yet), after_send (sent, reply not read) or after_reply (the daemon

@@ -11,7 +11,7 @@ asked for again (`Resend`). It also keeps the set of requests that wait
 of them a persistent table must remember (`link`).
 
 Who a process is comes from the kernel (`Creds`), never from a message;
-`admitted` and `is_admin` are the access model (README "Access").
+`admitted` and `is_admin` are the access model (docs/reliability.md, "Access").
 """
 
 from __future__ import annotations

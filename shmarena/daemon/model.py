@@ -50,7 +50,7 @@ class ArenaInfo:
     numa_cpus: tuple[int, ...] = ()
     # --quota-per-session: carved bytes a session may hold (0: no quota)
     quota_per_session: int = 0
-    # Who may use the daemon (README "Access"): its own uid and root are
+    # Who may use the daemon (docs/reliability.md, "Access"): its own uid and root are
     # administrators; with --group, members of that gid may use it (-1: none).
     uid: int = 0
     group_gid: int = -1

@@ -82,7 +82,7 @@ class Session:
     owner_id_of: dict[str, int] = field(default_factory=dict)
     next_owner_id: int = 1
     cached_bytes: int = 0
-    # Who the process is, as the kernel told the daemon (README "Access"): an
+    # Who the process is, as the kernel told the daemon (docs/reliability.md, "Access"): an
     # administrator may act on every user's owners and blocks, others on their
     # own uid's only. The defaults are for the pure core's tests.
     uid: int = 0

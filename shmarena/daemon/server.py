@@ -292,7 +292,7 @@ class Server:
         extra["generation_table_bytes"] = sum(t.mapping.size() for t in tables)
         if self.outbound is not None:
             extra["replies"] = self.outbound.stats()
-        # The server's own bounds, beside the service's (README "Reliability")
+        # The server's own bounds, beside the service's (docs/reliability.md)
         limits = self.service.limits() if self.service is not None else {}
         limits["buffered_replies"] = MAX_BUFFERED_REPLIES
         limits["queued_reply_bytes"] = MAX_QUEUED_REPLY_BYTES

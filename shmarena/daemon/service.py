@@ -471,7 +471,7 @@ class Service:
         self.stopping = True
         self.effects.append(Stop())
 
-    # -- access (README "Access") ------------------------------------------
+    # -- access (docs/reliability.md, "Access") ------------------------------------------
 
     def is_admin(self, uid: int) -> bool:
         """Whether a process of `uid` may administer the daemon: the
@@ -514,12 +514,12 @@ class Service:
 
     def stats(self, now: float) -> dict[str, Any]:
         """Everything about the arena in one snapshot (the keys are documented
-        in README.md, "stats keys")."""
+        in docs/stats.md)."""
         return admin.stats(self, now)
 
     def limits(self) -> dict[str, int]:
         """The bounds the daemon keeps on what clients make it hold, by the
-        name a `LimitReached` error gives (README "Reliability")."""
+        name a `LimitReached` error gives (docs/reliability.md)."""
         return admin.limits(self)
 
     def segment_rows(self) -> list[dict[str, Any]]:

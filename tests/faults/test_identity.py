@@ -4,7 +4,7 @@ A client's pid and uid are the ones the kernel reports for its connection
 (SO_PEERCRED, which ZeroMQ attaches to each message of an ipc connection),
 not the ones its hello claims. The raw-socket clients here lie on purpose.
 
-The access model (README "Access"): the daemon's own uid and root are
+The access model (docs/reliability.md, "Access"): the daemon's own uid and root are
 administrators; another uid gets in only through `--group` and may use the
 data path for its own owners and blocks, but not shut the daemon down, set
 quotas, or recycle or free what another uid's owners hold.

@@ -1,5 +1,5 @@
 """Who a client is and what it may do, as Service.handle with the kernel's
-credentials handed in (README "Access"): the daemon's uid (1000 here) and
+credentials handed in (docs/reliability.md, "Access"): the daemon's uid (1000 here) and
 root administer; a member of --group (gid 4242) uses only its own."""
 
 from __future__ import annotations

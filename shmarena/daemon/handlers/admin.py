@@ -28,7 +28,7 @@ def _extfrag(index: float | None) -> float:
 
 def stats(svc: Service, now: float) -> dict[str, Any]:
     """Everything about the arena in one snapshot (the keys are documented
-    in README.md, "stats keys")."""
+    in docs/stats.md)."""
     ledger, space, info = svc.ledger, svc.ledger.space, svc.info
     retained_only = ledger.retained_only()
     pinned = ledger.pinned()
@@ -108,7 +108,7 @@ def stats(svc: Service, now: float) -> dict[str, Any]:
 
 def limits(svc: Service) -> dict[str, int]:
     """The bounds the daemon keeps on what clients make it hold, by the
-    name a `LimitReached` error gives (README "Reliability")."""
+    name a `LimitReached` error gives (docs/reliability.md)."""
     return {
         **svc.ledger.limits(),
         **svc.exchange.limits(),
