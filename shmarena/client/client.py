@@ -523,7 +523,9 @@ def connect(
     retry_s: float = DEFAULT_RETRY_S,
 ) -> Client:
     """Connect to the daemon `name` (see `Client`; `cache=False` sends every
-    alloc to the daemon; `populate=True` maps every page of the arena up front)."""
+    alloc to the daemon; `populate=True` maps every page of the arena up front;
+    `label` names this client in `shmarena clients`). The first connect of a
+    process makes its daemon the process default (see `shmarena.set_default`)."""
     return Client(
         name,
         runtime_dir=runtime_dir,
