@@ -3,6 +3,8 @@
     client = shmarena.connect()          # the daemon named "default"
     buf = client.alloc(65536)            # zero-copy Buffer; buf.view, buf.handle
     other = client.attach(buf.handle)    # the same bytes, from any process
+    data = shmarena.dumps(obj)           # uses the process default: the first
+                                         # connect's daemon, or shmarena.set_default(c)
 
 This module is the public API, re-exported; nothing else lives here. It imports
 only `shmarena._version` itself: every other name is looked up on first use
@@ -22,6 +24,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from shmarena.client.arrays import attach_array, share
     from shmarena.client.buffer import Buffer, Handle
     from shmarena.client.client import Client, Owner, Recycled, connect
+    from shmarena.client.default import get_default, set_default
     from shmarena.client.names import Event, Subscription
     from shmarena.compat import ShareableList, SharedMemory
     from shmarena.errors import (
@@ -81,7 +84,9 @@ __all__ = [
     "connect",
     "discard",
     "dumps",
+    "get_default",
     "loads",
+    "set_default",
     "share",
 ]
 
@@ -98,6 +103,7 @@ _LAZY: dict[str, str] = {
     "discard": "shmarena.pickling",
     "dumps": "shmarena.pickling",
     "Event": "shmarena.client.names",
+    "get_default": "shmarena.client.default",
     "Handle": "shmarena.client.buffer",
     "InternalError": "shmarena.errors",
     "InvalidRequest": "shmarena.errors",
@@ -112,6 +118,7 @@ _LAZY: dict[str, str] = {
     "QueueFull": "shmarena.errors",
     "QuotaExceeded": "shmarena.errors",
     "Recycled": "shmarena.client.client",
+    "set_default": "shmarena.client.default",
     "SessionLost": "shmarena.errors",
     "share": "shmarena.client.arrays",
     "ShareableList": "shmarena.compat",

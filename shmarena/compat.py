@@ -70,9 +70,10 @@ class SharedMemory:
     size, and `size` reports that size (the stdlib may round up to a page).
     `close()` lets go of this process's view; `unlink()` destroys the segment
     for everyone (views still in use stay valid until they are gone).
-    `client` chooses the daemon; by default a per-process client of the one
-    the environment names. `track` is accepted for the 3.13 signature and
-    changes nothing: there is no resource tracker to tell.
+    `client` chooses the daemon; by default the process default (see
+    `shmarena.set_default`: the first connect's daemon, else the
+    environment's). `track` is accepted for the 3.13 signature and changes
+    nothing: there is no resource tracker to tell.
     """
 
     def __init__(

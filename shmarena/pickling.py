@@ -402,7 +402,9 @@ def _client(client: Client | None) -> Client:
 def dumps(obj: Any, *, client: Client | None = None, threshold: int = DEFAULT_THRESHOLD) -> bytes:
     """`obj` pickled, its buffers of `threshold` bytes or more in the arena
     under a detached owner of its own (see the module's lifetime rule). Small
-    objects cost no round trip."""
+    objects cost no round trip. `client` chooses the daemon (default: the
+    process default, see `shmarena.set_default`); load the message from a
+    client of the same daemon."""
     client = _client(client)
     owner: list[Any] = []
 
@@ -455,7 +457,8 @@ def loads(
     Retains the message's blocks for this process and recycles the message's
     owner unless `keep` (see the module's lifetime rule). StaleHandle if a
     block was freed before this: its message says why (loaded before without
-    `keep=True`, freed by its producer, or its producer exited)."""
+    `keep=True`, freed by its producer, or its producer exited). `client`:
+    as for `dumps` (a client of the daemon the message was made in)."""
     envelope = _envelope(data)
     client = _client(client)
     handles = [Handle(*h) for h in envelope["handles"]]
@@ -474,7 +477,8 @@ def loads(
 
 def discard(data: bytes | bytearray | memoryview, *, client: Client | None = None) -> None:
     """Give back the blocks of a message that will never be loaded (recycle
-    its owner). Loads that already happened keep their objects."""
+    its owner). Loads that already happened keep their objects. `client`: as
+    for `loads`."""
     envelope = _envelope(data)
     if envelope["owner"] is not None:
         with contextlib.suppress(UnknownOwner):  # loaded (without keep) or discarded already

@@ -43,7 +43,7 @@ from typing import Any
 from shmarena.client import names
 from shmarena.client.buffer import Buffer
 from shmarena.client.client import Client
-from shmarena.client.default import default_client
+from shmarena.client.default import default_client, default_daemon
 from shmarena.errors import QueueFull, ShmArenaError
 from shmarena.limits import MAX_PREFETCH, MAX_QUEUE_CREDIT
 from shmarena.pickling import DEFAULT_THRESHOLD, free_all, pack, release_all, unpack
@@ -76,7 +76,8 @@ class Queue:
 
     `maxsize` 0 means unbounded. `name` lets unrelated processes share a
     queue (default: a fresh unique name). `client` chooses the daemon and
-    the connection (default: `shmarena.connect()`'s daemon). Differences
+    the connection (default: the process default, see `shmarena.set_default`,
+    decided when the queue is made). Differences
     from the stdlib: an unpicklable object raises in `put` itself (it is
     pickled there; only the sending is deferred, as the stdlib's feeder
     thread does, and a put is visible to other processes shortly after it
@@ -98,7 +99,9 @@ class Queue:
         self._name = name or f"queue-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._maxsize = maxsize
         self._threshold = threshold
-        self._where = (client.name, client.runtime_dir) if client is not None else (None, None)
+        # Resolved now: a copy sent to a spawned child (which has no default
+        # of its own) still means this process's default daemon.
+        self._where = (client.name, client.runtime_dir) if client is not None else default_daemon()
         self._given = client
         self._setup()
         self._open()

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
+from shmarena.client import chosen
 from shmarena.client.client import Client, connect
 from shmarena.config import shm_name, socket_path
 from shmarena.daemon.clock import ManualClock  # re-exported: pure tests of timers
@@ -233,6 +234,7 @@ class Daemon:
         killed, then DaemonError is raised. Stopping twice does nothing."""
         errors = [e for e in map(_close_client, self.clients) if e is not None]
         self.clients.clear()
+        chosen.forget(self.name, self.run_dir)  # gone: not this process's default any more
         out = self._stop_process(timeout_s)
         if errors:
             raise DaemonError(f"closing a client of {self.name} raised {errors[0]!r}")

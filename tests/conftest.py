@@ -16,6 +16,7 @@ import pytest
 
 import shmarena
 from shmarena import testing
+from shmarena.client import chosen
 from shmarena.testing import unique_name
 
 __all__ = ["REPO", "Daemon", "can_unshare", "subprocess_env", "unique_name", "wait_for"]
@@ -111,6 +112,15 @@ def nothing_left_in_dev_shm() -> Iterator[None]:
         if f.startswith(("shmarena-t-", "shmarena-demo-")) and (ours in f or "demo" in f)
     ]
     assert not left, f"the test run left these in /dev/shm: {left}"
+
+
+@pytest.fixture(autouse=True)
+def no_default_daemon_carried_over() -> Iterator[None]:
+    """Each test starts with no process default daemon: the first connect of
+    an earlier test (to a daemon long stopped) must not choose for this one."""
+    chosen.set_given(None)
+    yield
+    chosen.set_given(None)
 
 
 @pytest.fixture

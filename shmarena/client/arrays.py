@@ -33,10 +33,10 @@ _FIELDS = 10
 
 
 def default_client() -> Client:
-    """The client `attach_array` uses when given none: the process's shared
-    one of `shmarena.client.default` (one `shmarena.connect()` per process,
-    $SHMARENA_NAME / $SHMARENA_RUNTIME_DIR applying, made anew in a forked
-    child)."""
+    """The client `attach_array` uses when given none: the process default
+    of `shmarena.client.default` (set_default's client, else a shared one of
+    the first connect's daemon, else of $SHMARENA_NAME / $SHMARENA_RUNTIME_DIR;
+    made anew in a forked child)."""
     from shmarena.client.default import default_client as shared  # it imports client.py
 
     return shared()

@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from shmarena.client import mappings, pushes
+from shmarena.client import chosen, mappings, pushes
 from shmarena.client.admin import Admin
 from shmarena.client.allocating import Allocating
 from shmarena.client.attaching import Attaching
@@ -102,6 +102,10 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
     cache, never runs it twice). After the daemon was restarted, one call
     raises SessionLost and the next connects again (see `reconnect`).
 
+    The first Client of a process (any name) makes its daemon the process
+    default, which `shmarena.dumps`, `Queue`, `share` ... use when given no
+    `client=`; `shmarena.set_default` chooses explicitly (client/chosen.py).
+
     With `cache=True` (the default) sizes up to 1 MiB (less for small arenas)
     come from a per-process cache without a round trip, and what the daemon
     must know follows in batches: `stats()` and `shmarena owners` are exact
@@ -173,6 +177,7 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
         self._alive_at = 0.0  # monotonic time of the last reply (lease mode only)
         self._connect()
         _CLIENTS.add(self)
+        chosen.note_connect(self.name, self.runtime_dir)  # the first chooses the process default
 
     # -- session -----------------------------------------------------------
 
@@ -497,9 +502,11 @@ class Client(Allocating, Freeing, Owning, Attaching, Admin, Arrays):
                 raise
 
     def shutdown(self) -> None:
-        """Ask the daemon to stop cleanly (it removes socket, lock and arena)."""
+        """Ask the daemon to stop cleanly (it removes socket, lock and arena).
+        If it was this process's default daemon, it no longer is."""
         self._request(Op.SHUTDOWN)
         self._closed = True
+        chosen.forget(self.name, self.runtime_dir)  # no longer anyone's default daemon
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.close()
@@ -516,7 +523,9 @@ def connect(
     retry_s: float = DEFAULT_RETRY_S,
 ) -> Client:
     """Connect to the daemon `name` (see `Client`; `cache=False` sends every
-    alloc to the daemon; `populate=True` maps every page of the arena up front)."""
+    alloc to the daemon; `populate=True` maps every page of the arena up front;
+    `label` names this client in `shmarena clients`). The first connect of a
+    process makes its daemon the process default (see `shmarena.set_default`)."""
     return Client(
         name,
         runtime_dir=runtime_dir,
