@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="shmarena",
         description="A shared-memory allocator service for Python processes on one host.",
         epilog="exit codes: 0 ok, 1 refused by the daemon or check failed, 2 usage, "
-        "3 daemon unreachable",
+        "3 daemon unreachable, 141 the reader of the output went away (| head), as for grep",
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"shmarena {__version__}")
