@@ -318,8 +318,7 @@ def _add_admin_commands(add: AddCommand) -> None:
         "--per-session", metavar="SIZE", help="set the per-session quota (a size, or none)"
     )
     quota.add_argument("--json", action="store_true", help="print JSON for scripts")
-    recycle = add("recycle", "recycle one owner: free every block it holds")
-    recycle.add_argument("owner", help="owner name (see `shmarena owners`)")
+    _add_recycle(add)
     add("check", "verify the allocator's invariants in the running daemon; exit 1 if broken")
     add("shutdown", "stop the daemon cleanly")
     inspect = add(
@@ -334,6 +333,38 @@ def _add_admin_commands(add: AddCommand) -> None:
         action="store_true",
         help="list every block (default: only when there are at most 100)",
     )
+
+
+def _add_recycle(add: AddCommand) -> None:
+    recycle = add(
+        "recycle",
+        "recycle owners: free every block they hold. Name one OWNER, or select owners with "
+        "--prefix and/or --older-than (both given: both must hold); one line per owner "
+        "recycled, then the total",
+    )
+    recycle.add_argument("owner", nargs="?", help="owner name (see `shmarena owners`)")
+    recycle.add_argument(
+        "--prefix",
+        metavar="P",
+        default=None,
+        help="every owner whose name starts with P, like pickle- or batch-; a live "
+        "session's implicit owner (session-N) only when P itself starts with 'session'; "
+        "an empty P (every owner) only together with --older-than",
+    )
+    recycle.add_argument(
+        "--older-than",
+        type=duration_arg,
+        default=None,
+        metavar="AGE",
+        help="every owner at least AGE old: 90s, 10m, 2h, 1d, 0.5s (live sessions' implicit "
+        "owners left out, as above)",
+    )
+    recycle.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would be recycled and change nothing",
+    )
+    recycle.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
 def _add_demo(add: AddCommand) -> None:
