@@ -112,7 +112,8 @@ def add_daemon_options(daemon: argparse.ArgumentParser) -> None:
         "--size",
         type=size_arg,
         default=None,
-        help="arena size (default 1G; with an existing --backing file, the file's)",
+        help="arena size: 1G, 512M, 1.5G, 1 GiB, 1_000_000 (binary units; default 1G; with an "
+        "existing --backing file, the file's); rounded up to whole --min-block blocks",
     )
     daemon.add_argument(
         "--min-block",
