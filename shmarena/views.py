@@ -12,7 +12,6 @@ the client library, like the other admin commands in shmarena/cli/admin.py.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections import deque
@@ -20,12 +19,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.console import Console, Group
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
 from shmarena.client.client import Client
 from shmarena.config import format_age, format_pct, format_size
+from shmarena.console import make_console
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -97,15 +97,6 @@ def add_commands(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
 
 def _client(args: argparse.Namespace) -> Client:
     return Client(args.name, runtime_dir=args.run_dir, timeout_s=args.timeout, label="cli")
-
-
-def _console() -> Console:
-    console = Console(highlight=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        # Piped to a file or a script: rich would assume 80 columns and wrap
-        # the map's lines; 132 keeps a segment on one line.
-        console = Console(highlight=False, width=132)
-    return console
 
 
 def _usage(message: str) -> int:
@@ -241,7 +232,7 @@ def _owners_table(owners: list[dict[str, Any]], rows: int, total: int) -> Table:
     table = Table(title=f"top owners by bytes ({total} in all)", title_justify="left")
     for name, justify in (("owner", "left"), ("scope", "left"), ("session", "right"),
                           ("blocks", "right"), ("bytes", "right"), ("age", "right")):  # fmt: skip
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify, no_wrap=justify == "right")  # type: ignore[arg-type]
     for row in sorted(owners, key=lambda r: (-r["bytes"], r["name"]))[:rows]:
         table.add_row(
             row["name"],
@@ -257,7 +248,9 @@ def _owners_table(owners: list[dict[str, Any]], rows: int, total: int) -> Table:
 def _sessions_table(clients: list[dict[str, Any]], rows: int) -> Table:
     table = Table(title=f"top sessions by bytes ({len(clients)} in all)", title_justify="left")
     for name in ("session", "pid", "label", "owners", "blocks", "bytes", "cached", "age"):
-        table.add_column(name, justify="left" if name == "label" else "right")
+        table.add_column(
+            name, justify="left" if name == "label" else "right", no_wrap=name != "label"
+        )
     ranked = sorted(clients, key=lambda r: (-(r["bytes"] + r.get("cached_bytes", 0)), r["session"]))
     for row in ranked[:rows]:
         table.add_row(
@@ -282,7 +275,7 @@ def cmd_top(args: argparse.Namespace) -> int:
             first = take_sample(client, args.rows)
             time.sleep(min(0.5, args.interval))  # the rates' window, not a synchronisation
             second = take_sample(client, args.rows)
-            _console().print(render_top(second, first, state, args.rows))
+            make_console(soft_wrap=False).print(render_top(second, first, state, args.rows))
             return EXIT_OK
         from rich.live import Live
 
@@ -290,7 +283,7 @@ def cmd_top(args: argparse.Namespace) -> int:
         try:
             with Live(
                 render_top(sample, None, state, args.rows),
-                console=_console(),
+                console=make_console(soft_wrap=False),
                 refresh_per_second=4,
                 screen=False,
             ) as live:
@@ -446,7 +439,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     with _client(args) as client:
         layout = client.blocks()
         stats = client.stats()
-    _console().print(render_map(layout, stats, args.width))
+    make_console(soft_wrap=False).print(render_map(layout, stats, args.width))
     if args.png:
         width, height = write_png(layout, args.png, args.png_width)
         print(f"wrote {args.png} ({width} x {height} pixels)")

@@ -2,7 +2,7 @@
 
 Every admin command goes through the client library (one way to do a thing).
 Exit codes: 0 ok, 1 refused by the daemon or check failed, 2 usage,
-3 daemon unreachable.
+3 daemon unreachable, 141 stdout's reader went away (`| head`), as for grep.
 
 `parser` holds the grammar, `daemon` the daemon command, `admin` the commands
 that ask a running daemon, `render` how answers are printed; `main` here
@@ -23,6 +23,9 @@ from shmarena.cli.parser import EXIT_REFUSED, EXIT_UNREACHABLE, build_parser
 from shmarena.config import resolve_name, runtime_dir
 from shmarena.errors import DaemonUnavailable, ShmArenaError
 from shmarena.views import COMMANDS as VIEW_COMMANDS
+
+# What a shell reports for a process ended by SIGPIPE (128 + 13).
+EXIT_SIGPIPE = 141
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -51,6 +54,21 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `shmarena ARGV...` (sys.argv[1:] when None); return the exit code."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+    except SystemExit:  # --help, --version, a usage error: argparse printed and exits
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return _reader_gone()
+        raise
+    except BrokenPipeError:
+        return _reader_gone()
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.name = getattr(args, "name", None)
@@ -72,6 +90,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return 130
+
+
+def _reader_gone() -> int:
+    """stdout's reader went away (`shmarena owners | head -1`): end quietly, as
+    grep does, with the status of a process ended by SIGPIPE. stdout is pointed
+    at /dev/null first so the interpreter's final flush cannot raise again
+    (Python's own advice; the SIGPIPE disposition stays as it is, so
+    `shmarena daemon` never dies of a closed stdout)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_SIGPIPE
 
 
 __all__ = ["main", "build_parser"]

@@ -25,6 +25,7 @@ from shmarena.cli.render import (
 )
 from shmarena.client.client import Client
 from shmarena.config import format_age, format_size
+from shmarena.errors import UnknownOwner
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -215,11 +216,125 @@ def cmd_quota(args: argparse.Namespace) -> int:
 
 
 def cmd_recycle(args: argparse.Namespace) -> int:
-    """`shmarena recycle OWNER`: free every block the owner holds."""
+    """`shmarena recycle OWNER`, or every owner `--prefix` and/or `--older-than`
+    select (`--dry-run`: only say which); one line per owner, then the total."""
+    refused = _recycle_usage(args)
+    if refused:
+        print(f"shmarena recycle: {refused}", file=sys.stderr)
+        return EXIT_USAGE
     with _client(args) as client:
-        result = client.recycle(args.owner)
-    print(f"recycled {args.owner!r}: {result.blocks} blocks, {format_size(result.bytes)}")
+        if args.owner is not None and not args.dry_run:
+            result = client.recycle(args.owner)  # UnknownOwner: exit 1, naming it
+            done = [_outcome({"name": args.owner}, "recycled", result.blocks, result.bytes)]
+            listed = 1
+        else:
+            listing = client.list_owners()
+            listed = len(listing)
+            if args.owner is not None:
+                chosen = [row for row in listing if row["name"] == args.owner]
+                if not chosen:
+                    print(f"shmarena recycle: no owner named {args.owner!r}; see `shmarena owners`",
+                          file=sys.stderr)  # fmt: skip
+                    return EXIT_REFUSED
+            else:
+                chosen = select_owners(listing, args.prefix, args.older_than)
+            done = [_recycle_row(client, row, args.dry_run) for row in chosen]
+    if args.json:
+        print_json(done)
+    elif args.owner is not None:
+        print(_recycled_line(done[0]))
+    else:
+        _print_recycled(done, _selection(args), listed)
     return EXIT_OK
+
+
+def _recycle_usage(args: argparse.Namespace) -> str:
+    """Why these recycle arguments cannot go together ("" when they can)."""
+    selecting = args.prefix is not None or args.older_than is not None
+    if args.owner is not None and selecting:
+        return (
+            f"give an OWNER ({args.owner!r}) or select owners with --prefix/--older-than, not both"
+        )
+    if args.owner is None and not selecting:
+        return "name an OWNER, or select owners with --prefix P and/or --older-than AGE"
+    if args.prefix == "" and args.older_than is None:
+        return (
+            '--prefix "" matches every owner: add --older-than AGE to recycle every owner '
+            "that old, or give the prefix of the owners you mean (like pickle-)"
+        )
+    return ""
+
+
+def select_owners(
+    rows: list[dict[str, Any]], prefix: str | None, older_than: float | None
+) -> list[dict[str, Any]]:
+    """The owners of a listing that `recycle --prefix/--older-than` selects:
+    name starting with `prefix`, at least `older_than` seconds old (a None
+    selector lets every owner pass). A live session's implicit owner
+    (session-N) is selected only when the prefix itself starts with 'session':
+    recycling it pulls the blocks from under a running process."""
+    names_sessions = prefix is not None and prefix.startswith("session")
+    return [
+        row
+        for row in rows
+        if (prefix is None or row["name"].startswith(prefix))
+        and (older_than is None or row["age_s"] >= older_than)
+        and (names_sessions or not _live_implicit(row))
+    ]
+
+
+def _live_implicit(row: dict[str, Any]) -> bool:
+    return row["name"] == f"session-{row['session']}" and bool(row.get("alive", True))
+
+
+def _outcome(row: dict[str, Any], status: str, blocks: int, size: int) -> dict[str, Any]:
+    return {"name": row["name"], "status": status, "blocks": blocks, "bytes": size}
+
+
+def _recycle_row(client: Client, row: dict[str, Any], dry_run: bool) -> dict[str, Any]:
+    """Recycle one selected owner (or, dry run, say what it holds). One gone
+    since the listing (its process recycled it, its session ended) is skipped."""
+    if dry_run:
+        return _outcome(row, "would recycle", row["blocks"], row["bytes"])
+    try:
+        result = client.recycle(row["name"])
+    except UnknownOwner:
+        return _outcome(row, "skipped", 0, 0)
+    return _outcome(row, "recycled", result.blocks, result.bytes)
+
+
+def _recycled_line(outcome: dict[str, Any]) -> str:
+    name, status = outcome["name"], outcome["status"]
+    if status == "skipped":
+        return f"skipped {name!r}: gone since the listing (recycled or its session ended)"
+    return f"{status} {name!r}: {outcome['blocks']} blocks, {format_size(outcome['bytes'])}"
+
+
+def _selection(args: argparse.Namespace) -> str:
+    words = [] if args.prefix is None else [f"--prefix {args.prefix!r}"]
+    if args.older_than is not None:
+        words.append(f"--older-than {args.older_than:g}s")
+    return " ".join(words)
+
+
+def _print_recycled(done: list[dict[str, Any]], selection: str, listed: int) -> None:
+    if not done:
+        print(f"no owner matches {selection} ({listed} owners in all); nothing recycled")
+        return
+    for outcome in done:
+        print(_recycled_line(outcome))
+    taken = [o for o in done if o["status"] != "skipped"]
+    blocks, size = sum(o["blocks"] for o in taken), sum(o["bytes"] for o in taken)
+    verb = (
+        "would be recycled (dry run: nothing changed)"
+        if done[0]["status"] == "would recycle"
+        else "recycled"
+    )
+    skipped = len(done) - len(taken)
+    print(
+        f"total: {len(taken)} owners, {blocks} blocks, {format_size(size)} {verb}"
+        + (f"; {skipped} skipped" if skipped else "")
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:

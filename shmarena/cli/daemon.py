@@ -24,9 +24,10 @@ from shmarena.client.client import Client
 from shmarena.config import (
     DEFAULT_MIN_BLOCK_BYTES,
     DEFAULT_SIZE_BYTES,
-    check_arena_size,
     check_min_block,
+    fit_arena_size,
     format_size,
+    rounding_note,
 )
 from shmarena.daemon.service import OP_NAMES
 from shmarena.errors import DaemonStartError, DaemonUnavailable
@@ -46,10 +47,12 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     options = _with_defaults(args)
-    refused = _daemon_combination(options) or _metrics_refusal(options) or _bad_value(options)
+    refused = _bad_value(options) or _daemon_combination(options) or _metrics_refusal(options)
     if refused:
         print(f"shmarena daemon: {refused}", file=sys.stderr)
         return EXIT_USAGE
+    for note in options.size_notes:  # the detached daemon logs them too
+        _say(options, "size_rounded", note)
     if args.detach:  # the child gets the options as given and applies the same defaults
         return _detach(args)
     return _run(options)
@@ -67,12 +70,21 @@ def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _bad_value(options: argparse.Namespace) -> str:
-    """What is wrong with a size, crash point or fault name ("" when nothing)."""
+    """What is wrong with a size, crash point or fault name ("" when nothing).
+    --size and --max-size are rounded up to whole minimum blocks here, each
+    rounding noted in `options.size_notes`."""
+    options.size_notes = []
     try:
         if options.min_block is not None:
             check_min_block(options.min_block)
-        if options.size is not None:
-            check_arena_size(options.size, options.min_block or DEFAULT_MIN_BLOCK_BYTES)
+        block = options.min_block or DEFAULT_MIN_BLOCK_BYTES
+        for option, dest in (("--size", "size"), ("--max-size", "max_size")):
+            given = getattr(options, dest)
+            if given is not None:
+                setattr(options, dest, fit_arena_size(given, block, option))
+                if getattr(options, dest) != given:
+                    note = rounding_note(option, given, getattr(options, dest), block)
+                    options.size_notes.append(note)
         CrashPoints(options.debug_crash_at)
         _check_fault_names(options.debug_fail)
     except ValueError as exc:
@@ -125,6 +137,16 @@ def _run(options: argparse.Namespace) -> int:
             print(f"shmarena daemon: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     return EXIT_OK
+
+
+def _say(options: argparse.Namespace, event: str, message: str) -> None:
+    """One line on stderr, where the daemon logs: as JSON with --log-format json."""
+    if options.log_format == "json":  # a log shipper reads this line too
+        from shmarena.daemon.logs import LogEvent, render_json
+
+        print(render_json(LogEvent(event, message, "info", {}), time.time()), file=sys.stderr)
+    else:
+        print(f"shmarena daemon: {message}", file=sys.stderr)
 
 
 def _check_fault_names(names: list[str]) -> None:

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="shmarena",
         description="A shared-memory allocator service for Python processes on one host.",
         epilog="exit codes: 0 ok, 1 refused by the daemon or check failed, 2 usage, "
-        "3 daemon unreachable",
+        "3 daemon unreachable, 141 the reader of the output went away (| head), as for grep",
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"shmarena {__version__}")
@@ -123,7 +123,8 @@ def add_daemon_options(daemon: argparse.ArgumentParser) -> None:
         "--size",
         type=size_arg,
         default=None,
-        help="arena size (default 1G; with an existing --backing file, the file's)",
+        help="arena size: 1G, 512M, 1.5G, 1 GiB, 1_000_000 (binary units; default 1G; with an "
+        "existing --backing file, the file's); rounded up to whole --min-block blocks",
     )
     daemon.add_argument(
         "--min-block",
@@ -347,8 +348,7 @@ def _add_admin_commands(add: AddCommand) -> None:
         "--per-session", metavar="SIZE", help="set the per-session quota (a size, or none)"
     )
     quota.add_argument("--json", action="store_true", help="print JSON for scripts")
-    recycle = add("recycle", "recycle one owner: free every block it holds")
-    recycle.add_argument("owner", help="owner name (see `shmarena owners`)")
+    _add_recycle(add)
     add("check", "verify the allocator's invariants in the running daemon; exit 1 if broken")
     add("shutdown", "stop the daemon cleanly")
     inspect = add(
@@ -363,6 +363,38 @@ def _add_admin_commands(add: AddCommand) -> None:
         action="store_true",
         help="list every block (default: only when there are at most 100)",
     )
+
+
+def _add_recycle(add: AddCommand) -> None:
+    recycle = add(
+        "recycle",
+        "recycle owners: free every block they hold. Name one OWNER, or select owners with "
+        "--prefix and/or --older-than (both given: both must hold); one line per owner "
+        "recycled, then the total",
+    )
+    recycle.add_argument("owner", nargs="?", help="owner name (see `shmarena owners`)")
+    recycle.add_argument(
+        "--prefix",
+        metavar="P",
+        default=None,
+        help="every owner whose name starts with P, like pickle- or batch-; a live "
+        "session's implicit owner (session-N) only when P itself starts with 'session'; "
+        "an empty P (every owner) only together with --older-than",
+    )
+    recycle.add_argument(
+        "--older-than",
+        type=duration_arg,
+        default=None,
+        metavar="AGE",
+        help="every owner at least AGE old: 90s, 10m, 2h, 1d, 0.5s (live sessions' implicit "
+        "owners left out, as above)",
+    )
+    recycle.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would be recycled and change nothing",
+    )
+    recycle.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
 def _add_demo(add: AddCommand) -> None:

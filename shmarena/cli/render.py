@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shmarena.config import format_age, format_pct, format_size
+from shmarena.console import make_console as console
 from shmarena.shm.arena import shm_path
 
 INSPECT_BLOCKS = 100  # blocks inspect lists without --blocks
@@ -26,18 +27,14 @@ def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 
 
-def console() -> Console:
-    """A console that prints text as given (no colouring of numbers, no wrapping)."""
-    return Console(highlight=False, soft_wrap=True)
-
-
 def print_table(
     title: str, columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[str]]
 ) -> None:
-    """Print a titled table; `columns` are (name, justify) pairs."""
+    """Print a titled table; `columns` are (name, justify) pairs. Figures (the
+    right-justified columns) are never split across lines."""
     table = Table(title=title)
     for name, justify in columns:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify, no_wrap=justify == "right")  # type: ignore[arg-type]
     for row in rows:
         table.add_row(*row)
     console().print(table)

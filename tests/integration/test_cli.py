@@ -203,3 +203,39 @@ def process_gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_refused_sizes_suggest_what_to_write(run_dir: str) -> None:
+    env = subprocess_env(run_dir, unique_name())
+    for args, said in (
+        (["--size", "1,5G"], "not a size: '1,5G'; did you mean 1.5G?"),
+        (["--size", "1X"], "unknown unit 'X'; the units are B, K, M, G, T and P"),
+        (["--min-block", "5K"], "--min-block 5K (5120 bytes) must be a power of two: use 4K or 8K"),
+        (["--size", "100"], "the smallest is --size 4K (4096 bytes)"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "shmarena", "daemon", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, (args, result.stderr)
+        assert said in result.stderr, (args, result.stderr)
+
+
+def test_an_odd_size_is_rounded_up_to_whole_blocks_and_said(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = make_daemon(size="1.3M", extra=["--max-size", "2.1M"])  # 1363148.8, 2202009.6 bytes
+    stats = json.loads(daemon.cli("stats", "--json", check=True).stdout)
+    assert stats["size_bytes"] == 1363968  # 333 blocks of 4 KiB
+    assert stats["max_size_bytes"] == 2203648  # 538 blocks
+    assert daemon.client().check() == []
+    output = daemon.stop()
+    assert (
+        "--size 1363149 bytes (1.3 MiB): using 1363968 bytes (1.3 MiB), rounded up to a "
+        "multiple of the 4 KiB minimum block"
+    ) in output
+    assert "--max-size 2202010 bytes (2.1 MiB): using 2203648 bytes" in output
+    daemon.assert_clean()

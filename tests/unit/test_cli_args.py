@@ -1,6 +1,7 @@
-"""`shmarena daemon --detach` starts a child `shmarena daemon` with the options
-it was given: the child's command line, parsed again, gives the same options,
-whichever option (present or added later) is set."""
+"""The command line's arguments without a daemon: `shmarena daemon --detach`
+starts a child `shmarena daemon` with the options it was given (the child's
+command line, parsed again, gives the same options, whichever option is set),
+and which owners `recycle --prefix/--older-than` selects from a listing."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 
 import pytest
 
+from shmarena.cli.admin import _recycle_row, select_owners
 from shmarena.cli.daemon import daemon_argv
 from shmarena.cli.parser import (
     add_daemon_options,
@@ -16,6 +18,8 @@ from shmarena.cli.parser import (
     size_arg,
     warn_used_arg,
 )
+from shmarena.client.owners import Recycled
+from shmarena.errors import UnknownOwner
 
 NAME, RUN_DIR = "t-detach", "/tmp/shma-detach"
 
@@ -70,3 +74,49 @@ def test_all_options_at_once_reach_the_detached_daemon() -> None:
 def test_options_left_at_their_defaults_are_left_out() -> None:
     given = parse(["daemon", "--detach"])
     assert daemon_argv(given) == ["daemon", "--name", NAME, "--runtime-dir", RUN_DIR]
+
+
+# -- recycle --prefix/--older-than: which owners a listing gives up ----------------
+
+
+def owner(name: str, age_s: float, session: int = 1, alive: bool = True) -> dict[str, object]:
+    return {"name": name, "age_s": age_s, "session": session, "alive": alive, "blocks": 1,
+            "bytes": 4096}  # fmt: skip
+
+
+LISTING = [
+    owner("pickle-1", 5.0),
+    owner("pickle-2", 500.0),
+    owner("batch-1", 500.0),
+    owner("session-7", 900.0, session=7),  # a live session's implicit owner
+    owner("session-8", 900.0, session=8, alive=False),  # its session has ended
+]
+
+
+def names(rows: list[dict[str, object]]) -> list[object]:
+    return [row["name"] for row in rows]
+
+
+def test_prefix_and_older_than_must_both_hold() -> None:
+    assert names(select_owners(LISTING, "pickle-", None)) == ["pickle-1", "pickle-2"]
+    assert names(select_owners(LISTING, None, 60)) == ["pickle-2", "batch-1", "session-8"]
+    assert names(select_owners(LISTING, "pickle-", 60)) == ["pickle-2"]
+    assert names(select_owners(LISTING, "", 0)) == ["pickle-1", "pickle-2", "batch-1", "session-8"]
+
+
+def test_a_live_sessions_implicit_owner_only_when_the_prefix_names_it() -> None:
+    assert "session-7" not in names(select_owners(LISTING, "s", None))
+    assert names(select_owners(LISTING, "session", None)) == ["session-7", "session-8"]
+    assert names(select_owners(LISTING, "session-7", 0)) == ["session-7"]
+
+
+class GoneOwners:
+    """A client whose every owner was recycled since the listing."""
+
+    def recycle(self, name: str) -> Recycled:
+        raise UnknownOwner(f"no owner named {name!r}")
+
+
+def test_an_owner_gone_since_the_listing_is_skipped() -> None:
+    outcome = _recycle_row(GoneOwners(), owner("pickle-1", 5.0), dry_run=False)  # type: ignore[arg-type]
+    assert outcome == {"name": "pickle-1", "status": "skipped", "blocks": 0, "bytes": 0}
