@@ -157,13 +157,13 @@ def test_a_synopsis_may_name_only_flags_its_command_has() -> None:
     assert blocks.check_text(good) == []
     bad = block(
         "text",
-        "shmarena daemon [--size 1G]\n    [--sise 1G]\nshmarena status | recycle [--json]\n"
+        "shmarena daemon [--size 1G]\n    [--sise 1G]\nshmarena status | shutdown [--json]\n"
         "shmarena frobnicate --now\n",
     )
     problems = blocks.check_text(bad)
     assert len(problems) == 3
     assert "`shmarena daemon` has no --sise" in problems[0]
-    assert "`shmarena recycle` has no --json" in problems[1]
+    assert "`shmarena shutdown` has no --json" in problems[1]
     assert "no command 'frobnicate'" in problems[2]
 
 
