@@ -332,9 +332,13 @@ def _print_recycled(done: list[dict[str, Any]], selection: str, listed: int) -> 
     )
     skipped = len(done) - len(taken)
     print(
-        f"total: {len(taken)} owners, {blocks} blocks, {format_size(size)} {verb}"
-        + (f"; {skipped} skipped" if skipped else "")
+        f"total: {_count(len(taken), 'owner')}, {_count(blocks, 'block')}, "
+        f"{format_size(size)} {verb}" + (f"; {skipped} skipped" if skipped else "")
     )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def cmd_check(args: argparse.Namespace) -> int:

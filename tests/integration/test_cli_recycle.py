@@ -57,7 +57,7 @@ def test_older_than_recycles_only_the_old_owners(daemon: Daemon) -> None:
     result = daemon.cli("recycle", "--older-than", "3s", check=True)
     assert result.stdout.splitlines() == [
         "recycled 'job-old': 1 blocks, 4 KiB",
-        "total: 1 owners, 1 blocks, 4 KiB recycled",
+        "total: 1 owner, 1 block, 4 KiB recycled",
     ]
     assert owner_names(client) == {"job-young"}
     assert client.stats()["used_bytes"] == 8192
