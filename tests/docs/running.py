@@ -87,22 +87,28 @@ def _shown(output: str) -> str:
 # -- python --------------------------------------------------------------------
 
 
+def _run(argv: list[str], sandbox: Sandbox, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """Run a block's program in the page's sandbox: no stdin, output and
+    errors together (as a reader sees them in a terminal)."""
+    return subprocess.run(
+        argv,
+        cwd=sandbox.cwd,
+        env=sandbox.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
 def run_python(block: Block, sandbox: Sandbox) -> list[str]:
     """The block as a script in a fresh interpreter: it must exit 0 in time."""
     script = os.path.join(sandbox.cwd, f"block_{block.line}.py")
     with open(script, "w") as f:
         f.write(block.body)
     try:
-        done = subprocess.run(
-            [sys.executable, script],
-            cwd=sandbox.cwd,
-            env=sandbox.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout_of(block),
-        )
+        done = _run([sys.executable, script], sandbox, timeout_of(block))
     except subprocess.TimeoutExpired as expired:
         out = expired.output.decode(errors="replace") if isinstance(expired.output, bytes) else ""
         return [f"{block.where}: still running after {timeout_of(block):g} s\n{_shown(out)}"]
@@ -209,16 +215,7 @@ def run_console(block: Block, sandbox: Sandbox) -> list[str]:
     for command in commands:
         where = f"{block.path}:{command.line}"
         try:
-            done = subprocess.run(
-                ["bash", "-c", command.text],
-                cwd=sandbox.cwd,
-                env=sandbox.env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                timeout=timeout_of(block),
-            )
+            done = _run(["bash", "-c", command.text], sandbox, timeout_of(block))
         except subprocess.TimeoutExpired:
             return [f"{where}: `{command.text}` still running after {timeout_of(block):g} s"]
         if done.returncode != command.status:
