@@ -31,6 +31,7 @@ from rich.table import Table
 from shmarena.client.buffer import Buffer, Handle
 from shmarena.client.client import Owner, connect
 from shmarena.config import format_size
+from shmarena.console import make_console
 from shmarena.errors import DaemonUnavailable, OutOfMemory, ShmArenaError
 from shmarena.spawn import shmarena_command
 
@@ -136,7 +137,7 @@ def _stop_daemon(process: subprocess.Popen[bytes], name: str, run_dir: str) -> N
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    console = Console(stderr=False, highlight=False)
+    console = make_console()  # as the admin commands: piped, tables are not wrapped
     if min(args.producers, args.batches, args.frames, args.frame_size) <= 0:
         console.print("demo: --producers, --batches, --frames and --frame-size must be positive")
         return 2
